@@ -1,0 +1,148 @@
+//! Content addresses. A [`Digest`] is a SHA-256 value; its text form is
+//! `sha256:<64 lowercase hex>` (the wire and catalog form), and
+//! [`Digest::hex`] gives the bare hex used by Simple Streams and CAS paths.
+
+use sha2::{Digest as _, Sha256};
+use std::fmt;
+use std::str::FromStr;
+
+/// A SHA-256 content address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest([u8; 32]);
+
+/// Why a digest string was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid digest {0:?}: expected sha256:<64 lowercase hex digits>")]
+pub struct DigestParseError(pub String);
+
+impl Digest {
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        Digest(b)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Digest of an in-memory buffer.
+    pub fn of(data: &[u8]) -> Self {
+        Digest(Sha256::digest(data).into())
+    }
+
+    /// Parses exactly 64 lowercase hex digits (no prefix).
+    pub fn from_hex(s: &str) -> Result<Self, DigestParseError> {
+        if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+            return Err(DigestParseError(s.to_string()));
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| DigestParseError(s.to_string()))?;
+        Ok(Digest(out))
+    }
+
+    /// Bare lowercase hex (64 chars).
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Relative CAS path: `sha256/ab/cd/<hex>`.
+    pub fn cas_path(&self) -> String {
+        let h = self.hex();
+        format!("sha256/{}/{}/{}", &h[0..2], &h[2..4], h)
+    }
+}
+
+impl FromStr for Digest {
+    type Err = DigestParseError;
+    /// Parses the canonical `sha256:<hex>` form only.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_prefix("sha256:") {
+            Some(h) => Digest::from_hex(h).map_err(|_| DigestParseError(s.to_string())),
+            None => Err(DigestParseError(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}…", &self.hex()[..12])
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Streaming SHA-256 that also counts bytes.
+#[derive(Default, Clone)]
+pub struct Hasher {
+    inner: Sha256,
+    len: u64,
+}
+
+impl Hasher {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        self.inner.update(data);
+        self.len += data.len() as u64;
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn finish(self) -> Digest {
+        Digest(self.inner.finalize().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_only_canonical_form() {
+        let h = "2d1edf729cc53756834657ce399b1568debd59b0ceddce5da39b86750d59fbd0";
+        let d: Digest = format!("sha256:{h}").parse().unwrap();
+        assert_eq!(d, Digest::of(b"META"));
+        assert_eq!(d.to_string(), format!("sha256:{h}"));
+        assert_eq!(d.cas_path(), format!("sha256/2d/1e/{h}"));
+        for bad in [
+            h.to_string(),
+            format!("sha256:{}", h.to_uppercase()),
+            format!("sha256:{}", &h[..63]),
+            format!("sha256:{h}0"),
+            format!("sha512:{h}"),
+            format!("sha256:../{}", &h[3..]),
+            "sha256:".into(),
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn hasher_matches_one_shot() {
+        let mut h = Hasher::new();
+        h.update(b"ME");
+        h.update(b"TA");
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.finish(), Digest::of(b"META"));
+    }
+}

@@ -1,0 +1,1 @@
+//! Connection engine (owned by the HTTP/TLS work item; see docs/design.md).

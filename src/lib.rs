@@ -1,0 +1,4 @@
+//! imgsrv: a self-hosted image server for Incus.
+pub mod digest;
+pub mod http;
+pub mod tls;
