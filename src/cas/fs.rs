@@ -1,0 +1,337 @@
+//! Local directory blob store.
+//!
+//! Layout under the data directory:
+//! * `sha256/ab/cd/<hex>`: blobs, read-only (0444) once in place;
+//! * `uploads/<upload id>/<n>.part`: staged upload parts;
+//! * `tmp/`: files being written; anything here after a crash is garbage.
+//!
+//! A blob is written to `tmp/`, fsynced, then hard-linked into place (link
+//! fails if the name exists, so an existing blob is never replaced), and the
+//! shard directory is fsynced. All three directories are on one filesystem.
+
+use super::{BlobStore, CasError, Result, StagedPart};
+use crate::digest::{Digest, Hasher};
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const BUF: usize = 1 << 20;
+
+pub struct FsStore {
+    root: PathBuf,
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CasError {
+    let path = path.display().to_string();
+    move |source| CasError::Io { op, path, source }
+}
+
+fn valid_upload_id(id: &str) -> Result<()> {
+    // upload ids are server-made UUIDs; refuse anything that could walk the tree
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+        return Err(CasError::Invalid(format!("bad upload id {id:?}")));
+    }
+    Ok(())
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync", dir))
+}
+
+impl FsStore {
+    /// Opens the store rooted at `root` (the data directory), creating its directories.
+    pub fn open(root: &Path) -> Result<FsStore> {
+        for d in ["sha256", "uploads", "tmp"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        }
+        Ok(FsStore { root: root.to_path_buf() })
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join(digest.cas_path())
+    }
+
+    fn tmp_file(&self) -> Result<tempfile::NamedTempFile> {
+        let dir = self.root.join("tmp");
+        tempfile::Builder::new().prefix("ingest-").tempfile_in(&dir).map_err(io_err("create temp in", &dir))
+    }
+
+    /// Copies exactly `len` bytes from `reader` into `out` while hashing.
+    fn copy_hashing(reader: &mut dyn Read, out: &mut dyn Write, len: u64, hasher: &mut Hasher, path: &Path) -> Result<()> {
+        let mut buf = vec![0u8; BUF.min(len.max(1) as usize)];
+        let mut left = len;
+        while left > 0 {
+            let want = (left as usize).min(buf.len());
+            let n = match reader.read(&mut buf[..want]) {
+                Ok(0) => return Err(CasError::Truncated { expected: len, actual: len - left }),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionReset) => {
+                    return Err(CasError::Truncated { expected: len, actual: len - left })
+                }
+                Err(e) => return Err(io_err("read into", path)(e)),
+            };
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io_err("write", path))?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Moves a fully written and fsynced file into its CAS place without
+    /// replacing an existing blob.
+    fn install(&self, src: &Path, digest: &Digest) -> Result<()> {
+        let dst = self.blob_path(digest);
+        let shard = dst.parent().expect("cas path has a parent");
+        fs::create_dir_all(shard).map_err(io_err("create", shard))?;
+        let mut perms = fs::metadata(src).map_err(io_err("stat", src))?.permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(src, perms).map_err(io_err("chmod", src))?;
+        match fs::hard_link(src, &dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // same digest already stored: keep the existing bytes
+            }
+            Err(e) => return Err(io_err("link", &dst)(e)),
+        }
+        let _ = fs::remove_file(src);
+        fsync_dir(shard)?;
+        if let Some(p) = shard.parent() {
+            fsync_dir(p)?;
+        }
+        Ok(())
+    }
+
+    fn part_dir(&self, upload: &str) -> PathBuf {
+        self.root.join("uploads").join(upload)
+    }
+}
+
+impl BlobStore for FsStore {
+    fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        let p = self.blob_path(digest);
+        match fs::metadata(&p) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", &p)(e)),
+        }
+    }
+
+    fn open_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
+        let p = self.blob_path(digest);
+        let mut f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CasError::NotFound(*digest)),
+            Err(e) => return Err(io_err("open", &p)(e)),
+        };
+        if offset > 0 {
+            f.seek(SeekFrom::Start(offset)).map_err(io_err("seek", &p))?;
+        }
+        Ok(Box::new(f.take(len)))
+    }
+
+    fn put(&self, digest: &Digest, size: u64, reader: &mut dyn Read) -> Result<()> {
+        let mut tmp = self.tmp_file()?;
+        let path = tmp.path().to_path_buf();
+        let mut hasher = Hasher::new();
+        Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, &path)?;
+        // one more byte means the source was longer than declared
+        let mut extra = [0u8; 1];
+        if matches!(reader.read(&mut extra), Ok(n) if n > 0) {
+            return Err(CasError::Truncated { expected: size, actual: size + 1 });
+        }
+        let actual = hasher.finish();
+        if actual != *digest {
+            return Err(CasError::Mismatch { expected: *digest, expected_size: size, actual, actual_size: size });
+        }
+        tmp.as_file().sync_all().map_err(io_err("fsync", &path))?;
+        let (_f, tmp_path) = tmp.keep().map_err(|e| io_err("keep", &path)(e.error))?;
+        let r = self.install(&tmp_path, digest);
+        if r.is_err() {
+            let _ = fs::remove_file(&tmp_path);
+        }
+        r
+    }
+
+    fn stage_part(&self, upload: &str, n: u32, len: u64, reader: &mut dyn Read) -> Result<StagedPart> {
+        valid_upload_id(upload)?;
+        let dir = self.part_dir(upload);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let mut tmp = tempfile::Builder::new().prefix(".part-").tempfile_in(&dir).map_err(io_err("create temp in", &dir))?;
+        let path = tmp.path().to_path_buf();
+        let mut hasher = Hasher::new();
+        Self::copy_hashing(reader, tmp.as_file_mut(), len, &mut hasher, &path)?;
+        let dst = dir.join(format!("{n}.part"));
+        tmp.persist(&dst).map_err(|e| io_err("rename", &dst)(e.error))?;
+        Ok(StagedPart { digest: hasher.finish(), size: len })
+    }
+
+    fn commit_upload(&self, upload: &str, parts: &[(u32, StagedPart)], digest: &Digest, size: u64) -> Result<()> {
+        valid_upload_id(upload)?;
+        let dir = self.part_dir(upload);
+        let total: u64 = parts.iter().map(|(_, p)| p.size).sum();
+        let result = (|| {
+            if total != size {
+                return Err(CasError::Truncated { expected: size, actual: total });
+            }
+            if self.stat(digest)? == Some(size) {
+                return Ok(());
+            }
+            // One part whose hash was taken while it arrived: no second pass.
+            if let [(n, p)] = parts {
+                let path = dir.join(format!("{n}.part"));
+                let len = fs::metadata(&path).map_err(|_| CasError::MissingPart(*n))?.len();
+                if len != p.size {
+                    return Err(CasError::Truncated { expected: p.size, actual: len });
+                }
+                if p.digest != *digest {
+                    return Err(CasError::Mismatch { expected: *digest, expected_size: size, actual: p.digest, actual_size: len });
+                }
+                File::open(&path).and_then(|f| f.sync_all()).map_err(io_err("fsync", &path))?;
+                return self.install(&path, digest);
+            }
+            let mut tmp = self.tmp_file()?;
+            let tmp_path = tmp.path().to_path_buf();
+            let mut hasher = Hasher::new();
+            for (n, p) in parts {
+                let path = dir.join(format!("{n}.part"));
+                let mut f = File::open(&path).map_err(|_| CasError::MissingPart(*n))?;
+                Self::copy_hashing(&mut f, tmp.as_file_mut(), p.size, &mut hasher, &path)?;
+            }
+            let actual = hasher.finish();
+            if actual != *digest {
+                return Err(CasError::Mismatch { expected: *digest, expected_size: size, actual, actual_size: total });
+            }
+            tmp.as_file().sync_all().map_err(io_err("fsync", &tmp_path))?;
+            let (_f, kept) = tmp.keep().map_err(|e| io_err("keep", &tmp_path)(e.error))?;
+            let r = self.install(&kept, digest);
+            if r.is_err() {
+                let _ = fs::remove_file(&kept);
+            }
+            r
+        })();
+        let _ = fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn discard_upload(&self, upload: &str) -> Result<()> {
+        valid_upload_id(upload)?;
+        let dir = self.part_dir(upload);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &dir)(e)),
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_object_safe(_: &dyn BlobStore) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, FsStore) {
+        let d = tempfile::tempdir().unwrap();
+        let s = FsStore::open(d.path()).unwrap();
+        (d, s)
+    }
+
+    fn read_all(s: &FsStore, d: &Digest) -> Vec<u8> {
+        let len = s.stat(d).unwrap().unwrap();
+        let mut v = Vec::new();
+        s.open_range(d, 0, len).unwrap().read_to_end(&mut v).unwrap();
+        v
+    }
+
+    fn tmp_is_empty(dir: &Path) -> bool {
+        fs::read_dir(dir.join("tmp")).unwrap().next().is_none()
+    }
+
+    #[test]
+    fn put_stores_at_sharded_path_and_never_replaces() {
+        let (dir, s) = store();
+        let d = Digest::of(b"ROOT");
+        s.put(&d, 4, &mut &b"ROOT"[..]).unwrap();
+        let p = dir.path().join("sha256/fe/d4").join(d.hex());
+        assert_eq!(fs::read(&p).unwrap(), b"ROOT");
+        assert!(fs::metadata(&p).unwrap().permissions().readonly());
+        // a second put of the same digest keeps the file (same inode)
+        use std::os::unix::fs::MetadataExt;
+        let ino = fs::metadata(&p).unwrap().ino();
+        s.put(&d, 4, &mut &b"ROOT"[..]).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().ino(), ino);
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn wrong_digest_short_or_long_input_leaves_nothing() {
+        let (dir, s) = store();
+        let d = Digest::of(b"ROOT");
+        assert!(matches!(s.put(&d, 4, &mut &b"RooT"[..]), Err(CasError::Mismatch { .. })));
+        assert!(matches!(s.put(&d, 4, &mut &b"ROO"[..]), Err(CasError::Truncated { .. })));
+        assert!(matches!(s.put(&d, 4, &mut &b"ROOTS"[..]), Err(CasError::Truncated { .. })));
+        assert_eq!(s.stat(&d).unwrap(), None);
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn multipart_upload_concatenates_in_order_and_resent_part_replaces() {
+        let (dir, s) = store();
+        let id = "0e3c4b9e-0000-4000-8000-000000000001";
+        let d = Digest::of(b"METAROOT");
+        let p2 = s.stage_part(id, 2, 4, &mut &b"ROOT"[..]).unwrap();
+        let _bad = s.stage_part(id, 1, 4, &mut &b"XXXX"[..]).unwrap();
+        let p1 = s.stage_part(id, 1, 4, &mut &b"META"[..]).unwrap();
+        assert_eq!(p1.digest, Digest::of(b"META"));
+        s.commit_upload(id, &[(1, p1), (2, p2)], &d, 8).unwrap();
+        assert_eq!(read_all(&s, &d), b"METAROOT");
+        assert!(!dir.path().join("uploads").join(id).exists());
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn single_part_commit_checks_digest_and_size() {
+        let (dir, s) = store();
+        let id = "0e3c4b9e-0000-4000-8000-000000000002";
+        let p = s.stage_part(id, 1, 4, &mut &b"DISK"[..]).unwrap();
+        let wrong = Digest::of(b"ROOT");
+        assert!(matches!(s.commit_upload(id, &[(1, p.clone())], &wrong, 4), Err(CasError::Mismatch { .. })));
+        assert_eq!(s.stat(&wrong).unwrap(), None);
+        let p = s.stage_part(id, 1, 4, &mut &b"DISK"[..]).unwrap();
+        assert!(matches!(s.commit_upload(id, &[(1, p.clone())], &p.digest, 5), Err(CasError::Truncated { .. })));
+        let p = s.stage_part(id, 1, 4, &mut &b"DISK"[..]).unwrap();
+        s.commit_upload(id, &[(1, p.clone())], &p.digest, 4).unwrap();
+        assert_eq!(read_all(&s, &p.digest), b"DISK");
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn truncated_part_is_refused() {
+        let (_dir, s) = store();
+        let id = "0e3c4b9e-0000-4000-8000-000000000003";
+        assert!(matches!(s.stage_part(id, 1, 10, &mut &b"DISK"[..]), Err(CasError::Truncated { expected: 10, actual: 4 })));
+    }
+
+    #[test]
+    fn upload_ids_cannot_walk_the_tree() {
+        let (_dir, s) = store();
+        for bad in ["../x", "", "a/b", "..", "x y"] {
+            assert!(s.stage_part(bad, 1, 0, &mut &b""[..]).is_err(), "{bad}");
+            assert!(s.discard_upload(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn range_reads() {
+        let (_dir, s) = store();
+        let d = Digest::of(b"0123456789");
+        s.put(&d, 10, &mut &b"0123456789"[..]).unwrap();
+        let mut v = Vec::new();
+        s.open_range(&d, 3, 4).unwrap().read_to_end(&mut v).unwrap();
+        assert_eq!(v, b"3456");
+        assert!(matches!(s.open_range(&Digest::of(b"x"), 0, 1), Err(CasError::NotFound(_))));
+    }
+}

@@ -1,0 +1,62 @@
+//! The content-addressed blob store. Blobs are named by their SHA-256 and are
+//! written once: ingest hashes while it stores, refuses a wrong digest or
+//! size, and never replaces an existing blob. The local implementation is
+//! [`FsStore`]; an S3-compatible store can implement [`BlobStore`] behind a
+//! cargo feature.
+
+pub mod fs;
+
+use crate::digest::Digest;
+use std::io::Read;
+
+pub use fs::FsStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CasError {
+    #[error("blob {0} not found")]
+    NotFound(Digest),
+    #[error("content does not match: expected {expected} ({expected_size} bytes), got {actual} ({actual_size} bytes)")]
+    Mismatch { expected: Digest, expected_size: u64, actual: Digest, actual_size: u64 },
+    #[error("expected {expected} bytes, received {actual}")]
+    Truncated { expected: u64, actual: u64 },
+    #[error("upload part {0} is missing")]
+    MissingPart(u32),
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = CasError> = std::result::Result<T, E>;
+
+/// Result of staging one upload part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedPart {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+pub trait BlobStore: Send + Sync {
+    /// Size of a stored blob, `None` if absent.
+    fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// Reads `len` bytes from `offset` (the caller checked the bounds).
+    fn open_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Box<dyn Read + Send>>;
+    /// Stores bytes from `reader`, which must be exactly `size` bytes hashing
+    /// to `digest`; otherwise nothing is stored.
+    fn put(&self, digest: &Digest, size: u64, reader: &mut dyn Read) -> Result<()>;
+
+    /// Stages upload part `n` of `upload` from `reader` (exactly `len` bytes).
+    /// Re-staging a part replaces it.
+    fn stage_part(&self, upload: &str, n: u32, len: u64, reader: &mut dyn Read) -> Result<StagedPart>;
+    /// Concatenates the staged parts in order, checks size and digest, and
+    /// stores the blob. A mismatch stores nothing. Staged parts are removed
+    /// either way.
+    fn commit_upload(&self, upload: &str, parts: &[(u32, StagedPart)], digest: &Digest, size: u64) -> Result<()>;
+    /// Removes whatever was staged for `upload`.
+    fn discard_upload(&self, upload: &str) -> Result<()>;
+}

@@ -1,0 +1,406 @@
+//! The catalog: what images, versions, artifacts, aliases, blobs, uploads and
+//! principals exist. Storage sits behind three narrow traits so that a
+//! PostgreSQL catalog can be added as a cargo feature without touching the
+//! HTTP code:
+//!
+//! * [`ContentCatalog`]: images, versions, artifacts, attachments, aliases,
+//!   publishing and the Incus projection rows;
+//! * [`BlobCatalog`]: CAS blob rows and upload sessions;
+//! * [`AuthCatalog`]: principals, roles and API tokens.
+//!
+//! The invariants (published versions never change, forward-only states) are
+//! enforced by the backend itself (SQLite triggers in `schema.sql`), not only
+//! by this code.
+
+pub mod sqlite;
+
+use crate::digest::Digest;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+pub use sqlite::SqliteCatalog;
+
+/// What went wrong in a catalog operation. Variants name the failure, never
+/// the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// A state precondition (not a draft, blob missing, alias to an
+    /// unpublished version, immutable row...).
+    #[error("{0}")]
+    Precondition(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error("catalog backend error: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionState {
+    Draft,
+    Publishing,
+    Published,
+}
+
+impl VersionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Draft => "draft",
+            VersionState::Publishing => "publishing",
+            VersionState::Published => "published",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "draft" => VersionState::Draft,
+            "publishing" => VersionState::Publishing,
+            "published" => VersionState::Published,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ImageVersion {
+    pub id: String,
+    pub image_id: String,
+    pub image_name: String,
+    pub version: String,
+    pub state: VersionState,
+    pub metadata: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Artifact {
+    pub id: String,
+    pub version_id: String,
+    pub variant: String,
+    pub operating_system: String,
+    pub architecture: String,
+    pub format: String,
+    pub primary_blob_digest: Digest,
+    pub primary_blob_size_bytes: u64,
+    pub primary_media_type: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Attachment {
+    pub id: String,
+    pub artifact_id: String,
+    pub name: String,
+    pub media_type: String,
+    pub blob_digest: Digest,
+    pub blob_size_bytes: u64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ArtifactWithAttachments {
+    pub artifact: Artifact,
+    pub attachments: Vec<Attachment>,
+}
+
+/// A version with everything it contains: the read model behind the
+/// canonical manifest.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct VersionView {
+    pub image: Image,
+    pub version: ImageVersion,
+    pub artifacts: Vec<ArtifactWithAttachments>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Alias {
+    pub id: String,
+    pub image_id: String,
+    pub alias: String,
+    pub version_id: String,
+    pub version: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewArtifact {
+    pub variant: String,
+    pub operating_system: String,
+    pub architecture: String,
+    pub format: String,
+    pub primary_blob_digest: Digest,
+    pub primary_blob_size_bytes: u64,
+    pub primary_media_type: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAttachment {
+    pub name: String,
+    pub media_type: String,
+    pub blob_digest: Digest,
+    pub blob_size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Verification {
+    Verified,
+    Unverified,
+    Skipped,
+}
+
+impl Verification {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verification::Verified => "verified",
+            Verification::Unverified => "unverified",
+            Verification::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishRecord {
+    pub version_id: String,
+    pub manifest: Vec<u8>,
+    pub manifest_digest: Digest,
+    pub signature: Option<String>,
+    pub signer_key_id: Option<String>,
+    pub signer_key_name: Option<String>,
+    pub verification: Verification,
+    pub principal_id: Option<String>,
+    pub published_at: String,
+}
+
+/// Incus fingerprint of one artifact: sha256(metadata tarball || root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionRow {
+    pub artifact_id: String,
+    pub metadata_attachment_id: String,
+    /// `squashfs`, `disk-kvm.img` or `root.tar.xz`.
+    pub ftype: String,
+    pub combined_sha256: Digest,
+}
+
+/// One projected artifact of a published version, with what the Simple
+/// Streams builder needs.
+#[derive(Debug, Clone)]
+pub struct ProjectionEntry {
+    pub image: Image,
+    pub version: ImageVersion,
+    pub published_at: String,
+    pub artifact: Artifact,
+    pub metadata: Attachment,
+    pub ftype: String,
+    pub combined_sha256: Digest,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Blob {
+    pub digest: Digest,
+    pub size_bytes: u64,
+    pub storage_key: String,
+    pub media_type: Option<String>,
+    pub verified_at: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadState {
+    Created,
+    Uploading,
+    Ready,
+    Failed,
+    Aborted,
+}
+
+impl UploadState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadState::Created => "created",
+            UploadState::Uploading => "uploading",
+            UploadState::Ready => "ready",
+            UploadState::Failed => "failed",
+            UploadState::Aborted => "aborted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "created" => UploadState::Created,
+            "uploading" => UploadState::Uploading,
+            "ready" => UploadState::Ready,
+            "failed" => UploadState::Failed,
+            "aborted" => UploadState::Aborted,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UploadSession {
+    pub id: String,
+    pub expected_digest: Digest,
+    pub expected_size_bytes: u64,
+    pub state: UploadState,
+    pub expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media_type_hint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filename_hint: Option<String>,
+    #[serde(skip)]
+    pub failure_message: Option<String>,
+    #[serde(skip)]
+    pub principal_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UploadPart {
+    pub upload_id: String,
+    pub part_number: u32,
+    pub etag: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Role {
+    pub id: String,
+    pub display_name: String,
+    pub description: String,
+    pub actions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Principal {
+    pub id: String,
+    pub kind: String,
+    pub display_name: String,
+    pub role_ids: Vec<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: String,
+    pub principal_id: String,
+    pub name: String,
+    #[serde(skip)]
+    pub secret_hash: Vec<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+    pub created_at: String,
+}
+
+/// Images, versions, artifacts, attachments, aliases, publishing.
+pub trait ContentCatalog: Send + Sync {
+    fn create_image(&self, name: &str, display_name: Option<&str>, description: Option<&str>) -> Result<Image>;
+    fn get_image(&self, name: &str) -> Result<Image>;
+    /// Images with at least one published version (all images if `include_unpublished`).
+    fn list_images(&self, include_unpublished: bool) -> Result<Vec<Image>>;
+
+    fn create_version(&self, image: &str, version: &str, metadata: &BTreeMap<String, String>) -> Result<ImageVersion>;
+    fn get_version(&self, image: &str, version: &str) -> Result<ImageVersion>;
+    /// Newest first; drafts only if `include_unpublished`.
+    fn list_versions(&self, image: &str, include_unpublished: bool) -> Result<Vec<ImageVersion>>;
+    fn version_view(&self, image: &str, version: &str) -> Result<VersionView>;
+
+    fn add_artifact(&self, version_id: &str, a: &NewArtifact) -> Result<Artifact>;
+    fn delete_artifact(&self, version_id: &str, artifact_id: &str) -> Result<()>;
+    fn add_attachment(&self, version_id: &str, artifact_id: &str, a: &NewAttachment) -> Result<Attachment>;
+    fn delete_attachment(&self, version_id: &str, artifact_id: &str, attachment_id: &str) -> Result<()>;
+
+    /// In one transaction: checks that the version's canonical manifest still
+    /// equals `record.manifest` (the bytes whose signature was checked), moves
+    /// draft -> publishing, writes the record and the projection rows, and
+    /// marks the version published.
+    fn publish(&self, record: &PublishRecord, projection: &[ProjectionRow]) -> Result<ImageVersion>;
+    fn publish_record(&self, version_id: &str) -> Result<PublishRecord>;
+    fn projection_rows(&self, version_id: &str) -> Result<Vec<ProjectionRow>>;
+
+    fn put_alias(&self, image: &str, alias: &str, version: &str) -> Result<Alias>;
+    fn get_alias(&self, image: &str, alias: &str) -> Result<Alias>;
+    fn delete_alias(&self, image: &str, alias: &str) -> Result<()>;
+    fn list_aliases(&self, image: &str) -> Result<Vec<Alias>>;
+    /// Every alias of every image (Simple Streams projection).
+    fn all_aliases(&self) -> Result<Vec<(String, Alias)>>;
+
+    /// Changes whenever what the projection shows may have changed.
+    fn generation(&self) -> Result<i64>;
+    fn projection_entries(&self) -> Result<Vec<ProjectionEntry>>;
+    /// Whether a published version cites this digest (anonymous blob reads).
+    fn blob_is_published(&self, digest: &Digest) -> Result<bool>;
+}
+
+/// CAS blob rows and upload sessions.
+pub trait BlobCatalog: Send + Sync {
+    fn get_blob(&self, digest: &Digest) -> Result<Option<Blob>>;
+    /// Inserts the row if absent (idempotent: an identical row may exist).
+    fn insert_blob(&self, digest: &Digest, size: u64, media_type: Option<&str>) -> Result<Blob>;
+
+    fn create_upload(&self, s: &UploadSession) -> Result<()>;
+    fn get_upload(&self, id: &str) -> Result<UploadSession>;
+    fn set_upload_state(&self, id: &str, state: UploadState, failure: Option<&str>) -> Result<UploadSession>;
+    fn put_upload_part(&self, p: &UploadPart) -> Result<()>;
+    fn upload_parts(&self, id: &str) -> Result<Vec<UploadPart>>;
+}
+
+/// Principals, roles, API tokens.
+pub trait AuthCatalog: Send + Sync {
+    fn roles(&self) -> Result<Vec<Role>>;
+    fn create_principal(&self, kind: &str, display_name: &str, attributes: &str) -> Result<Principal>;
+    fn get_principal(&self, id: &str) -> Result<Principal>;
+    fn list_principals(&self) -> Result<Vec<Principal>>;
+    fn grant_role(&self, principal_id: &str, role: &str) -> Result<()>;
+    fn revoke_role(&self, principal_id: &str, role: &str) -> Result<()>;
+    /// Actions the principal may perform (from its roles).
+    fn principal_actions(&self, principal_id: &str) -> Result<Vec<String>>;
+    fn count_principals_with_role(&self, role: &str) -> Result<u64>;
+
+    fn insert_token(&self, t: &ApiToken) -> Result<()>;
+    fn get_token(&self, id: &str) -> Result<ApiToken>;
+    fn list_tokens(&self, principal_id: &str) -> Result<Vec<ApiToken>>;
+    fn revoke_token(&self, id: &str) -> Result<()>;
+    fn touch_token(&self, id: &str) -> Result<()>;
+}
+
+/// Everything a server needs from its catalog.
+pub trait Catalog: ContentCatalog + BlobCatalog + AuthCatalog {}
+impl<T: ContentCatalog + BlobCatalog + AuthCatalog> Catalog for T {}
+
+/// RFC 3339 UTC timestamp with nanoseconds.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

@@ -1,0 +1,165 @@
+//! The canonical manifest: the exact bytes a publisher signs.
+//!
+//! Compact JSON with sorted object keys and no whitespace, naming the image,
+//! the version, its metadata, and every artifact and attachment by digest and
+//! size. Because every byte a consumer downloads is named here by sha256, a
+//! signature over the manifest covers the whole version. The image and version
+//! names are inside the signed bytes, so a valid signature cannot be replayed
+//! under another name.
+
+use crate::catalog::VersionView;
+use crate::digest::Digest;
+use serde_json::{json, Map, Value};
+
+pub const SCHEMA: &str = "imgsrv.manifest.v1";
+
+/// Canonical bytes of a version's manifest.
+pub fn canonical(view: &VersionView) -> Vec<u8> {
+    let mut artifacts: Vec<&crate::catalog::ArtifactWithAttachments> = view.artifacts.iter().collect();
+    artifacts.sort_by(|a, b| {
+        let k = |x: &crate::catalog::ArtifactWithAttachments| {
+            (
+                x.artifact.variant.clone(),
+                x.artifact.operating_system.clone(),
+                x.artifact.architecture.clone(),
+                x.artifact.format.clone(),
+            )
+        };
+        k(a).cmp(&k(b))
+    });
+    let artifacts: Vec<Value> = artifacts
+        .into_iter()
+        .map(|a| {
+            let mut atts: Vec<&crate::catalog::Attachment> = a.attachments.iter().collect();
+            atts.sort_by(|x, y| x.name.cmp(&y.name));
+            let atts: Vec<Value> = atts
+                .into_iter()
+                .map(|t| {
+                    json!({
+                        "name": t.name,
+                        "media_type": t.media_type,
+                        "digest": t.blob_digest.to_string(),
+                        "size": t.blob_size_bytes,
+                    })
+                })
+                .collect();
+            json!({
+                "variant": a.artifact.variant,
+                "operating_system": a.artifact.operating_system,
+                "architecture": a.artifact.architecture,
+                "format": a.artifact.format,
+                "digest": a.artifact.primary_blob_digest.to_string(),
+                "size": a.artifact.primary_blob_size_bytes,
+                "media_type": a.artifact.primary_media_type,
+                "attachments": atts,
+            })
+        })
+        .collect();
+    let metadata: Map<String, Value> = view
+        .version
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let doc = json!({
+        "schema": SCHEMA,
+        "image": view.image.name,
+        "version": view.version.version,
+        "metadata": metadata,
+        "artifacts": artifacts,
+    });
+    // serde_json's Map is a BTreeMap (no preserve_order feature): keys come out sorted.
+    serde_json::to_vec(&doc).expect("serializing a JSON value cannot fail")
+}
+
+pub fn digest(bytes: &[u8]) -> Digest {
+    Digest::of(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::*;
+    use std::collections::BTreeMap;
+
+    fn view() -> VersionView {
+        let d = |s: &[u8]| Digest::of(s);
+        let art = |id: &str, fmt: &str, data: &[u8]| ArtifactWithAttachments {
+            artifact: Artifact {
+                id: id.into(),
+                version_id: "v".into(),
+                variant: "default".into(),
+                operating_system: "Debian".into(),
+                architecture: "x86_64".into(),
+                format: fmt.into(),
+                primary_blob_digest: d(data),
+                primary_blob_size_bytes: data.len() as u64,
+                primary_media_type: "application/octet-stream".into(),
+                created_at: "t1".into(),
+                updated_at: "t1".into(),
+            },
+            attachments: vec![Attachment {
+                id: format!("{id}-m"),
+                artifact_id: id.into(),
+                name: "incus.tar.xz".into(),
+                media_type: "application/x-xz".into(),
+                blob_digest: d(b"META"),
+                blob_size_bytes: 4,
+                created_at: "t1".into(),
+                updated_at: "t1".into(),
+            }],
+        };
+        let mut metadata = BTreeMap::new();
+        metadata.insert("release".to_string(), "12".to_string());
+        metadata.insert("os".to_string(), "Debian".to_string());
+        VersionView {
+            image: Image {
+                id: "i".into(),
+                name: "debian-12".into(),
+                display_name: None,
+                description: None,
+                created_at: "t0".into(),
+                updated_at: "t0".into(),
+            },
+            version: ImageVersion {
+                id: "v".into(),
+                image_id: "i".into(),
+                image_name: "debian-12".into(),
+                version: "20250101_0000".into(),
+                state: VersionState::Draft,
+                metadata,
+                published_at: None,
+                created_at: "t0".into(),
+                updated_at: "t0".into(),
+            },
+            artifacts: vec![art("b", "squashfs", b"ROOT"), art("a", "qcow2", b"DISK")],
+        }
+    }
+
+    #[test]
+    fn manifest_is_sorted_compact_and_independent_of_ids_and_times() {
+        let v = view();
+        let bytes = canonical(&v);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(!text.contains(' ') && !text.contains('\n'));
+        assert!(text.starts_with(r#"{"artifacts":[{"architecture":"x86_64","attachments":[{"digest":"sha256:2d1e"#));
+        // qcow2 sorts before squashfs
+        assert!(text.find("qcow2").unwrap() < text.find("squashfs").unwrap());
+        assert!(text.contains(r#""metadata":{"os":"Debian","release":"12"}"#));
+        assert!(text.ends_with(r#""schema":"imgsrv.manifest.v1","version":"20250101_0000"}"#));
+
+        let mut w = v.clone();
+        w.artifacts.reverse();
+        w.artifacts[0].artifact.id = "other".into();
+        w.version.created_at = "later".into();
+        w.version.state = VersionState::Published;
+        assert_eq!(canonical(&w), bytes, "ids, times, state and order must not change the bytes");
+
+        let mut x = v.clone();
+        x.artifacts[0].artifact.primary_blob_size_bytes += 1;
+        assert_ne!(canonical(&x), bytes);
+        let mut y = v;
+        y.version.version = "20250101_0001".into();
+        assert_ne!(canonical(&y), bytes);
+    }
+}
