@@ -1,0 +1,258 @@
+//! Command line: argument definitions and dispatch. Exit codes: 0 success,
+//! 1 the operation failed (refused, verification failed, server error),
+//! 2 it could not run (bad usage, unreadable input).
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser, Debug)]
+#[command(name = "imgsrv", version, about = "Self-hosted image server for Incus: signed, content-addressed, one binary")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a data directory: config, catalog, blob store, TLS certificate, admin token.
+    Init {
+        #[command(flatten)]
+        data: DataArg,
+        /// Extra host name or IP for the generated certificate (repeatable).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Serve HTTPS (bootstraps the data directory on first use).
+    Serve {
+        #[command(flatten)]
+        data: DataArg,
+        /// Listen address, e.g. 0.0.0.0:8443 (default: the config file's, else 0.0.0.0:8443).
+        #[arg(long, value_name = "ADDR", env = "IMGSRV_LISTEN")]
+        listen: Option<String>,
+    },
+    /// Manage trusted publisher keys (minisign public keys) on the server's filesystem.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Upload, sign and publish an Incus image (metadata tarball + rootfs and/or disk).
+    Publish(PublishArgs),
+    /// Move or remove an alias.
+    #[command(subcommand)]
+    Alias(AliasCommand),
+    /// List images, or the versions and aliases of one image.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Show the versions and aliases of this image.
+        image: Option<String>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DataArg {
+    /// Data directory.
+    #[arg(long = "data", value_name = "DIR", env = "IMGSRV_DATA", default_value = "imgsrv-data")]
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Server URL, e.g. https://images.example.org:8443
+    #[arg(long, value_name = "URL", env = "IMGSRV_SERVER")]
+    pub server: String,
+    /// PEM certificate to trust for the server (e.g. DATA/tls/cert.pem).
+    #[arg(long, value_name = "CERT", env = "IMGSRV_CA")]
+    pub ca: Option<PathBuf>,
+    /// File holding the API token (else IMGSRV_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    /// The API token: --token-file, else IMGSRV_TOKEN.
+    pub fn token(&self) -> Result<Option<String>> {
+        if let Some(f) = &self.token_file {
+            let t = std::fs::read_to_string(f).with_context(|| format!("reading token file {}", f.display()))?;
+            let t = t.trim().to_string();
+            anyhow::ensure!(!t.is_empty(), "token file {} is empty", f.display());
+            return Ok(Some(t));
+        }
+        Ok(std::env::var("IMGSRV_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()))
+    }
+
+    pub fn require_token(&self) -> Result<String> {
+        self.token()?.context("this command needs an API token: --token-file FILE or IMGSRV_TOKEN")
+    }
+
+    pub fn client(&self, token: Option<String>) -> Result<crate::client::ApiClient> {
+        crate::client::ApiClient::new(&self.server, self.ca.as_deref(), token)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Trust a publisher's minisign public key (a file made by `minisign -G`).
+    Add {
+        #[command(flatten)]
+        data: DataArg,
+        /// Key name (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        pubkey_file: PathBuf,
+    },
+    /// List trusted publisher keys.
+    List {
+        #[command(flatten)]
+        data: DataArg,
+    },
+    /// Stop trusting a key (by name or key id).
+    Remove {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// minisign secret key file (from `minisign -G`, encrypted or -W).
+    #[arg(long, value_name = "SECRET_KEY_FILE")]
+    pub key: PathBuf,
+    /// Image name (default: {os}-{release} from metadata.yaml, lower-case).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Version (default: the serial property, else the creation date as YYYYMMDD_HHMM).
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Alias to point at the new version (repeatable).
+    #[arg(long = "alias", value_name = "ALIAS")]
+    pub aliases: Vec<String>,
+    /// Incus metadata tarball (incus.tar.xz).
+    pub metadata: PathBuf,
+    /// Root file(s): rootfs.squashfs and/or disk.qcow2.
+    #[arg(required = true)]
+    pub roots: Vec<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AliasCommand {
+    /// Point IMAGE's ALIAS at VERSION (creates or moves it).
+    Set {
+        #[command(flatten)]
+        server: ServerArgs,
+        image: String,
+        alias: String,
+        version: String,
+    },
+    /// Remove an alias.
+    Rm {
+        #[command(flatten)]
+        server: ServerArgs,
+        image: String,
+        alias: String,
+    },
+}
+
+/// Runs a command; the error is printed by `main`.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { data, names } => {
+            let (_, report) = crate::app::init(&data.dir, &names)?;
+            print_init(&data.dir, &report);
+            Ok(())
+        }
+        Command::Serve { data, listen } => crate::serve::serve(&data.dir, listen.as_deref()),
+        Command::Key(k) => key_command(k),
+        Command::Publish(p) => {
+            let token = p.server.require_token()?;
+            let opts = crate::publish::PublishOptions {
+                server: p.server.server.clone(),
+                ca: p.server.ca.clone(),
+                token,
+                key: p.key,
+                image: p.image,
+                version: p.version,
+                aliases: p.aliases,
+                metadata_tarball: p.metadata,
+                roots: p.roots,
+                progress: std::io::stderr().is_terminal(),
+            };
+            crate::publish::publish(&opts, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Alias(AliasCommand::Set { server, image, alias, version }) => {
+            let c = server.client(Some(server.require_token()?))?;
+            let a = c.put_alias(&image, &alias, &version)?;
+            println!("{image}:{} -> {}", a.alias, a.version);
+            Ok(())
+        }
+        Command::Alias(AliasCommand::Rm { server, image, alias }) => {
+            let c = server.client(Some(server.require_token()?))?;
+            c.delete_alias(&image, &alias)?;
+            println!("removed alias {image}:{alias}");
+            Ok(())
+        }
+        Command::List { server, image } => {
+            let c = server.client(server.token()?)?;
+            match image {
+                None => {
+                    for i in c.list_images()? {
+                        println!("{}", i.name);
+                    }
+                }
+                Some(image) => {
+                    let aliases = c.list_aliases(&image)?;
+                    for v in c.list_versions(&image)? {
+                        let names: Vec<&str> =
+                            aliases.iter().filter(|a| a.version == v.version).map(|a| a.alias.as_str()).collect();
+                        println!("{}\t{}\t{}", v.version, v.state, names.join(","));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_init(dir: &Path, report: &crate::app::InitReport) {
+    if report.created.is_empty() {
+        println!("{} is already initialised; nothing to do", dir.display());
+        return;
+    }
+    println!("initialised {}:", dir.display());
+    for p in &report.created {
+        println!("  created {}", p.display());
+    }
+    if report.bootstrap_principal.is_some() {
+        println!(
+            "the admin API token is in {} (mode 0600); use it with --token-file",
+            dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
+        );
+    }
+}
+
+fn key_command(k: KeyCommand) -> Result<()> {
+    match k {
+        KeyCommand::Add { data, name, pubkey_file } => {
+            let key = crate::sign::add_trusted_key(&data.dir, name.as_deref(), &pubkey_file)?;
+            println!("trusted key {} (key id {}) added: {}", key.name, key.key_id, key.path.display());
+        }
+        KeyCommand::List { data } => {
+            let keys = crate::sign::load_trusted_keys(&data.dir)?;
+            if keys.is_empty() {
+                println!("no trusted keys in {}", data.dir.join("keys").display());
+            }
+            for k in keys {
+                println!("{}\t{}\t{}", k.name, k.key_id, k.path.display());
+            }
+        }
+        KeyCommand::Remove { data, name } => {
+            let key = crate::sign::remove_trusted_key(&data.dir, &name)?;
+            println!("removed trusted key {} (key id {})", key.name, key.key_id);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! Incus fingerprints: sha256(metadata tarball bytes || root bytes), read
+//! from the blob store at publish time and kept with the version.
+
+use crate::cas::{BlobStore, CasError};
+use crate::catalog::{ProjectionRow, VersionView};
+use crate::digest::Hasher;
+use std::collections::HashMap;
+use std::io::Read;
+
+/// The attachment name that marks an artifact's Incus metadata tarball.
+pub const INCUS_METADATA: &str = "incus.tar.xz";
+
+/// Simple Streams ftype of a root artifact format, if Incus can use it.
+pub fn ftype(format: &str) -> Option<&'static str> {
+    match format {
+        "squashfs" => Some("squashfs"),
+        "qcow2" => Some("disk-kvm.img"),
+        "tar.xz" => Some("root.tar.xz"),
+        _ => None,
+    }
+}
+
+fn feed(blobs: &dyn BlobStore, h: &mut Hasher, digest: &crate::digest::Digest, size: u64) -> Result<(), CasError> {
+    let mut r = blobs.open_range(digest, 0, size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CasError::Io { op: "read", path: digest.to_string(), source: e }),
+        };
+        h.update(&buf[..n]);
+    }
+    if h.len() < size {
+        return Err(CasError::Truncated { expected: size, actual: h.len() });
+    }
+    Ok(())
+}
+
+/// Projection rows for every artifact of `view` that Incus can use: a root
+/// format it knows plus an `incus.tar.xz` attachment.
+pub fn compute(blobs: &dyn BlobStore, view: &VersionView) -> Result<Vec<ProjectionRow>, CasError> {
+    let mut meta_state: HashMap<crate::digest::Digest, Hasher> = HashMap::new();
+    let mut rows = Vec::new();
+    for a in &view.artifacts {
+        let Some(ftype) = ftype(&a.artifact.format) else { continue };
+        let Some(meta) = a.attachments.iter().find(|t| t.name == INCUS_METADATA) else { continue };
+        let mut h = match meta_state.get(&meta.blob_digest) {
+            Some(h) => h.clone(),
+            None => {
+                let mut h = Hasher::new();
+                feed(blobs, &mut h, &meta.blob_digest, meta.blob_size_bytes)?;
+                meta_state.insert(meta.blob_digest, h.clone());
+                h
+            }
+        };
+        let before = h.len();
+        feed(blobs, &mut h, &a.artifact.primary_blob_digest, a.artifact.primary_blob_size_bytes)?;
+        debug_assert_eq!(h.len() - before, a.artifact.primary_blob_size_bytes);
+        rows.push(ProjectionRow {
+            artifact_id: a.artifact.id.clone(),
+            metadata_attachment_id: meta.id.clone(),
+            ftype: ftype.to_string(),
+            combined_sha256: h.finish(),
+        });
+    }
+    Ok(rows)
+}

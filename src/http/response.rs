@@ -1,0 +1,259 @@
+//! Error-to-status mapping (one place), problem+json bodies, JSON helpers,
+//! and blob downloads with ranges and conditional requests.
+
+use super::message::{Body, Request, Response};
+use crate::cas::CasError;
+use crate::catalog::CatalogError;
+use crate::digest::Digest;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io::Read;
+
+pub const MAX_JSON_BODY: u64 = 1 << 20;
+
+/// An error answer: status plus a short message for the client. 5xx details
+/// are logged in full and replaced by a generic message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub detail: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl ApiError {
+    pub fn new(status: u16, detail: impl Into<String>) -> Self {
+        ApiError { status, detail: detail.into(), headers: Vec::new() }
+    }
+    pub fn bad_request(d: impl Into<String>) -> Self {
+        Self::new(400, d)
+    }
+    pub fn not_found(d: impl Into<String>) -> Self {
+        Self::new(404, d)
+    }
+    pub fn precondition(d: impl Into<String>) -> Self {
+        Self::new(412, d)
+    }
+    pub fn unauthorized() -> Self {
+        let mut e = Self::new(401, "invalid bearer token");
+        e.headers.push(("WWW-Authenticate".into(), "Bearer realm=\"imgsrv\"".into()));
+        e
+    }
+    pub fn forbidden(action: &str) -> Self {
+        Self::new(403, format!("principal is not authorized for action {action}"))
+    }
+    pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
+        log::error!("{context}: {e}");
+        Self::new(500, "internal error; see the server log")
+    }
+    pub fn with_header(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.headers.push((k.to_string(), v.into()));
+        self
+    }
+
+    pub fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": reason(self.status),
+            "status": self.status,
+            "detail": self.detail,
+        });
+        let mut r = Response::new(self.status)
+            .with_header("Content-Type", "application/problem+json")
+            .with_body(Body::Bytes(serde_json::to_vec(&body).unwrap_or_default()));
+        r.headers.extend(self.headers);
+        r
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::NotFound(w) => ApiError::not_found(format!("{w} not found")),
+            CatalogError::AlreadyExists(w) => ApiError::new(409, format!("{w} already exists")),
+            CatalogError::Precondition(m) => ApiError::precondition(m),
+            CatalogError::Invalid(m) => ApiError::bad_request(m),
+            e @ CatalogError::Backend(_) => ApiError::internal("catalog", e),
+        }
+    }
+}
+
+impl From<CasError> for ApiError {
+    fn from(e: CasError) -> Self {
+        match e {
+            CasError::Mismatch { .. } | CasError::Truncated { .. } | CasError::MissingPart(_) => {
+                ApiError::precondition(e.to_string())
+            }
+            CasError::Invalid(m) => ApiError::bad_request(m),
+            e @ (CasError::NotFound(_) | CasError::Io { .. }) => ApiError::internal("blob store", e),
+        }
+    }
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        206 => "Partial Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        412 => "Precondition Failed",
+        413 => "Content Too Large",
+        416 => "Range Not Satisfiable",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+pub fn json<T: Serialize>(status: u16, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(b) => Response::new(status).with_header("Content-Type", "application/json").with_body(Body::Bytes(b)),
+        Err(e) => ApiError::internal("serializing response", e).into_response(),
+    }
+}
+
+/// Reads a JSON body (≤ 1 MiB), refusing unknown fields (the target types say
+/// `deny_unknown_fields`) and trailing data.
+pub fn read_json<T: DeserializeOwned>(req: &mut Request<'_>) -> Result<T, ApiError> {
+    if req.content_length.is_some_and(|n| n > MAX_JSON_BODY) {
+        return Err(ApiError::new(413, format!("JSON body larger than {MAX_JSON_BODY} bytes")));
+    }
+    let mut buf = Vec::new();
+    (&mut req.body)
+        .take(MAX_JSON_BODY + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| ApiError::bad_request(format!("reading request body: {e}")))?;
+    if buf.len() as u64 > MAX_JSON_BODY {
+        return Err(ApiError::new(413, format!("JSON body larger than {MAX_JSON_BODY} bytes")));
+    }
+    serde_json::from_slice(&buf).map_err(|e| ApiError::bad_request(format!("invalid JSON request body: {e}")))
+}
+
+/// Byte range requested by a client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeSpec {
+    Full,
+    Part { start: u64, end: u64 },
+    Unsatisfiable,
+}
+
+/// Parses one `Range: bytes=…` against a blob of `size` bytes.
+pub fn parse_range(header: Option<&str>, size: u64) -> RangeSpec {
+    let Some(h) = header else { return RangeSpec::Full };
+    let Some(spec) = h.trim().strip_prefix("bytes=") else { return RangeSpec::Unsatisfiable };
+    if spec.contains(',') || size == 0 {
+        return RangeSpec::Unsatisfiable;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else { return RangeSpec::Unsatisfiable };
+    let num = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+    };
+    match (a.trim(), b.trim()) {
+        ("", n) => match num(n) {
+            Some(0) | None => RangeSpec::Unsatisfiable,
+            Some(n) => RangeSpec::Part { start: size.saturating_sub(n), end: size - 1 },
+        },
+        (s, "") => match num(s) {
+            Some(s) if s < size => RangeSpec::Part { start: s, end: size - 1 },
+            _ => RangeSpec::Unsatisfiable,
+        },
+        (s, e) => match (num(s), num(e)) {
+            (Some(s), Some(e)) if s <= e && s < size => RangeSpec::Part { start: s, end: e.min(size - 1) },
+            _ => RangeSpec::Unsatisfiable,
+        },
+    }
+}
+
+fn etag_matches(header: &str, etag: &str) -> bool {
+    header.split(',').map(str::trim).any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
+}
+
+/// Streams a stored blob with ETag, conditional and single-range support.
+pub fn serve_blob(
+    app: &crate::app::App,
+    req: &Request<'_>,
+    digest: &Digest,
+    size: u64,
+    media_type: &str,
+    public: bool,
+) -> Result<Response, ApiError> {
+    let etag = format!("\"{digest}\"");
+    let cache = if public { "public, max-age=31536000, immutable" } else { "private, max-age=0" };
+    let base = |status: u16| {
+        Response::new(status)
+            .with_header("ETag", etag.clone())
+            .with_header("Accept-Ranges", "bytes")
+            .with_header("Cache-Control", cache)
+    };
+    if let Some(inm) = req.header("if-none-match") {
+        if etag_matches(inm, &etag) {
+            return Ok(base(304));
+        }
+    }
+    let mut range = parse_range(req.header("range"), size);
+    if let Some(ir) = req.header("if-range") {
+        if ir.trim() != etag {
+            range = RangeSpec::Full;
+        }
+    }
+    match range {
+        RangeSpec::Unsatisfiable => Err(ApiError::new(416, format!("range not satisfiable for {size} bytes"))
+            .with_header("Content-Range", format!("bytes */{size}"))),
+        RangeSpec::Full => {
+            let body = if req.method == "HEAD" {
+                Body::Reader { reader: Box::new(std::io::empty()), len: size }
+            } else {
+                Body::Reader { reader: app.blobs.open_range(digest, 0, size)?, len: size }
+            };
+            Ok(base(200).with_header("Content-Type", media_type).with_body(body))
+        }
+        RangeSpec::Part { start, end } => {
+            let len = end - start + 1;
+            let body = if req.method == "HEAD" {
+                Body::Reader { reader: Box::new(std::io::empty()), len }
+            } else {
+                Body::Reader { reader: app.blobs.open_range(digest, start, len)?, len }
+            };
+            Ok(base(206)
+                .with_header("Content-Type", media_type)
+                .with_header("Content-Range", format!("bytes {start}-{end}/{size}"))
+                .with_body(body))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        use RangeSpec::*;
+        assert_eq!(parse_range(None, 10), Full);
+        assert_eq!(parse_range(Some("bytes=0-3"), 10), Part { start: 0, end: 3 });
+        assert_eq!(parse_range(Some("bytes=5-"), 10), Part { start: 5, end: 9 });
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Part { start: 7, end: 9 });
+        assert_eq!(parse_range(Some("bytes=-30"), 10), Part { start: 0, end: 9 });
+        assert_eq!(parse_range(Some("bytes=8-100"), 10), Part { start: 8, end: 9 });
+        for bad in ["bytes=10-", "bytes=3-2", "bytes=0-1,3-4", "items=0-1", "bytes=-0", "bytes=a-b", "bytes=-", "bytes=+1-2"] {
+            assert_eq!(parse_range(Some(bad), 10), Unsatisfiable, "{bad}");
+        }
+        assert_eq!(parse_range(Some("bytes=0-0"), 0), Unsatisfiable);
+    }
+
+    #[test]
+    fn etags() {
+        let e = "\"sha256:ab\"";
+        assert!(etag_matches("\"sha256:ab\"", e));
+        assert!(etag_matches("W/\"sha256:ab\", \"x\"", e));
+        assert!(etag_matches("*", e));
+        assert!(!etag_matches("\"sha256:ac\"", e));
+    }
+}

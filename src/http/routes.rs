@@ -1,0 +1,933 @@
+//! Routes: `(app, request) -> response`. Every handler returns
+//! `Result<Response, ApiError>`; the mapping from domain errors to statuses
+//! lives in [`super::response`]. The contract is docs/api.md.
+
+use super::message::{Body, Request, Response};
+use super::response::{json, read_json, serve_blob, ApiError};
+use crate::app::App;
+use crate::auth::{self, Caller, ACTION_AUTH_MANAGE, ACTION_CONTENT_WRITE};
+use crate::catalog::{
+    self, Artifact, CatalogError, NewArtifact, NewAttachment, PublishRecord, UploadPart, UploadSession, UploadState,
+    Verification, VersionState, VersionView,
+};
+use crate::config::VerificationMode;
+use crate::digest::Digest;
+use serde::Deserialize;
+use serde_json::json as j;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+type Res = Result<Response, ApiError>;
+
+const MAX_PART: u64 = 5 << 30;
+const UPLOAD_TTL_HOURS: i64 = 24;
+
+/// Entry point for the connection engine.
+pub fn handle(app: &App, req: &mut Request<'_>) -> Response {
+    let t = Instant::now();
+    let resp = match dispatch(app, req) {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    log::debug!("{} {} -> {} in {:?}", req.method, req.path, resp.status, t.elapsed());
+    resp
+}
+
+/// Percent-decodes and splits the path; refuses encoded slashes, dot
+/// segments and invalid UTF-8.
+fn segments(path: &str) -> Result<Vec<String>, ApiError> {
+    let mut out = Vec::new();
+    for raw in path.split('/').skip(1) {
+        if raw.is_empty() {
+            continue;
+        }
+        let s = percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| ApiError::bad_request("path is not UTF-8"))?;
+        if s.contains('/') || s == "." || s == ".." || s.contains('\0') {
+            return Err(ApiError::bad_request("invalid path segment"));
+        }
+        out.push(s.into_owned());
+    }
+    Ok(out)
+}
+
+/// The Incus client tries every artifact over plain HTTP on this port first.
+/// Published downloads are safe to answer in clear (the client checks their
+/// sha256 from the JSON it read over HTTPS); nothing else is.
+fn plain_http_allowed(method: &str, segs: &[&str], has_auth: bool) -> bool {
+    if has_auth || !matches!(method, "GET" | "HEAD") {
+        return false;
+    }
+    matches!(
+        segs,
+        ["healthz"]
+            | ["v1", "images", _, "versions", _, "artifacts", _, "download"]
+            | ["v1", "images", _, "versions", _, "artifacts", _, "attachments", _, "download"]
+    )
+}
+
+fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
+    let owned = segments(&req.path)?;
+    let segs: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let method = req.method.clone();
+    let m = method.as_str();
+    if !req.secure {
+        if !plain_http_allowed(m, &segs, req.header("authorization").is_some()) {
+            if req.header("authorization").is_some() {
+                log::warn!("refused plain-HTTP request carrying credentials from {} for {}", req.peer, req.path);
+            }
+            return Err(ApiError::bad_request("this server speaks HTTPS on this port; use https://")
+                .with_header("Connection", "close"));
+        }
+    }
+    let get = matches!(m, "GET" | "HEAD");
+    match (m, segs.as_slice()) {
+        (_, ["healthz"]) if get => Ok(Response::new(204)),
+        (_, ["readyz"]) if get => match app.catalog.generation() {
+            Ok(_) => Ok(Response::new(204)),
+            Err(e) => Err(ApiError::new(503, format!("catalog unavailable: {e}"))),
+        },
+        (_, ["streams", "v1", doc @ ("index.json" | "images.json")]) if get => streams(app, req, doc),
+
+        ("POST", ["v1", "uploads"]) => begin_upload(app, req),
+        ("GET", ["v1", "uploads", id]) => {
+            require(app, req, ACTION_CONTENT_WRITE)?;
+            Ok(json(200, &app.catalog.get_upload(id)?))
+        }
+        ("PUT", ["v1", "uploads", id, "parts", n]) => put_part(app, req, id, n),
+        ("POST", ["v1", "uploads", id, "complete"]) => complete_upload(app, req, id),
+        ("POST", ["v1", "uploads", id, "abort"]) => abort_upload(app, req, id),
+        (_, ["v1", "blobs", digest]) if get => get_blob(app, req, digest),
+
+        ("POST", ["v1", "images"]) => create_image(app, req),
+        ("GET", ["v1", "images"]) => {
+            let w = is_writer(app, req)?;
+            Ok(json(200, &j!({ "images": app.catalog.list_images(w)? })))
+        }
+        ("GET", ["v1", "images", name]) => {
+            let w = is_writer(app, req)?;
+            let img = app.catalog.get_image(name)?;
+            if !w && app.catalog.list_versions(name, false)?.is_empty() {
+                return Err(ApiError::not_found(format!("image {name} not found")));
+            }
+            Ok(json(200, &img))
+        }
+        ("POST", ["v1", "images", name, "versions"]) => create_version(app, req, name),
+        ("GET", ["v1", "images", name, "versions"]) => {
+            let w = is_writer(app, req)?;
+            let vs = app.catalog.list_versions(name, w)?;
+            if !w && vs.is_empty() {
+                return Err(ApiError::not_found(format!("image {name} not found")));
+            }
+            Ok(json(200, &j!({ "versions": vs })))
+        }
+        ("GET", ["v1", "images", name, "versions", ver]) => {
+            let view = readable_view(app, req, name, ver)?;
+            view_response(app, view)
+        }
+        (_, ["v1", "images", name, "versions", ver, "manifest"]) if get => manifest(app, req, name, ver),
+        (_, ["v1", "images", name, "versions", ver, "manifest.minisig"]) if get => {
+            let v = published_version(app, name, ver)?;
+            let rec = app.catalog.publish_record(&v.id)?;
+            let sig = rec.signature.ok_or_else(|| ApiError::not_found(format!("{name}@{ver} was published unsigned")))?;
+            Ok(Response::new(200)
+                .with_header("Content-Type", "text/plain; charset=utf-8")
+                .with_body(Body::Bytes(sig.into_bytes())))
+        }
+        ("POST", ["v1", "images", name, "versions", ver, "publish"]) => publish(app, req, name, ver),
+        ("POST", ["v1", "images", name, "versions", ver, "artifacts"]) => add_artifact(app, req, name, ver),
+        ("GET", ["v1", "images", name, "versions", ver, "artifacts"]) => {
+            let view = readable_view(app, req, name, ver)?;
+            let arts: Vec<&Artifact> = view.artifacts.iter().map(|a| &a.artifact).collect();
+            Ok(json(200, &j!({ "artifacts": arts })))
+        }
+        ("GET", ["v1", "images", name, "versions", ver, "artifacts", id]) => {
+            let view = readable_view(app, req, name, ver)?;
+            let a = view
+                .artifacts
+                .iter()
+                .find(|a| a.artifact.id == *id)
+                .ok_or_else(|| ApiError::not_found(format!("artifact {id} not found")))?;
+            Ok(json(200, &a.artifact))
+        }
+        ("DELETE", ["v1", "images", name, "versions", ver, "artifacts", id]) => {
+            require(app, req, ACTION_CONTENT_WRITE)?;
+            let v = app.catalog.get_version(name, ver)?;
+            app.catalog.delete_artifact(&v.id, id)?;
+            Ok(Response::new(204))
+        }
+        (_, ["v1", "images", name, "versions", ver, "artifacts", id, "download"]) if get => {
+            download(app, req, name, ver, id, None)
+        }
+        ("POST", ["v1", "images", name, "versions", ver, "artifacts", id, "attachments"]) => {
+            add_attachment(app, req, name, ver, id)
+        }
+        ("DELETE", ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att]) => {
+            require(app, req, ACTION_CONTENT_WRITE)?;
+            let v = app.catalog.get_version(name, ver)?;
+            app.catalog.delete_attachment(&v.id, id, att)?;
+            Ok(Response::new(204))
+        }
+        (_, ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att, "download"]) if get => {
+            download(app, req, name, ver, id, Some(att))
+        }
+
+        ("GET", ["v1", "images", name, "aliases"]) => Ok(json(200, &j!({ "aliases": app.catalog.list_aliases(name)? }))),
+        ("GET", ["v1", "images", name, "aliases", alias]) => Ok(json(200, &app.catalog.get_alias(name, alias)?)),
+        ("PUT", ["v1", "images", name, "aliases", alias]) => put_alias(app, req, name, alias),
+        ("DELETE", ["v1", "images", name, "aliases", alias]) => {
+            require(app, req, ACTION_CONTENT_WRITE)?;
+            app.catalog.delete_alias(name, alias)?;
+            Ok(Response::new(204))
+        }
+        ("GET", ["v1", "images", name, "refs", r]) => {
+            let ver = match app.catalog.get_version(name, r) {
+                Ok(v) if v.state == VersionState::Published => v.version,
+                Ok(_) | Err(CatalogError::NotFound(_)) => app.catalog.get_alias(name, r)?.version,
+                Err(e) => return Err(e.into()),
+            };
+            let view = app.catalog.version_view(name, &ver)?;
+            view_response(app, view)
+        }
+
+        (_, ["v1", "auth", ..]) => auth_routes(app, req, m, &segs[2..]),
+        _ => Err(ApiError::not_found(format!("no route for {m} {}", req.path))),
+    }
+}
+
+// ------------------------------------------------------------------ auth
+
+fn caller(app: &App, req: &Request<'_>) -> Result<Option<Caller>, ApiError> {
+    let Some(h) = req.header("authorization") else { return Ok(None) };
+    let token = match h.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
+        _ => {
+            log::warn!("refused authentication from {}: unsupported scheme", req.peer);
+            return Err(ApiError::unauthorized());
+        }
+    };
+    match auth::authenticate(app.catalog.as_ref(), token) {
+        Ok(c) => Ok(Some(c)),
+        Err(auth::AuthError::InvalidToken) => {
+            log::warn!("refused authentication from {} for {} {}", req.peer, req.method, req.path);
+            Err(ApiError::unauthorized())
+        }
+        Err(auth::AuthError::Catalog(e)) => Err(e.into()),
+    }
+}
+
+fn require(app: &App, req: &Request<'_>, action: &str) -> Result<Caller, ApiError> {
+    match caller(app, req)? {
+        None => Err(ApiError::unauthorized()),
+        Some(c) if c.can(action) => Ok(c),
+        Some(c) => {
+            log::warn!("denied {action} to principal {} for {} {}", c.principal_id, req.method, req.path);
+            Err(ApiError::forbidden(action))
+        }
+    }
+}
+
+/// True for a caller holding content.write; anonymous is false; a bad token is 401.
+fn is_writer(app: &App, req: &Request<'_>) -> Result<bool, ApiError> {
+    Ok(caller(app, req)?.is_some_and(|c| c.can(ACTION_CONTENT_WRITE)))
+}
+
+// ------------------------------------------------------------ validation
+
+fn check_name(kind: &str, s: &str, max: usize, first: fn(u8) -> bool, rest: fn(u8) -> bool) -> Result<(), ApiError> {
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > max || !first(b[0]) || !b.iter().all(|&c| rest(c)) {
+        return Err(ApiError::bad_request(format!("invalid {kind} {s:?}")));
+    }
+    Ok(())
+}
+
+pub fn valid_image_name(s: &str) -> Result<(), ApiError> {
+    check_name("image name", s, 128, |c| c.is_ascii_lowercase() || c.is_ascii_digit(), |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+    })
+}
+
+pub fn valid_version(s: &str) -> Result<(), ApiError> {
+    check_name("version", s, 128, |c| c.is_ascii_alphanumeric(), |c| {
+        c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b':' | b'-')
+    })
+}
+
+pub fn valid_alias(s: &str) -> Result<(), ApiError> {
+    check_name("alias", s, 64, |c| c.is_ascii_alphanumeric(), |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+fn valid_token(kind: &str, s: &str, max: usize) -> Result<(), ApiError> {
+    check_name(kind, s, max, |c| c.is_ascii_alphanumeric(), |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b'-'))
+}
+
+/// Architecture names the Incus client knows; a product with any other is
+/// silently dropped by the client, so it is refused here instead.
+pub const INCUS_ARCHES: &[&str] = &[
+    "i686", "x86_64", "armv6l", "armv7l", "armv8l", "aarch64", "ppc", "ppc64", "ppc64le", "s390x", "mips", "mips64",
+    "riscv32", "riscv64", "loongarch64", "amd64", "i386", "i586", "386", "x86", "arm64", "armhf", "armhfp", "armv7",
+    "armel", "arm", "ppc64el", "powerpc", "powerpc64", "mipsel", "mips64el", "loong64",
+];
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse().map_err(|e: crate::digest::DigestParseError| ApiError::bad_request(e.to_string()))
+}
+
+// ------------------------------------------------------------ streams
+
+fn streams(app: &App, req: &Request<'_>, doc: &str) -> Res {
+    let s = app.streams.get(app.catalog.as_ref())?;
+    let d = if doc == "index.json" { &s.index } else { &s.images };
+    let base = Response::new(200)
+        .with_header("ETag", d.etag.clone())
+        .with_header("Cache-Control", "no-cache")
+        .with_header("Vary", "Accept-Encoding");
+    if req.header("if-none-match").is_some_and(|h| h.split(',').any(|t| t.trim() == d.etag)) {
+        let mut r = base;
+        r.status = 304;
+        return Ok(r);
+    }
+    let gzip = req
+        .header("accept-encoding")
+        .is_some_and(|h| h.split(',').any(|e| e.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("gzip")));
+    let r = base.with_header("Content-Type", "application/json");
+    Ok(if gzip {
+        r.with_header("Content-Encoding", "gzip").with_body(Body::Shared(d.gzip.clone()))
+    } else {
+        r.with_body(Body::Shared(d.bytes.clone()))
+    })
+}
+
+// ------------------------------------------------------------ uploads
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BeginUpload {
+    expected_digest: String,
+    expected_size_bytes: u64,
+    media_type_hint: Option<String>,
+    filename_hint: Option<String>,
+}
+
+fn begin_upload(app: &App, req: &mut Request<'_>) -> Res {
+    let who = require(app, req, ACTION_CONTENT_WRITE)?;
+    let b: BeginUpload = read_json(req)?;
+    let digest = parse_digest(&b.expected_digest)?;
+    if b.expected_size_bytes > i64::MAX as u64 {
+        return Err(ApiError::bad_request("expected_size_bytes too large"));
+    }
+    let now = chrono::Utc::now();
+    let ts = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let mut s = UploadSession {
+        id: catalog::new_id(),
+        expected_digest: digest,
+        expected_size_bytes: b.expected_size_bytes,
+        state: UploadState::Created,
+        expires_at: ts(now + chrono::Duration::hours(UPLOAD_TTL_HOURS)),
+        media_type_hint: b.media_type_hint,
+        filename_hint: b.filename_hint,
+        failure_message: None,
+        principal_id: Some(who.principal_id),
+        created_at: ts(now),
+        updated_at: ts(now),
+    };
+    let mut status = 201;
+    if let Some(blob) = app.catalog.get_blob(&digest)? {
+        if blob.size_bytes != b.expected_size_bytes {
+            return Err(ApiError::precondition(format!(
+                "{digest} is already stored with size {} (not {})",
+                blob.size_bytes, b.expected_size_bytes
+            )));
+        }
+        if app.blobs.stat(&digest)? == Some(blob.size_bytes) {
+            s.state = UploadState::Ready;
+            status = 200;
+        }
+    }
+    app.catalog.create_upload(&s)?;
+    Ok(json(status, &s))
+}
+
+fn writable_upload(app: &App, id: &str) -> Result<UploadSession, ApiError> {
+    let s = app.catalog.get_upload(id)?;
+    if !matches!(s.state, UploadState::Created | UploadState::Uploading) {
+        return Err(ApiError::precondition(format!("upload {id} is {}", s.state.as_str())));
+    }
+    if chrono::DateTime::parse_from_rfc3339(&s.expires_at).map(|t| t < chrono::Utc::now()).unwrap_or(true) {
+        return Err(ApiError::precondition(format!("upload {id} expired at {}", s.expires_at)));
+    }
+    Ok(s)
+}
+
+fn put_part(app: &App, req: &mut Request<'_>, id: &str, n: &str) -> Res {
+    require(app, req, ACTION_CONTENT_WRITE)?;
+    let n: u32 = n
+        .parse()
+        .ok()
+        .filter(|n| (1..=10000).contains(n))
+        .ok_or_else(|| ApiError::bad_request("part number must be 1..10000"))?;
+    let len = req.content_length.ok_or_else(|| ApiError::new(411, "upload parts need a Content-Length"))?;
+    if len > MAX_PART {
+        return Err(ApiError::new(413, format!("a part is at most {MAX_PART} bytes")));
+    }
+    let s = writable_upload(app, id)?;
+    if len > s.expected_size_bytes {
+        return Err(ApiError::new(413, "part is larger than the whole upload"));
+    }
+    let staged = app.blobs.stage_part(&s.id, n, len, &mut req.body).map_err(|e| match e {
+        crate::cas::CasError::Truncated { expected, actual } => ApiError::bad_request(format!(
+            "truncated part: Content-Length {expected}, received {actual} bytes"
+        ))
+        .with_header("Connection", "close"),
+        e => e.into(),
+    })?;
+    let part = UploadPart { upload_id: s.id, part_number: n, etag: staged.digest.to_string(), size_bytes: staged.size };
+    app.catalog.put_upload_part(&part)?;
+    Ok(json(200, &part))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteUpload {
+    parts: Vec<CompletePart>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompletePart {
+    number: u32,
+    etag: String,
+    size_bytes: u64,
+}
+
+fn complete_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
+    require(app, req, ACTION_CONTENT_WRITE)?;
+    let body: CompleteUpload = read_json(req)?;
+    let s = app.catalog.get_upload(id)?;
+    if s.state == UploadState::Ready {
+        return Ok(json(200, &s));
+    }
+    let s = writable_upload(app, id)?;
+    if body.parts.is_empty() {
+        return Err(ApiError::bad_request("parts must list at least one part"));
+    }
+    let stored = app.catalog.upload_parts(id)?;
+    let mut parts = Vec::with_capacity(body.parts.len());
+    let mut last = 0;
+    for p in &body.parts {
+        if p.number <= last {
+            return Err(ApiError::bad_request("parts must be in ascending order without duplicates"));
+        }
+        last = p.number;
+        let sp = stored
+            .iter()
+            .find(|x| x.part_number == p.number)
+            .ok_or_else(|| ApiError::bad_request(format!("part {} was not uploaded", p.number)))?;
+        if sp.etag != p.etag || sp.size_bytes != p.size_bytes {
+            return Err(ApiError::bad_request(format!("part {} does not match the uploaded part (etag or size)", p.number)));
+        }
+        let digest = parse_digest(&sp.etag).map_err(|_| ApiError::internal("stored part etag", &sp.etag))?;
+        parts.push((p.number, crate::cas::StagedPart { digest, size: sp.size_bytes }));
+    }
+    let total: u64 = parts.iter().map(|(_, p)| p.size).sum();
+    let fail = |msg: String| -> ApiError {
+        let _ = app.blobs.discard_upload(id);
+        match app.catalog.set_upload_state(id, UploadState::Failed, Some(&msg)) {
+            Ok(_) => ApiError::precondition(msg),
+            Err(e) => e.into(),
+        }
+    };
+    if total != s.expected_size_bytes {
+        return Err(fail(format!("parts add up to {total} bytes, expected {}", s.expected_size_bytes)));
+    }
+    match app.blobs.commit_upload(id, &parts, &s.expected_digest, s.expected_size_bytes) {
+        Ok(()) => {}
+        Err(e @ (crate::cas::CasError::Mismatch { .. } | crate::cas::CasError::Truncated { .. })) => {
+            return Err(fail(e.to_string()))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    app.catalog.insert_blob(&s.expected_digest, s.expected_size_bytes, s.media_type_hint.as_deref())?;
+    let s = app.catalog.set_upload_state(id, UploadState::Ready, None)?;
+    log::info!("stored blob {} ({} bytes)", s.expected_digest, s.expected_size_bytes);
+    Ok(json(200, &s))
+}
+
+fn abort_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
+    require(app, req, ACTION_CONTENT_WRITE)?;
+    let s = app.catalog.get_upload(id)?;
+    match s.state {
+        UploadState::Aborted => return Ok(json(200, &s)),
+        UploadState::Created | UploadState::Uploading => {}
+        other => return Err(ApiError::precondition(format!("upload {id} is {}", other.as_str()))),
+    }
+    app.blobs.discard_upload(id)?;
+    Ok(json(200, &app.catalog.set_upload_state(id, UploadState::Aborted, None)?))
+}
+
+fn get_blob(app: &App, req: &Request<'_>, digest: &str) -> Res {
+    let digest = parse_digest(digest)?;
+    let blob = app.catalog.get_blob(&digest)?.ok_or_else(|| ApiError::not_found(format!("blob {digest} not found")))?;
+    let public = app.catalog.blob_is_published(&digest)?;
+    if !public && !is_writer(app, req)? {
+        // unpublished content is not revealed to anonymous callers
+        return Err(ApiError::not_found(format!("blob {digest} not found")));
+    }
+    let mt = blob.media_type.as_deref().unwrap_or("application/octet-stream");
+    serve_blob(app, req, &digest, blob.size_bytes, mt, public)
+}
+
+// ------------------------------------------------------------ catalog
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateImage {
+    name: String,
+    display_name: Option<String>,
+    description: Option<String>,
+}
+
+fn create_image(app: &App, req: &mut Request<'_>) -> Res {
+    require(app, req, ACTION_CONTENT_WRITE)?;
+    let b: CreateImage = read_json(req)?;
+    valid_image_name(&b.name)?;
+    for (k, v) in [("display_name", &b.display_name), ("description", &b.description)] {
+        if v.as_deref().is_some_and(|s| s.trim().is_empty() || s.len() > 4096) {
+            return Err(ApiError::bad_request(format!("{k} must be non-blank and at most 4096 bytes")));
+        }
+    }
+    let img = app.catalog.create_image(&b.name, b.display_name.as_deref(), b.description.as_deref())?;
+    log::info!("image created: {}", img.name);
+    Ok(json(201, &img))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVersion {
+    version: String,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+fn create_version(app: &App, req: &mut Request<'_>, name: &str) -> Res {
+    require(app, req, ACTION_CONTENT_WRITE)?;
+    let b: CreateVersion = read_json(req)?;
+    valid_version(&b.version)?;
+    if b.metadata.len() > 256 {
+        return Err(ApiError::bad_request("at most 256 metadata entries"));
+    }
+    for (k, v) in &b.metadata {
+        if k.is_empty() || k.len() > 128 || v.len() > 4096 || k.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(format!("invalid metadata entry {k:?}")));
+        }
+    }
+    let v = app.catalog.create_version(name, &b.version, &b.metadata)?;
+    Ok(json(201, &v))
+}
+
+/// A version view the caller may read: published for everyone, drafts for
+/// content writers (404 to others, so drafts are not revealed).
+fn readable_view(app: &App, req: &Request<'_>, name: &str, ver: &str) -> Result<VersionView, ApiError> {
+    let view = app.catalog.version_view(name, ver)?;
+    if view.version.state != VersionState::Published && !is_writer(app, req)? {
+        return Err(ApiError::not_found(format!("version {name}@{ver} not found")));
+    }
+    Ok(view)
+}
+
+fn published_version(app: &App, name: &str, ver: &str) -> Result<catalog::ImageVersion, ApiError> {
+    let v = app.catalog.get_version(name, ver)?;
+    if v.state != VersionState::Published {
+        return Err(ApiError::not_found(format!("version {name}@{ver} not found")));
+    }
+    Ok(v)
+}
+
+fn publication_json(app: &App, view: &VersionView) -> Result<Option<serde_json::Value>, ApiError> {
+    if view.version.state != VersionState::Published {
+        return Ok(None);
+    }
+    let rec = app.catalog.publish_record(&view.version.id)?;
+    let rows = app.catalog.projection_rows(&view.version.id)?;
+    Ok(Some(publish_record_json(view, &rec, &rows)))
+}
+
+fn publish_record_json(view: &VersionView, rec: &PublishRecord, rows: &[catalog::ProjectionRow]) -> serde_json::Value {
+    let fps: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            j!({
+                "artifact_id": r.artifact_id,
+                "type": if r.ftype == "disk-kvm.img" { "virtual-machine" } else { "container" },
+                "fingerprint": r.combined_sha256.hex(),
+            })
+        })
+        .collect();
+    let mut v = j!({
+        "image": view.image.name,
+        "version": view.version.version,
+        "state": "published",
+        "published_at": rec.published_at,
+        "manifest_digest": rec.manifest_digest.to_string(),
+        "verification": rec.verification.as_str(),
+        "fingerprints": fps,
+    });
+    if let Some(k) = &rec.signer_key_id {
+        v["signer_key_id"] = j!(k);
+    }
+    if let Some(k) = &rec.signer_key_name {
+        v["signer_key_name"] = j!(k);
+    }
+    v
+}
+
+fn view_response(app: &App, view: VersionView) -> Res {
+    let publication = publication_json(app, &view)?;
+    let mut v = serde_json::to_value(&view).map_err(|e| ApiError::internal("serializing", e))?;
+    if let Some(p) = publication {
+        v["publication"] = p;
+    }
+    Ok(json(200, &v))
+}
+
+fn manifest(app: &App, req: &Request<'_>, name: &str, ver: &str) -> Res {
+    let view = readable_view(app, req, name, ver)?;
+    let bytes = if view.version.state == VersionState::Published {
+        app.catalog.publish_record(&view.version.id)?.manifest
+    } else {
+        crate::manifest::canonical(&view)
+    };
+    let etag = format!("\"{}\"", Digest::of(&bytes));
+    Ok(Response::new(200)
+        .with_header("Content-Type", "application/json")
+        .with_header("ETag", etag)
+        .with_body(Body::Bytes(bytes)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddArtifact {
+    #[serde(default = "default_variant")]
+    variant: String,
+    operating_system: String,
+    architecture: String,
+    format: String,
+    primary_blob_digest: String,
+    primary_blob_size_bytes: u64,
+    primary_media_type: String,
+}
+
+fn default_variant() -> String {
+    "default".into()
+}
+
+fn add_artifact(app: &App, req: &mut Request<'_>, name: &str, ver: &str) -> Res {
+    require(app, req, ACTION_CONTENT_WRITE)?;
+    let b: AddArtifact = read_json(req)?;
+    valid_token("variant", &b.variant, 64)?;
+    valid_token("operating_system", &b.operating_system, 64)?;
+    valid_token("architecture", &b.architecture, 64)?;
+    if !INCUS_ARCHES.contains(&b.architecture.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "architecture {:?} is not one the Incus client knows ({})",
+            b.architecture,
+            INCUS_ARCHES.join(", ")
+        )));
+    }
+    if !matches!(b.format.as_str(), "squashfs" | "qcow2" | "tar.xz" | "raw" | "raw.gz") {
+        return Err(ApiError::bad_request("format must be squashfs, qcow2, tar.xz, raw or raw.gz"));
+    }
+    if b.primary_media_type.trim().is_empty() || b.primary_media_type.len() > 255 {
+        return Err(ApiError::bad_request("primary_media_type must be non-blank"));
+    }
+    let v = app.catalog.get_version(name, ver)?;
+    let a = app.catalog.add_artifact(
+        &v.id,
+        &NewArtifact {
+            variant: b.variant,
+            operating_system: b.operating_system,
+            architecture: b.architecture,
+            format: b.format,
+            primary_blob_digest: parse_digest(&b.primary_blob_digest)?,
+            primary_blob_size_bytes: b.primary_blob_size_bytes,
+            primary_media_type: b.primary_media_type,
+        },
+    )?;
+    Ok(json(201, &a))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddAttachment {
+    name: String,
+    media_type: String,
+    blob_digest: String,
+    blob_size_bytes: u64,
+}
+
+fn add_attachment(app: &App, req: &mut Request<'_>, name: &str, ver: &str, artifact: &str) -> Res {
+    require(app, req, ACTION_CONTENT_WRITE)?;
+    let b: AddAttachment = read_json(req)?;
+    valid_token("attachment name", &b.name, 128)?;
+    if b.media_type.trim().is_empty() || b.media_type.len() > 255 {
+        return Err(ApiError::bad_request("media_type must be non-blank"));
+    }
+    let v = app.catalog.get_version(name, ver)?;
+    let a = app.catalog.add_attachment(
+        &v.id,
+        artifact,
+        &NewAttachment {
+            name: b.name,
+            media_type: b.media_type,
+            blob_digest: parse_digest(&b.blob_digest)?,
+            blob_size_bytes: b.blob_size_bytes,
+        },
+    )?;
+    Ok(json(201, &a))
+}
+
+fn download(app: &App, req: &Request<'_>, name: &str, ver: &str, artifact: &str, attachment: Option<&str>) -> Res {
+    let v = published_version(app, name, ver)?;
+    let view = app.catalog.version_view(name, &v.version)?;
+    let a = view
+        .artifacts
+        .iter()
+        .find(|a| a.artifact.id == artifact)
+        .ok_or_else(|| ApiError::not_found(format!("artifact {artifact} not found")))?;
+    match attachment {
+        None => serve_blob(
+            app,
+            req,
+            &a.artifact.primary_blob_digest,
+            a.artifact.primary_blob_size_bytes,
+            &a.artifact.primary_media_type,
+            true,
+        ),
+        Some(att) => {
+            let t = a
+                .attachments
+                .iter()
+                .find(|t| t.id == att)
+                .ok_or_else(|| ApiError::not_found(format!("attachment {att} not found")))?;
+            serve_blob(app, req, &t.blob_digest, t.blob_size_bytes, &t.media_type, true)
+        }
+    }
+}
+
+// ------------------------------------------------------------ publish
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    signature: Option<String>,
+}
+
+fn publish(app: &App, req: &mut Request<'_>, name: &str, ver: &str) -> Res {
+    let who = require(app, req, ACTION_CONTENT_WRITE)?;
+    let body: PublishBody = read_json(req)?;
+    let view = app.catalog.version_view(name, ver)?;
+    if view.version.state != VersionState::Draft {
+        return Err(ApiError::precondition("version is not a draft"));
+    }
+    if view.artifacts.is_empty() {
+        return Err(ApiError::precondition("version has no artifact"));
+    }
+    for a in &view.artifacts {
+        let cited = std::iter::once((&a.artifact.primary_blob_digest, a.artifact.primary_blob_size_bytes))
+            .chain(a.attachments.iter().map(|t| (&t.blob_digest, t.blob_size_bytes)));
+        for (d, size) in cited {
+            match app.catalog.get_blob(d)? {
+                Some(b) if b.size_bytes == size => {}
+                Some(b) => {
+                    return Err(ApiError::precondition(format!(
+                        "blob {d} is stored with size {} but the draft declares {size}",
+                        b.size_bytes
+                    )))
+                }
+                None => return Err(ApiError::precondition(format!("blob {d} has not been uploaded"))),
+            }
+        }
+    }
+    let manifest = crate::manifest::canonical(&view);
+    let manifest_digest = Digest::of(&manifest);
+    let mode = app.verification();
+    let (verification, key) = check_signature(app, mode, &manifest, body.signature.as_deref(), name, ver)?;
+    let projection = crate::fingerprint::compute(app.blobs.as_ref(), &view)?;
+    let record = PublishRecord {
+        version_id: view.version.id.clone(),
+        manifest,
+        manifest_digest,
+        signature: body.signature,
+        signer_key_id: key.as_ref().map(|k| k.key_id.clone()),
+        signer_key_name: key.as_ref().map(|k| k.key_name.clone()),
+        verification,
+        principal_id: Some(who.principal_id.clone()),
+        published_at: catalog::now(),
+    };
+    app.catalog.publish(&record, &projection)?;
+    log::info!(
+        "published {name}@{ver} manifest {manifest_digest} verification {} signer {} by principal {}",
+        verification.as_str(),
+        record.signer_key_id.as_deref().unwrap_or("-"),
+        who.principal_id
+    );
+    let view = app.catalog.version_view(name, ver)?;
+    let rec = app.catalog.publish_record(&view.version.id)?;
+    Ok(json(200, &publish_record_json(&view, &rec, &projection)))
+}
+
+/// Applies the verification mode. Enforce refuses (412) anything but a valid
+/// signature by a trusted key; warn logs and publishes unverified; off skips.
+fn check_signature(
+    app: &App,
+    mode: VerificationMode,
+    manifest: &[u8],
+    signature: Option<&str>,
+    name: &str,
+    ver: &str,
+) -> Result<(Verification, Option<crate::sign::Verified>), ApiError> {
+    if mode == VerificationMode::Off {
+        return Ok((Verification::Skipped, None));
+    }
+    let outcome = match signature {
+        None => Err("no signature was supplied".to_string()),
+        Some(sig) => crate::sign::load_trusted_keys(&app.config.data_dir)
+            .map_err(|e| format!("trusted keys cannot be read: {e}"))
+            .and_then(|keys| crate::sign::verify_signature(&keys, manifest, sig).map_err(|e| e.to_string())),
+    };
+    match (outcome, mode) {
+        (Ok(v), _) => Ok((Verification::Verified, Some(v))),
+        (Err(why), VerificationMode::Warn) => {
+            log::warn!("publishing {name}@{ver} UNVERIFIED (verification mode warn): {why}");
+            Ok((Verification::Unverified, None))
+        }
+        (Err(why), _) => {
+            log::warn!("refused to publish {name}@{ver}: {why}");
+            Err(ApiError::precondition(format!(
+                "publish refused: {why} (image verification mode is enforce); the version stays a draft"
+            )))
+        }
+    }
+}
+
+// ------------------------------------------------------------ aliases
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutAlias {
+    version: String,
+}
+
+fn put_alias(app: &App, req: &mut Request<'_>, name: &str, alias: &str) -> Res {
+    require(app, req, ACTION_CONTENT_WRITE)?;
+    valid_alias(alias)?;
+    let b: PutAlias = read_json(req)?;
+    let a = app.catalog.put_alias(name, alias, &b.version)?;
+    log::info!("alias {name}:{alias} -> {}", a.version);
+    Ok(json(200, &a))
+}
+
+// ------------------------------------------------------------ auth admin
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreatePrincipal {
+    kind: String,
+    display_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueToken {
+    name: Option<String>,
+    expires_at: String,
+}
+
+fn auth_routes(app: &App, req: &mut Request<'_>, m: &str, segs: &[&str]) -> Res {
+    require(app, req, ACTION_AUTH_MANAGE)?;
+    let cat = app.catalog.as_ref();
+    match (m, segs) {
+        ("GET", ["roles"]) => Ok(json(200, &j!({ "roles": cat.roles()? }))),
+        ("GET", ["principals"]) => Ok(json(200, &j!({ "principals": cat.list_principals()? }))),
+        ("POST", ["principals"]) => {
+            let b: CreatePrincipal = read_json(req)?;
+            if !matches!(b.kind.as_str(), "user" | "service") {
+                return Err(ApiError::bad_request("kind must be user or service"));
+            }
+            if b.display_name.trim().is_empty() || b.display_name.len() > 256 {
+                return Err(ApiError::bad_request("display_name must be non-blank"));
+            }
+            Ok(json(201, &cat.create_principal(&b.kind, &b.display_name, "{}")?))
+        }
+        ("GET", ["principals", id]) => Ok(json(200, &cat.get_principal(id)?)),
+        ("PUT", ["principals", id, "roles", role]) => {
+            cat.grant_role(id, role)?;
+            Ok(Response::new(204))
+        }
+        ("DELETE", ["principals", id, "roles", role]) => {
+            if !cat.roles()?.iter().any(|r| r.id == *role) {
+                return Err(ApiError::bad_request(format!("unknown role {role}")));
+            }
+            cat.revoke_role(id, role)?;
+            Ok(Response::new(204))
+        }
+        ("POST", ["principals", id, "api-tokens"]) => {
+            let b: IssueToken = read_json(req)?;
+            let exp = chrono::DateTime::parse_from_rfc3339(&b.expires_at)
+                .map_err(|_| ApiError::bad_request("expires_at must be an RFC 3339 time"))?;
+            if exp <= chrono::Utc::now() {
+                return Err(ApiError::bad_request("expires_at must be in the future"));
+            }
+            let exp = exp.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            let (t, plaintext) = auth::issue_token(cat, id, b.name.as_deref().unwrap_or("api"), Some(exp))?;
+            let mut v = serde_json::to_value(&t).map_err(|e| ApiError::internal("serializing", e))?;
+            v["plaintext"] = j!(plaintext);
+            Ok(json(201, &v))
+        }
+        ("GET", ["principals", id, "api-tokens"]) => Ok(json(200, &j!({ "api_tokens": cat.list_tokens(id)? }))),
+        ("DELETE", ["api-tokens", id]) => {
+            cat.revoke_token(id)?;
+            Ok(Response::new(204))
+        }
+        _ => Err(ApiError::not_found(format!("no route for {m} {}", req.path))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_decoded_and_dot_segments_refused() {
+        assert_eq!(segments("/v1/images/a/versions/2024_13%3A00").unwrap(), ["v1", "images", "a", "versions", "2024_13:00"]);
+        assert!(segments("/v1/images/%2e%2e/x").is_err());
+        assert!(segments("/v1/images/a%2Fb").is_err());
+        assert!(segments("/v1/images/%ff").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_image_name("debian-12.x_y").is_ok());
+        for bad in ["", "Debian", "-x", ".x", "a/b", "a b", &"a".repeat(129)] {
+            assert!(valid_image_name(bad).is_err(), "{bad}");
+        }
+        assert!(valid_version("20240209_13:00").is_ok());
+        assert!(valid_version("1.0+b1").is_ok());
+        assert!(valid_version(":x").is_err());
+        assert!(valid_alias("stable").is_ok());
+        assert!(valid_alias("a:b").is_err());
+    }
+
+    #[test]
+    fn plain_http_only_for_downloads_without_credentials() {
+        let dl = ["v1", "images", "a", "versions", "1", "artifacts", "x", "download"];
+        assert!(plain_http_allowed("GET", &dl, false));
+        assert!(plain_http_allowed("HEAD", &dl, false));
+        assert!(!plain_http_allowed("GET", &dl, true));
+        assert!(!plain_http_allowed("POST", &dl, false));
+        assert!(!plain_http_allowed("GET", &["streams", "v1", "images.json"], false));
+        assert!(!plain_http_allowed("GET", &["v1", "blobs", "sha256:00"], false));
+    }
+}

@@ -1,0 +1,324 @@
+//! The Incus Simple Streams projection (`/streams/v1/index.json`,
+//! `/streams/v1/images.json`); the rules are in docs/simplestreams.md.
+//!
+//! The documents are built from the catalog only when its generation counter
+//! moves (a publish, an alias change), never per request, and swapped in
+//! atomically; requests share the cached bytes (plain and gzip).
+
+use crate::catalog::{Alias, ContentCatalog, ProjectionEntry};
+use crate::digest::Digest;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::Write;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// A ready-to-serve JSON document.
+pub struct Doc {
+    pub bytes: Arc<[u8]>,
+    pub gzip: Arc<[u8]>,
+    pub etag: String,
+}
+
+impl Doc {
+    fn new(bytes: Vec<u8>) -> Doc {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&bytes).expect("writing to a Vec cannot fail");
+        let gzip = enc.finish().expect("writing to a Vec cannot fail");
+        let etag = format!("\"{}\"", &Digest::of(&bytes).hex()[..32]);
+        Doc { bytes: bytes.into(), gzip: gzip.into(), etag }
+    }
+}
+
+pub struct Streams {
+    pub generation: i64,
+    pub index: Doc,
+    pub images: Doc,
+}
+
+/// Cache of the projection keyed by the catalog generation.
+#[derive(Default)]
+pub struct StreamsCache {
+    current: RwLock<Option<Arc<Streams>>>,
+    rebuild: Mutex<()>,
+}
+
+impl StreamsCache {
+    pub fn get(&self, cat: &dyn ContentCatalog) -> crate::catalog::Result<Arc<Streams>> {
+        let generation = cat.generation()?;
+        if let Some(s) = self.current.read().ok().and_then(|c| c.clone()) {
+            if s.generation == generation {
+                return Ok(s);
+            }
+        }
+        // one rebuild at a time; others wait and then reuse its result
+        let _guard = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = cat.generation()?;
+        if let Some(s) = self.current.read().ok().and_then(|c| c.clone()) {
+            if s.generation == generation {
+                return Ok(s);
+            }
+        }
+        let entries = cat.projection_entries()?;
+        let aliases = cat.all_aliases()?;
+        let (index, images) = build(&entries, &aliases);
+        let s = Arc::new(Streams { generation, index: Doc::new(index), images: Doc::new(images) });
+        if let Ok(mut c) = self.current.write() {
+            *c = Some(s.clone());
+        }
+        log::info!("simplestreams projection rebuilt (generation {generation}, {} artifacts)", entries.len());
+        Ok(s)
+    }
+}
+
+/// Incus root item names by ftype.
+fn root_item_key(ftype: &str) -> &'static str {
+    match ftype {
+        "squashfs" => "root.squashfs",
+        "disk-kvm.img" => "disk.qcow2",
+        _ => "root.tar.xz",
+    }
+}
+
+/// `combined_*` field(s) on the metadata item for a root ftype.
+fn combined_fields(ftype: &str) -> &'static [&'static str] {
+    match ftype {
+        "squashfs" => &["combined_squashfs_sha256"],
+        "disk-kvm.img" => &["combined_disk-kvm-img_sha256"],
+        _ => &["combined_rootxz_sha256", "combined_sha256"],
+    }
+}
+
+fn kind(ftype: &str) -> &'static str {
+    if ftype == "disk-kvm.img" {
+        "virtual-machine"
+    } else {
+        "container"
+    }
+}
+
+/// Serial (the Simple Streams version name): the version itself when it
+/// starts with a valid YYYYMMDD date, else the publication time.
+pub fn serial(version: &str, published_at: &str) -> String {
+    if version.len() >= 8 && chrono::NaiveDate::parse_from_str(&version[..8], "%Y%m%d").is_ok() {
+        return version.to_string();
+    }
+    match chrono::DateTime::parse_from_rfc3339(published_at) {
+        Ok(t) => t.with_timezone(&chrono::Utc).format("%Y%m%d_%H%M%S").to_string(),
+        Err(_) => format!("19700101_{version}"),
+    }
+}
+
+pub fn download_path(image: &str, version: &str, artifact_id: &str) -> String {
+    format!("v1/images/{image}/versions/{version}/artifacts/{artifact_id}/download")
+}
+
+pub fn attachment_path(image: &str, version: &str, artifact_id: &str, attachment_id: &str) -> String {
+    format!("v1/images/{image}/versions/{version}/artifacts/{artifact_id}/attachments/{attachment_id}/download")
+}
+
+struct Product<'a> {
+    key: String,
+    serial: String,
+    published_at: &'a str,
+    first: &'a ProjectionEntry,
+    roots: Vec<&'a ProjectionEntry>,
+    aliases: BTreeSet<String>,
+}
+
+fn lc(s: &str) -> String {
+    s.to_lowercase().replace(|c: char| c.is_whitespace() || c == ',' || c == '/', "-")
+}
+
+fn meta<'a>(e: &'a ProjectionEntry, key: &str) -> Option<&'a str> {
+    e.version.metadata.get(key).map(String::as_str).filter(|s| !s.is_empty())
+}
+
+fn os_of(e: &ProjectionEntry) -> &str {
+    meta(e, "os").unwrap_or(&e.artifact.operating_system)
+}
+
+fn release_of(e: &ProjectionEntry) -> &str {
+    meta(e, "release").unwrap_or(&e.version.version)
+}
+
+/// Builds `(index.json, images.json)`.
+pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u8>, Vec<u8>) {
+    // group artifacts into products: one per (image, version, os, arch, variant)
+    let mut products: BTreeMap<(String, String, String, String, String), Product> = BTreeMap::new();
+    for e in entries {
+        let k = (
+            e.image.name.clone(),
+            e.version.version.clone(),
+            e.artifact.operating_system.clone(),
+            e.artifact.architecture.clone(),
+            e.artifact.variant.clone(),
+        );
+        let p = products.entry(k).or_insert_with(|| Product {
+            key: format!(
+                "{}:{}:{}:{}:{}",
+                e.image.name,
+                e.version.version,
+                lc(&e.artifact.operating_system),
+                e.artifact.architecture,
+                e.artifact.variant
+            ),
+            serial: serial(&e.version.version, &e.published_at),
+            published_at: &e.published_at,
+            first: e,
+            roots: Vec::new(),
+            aliases: BTreeSet::new(),
+        });
+        p.roots.push(e);
+    }
+    let mut products: Vec<Product> = products.into_values().collect();
+    // newest first: what Incus would prefer, and the order in which
+    // duplicate fingerprints are resolved (the newest keeps it)
+    products.sort_by(|a, b| (&b.serial, b.published_at, &a.key).cmp(&(&a.serial, a.published_at, &b.key)));
+
+    // every fingerprint appears once in the whole stream
+    let mut seen: HashSet<Digest> = HashSet::new();
+    for p in &mut products {
+        p.roots.retain(|e| {
+            let fresh = seen.insert(e.combined_sha256);
+            if !fresh {
+                log::warn!(
+                    "simplestreams: {}@{} artifact {} repeats fingerprint {} of a newer version; not listed twice",
+                    e.image.name,
+                    e.version.version,
+                    e.artifact.id,
+                    e.combined_sha256.hex()
+                );
+            }
+            fresh
+        });
+    }
+    products.retain(|p| !p.roots.is_empty());
+
+    // movable aliases by version id
+    let mut by_version: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (_, a) in aliases {
+        by_version.entry(a.version_id.as_str()).or_default().push(a.alias.as_str());
+    }
+    // newest product per (image, variant, arch, kind) and per distro key
+    let mut newest_image: HashSet<(String, String, String, &str)> = HashSet::new();
+    let mut newest_distro: HashSet<(String, String, String, String, &str)> = HashSet::new();
+    for p in &mut products {
+        let e = p.first;
+        let image = &e.image.name;
+        p.aliases.insert(format!("{image}/{}", e.version.version));
+        for a in by_version.get(e.version.id.as_str()).into_iter().flatten() {
+            p.aliases.insert(format!("{image}/{a}"));
+        }
+        let (os, release, variant, arch) = (lc(os_of(e)), lc(release_of(e)), e.artifact.variant.clone(), e.artifact.architecture.clone());
+        for r in &p.roots {
+            let k = kind(&r.ftype);
+            if newest_image.insert((image.clone(), variant.clone(), arch.clone(), k)) {
+                p.aliases.insert(image.clone());
+            }
+            if newest_distro.insert((os.clone(), release.clone(), variant.clone(), arch.clone(), k)) {
+                p.aliases.insert(format!("{os}/{release}/{variant}"));
+                if variant == "default" {
+                    p.aliases.insert(format!("{os}/{release}"));
+                }
+            }
+        }
+    }
+
+    let mut out_products = Map::new();
+    for p in &products {
+        let e = p.first;
+        let mut items = Map::new();
+        // one metadata item per distinct metadata tarball, for Incus and LXD
+        let mut metas: BTreeMap<Digest, (&ProjectionEntry, Map<String, Value>)> = BTreeMap::new();
+        for r in &p.roots {
+            let m = metas.entry(r.metadata.blob_digest).or_insert_with(|| (*r, Map::new()));
+            for f in combined_fields(&r.ftype) {
+                m.1.insert((*f).to_string(), Value::String(r.combined_sha256.hex()));
+            }
+            items.insert(
+                root_item_key(&r.ftype).to_string(),
+                json!({
+                    "ftype": r.ftype,
+                    "path": download_path(&r.image.name, &r.version.version, &r.artifact.id),
+                    "size": r.artifact.primary_blob_size_bytes,
+                    "sha256": r.artifact.primary_blob_digest.hex(),
+                }),
+            );
+        }
+        for (i, (_, (owner, combined))) in metas.iter().enumerate() {
+            let suffix = if i == 0 { String::new() } else { format!(".{}", i + 1) };
+            for ftype in ["incus.tar.xz", "lxd.tar.xz"] {
+                let mut item = Map::new();
+                item.insert("ftype".into(), json!(ftype));
+                item.insert(
+                    "path".into(),
+                    json!(attachment_path(&owner.image.name, &owner.version.version, &owner.artifact.id, &owner.metadata.id)),
+                );
+                item.insert("size".into(), json!(owner.metadata.blob_size_bytes));
+                item.insert("sha256".into(), json!(owner.metadata.blob_digest.hex()));
+                item.extend(combined.clone());
+                items.insert(format!("{ftype}{suffix}"), Value::Object(item));
+            }
+        }
+        let requirements: Map<String, Value> = e
+            .version
+            .metadata
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("requirements.").map(|r| (r.to_string(), Value::String(v.clone()))))
+            .collect();
+        let os = os_of(e);
+        let release = release_of(e);
+        let mut product = Map::new();
+        product.insert("aliases".into(), json!(p.aliases.iter().cloned().collect::<Vec<_>>().join(",")));
+        product.insert("arch".into(), json!(e.artifact.architecture));
+        product.insert("os".into(), json!(os));
+        product.insert("release".into(), json!(release));
+        product.insert("release_title".into(), json!(meta(e, "release_title").unwrap_or(release)));
+        if let Some(c) = meta(e, "release_codename") {
+            product.insert("release_codename".into(), json!(c));
+        }
+        product.insert("variant".into(), json!(e.artifact.variant));
+        product.insert("requirements".into(), Value::Object(requirements.clone()));
+        product.insert("lxd_requirements".into(), Value::Object(requirements));
+        let mut version = Map::new();
+        version.insert("items".into(), Value::Object(items));
+        if let Some(l) = meta(e, "label") {
+            version.insert("label".into(), json!(l));
+        }
+        product.insert("versions".into(), json!({ p.serial.clone(): Value::Object(version) }));
+        out_products.insert(p.key.clone(), Value::Object(product));
+    }
+
+    let updated = products
+        .iter()
+        .map(|p| p.published_at)
+        .max()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.to_rfc2822())
+        .unwrap_or_else(|| "Thu, 01 Jan 1970 00:00:00 +0000".to_string());
+    let product_keys: Vec<&String> = out_products.keys().collect();
+    let index = json!({
+        "format": "index:1.0",
+        "updated": updated,
+        "index": {
+            "images": {
+                "datatype": "image-downloads",
+                "path": "streams/v1/images.json",
+                "format": "products:1.0",
+                "updated": updated,
+                "products": product_keys,
+            }
+        }
+    });
+    let images = json!({
+        "content_id": "images",
+        "datatype": "image-downloads",
+        "format": "products:1.0",
+        "updated": updated,
+        "products": out_products,
+    });
+    (
+        serde_json::to_vec(&index).expect("JSON value serializes"),
+        serde_json::to_vec(&images).expect("JSON value serializes"),
+    )
+}
