@@ -33,7 +33,8 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<(Config, 
     use std::os::unix::fs::PermissionsExt;
     let mut report = InitReport::default();
     if !data_dir.exists() {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o750))?;
         report.created.push(data_dir.to_path_buf());
     }
@@ -48,7 +49,8 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<(Config, 
     if !db.exists() {
         report.created.push(db.clone());
     }
-    let catalog = SqliteCatalog::open(&db).with_context(|| format!("opening catalog {}", db.display()))?;
+    let catalog =
+        SqliteCatalog::open(&db).with_context(|| format!("opening catalog {}", db.display()))?;
     let cas_dir = data_dir.join("sha256");
     if !cas_dir.exists() {
         report.created.push(cas_dir);
@@ -70,7 +72,9 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<(Config, 
         }
     }
     if let Some(p) = crate::auth::bootstrap(&catalog, data_dir)? {
-        report.created.push(data_dir.join(crate::auth::ADMIN_TOKEN_FILE));
+        report
+            .created
+            .push(data_dir.join(crate::auth::ADMIN_TOKEN_FILE));
         report.bootstrap_principal = Some(p.id);
     }
     Ok((config, report))
@@ -80,13 +84,18 @@ impl App {
     /// Opens an initialised data directory with `config`.
     pub fn open(config: Config) -> anyhow::Result<App> {
         let db = config.data_dir.join(CATALOG_FILE);
-        let catalog = SqliteCatalog::open(&db).with_context(|| format!("opening catalog {}", db.display()))?;
+        let catalog = SqliteCatalog::open(&db)
+            .with_context(|| format!("opening catalog {}", db.display()))?;
         let blobs = FsStore::open(&config.data_dir).context("opening the blob store")?;
-        Ok(App { config, catalog: Arc::new(catalog), blobs: Arc::new(blobs), streams: StreamsCache::default() })
+        Ok(App {
+            config,
+            catalog: Arc::new(catalog),
+            blobs: Arc::new(blobs),
+            streams: StreamsCache::default(),
+        })
     }
 
     pub fn verification(&self) -> VerificationMode {
         self.config.verification
     }
-
 }

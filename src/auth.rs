@@ -110,7 +110,11 @@ pub fn authenticate(cat: &dyn AuthCatalog, token: &str) -> Result<Caller, AuthEr
     if let Err(e) = cat.touch_token(&row.id) {
         log::warn!("recording token use: {e}");
     }
-    Ok(Caller { principal_id: row.principal_id, token_id: row.id, actions })
+    Ok(Caller {
+        principal_id: row.principal_id,
+        token_id: row.id,
+        actions,
+    })
 }
 
 /// First start: when no principal holds `auth-manager`, creates one holding
@@ -134,8 +138,11 @@ pub fn bootstrap(cat: &dyn AuthCatalog, data_dir: &Path) -> anyhow::Result<Optio
 pub fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".secret-").tempfile_in(dir)?;
-    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".secret-")
+        .tempfile_in(dir)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o600))?;
     tmp.write_all(contents.as_bytes())?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -151,31 +158,58 @@ mod tests {
     fn tokens_are_checked_hashed_revocable_and_expire() {
         let d = tempfile::tempdir().unwrap();
         let cat = SqliteCatalog::open(&d.path().join("c.db")).unwrap();
-        let p = bootstrap(&cat, d.path()).unwrap().expect("first start makes a principal");
+        let p = bootstrap(&cat, d.path())
+            .unwrap()
+            .expect("first start makes a principal");
         assert_eq!(p.role_ids, vec![ROLE_AUTH_MANAGER, ROLE_CONTENT_WRITER]);
         assert!(bootstrap(&cat, d.path()).unwrap().is_none(), "idempotent");
         use std::os::unix::fs::PermissionsExt;
         let f = d.path().join(ADMIN_TOKEN_FILE);
-        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let token = std::fs::read_to_string(&f).unwrap();
         let caller = authenticate(&cat, token.trim()).unwrap();
         assert!(caller.can(ACTION_CONTENT_WRITE) && caller.can(ACTION_AUTH_MANAGE));
         let row = cat.get_token(&caller.token_id).unwrap();
-        assert!(!token.contains(&hex::encode(&row.secret_hash)), "only the hash is stored");
+        assert!(
+            !token.contains(&hex::encode(&row.secret_hash)),
+            "only the hash is stored"
+        );
         assert!(row.last_used_at.is_some());
 
         // tampered secret, garbage, unknown id
         let mut bad = token.trim().to_string();
         let last = bad.pop().unwrap();
         bad.push(if last == '0' { '1' } else { '0' });
-        assert!(matches!(authenticate(&cat, &bad), Err(AuthError::InvalidToken)));
-        assert!(matches!(authenticate(&cat, "imgsrv_x_y"), Err(AuthError::InvalidToken)));
-        assert!(matches!(authenticate(&cat, &format!("imgsrv_{}_{}", "0".repeat(16), "0".repeat(64))), Err(AuthError::InvalidToken)));
+        assert!(matches!(
+            authenticate(&cat, &bad),
+            Err(AuthError::InvalidToken)
+        ));
+        assert!(matches!(
+            authenticate(&cat, "imgsrv_x_y"),
+            Err(AuthError::InvalidToken)
+        ));
+        assert!(matches!(
+            authenticate(
+                &cat,
+                &format!("imgsrv_{}_{}", "0".repeat(16), "0".repeat(64))
+            ),
+            Err(AuthError::InvalidToken)
+        ));
 
         cat.revoke_token(&caller.token_id).unwrap();
-        assert!(matches!(authenticate(&cat, token.trim()), Err(AuthError::InvalidToken)));
+        assert!(matches!(
+            authenticate(&cat, token.trim()),
+            Err(AuthError::InvalidToken)
+        ));
 
-        let (_, expired) = issue_token(&cat, &p.id, "old", Some("2020-01-01T00:00:00Z".into())).unwrap();
-        assert!(matches!(authenticate(&cat, &expired), Err(AuthError::InvalidToken)));
+        let (_, expired) =
+            issue_token(&cat, &p.id, "old", Some("2020-01-01T00:00:00Z".into())).unwrap();
+        assert!(matches!(
+            authenticate(&cat, &expired),
+            Err(AuthError::InvalidToken)
+        ));
     }
 }

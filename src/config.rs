@@ -145,16 +145,23 @@ impl Config {
         let doc: toml::Table = text.parse().context("not valid TOML")?;
         let (verification, warning) = verification_mode(&doc);
         let raw: RawConfig = toml::from_str(text).context("invalid configuration")?;
-        let listen_s = listen.map(str::to_string).or(raw.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen_s
-            .parse()
-            .with_context(|| format!("listen address {listen_s:?} is not IP:PORT (e.g. 0.0.0.0:8443 or [::]:8443)"))?;
+        let listen_s = listen
+            .map(str::to_string)
+            .or(raw.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_s.parse().with_context(|| {
+            format!("listen address {listen_s:?} is not IP:PORT (e.g. 0.0.0.0:8443 or [::]:8443)")
+        })?;
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { data_dir.join(p) };
         let tls_configured = raw.tls.cert.is_some() || raw.tls.key.is_some();
         if raw.tls.cert.is_some() != raw.tls.key.is_some() {
             bail!("[tls] needs both cert and key (or neither, for the generated self-signed certificate)");
         }
-        let tls_cert = resolve(raw.tls.cert.unwrap_or_else(|| PathBuf::from("tls/cert.pem")));
+        let tls_cert = resolve(
+            raw.tls
+                .cert
+                .unwrap_or_else(|| PathBuf::from("tls/cert.pem")),
+        );
         let tls_key = resolve(raw.tls.key.unwrap_or_else(|| PathBuf::from("tls/key.pem")));
         let max_connections = raw.limits.max_connections.unwrap_or(1024);
         if max_connections == 0 {
@@ -212,9 +219,18 @@ mod tests {
     fn verification_mode_fails_closed() {
         assert_eq!(mode("").0, VerificationMode::Enforce);
         assert_eq!(mode("[image_verification]").0, VerificationMode::Enforce);
-        assert_eq!(mode("[image_verification]\nmode = \"warn\"").0, VerificationMode::Warn);
-        assert_eq!(mode("[image_verification]\nmode = \"off\"").0, VerificationMode::Off);
-        assert_eq!(mode("[image_verification]\nmode = \"enforce\"").0, VerificationMode::Enforce);
+        assert_eq!(
+            mode("[image_verification]\nmode = \"warn\"").0,
+            VerificationMode::Warn
+        );
+        assert_eq!(
+            mode("[image_verification]\nmode = \"off\"").0,
+            VerificationMode::Off
+        );
+        assert_eq!(
+            mode("[image_verification]\nmode = \"enforce\"").0,
+            VerificationMode::Enforce
+        );
         for bad in [
             "[image_verification]\nmode = \"Off\"",
             "[image_verification]\nmode = \"disabled\"",
@@ -239,7 +255,10 @@ mod tests {
         let c = Config::parse(d, &default_file(), Some("127.0.0.1:9")).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:9");
         assert!(!c.tls_configured);
-        assert!(Config::parse(d, "listne = \"x\"", None).is_err(), "unknown keys are refused");
+        assert!(
+            Config::parse(d, "listne = \"x\"", None).is_err(),
+            "unknown keys are refused"
+        );
         assert!(Config::parse(d, "listen = \"nowhere\"", None).is_err());
         assert!(Config::parse(d, "[tls]\ncert = \"a.pem\"", None).is_err());
         assert!(Config::parse(d, "this is not toml", None).is_err());

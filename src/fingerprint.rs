@@ -20,7 +20,12 @@ pub fn ftype(format: &str) -> Option<&'static str> {
     }
 }
 
-fn feed(blobs: &dyn BlobStore, h: &mut Hasher, digest: &crate::digest::Digest, size: u64) -> Result<(), CasError> {
+fn feed(
+    blobs: &dyn BlobStore,
+    h: &mut Hasher,
+    digest: &crate::digest::Digest,
+    size: u64,
+) -> Result<(), CasError> {
     let mut r = blobs.open_range(digest, 0, size)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -28,12 +33,21 @@ fn feed(blobs: &dyn BlobStore, h: &mut Hasher, digest: &crate::digest::Digest, s
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CasError::Io { op: "read", path: digest.to_string(), source: e }),
+            Err(e) => {
+                return Err(CasError::Io {
+                    op: "read",
+                    path: digest.to_string(),
+                    source: e,
+                })
+            }
         };
         h.update(&buf[..n]);
     }
     if h.len() < size {
-        return Err(CasError::Truncated { expected: size, actual: h.len() });
+        return Err(CasError::Truncated {
+            expected: size,
+            actual: h.len(),
+        });
     }
     Ok(())
 }
@@ -44,8 +58,12 @@ pub fn compute(blobs: &dyn BlobStore, view: &VersionView) -> Result<Vec<Projecti
     let mut meta_state: HashMap<crate::digest::Digest, Hasher> = HashMap::new();
     let mut rows = Vec::new();
     for a in &view.artifacts {
-        let Some(ftype) = ftype(&a.artifact.format) else { continue };
-        let Some(meta) = a.attachments.iter().find(|t| t.name == INCUS_METADATA) else { continue };
+        let Some(ftype) = ftype(&a.artifact.format) else {
+            continue;
+        };
+        let Some(meta) = a.attachments.iter().find(|t| t.name == INCUS_METADATA) else {
+            continue;
+        };
         let mut h = match meta_state.get(&meta.blob_digest) {
             Some(h) => h.clone(),
             None => {
@@ -56,7 +74,12 @@ pub fn compute(blobs: &dyn BlobStore, view: &VersionView) -> Result<Vec<Projecti
             }
         };
         let before = h.len();
-        feed(blobs, &mut h, &a.artifact.primary_blob_digest, a.artifact.primary_blob_size_bytes)?;
+        feed(
+            blobs,
+            &mut h,
+            &a.artifact.primary_blob_digest,
+            a.artifact.primary_blob_size_bytes,
+        )?;
         debug_assert_eq!(h.len() - before, a.artifact.primary_blob_size_bytes);
         rows.push(ProjectionRow {
             artifact_id: a.artifact.id.clone(),

@@ -15,7 +15,8 @@ pub const SCHEMA: &str = "imgsrv.manifest.v1";
 
 /// Canonical bytes of a version's manifest.
 pub fn canonical(view: &VersionView) -> Vec<u8> {
-    let mut artifacts: Vec<&crate::catalog::ArtifactWithAttachments> = view.artifacts.iter().collect();
+    let mut artifacts: Vec<&crate::catalog::ArtifactWithAttachments> =
+        view.artifacts.iter().collect();
     artifacts.sort_by(|a, b| {
         let k = |x: &crate::catalog::ArtifactWithAttachments| {
             (
@@ -142,7 +143,9 @@ mod tests {
         let bytes = canonical(&v);
         let text = String::from_utf8(bytes.clone()).unwrap();
         assert!(!text.contains(' ') && !text.contains('\n'));
-        assert!(text.starts_with(r#"{"artifacts":[{"architecture":"x86_64","attachments":[{"digest":"sha256:2d1e"#));
+        assert!(text.starts_with(
+            r#"{"artifacts":[{"architecture":"x86_64","attachments":[{"digest":"sha256:2d1e"#
+        ));
         // qcow2 sorts before squashfs
         assert!(text.find("qcow2").unwrap() < text.find("squashfs").unwrap());
         assert!(text.contains(r#""metadata":{"os":"Debian","release":"12"}"#));
@@ -153,7 +156,11 @@ mod tests {
         w.artifacts[0].artifact.id = "other".into();
         w.version.created_at = "later".into();
         w.version.state = VersionState::Published;
-        assert_eq!(canonical(&w), bytes, "ids, times, state and order must not change the bytes");
+        assert_eq!(
+            canonical(&w),
+            bytes,
+            "ids, times, state and order must not change the bytes"
+        );
 
         let mut x = v.clone();
         x.artifacts[0].artifact.primary_blob_size_bytes += 1;

@@ -25,7 +25,11 @@ impl Doc {
         enc.write_all(&bytes).expect("writing to a Vec cannot fail");
         let gzip = enc.finish().expect("writing to a Vec cannot fail");
         let etag = format!("\"{}\"", &Digest::of(&bytes).hex()[..32]);
-        Doc { bytes: bytes.into(), gzip: gzip.into(), etag }
+        Doc {
+            bytes: bytes.into(),
+            gzip: gzip.into(),
+            etag,
+        }
     }
 }
 
@@ -61,11 +65,18 @@ impl StreamsCache {
         let entries = cat.projection_entries()?;
         let aliases = cat.all_aliases()?;
         let (index, images) = build(&entries, &aliases);
-        let s = Arc::new(Streams { generation, index: Doc::new(index), images: Doc::new(images) });
+        let s = Arc::new(Streams {
+            generation,
+            index: Doc::new(index),
+            images: Doc::new(images),
+        });
         if let Ok(mut c) = self.current.write() {
             *c = Some(s.clone());
         }
-        log::info!("simplestreams projection rebuilt (generation {generation}, {} artifacts)", entries.len());
+        log::info!(
+            "simplestreams projection rebuilt (generation {generation}, {} artifacts)",
+            entries.len()
+        );
         Ok(s)
     }
 }
@@ -103,7 +114,10 @@ pub fn serial(version: &str, published_at: &str) -> String {
         return version.to_string();
     }
     match chrono::DateTime::parse_from_rfc3339(published_at) {
-        Ok(t) => t.with_timezone(&chrono::Utc).format("%Y%m%d_%H%M%S").to_string(),
+        Ok(t) => t
+            .with_timezone(&chrono::Utc)
+            .format("%Y%m%d_%H%M%S")
+            .to_string(),
         Err(_) => format!("19700101_{version}"),
     }
 }
@@ -112,7 +126,12 @@ pub fn download_path(image: &str, version: &str, artifact_id: &str) -> String {
     format!("v1/images/{image}/versions/{version}/artifacts/{artifact_id}/download")
 }
 
-pub fn attachment_path(image: &str, version: &str, artifact_id: &str, attachment_id: &str) -> String {
+pub fn attachment_path(
+    image: &str,
+    version: &str,
+    artifact_id: &str,
+    attachment_id: &str,
+) -> String {
     format!("v1/images/{image}/versions/{version}/artifacts/{artifact_id}/attachments/{attachment_id}/download")
 }
 
@@ -126,11 +145,16 @@ struct Product<'a> {
 }
 
 fn lc(s: &str) -> String {
-    s.to_lowercase().replace(|c: char| c.is_whitespace() || c == ',' || c == '/', "-")
+    s.to_lowercase()
+        .replace(|c: char| c.is_whitespace() || c == ',' || c == '/', "-")
 }
 
 fn meta<'a>(e: &'a ProjectionEntry, key: &str) -> Option<&'a str> {
-    e.version.metadata.get(key).map(String::as_str).filter(|s| !s.is_empty())
+    e.version
+        .metadata
+        .get(key)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 fn os_of(e: &ProjectionEntry) -> &str {
@@ -173,7 +197,9 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
     let mut products: Vec<Product> = products.into_values().collect();
     // newest first: what Incus would prefer, and the order in which
     // duplicate fingerprints are resolved (the newest keeps it)
-    products.sort_by(|a, b| (&b.serial, b.published_at, &a.key).cmp(&(&a.serial, a.published_at, &b.key)));
+    products.sort_by(|a, b| {
+        (&b.serial, b.published_at, &a.key).cmp(&(&a.serial, a.published_at, &b.key))
+    });
 
     // every fingerprint appears once in the whole stream
     let mut seen: HashSet<Digest> = HashSet::new();
@@ -197,7 +223,10 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
     // movable aliases by version id
     let mut by_version: HashMap<&str, Vec<&str>> = HashMap::new();
     for (_, a) in aliases {
-        by_version.entry(a.version_id.as_str()).or_default().push(a.alias.as_str());
+        by_version
+            .entry(a.version_id.as_str())
+            .or_default()
+            .push(a.alias.as_str());
     }
     // newest product per (image, variant, arch, kind) and per distro key
     let mut newest_image: HashSet<(String, String, String, &str)> = HashSet::new();
@@ -209,13 +238,24 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
         for a in by_version.get(e.version.id.as_str()).into_iter().flatten() {
             p.aliases.insert(format!("{image}/{a}"));
         }
-        let (os, release, variant, arch) = (lc(os_of(e)), lc(release_of(e)), e.artifact.variant.clone(), e.artifact.architecture.clone());
+        let (os, release, variant, arch) = (
+            lc(os_of(e)),
+            lc(release_of(e)),
+            e.artifact.variant.clone(),
+            e.artifact.architecture.clone(),
+        );
         for r in &p.roots {
             let k = kind(&r.ftype);
             if newest_image.insert((image.clone(), variant.clone(), arch.clone(), k)) {
                 p.aliases.insert(image.clone());
             }
-            if newest_distro.insert((os.clone(), release.clone(), variant.clone(), arch.clone(), k)) {
+            if newest_distro.insert((
+                os.clone(),
+                release.clone(),
+                variant.clone(),
+                arch.clone(),
+                k,
+            )) {
                 p.aliases.insert(format!("{os}/{release}/{variant}"));
                 if variant == "default" {
                     p.aliases.insert(format!("{os}/{release}"));
@@ -231,7 +271,9 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
         // one metadata item per distinct metadata tarball, for Incus and LXD
         let mut metas: BTreeMap<Digest, (&ProjectionEntry, Map<String, Value>)> = BTreeMap::new();
         for r in &p.roots {
-            let m = metas.entry(r.metadata.blob_digest).or_insert_with(|| (*r, Map::new()));
+            let m = metas
+                .entry(r.metadata.blob_digest)
+                .or_insert_with(|| (*r, Map::new()));
             for f in combined_fields(&r.ftype) {
                 m.1.insert((*f).to_string(), Value::String(r.combined_sha256.hex()));
             }
@@ -246,13 +288,22 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
             );
         }
         for (i, (_, (owner, combined))) in metas.iter().enumerate() {
-            let suffix = if i == 0 { String::new() } else { format!(".{}", i + 1) };
+            let suffix = if i == 0 {
+                String::new()
+            } else {
+                format!(".{}", i + 1)
+            };
             for ftype in ["incus.tar.xz", "lxd.tar.xz"] {
                 let mut item = Map::new();
                 item.insert("ftype".into(), json!(ftype));
                 item.insert(
                     "path".into(),
-                    json!(attachment_path(&owner.image.name, &owner.version.version, &owner.artifact.id, &owner.metadata.id)),
+                    json!(attachment_path(
+                        &owner.image.name,
+                        &owner.version.version,
+                        &owner.artifact.id,
+                        &owner.metadata.id
+                    )),
                 );
                 item.insert("size".into(), json!(owner.metadata.blob_size_bytes));
                 item.insert("sha256".into(), json!(owner.metadata.blob_digest.hex()));
@@ -264,16 +315,25 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
             .version
             .metadata
             .iter()
-            .filter_map(|(k, v)| k.strip_prefix("requirements.").map(|r| (r.to_string(), Value::String(v.clone()))))
+            .filter_map(|(k, v)| {
+                k.strip_prefix("requirements.")
+                    .map(|r| (r.to_string(), Value::String(v.clone())))
+            })
             .collect();
         let os = os_of(e);
         let release = release_of(e);
         let mut product = Map::new();
-        product.insert("aliases".into(), json!(p.aliases.iter().cloned().collect::<Vec<_>>().join(",")));
+        product.insert(
+            "aliases".into(),
+            json!(p.aliases.iter().cloned().collect::<Vec<_>>().join(",")),
+        );
         product.insert("arch".into(), json!(e.artifact.architecture));
         product.insert("os".into(), json!(os));
         product.insert("release".into(), json!(release));
-        product.insert("release_title".into(), json!(meta(e, "release_title").unwrap_or(release)));
+        product.insert(
+            "release_title".into(),
+            json!(meta(e, "release_title").unwrap_or(release)),
+        );
         if let Some(c) = meta(e, "release_codename") {
             product.insert("release_codename".into(), json!(c));
         }
@@ -285,7 +345,10 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
         if let Some(l) = meta(e, "label") {
             version.insert("label".into(), json!(l));
         }
-        product.insert("versions".into(), json!({ p.serial.clone(): Value::Object(version) }));
+        product.insert(
+            "versions".into(),
+            json!({ p.serial.clone(): Value::Object(version) }),
+        );
         out_products.insert(p.key.clone(), Value::Object(product));
     }
 

@@ -25,13 +25,20 @@ struct Resp {
 
 impl Resp {
     fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     fn header(&self, k: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.as_str())
     }
     fn detail(&self) -> String {
-        self.json()["detail"].as_str().unwrap_or_default().to_string()
+        self.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 
@@ -40,7 +47,10 @@ fn env_with(config: &str) -> Env {
     app::init(dir.path(), &[]).unwrap();
     std::fs::write(dir.path().join("imgsrv.toml"), config).unwrap();
     let app = App::open(Config::load(dir.path(), None).unwrap()).unwrap();
-    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(dir.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
     Env { dir, app, token }
 }
 
@@ -49,7 +59,15 @@ fn env() -> Env {
 }
 
 impl Env {
-    fn call_full(&self, method: &str, path: &str, token: Option<&str>, body: &[u8], extra: &[(&str, &str)], secure: bool) -> Resp {
+    fn call_full(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &[u8],
+        extra: &[(&str, &str)],
+        secure: bool,
+    ) -> Resp {
         let auth = token.map(|t| format!("Bearer {t}"));
         let mut headers: Vec<(&str, &str)> = extra.to_vec();
         if let Some(a) = &auth {
@@ -60,11 +78,23 @@ impl Env {
         let r = handle(&self.app, &mut req);
         let status = r.status;
         let headers = r.headers.clone();
-        let body = if method == "HEAD" { Vec::new() } else { r.body_bytes() };
-        Resp { status, headers, body }
+        let body = if method == "HEAD" {
+            Vec::new()
+        } else {
+            r.body_bytes()
+        };
+        Resp {
+            status,
+            headers,
+            body,
+        }
     }
     fn call(&self, method: &str, path: &str, body: Value) -> Resp {
-        let b = if body.is_null() { Vec::new() } else { serde_json::to_vec(&body).unwrap() };
+        let b = if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&body).unwrap()
+        };
         self.call_full(method, path, Some(&self.token), &b, &[], true)
     }
     fn anon(&self, method: &str, path: &str) -> Resp {
@@ -74,17 +104,37 @@ impl Env {
     /// Uploads bytes through a single-part session; returns the digest.
     fn upload(&self, data: &[u8]) -> Digest {
         let d = Digest::of(data);
-        let r = self.call("POST", "/v1/uploads", json!({"expected_digest": d.to_string(), "expected_size_bytes": data.len()}));
-        assert!(r.status == 201 || r.status == 200, "{} {}", r.status, String::from_utf8_lossy(&r.body));
+        let r = self.call(
+            "POST",
+            "/v1/uploads",
+            json!({"expected_digest": d.to_string(), "expected_size_bytes": data.len()}),
+        );
+        assert!(
+            r.status == 201 || r.status == 200,
+            "{} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
         let s = r.json();
         if s["state"] == "ready" {
             return d;
         }
         let id = s["id"].as_str().unwrap().to_string();
-        let p = self.call_full("PUT", &format!("/v1/uploads/{id}/parts/1"), Some(&self.token), data, &[], true);
+        let p = self.call_full(
+            "PUT",
+            &format!("/v1/uploads/{id}/parts/1"),
+            Some(&self.token),
+            data,
+            &[],
+            true,
+        );
         assert_eq!(p.status, 200, "{}", String::from_utf8_lossy(&p.body));
         let etag = p.json()["etag"].as_str().unwrap().to_string();
-        let c = self.call("POST", &format!("/v1/uploads/{id}/complete"), json!({"parts": [{"number": 1, "etag": etag, "size_bytes": data.len()}]}));
+        let c = self.call(
+            "POST",
+            &format!("/v1/uploads/{id}/complete"),
+            json!({"parts": [{"number": 1, "etag": etag, "size_bytes": data.len()}]}),
+        );
         assert_eq!(c.status, 200, "{}", String::from_utf8_lossy(&c.body));
         assert_eq!(c.json()["state"], "ready");
         d
@@ -128,17 +178,29 @@ impl Env {
             Some(s) => json!({ "signature": s }),
             None => json!({}),
         };
-        self.call("POST", &format!("/v1/images/{name}/versions/{ver}/publish"), body)
+        self.call(
+            "POST",
+            &format!("/v1/images/{name}/versions/{ver}/publish"),
+            body,
+        )
     }
 
     fn manifest(&self, name: &str, ver: &str) -> Vec<u8> {
-        let r = self.call("GET", &format!("/v1/images/{name}/versions/{ver}/manifest"), Value::Null);
+        let r = self.call(
+            "GET",
+            &format!("/v1/images/{name}/versions/{ver}/manifest"),
+            Value::Null,
+        );
         assert_eq!(r.status, 200);
         r.body
     }
 
     fn state(&self, name: &str, ver: &str) -> String {
-        let r = self.call("GET", &format!("/v1/images/{name}/versions/{ver}"), Value::Null);
+        let r = self.call(
+            "GET",
+            &format!("/v1/images/{name}/versions/{ver}"),
+            Value::Null,
+        );
         r.json()["version"]["state"].as_str().unwrap().to_string()
     }
 
@@ -160,9 +222,23 @@ fn keypair() -> Key {
     let dir = tempfile::tempdir().unwrap();
     let public = dir.path().join("k.pub");
     let secret = dir.path().join("k.key");
-    let out = Command::new("minisign").args(["-G", "-W", "-p"]).arg(&public).arg("-s").arg(&secret).output().expect("minisign CLI installed");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    Key { _dir: dir, public, secret }
+    let out = Command::new("minisign")
+        .args(["-G", "-W", "-p"])
+        .arg(&public)
+        .arg("-s")
+        .arg(&secret)
+        .output()
+        .expect("minisign CLI installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Key {
+        _dir: dir,
+        public,
+        secret,
+    }
 }
 
 /// Signs `data` with the stock `minisign -S`, returning the .minisig text.
@@ -170,8 +246,21 @@ fn minisign_sign(key: &Key, data: &[u8]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("manifest.json");
     std::fs::write(&f, data).unwrap();
-    let out = Command::new("minisign").arg("-S").arg("-s").arg(&key.secret).arg("-m").arg(&f).arg("-t").arg("imgsrv test").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("minisign")
+        .arg("-S")
+        .arg("-s")
+        .arg(&key.secret)
+        .arg("-m")
+        .arg(&f)
+        .arg("-t")
+        .arg("imgsrv test")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read_to_string(dir.path().join("manifest.json.minisig")).unwrap()
 }
 
@@ -193,31 +282,61 @@ fn signed_publish_projects_incus_fingerprints_and_serves_downloads() {
     e.draft("demo", "20250101_0000", META, Some(ROOT), Some(DISK));
 
     // drafts are invisible to anonymous callers
-    assert_eq!(e.anon("GET", "/v1/images/demo/versions/20250101_0000").status, 404);
-    assert_eq!(e.anon("GET", "/v1/images/demo/versions/20250101_0000/manifest").status, 404);
+    assert_eq!(
+        e.anon("GET", "/v1/images/demo/versions/20250101_0000")
+            .status,
+        404
+    );
+    assert_eq!(
+        e.anon("GET", "/v1/images/demo/versions/20250101_0000/manifest")
+            .status,
+        404
+    );
     assert_eq!(e.images_json()["products"].as_object().unwrap().len(), 0);
 
     let manifest = e.manifest("demo", "20250101_0000");
-    let r = e.publish("demo", "20250101_0000", Some(minisign_sign(&key, &manifest)));
+    let r = e.publish(
+        "demo",
+        "20250101_0000",
+        Some(minisign_sign(&key, &manifest)),
+    );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let p = r.json();
     assert_eq!(p["verification"], "verified");
     assert_eq!(p["signer_key_name"], "release");
     assert_eq!(p["manifest_digest"], Digest::of(&manifest).to_string());
-    let mut fps: Vec<&str> = p["fingerprints"].as_array().unwrap().iter().map(|f| f["fingerprint"].as_str().unwrap()).collect();
+    let mut fps: Vec<&str> = p["fingerprints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["fingerprint"].as_str().unwrap())
+        .collect();
     fps.sort();
     assert_eq!(fps, [FP_CONTAINER, FP_VM]);
 
     // the published manifest and signature stay readable and verify with minisign -V
     let m2 = e.anon("GET", "/v1/images/demo/versions/20250101_0000/manifest");
     assert_eq!(m2.body, manifest);
-    let sig = e.anon("GET", "/v1/images/demo/versions/20250101_0000/manifest.minisig");
+    let sig = e.anon(
+        "GET",
+        "/v1/images/demo/versions/20250101_0000/manifest.minisig",
+    );
     assert_eq!(sig.status, 200);
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("m.json"), &m2.body).unwrap();
     std::fs::write(d.path().join("m.json.minisig"), &sig.body).unwrap();
-    let out = Command::new("minisign").args(["-V", "-H", "-p"]).arg(&key.public).arg("-m").arg(d.path().join("m.json")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("minisign")
+        .args(["-V", "-H", "-p"])
+        .arg(&key.public)
+        .arg("-m")
+        .arg(d.path().join("m.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // simplestreams
     let ij = e.images_json();
@@ -226,14 +345,27 @@ fn signed_publish_projects_incus_fingerprints_and_serves_downloads() {
     let (key_name, prod) = products.iter().next().unwrap();
     assert!(key_name.starts_with("demo:20250101_0000:"));
     let aliases: Vec<&str> = prod["aliases"].as_str().unwrap().split(',').collect();
-    for a in ["demo/20250101_0000", "demo", "debian/bookworm/default", "debian/bookworm"] {
+    for a in [
+        "demo/20250101_0000",
+        "demo",
+        "debian/bookworm/default",
+        "debian/bookworm",
+    ] {
         assert!(aliases.contains(&a), "{a} missing from {aliases:?}");
     }
     assert_eq!(prod["arch"], "x86_64");
-    let items = prod["versions"]["20250101_0000"]["items"].as_object().unwrap();
-    assert_eq!(items["incus.tar.xz"]["combined_squashfs_sha256"], FP_CONTAINER);
+    let items = prod["versions"]["20250101_0000"]["items"]
+        .as_object()
+        .unwrap();
+    assert_eq!(
+        items["incus.tar.xz"]["combined_squashfs_sha256"],
+        FP_CONTAINER
+    );
     assert_eq!(items["incus.tar.xz"]["combined_disk-kvm-img_sha256"], FP_VM);
-    assert_eq!(items["lxd.tar.xz"]["combined_squashfs_sha256"], FP_CONTAINER);
+    assert_eq!(
+        items["lxd.tar.xz"]["combined_squashfs_sha256"],
+        FP_CONTAINER
+    );
     assert_eq!(items["lxd.tar.xz"]["path"], items["incus.tar.xz"]["path"]);
     assert_eq!(items["root.squashfs"]["ftype"], "squashfs");
     assert_eq!(items["root.squashfs"]["size"], 4);
@@ -246,22 +378,47 @@ fn signed_publish_projects_incus_fingerprints_and_serves_downloads() {
     let meta_path = format!("/{}", items["incus.tar.xz"]["path"].as_str().unwrap());
     let full = e.anon("GET", &root_path);
     assert_eq!((full.status, full.body.as_slice()), (200, ROOT));
-    assert_eq!(full.header("etag").unwrap(), format!("\"{}\"", Digest::of(ROOT)));
+    assert_eq!(
+        full.header("etag").unwrap(),
+        format!("\"{}\"", Digest::of(ROOT))
+    );
     assert_eq!(e.anon("GET", &meta_path).body, META);
     let plain = e.call_full("GET", &root_path, None, &[], &[], false);
     assert_eq!((plain.status, plain.body.as_slice()), (200, ROOT));
     let head = e.anon("HEAD", &root_path);
     assert_eq!(head.status, 200);
-    let range = e.call_full("GET", &root_path, None, &[], &[("range", "bytes=1-2")], true);
+    let range = e.call_full(
+        "GET",
+        &root_path,
+        None,
+        &[],
+        &[("range", "bytes=1-2")],
+        true,
+    );
     assert_eq!((range.status, range.body.as_slice()), (206, &b"OO"[..]));
     assert_eq!(range.header("content-range"), Some("bytes 1-2/4"));
     let bad = e.call_full("GET", &root_path, None, &[], &[("range", "bytes=9-")], true);
     assert_eq!(bad.status, 416);
     assert_eq!(bad.header("content-range"), Some("bytes */4"));
     let etag = full.header("etag").unwrap().to_string();
-    assert_eq!(e.call_full("GET", &root_path, None, &[], &[("if-none-match", &etag)], true).status, 304);
+    assert_eq!(
+        e.call_full(
+            "GET",
+            &root_path,
+            None,
+            &[],
+            &[("if-none-match", &etag)],
+            true
+        )
+        .status,
+        304
+    );
     // the blob route serves published blobs anonymously
-    assert_eq!(e.anon("GET", &format!("/v1/blobs/{}", Digest::of(ROOT))).body, ROOT);
+    assert_eq!(
+        e.anon("GET", &format!("/v1/blobs/{}", Digest::of(ROOT)))
+            .body,
+        ROOT
+    );
 }
 
 #[test]
@@ -276,9 +433,17 @@ fn enforce_refuses_unsigned_wrong_and_unknown_key_and_keeps_the_draft() {
     let r = e.publish("demo", "20250101_0000", None);
     assert_eq!(r.status, 412);
     assert!(r.detail().contains("no signature"), "{}", r.detail());
-    let r = e.publish("demo", "20250101_0000", Some(minisign_sign(&key, b"some other bytes")));
+    let r = e.publish(
+        "demo",
+        "20250101_0000",
+        Some(minisign_sign(&key, b"some other bytes")),
+    );
     assert_eq!(r.status, 412);
-    let r = e.publish("demo", "20250101_0000", Some(minisign_sign(&stranger, &manifest)));
+    let r = e.publish(
+        "demo",
+        "20250101_0000",
+        Some(minisign_sign(&stranger, &manifest)),
+    );
     assert_eq!(r.status, 412);
     assert!(r.detail().to_lowercase().contains("key"), "{}", r.detail());
     let r = e.publish("demo", "20250101_0000", Some("garbage".into()));
@@ -295,15 +460,35 @@ fn enforce_refuses_unsigned_wrong_and_unknown_key_and_keeps_the_draft() {
                "primary_blob_digest": d.to_string(), "primary_blob_size_bytes": 4, "primary_media_type": "application/x-qemu-disk"}),
     );
     assert_eq!(a.status, 201);
-    assert_eq!(e.publish("demo", "20250101_0000", Some(minisign_sign(&key, &manifest))).status, 412);
+    assert_eq!(
+        e.publish(
+            "demo",
+            "20250101_0000",
+            Some(minisign_sign(&key, &manifest))
+        )
+        .status,
+        412
+    );
     assert_eq!(e.state("demo", "20250101_0000"), "draft");
 
     let manifest = e.manifest("demo", "20250101_0000");
-    let r = e.publish("demo", "20250101_0000", Some(minisign_sign(&key, &manifest)));
+    let r = e.publish(
+        "demo",
+        "20250101_0000",
+        Some(minisign_sign(&key, &manifest)),
+    );
     assert_eq!(r.status, 200, "{}", r.detail());
     assert_eq!(e.state("demo", "20250101_0000"), "published");
     // published is forever
-    assert_eq!(e.publish("demo", "20250101_0000", Some(minisign_sign(&key, &manifest))).status, 412);
+    assert_eq!(
+        e.publish(
+            "demo",
+            "20250101_0000",
+            Some(minisign_sign(&key, &manifest))
+        )
+        .status,
+        412
+    );
 }
 
 #[test]
@@ -319,10 +504,18 @@ fn verification_mode_comes_only_from_the_config_file_and_fails_closed() {
     let r = off.publish("demo", "20250101_0000", None);
     assert_eq!(r.json()["verification"], "skipped");
 
-    for unreadable in ["[image_verification]\nmode = \"of\"\n", "[image_verification]\nmode = false\n", "image_verification = 1\n"] {
+    for unreadable in [
+        "[image_verification]\nmode = \"of\"\n",
+        "[image_verification]\nmode = false\n",
+        "image_verification = 1\n",
+    ] {
         let e = env_with(unreadable);
         e.draft("demo", "20250101_0000", META, Some(ROOT), None);
-        assert_eq!(e.publish("demo", "20250101_0000", None).status, 412, "{unreadable}");
+        assert_eq!(
+            e.publish("demo", "20250101_0000", None).status,
+            412,
+            "{unreadable}"
+        );
         assert_eq!(e.state("demo", "20250101_0000"), "draft");
     }
 }
@@ -332,9 +525,17 @@ fn published_versions_are_immutable_through_the_api_and_in_sqlite() {
     let e = env_with("[image_verification]\nmode = \"off\"\n");
     e.draft("demo", "20250101_0000", META, Some(ROOT), None);
     assert_eq!(e.publish("demo", "20250101_0000", None).status, 200);
-    let view = e.call("GET", "/v1/images/demo/versions/20250101_0000", Value::Null).json();
-    let art = view["artifacts"][0]["artifact"]["id"].as_str().unwrap().to_string();
-    let att = view["artifacts"][0]["attachments"][0]["id"].as_str().unwrap().to_string();
+    let view = e
+        .call("GET", "/v1/images/demo/versions/20250101_0000", Value::Null)
+        .json();
+    let art = view["artifacts"][0]["artifact"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let att = view["artifacts"][0]["attachments"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let d = e.upload(DISK);
     let add = e.call(
         "POST",
@@ -343,9 +544,22 @@ fn published_versions_are_immutable_through_the_api_and_in_sqlite() {
                "primary_blob_digest": d.to_string(), "primary_blob_size_bytes": 4, "primary_media_type": "x"}),
     );
     assert_eq!(add.status, 412);
-    assert_eq!(e.call("DELETE", &format!("/v1/images/demo/versions/20250101_0000/artifacts/{art}"), Value::Null).status, 412);
     assert_eq!(
-        e.call("DELETE", &format!("/v1/images/demo/versions/20250101_0000/artifacts/{art}/attachments/{att}"), Value::Null).status,
+        e.call(
+            "DELETE",
+            &format!("/v1/images/demo/versions/20250101_0000/artifacts/{art}"),
+            Value::Null
+        )
+        .status,
+        412
+    );
+    assert_eq!(
+        e.call(
+            "DELETE",
+            &format!("/v1/images/demo/versions/20250101_0000/artifacts/{art}/attachments/{att}"),
+            Value::Null
+        )
+        .status,
         412
     );
     let before = e.manifest("demo", "20250101_0000");
@@ -358,7 +572,10 @@ fn published_versions_are_immutable_through_the_api_and_in_sqlite() {
         "UPDATE image_versions SET version = 'x'".to_string(),
         "DELETE FROM image_versions".to_string(),
         "UPDATE release_artifacts SET primary_blob_size_bytes = 5".to_string(),
-        format!("UPDATE release_artifacts SET primary_blob_digest = '{}'", Digest::of(DISK)),
+        format!(
+            "UPDATE release_artifacts SET primary_blob_digest = '{}'",
+            Digest::of(DISK)
+        ),
         "DELETE FROM release_artifacts".to_string(),
         "UPDATE artifact_attachments SET name = 'x'".to_string(),
         "DELETE FROM artifact_attachments".to_string(),
@@ -367,16 +584,26 @@ fn published_versions_are_immutable_through_the_api_and_in_sqlite() {
         "INSERT INTO version_metadata SELECT id, 'new', 'x' FROM image_versions".to_string(),
         "UPDATE publish_records SET signature = 'x'".to_string(),
         "DELETE FROM publish_records".to_string(),
-        "UPDATE incus_projection SET combined_sha256 = substr(combined_sha256, 2) || '0'".to_string(),
+        "UPDATE incus_projection SET combined_sha256 = substr(combined_sha256, 2) || '0'"
+            .to_string(),
         "DELETE FROM incus_projection".to_string(),
         format!("DELETE FROM cas_blobs WHERE digest = '{root}'"),
         "UPDATE cas_blobs SET size_bytes = 1".to_string(),
         "UPDATE images SET name = 'other'".to_string(),
         "DELETE FROM images".to_string(),
     ] {
-        let out = Command::new("sqlite3").arg(&db).arg(&sql).output().expect("sqlite3 CLI installed");
+        let out = Command::new("sqlite3")
+            .arg(&db)
+            .arg(&sql)
+            .output()
+            .expect("sqlite3 CLI installed");
         assert!(!out.status.success(), "sqlite3 accepted: {sql}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("immutable") || String::from_utf8_lossy(&out.stderr).contains("precondition"), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("immutable")
+                || String::from_utf8_lossy(&out.stderr).contains("precondition"),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert_eq!(e.manifest("demo", "20250101_0000"), before);
     assert_eq!(e.state("demo", "20250101_0000"), "published");
@@ -387,52 +614,187 @@ fn uploads_refuse_bad_input_and_store_nothing() {
     let e = env();
     let d = Digest::of(b"hello world");
     // wrong bytes for the declared digest
-    let s = e.call("POST", "/v1/uploads", json!({"expected_digest": d.to_string(), "expected_size_bytes": 11})).json();
+    let s = e
+        .call(
+            "POST",
+            "/v1/uploads",
+            json!({"expected_digest": d.to_string(), "expected_size_bytes": 11}),
+        )
+        .json();
     let id = s["id"].as_str().unwrap();
-    let p = e.call_full("PUT", &format!("/v1/uploads/{id}/parts/1"), Some(&e.token), b"hello WORLD", &[], true).json();
-    let c = e.call("POST", &format!("/v1/uploads/{id}/complete"), json!({"parts": [{"number": 1, "etag": p["etag"], "size_bytes": 11}]}));
+    let p = e
+        .call_full(
+            "PUT",
+            &format!("/v1/uploads/{id}/parts/1"),
+            Some(&e.token),
+            b"hello WORLD",
+            &[],
+            true,
+        )
+        .json();
+    let c = e.call(
+        "POST",
+        &format!("/v1/uploads/{id}/complete"),
+        json!({"parts": [{"number": 1, "etag": p["etag"], "size_bytes": 11}]}),
+    );
     assert_eq!(c.status, 412);
-    assert_eq!(e.call("GET", &format!("/v1/uploads/{id}"), Value::Null).json()["state"], "failed");
-    assert_eq!(e.call("GET", &format!("/v1/blobs/{d}"), Value::Null).status, 404);
+    assert_eq!(
+        e.call("GET", &format!("/v1/uploads/{id}"), Value::Null)
+            .json()["state"],
+        "failed"
+    );
+    assert_eq!(
+        e.call("GET", &format!("/v1/blobs/{d}"), Value::Null).status,
+        404
+    );
     assert!(!e.dir.path().join(d.cas_path()).exists());
 
     // truncated body: Content-Length says more than arrives
-    let s = e.call("POST", "/v1/uploads", json!({"expected_digest": d.to_string(), "expected_size_bytes": 11})).json();
+    let s = e
+        .call(
+            "POST",
+            "/v1/uploads",
+            json!({"expected_digest": d.to_string(), "expected_size_bytes": 11}),
+        )
+        .json();
     let id = s["id"].as_str().unwrap().to_string();
-    let mut req = Request::for_test("PUT", &format!("/v1/uploads/{id}/parts/1"), &[("authorization", &format!("Bearer {}", e.token))], b"hello".to_vec());
+    let mut req = Request::for_test(
+        "PUT",
+        &format!("/v1/uploads/{id}/parts/1"),
+        &[("authorization", &format!("Bearer {}", e.token))],
+        b"hello".to_vec(),
+    );
     req.content_length = Some(11);
     let r = handle(&e.app, &mut req);
     assert_eq!(r.status, 400);
     // parts that do not add up
-    let p = e.call_full("PUT", &format!("/v1/uploads/{id}/parts/1"), Some(&e.token), b"hello", &[], true).json();
-    let c = e.call("POST", &format!("/v1/uploads/{id}/complete"), json!({"parts": [{"number": 1, "etag": p["etag"], "size_bytes": 5}]}));
+    let p = e
+        .call_full(
+            "PUT",
+            &format!("/v1/uploads/{id}/parts/1"),
+            Some(&e.token),
+            b"hello",
+            &[],
+            true,
+        )
+        .json();
+    let c = e.call(
+        "POST",
+        &format!("/v1/uploads/{id}/complete"),
+        json!({"parts": [{"number": 1, "etag": p["etag"], "size_bytes": 5}]}),
+    );
     assert_eq!(c.status, 412);
     // a part list that does not match what was uploaded
-    let s = e.call("POST", "/v1/uploads", json!({"expected_digest": d.to_string(), "expected_size_bytes": 11})).json();
+    let s = e
+        .call(
+            "POST",
+            "/v1/uploads",
+            json!({"expected_digest": d.to_string(), "expected_size_bytes": 11}),
+        )
+        .json();
     let id = s["id"].as_str().unwrap().to_string();
-    e.call_full("PUT", &format!("/v1/uploads/{id}/parts/1"), Some(&e.token), b"hello ", &[], true);
-    let p2 = e.call_full("PUT", &format!("/v1/uploads/{id}/parts/2"), Some(&e.token), b"world", &[], true).json();
+    e.call_full(
+        "PUT",
+        &format!("/v1/uploads/{id}/parts/1"),
+        Some(&e.token),
+        b"hello ",
+        &[],
+        true,
+    );
+    let p2 = e
+        .call_full(
+            "PUT",
+            &format!("/v1/uploads/{id}/parts/2"),
+            Some(&e.token),
+            b"world",
+            &[],
+            true,
+        )
+        .json();
     let c = e.call("POST", &format!("/v1/uploads/{id}/complete"), json!({"parts": [{"number": 1, "etag": p2["etag"], "size_bytes": 6}, {"number": 2, "etag": p2["etag"], "size_bytes": 5}]}));
     assert_eq!(c.status, 400);
     // re-sending a part replaces it; then a two-part upload completes
-    e.call_full("PUT", &format!("/v1/uploads/{id}/parts/1"), Some(&e.token), b"HELLO ", &[], true);
-    let p1 = e.call_full("PUT", &format!("/v1/uploads/{id}/parts/1"), Some(&e.token), b"hello ", &[], true).json();
+    e.call_full(
+        "PUT",
+        &format!("/v1/uploads/{id}/parts/1"),
+        Some(&e.token),
+        b"HELLO ",
+        &[],
+        true,
+    );
+    let p1 = e
+        .call_full(
+            "PUT",
+            &format!("/v1/uploads/{id}/parts/1"),
+            Some(&e.token),
+            b"hello ",
+            &[],
+            true,
+        )
+        .json();
     let c = e.call("POST", &format!("/v1/uploads/{id}/complete"), json!({"parts": [{"number": 1, "etag": p1["etag"], "size_bytes": 6}, {"number": 2, "etag": p2["etag"], "size_bytes": 5}]}));
     assert_eq!(c.status, 200, "{}", c.detail());
-    assert_eq!(std::fs::read(e.dir.path().join(d.cas_path())).unwrap(), b"hello world");
+    assert_eq!(
+        std::fs::read(e.dir.path().join(d.cas_path())).unwrap(),
+        b"hello world"
+    );
     // completing again returns the ready session
-    assert_eq!(e.call("POST", &format!("/v1/uploads/{id}/complete"), json!({"parts": []})).json()["state"], "ready");
+    assert_eq!(
+        e.call(
+            "POST",
+            &format!("/v1/uploads/{id}/complete"),
+            json!({"parts": []})
+        )
+        .json()["state"],
+        "ready"
+    );
     // a known digest short-circuits; the same digest with another size is refused
-    let r = e.call("POST", "/v1/uploads", json!({"expected_digest": d.to_string(), "expected_size_bytes": 11}));
+    let r = e.call(
+        "POST",
+        "/v1/uploads",
+        json!({"expected_digest": d.to_string(), "expected_size_bytes": 11}),
+    );
     assert_eq!((r.status, r.json()["state"].as_str()), (200, Some("ready")));
-    assert_eq!(e.call("POST", "/v1/uploads", json!({"expected_digest": d.to_string(), "expected_size_bytes": 12})).status, 412);
+    assert_eq!(
+        e.call(
+            "POST",
+            "/v1/uploads",
+            json!({"expected_digest": d.to_string(), "expected_size_bytes": 12})
+        )
+        .status,
+        412
+    );
     // abort
-    let s = e.call("POST", "/v1/uploads", json!({"expected_digest": Digest::of(b"x").to_string(), "expected_size_bytes": 1})).json();
+    let s = e
+        .call(
+            "POST",
+            "/v1/uploads",
+            json!({"expected_digest": Digest::of(b"x").to_string(), "expected_size_bytes": 1}),
+        )
+        .json();
     let id = s["id"].as_str().unwrap();
-    assert_eq!(e.call("POST", &format!("/v1/uploads/{id}/abort"), Value::Null).json()["state"], "aborted");
-    assert_eq!(e.call_full("PUT", &format!("/v1/uploads/{id}/parts/1"), Some(&e.token), b"x", &[], true).status, 412);
+    assert_eq!(
+        e.call("POST", &format!("/v1/uploads/{id}/abort"), Value::Null)
+            .json()["state"],
+        "aborted"
+    );
+    assert_eq!(
+        e.call_full(
+            "PUT",
+            &format!("/v1/uploads/{id}/parts/1"),
+            Some(&e.token),
+            b"x",
+            &[],
+            true
+        )
+        .status,
+        412
+    );
     // nothing half-written is left in tmp/
-    assert_eq!(std::fs::read_dir(e.dir.path().join("tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(e.dir.path().join("tmp")).unwrap().count(),
+        0
+    );
 }
 
 #[test]
@@ -449,11 +811,29 @@ fn malformed_requests_get_clear_errors() {
     let r = bad(b"{bad");
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     assert_eq!(r.json()["status"], 400);
-    assert_eq!(e.call("POST", "/v1/uploads", json!({"expected_digest": "sha256:XYZ", "expected_size_bytes": 1})).status, 400);
-    assert_eq!(e.call("GET", "/v1/blobs/sha256:..%2F..%2Fetc", Value::Null).status, 400);
+    assert_eq!(
+        e.call(
+            "POST",
+            "/v1/uploads",
+            json!({"expected_digest": "sha256:XYZ", "expected_size_bytes": 1})
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        e.call("GET", "/v1/blobs/sha256:..%2F..%2Fetc", Value::Null)
+            .status,
+        400
+    );
     assert_eq!(e.anon("GET", "/v1/images/%2e%2e/versions").status, 400);
-    assert_eq!(e.call("POST", "/v1/images", json!({"name": "demo"})).status, 201);
-    assert_eq!(e.call("POST", "/v1/images", json!({"name": "demo"})).status, 409);
+    assert_eq!(
+        e.call("POST", "/v1/images", json!({"name": "demo"})).status,
+        201
+    );
+    assert_eq!(
+        e.call("POST", "/v1/images", json!({"name": "demo"})).status,
+        409
+    );
     let arch = e.call("POST", "/v1/images/demo/versions", json!({"version": "1"}));
     assert_eq!(arch.status, 201);
     let r = e.call(
@@ -470,73 +850,253 @@ fn malformed_requests_get_clear_errors() {
 fn authentication_and_roles() {
     let e = env();
     assert_eq!(e.anon("POST", "/v1/images").status, 401);
-    let r = e.call_full("POST", "/v1/images", Some("imgsrv_0000000000000000_0000"), br#"{"name":"a"}"#, &[], true);
+    let r = e.call_full(
+        "POST",
+        "/v1/images",
+        Some("imgsrv_0000000000000000_0000"),
+        br#"{"name":"a"}"#,
+        &[],
+        true,
+    );
     assert_eq!(r.status, 401);
     assert!(r.header("www-authenticate").is_some());
     // an auth-manager creates a principal without roles and a token for it
-    let p = e.call("POST", "/v1/auth/principals", json!({"kind": "service", "display_name": "ci"})).json();
+    let p = e
+        .call(
+            "POST",
+            "/v1/auth/principals",
+            json!({"kind": "service", "display_name": "ci"}),
+        )
+        .json();
     let pid = p["id"].as_str().unwrap().to_string();
-    let t = e.call("POST", &format!("/v1/auth/principals/{pid}/api-tokens"), json!({"name": "ci", "expires_at": "2999-01-01T00:00:00Z"}));
+    let t = e.call(
+        "POST",
+        &format!("/v1/auth/principals/{pid}/api-tokens"),
+        json!({"name": "ci", "expires_at": "2999-01-01T00:00:00Z"}),
+    );
     assert_eq!(t.status, 201);
     let tok = t.json()["plaintext"].as_str().unwrap().to_string();
     let tid = t.json()["id"].as_str().unwrap().to_string();
-    assert_eq!(e.call_full("POST", "/v1/images", Some(&tok), br#"{"name":"a"}"#, &[], true).status, 403);
-    assert_eq!(e.call_full("GET", "/v1/auth/principals", Some(&tok), b"", &[], true).status, 403);
-    assert_eq!(e.call("PUT", &format!("/v1/auth/principals/{pid}/roles/content-writer"), Value::Null).status, 204);
-    assert_eq!(e.call_full("POST", "/v1/images", Some(&tok), br#"{"name":"a"}"#, &[], true).status, 201);
-    let list = e.call("GET", &format!("/v1/auth/principals/{pid}/api-tokens"), Value::Null).json();
+    assert_eq!(
+        e.call_full(
+            "POST",
+            "/v1/images",
+            Some(&tok),
+            br#"{"name":"a"}"#,
+            &[],
+            true
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        e.call_full("GET", "/v1/auth/principals", Some(&tok), b"", &[], true)
+            .status,
+        403
+    );
+    assert_eq!(
+        e.call(
+            "PUT",
+            &format!("/v1/auth/principals/{pid}/roles/content-writer"),
+            Value::Null
+        )
+        .status,
+        204
+    );
+    assert_eq!(
+        e.call_full(
+            "POST",
+            "/v1/images",
+            Some(&tok),
+            br#"{"name":"a"}"#,
+            &[],
+            true
+        )
+        .status,
+        201
+    );
+    let list = e
+        .call(
+            "GET",
+            &format!("/v1/auth/principals/{pid}/api-tokens"),
+            Value::Null,
+        )
+        .json();
     assert!(list["api_tokens"][0].get("plaintext").is_none());
     assert!(list["api_tokens"][0]["last_used_at"].is_string());
-    assert_eq!(e.call("DELETE", &format!("/v1/auth/api-tokens/{tid}"), Value::Null).status, 204);
-    assert_eq!(e.call_full("POST", "/v1/images", Some(&tok), br#"{"name":"b"}"#, &[], true).status, 401);
-    assert_eq!(e.call("PUT", &format!("/v1/auth/principals/{pid}/roles/superuser"), Value::Null).status, 400);
-    assert_eq!(e.call("POST", &format!("/v1/auth/principals/{pid}/api-tokens"), json!({"expires_at": "2000-01-01T00:00:00Z"})).status, 400);
+    assert_eq!(
+        e.call("DELETE", &format!("/v1/auth/api-tokens/{tid}"), Value::Null)
+            .status,
+        204
+    );
+    assert_eq!(
+        e.call_full(
+            "POST",
+            "/v1/images",
+            Some(&tok),
+            br#"{"name":"b"}"#,
+            &[],
+            true
+        )
+        .status,
+        401
+    );
+    assert_eq!(
+        e.call(
+            "PUT",
+            &format!("/v1/auth/principals/{pid}/roles/superuser"),
+            Value::Null
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        e.call(
+            "POST",
+            &format!("/v1/auth/principals/{pid}/api-tokens"),
+            json!({"expires_at": "2000-01-01T00:00:00Z"})
+        )
+        .status,
+        400
+    );
     // plain HTTP never carries credentials or writes
-    let r = e.call_full("POST", "/v1/images", Some(&e.token), br#"{"name":"c"}"#, &[], false);
+    let r = e.call_full(
+        "POST",
+        "/v1/images",
+        Some(&e.token),
+        br#"{"name":"c"}"#,
+        &[],
+        false,
+    );
     assert_eq!(r.status, 400);
-    assert_eq!(e.call_full("GET", "/streams/v1/images.json", None, b"", &[], false).status, 400);
+    assert_eq!(
+        e.call_full("GET", "/streams/v1/images.json", None, b"", &[], false)
+            .status,
+        400
+    );
 }
 
 #[test]
 fn aliases_move_and_pin_versions_in_the_projection() {
     let e = env_with("[image_verification]\nmode = \"off\"\n");
     e.draft("demo", "20250101_0000", META, Some(ROOT), None);
-    assert_eq!(e.call("PUT", "/v1/images/demo/aliases/stable", json!({"version": "20250101_0000"})).status, 412, "alias to a draft");
-    assert_eq!(e.call("PUT", "/v1/images/demo/aliases/stable", json!({"version": "nope"})).status, 404);
+    assert_eq!(
+        e.call(
+            "PUT",
+            "/v1/images/demo/aliases/stable",
+            json!({"version": "20250101_0000"})
+        )
+        .status,
+        412,
+        "alias to a draft"
+    );
+    assert_eq!(
+        e.call(
+            "PUT",
+            "/v1/images/demo/aliases/stable",
+            json!({"version": "nope"})
+        )
+        .status,
+        404
+    );
     assert_eq!(e.publish("demo", "20250101_0000", None).status, 200);
     e.draft("demo", "20250102_0000", b"META2", Some(b"ROOT2"), None);
     assert_eq!(e.publish("demo", "20250102_0000", None).status, 200);
-    let r = e.call("PUT", "/v1/images/demo/aliases/stable", json!({"version": "20250101_0000"}));
+    let r = e.call(
+        "PUT",
+        "/v1/images/demo/aliases/stable",
+        json!({"version": "20250101_0000"}),
+    );
     assert_eq!(r.status, 200);
-    let etag1 = e.anon("GET", "/streams/v1/images.json").header("etag").unwrap().to_string();
+    let etag1 = e
+        .anon("GET", "/streams/v1/images.json")
+        .header("etag")
+        .unwrap()
+        .to_string();
 
     let ij = e.images_json();
     let prods = ij["products"].as_object().unwrap();
     assert_eq!(prods.len(), 2);
     let aliases_of = |ver: &str| -> Vec<String> {
         let p = prods.iter().find(|(k, _)| k.contains(ver)).unwrap().1;
-        p["aliases"].as_str().unwrap().split(',').map(String::from).collect()
+        p["aliases"]
+            .as_str()
+            .unwrap()
+            .split(',')
+            .map(String::from)
+            .collect()
     };
     let old = aliases_of("20250101_0000");
     let new = aliases_of("20250102_0000");
     assert!(old.contains(&"demo/stable".to_string()) && !new.contains(&"demo/stable".to_string()));
-    assert!(new.contains(&"demo".to_string()) && !old.contains(&"demo".to_string()), "{old:?} {new:?}");
-    assert!(new.contains(&"debian/bookworm".to_string()) && !old.contains(&"debian/bookworm".to_string()));
+    assert!(
+        new.contains(&"demo".to_string()) && !old.contains(&"demo".to_string()),
+        "{old:?} {new:?}"
+    );
+    assert!(
+        new.contains(&"debian/bookworm".to_string())
+            && !old.contains(&"debian/bookworm".to_string())
+    );
 
     // moving the alias changes the document and its ETag
-    assert_eq!(e.call("PUT", "/v1/images/demo/aliases/stable", json!({"version": "20250102_0000"})).status, 200);
+    assert_eq!(
+        e.call(
+            "PUT",
+            "/v1/images/demo/aliases/stable",
+            json!({"version": "20250102_0000"})
+        )
+        .status,
+        200
+    );
     let r = e.anon("GET", "/streams/v1/images.json");
     assert_ne!(r.header("etag").unwrap(), etag1);
-    assert_eq!(e.call_full("GET", "/streams/v1/images.json", None, b"", &[("if-none-match", &etag1)], true).status, 200);
+    assert_eq!(
+        e.call_full(
+            "GET",
+            "/streams/v1/images.json",
+            None,
+            b"",
+            &[("if-none-match", &etag1)],
+            true
+        )
+        .status,
+        200
+    );
     let etag2 = r.header("etag").unwrap().to_string();
-    assert_eq!(e.call_full("GET", "/streams/v1/images.json", None, b"", &[("if-none-match", &etag2)], true).status, 304);
-    let gz = e.call_full("GET", "/streams/v1/images.json", None, b"", &[("accept-encoding", "gzip")], true);
+    assert_eq!(
+        e.call_full(
+            "GET",
+            "/streams/v1/images.json",
+            None,
+            b"",
+            &[("if-none-match", &etag2)],
+            true
+        )
+        .status,
+        304
+    );
+    let gz = e.call_full(
+        "GET",
+        "/streams/v1/images.json",
+        None,
+        b"",
+        &[("accept-encoding", "gzip")],
+        true,
+    );
     assert_eq!(gz.header("content-encoding"), Some("gzip"));
     let mut plain = Vec::new();
-    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.body[..]), &mut plain).unwrap();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.body[..]), &mut plain)
+        .unwrap();
     assert_eq!(plain, r.body);
-    assert_eq!(e.anon("GET", "/v1/images/demo/refs/stable").json()["version"]["version"], "20250102_0000");
-    assert_eq!(e.call("DELETE", "/v1/images/demo/aliases/stable", Value::Null).status, 204);
+    assert_eq!(
+        e.anon("GET", "/v1/images/demo/refs/stable").json()["version"]["version"],
+        "20250102_0000"
+    );
+    assert_eq!(
+        e.call("DELETE", "/v1/images/demo/aliases/stable", Value::Null)
+            .status,
+        204
+    );
     assert_eq!(e.anon("GET", "/v1/images/demo/aliases/stable").status, 404);
 }
 
@@ -549,6 +1109,15 @@ fn a_fingerprint_appears_once_even_when_republished() {
     assert_eq!(e.publish("demo", "20250102_0000", None).status, 200);
     let ij = e.images_json();
     let text = serde_json::to_string(&ij).unwrap();
-    assert_eq!(text.matches(&format!("\"combined_squashfs_sha256\":\"{FP_CONTAINER}\"")).count(), 2, "incus + lxd items of one version");
-    assert!(ij["products"].as_object().unwrap().keys().all(|k| k.contains("20250102_0000")));
+    assert_eq!(
+        text.matches(&format!("\"combined_squashfs_sha256\":\"{FP_CONTAINER}\""))
+            .count(),
+        2,
+        "incus + lxd items of one version"
+    );
+    assert!(ij["products"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .all(|k| k.contains("20250102_0000")));
 }

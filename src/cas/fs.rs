@@ -35,7 +35,9 @@ fn valid_upload_id(id: &str) -> Result<()> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
 }
 
 impl FsStore {
@@ -45,7 +47,9 @@ impl FsStore {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
         }
-        Ok(FsStore { root: root.to_path_buf() })
+        Ok(FsStore {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -54,21 +58,46 @@ impl FsStore {
 
     fn tmp_file(&self) -> Result<tempfile::NamedTempFile> {
         let dir = self.root.join("tmp");
-        tempfile::Builder::new().prefix("ingest-").tempfile_in(&dir).map_err(io_err("create temp in", &dir))
+        tempfile::Builder::new()
+            .prefix("ingest-")
+            .tempfile_in(&dir)
+            .map_err(io_err("create temp in", &dir))
     }
 
     /// Copies exactly `len` bytes from `reader` into `out` while hashing.
-    fn copy_hashing(reader: &mut dyn Read, out: &mut dyn Write, len: u64, hasher: &mut Hasher, path: &Path) -> Result<()> {
+    fn copy_hashing(
+        reader: &mut dyn Read,
+        out: &mut dyn Write,
+        len: u64,
+        hasher: &mut Hasher,
+        path: &Path,
+    ) -> Result<()> {
         let mut buf = vec![0u8; BUF.min(len.max(1) as usize)];
         let mut left = len;
         while left > 0 {
             let want = (left as usize).min(buf.len());
             let n = match reader.read(&mut buf[..want]) {
-                Ok(0) => return Err(CasError::Truncated { expected: len, actual: len - left }),
+                Ok(0) => {
+                    return Err(CasError::Truncated {
+                        expected: len,
+                        actual: len - left,
+                    })
+                }
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionReset) => {
-                    return Err(CasError::Truncated { expected: len, actual: len - left })
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::WouldBlock
+                            | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    return Err(CasError::Truncated {
+                        expected: len,
+                        actual: len - left,
+                    })
                 }
                 Err(e) => return Err(io_err("read into", path)(e)),
             };
@@ -85,7 +114,9 @@ impl FsStore {
         let dst = self.blob_path(digest);
         let shard = dst.parent().expect("cas path has a parent");
         fs::create_dir_all(shard).map_err(io_err("create", shard))?;
-        let mut perms = fs::metadata(src).map_err(io_err("stat", src))?.permissions();
+        let mut perms = fs::metadata(src)
+            .map_err(io_err("stat", src))?
+            .permissions();
         perms.set_readonly(true);
         fs::set_permissions(src, perms).map_err(io_err("chmod", src))?;
         match fs::hard_link(src, &dst) {
@@ -122,11 +153,14 @@ impl BlobStore for FsStore {
         let p = self.blob_path(digest);
         let mut f = match File::open(&p) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CasError::NotFound(*digest)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(CasError::NotFound(*digest))
+            }
             Err(e) => return Err(io_err("open", &p)(e)),
         };
         if offset > 0 {
-            f.seek(SeekFrom::Start(offset)).map_err(io_err("seek", &p))?;
+            f.seek(SeekFrom::Start(offset))
+                .map_err(io_err("seek", &p))?;
         }
         Ok(Box::new(f.take(len)))
     }
@@ -139,11 +173,19 @@ impl BlobStore for FsStore {
         // one more byte means the source was longer than declared
         let mut extra = [0u8; 1];
         if matches!(reader.read(&mut extra), Ok(n) if n > 0) {
-            return Err(CasError::Truncated { expected: size, actual: size + 1 });
+            return Err(CasError::Truncated {
+                expected: size,
+                actual: size + 1,
+            });
         }
         let actual = hasher.finish();
         if actual != *digest {
-            return Err(CasError::Mismatch { expected: *digest, expected_size: size, actual, actual_size: size });
+            return Err(CasError::Mismatch {
+                expected: *digest,
+                expected_size: size,
+                actual,
+                actual_size: size,
+            });
         }
         tmp.as_file().sync_all().map_err(io_err("fsync", &path))?;
         let (_f, tmp_path) = tmp.keep().map_err(|e| io_err("keep", &path)(e.error))?;
@@ -154,26 +196,48 @@ impl BlobStore for FsStore {
         r
     }
 
-    fn stage_part(&self, upload: &str, n: u32, len: u64, reader: &mut dyn Read) -> Result<StagedPart> {
+    fn stage_part(
+        &self,
+        upload: &str,
+        n: u32,
+        len: u64,
+        reader: &mut dyn Read,
+    ) -> Result<StagedPart> {
         valid_upload_id(upload)?;
         let dir = self.part_dir(upload);
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        let mut tmp = tempfile::Builder::new().prefix(".part-").tempfile_in(&dir).map_err(io_err("create temp in", &dir))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".part-")
+            .tempfile_in(&dir)
+            .map_err(io_err("create temp in", &dir))?;
         let path = tmp.path().to_path_buf();
         let mut hasher = Hasher::new();
         Self::copy_hashing(reader, tmp.as_file_mut(), len, &mut hasher, &path)?;
         let dst = dir.join(format!("{n}.part"));
-        tmp.persist(&dst).map_err(|e| io_err("rename", &dst)(e.error))?;
-        Ok(StagedPart { digest: hasher.finish(), size: len })
+        tmp.persist(&dst)
+            .map_err(|e| io_err("rename", &dst)(e.error))?;
+        Ok(StagedPart {
+            digest: hasher.finish(),
+            size: len,
+        })
     }
 
-    fn commit_upload(&self, upload: &str, parts: &[(u32, StagedPart)], digest: &Digest, size: u64) -> Result<()> {
+    fn commit_upload(
+        &self,
+        upload: &str,
+        parts: &[(u32, StagedPart)],
+        digest: &Digest,
+        size: u64,
+    ) -> Result<()> {
         valid_upload_id(upload)?;
         let dir = self.part_dir(upload);
         let total: u64 = parts.iter().map(|(_, p)| p.size).sum();
         let result = (|| {
             if total != size {
-                return Err(CasError::Truncated { expected: size, actual: total });
+                return Err(CasError::Truncated {
+                    expected: size,
+                    actual: total,
+                });
             }
             if self.stat(digest)? == Some(size) {
                 return Ok(());
@@ -181,14 +245,26 @@ impl BlobStore for FsStore {
             // One part whose hash was taken while it arrived: no second pass.
             if let [(n, p)] = parts {
                 let path = dir.join(format!("{n}.part"));
-                let len = fs::metadata(&path).map_err(|_| CasError::MissingPart(*n))?.len();
+                let len = fs::metadata(&path)
+                    .map_err(|_| CasError::MissingPart(*n))?
+                    .len();
                 if len != p.size {
-                    return Err(CasError::Truncated { expected: p.size, actual: len });
+                    return Err(CasError::Truncated {
+                        expected: p.size,
+                        actual: len,
+                    });
                 }
                 if p.digest != *digest {
-                    return Err(CasError::Mismatch { expected: *digest, expected_size: size, actual: p.digest, actual_size: len });
+                    return Err(CasError::Mismatch {
+                        expected: *digest,
+                        expected_size: size,
+                        actual: p.digest,
+                        actual_size: len,
+                    });
                 }
-                File::open(&path).and_then(|f| f.sync_all()).map_err(io_err("fsync", &path))?;
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err("fsync", &path))?;
                 return self.install(&path, digest);
             }
             let mut tmp = self.tmp_file()?;
@@ -201,9 +277,16 @@ impl BlobStore for FsStore {
             }
             let actual = hasher.finish();
             if actual != *digest {
-                return Err(CasError::Mismatch { expected: *digest, expected_size: size, actual, actual_size: total });
+                return Err(CasError::Mismatch {
+                    expected: *digest,
+                    expected_size: size,
+                    actual,
+                    actual_size: total,
+                });
             }
-            tmp.as_file().sync_all().map_err(io_err("fsync", &tmp_path))?;
+            tmp.as_file()
+                .sync_all()
+                .map_err(io_err("fsync", &tmp_path))?;
             let (_f, kept) = tmp.keep().map_err(|e| io_err("keep", &tmp_path)(e.error))?;
             let r = self.install(&kept, digest);
             if r.is_err() {
@@ -242,7 +325,10 @@ mod tests {
     fn read_all(s: &FsStore, d: &Digest) -> Vec<u8> {
         let len = s.stat(d).unwrap().unwrap();
         let mut v = Vec::new();
-        s.open_range(d, 0, len).unwrap().read_to_end(&mut v).unwrap();
+        s.open_range(d, 0, len)
+            .unwrap()
+            .read_to_end(&mut v)
+            .unwrap();
         v
     }
 
@@ -270,9 +356,18 @@ mod tests {
     fn wrong_digest_short_or_long_input_leaves_nothing() {
         let (dir, s) = store();
         let d = Digest::of(b"ROOT");
-        assert!(matches!(s.put(&d, 4, &mut &b"RooT"[..]), Err(CasError::Mismatch { .. })));
-        assert!(matches!(s.put(&d, 4, &mut &b"ROO"[..]), Err(CasError::Truncated { .. })));
-        assert!(matches!(s.put(&d, 4, &mut &b"ROOTS"[..]), Err(CasError::Truncated { .. })));
+        assert!(matches!(
+            s.put(&d, 4, &mut &b"RooT"[..]),
+            Err(CasError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            s.put(&d, 4, &mut &b"ROO"[..]),
+            Err(CasError::Truncated { .. })
+        ));
+        assert!(matches!(
+            s.put(&d, 4, &mut &b"ROOTS"[..]),
+            Err(CasError::Truncated { .. })
+        ));
         assert_eq!(s.stat(&d).unwrap(), None);
         assert!(tmp_is_empty(dir.path()));
     }
@@ -298,12 +393,19 @@ mod tests {
         let id = "0e3c4b9e-0000-4000-8000-000000000002";
         let p = s.stage_part(id, 1, 4, &mut &b"DISK"[..]).unwrap();
         let wrong = Digest::of(b"ROOT");
-        assert!(matches!(s.commit_upload(id, &[(1, p.clone())], &wrong, 4), Err(CasError::Mismatch { .. })));
+        assert!(matches!(
+            s.commit_upload(id, &[(1, p.clone())], &wrong, 4),
+            Err(CasError::Mismatch { .. })
+        ));
         assert_eq!(s.stat(&wrong).unwrap(), None);
         let p = s.stage_part(id, 1, 4, &mut &b"DISK"[..]).unwrap();
-        assert!(matches!(s.commit_upload(id, &[(1, p.clone())], &p.digest, 5), Err(CasError::Truncated { .. })));
+        assert!(matches!(
+            s.commit_upload(id, &[(1, p.clone())], &p.digest, 5),
+            Err(CasError::Truncated { .. })
+        ));
         let p = s.stage_part(id, 1, 4, &mut &b"DISK"[..]).unwrap();
-        s.commit_upload(id, &[(1, p.clone())], &p.digest, 4).unwrap();
+        s.commit_upload(id, &[(1, p.clone())], &p.digest, 4)
+            .unwrap();
         assert_eq!(read_all(&s, &p.digest), b"DISK");
         assert!(tmp_is_empty(dir.path()));
     }
@@ -312,7 +414,13 @@ mod tests {
     fn truncated_part_is_refused() {
         let (_dir, s) = store();
         let id = "0e3c4b9e-0000-4000-8000-000000000003";
-        assert!(matches!(s.stage_part(id, 1, 10, &mut &b"DISK"[..]), Err(CasError::Truncated { expected: 10, actual: 4 })));
+        assert!(matches!(
+            s.stage_part(id, 1, 10, &mut &b"DISK"[..]),
+            Err(CasError::Truncated {
+                expected: 10,
+                actual: 4
+            })
+        ));
     }
 
     #[test]
@@ -332,6 +440,9 @@ mod tests {
         let mut v = Vec::new();
         s.open_range(&d, 3, 4).unwrap().read_to_end(&mut v).unwrap();
         assert_eq!(v, b"3456");
-        assert!(matches!(s.open_range(&Digest::of(b"x"), 0, 1), Err(CasError::NotFound(_))));
+        assert!(matches!(
+            s.open_range(&Digest::of(b"x"), 0, 1),
+            Err(CasError::NotFound(_))
+        ));
     }
 }

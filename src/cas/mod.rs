@@ -16,7 +16,12 @@ pub enum CasError {
     #[error("blob {0} not found")]
     NotFound(Digest),
     #[error("content does not match: expected {expected} ({expected_size} bytes), got {actual} ({actual_size} bytes)")]
-    Mismatch { expected: Digest, expected_size: u64, actual: Digest, actual_size: u64 },
+    Mismatch {
+        expected: Digest,
+        expected_size: u64,
+        actual: Digest,
+        actual_size: u64,
+    },
     #[error("expected {expected} bytes, received {actual}")]
     Truncated { expected: u64, actual: u64 },
     #[error("upload part {0} is missing")]
@@ -52,11 +57,23 @@ pub trait BlobStore: Send + Sync {
 
     /// Stages upload part `n` of `upload` from `reader` (exactly `len` bytes).
     /// Re-staging a part replaces it.
-    fn stage_part(&self, upload: &str, n: u32, len: u64, reader: &mut dyn Read) -> Result<StagedPart>;
+    fn stage_part(
+        &self,
+        upload: &str,
+        n: u32,
+        len: u64,
+        reader: &mut dyn Read,
+    ) -> Result<StagedPart>;
     /// Concatenates the staged parts in order, checks size and digest, and
     /// stores the blob. A mismatch stores nothing. Staged parts are removed
     /// either way.
-    fn commit_upload(&self, upload: &str, parts: &[(u32, StagedPart)], digest: &Digest, size: u64) -> Result<()>;
+    fn commit_upload(
+        &self,
+        upload: &str,
+        parts: &[(u32, StagedPart)],
+        digest: &Digest,
+        size: u64,
+    ) -> Result<()>;
     /// Removes whatever was staged for `upload`.
     fn discard_upload(&self, upload: &str) -> Result<()>;
 }

@@ -322,12 +322,22 @@ pub struct ApiToken {
 
 /// Images, versions, artifacts, attachments, aliases, publishing.
 pub trait ContentCatalog: Send + Sync {
-    fn create_image(&self, name: &str, display_name: Option<&str>, description: Option<&str>) -> Result<Image>;
+    fn create_image(
+        &self,
+        name: &str,
+        display_name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<Image>;
     fn get_image(&self, name: &str) -> Result<Image>;
     /// Images with at least one published version (all images if `include_unpublished`).
     fn list_images(&self, include_unpublished: bool) -> Result<Vec<Image>>;
 
-    fn create_version(&self, image: &str, version: &str, metadata: &BTreeMap<String, String>) -> Result<ImageVersion>;
+    fn create_version(
+        &self,
+        image: &str,
+        version: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<ImageVersion>;
     fn get_version(&self, image: &str, version: &str) -> Result<ImageVersion>;
     /// Newest first; drafts only if `include_unpublished`.
     fn list_versions(&self, image: &str, include_unpublished: bool) -> Result<Vec<ImageVersion>>;
@@ -335,14 +345,25 @@ pub trait ContentCatalog: Send + Sync {
 
     fn add_artifact(&self, version_id: &str, a: &NewArtifact) -> Result<Artifact>;
     fn delete_artifact(&self, version_id: &str, artifact_id: &str) -> Result<()>;
-    fn add_attachment(&self, version_id: &str, artifact_id: &str, a: &NewAttachment) -> Result<Attachment>;
-    fn delete_attachment(&self, version_id: &str, artifact_id: &str, attachment_id: &str) -> Result<()>;
+    fn add_attachment(
+        &self,
+        version_id: &str,
+        artifact_id: &str,
+        a: &NewAttachment,
+    ) -> Result<Attachment>;
+    fn delete_attachment(
+        &self,
+        version_id: &str,
+        artifact_id: &str,
+        attachment_id: &str,
+    ) -> Result<()>;
 
     /// In one transaction: checks that the version's canonical manifest still
     /// equals `record.manifest` (the bytes whose signature was checked), moves
     /// draft -> publishing, writes the record and the projection rows, and
     /// marks the version published.
-    fn publish(&self, record: &PublishRecord, projection: &[ProjectionRow]) -> Result<ImageVersion>;
+    fn publish(&self, record: &PublishRecord, projection: &[ProjectionRow])
+        -> Result<ImageVersion>;
     fn publish_record(&self, version_id: &str) -> Result<PublishRecord>;
     fn projection_rows(&self, version_id: &str) -> Result<Vec<ProjectionRow>>;
 
@@ -368,7 +389,12 @@ pub trait BlobCatalog: Send + Sync {
 
     fn create_upload(&self, s: &UploadSession) -> Result<()>;
     fn get_upload(&self, id: &str) -> Result<UploadSession>;
-    fn set_upload_state(&self, id: &str, state: UploadState, failure: Option<&str>) -> Result<UploadSession>;
+    fn set_upload_state(
+        &self,
+        id: &str,
+        state: UploadState,
+        failure: Option<&str>,
+    ) -> Result<UploadSession>;
     fn put_upload_part(&self, p: &UploadPart) -> Result<()>;
     fn upload_parts(&self, id: &str) -> Result<Vec<UploadPart>>;
 }
@@ -376,7 +402,12 @@ pub trait BlobCatalog: Send + Sync {
 /// Principals, roles, API tokens.
 pub trait AuthCatalog: Send + Sync {
     fn roles(&self) -> Result<Vec<Role>>;
-    fn create_principal(&self, kind: &str, display_name: &str, attributes: &str) -> Result<Principal>;
+    fn create_principal(
+        &self,
+        kind: &str,
+        display_name: &str,
+        attributes: &str,
+    ) -> Result<Principal>;
     fn get_principal(&self, id: &str) -> Result<Principal>;
     fn list_principals(&self) -> Result<Vec<Principal>>;
     fn grant_role(&self, principal_id: &str, role: &str) -> Result<()>;

@@ -63,14 +63,21 @@ fn map_err(e: rusqlite::Error, what: &str) -> CatalogError {
         rusqlite::Error::SqliteFailure(f, msg) if f.code == ErrorCode::ConstraintViolation => {
             let msg = msg.clone().unwrap_or_default();
             match f.extended_code {
-                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
                     CatalogError::AlreadyExists(what.to_string())
                 }
-                rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => CatalogError::NotFound(what.to_string()),
+                rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => {
+                    CatalogError::NotFound(what.to_string())
+                }
                 rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER => CatalogError::Precondition(
-                    msg.trim_start_matches("precondition: ").trim_start_matches("immutable: ").to_string(),
+                    msg.trim_start_matches("precondition: ")
+                        .trim_start_matches("immutable: ")
+                        .to_string(),
                 ),
-                rusqlite::ffi::SQLITE_CONSTRAINT_CHECK => CatalogError::Invalid(format!("{what}: {msg}")),
+                rusqlite::ffi::SQLITE_CONSTRAINT_CHECK => {
+                    CatalogError::Invalid(format!("{what}: {msg}"))
+                }
                 _ => CatalogError::Precondition(msg),
             }
         }
@@ -89,12 +96,16 @@ impl<T> Ctx<T> for rusqlite::Result<T> {
 
 fn digest_col(row: &Row, idx: usize) -> rusqlite::Result<Digest> {
     let s: String = row.get(idx)?;
-    s.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+    s.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 fn u64_col(row: &Row, idx: usize) -> rusqlite::Result<u64> {
     let v: i64 = row.get(idx)?;
-    u64::try_from(v).map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e)))
+    u64::try_from(v).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Integer, Box::new(e))
+    })
 }
 
 const IMAGE_COLS: &str = "i.id, i.name, i.display_name, i.description, i.created_at, i.updated_at";
@@ -109,7 +120,8 @@ fn image_row(r: &Row, o: usize) -> rusqlite::Result<Image> {
     })
 }
 
-const VERSION_COLS: &str = "v.id, v.image_id, i.name, v.version, v.state, v.published_at, v.created_at, v.updated_at";
+const VERSION_COLS: &str =
+    "v.id, v.image_id, i.name, v.version, v.state, v.published_at, v.created_at, v.updated_at";
 fn version_row(r: &Row, o: usize) -> rusqlite::Result<ImageVersion> {
     let state: String = r.get(o + 4)?;
     Ok(ImageVersion {
@@ -158,7 +170,8 @@ fn attachment_row(r: &Row, o: usize) -> rusqlite::Result<Attachment> {
     })
 }
 
-const ALIAS_COLS: &str = "l.id, l.image_id, l.alias, l.version_id, v.version, l.created_at, l.updated_at";
+const ALIAS_COLS: &str =
+    "l.id, l.image_id, l.alias, l.version_id, v.version, l.created_at, l.updated_at";
 fn alias_row(r: &Row, o: usize) -> rusqlite::Result<Alias> {
     Ok(Alias {
         id: r.get(o)?,
@@ -171,7 +184,8 @@ fn alias_row(r: &Row, o: usize) -> rusqlite::Result<Alias> {
     })
 }
 
-const UPLOAD_COLS: &str = "id, expected_digest, expected_size_bytes, state, expires_at, media_type_hint, \
+const UPLOAD_COLS: &str =
+    "id, expected_digest, expected_size_bytes, state, expires_at, media_type_hint, \
      filename_hint, failure_message, principal_id, created_at, updated_at";
 fn upload_row(r: &Row) -> rusqlite::Result<UploadSession> {
     let state: String = r.get(3)?;
@@ -190,7 +204,8 @@ fn upload_row(r: &Row) -> rusqlite::Result<UploadSession> {
     })
 }
 
-const TOKEN_COLS: &str = "id, principal_id, name, secret_hash, expires_at, last_used_at, revoked_at, created_at";
+const TOKEN_COLS: &str =
+    "id, principal_id, name, secret_hash, expires_at, last_used_at, revoked_at, created_at";
 fn token_row(r: &Row) -> rusqlite::Result<ApiToken> {
     Ok(ApiToken {
         id: r.get(0)?,
@@ -211,7 +226,10 @@ fn i64_of(v: u64) -> Result<i64> {
 impl SqliteCatalog {
     /// Opens (creating if needed) the catalog at `path` and applies pending migrations.
     pub fn open(path: &Path) -> Result<SqliteCatalog> {
-        let cat = SqliteCatalog { path: path.to_path_buf(), pool: Mutex::new(Vec::new()) };
+        let cat = SqliteCatalog {
+            path: path.to_path_buf(),
+            pool: Mutex::new(Vec::new()),
+        };
         let mut conn = cat.connect()?;
         migrate(&mut conn)?;
         cat.pool.lock().map_err(backend)?.push(conn);
@@ -225,7 +243,8 @@ impl SqliteCatalog {
     fn connect(&self) -> Result<Connection> {
         let conn = Connection::open(&self.path)
             .map_err(|e| CatalogError::Backend(format!("opening {}: {e}", self.path.display())))?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(backend)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(backend)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
@@ -239,20 +258,27 @@ impl SqliteCatalog {
             Some(c) => c,
             None => self.connect()?,
         };
-        Ok(Pooled { cat: self, conn: Some(conn) })
+        Ok(Pooled {
+            cat: self,
+            conn: Some(conn),
+        })
     }
 
     fn write<T>(&self, f: impl FnOnce(&Transaction) -> Result<T>) -> Result<T> {
         let mut c = self.conn()?;
-        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+        let tx = c
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
         let out = f(&tx)?;
         tx.commit().map_err(backend)?;
         Ok(out)
     }
 
     fn image_id(c: &Connection, name: &str) -> Result<String> {
-        c.query_row("SELECT id FROM images WHERE name = ?1", [name], |r| r.get(0))
-            .ctx(&format!("image {name}"))
+        c.query_row("SELECT id FROM images WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .ctx(&format!("image {name}"))
     }
 
     fn load_version(c: &Connection, image: &str, version: &str) -> Result<ImageVersion> {
@@ -283,14 +309,22 @@ impl SqliteCatalog {
     }
 
     fn metadata(c: &Connection, version_id: &str) -> Result<BTreeMap<String, String>> {
-        let mut st = c.prepare_cached("SELECT key, value FROM version_metadata WHERE version_id = ?1").map_err(backend)?;
-        let rows = st.query_map([version_id], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+        let mut st = c
+            .prepare_cached("SELECT key, value FROM version_metadata WHERE version_id = ?1")
+            .map_err(backend)?;
+        let rows = st
+            .query_map([version_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 
     fn view(c: &Connection, image: &str, version: &str) -> Result<VersionView> {
         let img = c
-            .query_row(&format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"), [image], |r| image_row(r, 0))
+            .query_row(
+                &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"),
+                [image],
+                |r| image_row(r, 0),
+            )
             .ctx(&format!("image {image}"))?;
         let v = Self::load_version(c, image, version)?;
         let mut st = c
@@ -316,12 +350,23 @@ impl SqliteCatalog {
                 .map_err(backend)?
                 .collect::<rusqlite::Result<_>>()
                 .map_err(backend)?;
-            artifacts.push(ArtifactWithAttachments { artifact: a, attachments });
+            artifacts.push(ArtifactWithAttachments {
+                artifact: a,
+                attachments,
+            });
         }
-        Ok(VersionView { image: img, version: v, artifacts })
+        Ok(VersionView {
+            image: img,
+            version: v,
+            artifacts,
+        })
     }
 
-    fn artifact_in_version(c: &Connection, version_id: &str, artifact_id: &str) -> Result<Artifact> {
+    fn artifact_in_version(
+        c: &Connection,
+        version_id: &str,
+        artifact_id: &str,
+    ) -> Result<Artifact> {
         c.query_row(
             &format!("SELECT {ARTIFACT_COLS} FROM release_artifacts a WHERE a.id = ?1 AND a.version_id = ?2"),
             [artifact_id, version_id],
@@ -351,20 +396,32 @@ impl SqliteCatalog {
             )
             .ctx(&format!("principal {id}"))?;
         let mut st = c
-            .prepare_cached("SELECT role_id FROM principal_roles WHERE principal_id = ?1 ORDER BY role_id")
+            .prepare_cached(
+                "SELECT role_id FROM principal_roles WHERE principal_id = ?1 ORDER BY role_id",
+            )
             .map_err(backend)?;
         let role_ids = st
             .query_map([&id], |r| r.get(0))
             .map_err(backend)?
             .collect::<rusqlite::Result<_>>()
             .map_err(backend)?;
-        Ok(Principal { id, kind, display_name, role_ids, created_at })
+        Ok(Principal {
+            id,
+            kind,
+            display_name,
+            role_ids,
+            created_at,
+        })
     }
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive).map_err(backend)?;
-    let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Exclusive)
+        .map_err(backend)?;
+    let current: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(backend)?;
     let target = MIGRATIONS.len() as i64;
     if current > target {
         return Err(CatalogError::Backend(format!(
@@ -372,14 +429,21 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         )));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        tx.execute_batch(sql).map_err(|e| CatalogError::Backend(format!("migration {}: {e}", i + 1)))?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(backend)?;
+        tx.execute_batch(sql)
+            .map_err(|e| CatalogError::Backend(format!("migration {}: {e}", i + 1)))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(backend)?;
     }
     tx.commit().map_err(backend)
 }
 
 impl ContentCatalog for SqliteCatalog {
-    fn create_image(&self, name: &str, display_name: Option<&str>, description: Option<&str>) -> Result<Image> {
+    fn create_image(
+        &self,
+        name: &str,
+        display_name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<Image> {
         let now = now();
         let img = Image {
             id: new_id(),
@@ -401,7 +465,11 @@ impl ContentCatalog for SqliteCatalog {
 
     fn get_image(&self, name: &str) -> Result<Image> {
         self.conn()?
-            .query_row(&format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"), [name], |r| image_row(r, 0))
+            .query_row(
+                &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"),
+                [name],
+                |r| image_row(r, 0),
+            )
             .ctx(&format!("image {name}"))
     }
 
@@ -420,7 +488,12 @@ impl ContentCatalog for SqliteCatalog {
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 
-    fn create_version(&self, image: &str, version: &str, metadata: &BTreeMap<String, String>) -> Result<ImageVersion> {
+    fn create_version(
+        &self,
+        image: &str,
+        version: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<ImageVersion> {
         let id = new_id();
         let now = now();
         self.write(|tx| {
@@ -446,7 +519,11 @@ impl ContentCatalog for SqliteCatalog {
     fn list_versions(&self, image: &str, include_unpublished: bool) -> Result<Vec<ImageVersion>> {
         let c = self.conn()?;
         let image_id = Self::image_id(&c, image)?;
-        let filter = if include_unpublished { "" } else { "AND v.state = 'published'" };
+        let filter = if include_unpublished {
+            ""
+        } else {
+            "AND v.state = 'published'"
+        };
         let mut st = c
             .prepare(&format!(
                 "SELECT {VERSION_COLS} FROM image_versions v JOIN images i ON i.id = v.image_id \
@@ -500,13 +577,23 @@ impl ContentCatalog for SqliteCatalog {
     fn delete_artifact(&self, version_id: &str, artifact_id: &str) -> Result<()> {
         self.write(|tx| {
             Self::artifact_in_version(tx, version_id, artifact_id)?;
-            tx.execute("DELETE FROM artifact_attachments WHERE artifact_id = ?1", [artifact_id]).ctx("attachments")?;
-            tx.execute("DELETE FROM release_artifacts WHERE id = ?1", [artifact_id]).ctx("artifact")?;
+            tx.execute(
+                "DELETE FROM artifact_attachments WHERE artifact_id = ?1",
+                [artifact_id],
+            )
+            .ctx("attachments")?;
+            tx.execute("DELETE FROM release_artifacts WHERE id = ?1", [artifact_id])
+                .ctx("artifact")?;
             Ok(())
         })
     }
 
-    fn add_attachment(&self, version_id: &str, artifact_id: &str, a: &NewAttachment) -> Result<Attachment> {
+    fn add_attachment(
+        &self,
+        version_id: &str,
+        artifact_id: &str,
+        a: &NewAttachment,
+    ) -> Result<Attachment> {
         let id = new_id();
         let now = now();
         self.write(|tx| {
@@ -526,7 +613,12 @@ impl ContentCatalog for SqliteCatalog {
         })
     }
 
-    fn delete_attachment(&self, version_id: &str, artifact_id: &str, attachment_id: &str) -> Result<()> {
+    fn delete_attachment(
+        &self,
+        version_id: &str,
+        artifact_id: &str,
+        attachment_id: &str,
+    ) -> Result<()> {
         self.write(|tx| {
             Self::artifact_in_version(tx, version_id, artifact_id)?;
             let n = tx
@@ -536,13 +628,19 @@ impl ContentCatalog for SqliteCatalog {
                 )
                 .ctx("attachment")?;
             if n == 0 {
-                return Err(CatalogError::NotFound(format!("attachment {attachment_id}")));
+                return Err(CatalogError::NotFound(format!(
+                    "attachment {attachment_id}"
+                )));
             }
             Ok(())
         })
     }
 
-    fn publish(&self, record: &PublishRecord, projection: &[ProjectionRow]) -> Result<ImageVersion> {
+    fn publish(
+        &self,
+        record: &PublishRecord,
+        projection: &[ProjectionRow],
+    ) -> Result<ImageVersion> {
         self.write(|tx| {
             let v = Self::load_version_by_id(tx, &record.version_id)?;
             if v.state != VersionState::Draft {
@@ -637,7 +735,11 @@ impl ContentCatalog for SqliteCatalog {
                     metadata_attachment_id: r.get(1)?,
                     ftype: r.get(2)?,
                     combined_sha256: Digest::from_hex(&hex).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e))
+                        rusqlite::Error::FromSqlConversionFailure(
+                            3,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
                     })?,
                 })
             })
@@ -677,7 +779,8 @@ impl ContentCatalog for SqliteCatalog {
     fn delete_alias(&self, image: &str, alias: &str) -> Result<()> {
         self.write(|tx| {
             let a = Self::alias_by_name(tx, image, alias)?;
-            tx.execute("DELETE FROM aliases WHERE id = ?1", [&a.id]).ctx("alias")?;
+            tx.execute("DELETE FROM aliases WHERE id = ?1", [&a.id])
+                .ctx("alias")?;
             Ok(())
         })
     }
@@ -691,7 +794,9 @@ impl ContentCatalog for SqliteCatalog {
                  JOIN image_versions v ON v.id = l.version_id WHERE i.name = ?1 ORDER BY l.alias, l.id"
             ))
             .map_err(backend)?;
-        let rows = st.query_map([image], |r| alias_row(r, 0)).map_err(backend)?;
+        let rows = st
+            .query_map([image], |r| alias_row(r, 0))
+            .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 
@@ -703,13 +808,19 @@ impl ContentCatalog for SqliteCatalog {
                  JOIN image_versions v ON v.id = l.version_id ORDER BY i.name, l.alias"
             ))
             .map_err(backend)?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, alias_row(r, 1)?))).map_err(backend)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, alias_row(r, 1)?)))
+            .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 
     fn generation(&self) -> Result<i64> {
         self.conn()?
-            .query_row("SELECT generation FROM catalog_state WHERE id = 1", [], |r| r.get(0))
+            .query_row(
+                "SELECT generation FROM catalog_state WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
             .map_err(backend)
     }
 
@@ -740,12 +851,17 @@ impl ContentCatalog for SqliteCatalog {
                     metadata: attachment_row(r, 25)?,
                     ftype: r.get(33)?,
                     combined_sha256: Digest::from_hex(&hex).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(34, rusqlite::types::Type::Text, Box::new(e))
+                        rusqlite::Error::FromSqlConversionFailure(
+                            34,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
                     })?,
                 })
             })
             .map_err(backend)?;
-        let mut out: Vec<ProjectionEntry> = rows.collect::<rusqlite::Result<_>>().map_err(backend)?;
+        let mut out: Vec<ProjectionEntry> =
+            rows.collect::<rusqlite::Result<_>>().map_err(backend)?;
         // metadata of all published versions in one query
         let mut st = c
             .prepare(
@@ -753,9 +869,16 @@ impl ContentCatalog for SqliteCatalog {
                  JOIN image_versions v ON v.id = m.version_id WHERE v.state = 'published'",
             )
             .map_err(backend)?;
-        let mut meta: std::collections::HashMap<String, BTreeMap<String, String>> = Default::default();
+        let mut meta: std::collections::HashMap<String, BTreeMap<String, String>> =
+            Default::default();
         let rows = st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
             .map_err(backend)?;
         for row in rows {
             let (vid, k, v) = row.map_err(backend)?;
@@ -816,7 +939,9 @@ impl BlobCatalog for SqliteCatalog {
             .ctx("blob")?;
             Ok(())
         })?;
-        let b = self.get_blob(digest)?.ok_or_else(|| CatalogError::NotFound(format!("blob {digest}")))?;
+        let b = self
+            .get_blob(digest)?
+            .ok_or_else(|| CatalogError::NotFound(format!("blob {digest}")))?;
         if b.size_bytes != size {
             return Err(CatalogError::Precondition(format!(
                 "blob {digest} is stored with size {} not {size}",
@@ -851,11 +976,20 @@ impl BlobCatalog for SqliteCatalog {
 
     fn get_upload(&self, id: &str) -> Result<UploadSession> {
         self.conn()?
-            .query_row(&format!("SELECT {UPLOAD_COLS} FROM upload_sessions WHERE id = ?1"), [id], upload_row)
+            .query_row(
+                &format!("SELECT {UPLOAD_COLS} FROM upload_sessions WHERE id = ?1"),
+                [id],
+                upload_row,
+            )
             .ctx(&format!("upload {id}"))
     }
 
-    fn set_upload_state(&self, id: &str, state: UploadState, failure: Option<&str>) -> Result<UploadSession> {
+    fn set_upload_state(
+        &self,
+        id: &str,
+        state: UploadState,
+        failure: Option<&str>,
+    ) -> Result<UploadSession> {
         let now = now();
         self.write(|tx| {
             let n = tx
@@ -900,7 +1034,12 @@ impl BlobCatalog for SqliteCatalog {
             .map_err(backend)?;
         let rows = st
             .query_map([id], |r| {
-                Ok(UploadPart { upload_id: r.get(0)?, part_number: r.get(1)?, etag: r.get(2)?, size_bytes: u64_col(r, 3)? })
+                Ok(UploadPart {
+                    upload_id: r.get(0)?,
+                    part_number: r.get(1)?,
+                    etag: r.get(2)?,
+                    size_bytes: u64_col(r, 3)?,
+                })
             })
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
@@ -910,7 +1049,9 @@ impl BlobCatalog for SqliteCatalog {
 impl AuthCatalog for SqliteCatalog {
     fn roles(&self) -> Result<Vec<Role>> {
         let c = self.conn()?;
-        let mut st = c.prepare("SELECT id, display_name, description FROM roles ORDER BY id").map_err(backend)?;
+        let mut st = c
+            .prepare("SELECT id, display_name, description FROM roles ORDER BY id")
+            .map_err(backend)?;
         let roles: Vec<(String, String, String)> = st
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(backend)?
@@ -919,19 +1060,31 @@ impl AuthCatalog for SqliteCatalog {
         let mut out = Vec::new();
         for (id, display_name, description) in roles {
             let mut st = c
-                .prepare_cached("SELECT action FROM role_actions WHERE role_id = ?1 ORDER BY action")
+                .prepare_cached(
+                    "SELECT action FROM role_actions WHERE role_id = ?1 ORDER BY action",
+                )
                 .map_err(backend)?;
             let actions = st
                 .query_map([&id], |r| r.get(0))
                 .map_err(backend)?
                 .collect::<rusqlite::Result<_>>()
                 .map_err(backend)?;
-            out.push(Role { id, display_name, description, actions });
+            out.push(Role {
+                id,
+                display_name,
+                description,
+                actions,
+            });
         }
         Ok(out)
     }
 
-    fn create_principal(&self, kind: &str, display_name: &str, attributes: &str) -> Result<Principal> {
+    fn create_principal(
+        &self,
+        kind: &str,
+        display_name: &str,
+        attributes: &str,
+    ) -> Result<Principal> {
         let id = new_id();
         let now = now();
         self.write(|tx| {
@@ -950,7 +1103,9 @@ impl AuthCatalog for SqliteCatalog {
 
     fn list_principals(&self) -> Result<Vec<Principal>> {
         let c = self.conn()?;
-        let mut st = c.prepare("SELECT id FROM principals ORDER BY created_at, id").map_err(backend)?;
+        let mut st = c
+            .prepare("SELECT id FROM principals ORDER BY created_at, id")
+            .map_err(backend)?;
         let ids: Vec<String> = st
             .query_map([], |r| r.get(0))
             .map_err(backend)?
@@ -980,8 +1135,11 @@ impl AuthCatalog for SqliteCatalog {
     fn revoke_role(&self, principal_id: &str, role: &str) -> Result<()> {
         self.write(|tx| {
             Self::principal(tx, principal_id)?;
-            tx.execute("DELETE FROM principal_roles WHERE principal_id = ?1 AND role_id = ?2", [principal_id, role])
-                .ctx("role")?;
+            tx.execute(
+                "DELETE FROM principal_roles WHERE principal_id = ?1 AND role_id = ?2",
+                [principal_id, role],
+            )
+            .ctx("role")?;
             Ok(())
         })
     }
@@ -994,14 +1152,20 @@ impl AuthCatalog for SqliteCatalog {
                  WHERE pr.principal_id = ?1 ORDER BY ra.action",
             )
             .map_err(backend)?;
-        let rows = st.query_map([principal_id], |r| r.get(0)).map_err(backend)?;
+        let rows = st
+            .query_map([principal_id], |r| r.get(0))
+            .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 
     fn count_principals_with_role(&self, role: &str) -> Result<u64> {
         let n: i64 = self
             .conn()?
-            .query_row("SELECT count(*) FROM principal_roles WHERE role_id = ?1", [role], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM principal_roles WHERE role_id = ?1",
+                [role],
+                |r| r.get(0),
+            )
             .map_err(backend)?;
         Ok(n as u64)
     }
@@ -1010,7 +1174,16 @@ impl AuthCatalog for SqliteCatalog {
         self.write(|tx| {
             tx.execute(
                 &format!("INSERT INTO api_tokens ({TOKEN_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)"),
-                params![t.id, t.principal_id, t.name, t.secret_hash, t.expires_at, t.last_used_at, t.revoked_at, t.created_at],
+                params![
+                    t.id,
+                    t.principal_id,
+                    t.name,
+                    t.secret_hash,
+                    t.expires_at,
+                    t.last_used_at,
+                    t.revoked_at,
+                    t.created_at
+                ],
             )
             .ctx("api token")?;
             Ok(())
@@ -1019,7 +1192,11 @@ impl AuthCatalog for SqliteCatalog {
 
     fn get_token(&self, id: &str) -> Result<ApiToken> {
         self.conn()?
-            .query_row(&format!("SELECT {TOKEN_COLS} FROM api_tokens WHERE id = ?1"), [id], token_row)
+            .query_row(
+                &format!("SELECT {TOKEN_COLS} FROM api_tokens WHERE id = ?1"),
+                [id],
+                token_row,
+            )
             .ctx("api token")
     }
 
@@ -1037,7 +1214,10 @@ impl AuthCatalog for SqliteCatalog {
         let now = now();
         self.write(|tx| {
             let n = tx
-                .execute("UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1", params![id, now])
+                .execute(
+                    "UPDATE api_tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+                    params![id, now],
+                )
                 .ctx("api token")?;
             if n == 0 {
                 return Err(CatalogError::NotFound(format!("api token {id}")));
@@ -1049,7 +1229,10 @@ impl AuthCatalog for SqliteCatalog {
     fn touch_token(&self, id: &str) -> Result<()> {
         let now = now();
         self.conn()?
-            .execute("UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1", params![id, now])
+            .execute(
+                "UPDATE api_tokens SET last_used_at = ?2 WHERE id = ?1",
+                params![id, now],
+            )
             .ctx("api token")?;
         Ok(())
     }

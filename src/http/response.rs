@@ -22,7 +22,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: u16, detail: impl Into<String>) -> Self {
-        ApiError { status, detail: detail.into(), headers: Vec::new() }
+        ApiError {
+            status,
+            detail: detail.into(),
+            headers: Vec::new(),
+        }
     }
     pub fn bad_request(d: impl Into<String>) -> Self {
         Self::new(400, d)
@@ -35,11 +39,15 @@ impl ApiError {
     }
     pub fn unauthorized() -> Self {
         let mut e = Self::new(401, "invalid bearer token");
-        e.headers.push(("WWW-Authenticate".into(), "Bearer realm=\"imgsrv\"".into()));
+        e.headers
+            .push(("WWW-Authenticate".into(), "Bearer realm=\"imgsrv\"".into()));
         e
     }
     pub fn forbidden(action: &str) -> Self {
-        Self::new(403, format!("principal is not authorized for action {action}"))
+        Self::new(
+            403,
+            format!("principal is not authorized for action {action}"),
+        )
     }
     pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
         log::error!("{context}: {e}");
@@ -84,7 +92,9 @@ impl From<CasError> for ApiError {
                 ApiError::precondition(e.to_string())
             }
             CasError::Invalid(m) => ApiError::bad_request(m),
-            e @ (CasError::NotFound(_) | CasError::Io { .. }) => ApiError::internal("blob store", e),
+            e @ (CasError::NotFound(_) | CasError::Io { .. }) => {
+                ApiError::internal("blob store", e)
+            }
         }
     }
 }
@@ -114,7 +124,9 @@ pub fn reason(status: u16) -> &'static str {
 
 pub fn json<T: Serialize>(status: u16, value: &T) -> Response {
     match serde_json::to_vec(value) {
-        Ok(b) => Response::new(status).with_header("Content-Type", "application/json").with_body(Body::Bytes(b)),
+        Ok(b) => Response::new(status)
+            .with_header("Content-Type", "application/json")
+            .with_body(Body::Bytes(b)),
         Err(e) => ApiError::internal("serializing response", e).into_response(),
     }
 }
@@ -123,7 +135,10 @@ pub fn json<T: Serialize>(status: u16, value: &T) -> Response {
 /// `deny_unknown_fields`) and trailing data.
 pub fn read_json<T: DeserializeOwned>(req: &mut Request<'_>) -> Result<T, ApiError> {
     if req.content_length.is_some_and(|n| n > MAX_JSON_BODY) {
-        return Err(ApiError::new(413, format!("JSON body larger than {MAX_JSON_BODY} bytes")));
+        return Err(ApiError::new(
+            413,
+            format!("JSON body larger than {MAX_JSON_BODY} bytes"),
+        ));
     }
     let mut buf = Vec::new();
     (&mut req.body)
@@ -131,9 +146,13 @@ pub fn read_json<T: DeserializeOwned>(req: &mut Request<'_>) -> Result<T, ApiErr
         .read_to_end(&mut buf)
         .map_err(|e| ApiError::bad_request(format!("reading request body: {e}")))?;
     if buf.len() as u64 > MAX_JSON_BODY {
-        return Err(ApiError::new(413, format!("JSON body larger than {MAX_JSON_BODY} bytes")));
+        return Err(ApiError::new(
+            413,
+            format!("JSON body larger than {MAX_JSON_BODY} bytes"),
+        ));
     }
-    serde_json::from_slice(&buf).map_err(|e| ApiError::bad_request(format!("invalid JSON request body: {e}")))
+    serde_json::from_slice(&buf)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON request body: {e}")))
 }
 
 /// Byte range requested by a client.
@@ -146,33 +165,53 @@ pub enum RangeSpec {
 
 /// Parses one `Range: bytes=…` against a blob of `size` bytes.
 pub fn parse_range(header: Option<&str>, size: u64) -> RangeSpec {
-    let Some(h) = header else { return RangeSpec::Full };
-    let Some(spec) = h.trim().strip_prefix("bytes=") else { return RangeSpec::Unsatisfiable };
+    let Some(h) = header else {
+        return RangeSpec::Full;
+    };
+    let Some(spec) = h.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Unsatisfiable;
+    };
     if spec.contains(',') || size == 0 {
         return RangeSpec::Unsatisfiable;
     }
-    let Some((a, b)) = spec.trim().split_once('-') else { return RangeSpec::Unsatisfiable };
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeSpec::Unsatisfiable;
+    };
     let num = |s: &str| -> Option<u64> {
-        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+        (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
     };
     match (a.trim(), b.trim()) {
         ("", n) => match num(n) {
             Some(0) | None => RangeSpec::Unsatisfiable,
-            Some(n) => RangeSpec::Part { start: size.saturating_sub(n), end: size - 1 },
+            Some(n) => RangeSpec::Part {
+                start: size.saturating_sub(n),
+                end: size - 1,
+            },
         },
         (s, "") => match num(s) {
-            Some(s) if s < size => RangeSpec::Part { start: s, end: size - 1 },
+            Some(s) if s < size => RangeSpec::Part {
+                start: s,
+                end: size - 1,
+            },
             _ => RangeSpec::Unsatisfiable,
         },
         (s, e) => match (num(s), num(e)) {
-            (Some(s), Some(e)) if s <= e && s < size => RangeSpec::Part { start: s, end: e.min(size - 1) },
+            (Some(s), Some(e)) if s <= e && s < size => RangeSpec::Part {
+                start: s,
+                end: e.min(size - 1),
+            },
             _ => RangeSpec::Unsatisfiable,
         },
     }
 }
 
 fn etag_matches(header: &str, etag: &str) -> bool {
-    header.split(',').map(str::trim).any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t == etag || t.strip_prefix("W/") == Some(etag))
 }
 
 /// Streams a stored blob with ETag, conditional and single-range support.
@@ -185,7 +224,11 @@ pub fn serve_blob(
     public: bool,
 ) -> Result<Response, ApiError> {
     let etag = format!("\"{digest}\"");
-    let cache = if public { "public, max-age=31536000, immutable" } else { "private, max-age=0" };
+    let cache = if public {
+        "public, max-age=31536000, immutable"
+    } else {
+        "private, max-age=0"
+    };
     let base = |status: u16| {
         Response::new(status)
             .with_header("ETag", etag.clone())
@@ -204,22 +247,39 @@ pub fn serve_blob(
         }
     }
     match range {
-        RangeSpec::Unsatisfiable => Err(ApiError::new(416, format!("range not satisfiable for {size} bytes"))
-            .with_header("Content-Range", format!("bytes */{size}"))),
+        RangeSpec::Unsatisfiable => Err(ApiError::new(
+            416,
+            format!("range not satisfiable for {size} bytes"),
+        )
+        .with_header("Content-Range", format!("bytes */{size}"))),
         RangeSpec::Full => {
             let body = if req.method == "HEAD" {
-                Body::Reader { reader: Box::new(std::io::empty()), len: size }
+                Body::Reader {
+                    reader: Box::new(std::io::empty()),
+                    len: size,
+                }
             } else {
-                Body::Reader { reader: app.blobs.open_range(digest, 0, size)?, len: size }
+                Body::Reader {
+                    reader: app.blobs.open_range(digest, 0, size)?,
+                    len: size,
+                }
             };
-            Ok(base(200).with_header("Content-Type", media_type).with_body(body))
+            Ok(base(200)
+                .with_header("Content-Type", media_type)
+                .with_body(body))
         }
         RangeSpec::Part { start, end } => {
             let len = end - start + 1;
             let body = if req.method == "HEAD" {
-                Body::Reader { reader: Box::new(std::io::empty()), len }
+                Body::Reader {
+                    reader: Box::new(std::io::empty()),
+                    len,
+                }
             } else {
-                Body::Reader { reader: app.blobs.open_range(digest, start, len)?, len }
+                Body::Reader {
+                    reader: app.blobs.open_range(digest, start, len)?,
+                    len,
+                }
             };
             Ok(base(206)
                 .with_header("Content-Type", media_type)
@@ -237,12 +297,30 @@ mod tests {
     fn ranges() {
         use RangeSpec::*;
         assert_eq!(parse_range(None, 10), Full);
-        assert_eq!(parse_range(Some("bytes=0-3"), 10), Part { start: 0, end: 3 });
+        assert_eq!(
+            parse_range(Some("bytes=0-3"), 10),
+            Part { start: 0, end: 3 }
+        );
         assert_eq!(parse_range(Some("bytes=5-"), 10), Part { start: 5, end: 9 });
         assert_eq!(parse_range(Some("bytes=-3"), 10), Part { start: 7, end: 9 });
-        assert_eq!(parse_range(Some("bytes=-30"), 10), Part { start: 0, end: 9 });
-        assert_eq!(parse_range(Some("bytes=8-100"), 10), Part { start: 8, end: 9 });
-        for bad in ["bytes=10-", "bytes=3-2", "bytes=0-1,3-4", "items=0-1", "bytes=-0", "bytes=a-b", "bytes=-", "bytes=+1-2"] {
+        assert_eq!(
+            parse_range(Some("bytes=-30"), 10),
+            Part { start: 0, end: 9 }
+        );
+        assert_eq!(
+            parse_range(Some("bytes=8-100"), 10),
+            Part { start: 8, end: 9 }
+        );
+        for bad in [
+            "bytes=10-",
+            "bytes=3-2",
+            "bytes=0-1,3-4",
+            "items=0-1",
+            "bytes=-0",
+            "bytes=a-b",
+            "bytes=-",
+            "bytes=+1-2",
+        ] {
             assert_eq!(parse_range(Some(bad), 10), Unsatisfiable, "{bad}");
         }
         assert_eq!(parse_range(Some("bytes=0-0"), 0), Unsatisfiable);

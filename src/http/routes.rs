@@ -7,8 +7,8 @@ use super::response::{json, read_json, serve_blob, ApiError};
 use crate::app::App;
 use crate::auth::{self, Caller, ACTION_AUTH_MANAGE, ACTION_CONTENT_WRITE};
 use crate::catalog::{
-    self, Artifact, CatalogError, NewArtifact, NewAttachment, PublishRecord, UploadPart, UploadSession, UploadState,
-    Verification, VersionState, VersionView,
+    self, Artifact, CatalogError, NewArtifact, NewAttachment, PublishRecord, UploadPart,
+    UploadSession, UploadState, Verification, VersionState, VersionView,
 };
 use crate::config::VerificationMode;
 use crate::digest::Digest;
@@ -29,7 +29,13 @@ pub fn handle(app: &App, req: &mut Request<'_>) -> Response {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    log::debug!("{} {} -> {} in {:?}", req.method, req.path, resp.status, t.elapsed());
+    log::debug!(
+        "{} {} -> {} in {:?}",
+        req.method,
+        req.path,
+        resp.status,
+        t.elapsed()
+    );
     resp
 }
 
@@ -63,7 +69,18 @@ fn plain_http_allowed(method: &str, segs: &[&str], has_auth: bool) -> bool {
         segs,
         ["healthz"]
             | ["v1", "images", _, "versions", _, "artifacts", _, "download"]
-            | ["v1", "images", _, "versions", _, "artifacts", _, "attachments", _, "download"]
+            | [
+                "v1",
+                "images",
+                _,
+                "versions",
+                _,
+                "artifacts",
+                _,
+                "attachments",
+                _,
+                "download"
+            ]
     )
 }
 
@@ -72,14 +89,19 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
     let segs: Vec<&str> = owned.iter().map(String::as_str).collect();
     let method = req.method.clone();
     let m = method.as_str();
-    if !req.secure {
-        if !plain_http_allowed(m, &segs, req.header("authorization").is_some()) {
-            if req.header("authorization").is_some() {
-                log::warn!("refused plain-HTTP request carrying credentials from {} for {}", req.peer, req.path);
-            }
-            return Err(ApiError::bad_request("this server speaks HTTPS on this port; use https://")
-                .with_header("Connection", "close"));
+    let has_auth = req.header("authorization").is_some();
+    if !req.secure && !plain_http_allowed(m, &segs, has_auth) {
+        if has_auth {
+            log::warn!(
+                "refused plain-HTTP request carrying credentials from {} for {}",
+                req.peer,
+                req.path
+            );
         }
+        return Err(
+            ApiError::bad_request("this server speaks HTTPS on this port; use https://")
+                .with_header("Connection", "close"),
+        );
     }
     let get = matches!(m, "GET" | "HEAD");
     match (m, segs.as_slice()) {
@@ -88,7 +110,9 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
             Ok(_) => Ok(Response::new(204)),
             Err(e) => Err(ApiError::new(503, format!("catalog unavailable: {e}"))),
         },
-        (_, ["streams", "v1", doc @ ("index.json" | "images.json")]) if get => streams(app, req, doc),
+        (_, ["streams", "v1", doc @ ("index.json" | "images.json")]) if get => {
+            streams(app, req, doc)
+        }
 
         ("POST", ["v1", "uploads"]) => begin_upload(app, req),
         ("GET", ["v1", "uploads", id]) => {
@@ -126,17 +150,25 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
             let view = readable_view(app, req, name, ver)?;
             view_response(app, view)
         }
-        (_, ["v1", "images", name, "versions", ver, "manifest"]) if get => manifest(app, req, name, ver),
+        (_, ["v1", "images", name, "versions", ver, "manifest"]) if get => {
+            manifest(app, req, name, ver)
+        }
         (_, ["v1", "images", name, "versions", ver, "manifest.minisig"]) if get => {
             let v = published_version(app, name, ver)?;
             let rec = app.catalog.publish_record(&v.id)?;
-            let sig = rec.signature.ok_or_else(|| ApiError::not_found(format!("{name}@{ver} was published unsigned")))?;
+            let sig = rec.signature.ok_or_else(|| {
+                ApiError::not_found(format!("{name}@{ver} was published unsigned"))
+            })?;
             Ok(Response::new(200)
                 .with_header("Content-Type", "text/plain; charset=utf-8")
                 .with_body(Body::Bytes(sig.into_bytes())))
         }
-        ("POST", ["v1", "images", name, "versions", ver, "publish"]) => publish(app, req, name, ver),
-        ("POST", ["v1", "images", name, "versions", ver, "artifacts"]) => add_artifact(app, req, name, ver),
+        ("POST", ["v1", "images", name, "versions", ver, "publish"]) => {
+            publish(app, req, name, ver)
+        }
+        ("POST", ["v1", "images", name, "versions", ver, "artifacts"]) => {
+            add_artifact(app, req, name, ver)
+        }
         ("GET", ["v1", "images", name, "versions", ver, "artifacts"]) => {
             let view = readable_view(app, req, name, ver)?;
             let arts: Vec<&Artifact> = view.artifacts.iter().map(|a| &a.artifact).collect();
@@ -163,18 +195,27 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
         ("POST", ["v1", "images", name, "versions", ver, "artifacts", id, "attachments"]) => {
             add_attachment(app, req, name, ver, id)
         }
-        ("DELETE", ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att]) => {
+        (
+            "DELETE",
+            ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att],
+        ) => {
             require(app, req, ACTION_CONTENT_WRITE)?;
             let v = app.catalog.get_version(name, ver)?;
             app.catalog.delete_attachment(&v.id, id, att)?;
             Ok(Response::new(204))
         }
-        (_, ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att, "download"]) if get => {
-            download(app, req, name, ver, id, Some(att))
-        }
+        (
+            _,
+            ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att, "download"],
+        ) if get => download(app, req, name, ver, id, Some(att)),
 
-        ("GET", ["v1", "images", name, "aliases"]) => Ok(json(200, &j!({ "aliases": app.catalog.list_aliases(name)? }))),
-        ("GET", ["v1", "images", name, "aliases", alias]) => Ok(json(200, &app.catalog.get_alias(name, alias)?)),
+        ("GET", ["v1", "images", name, "aliases"]) => Ok(json(
+            200,
+            &j!({ "aliases": app.catalog.list_aliases(name)? }),
+        )),
+        ("GET", ["v1", "images", name, "aliases", alias]) => {
+            Ok(json(200, &app.catalog.get_alias(name, alias)?))
+        }
         ("PUT", ["v1", "images", name, "aliases", alias]) => put_alias(app, req, name, alias),
         ("DELETE", ["v1", "images", name, "aliases", alias]) => {
             require(app, req, ACTION_CONTENT_WRITE)?;
@@ -192,25 +233,38 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
         }
 
         (_, ["v1", "auth", ..]) => auth_routes(app, req, m, &segs[2..]),
-        _ => Err(ApiError::not_found(format!("no route for {m} {}", req.path))),
+        _ => Err(ApiError::not_found(format!(
+            "no route for {m} {}",
+            req.path
+        ))),
     }
 }
 
 // ------------------------------------------------------------------ auth
 
 fn caller(app: &App, req: &Request<'_>) -> Result<Option<Caller>, ApiError> {
-    let Some(h) = req.header("authorization") else { return Ok(None) };
+    let Some(h) = req.header("authorization") else {
+        return Ok(None);
+    };
     let token = match h.split_once(' ') {
         Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
         _ => {
-            log::warn!("refused authentication from {}: unsupported scheme", req.peer);
+            log::warn!(
+                "refused authentication from {}: unsupported scheme",
+                req.peer
+            );
             return Err(ApiError::unauthorized());
         }
     };
     match auth::authenticate(app.catalog.as_ref(), token) {
         Ok(c) => Ok(Some(c)),
         Err(auth::AuthError::InvalidToken) => {
-            log::warn!("refused authentication from {} for {} {}", req.peer, req.method, req.path);
+            log::warn!(
+                "refused authentication from {} for {} {}",
+                req.peer,
+                req.method,
+                req.path
+            );
             Err(ApiError::unauthorized())
         }
         Err(auth::AuthError::Catalog(e)) => Err(e.into()),
@@ -222,7 +276,12 @@ fn require(app: &App, req: &Request<'_>, action: &str) -> Result<Caller, ApiErro
         None => Err(ApiError::unauthorized()),
         Some(c) if c.can(action) => Ok(c),
         Some(c) => {
-            log::warn!("denied {action} to principal {} for {} {}", c.principal_id, req.method, req.path);
+            log::warn!(
+                "denied {action} to principal {} for {} {}",
+                c.principal_id,
+                req.method,
+                req.path
+            );
             Err(ApiError::forbidden(action))
         }
     }
@@ -235,7 +294,13 @@ fn is_writer(app: &App, req: &Request<'_>) -> Result<bool, ApiError> {
 
 // ------------------------------------------------------------ validation
 
-fn check_name(kind: &str, s: &str, max: usize, first: fn(u8) -> bool, rest: fn(u8) -> bool) -> Result<(), ApiError> {
+fn check_name(
+    kind: &str,
+    s: &str,
+    max: usize,
+    first: fn(u8) -> bool,
+    rest: fn(u8) -> bool,
+) -> Result<(), ApiError> {
     let b = s.as_bytes();
     if b.is_empty() || b.len() > max || !first(b[0]) || !b.iter().all(|&c| rest(c)) {
         return Err(ApiError::bad_request(format!("invalid {kind} {s:?}")));
@@ -244,57 +309,121 @@ fn check_name(kind: &str, s: &str, max: usize, first: fn(u8) -> bool, rest: fn(u
 }
 
 pub fn valid_image_name(s: &str) -> Result<(), ApiError> {
-    check_name("image name", s, 128, |c| c.is_ascii_lowercase() || c.is_ascii_digit(), |c| {
-        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
-    })
+    check_name(
+        "image name",
+        s,
+        128,
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit(),
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'),
+    )
 }
 
 pub fn valid_version(s: &str) -> Result<(), ApiError> {
-    check_name("version", s, 128, |c| c.is_ascii_alphanumeric(), |c| {
-        c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b':' | b'-')
-    })
+    check_name(
+        "version",
+        s,
+        128,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b':' | b'-'),
+    )
 }
 
 pub fn valid_alias(s: &str) -> Result<(), ApiError> {
-    check_name("alias", s, 64, |c| c.is_ascii_alphanumeric(), |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    check_name(
+        "alias",
+        s,
+        64,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'),
+    )
 }
 
 fn valid_token(kind: &str, s: &str, max: usize) -> Result<(), ApiError> {
-    check_name(kind, s, max, |c| c.is_ascii_alphanumeric(), |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b'-'))
+    check_name(
+        kind,
+        s,
+        max,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b'-'),
+    )
 }
 
 /// Architecture names the Incus client knows; a product with any other is
 /// silently dropped by the client, so it is refused here instead.
 pub const INCUS_ARCHES: &[&str] = &[
-    "i686", "x86_64", "armv6l", "armv7l", "armv8l", "aarch64", "ppc", "ppc64", "ppc64le", "s390x", "mips", "mips64",
-    "riscv32", "riscv64", "loongarch64", "amd64", "i386", "i586", "386", "x86", "arm64", "armhf", "armhfp", "armv7",
-    "armel", "arm", "ppc64el", "powerpc", "powerpc64", "mipsel", "mips64el", "loong64",
+    "i686",
+    "x86_64",
+    "armv6l",
+    "armv7l",
+    "armv8l",
+    "aarch64",
+    "ppc",
+    "ppc64",
+    "ppc64le",
+    "s390x",
+    "mips",
+    "mips64",
+    "riscv32",
+    "riscv64",
+    "loongarch64",
+    "amd64",
+    "i386",
+    "i586",
+    "386",
+    "x86",
+    "arm64",
+    "armhf",
+    "armhfp",
+    "armv7",
+    "armel",
+    "arm",
+    "ppc64el",
+    "powerpc",
+    "powerpc64",
+    "mipsel",
+    "mips64el",
+    "loong64",
 ];
 
 fn parse_digest(s: &str) -> Result<Digest, ApiError> {
-    s.parse().map_err(|e: crate::digest::DigestParseError| ApiError::bad_request(e.to_string()))
+    s.parse()
+        .map_err(|e: crate::digest::DigestParseError| ApiError::bad_request(e.to_string()))
 }
 
 // ------------------------------------------------------------ streams
 
 fn streams(app: &App, req: &Request<'_>, doc: &str) -> Res {
     let s = app.streams.get(app.catalog.as_ref())?;
-    let d = if doc == "index.json" { &s.index } else { &s.images };
+    let d = if doc == "index.json" {
+        &s.index
+    } else {
+        &s.images
+    };
     let base = Response::new(200)
         .with_header("ETag", d.etag.clone())
         .with_header("Cache-Control", "no-cache")
         .with_header("Vary", "Accept-Encoding");
-    if req.header("if-none-match").is_some_and(|h| h.split(',').any(|t| t.trim() == d.etag)) {
+    if req
+        .header("if-none-match")
+        .is_some_and(|h| h.split(',').any(|t| t.trim() == d.etag))
+    {
         let mut r = base;
         r.status = 304;
         return Ok(r);
     }
-    let gzip = req
-        .header("accept-encoding")
-        .is_some_and(|h| h.split(',').any(|e| e.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("gzip")));
+    let gzip = req.header("accept-encoding").is_some_and(|h| {
+        h.split(',').any(|e| {
+            e.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("gzip")
+        })
+    });
     let r = base.with_header("Content-Type", "application/json");
     Ok(if gzip {
-        r.with_header("Content-Encoding", "gzip").with_body(Body::Shared(d.gzip.clone()))
+        r.with_header("Content-Encoding", "gzip")
+            .with_body(Body::Shared(d.gzip.clone()))
     } else {
         r.with_body(Body::Shared(d.bytes.clone()))
     })
@@ -319,7 +448,8 @@ fn begin_upload(app: &App, req: &mut Request<'_>) -> Res {
         return Err(ApiError::bad_request("expected_size_bytes too large"));
     }
     let now = chrono::Utc::now();
-    let ts = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let ts =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let mut s = UploadSession {
         id: catalog::new_id(),
         expected_digest: digest,
@@ -353,10 +483,19 @@ fn begin_upload(app: &App, req: &mut Request<'_>) -> Res {
 fn writable_upload(app: &App, id: &str) -> Result<UploadSession, ApiError> {
     let s = app.catalog.get_upload(id)?;
     if !matches!(s.state, UploadState::Created | UploadState::Uploading) {
-        return Err(ApiError::precondition(format!("upload {id} is {}", s.state.as_str())));
+        return Err(ApiError::precondition(format!(
+            "upload {id} is {}",
+            s.state.as_str()
+        )));
     }
-    if chrono::DateTime::parse_from_rfc3339(&s.expires_at).map(|t| t < chrono::Utc::now()).unwrap_or(true) {
-        return Err(ApiError::precondition(format!("upload {id} expired at {}", s.expires_at)));
+    if chrono::DateTime::parse_from_rfc3339(&s.expires_at)
+        .map(|t| t < chrono::Utc::now())
+        .unwrap_or(true)
+    {
+        return Err(ApiError::precondition(format!(
+            "upload {id} expired at {}",
+            s.expires_at
+        )));
     }
     Ok(s)
 }
@@ -368,22 +507,35 @@ fn put_part(app: &App, req: &mut Request<'_>, id: &str, n: &str) -> Res {
         .ok()
         .filter(|n| (1..=10000).contains(n))
         .ok_or_else(|| ApiError::bad_request("part number must be 1..10000"))?;
-    let len = req.content_length.ok_or_else(|| ApiError::new(411, "upload parts need a Content-Length"))?;
+    let len = req
+        .content_length
+        .ok_or_else(|| ApiError::new(411, "upload parts need a Content-Length"))?;
     if len > MAX_PART {
-        return Err(ApiError::new(413, format!("a part is at most {MAX_PART} bytes")));
+        return Err(ApiError::new(
+            413,
+            format!("a part is at most {MAX_PART} bytes"),
+        ));
     }
     let s = writable_upload(app, id)?;
     if len > s.expected_size_bytes {
         return Err(ApiError::new(413, "part is larger than the whole upload"));
     }
-    let staged = app.blobs.stage_part(&s.id, n, len, &mut req.body).map_err(|e| match e {
-        crate::cas::CasError::Truncated { expected, actual } => ApiError::bad_request(format!(
-            "truncated part: Content-Length {expected}, received {actual} bytes"
-        ))
-        .with_header("Connection", "close"),
-        e => e.into(),
-    })?;
-    let part = UploadPart { upload_id: s.id, part_number: n, etag: staged.digest.to_string(), size_bytes: staged.size };
+    let staged = app
+        .blobs
+        .stage_part(&s.id, n, len, &mut req.body)
+        .map_err(|e| match e {
+            crate::cas::CasError::Truncated { expected, actual } => ApiError::bad_request(format!(
+                "truncated part: Content-Length {expected}, received {actual} bytes"
+            ))
+            .with_header("Connection", "close"),
+            e => e.into(),
+        })?;
+    let part = UploadPart {
+        upload_id: s.id,
+        part_number: n,
+        etag: staged.digest.to_string(),
+        size_bytes: staged.size,
+    };
     app.catalog.put_upload_part(&part)?;
     Ok(json(200, &part))
 }
@@ -418,7 +570,9 @@ fn complete_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
     let mut last = 0;
     for p in &body.parts {
         if p.number <= last {
-            return Err(ApiError::bad_request("parts must be in ascending order without duplicates"));
+            return Err(ApiError::bad_request(
+                "parts must be in ascending order without duplicates",
+            ));
         }
         last = p.number;
         let sp = stored
@@ -426,32 +580,59 @@ fn complete_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
             .find(|x| x.part_number == p.number)
             .ok_or_else(|| ApiError::bad_request(format!("part {} was not uploaded", p.number)))?;
         if sp.etag != p.etag || sp.size_bytes != p.size_bytes {
-            return Err(ApiError::bad_request(format!("part {} does not match the uploaded part (etag or size)", p.number)));
+            return Err(ApiError::bad_request(format!(
+                "part {} does not match the uploaded part (etag or size)",
+                p.number
+            )));
         }
-        let digest = parse_digest(&sp.etag).map_err(|_| ApiError::internal("stored part etag", &sp.etag))?;
-        parts.push((p.number, crate::cas::StagedPart { digest, size: sp.size_bytes }));
+        let digest =
+            parse_digest(&sp.etag).map_err(|_| ApiError::internal("stored part etag", &sp.etag))?;
+        parts.push((
+            p.number,
+            crate::cas::StagedPart {
+                digest,
+                size: sp.size_bytes,
+            },
+        ));
     }
     let total: u64 = parts.iter().map(|(_, p)| p.size).sum();
     let fail = |msg: String| -> ApiError {
         let _ = app.blobs.discard_upload(id);
-        match app.catalog.set_upload_state(id, UploadState::Failed, Some(&msg)) {
+        match app
+            .catalog
+            .set_upload_state(id, UploadState::Failed, Some(&msg))
+        {
             Ok(_) => ApiError::precondition(msg),
             Err(e) => e.into(),
         }
     };
     if total != s.expected_size_bytes {
-        return Err(fail(format!("parts add up to {total} bytes, expected {}", s.expected_size_bytes)));
+        return Err(fail(format!(
+            "parts add up to {total} bytes, expected {}",
+            s.expected_size_bytes
+        )));
     }
-    match app.blobs.commit_upload(id, &parts, &s.expected_digest, s.expected_size_bytes) {
+    match app
+        .blobs
+        .commit_upload(id, &parts, &s.expected_digest, s.expected_size_bytes)
+    {
         Ok(()) => {}
-        Err(e @ (crate::cas::CasError::Mismatch { .. } | crate::cas::CasError::Truncated { .. })) => {
-            return Err(fail(e.to_string()))
-        }
+        Err(
+            e @ (crate::cas::CasError::Mismatch { .. } | crate::cas::CasError::Truncated { .. }),
+        ) => return Err(fail(e.to_string())),
         Err(e) => return Err(e.into()),
     }
-    app.catalog.insert_blob(&s.expected_digest, s.expected_size_bytes, s.media_type_hint.as_deref())?;
+    app.catalog.insert_blob(
+        &s.expected_digest,
+        s.expected_size_bytes,
+        s.media_type_hint.as_deref(),
+    )?;
     let s = app.catalog.set_upload_state(id, UploadState::Ready, None)?;
-    log::info!("stored blob {} ({} bytes)", s.expected_digest, s.expected_size_bytes);
+    log::info!(
+        "stored blob {} ({} bytes)",
+        s.expected_digest,
+        s.expected_size_bytes
+    );
     Ok(json(200, &s))
 }
 
@@ -461,21 +642,36 @@ fn abort_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
     match s.state {
         UploadState::Aborted => return Ok(json(200, &s)),
         UploadState::Created | UploadState::Uploading => {}
-        other => return Err(ApiError::precondition(format!("upload {id} is {}", other.as_str()))),
+        other => {
+            return Err(ApiError::precondition(format!(
+                "upload {id} is {}",
+                other.as_str()
+            )))
+        }
     }
     app.blobs.discard_upload(id)?;
-    Ok(json(200, &app.catalog.set_upload_state(id, UploadState::Aborted, None)?))
+    Ok(json(
+        200,
+        &app.catalog
+            .set_upload_state(id, UploadState::Aborted, None)?,
+    ))
 }
 
 fn get_blob(app: &App, req: &Request<'_>, digest: &str) -> Res {
     let digest = parse_digest(digest)?;
-    let blob = app.catalog.get_blob(&digest)?.ok_or_else(|| ApiError::not_found(format!("blob {digest} not found")))?;
+    let blob = app
+        .catalog
+        .get_blob(&digest)?
+        .ok_or_else(|| ApiError::not_found(format!("blob {digest} not found")))?;
     let public = app.catalog.blob_is_published(&digest)?;
     if !public && !is_writer(app, req)? {
         // unpublished content is not revealed to anonymous callers
         return Err(ApiError::not_found(format!("blob {digest} not found")));
     }
-    let mt = blob.media_type.as_deref().unwrap_or("application/octet-stream");
+    let mt = blob
+        .media_type
+        .as_deref()
+        .unwrap_or("application/octet-stream");
     serve_blob(app, req, &digest, blob.size_bytes, mt, public)
 }
 
@@ -493,12 +689,21 @@ fn create_image(app: &App, req: &mut Request<'_>) -> Res {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let b: CreateImage = read_json(req)?;
     valid_image_name(&b.name)?;
-    for (k, v) in [("display_name", &b.display_name), ("description", &b.description)] {
-        if v.as_deref().is_some_and(|s| s.trim().is_empty() || s.len() > 4096) {
-            return Err(ApiError::bad_request(format!("{k} must be non-blank and at most 4096 bytes")));
+    for (k, v) in [
+        ("display_name", &b.display_name),
+        ("description", &b.description),
+    ] {
+        if v.as_deref()
+            .is_some_and(|s| s.trim().is_empty() || s.len() > 4096)
+        {
+            return Err(ApiError::bad_request(format!(
+                "{k} must be non-blank and at most 4096 bytes"
+            )));
         }
     }
-    let img = app.catalog.create_image(&b.name, b.display_name.as_deref(), b.description.as_deref())?;
+    let img =
+        app.catalog
+            .create_image(&b.name, b.display_name.as_deref(), b.description.as_deref())?;
     log::info!("image created: {}", img.name);
     Ok(json(201, &img))
 }
@@ -520,7 +725,9 @@ fn create_version(app: &App, req: &mut Request<'_>, name: &str) -> Res {
     }
     for (k, v) in &b.metadata {
         if k.is_empty() || k.len() > 128 || v.len() > 4096 || k.chars().any(char::is_control) {
-            return Err(ApiError::bad_request(format!("invalid metadata entry {k:?}")));
+            return Err(ApiError::bad_request(format!(
+                "invalid metadata entry {k:?}"
+            )));
         }
     }
     let v = app.catalog.create_version(name, &b.version, &b.metadata)?;
@@ -529,10 +736,17 @@ fn create_version(app: &App, req: &mut Request<'_>, name: &str) -> Res {
 
 /// A version view the caller may read: published for everyone, drafts for
 /// content writers (404 to others, so drafts are not revealed).
-fn readable_view(app: &App, req: &Request<'_>, name: &str, ver: &str) -> Result<VersionView, ApiError> {
+fn readable_view(
+    app: &App,
+    req: &Request<'_>,
+    name: &str,
+    ver: &str,
+) -> Result<VersionView, ApiError> {
     let view = app.catalog.version_view(name, ver)?;
     if view.version.state != VersionState::Published && !is_writer(app, req)? {
-        return Err(ApiError::not_found(format!("version {name}@{ver} not found")));
+        return Err(ApiError::not_found(format!(
+            "version {name}@{ver} not found"
+        )));
     }
     Ok(view)
 }
@@ -540,7 +754,9 @@ fn readable_view(app: &App, req: &Request<'_>, name: &str, ver: &str) -> Result<
 fn published_version(app: &App, name: &str, ver: &str) -> Result<catalog::ImageVersion, ApiError> {
     let v = app.catalog.get_version(name, ver)?;
     if v.state != VersionState::Published {
-        return Err(ApiError::not_found(format!("version {name}@{ver} not found")));
+        return Err(ApiError::not_found(format!(
+            "version {name}@{ver} not found"
+        )));
     }
     Ok(v)
 }
@@ -554,7 +770,11 @@ fn publication_json(app: &App, view: &VersionView) -> Result<Option<serde_json::
     Ok(Some(publish_record_json(view, &rec, &rows)))
 }
 
-fn publish_record_json(view: &VersionView, rec: &PublishRecord, rows: &[catalog::ProjectionRow]) -> serde_json::Value {
+fn publish_record_json(
+    view: &VersionView,
+    rec: &PublishRecord,
+    rows: &[catalog::ProjectionRow],
+) -> serde_json::Value {
     let fps: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
@@ -636,11 +856,18 @@ fn add_artifact(app: &App, req: &mut Request<'_>, name: &str, ver: &str) -> Res 
             INCUS_ARCHES.join(", ")
         )));
     }
-    if !matches!(b.format.as_str(), "squashfs" | "qcow2" | "tar.xz" | "raw" | "raw.gz") {
-        return Err(ApiError::bad_request("format must be squashfs, qcow2, tar.xz, raw or raw.gz"));
+    if !matches!(
+        b.format.as_str(),
+        "squashfs" | "qcow2" | "tar.xz" | "raw" | "raw.gz"
+    ) {
+        return Err(ApiError::bad_request(
+            "format must be squashfs, qcow2, tar.xz, raw or raw.gz",
+        ));
     }
     if b.primary_media_type.trim().is_empty() || b.primary_media_type.len() > 255 {
-        return Err(ApiError::bad_request("primary_media_type must be non-blank"));
+        return Err(ApiError::bad_request(
+            "primary_media_type must be non-blank",
+        ));
     }
     let v = app.catalog.get_version(name, ver)?;
     let a = app.catalog.add_artifact(
@@ -688,7 +915,14 @@ fn add_attachment(app: &App, req: &mut Request<'_>, name: &str, ver: &str, artif
     Ok(json(201, &a))
 }
 
-fn download(app: &App, req: &Request<'_>, name: &str, ver: &str, artifact: &str, attachment: Option<&str>) -> Res {
+fn download(
+    app: &App,
+    req: &Request<'_>,
+    name: &str,
+    ver: &str,
+    artifact: &str,
+    attachment: Option<&str>,
+) -> Res {
     let v = published_version(app, name, ver)?;
     let view = app.catalog.version_view(name, &v.version)?;
     let a = view
@@ -711,7 +945,14 @@ fn download(app: &App, req: &Request<'_>, name: &str, ver: &str, artifact: &str,
                 .iter()
                 .find(|t| t.id == att)
                 .ok_or_else(|| ApiError::not_found(format!("attachment {att} not found")))?;
-            serve_blob(app, req, &t.blob_digest, t.blob_size_bytes, &t.media_type, true)
+            serve_blob(
+                app,
+                req,
+                &t.blob_digest,
+                t.blob_size_bytes,
+                &t.media_type,
+                true,
+            )
         }
     }
 }
@@ -735,8 +976,15 @@ fn publish(app: &App, req: &mut Request<'_>, name: &str, ver: &str) -> Res {
         return Err(ApiError::precondition("version has no artifact"));
     }
     for a in &view.artifacts {
-        let cited = std::iter::once((&a.artifact.primary_blob_digest, a.artifact.primary_blob_size_bytes))
-            .chain(a.attachments.iter().map(|t| (&t.blob_digest, t.blob_size_bytes)));
+        let cited = std::iter::once((
+            &a.artifact.primary_blob_digest,
+            a.artifact.primary_blob_size_bytes,
+        ))
+        .chain(
+            a.attachments
+                .iter()
+                .map(|t| (&t.blob_digest, t.blob_size_bytes)),
+        );
         for (d, size) in cited {
             match app.catalog.get_blob(d)? {
                 Some(b) if b.size_bytes == size => {}
@@ -746,14 +994,19 @@ fn publish(app: &App, req: &mut Request<'_>, name: &str, ver: &str) -> Res {
                         b.size_bytes
                     )))
                 }
-                None => return Err(ApiError::precondition(format!("blob {d} has not been uploaded"))),
+                None => {
+                    return Err(ApiError::precondition(format!(
+                        "blob {d} has not been uploaded"
+                    )))
+                }
             }
         }
     }
     let manifest = crate::manifest::canonical(&view);
     let manifest_digest = Digest::of(&manifest);
     let mode = app.verification();
-    let (verification, key) = check_signature(app, mode, &manifest, body.signature.as_deref(), name, ver)?;
+    let (verification, key) =
+        check_signature(app, mode, &manifest, body.signature.as_deref(), name, ver)?;
     let projection = crate::fingerprint::compute(app.blobs.as_ref(), &view)?;
     let record = PublishRecord {
         version_id: view.version.id.clone(),
@@ -795,7 +1048,9 @@ fn check_signature(
         None => Err("no signature was supplied".to_string()),
         Some(sig) => crate::sign::load_trusted_keys(&app.config.data_dir)
             .map_err(|e| format!("trusted keys cannot be read: {e}"))
-            .and_then(|keys| crate::sign::verify_signature(&keys, manifest, sig).map_err(|e| e.to_string())),
+            .and_then(|keys| {
+                crate::sign::verify_signature(&keys, manifest, sig).map_err(|e| e.to_string())
+            }),
     };
     match (outcome, mode) {
         (Ok(v), _) => Ok((Verification::Verified, Some(v))),
@@ -859,7 +1114,10 @@ fn auth_routes(app: &App, req: &mut Request<'_>, m: &str, segs: &[&str]) -> Res 
             if b.display_name.trim().is_empty() || b.display_name.len() > 256 {
                 return Err(ApiError::bad_request("display_name must be non-blank"));
             }
-            Ok(json(201, &cat.create_principal(&b.kind, &b.display_name, "{}")?))
+            Ok(json(
+                201,
+                &cat.create_principal(&b.kind, &b.display_name, "{}")?,
+            ))
         }
         ("GET", ["principals", id]) => Ok(json(200, &cat.get_principal(id)?)),
         ("PUT", ["principals", id, "roles", role]) => {
@@ -880,18 +1138,27 @@ fn auth_routes(app: &App, req: &mut Request<'_>, m: &str, segs: &[&str]) -> Res 
             if exp <= chrono::Utc::now() {
                 return Err(ApiError::bad_request("expires_at must be in the future"));
             }
-            let exp = exp.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-            let (t, plaintext) = auth::issue_token(cat, id, b.name.as_deref().unwrap_or("api"), Some(exp))?;
-            let mut v = serde_json::to_value(&t).map_err(|e| ApiError::internal("serializing", e))?;
+            let exp = exp
+                .with_timezone(&chrono::Utc)
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            let (t, plaintext) =
+                auth::issue_token(cat, id, b.name.as_deref().unwrap_or("api"), Some(exp))?;
+            let mut v =
+                serde_json::to_value(&t).map_err(|e| ApiError::internal("serializing", e))?;
             v["plaintext"] = j!(plaintext);
             Ok(json(201, &v))
         }
-        ("GET", ["principals", id, "api-tokens"]) => Ok(json(200, &j!({ "api_tokens": cat.list_tokens(id)? }))),
+        ("GET", ["principals", id, "api-tokens"]) => {
+            Ok(json(200, &j!({ "api_tokens": cat.list_tokens(id)? })))
+        }
         ("DELETE", ["api-tokens", id]) => {
             cat.revoke_token(id)?;
             Ok(Response::new(204))
         }
-        _ => Err(ApiError::not_found(format!("no route for {m} {}", req.path))),
+        _ => Err(ApiError::not_found(format!(
+            "no route for {m} {}",
+            req.path
+        ))),
     }
 }
 
@@ -901,7 +1168,10 @@ mod tests {
 
     #[test]
     fn path_segments_are_decoded_and_dot_segments_refused() {
-        assert_eq!(segments("/v1/images/a/versions/2024_13%3A00").unwrap(), ["v1", "images", "a", "versions", "2024_13:00"]);
+        assert_eq!(
+            segments("/v1/images/a/versions/2024_13%3A00").unwrap(),
+            ["v1", "images", "a", "versions", "2024_13:00"]
+        );
         assert!(segments("/v1/images/%2e%2e/x").is_err());
         assert!(segments("/v1/images/a%2Fb").is_err());
         assert!(segments("/v1/images/%ff").is_err());
@@ -922,12 +1192,29 @@ mod tests {
 
     #[test]
     fn plain_http_only_for_downloads_without_credentials() {
-        let dl = ["v1", "images", "a", "versions", "1", "artifacts", "x", "download"];
+        let dl = [
+            "v1",
+            "images",
+            "a",
+            "versions",
+            "1",
+            "artifacts",
+            "x",
+            "download",
+        ];
         assert!(plain_http_allowed("GET", &dl, false));
         assert!(plain_http_allowed("HEAD", &dl, false));
         assert!(!plain_http_allowed("GET", &dl, true));
         assert!(!plain_http_allowed("POST", &dl, false));
-        assert!(!plain_http_allowed("GET", &["streams", "v1", "images.json"], false));
-        assert!(!plain_http_allowed("GET", &["v1", "blobs", "sha256:00"], false));
+        assert!(!plain_http_allowed(
+            "GET",
+            &["streams", "v1", "images.json"],
+            false
+        ));
+        assert!(!plain_http_allowed(
+            "GET",
+            &["v1", "blobs", "sha256:00"],
+            false
+        ));
     }
 }
