@@ -1,4 +1,5 @@
 //! imgsrv: a self-hosted image server for Incus.
 pub mod digest;
 pub mod http;
+pub mod sign;
 pub mod tls;

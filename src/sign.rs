@@ -1,0 +1,961 @@
+//! Minisign keys and signatures.
+//!
+//! Server side: the trust store of publisher **public** keys
+//! (`DATA_DIR/keys/<NAME>.pub`, exactly as `minisign -G` writes them) and
+//! [`verify_signature`]. The server never holds a private key.
+//!
+//! Publisher side: [`load_secret_key`] reads keys made by `minisign -G`
+//! (password-protected) and `minisign -G -W` (unencrypted), and [`sign`]
+//! produces a prehashed `.minisig` text that the stock `minisign -V` accepts.
+
+use std::fs;
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+
+/// Environment variable holding the password of an encrypted secret key.
+pub const PASSWORD_ENV: &str = "IMGSRV_KEY_PASSWORD";
+
+const UNTRUSTED_PREFIX: &str = "untrusted comment: ";
+const TRUSTED_PREFIX: &str = "trusted comment: ";
+/// Legacy signature algorithm: Ed25519 over the raw message.
+const ALG_LEGACY: [u8; 2] = *b"Ed";
+/// Current signature algorithm: Ed25519 over BLAKE2b-512(message).
+const ALG_PREHASHED: [u8; 2] = *b"ED";
+const KDF_NONE: [u8; 2] = [0, 0];
+const KDF_SCRYPT: [u8; 2] = *b"Sc";
+const CHK_BLAKE2B: [u8; 2] = *b"B2";
+/// alg(2) kdf(2) chk(2) salt(32) opslimit(8) memlimit(8) keynum(8) sk(64) chk(32)
+const SECRET_KEY_LEN: usize = 158;
+/// The crate refuses scrypt parameters above this (N = 2^20, r = 8: 1 GiB).
+const SCRYPT_MEMLIMIT_MAX: u64 = 1 << 30;
+
+/// Why a key or signature operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("invalid key name {0:?}: expected 1 to 64 characters from [A-Za-z0-9._-], starting with a letter or digit")]
+    InvalidName(String),
+    #[error("{path}: not a minisign public key ({reason})")]
+    MalformedKey { path: PathBuf, reason: String },
+    #[error("{path}: not a usable minisign secret key ({reason})")]
+    MalformedSecretKey { path: PathBuf, reason: String },
+    #[error("malformed minisign signature: {0}")]
+    Malformed(String),
+    #[error("legacy (non-prehashed) minisign signature refused: sign with minisign 0.8 or later, without -l")]
+    LegacySignature,
+    #[error("signature was made with key {0}, which is not a trusted publisher key (add it with `imgsrv key add`)")]
+    UnknownKey(String),
+    #[error("signature by key {key_name:?} ({key_id}) does not verify: the signed data or its trusted comment differs from what was signed")]
+    BadSignature { key_name: String, key_id: String },
+    #[error("a trusted key named {0:?} already exists")]
+    DuplicateName(String),
+    #[error("key {key_id} is already trusted under the name {name:?}")]
+    DuplicateKeyId { key_id: String, name: String },
+    #[error("trusted keys {first} and {second} have the same key id {key_id}")]
+    ConflictingKeyId {
+        key_id: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("no trusted key has the name or key id {0:?}")]
+    NotFound(String),
+    #[error("wrong password for secret key {0}")]
+    WrongPassword(PathBuf),
+    #[error("secret key {0} is encrypted and there is no terminal to ask for its password: set {PASSWORD_ENV}, or use a key made with `minisign -G -W`")]
+    NoTerminal(PathBuf),
+    #[error("invalid trusted comment {0:?}: it must be a single line")]
+    InvalidComment(String),
+    #[error("signing failed: {0}")]
+    Sign(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SignError + '_ {
+    move |source| SignError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A trusted publisher public key from `DATA_DIR/keys/<name>.pub`.
+#[derive(Debug, Clone)]
+pub struct TrustedKey {
+    pub name: String,
+    /// 16 upper-case hex digits, as minisign prints it.
+    pub key_id: String,
+    pub path: PathBuf,
+    key: minisign_verify::PublicKey,
+    key_id_bytes: [u8; 8],
+}
+
+impl TrustedKey {
+    pub fn public_key(&self) -> &minisign_verify::PublicKey {
+        &self.key
+    }
+}
+
+/// The result of a successful [`verify_signature`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub key_name: String,
+    pub key_id: String,
+    /// The trusted comment without its `trusted comment: ` prefix.
+    pub trusted_comment: String,
+}
+
+/// Formats 8 key-id bytes the way minisign prints them.
+pub fn key_id_hex(keynum: &[u8; 8]) -> String {
+    format!("{:016X}", u64::from_le_bytes(*keynum))
+}
+
+/// The key id of a secret key, as minisign prints it.
+pub fn secret_key_id(sk: &minisign::SecretKey) -> String {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&sk.keynum()[..8]);
+    key_id_hex(&b)
+}
+
+/// Whether `name` is a valid trusted-key name.
+pub fn valid_key_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// Strict standard base64 (with padding) decoder.
+fn b64_decode(s: &str) -> Option<Vec<u8>> {
+    fn val(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(b.len() / 4 * 3);
+    let chunks = b.len() / 4;
+    for (i, q) in b.chunks(4).enumerate() {
+        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && i + 1 != chunks) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &q[..4 - pad] {
+            n = (n << 6) | val(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
+}
+
+/// Splits minisign file text into lines (tolerating CRLF) and checks that
+/// nothing but blank lines follows the `expected` meaningful ones.
+fn split_lines(text: &str, expected: usize) -> Result<Vec<&str>, String> {
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() < expected {
+        return Err(format!("expected {expected} lines, found {}", lines.len()));
+    }
+    if lines[expected..].iter().any(|l| !l.trim().is_empty()) {
+        return Err(format!("unexpected text after line {expected}"));
+    }
+    Ok(lines[..expected].to_vec())
+}
+
+/// Parses the text of a `minisign -G` public key file.
+/// Returns the verifier, the key-id bytes and the normalized file text.
+fn parse_public_key(text: &str) -> Result<(minisign_verify::PublicKey, [u8; 8], String), String> {
+    let lines = split_lines(text, 2)?;
+    if !lines[0].starts_with(UNTRUSTED_PREFIX) {
+        return Err(format!("line 1 must start with {UNTRUSTED_PREFIX:?}"));
+    }
+    let b64 = lines[1].trim();
+    let raw = b64_decode(b64).ok_or("line 2 is not valid base64")?;
+    if raw.len() != 42 {
+        return Err(format!(
+            "line 2 decodes to {} bytes, a public key has 42",
+            raw.len()
+        ));
+    }
+    if raw[0..2] != ALG_LEGACY {
+        return Err("unsupported key algorithm (expected Ed25519, \"Ed\")".into());
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&raw[2..10]);
+    let key = minisign_verify::PublicKey::from_base64(b64).map_err(|e| e.to_string())?;
+    Ok((key, id, format!("{}\n{}\n", lines[0].trim_end(), b64)))
+}
+
+fn keys_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys")
+}
+
+fn load_key_file(path: &Path, name: &str) -> Result<TrustedKey, SignError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let (key, id, _) = parse_public_key(&text).map_err(|reason| SignError::MalformedKey {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    Ok(TrustedKey {
+        name: name.to_string(),
+        key_id: key_id_hex(&id),
+        path: path.to_path_buf(),
+        key,
+        key_id_bytes: id,
+    })
+}
+
+/// Reads every `DATA_DIR/keys/<NAME>.pub`, sorted by name. Called on each
+/// verification, so a running server sees keys added or removed since.
+/// Fails closed: a malformed key file, a `.pub` file with an invalid name or
+/// two files with the same key id are errors. A missing directory means no keys.
+pub fn load_trusted_keys(data_dir: &Path) -> Result<Vec<TrustedKey>, SignError> {
+    let dir = keys_dir(data_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&dir)(e)),
+    };
+    let mut keys = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(&dir))?;
+        let path = entry.path();
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".pub")) else {
+            continue; // not a key file (e.g. a temporary file of an add in progress)
+        };
+        if name.starts_with('.') {
+            continue; // hidden files are never keys (invalid names)
+        }
+        if !valid_key_name(name) {
+            return Err(SignError::MalformedKey {
+                path,
+                reason: "the file name is not a valid key name".into(),
+            });
+        }
+        keys.push(load_key_file(&path, name)?);
+    }
+    keys.sort_by(|a, b| a.name.cmp(&b.name));
+    for (i, a) in keys.iter().enumerate() {
+        if let Some(b) = keys[i + 1..].iter().find(|b| b.key_id == a.key_id) {
+            return Err(SignError::ConflictingKeyId {
+                key_id: a.key_id.clone(),
+                first: a.path.clone(),
+                second: b.path.clone(),
+            });
+        }
+    }
+    Ok(keys)
+}
+
+/// Adds a trusted publisher key from a `minisign -G` public key file, as
+/// `DATA_DIR/keys/<name>.pub` (default name: the file stem). Refuses a
+/// duplicate name or key id. Written atomically; directory 0700, file 0644.
+pub fn add_trusted_key(
+    data_dir: &Path,
+    name: Option<&str>,
+    pubkey_file: &Path,
+) -> Result<TrustedKey, SignError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+    let text = fs::read_to_string(pubkey_file).map_err(io_err(pubkey_file))?;
+    let (key, id, normalized) =
+        parse_public_key(&text).map_err(|reason| SignError::MalformedKey {
+            path: pubkey_file.to_path_buf(),
+            reason,
+        })?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => pubkey_file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string(),
+    };
+    if !valid_key_name(&name) {
+        return Err(SignError::InvalidName(name));
+    }
+    let key_id = key_id_hex(&id);
+    let existing = load_trusted_keys(data_dir)?;
+    if existing.iter().any(|k| k.name == name) {
+        return Err(SignError::DuplicateName(name));
+    }
+    if let Some(k) = existing.iter().find(|k| k.key_id == key_id) {
+        return Err(SignError::DuplicateKeyId {
+            key_id,
+            name: k.name.clone(),
+        });
+    }
+
+    let dir = keys_dir(data_dir);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io_err(&dir))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
+
+    let path = dir.join(format!("{name}.pub"));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".add-")
+        .suffix(".tmp")
+        .tempfile_in(&dir)
+        .map_err(io_err(&dir))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(io_err(tmp.path()))?;
+    tmp.write_all(normalized.as_bytes())
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(io_err(&path))?;
+    // No-clobber: a concurrent add of the same name loses instead of overwriting.
+    tmp.persist_noclobber(&path).map_err(|e| {
+        if e.error.kind() == io::ErrorKind::AlreadyExists {
+            SignError::DuplicateName(name.clone())
+        } else {
+            io_err(&path)(e.error)
+        }
+    })?;
+    fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(&dir))?;
+    Ok(TrustedKey {
+        name,
+        key_id,
+        path,
+        key,
+        key_id_bytes: id,
+    })
+}
+
+/// Removes a trusted key by name, or by key id (case-insensitive hex).
+pub fn remove_trusted_key(data_dir: &Path, name_or_key_id: &str) -> Result<TrustedKey, SignError> {
+    let keys = load_trusted_keys(data_dir)?;
+    let key = keys
+        .iter()
+        .find(|k| k.name == name_or_key_id)
+        .or_else(|| {
+            keys.iter()
+                .find(|k| k.key_id.eq_ignore_ascii_case(name_or_key_id))
+        })
+        .ok_or_else(|| SignError::NotFound(name_or_key_id.to_string()))?
+        .clone();
+    fs::remove_file(&key.path).map_err(io_err(&key.path))?;
+    Ok(key)
+}
+
+/// Verifies a whole `.minisig` text over `message` against the trusted keys.
+///
+/// Only prehashed (`ED`) signatures are accepted, like `minisign -V -H`:
+/// legacy `Ed` signatures sign the raw message, are never produced by current
+/// minisign or by [`sign`], and accepting both modes would only widen what
+/// an attacker can present. The global signature over the trusted comment is
+/// always checked.
+pub fn verify_signature(
+    keys: &[TrustedKey],
+    message: &[u8],
+    minisig_text: &str,
+) -> Result<Verified, SignError> {
+    let lines = split_lines(minisig_text, 4).map_err(SignError::Malformed)?;
+    if !lines[0].starts_with(UNTRUSTED_PREFIX) {
+        return Err(SignError::Malformed(format!(
+            "line 1 must start with {UNTRUSTED_PREFIX:?}"
+        )));
+    }
+    let raw = b64_decode(lines[1].trim())
+        .ok_or_else(|| SignError::Malformed("line 2 is not valid base64".into()))?;
+    if raw.len() != 74 {
+        return Err(SignError::Malformed(format!(
+            "line 2 decodes to {} bytes, a signature has 74",
+            raw.len()
+        )));
+    }
+    match [raw[0], raw[1]] {
+        ALG_PREHASHED => {}
+        ALG_LEGACY => return Err(SignError::LegacySignature),
+        _ => {
+            return Err(SignError::Malformed(
+                "unsupported signature algorithm".into(),
+            ))
+        }
+    }
+    if !lines[2].starts_with(TRUSTED_PREFIX) {
+        return Err(SignError::Malformed(format!(
+            "line 3 must start with {TRUSTED_PREFIX:?}"
+        )));
+    }
+    match b64_decode(lines[3].trim()) {
+        Some(g) if g.len() == 64 => {}
+        _ => {
+            return Err(SignError::Malformed(
+                "line 4 is not a base64 global signature of 64 bytes".into(),
+            ))
+        }
+    }
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&raw[2..10]);
+    let key = keys
+        .iter()
+        .find(|k| k.key_id_bytes == id)
+        .ok_or_else(|| SignError::UnknownKey(key_id_hex(&id)))?;
+    // Re-assemble exactly the 4 lines we validated (CRLF and trailing blank
+    // lines removed) for minisign-verify.
+    let canonical = format!(
+        "{}\n{}\n{}\n{}\n",
+        lines[0],
+        lines[1].trim(),
+        lines[2],
+        lines[3].trim()
+    );
+    let sig = minisign_verify::Signature::decode(&canonical)
+        .map_err(|e| SignError::Malformed(e.to_string()))?;
+    key.key
+        .verify(message, &sig, false)
+        .map_err(|_| SignError::BadSignature {
+            key_name: key.name.clone(),
+            key_id: key.key_id.clone(),
+        })?;
+    Ok(Verified {
+        key_name: key.name.clone(),
+        key_id: key.key_id.clone(),
+        trusted_comment: sig.trusted_comment().to_string(),
+    })
+}
+
+/// The trusted comment imgsrv puts on a manifest signature.
+pub fn manifest_trusted_comment(
+    image: &str,
+    version: &str,
+    manifest: &Digest,
+    timestamp: u64,
+) -> String {
+    format!(
+        "imgsrv manifest image={image} version={version} sha256={} timestamp={timestamp}",
+        manifest.hex()
+    )
+}
+
+/// Signs `message` (prehashed, like `minisign -S`), returning the 4-line
+/// `.minisig` text.
+pub fn sign(
+    sk: &minisign::SecretKey,
+    message: &[u8],
+    trusted_comment: &str,
+) -> Result<String, SignError> {
+    if trusted_comment.contains(['\n', '\r']) {
+        return Err(SignError::InvalidComment(trusted_comment.to_string()));
+    }
+    let pk =
+        minisign::PublicKey::from_secret_key(sk).map_err(|e| SignError::Sign(e.to_string()))?;
+    let untrusted = format!("imgsrv signature from minisign key {}", secret_key_id(sk));
+    // Passing the public key makes the crate check the global signature it
+    // just made: a corrupted secret key fails here rather than at the server.
+    let sbox = minisign::sign(
+        Some(&pk),
+        sk,
+        io::Cursor::new(message),
+        Some(trusted_comment),
+        Some(&untrusted),
+    )
+    .map_err(|e| SignError::Sign(e.to_string()))?;
+    Ok(sbox.into_string())
+}
+
+/// Loads a minisign secret key: unencrypted (`minisign -G -W`) or
+/// scrypt-encrypted (`minisign -G`). The password of an encrypted key comes
+/// from `IMGSRV_KEY_PASSWORD` when set and non-empty, else from a prompt on
+/// the controlling terminal (`/dev/tty`); without one, [`SignError::NoTerminal`].
+pub fn load_secret_key(path: &Path) -> Result<minisign::SecretKey, SignError> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let bad = |reason: &str| SignError::MalformedSecretKey {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let lines = split_lines(&text, 2).map_err(|r| bad(&r))?;
+    if !lines[0].starts_with(UNTRUSTED_PREFIX) {
+        return Err(bad(&format!("line 1 must start with {UNTRUSTED_PREFIX:?}")));
+    }
+    let raw = b64_decode(lines[1].trim()).ok_or_else(|| bad("line 2 is not valid base64"))?;
+    if raw.len() != SECRET_KEY_LEN {
+        return Err(bad(&format!(
+            "line 2 decodes to {} bytes, a secret key has {SECRET_KEY_LEN}",
+            raw.len()
+        )));
+    }
+    if raw[0..2] != ALG_LEGACY {
+        return Err(bad("unsupported signature algorithm (expected \"Ed\")"));
+    }
+    if raw[4..6] != CHK_BLAKE2B {
+        return Err(bad("unsupported checksum algorithm (expected \"B2\")"));
+    }
+    let sk = match [raw[2], raw[3]] {
+        KDF_NONE => {
+            let chk = &raw[SECRET_KEY_LEN - 32..];
+            if chk.iter().any(|&b| b != 0) {
+                // A checksum is present: let the crate verify it (with an
+                // empty password it skips decryption and only checks it).
+                let skbox =
+                    minisign::SecretKeyBox::from_string(&text).map_err(|e| bad(&e.to_string()))?;
+                minisign::SecretKey::from_box(skbox, Some(String::new()))
+                    .map_err(|_| bad("checksum mismatch: the file is corrupted"))?
+            } else {
+                // minisign -G -W writes an all-zero checksum, which the
+                // crate's from_box would reject: build the key from its bytes.
+                minisign::SecretKey::from_bytes(&raw).map_err(|e| bad(&e.to_string()))?
+            }
+        }
+        KDF_SCRYPT => {
+            let memlimit = u64::from_le_bytes(raw[46..54].try_into().unwrap_or_default());
+            if memlimit > SCRYPT_MEMLIMIT_MAX {
+                return Err(bad("scrypt memory limit above 1 GiB"));
+            }
+            let password = match std::env::var(PASSWORD_ENV) {
+                Ok(p) if !p.is_empty() => p,
+                _ => {
+                    prompt_password(&format!("Password for {}: ", path.display())).map_err(|e| {
+                        if e.kind() == io::ErrorKind::NotFound
+                            || e.raw_os_error() == Some(libc::ENXIO)
+                        {
+                            SignError::NoTerminal(path.to_path_buf())
+                        } else {
+                            io_err(Path::new("/dev/tty"))(e)
+                        }
+                    })?
+                }
+            };
+            if password.is_empty() {
+                return Err(SignError::WrongPassword(path.to_path_buf()));
+            }
+            let skbox =
+                minisign::SecretKeyBox::from_string(&text).map_err(|e| bad(&e.to_string()))?;
+            minisign::SecretKey::from_box(skbox, Some(password)).map_err(|e| {
+                let msg = e.to_string();
+                if msg.contains("Wrong password") {
+                    SignError::WrongPassword(path.to_path_buf())
+                } else {
+                    bad(&msg)
+                }
+            })?
+        }
+        _ => return Err(bad("unsupported key derivation function")),
+    };
+    // Self-test: the Ed25519 seed must match the public half embedded in the
+    // key (an unencrypted key has no checksum to catch corruption).
+    sign(&sk, b"imgsrv key self-test", "self-test").map_err(|_| {
+        bad("the key is inconsistent (its signature does not verify with its own public key)")
+    })?;
+    Ok(sk)
+}
+
+/// Reads a line from the controlling terminal with echo turned off.
+/// Fails with `NotFound`/`ENXIO` when there is no terminal.
+fn prompt_password(prompt: &str) -> io::Result<String> {
+    use std::os::fd::AsRawFd;
+
+    let mut tty = match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+    {
+        Ok(t) => t,
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) || e.kind() == io::ErrorKind::NotFound => {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no controlling terminal",
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    let fd = tty.as_raw_fd();
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+    let mut term: libc::termios = unsafe { std::mem::zeroed() };
+    if unsafe { libc::tcgetattr(fd, &mut term) } != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "/dev/tty is not a terminal",
+        ));
+    }
+    struct Restore(i32, libc::termios);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores attributes read from the same fd.
+            unsafe { libc::tcsetattr(self.0, libc::TCSANOW, &self.1) };
+        }
+    }
+    let restore = Restore(fd, term);
+    let mut quiet = term;
+    quiet.c_lflag &= !libc::ECHO;
+    quiet.c_lflag |= libc::ECHONL;
+    // SAFETY: valid fd and termios value.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    tty.write_all(prompt.as_bytes())?;
+    tty.flush()?;
+    let mut line = String::new();
+    io::BufReader::new(&tty).read_line(&mut line)?;
+    drop(restore);
+    while line.ends_with(['\n', '\r']) {
+        line.pop();
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// Generates a key pair with the real minisign CLI. With a password the
+    /// key is encrypted (minisign reads it twice from stdin when not a tty).
+    pub(crate) fn minisign_keygen(
+        dir: &Path,
+        stem: &str,
+        password: Option<&str>,
+    ) -> (PathBuf, PathBuf) {
+        let pk = dir.join(format!("{stem}.pub"));
+        let sk = dir.join(format!("{stem}.key"));
+        let mut cmd = Command::new("minisign");
+        cmd.arg("-G").arg("-p").arg(&pk).arg("-s").arg(&sk);
+        if password.is_none() {
+            cmd.arg("-W");
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run minisign");
+        let mut stdin = child.stdin.take().unwrap();
+        if let Some(p) = password {
+            write!(stdin, "{p}\n{p}\n").unwrap();
+        }
+        drop(stdin);
+        assert!(child.wait().unwrap().success(), "minisign -G failed");
+        (pk, sk)
+    }
+
+    fn minisign_verify_cli(pk: &Path, file: &Path, sig: &Path, prehashed_only: bool) -> bool {
+        let mut cmd = Command::new("minisign");
+        cmd.arg("-V")
+            .arg("-p")
+            .arg(pk)
+            .arg("-m")
+            .arg(file)
+            .arg("-x")
+            .arg(sig);
+        if prehashed_only {
+            cmd.arg("-H");
+        }
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    fn minisign_sign_cli(sk: &Path, file: &Path, legacy: bool, tc: &str) -> String {
+        let mut cmd = Command::new("minisign");
+        cmd.arg("-S")
+            .arg("-s")
+            .arg(sk)
+            .arg("-m")
+            .arg(file)
+            .arg("-t")
+            .arg(tc);
+        if legacy {
+            cmd.arg("-l");
+        }
+        let st = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        fs::read_to_string(format!("{}.minisig", file.display())).unwrap()
+    }
+
+    #[test]
+    fn base64_is_strict() {
+        assert_eq!(b64_decode("aGk=").unwrap(), b"hi");
+        assert_eq!(b64_decode("aGVsbG8h").unwrap(), b"hello!");
+        for bad in ["", "aGk", "aG=k", "a===", "aGk=aGk=", "aG k"] {
+            assert!(b64_decode(bad).is_none(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn key_names() {
+        for ok in ["a", "Alice.2024_x-y", &"k".repeat(64)] {
+            assert!(valid_key_name(ok), "{ok}");
+        }
+        for bad in ["", ".hidden", "-x", "a b", "a/b", &"k".repeat(65)] {
+            assert!(!valid_key_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn trust_store_add_list_remove() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let data = t.path().join("data");
+        assert!(load_trusted_keys(&data).unwrap().is_empty());
+        let (pk, _) = minisign_keygen(t.path(), "alice", None);
+        let (pk2, _) = minisign_keygen(t.path(), "bob", None);
+
+        let k = add_trusted_key(&data, None, &pk).unwrap();
+        assert_eq!(k.name, "alice");
+        // The id minisign prints in the untrusted comment of the .pub file.
+        let pub_text = fs::read_to_string(&pk).unwrap();
+        assert!(
+            pub_text.lines().next().unwrap().ends_with(&k.key_id),
+            "{pub_text}"
+        );
+        assert_eq!(k.key_id.len(), 16);
+        assert_eq!(fs::read_to_string(&k.path).unwrap(), pub_text);
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data.join("keys")), 0o700);
+        assert_eq!(mode(&k.path), 0o644);
+
+        assert!(matches!(
+            add_trusted_key(&data, None, &pk),
+            Err(SignError::DuplicateName(_))
+        ));
+        assert!(matches!(
+            add_trusted_key(&data, Some("other"), &pk),
+            Err(SignError::DuplicateKeyId { .. })
+        ));
+        assert!(matches!(
+            add_trusted_key(&data, Some("bad name"), &pk2),
+            Err(SignError::InvalidName(_))
+        ));
+        let k2 = add_trusted_key(&data, Some("bob2"), &pk2).unwrap();
+        let names: Vec<_> = load_trusted_keys(&data)
+            .unwrap()
+            .into_iter()
+            .map(|k| k.name)
+            .collect();
+        assert_eq!(names, ["alice", "bob2"]);
+
+        // Remove by key id (any case), then by name.
+        let r = remove_trusted_key(&data, &k2.key_id.to_lowercase()).unwrap();
+        assert_eq!(r.name, "bob2");
+        assert!(!k2.path.exists());
+        assert!(matches!(
+            remove_trusted_key(&data, "bob2"),
+            Err(SignError::NotFound(_))
+        ));
+        remove_trusted_key(&data, "alice").unwrap();
+        assert!(load_trusted_keys(&data).unwrap().is_empty());
+    }
+
+    #[test]
+    fn malformed_key_files_fail_closed() {
+        let t = tempfile::tempdir().unwrap();
+        let (pk, sk) = minisign_keygen(t.path(), "k", None);
+        // A secret key is not a public key.
+        let e = add_trusted_key(t.path(), Some("x"), &sk).unwrap_err();
+        assert!(matches!(e, SignError::MalformedKey { .. }), "{e}");
+        assert!(e.to_string().contains("k.key"), "{e}");
+
+        let keys = t.path().join("keys");
+        add_trusted_key(t.path(), None, &pk).unwrap();
+        assert_eq!(load_trusted_keys(t.path()).unwrap().len(), 1);
+        // Non-.pub files are ignored; a broken .pub file fails the whole load.
+        fs::write(keys.join("README"), "not a key").unwrap();
+        assert_eq!(load_trusted_keys(t.path()).unwrap().len(), 1);
+        fs::write(keys.join("broken.pub"), "untrusted comment: x\nRWQ=\n").unwrap();
+        let e = load_trusted_keys(t.path()).unwrap_err();
+        assert!(e.to_string().contains("broken.pub"), "{e}");
+        fs::write(keys.join("broken.pub"), "hello\n").unwrap();
+        assert!(load_trusted_keys(t.path()).is_err());
+        // Same key under two names: ambiguous, refused.
+        fs::copy(&pk, keys.join("broken.pub")).unwrap();
+        let e = load_trusted_keys(t.path()).unwrap_err();
+        assert!(matches!(e, SignError::ConflictingKeyId { .. }), "{e}");
+    }
+
+    #[test]
+    fn sign_verifies_with_minisign_cli_and_verify_signature() {
+        let t = tempfile::tempdir().unwrap();
+        let (pk, skp) = minisign_keygen(t.path(), "pub1", None);
+        let sk = load_secret_key(&skp).unwrap();
+        let key = add_trusted_key(&t.path().join("d"), None, &pk).unwrap();
+        assert_eq!(secret_key_id(&sk), key.key_id);
+
+        let msg = br#"{"image":"debian","schema":"imgsrv.manifest.v1"}"#;
+        let tc = manifest_trusted_comment("debian", "1", &Digest::of(msg), 1_700_000_000);
+        let sig = sign(&sk, msg, &tc).unwrap();
+        assert_eq!(sig.lines().count(), 4);
+        let file = t.path().join("manifest.json");
+        fs::write(&file, msg).unwrap();
+        let sigf = t.path().join("manifest.json.minisig");
+        fs::write(&sigf, &sig).unwrap();
+        assert!(minisign_verify_cli(&pk, &file, &sigf, false));
+        assert!(minisign_verify_cli(&pk, &file, &sigf, true));
+        // The CLI notices a changed file (the check above can fail).
+        fs::write(&file, b"other").unwrap();
+        assert!(!minisign_verify_cli(&pk, &file, &sigf, false));
+
+        let keys = load_trusted_keys(&t.path().join("d")).unwrap();
+        let v = verify_signature(&keys, msg, &sig).unwrap();
+        assert_eq!(v.key_name, "pub1");
+        assert_eq!(v.key_id, key.key_id);
+        assert_eq!(v.trusted_comment, tc);
+        assert!(tc.contains(&format!("sha256={}", Digest::of(msg).hex())));
+
+        // Wrong message, tampered trusted comment, unknown key.
+        assert!(matches!(
+            verify_signature(&keys, b"x", &sig),
+            Err(SignError::BadSignature { .. })
+        ));
+        let tampered = sig.replace("image=debian", "image=evil");
+        assert!(matches!(
+            verify_signature(&keys, msg, &tampered),
+            Err(SignError::BadSignature { .. })
+        ));
+        let (_, other_sk) = minisign_keygen(t.path(), "other", None);
+        let other = load_secret_key(&other_sk).unwrap();
+        let sig2 = sign(&other, msg, "x").unwrap();
+        match verify_signature(&keys, msg, &sig2) {
+            Err(SignError::UnknownKey(id)) => assert_eq!(id, secret_key_id(&other)),
+            r => panic!("expected UnknownKey, got {r:?}"),
+        }
+        assert!(sign(&sk, msg, "two\nlines").is_err());
+    }
+
+    #[test]
+    fn verify_accepts_cli_signatures_and_refuses_legacy_and_malformed() {
+        let t = tempfile::tempdir().unwrap();
+        let (pk, skp) = minisign_keygen(t.path(), "cli", None);
+        let data = t.path().join("d");
+        add_trusted_key(&data, None, &pk).unwrap();
+        let keys = load_trusted_keys(&data).unwrap();
+        let file = t.path().join("m");
+        fs::write(&file, b"manifest bytes").unwrap();
+
+        let sig = minisign_sign_cli(&skp, &file, false, "hello comment");
+        let v = verify_signature(&keys, b"manifest bytes", &sig).unwrap();
+        assert_eq!(v.trusted_comment, "hello comment");
+        // CRLF line endings are tolerated.
+        assert!(verify_signature(&keys, b"manifest bytes", &sig.replace('\n', "\r\n")).is_ok());
+
+        let legacy = minisign_sign_cli(&skp, &file, true, "legacy");
+        assert!(matches!(
+            verify_signature(&keys, b"manifest bytes", &legacy),
+            Err(SignError::LegacySignature)
+        ));
+
+        let no_prefix = sig.replacen("untrusted comment: ", "comment: ", 1);
+        assert!(matches!(
+            verify_signature(&keys, b"manifest bytes", &no_prefix),
+            Err(SignError::Malformed(_))
+        ));
+        let mut lines: Vec<&str> = sig.lines().collect();
+        lines.truncate(3);
+        assert!(matches!(
+            verify_signature(&keys, b"manifest bytes", &lines.join("\n")),
+            Err(SignError::Malformed(_))
+        ));
+        assert!(matches!(
+            verify_signature(&keys, b"manifest bytes", &format!("{sig}extra\n")),
+            Err(SignError::Malformed(_))
+        ));
+        assert!(matches!(
+            verify_signature(&keys, b"manifest bytes", "garbage"),
+            Err(SignError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn encrypted_key_with_password_from_env() {
+        let t = tempfile::tempdir().unwrap();
+        let (pk, skp) = minisign_keygen(t.path(), "enc", Some("s3cret pass"));
+        let raw = b64_decode(fs::read_to_string(&skp).unwrap().lines().nth(1).unwrap()).unwrap();
+        assert_eq!(&raw[2..4], b"Sc", "minisign -G did not encrypt the key");
+
+        // Env var is process-wide: this is the only test that sets it.
+        std::env::set_var(PASSWORD_ENV, "wrong");
+        let e = load_secret_key(&skp).unwrap_err();
+        assert!(matches!(e, SignError::WrongPassword(_)), "{e}");
+        std::env::set_var(PASSWORD_ENV, "s3cret pass");
+        let sk = load_secret_key(&skp);
+        std::env::remove_var(PASSWORD_ENV);
+        let sk = sk.unwrap();
+
+        let data = t.path().join("d");
+        add_trusted_key(&data, None, &pk).unwrap();
+        let sig = sign(&sk, b"m", "c").unwrap();
+        let v = verify_signature(&load_trusted_keys(&data).unwrap(), b"m", &sig).unwrap();
+        assert_eq!(v.key_name, "enc");
+    }
+
+    #[test]
+    fn encrypted_key_without_password_or_terminal() {
+        // Run in a child without a controlling terminal (setsid) so the
+        // prompt cannot open /dev/tty.
+        if std::env::var("IMGSRV_TEST_NO_TTY_CHILD").is_ok() {
+            let p = PathBuf::from(std::env::var("IMGSRV_TEST_KEY").unwrap());
+            let e = load_secret_key(&p).unwrap_err();
+            assert!(matches!(e, SignError::NoTerminal(_)), "{e}");
+            assert!(e.to_string().contains(PASSWORD_ENV));
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (_, skp) = minisign_keygen(t.path(), "enc2", Some("pw"));
+        let exe = std::env::current_exe().unwrap();
+        let st = Command::new("setsid")
+            .arg("-w")
+            .arg(exe)
+            .args([
+                "--exact",
+                "sign::tests::encrypted_key_without_password_or_terminal",
+                "--nocapture",
+            ])
+            .env("IMGSRV_TEST_NO_TTY_CHILD", "1")
+            .env("IMGSRV_TEST_KEY", &skp)
+            .env_remove(PASSWORD_ENV)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&st.stdout);
+        assert!(st.status.success(), "child failed: {out}");
+        assert!(out.contains("1 passed"), "child ran no test: {out}");
+    }
+
+    #[test]
+    fn corrupted_unencrypted_key_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let (_, skp) = minisign_keygen(t.path(), "c", None);
+        let text = fs::read_to_string(&skp).unwrap();
+        let mut raw = b64_decode(text.lines().nth(1).unwrap()).unwrap();
+        raw[70] ^= 1; // inside the Ed25519 seed (bytes 62..94)
+        let corrupted = minisign::SecretKey::from_bytes(&raw)
+            .unwrap()
+            .to_box(None)
+            .unwrap();
+        fs::write(&skp, corrupted.into_string()).unwrap();
+        let e = load_secret_key(&skp).unwrap_err();
+        assert!(matches!(e, SignError::MalformedSecretKey { .. }), "{e}");
+        // A public key given as secret key.
+        let (pk, _) = minisign_keygen(t.path(), "d", None);
+        assert!(load_secret_key(&pk).is_err());
+    }
+}
