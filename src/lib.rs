@@ -1,5 +1,6 @@
 //! imgsrv: a self-hosted image server for Incus.
 pub mod digest;
 pub mod http;
+pub mod image;
 pub mod sign;
 pub mod tls;
