@@ -1,4 +1,5 @@
 //! imgsrv: a self-hosted image server for Incus.
+pub mod client;
 pub mod digest;
 pub mod http;
 pub mod image;
