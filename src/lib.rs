@@ -3,5 +3,6 @@ pub mod client;
 pub mod digest;
 pub mod http;
 pub mod image;
+pub mod publish;
 pub mod sign;
 pub mod tls;
