@@ -86,7 +86,7 @@ impl ServerArgs {
     }
 
     pub fn client(&self, token: Option<String>) -> Result<crate::client::ApiClient> {
-        crate::client::ApiClient::new(&self.server, self.ca.as_deref(), token)
+        Ok(crate::client::ApiClient::new(&self.server, self.ca.as_deref(), token)?)
     }
 }
 

@@ -1,15 +1,28 @@
 //! imgsrv: a self-hosted image server for Incus.
+//!
+//! Server side: [`app`] ties the [`config`], the [`catalog`] (SQLite,
+//! behind narrow traits), the content-addressed blob store ([`cas`]) and the
+//! Simple Streams cache ([`simplestreams`]) together; [`http`] turns requests
+//! into calls on it; [`serve`] runs it behind TLS ([`tls`]). Publishing checks
+//! minisign signatures ([`sign`]) over the canonical [`manifest`] and computes
+//! Incus [`fingerprint`]s.
+//!
+//! Client side: [`client`] speaks the HTTP API, [`image`] reads Incus image
+//! files, [`publish`] uploads, signs and publishes, and [`cli`] is the command line.
 pub mod app;
 pub mod auth;
 pub mod cas;
 pub mod catalog;
-// pub mod cli;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod digest;
 pub mod fingerprint;
 pub mod http;
+pub mod image;
 pub mod manifest;
-// pub mod serve;
+pub mod publish;
+pub mod serve;
 pub mod sign;
 pub mod simplestreams;
 pub mod tls;

@@ -1,0 +1,1404 @@
+//! Blocking client of the imgsrv HTTP API (docs/api.md), used by
+//! `imgsrv publish` and the other client commands.
+//!
+//! HTTPS only. TLS roots are the `--ca` PEM when given, else the system
+//! store. HTTP statuses are not transport errors: a non-2xx answer becomes
+//! [`ClientError::Api`] carrying the problem+json `detail`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::ProgressBar;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::{Deserialize, Deserializer, Serialize};
+use ureq::http::{self, StatusCode};
+use ureq::tls::{RootCerts, TlsConfig};
+
+use crate::digest::{Digest, Hasher};
+
+/// Files up to this size are sent as a single part.
+pub const SINGLE_PART_MAX: u64 = 4 << 30;
+/// Part size for larger files.
+pub const PART_SIZE: u64 = 1 << 30;
+/// JSON responses larger than this are refused.
+const MAX_JSON_RESPONSE: u64 = 64 << 20;
+/// Error bodies are read up to this size.
+const MAX_ERROR_BODY: u64 = 64 << 10;
+/// System CA bundles, first found wins (after `SSL_CERT_FILE`).
+const SYSTEM_CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Arch, Alpine
+    "/etc/pki/tls/certs/ca-bundle.crt",   // Fedora, RHEL
+    "/etc/ssl/ca-bundle.pem",             // openSUSE
+    "/etc/ssl/cert.pem",                  // Alpine, BSDs
+];
+
+/// Path segment encoding: everything but unreserved characters.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// What went wrong talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("refusing server URL {0:?}: plain http:// is not allowed, use https://")]
+    NotHttps(String),
+    #[error("invalid server URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("invalid API token: {0}")]
+    InvalidToken(String),
+    #[error("CA certificate file {path}: {reason}")]
+    Ca { path: PathBuf, reason: String },
+    #[error("{method} {url}: HTTP {status}: {detail}")]
+    Api {
+        method: String,
+        url: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("{method} {url}: {source}")]
+    Transport {
+        method: String,
+        url: String,
+        #[source]
+        source: ureq::Error,
+    },
+    #[error("{method} {url}: unexpected response: {reason}")]
+    Protocol {
+        method: String,
+        url: String,
+        reason: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: the file changed while it was being uploaded ({reason})")]
+    FileChanged { path: PathBuf, reason: String },
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ClientError + '_ {
+    move |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Accepts ids sent as JSON strings or integers.
+fn id_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        N(i64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::S(s) => s,
+        Id::N(n) => n.to_string(),
+    })
+}
+
+// ---- Wire types (docs/api.md). Unknown fields are ignored. ----
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct UploadSession {
+    #[serde(deserialize_with = "id_string")]
+    pub id: String,
+    pub expected_digest: Digest,
+    pub expected_size_bytes: u64,
+    /// `created`, `uploading`, `ready`, `failed` or `aborted`.
+    pub state: String,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    #[serde(default)]
+    pub media_type_hint: Option<String>,
+    #[serde(default)]
+    pub filename_hint: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct UploadPart {
+    #[serde(deserialize_with = "id_string")]
+    pub upload_id: String,
+    pub part_number: u32,
+    /// `sha256:<hex of the part>` (possibly quoted like an HTTP ETag).
+    pub etag: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BeginUpload {
+    pub expected_digest: Digest,
+    pub expected_size_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media_type_hint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filename_hint: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Image {
+    #[serde(deserialize_with = "id_string")]
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageVersion {
+    #[serde(deserialize_with = "id_string")]
+    pub id: String,
+    #[serde(deserialize_with = "id_string")]
+    pub image_id: String,
+    pub image_name: String,
+    pub version: String,
+    /// `draft`, `publishing` or `published`.
+    pub state: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub published_at: Option<String>,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+/// Body of `POST …/artifacts`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewArtifact {
+    pub variant: String,
+    pub operating_system: String,
+    pub architecture: String,
+    pub format: String,
+    pub primary_blob_digest: Digest,
+    pub primary_blob_size_bytes: u64,
+    pub primary_media_type: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Artifact {
+    #[serde(deserialize_with = "id_string")]
+    pub id: String,
+    #[serde(deserialize_with = "id_string")]
+    pub version_id: String,
+    pub variant: String,
+    pub operating_system: String,
+    pub architecture: String,
+    pub format: String,
+    pub primary_blob_digest: Digest,
+    pub primary_blob_size_bytes: u64,
+    pub primary_media_type: String,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+/// Body of `POST …/attachments`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewAttachment {
+    pub name: String,
+    pub media_type: String,
+    pub blob_digest: Digest,
+    pub blob_size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Attachment {
+    #[serde(deserialize_with = "id_string")]
+    pub id: String,
+    #[serde(deserialize_with = "id_string")]
+    pub artifact_id: String,
+    pub name: String,
+    pub media_type: String,
+    pub blob_digest: Digest,
+    pub blob_size_bytes: u64,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Fingerprint {
+    #[serde(deserialize_with = "id_string")]
+    pub artifact_id: String,
+    /// `container` or `virtual-machine`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// 64 lowercase hex digits (Incus fingerprint).
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PublishRecord {
+    pub image: String,
+    pub version: String,
+    pub state: String,
+    #[serde(default)]
+    pub published_at: Option<String>,
+    pub manifest_digest: Digest,
+    /// `verified`, `unverified` or `skipped`.
+    pub verification: String,
+    #[serde(default)]
+    pub signer_key_id: Option<String>,
+    #[serde(default)]
+    pub fingerprints: Vec<Fingerprint>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Alias {
+    #[serde(deserialize_with = "id_string")]
+    pub id: String,
+    #[serde(deserialize_with = "id_string")]
+    pub image_id: String,
+    pub alias: String,
+    #[serde(deserialize_with = "id_string")]
+    pub version_id: String,
+    pub version: String,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Problem {
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    detail: Option<String>,
+}
+
+/// Checks and normalizes a server URL: `https://host[:port][/prefix]`,
+/// without a trailing slash. `http://` is refused.
+pub fn normalize_server_url(server: &str) -> Result<String, ClientError> {
+    let s = server.trim();
+    let invalid = |reason: &str| ClientError::InvalidUrl {
+        url: server.to_string(),
+        reason: reason.to_string(),
+    };
+    let lower = s.to_ascii_lowercase();
+    if lower.starts_with("http://") {
+        return Err(ClientError::NotHttps(server.to_string()));
+    }
+    if !lower.starts_with("https://") {
+        return Err(invalid("expected https://host[:port]"));
+    }
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
+    let host = uri.host().unwrap_or_default();
+    if host.is_empty() {
+        return Err(invalid("no host"));
+    }
+    if uri.query().is_some() || s.contains('#') {
+        return Err(invalid("a query or fragment is not allowed"));
+    }
+    if s.contains('@') {
+        return Err(invalid(
+            "credentials in the URL are not allowed (use the API token)",
+        ));
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    Ok(format!(
+        "https://{authority}{}",
+        uri.path().trim_end_matches('/')
+    ))
+}
+
+fn load_ca(path: &Path) -> Result<RootCerts, ClientError> {
+    let pem = std::fs::read(path).map_err(io_err(path))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(ClientError::Ca {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(ClientError::Ca {
+            path: path.to_path_buf(),
+            reason: "no PEM certificate found".into(),
+        });
+    }
+    Ok(RootCerts::Specific(Arc::new(certs)))
+}
+
+/// The system trust store: `SSL_CERT_FILE`, else the first distribution CA
+/// bundle found, else the bundled Mozilla roots.
+fn system_roots() -> Result<RootCerts, ClientError> {
+    if let Some(p) = std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()) {
+        return load_ca(Path::new(&p));
+    }
+    for p in SYSTEM_CA_BUNDLES {
+        let p = Path::new(p);
+        if p.is_file() {
+            if let Ok(roots) = load_ca(p) {
+                return Ok(roots);
+            }
+        }
+    }
+    Ok(RootCerts::WebPki)
+}
+
+/// Counts bytes read, feeds them to a hasher and reports progress.
+struct PartReader<'a, R> {
+    inner: R,
+    hasher: Hasher,
+    progress: Option<&'a mut dyn FnMut(u64)>,
+}
+
+impl<R: Read> Read for PartReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        if let Some(p) = self.progress.as_mut() {
+            p(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+/// Hashes a file, advancing `progress` (if any) by the bytes read.
+pub fn hash_file(
+    path: &Path,
+    progress: Option<&ProgressBar>,
+) -> Result<(Digest, u64), ClientError> {
+    let h = hash_file_state(path, progress)?;
+    let len = h.len();
+    Ok((h.finish(), len))
+}
+
+/// Like [`hash_file`], returning the hasher state (to be cloned and continued).
+pub fn hash_file_state(path: &Path, progress: Option<&ProgressBar>) -> Result<Hasher, ClientError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        h.update(&buf[..n]);
+        if let Some(pb) = progress {
+            pb.inc(n as u64);
+        }
+    }
+    Ok(h)
+}
+
+/// How a file is cut into parts: `(offset, length)` per part, numbered from 1.
+pub fn plan_parts(size: u64) -> Vec<(u64, u64)> {
+    if size <= SINGLE_PART_MAX {
+        return vec![(0, size)];
+    }
+    (0..size.div_ceil(PART_SIZE))
+        .map(|i| {
+            let off = i * PART_SIZE;
+            (off, PART_SIZE.min(size - off))
+        })
+        .collect()
+}
+
+/// A blocking imgsrv API client.
+pub struct ApiClient {
+    base: String,
+    agent: ureq::Agent,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+enum Body<'a> {
+    Empty,
+    Json(Vec<u8>),
+    Stream(&'a mut dyn Read, u64),
+}
+
+impl ApiClient {
+    /// `server`: `https://host[:port]`; `ca`: PEM file of the root(s) to trust
+    /// instead of the system store (e.g. the server's self-signed certificate).
+    pub fn new(
+        server: &str,
+        ca: Option<&Path>,
+        token: Option<String>,
+    ) -> Result<ApiClient, ClientError> {
+        let base = normalize_server_url(server)?;
+        if let Some(t) = &token {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ClientError::InvalidToken(
+                    "it must be non-empty printable ASCII without spaces".into(),
+                ));
+            }
+        }
+        let roots = match ca {
+            Some(p) => load_ca(p)?,
+            None => system_roots()?,
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .https_only(true)
+            .max_redirects(0)
+            .user_agent(concat!("imgsrv/", env!("CARGO_PKG_VERSION")))
+            .timeout_connect(Some(Duration::from_secs(30)))
+            .tls_config(TlsConfig::builder().root_certs(roots).build())
+            .build()
+            .new_agent();
+        Ok(ApiClient { base, agent, token })
+    }
+
+    /// The normalized server URL.
+    pub fn server(&self) -> &str {
+        &self.base
+    }
+
+    /// `/v1/` followed by the percent-encoded segments.
+    fn path(segments: &[&str]) -> String {
+        let mut p = String::from("/v1");
+        for s in segments {
+            p.push('/');
+            p.extend(utf8_percent_encode(s, SEGMENT));
+        }
+        p
+    }
+
+    /// Sends a request; returns the status and body of a 2xx response whose
+    /// status is in `ok` (any 2xx when `ok` is empty), else the matching error.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+        ok: &[u16],
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let transport = |source| ClientError::Transport {
+            method: method.to_string(),
+            url: url.clone(),
+            source,
+        };
+        let mut req = http::Request::builder().method(method).uri(&url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        fn built<B>(
+            r: http::request::Builder,
+            b: B,
+            url: &str,
+        ) -> Result<http::Request<B>, ClientError> {
+            r.body(b).map_err(|e| ClientError::InvalidUrl {
+                url: url.to_string(),
+                reason: e.to_string(),
+            })
+        }
+        let resp = match body {
+            Body::Empty => {
+                // Some servers insist on a length for POST/PUT, even an empty one.
+                if method == "POST" || method == "PUT" {
+                    req = req.header("Content-Length", "0");
+                }
+                self.agent.run(built(req, ureq::SendBody::none(), &url)?)
+            }
+            Body::Json(v) => {
+                let r = req
+                    .header("Content-Type", "application/json")
+                    .header("Content-Length", v.len());
+                self.agent.run(built(
+                    r,
+                    ureq::SendBody::from_owned_reader(io::Cursor::new(v)),
+                    &url,
+                )?)
+            }
+            Body::Stream(reader, len) => {
+                let r = req
+                    .header("Content-Type", "application/octet-stream")
+                    .header("Content-Length", len);
+                self.agent
+                    .run(built(r, ureq::SendBody::from_reader(reader), &url)?)
+            }
+        };
+        let mut resp = resp.map_err(transport)?;
+        let status = resp.status();
+        if status.is_success() && (ok.is_empty() || ok.contains(&status.as_u16())) {
+            let bytes = resp
+                .body_mut()
+                .with_config()
+                .limit(MAX_JSON_RESPONSE)
+                .read_to_vec()
+                .map_err(transport)?;
+            return Ok((status.as_u16(), bytes));
+        }
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_ERROR_BODY)
+            .read_to_vec()
+            .unwrap_or_default();
+        Err(ClientError::Api {
+            method: method.to_string(),
+            url,
+            status: status.as_u16(),
+            detail: problem_detail(status, &bytes),
+        })
+    }
+
+    fn json<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: &str,
+        path: &str,
+        bytes: &[u8],
+    ) -> Result<T, ClientError> {
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Protocol {
+            method: method.to_string(),
+            url: format!("{}{}", self.base, path),
+            reason: format!("invalid JSON: {e}"),
+        })
+    }
+
+    fn call_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+        ok: &[u16],
+    ) -> Result<(u16, T), ClientError> {
+        let body = match body {
+            Some(b) => Body::Json(serde_json::to_vec(b).map_err(|e| ClientError::Protocol {
+                method: method.to_string(),
+                url: format!("{}{}", self.base, path),
+                reason: format!("cannot encode the request: {e}"),
+            })?),
+            None => Body::Empty,
+        };
+        let (status, bytes) = self.call(method, path, body, ok)?;
+        Ok((status, self.json(method, path, &bytes)?))
+    }
+
+    fn protocol(&self, method: &str, path: &str, reason: String) -> ClientError {
+        ClientError::Protocol {
+            method: method.to_string(),
+            url: format!("{}{}", self.base, path),
+            reason,
+        }
+    }
+
+    // ---- Uploads ----
+
+    /// `POST /v1/uploads`. Returns the session and whether the blob is
+    /// already stored (200 `ready`: nothing to send).
+    pub fn begin_upload(&self, req: &BeginUpload) -> Result<(UploadSession, bool), ClientError> {
+        let path = Self::path(&["uploads"]);
+        let (status, s): (u16, UploadSession) =
+            self.call_json("POST", &path, Some(req), &[200, 201])?;
+        if s.expected_digest != req.expected_digest
+            || s.expected_size_bytes != req.expected_size_bytes
+        {
+            return Err(self.protocol(
+                "POST",
+                &path,
+                format!(
+                    "session {} is for {} ({} bytes), not the requested blob",
+                    s.id, s.expected_digest, s.expected_size_bytes
+                ),
+            ));
+        }
+        let ready = status == 200;
+        if ready && s.state != "ready" {
+            return Err(self.protocol(
+                "POST",
+                &path,
+                format!("200 with session state {:?}, expected ready", s.state),
+            ));
+        }
+        Ok((s, ready))
+    }
+
+    /// `PUT /v1/uploads/{id}/parts/{n}`: streams `len` bytes of `file` from
+    /// `offset` (never the whole file in memory). `progress` gets the number
+    /// of bytes read at each step. The returned etag is checked against the
+    /// bytes actually sent.
+    pub fn put_part(
+        &self,
+        upload_id: &str,
+        part_number: u32,
+        file: &Path,
+        offset: u64,
+        len: u64,
+        progress: Option<&mut dyn FnMut(u64)>,
+    ) -> Result<UploadPart, ClientError> {
+        let path = Self::path(&["uploads", upload_id, "parts", &part_number.to_string()]);
+        let mut f = File::open(file).map_err(io_err(file))?;
+        f.seek(SeekFrom::Start(offset)).map_err(io_err(file))?;
+        let mut reader = PartReader {
+            inner: BufReader::with_capacity(1 << 20, f).take(len),
+            hasher: Hasher::new(),
+            progress,
+        };
+        let (_, bytes) = self.call("PUT", &path, Body::Stream(&mut reader, len), &[200])?;
+        if reader.hasher.len() != len {
+            return Err(ClientError::FileChanged {
+                path: file.to_path_buf(),
+                reason: format!(
+                    "part {part_number}: read {} bytes, expected {len}",
+                    reader.hasher.len()
+                ),
+            });
+        }
+        let sent = reader.hasher.finish();
+        let part: UploadPart = self.json("PUT", &path, &bytes)?;
+        if part.etag.trim_matches('"') != sent.to_string() || part.size_bytes != len {
+            return Err(self.protocol(
+                "PUT",
+                &path,
+                format!(
+                    "server stored part {part_number} as {} ({} bytes), the client sent {sent} ({len} bytes)",
+                    part.etag, part.size_bytes
+                ),
+            ));
+        }
+        Ok(part)
+    }
+
+    /// `POST /v1/uploads/{id}/complete`; the session must come back `ready`.
+    pub fn complete_upload(
+        &self,
+        upload_id: &str,
+        parts: &[UploadPart],
+    ) -> Result<UploadSession, ClientError> {
+        #[derive(Serialize)]
+        struct P<'a> {
+            number: u32,
+            etag: &'a str,
+            size_bytes: u64,
+        }
+        #[derive(Serialize)]
+        struct C<'a> {
+            parts: Vec<P<'a>>,
+        }
+        let body = C {
+            parts: parts
+                .iter()
+                .map(|p| P {
+                    number: p.part_number,
+                    etag: &p.etag,
+                    size_bytes: p.size_bytes,
+                })
+                .collect(),
+        };
+        let path = Self::path(&["uploads", upload_id, "complete"]);
+        let (_, s): (u16, UploadSession) = self.call_json("POST", &path, Some(&body), &[200])?;
+        if s.state != "ready" {
+            return Err(self.protocol(
+                "POST",
+                &path,
+                format!("upload session is {:?}, expected ready", s.state),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// `POST /v1/uploads/{id}/abort`.
+    pub fn abort_upload(&self, upload_id: &str) -> Result<UploadSession, ClientError> {
+        let path = Self::path(&["uploads", upload_id, "abort"]);
+        Ok(self.call_json("POST", &path, None::<&()>, &[200])?.1)
+    }
+
+    /// Uploads a file whose digest and size are known. Returns `false` when
+    /// the server already had the blob (no bytes sent).
+    pub fn upload_hashed(
+        &self,
+        file: &Path,
+        media_type: &str,
+        digest: Digest,
+        size: u64,
+        progress: Option<&ProgressBar>,
+    ) -> Result<bool, ClientError> {
+        let begin = BeginUpload {
+            expected_digest: digest,
+            expected_size_bytes: size,
+            media_type_hint: Some(media_type.to_string()),
+            filename_hint: file.file_name().and_then(|n| n.to_str()).map(String::from),
+        };
+        let (session, ready) = self.begin_upload(&begin)?;
+        if ready {
+            if let Some(pb) = progress {
+                pb.set_position(size);
+            }
+            return Ok(false);
+        }
+        let now = std::fs::metadata(file).map_err(io_err(file))?.len();
+        if now != size {
+            return Err(ClientError::FileChanged {
+                path: file.to_path_buf(),
+                reason: format!("size is now {now} bytes, was {size} when hashed"),
+            });
+        }
+        let result = (|| {
+            let mut parts = Vec::new();
+            for (i, (off, len)) in plan_parts(size).into_iter().enumerate() {
+                let mut cb = |n: u64| {
+                    if let Some(pb) = progress {
+                        pb.inc(n);
+                    }
+                };
+                let part = self.put_part(&session.id, i as u32 + 1, file, off, len, Some(&mut cb));
+                let part = match part {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if let Some(pb) = progress {
+                            pb.set_position(off); // a retry would resend this part
+                        }
+                        return Err(e);
+                    }
+                };
+                parts.push(part);
+            }
+            self.complete_upload(&session.id, &parts)
+        })();
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                // Best effort: free the staged parts; the original error matters.
+                let _ = self.abort_upload(&session.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Hashes `file`, then uploads it unless the server already has it.
+    /// The progress bar (if any) goes through hashing, then sending.
+    pub fn upload_file(
+        &self,
+        file: &Path,
+        media_type: &str,
+        progress: Option<&ProgressBar>,
+    ) -> Result<(Digest, u64), ClientError> {
+        if let Some(pb) = progress {
+            let len = std::fs::metadata(file).map_err(io_err(file))?.len();
+            pb.set_length(len);
+            pb.set_position(0);
+            pb.set_message("hashing");
+        }
+        let (digest, size) = hash_file(file, progress)?;
+        if let Some(pb) = progress {
+            pb.set_position(0);
+            pb.set_message("uploading");
+        }
+        let sent = self.upload_hashed(file, media_type, digest, size, progress)?;
+        if let Some(pb) = progress {
+            pb.finish_with_message(if sent {
+                "uploaded"
+            } else {
+                "already on the server"
+            });
+        }
+        Ok((digest, size))
+    }
+
+    // ---- Images, versions, artifacts ----
+
+    /// `POST /v1/images`. `Ok(None)` when the image already exists (409).
+    pub fn create_image(
+        &self,
+        name: &str,
+        display_name: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<Option<Image>, ClientError> {
+        #[derive(Serialize)]
+        struct B<'a> {
+            name: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            display_name: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            description: Option<&'a str>,
+        }
+        let body = B {
+            name,
+            display_name,
+            description,
+        };
+        match self.call_json("POST", &Self::path(&["images"]), Some(&body), &[201]) {
+            Ok((_, img)) => Ok(Some(img)),
+            Err(e) if e.status() == Some(409) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `POST /v1/images/{name}/versions`: a new draft (409 if it exists).
+    pub fn create_version(
+        &self,
+        image: &str,
+        version: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<ImageVersion, ClientError> {
+        #[derive(Serialize)]
+        struct B<'a> {
+            version: &'a str,
+            metadata: &'a BTreeMap<String, String>,
+        }
+        let path = Self::path(&["images", image, "versions"]);
+        Ok(self
+            .call_json("POST", &path, Some(&B { version, metadata }), &[201])?
+            .1)
+    }
+
+    /// `POST /v1/images/{name}/versions/{version}/artifacts`.
+    pub fn add_artifact(
+        &self,
+        image: &str,
+        version: &str,
+        a: &NewArtifact,
+    ) -> Result<Artifact, ClientError> {
+        let path = Self::path(&["images", image, "versions", version, "artifacts"]);
+        Ok(self.call_json("POST", &path, Some(a), &[201])?.1)
+    }
+
+    /// `POST …/artifacts/{artifact_id}/attachments`.
+    pub fn add_attachment(
+        &self,
+        image: &str,
+        version: &str,
+        artifact_id: &str,
+        a: &NewAttachment,
+    ) -> Result<Attachment, ClientError> {
+        let path = Self::path(&[
+            "images",
+            image,
+            "versions",
+            version,
+            "artifacts",
+            artifact_id,
+            "attachments",
+        ]);
+        Ok(self.call_json("POST", &path, Some(a), &[201])?.1)
+    }
+
+    /// `GET …/manifest`: the exact canonical bytes a publisher signs.
+    pub fn get_manifest_bytes(&self, image: &str, version: &str) -> Result<Vec<u8>, ClientError> {
+        let path = Self::path(&["images", image, "versions", version, "manifest"]);
+        Ok(self.call("GET", &path, Body::Empty, &[200])?.1)
+    }
+
+    /// `POST …/publish` with the whole `.minisig` text.
+    pub fn publish(
+        &self,
+        image: &str,
+        version: &str,
+        signature: Option<&str>,
+    ) -> Result<PublishRecord, ClientError> {
+        #[derive(Serialize)]
+        struct B<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            signature: Option<&'a str>,
+        }
+        let path = Self::path(&["images", image, "versions", version, "publish"]);
+        Ok(self
+            .call_json("POST", &path, Some(&B { signature }), &[200])?
+            .1)
+    }
+
+    // ---- Aliases ----
+
+    /// `PUT /v1/images/{name}/aliases/{alias}` (create or move).
+    pub fn put_alias(&self, image: &str, alias: &str, version: &str) -> Result<Alias, ClientError> {
+        #[derive(Serialize)]
+        struct B<'a> {
+            version: &'a str,
+        }
+        let path = Self::path(&["images", image, "aliases", alias]);
+        Ok(self
+            .call_json("PUT", &path, Some(&B { version }), &[200])?
+            .1)
+    }
+
+    /// `DELETE /v1/images/{name}/aliases/{alias}`.
+    pub fn delete_alias(&self, image: &str, alias: &str) -> Result<(), ClientError> {
+        let path = Self::path(&["images", image, "aliases", alias]);
+        self.call("DELETE", &path, Body::Empty, &[])?;
+        Ok(())
+    }
+
+    // ---- Listings ----
+
+    /// `GET /v1/images`.
+    pub fn list_images(&self) -> Result<Vec<Image>, ClientError> {
+        #[derive(Deserialize)]
+        struct L {
+            images: Vec<Image>,
+        }
+        let (_, l): (u16, L) =
+            self.call_json("GET", &Self::path(&["images"]), None::<&()>, &[200])?;
+        Ok(l.images)
+    }
+
+    /// `GET /v1/images/{name}/versions` (newest first).
+    pub fn list_versions(&self, image: &str) -> Result<Vec<ImageVersion>, ClientError> {
+        #[derive(Deserialize)]
+        struct L {
+            versions: Vec<ImageVersion>,
+        }
+        let path = Self::path(&["images", image, "versions"]);
+        let (_, l): (u16, L) = self.call_json("GET", &path, None::<&()>, &[200])?;
+        Ok(l.versions)
+    }
+
+    /// `GET /v1/images/{name}/aliases`.
+    pub fn list_aliases(&self, image: &str) -> Result<Vec<Alias>, ClientError> {
+        #[derive(Deserialize)]
+        struct L {
+            aliases: Vec<Alias>,
+        }
+        let path = Self::path(&["images", image, "aliases"]);
+        let (_, l): (u16, L) = self.call_json("GET", &path, None::<&()>, &[200])?;
+        Ok(l.aliases)
+    }
+}
+
+/// The `detail` of a problem+json body, else its `title`, else the status text.
+fn problem_detail(status: StatusCode, body: &[u8]) -> String {
+    if let Ok(p) = serde_json::from_slice::<Problem>(body) {
+        if let Some(d) = p.detail.filter(|d| !d.trim().is_empty()) {
+            return d;
+        }
+        if let Some(t) = p.title.filter(|t| !t.trim().is_empty()) {
+            return t;
+        }
+    }
+    status.canonical_reason().unwrap_or("error").to_string()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+
+    /// One request as the mock server received it.
+    #[derive(Debug, Clone)]
+    pub(crate) struct Recorded {
+        pub method: String,
+        pub path: String,
+        pub headers: Vec<(String, String)>,
+        pub body: Vec<u8>,
+    }
+
+    impl Recorded {
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    pub(crate) type Reply = (u16, &'static str, Vec<u8>);
+
+    /// A minimal HTTPS/1.1 server (rustls, self-signed certificate for
+    /// `localhost` and `127.0.0.1`) answering with `handler`.
+    pub(crate) struct Mock {
+        pub port: u16,
+        pub ca: PathBuf,
+        pub log: Arc<Mutex<Vec<Recorded>>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Mock {
+        pub fn start(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> Mock {
+            let ck = rcgen::generate_simple_self_signed(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let ca = dir.path().join("server.pem");
+            std::fs::write(&ca, ck.cert.pem()).unwrap();
+            let cfg = rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![ck.cert.der().clone()],
+                    rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
+                )
+                .unwrap();
+            let cfg = Arc::new(cfg);
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let handler = Arc::new(handler);
+            let log2 = log.clone();
+            std::thread::spawn(move || {
+                for tcp in listener.incoming().flatten() {
+                    let (cfg, log, handler) = (cfg.clone(), log2.clone(), handler.clone());
+                    std::thread::spawn(move || {
+                        let conn = rustls::ServerConnection::new(cfg).unwrap();
+                        let mut s = io::BufReader::new(rustls::StreamOwned::new(conn, tcp));
+                        // Serve requests until the client closes (or TLS fails).
+                        while let Some(req) = read_request(&mut s) {
+                            log.lock().unwrap().push(req.clone());
+                            let (status, ctype, body) = handler(&req);
+                            let head = format!(
+                                "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+                                body.len()
+                            );
+                            let w = s.get_mut();
+                            if w.write_all(head.as_bytes())
+                                .and_then(|_| w.write_all(&body))
+                                .and_then(|_| w.flush())
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            Mock {
+                port,
+                ca,
+                log,
+                _dir: dir,
+            }
+        }
+
+        pub fn url(&self) -> String {
+            format!("https://127.0.0.1:{}", self.port)
+        }
+
+        pub fn requests(&self) -> Vec<Recorded> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    fn read_request(s: &mut impl BufRead) -> Option<Recorded> {
+        let mut line = String::new();
+        s.read_line(&mut line).ok().filter(|&n| n > 0)?;
+        let mut parts = line.split_whitespace();
+        let method = parts.next()?.to_string();
+        let path = parts.next()?.to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            s.read_line(&mut h).ok()?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':')?;
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let mut req = Recorded {
+            method,
+            path,
+            headers,
+            body: Vec::new(),
+        };
+        // The API requires Content-Length; chunked bodies are not read.
+        let len: u64 = req
+            .header("content-length")
+            .map_or(0, |v| v.parse().unwrap());
+        s.take(len).read_to_end(&mut req.body).ok()?;
+        Some(req)
+    }
+
+    pub(crate) fn json(status: u16, v: serde_json::Value) -> Reply {
+        (status, "application/json", serde_json::to_vec(&v).unwrap())
+    }
+
+    pub(crate) fn problem(status: u16, detail: &str) -> Reply {
+        let v =
+            serde_json::json!({"type":"about:blank","title":"T","status":status,"detail":detail});
+        (
+            status,
+            "application/problem+json",
+            serde_json::to_vec(&v).unwrap(),
+        )
+    }
+
+    #[test]
+    fn server_url_must_be_https() {
+        assert!(matches!(
+            normalize_server_url("http://example.org"),
+            Err(ClientError::NotHttps(_))
+        ));
+        assert!(matches!(
+            normalize_server_url("HTTP://example.org:80/"),
+            Err(ClientError::NotHttps(_))
+        ));
+        let e = ApiClient::new("http://127.0.0.1:8443", None, None).unwrap_err();
+        assert!(e.to_string().contains("https://"), "{e}");
+        for bad in [
+            "example.org",
+            "ftp://example.org",
+            "https://",
+            "https://u:p@h",
+            "https://h/?q=1",
+        ] {
+            assert!(
+                matches!(
+                    normalize_server_url(bad),
+                    Err(ClientError::InvalidUrl { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            normalize_server_url("https://h:8443/").unwrap(),
+            "https://h:8443"
+        );
+        assert_eq!(
+            normalize_server_url("HTTPS://h/imgsrv/").unwrap(),
+            "https://h/imgsrv"
+        );
+        assert!(ApiClient::new("https://h", None, Some("bad token".into())).is_err());
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(
+            ApiClient::path(&["images", "debian", "versions", "1.0+b1:2", "manifest"]),
+            "/v1/images/debian/versions/1.0%2Bb1%3A2/manifest"
+        );
+        assert_eq!(
+            ApiClient::path(&["images", "a/../b"]),
+            "/v1/images/a%2F..%2Fb"
+        );
+    }
+
+    #[test]
+    fn parts_plan() {
+        assert_eq!(plan_parts(0), [(0, 0)]);
+        assert_eq!(plan_parts(SINGLE_PART_MAX), [(0, SINGLE_PART_MAX)]);
+        let p = plan_parts(SINGLE_PART_MAX + 1);
+        assert_eq!(p.len(), 5);
+        assert_eq!(p[4], (4 * PART_SIZE, 1));
+        assert!(p.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+    }
+
+    #[test]
+    fn problem_details() {
+        let b =
+            br#"{"type":"about:blank","title":"Conflict","status":409,"detail":"image exists"}"#;
+        assert_eq!(problem_detail(StatusCode::CONFLICT, b), "image exists");
+        assert_eq!(
+            problem_detail(StatusCode::CONFLICT, br#"{"title":"Conflict"}"#),
+            "Conflict"
+        );
+        assert_eq!(
+            problem_detail(StatusCode::BAD_GATEWAY, b"<html>"),
+            "Bad Gateway"
+        );
+    }
+
+    #[test]
+    fn tls_with_ca_for_localhost_and_ip_and_api_errors() {
+        let mock = Mock::start(|r| match (r.method.as_str(), r.path.as_str()) {
+            ("GET", "/v1/images") => json(
+                200,
+                serde_json::json!({"images":[{"id":7,"name":"debian","created_at":"t","updated_at":"t","future":1}]}),
+            ),
+            ("GET", "/v1/images/nope/versions") => problem(404, "image nope not found"),
+            ("POST", "/v1/images") => problem(409, "exists"),
+            ("DELETE", "/v1/images/debian/aliases/stable") => (204, "text/plain", vec![]),
+            _ => (500, "text/plain", b"boom".to_vec()),
+        });
+        for host in ["127.0.0.1", "localhost"] {
+            let url = format!("https://{host}:{}", mock.port);
+            let c = ApiClient::new(&url, Some(&mock.ca), Some("imgsrv_id_secret".into())).unwrap();
+            let images = c.list_images().unwrap();
+            assert_eq!(images.len(), 1);
+            assert_eq!(
+                (images[0].id.as_str(), images[0].name.as_str()),
+                ("7", "debian")
+            );
+        }
+        let reqs = mock.requests();
+        assert_eq!(
+            reqs[0].header("authorization"),
+            Some("Bearer imgsrv_id_secret")
+        );
+
+        let c = ApiClient::new(&mock.url(), Some(&mock.ca), Some("t".into())).unwrap();
+        match c.list_versions("nope") {
+            Err(ClientError::Api { status, detail, .. }) => {
+                assert_eq!((status, detail.as_str()), (404, "image nope not found"))
+            }
+            r => panic!("{r:?}"),
+        }
+        assert!(
+            c.create_image("debian", None, None).unwrap().is_none(),
+            "409 must mean exists"
+        );
+        c.delete_alias("debian", "stable").unwrap();
+        match c.list_aliases("x") {
+            Err(e @ ClientError::Api { .. }) => {
+                assert_eq!(e.status(), Some(500));
+                assert!(e.to_string().contains("Internal Server Error"), "{e}");
+                assert!(e.to_string().contains("/v1/images/x/aliases"), "{e}");
+            }
+            r => panic!("{r:?}"),
+        }
+
+        // Without --ca the self-signed certificate is not trusted.
+        let anon = ApiClient::new(&mock.url(), None, None).unwrap();
+        let e = anon.list_images().unwrap_err();
+        assert!(matches!(e, ClientError::Transport { .. }), "{e}");
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+        // A CA file without certificates is refused up front.
+        let e = ApiClient::new(&mock.url(), Some(Path::new("/dev/null")), None).unwrap_err();
+        assert!(e.to_string().contains("/dev/null"), "{e}");
+    }
+
+    /// Answers the upload routes like docs/api.md; `stored` digests are `ready`.
+    pub(crate) fn upload_routes(
+        r: &Recorded,
+        stored: &Mutex<BTreeMap<String, Vec<u8>>>,
+        staged: &Mutex<BTreeMap<String, Vec<u8>>>,
+    ) -> Option<Reply> {
+        let session = |id: &str, digest: &str, size: u64, state: &str| {
+            serde_json::json!({"id":id,"expected_digest":digest,"expected_size_bytes":size,"state":state,
+                "expires_at":"t","created_at":"t","updated_at":"t"})
+        };
+        let segs: Vec<&str> = r
+            .path
+            .trim_start_matches("/v1/uploads")
+            .split('/')
+            .collect();
+        if !r.path.starts_with("/v1/uploads") {
+            return None;
+        }
+        Some(match (r.method.as_str(), segs.as_slice()) {
+            ("POST", [""]) => {
+                let b: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                let d = b["expected_digest"].as_str().unwrap().to_string();
+                let size = b["expected_size_bytes"].as_u64().unwrap();
+                let id = format!("{}-{size}", &d[7..]);
+                if stored.lock().unwrap().contains_key(&d) {
+                    json(200, session(&id, &d, size, "ready"))
+                } else {
+                    json(201, session(&id, &d, size, "created"))
+                }
+            }
+            ("PUT", ["", id, "parts", "1"]) => {
+                assert!(
+                    r.header("content-length").is_some(),
+                    "part without Content-Length"
+                );
+                staged
+                    .lock()
+                    .unwrap()
+                    .insert(id.to_string(), r.body.clone());
+                json(
+                    200,
+                    serde_json::json!({"upload_id":id,"part_number":1,
+                    "etag":format!("\"{}\"", Digest::of(&r.body)),"size_bytes":r.body.len()}),
+                )
+            }
+            ("POST", ["", id, "complete"]) => {
+                let (hex, size) = id.split_once('-').unwrap();
+                let data = staged.lock().unwrap().remove(*id).unwrap();
+                let d = format!("sha256:{hex}");
+                if Digest::of(&data).to_string() != d {
+                    return Some(problem(412, "digest mismatch"));
+                }
+                stored.lock().unwrap().insert(d.clone(), data);
+                json(200, session(id, &d, size.parse().unwrap(), "ready"))
+            }
+            ("POST", ["", _, "abort"]) => problem(404, "no"),
+            _ => problem(400, "unexpected upload route"),
+        })
+    }
+
+    #[test]
+    fn upload_file_streams_once_and_skips_known_blobs() {
+        let stored = Arc::new(Mutex::new(BTreeMap::new()));
+        let staged = Arc::new(Mutex::new(BTreeMap::new()));
+        let (s2, st2) = (stored.clone(), staged.clone());
+        let mock =
+            Mock::start(move |r| upload_routes(r, &s2, &st2).unwrap_or_else(|| problem(404, "?")));
+        let c = ApiClient::new(&mock.url(), Some(&mock.ca), Some("tok".into())).unwrap();
+
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("blob.bin");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&f, &data).unwrap();
+
+        let pb = ProgressBar::hidden();
+        let (d, n) = c
+            .upload_file(&f, "application/octet-stream", Some(&pb))
+            .unwrap();
+        assert_eq!((d, n), (Digest::of(&data), data.len() as u64));
+        assert_eq!(pb.position(), n);
+        assert_eq!(stored.lock().unwrap()[&d.to_string()], data);
+        let puts = mock.requests().iter().filter(|r| r.method == "PUT").count();
+        assert_eq!(puts, 1);
+
+        // Second time: the server answers 200 ready and no bytes are sent.
+        assert_eq!(
+            c.upload_file(&f, "application/octet-stream", None).unwrap(),
+            (d, n)
+        );
+        let puts = mock.requests().iter().filter(|r| r.method == "PUT").count();
+        assert_eq!(puts, 1, "a known blob was uploaded again");
+        let begin = mock
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "POST")
+            .unwrap();
+        let b: serde_json::Value = serde_json::from_slice(&begin.body).unwrap();
+        assert_eq!(b["filename_hint"], "blob.bin");
+        assert_eq!(b["media_type_hint"], "application/octet-stream");
+
+        // The file changing between hashing and sending is detected.
+        let g = t.path().join("g.bin");
+        std::fs::write(&g, b"abc").unwrap();
+        let e = c
+            .upload_hashed(&g, "x/y", Digest::of(b"abd"), 3, None)
+            .unwrap_err();
+        assert!(e.to_string().contains("412"), "{e}");
+    }
+}
