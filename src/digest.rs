@@ -31,7 +31,11 @@ impl Digest {
 
     /// Parses exactly 64 lowercase hex digits (no prefix).
     pub fn from_hex(s: &str) -> Result<Self, DigestParseError> {
-        if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        {
             return Err(DigestParseError(s.to_string()));
         }
         let mut out = [0u8; 32];

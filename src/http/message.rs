@@ -37,7 +37,12 @@ impl<'a> Request<'a> {
     }
 
     /// A request for in-process handler tests.
-    pub fn for_test(method: &str, path_and_query: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Self {
+    pub fn for_test(
+        method: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Self {
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p.to_string(), Some(q.to_string())),
             None => (path_and_query.to_string(), None),
@@ -46,7 +51,10 @@ impl<'a> Request<'a> {
             method: method.to_string(),
             path,
             query,
-            headers: headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.to_string())).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                .collect(),
             secure: true,
             peer: "127.0.0.1:1".parse().expect("static addr"),
             content_length: Some(body.len() as u64),
@@ -71,7 +79,10 @@ pub enum Body {
     /// Exactly `len` bytes read from `reader` (files, ranges). If the reader
     /// ends early the engine closes the connection instead of sending a
     /// short body under a full `Content-Length`.
-    Reader { reader: Box<dyn Read + Send + 'static>, len: u64 },
+    Reader {
+        reader: Box<dyn Read + Send + 'static>,
+        len: u64,
+    },
 }
 
 impl Body {
@@ -90,7 +101,11 @@ impl Body {
 
 impl Response {
     pub fn new(status: u16) -> Self {
-        Response { status, headers: Vec::new(), body: Body::Empty }
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Body::Empty,
+        }
     }
     pub fn with_header(mut self, k: &str, v: impl Into<String>) -> Self {
         self.headers.push((k.to_string(), v.into()));
