@@ -8,7 +8,11 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
-#[command(name = "imgsrv", version, about = "Self-hosted image server for Incus: signed, content-addressed, one binary")]
+#[command(
+    name = "imgsrv",
+    version,
+    about = "Self-hosted image server for Incus: signed, content-addressed, one binary"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -52,7 +56,12 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct DataArg {
     /// Data directory.
-    #[arg(long = "data", value_name = "DIR", env = "IMGSRV_DATA", default_value = "imgsrv-data")]
+    #[arg(
+        long = "data",
+        value_name = "DIR",
+        env = "IMGSRV_DATA",
+        default_value = "imgsrv-data"
+    )]
     pub dir: PathBuf,
 }
 
@@ -73,20 +82,29 @@ impl ServerArgs {
     /// The API token: --token-file, else IMGSRV_TOKEN.
     pub fn token(&self) -> Result<Option<String>> {
         if let Some(f) = &self.token_file {
-            let t = std::fs::read_to_string(f).with_context(|| format!("reading token file {}", f.display()))?;
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("reading token file {}", f.display()))?;
             let t = t.trim().to_string();
             anyhow::ensure!(!t.is_empty(), "token file {} is empty", f.display());
             return Ok(Some(t));
         }
-        Ok(std::env::var("IMGSRV_TOKEN").ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()))
+        Ok(std::env::var("IMGSRV_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()))
     }
 
     pub fn require_token(&self) -> Result<String> {
-        self.token()?.context("this command needs an API token: --token-file FILE or IMGSRV_TOKEN")
+        self.token()?
+            .context("this command needs an API token: --token-file FILE or IMGSRV_TOKEN")
     }
 
     pub fn client(&self, token: Option<String>) -> Result<crate::client::ApiClient> {
-        Ok(crate::client::ApiClient::new(&self.server, self.ca.as_deref(), token)?)
+        Ok(crate::client::ApiClient::new(
+            &self.server,
+            self.ca.as_deref(),
+            token,
+        )?)
     }
 }
 
@@ -183,13 +201,22 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::publish::publish(&opts, &mut std::io::stdout().lock())?;
             Ok(())
         }
-        Command::Alias(AliasCommand::Set { server, image, alias, version }) => {
+        Command::Alias(AliasCommand::Set {
+            server,
+            image,
+            alias,
+            version,
+        }) => {
             let c = server.client(Some(server.require_token()?))?;
             let a = c.put_alias(&image, &alias, &version)?;
             println!("{image}:{} -> {}", a.alias, a.version);
             Ok(())
         }
-        Command::Alias(AliasCommand::Rm { server, image, alias }) => {
+        Command::Alias(AliasCommand::Rm {
+            server,
+            image,
+            alias,
+        }) => {
             let c = server.client(Some(server.require_token()?))?;
             c.delete_alias(&image, &alias)?;
             println!("removed alias {image}:{alias}");
@@ -206,8 +233,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(image) => {
                     let aliases = c.list_aliases(&image)?;
                     for v in c.list_versions(&image)? {
-                        let names: Vec<&str> =
-                            aliases.iter().filter(|a| a.version == v.version).map(|a| a.alias.as_str()).collect();
+                        let names: Vec<&str> = aliases
+                            .iter()
+                            .filter(|a| a.version == v.version)
+                            .map(|a| a.alias.as_str())
+                            .collect();
                         println!("{}\t{}\t{}", v.version, v.state, names.join(","));
                     }
                 }
@@ -236,9 +266,18 @@ fn print_init(dir: &Path, report: &crate::app::InitReport) {
 
 fn key_command(k: KeyCommand) -> Result<()> {
     match k {
-        KeyCommand::Add { data, name, pubkey_file } => {
+        KeyCommand::Add {
+            data,
+            name,
+            pubkey_file,
+        } => {
             let key = crate::sign::add_trusted_key(&data.dir, name.as_deref(), &pubkey_file)?;
-            println!("trusted key {} (key id {}) added: {}", key.name, key.key_id, key.path.display());
+            println!(
+                "trusted key {} (key id {}) added: {}",
+                key.name,
+                key.key_id,
+                key.path.display()
+            );
         }
         KeyCommand::List { data } => {
             let keys = crate::sign::load_trusted_keys(&data.dir)?;

@@ -49,19 +49,26 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
         signal_hook::consts::SIGHUP,
     ])
     .context("installing signal handlers")?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || {
-        for sig in signals.forever() {
-            if sig == signal_hook::consts::SIGHUP {
-                // trusted keys are read from DATA/keys at every publish
-                log::info!("SIGHUP: trusted keys are re-read at each publish; nothing else to reload");
-                continue;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    // trusted keys are read from DATA/keys at every publish
+                    log::info!(
+                        "SIGHUP: trusted keys are re-read at each publish; nothing else to reload"
+                    );
+                    continue;
+                }
+                log::info!("signal {sig}: shutting down");
+                shutdown.shutdown();
+                break;
             }
-            log::info!("signal {sig}: shutting down");
-            shutdown.shutdown();
-            break;
-        }
-    })?;
-    println!("imgsrv serving https://{addr} (data {}, image verification {verification})", data_dir.display());
+        })?;
+    println!(
+        "imgsrv serving https://{addr} (data {}, image verification {verification})",
+        data_dir.display()
+    );
     let handler_app = app.clone();
     let handler: Handler = Arc::new(move |req| crate::http::routes::handle(&handler_app, req));
     server.run(handler).context("serving")?;

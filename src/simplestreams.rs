@@ -122,17 +122,29 @@ pub fn serial(version: &str, published_at: &str) -> String {
     }
 }
 
-pub fn download_path(image: &str, version: &str, artifact_id: &str) -> String {
-    format!("v1/images/{image}/versions/{version}/artifacts/{artifact_id}/download")
+/// Path of an artifact download as listed in the stream. The last segment is
+/// a file name only: Incus names exported files after it, so the metadata
+/// and the root must not share one. The route ignores it.
+pub fn download_path(image: &str, version: &str, artifact_id: &str, ftype: &str) -> String {
+    let ext = match ftype {
+        "squashfs" => "squashfs",
+        "disk-kvm.img" => "qcow2",
+        _ => "rootfs.tar.xz",
+    };
+    format!("v1/images/{image}/versions/{version}/artifacts/{artifact_id}/download/{image}-{version}.{ext}")
 }
 
+/// Path of an attachment download (the metadata tarball) in the stream.
 pub fn attachment_path(
     image: &str,
     version: &str,
     artifact_id: &str,
     attachment_id: &str,
+    name: &str,
 ) -> String {
-    format!("v1/images/{image}/versions/{version}/artifacts/{artifact_id}/attachments/{attachment_id}/download")
+    format!(
+        "v1/images/{image}/versions/{version}/artifacts/{artifact_id}/attachments/{attachment_id}/download/{image}-{version}.{name}"
+    )
 }
 
 struct Product<'a> {
@@ -281,7 +293,7 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
                 root_item_key(&r.ftype).to_string(),
                 json!({
                     "ftype": r.ftype,
-                    "path": download_path(&r.image.name, &r.version.version, &r.artifact.id),
+                    "path": download_path(&r.image.name, &r.version.version, &r.artifact.id, &r.ftype),
                     "size": r.artifact.primary_blob_size_bytes,
                     "sha256": r.artifact.primary_blob_digest.hex(),
                 }),
@@ -302,7 +314,8 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
                         &owner.image.name,
                         &owner.version.version,
                         &owner.artifact.id,
-                        &owner.metadata.id
+                        &owner.metadata.id,
+                        &owner.metadata.name
                     )),
                 );
                 item.insert("size".into(), json!(owner.metadata.blob_size_bytes));

@@ -58,6 +58,22 @@ fn segments(path: &str) -> Result<Vec<String>, ApiError> {
     Ok(out)
 }
 
+/// Download routes accept a trailing file name (`…/download/NAME`), which
+/// the Simple Streams paths carry so Incus names exported files sensibly.
+fn strip_download_name(segs: &mut Vec<String>) {
+    let is_download = |n: usize| {
+        segs.len() == n
+            && segs[0] == "v1"
+            && segs[1] == "images"
+            && segs[3] == "versions"
+            && segs[5] == "artifacts"
+            && segs[n - 2] == "download"
+    };
+    if is_download(9) || (is_download(11) && segs[7] == "attachments") {
+        segs.pop();
+    }
+}
+
 /// The Incus client tries every artifact over plain HTTP on this port first.
 /// Published downloads are safe to answer in clear (the client checks their
 /// sha256 from the JSON it read over HTTPS); nothing else is.
@@ -85,7 +101,8 @@ fn plain_http_allowed(method: &str, segs: &[&str], has_auth: bool) -> bool {
 }
 
 fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
-    let owned = segments(&req.path)?;
+    let mut owned = segments(&req.path)?;
+    strip_download_name(&mut owned);
     let segs: Vec<&str> = owned.iter().map(String::as_str).collect();
     let method = req.method.clone();
     let m = method.as_str();
