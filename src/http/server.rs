@@ -1245,6 +1245,14 @@ fn write_response(
     head_only: bool,
     keep_alive: bool,
 ) -> Result<u64, WriteError> {
+    let mut resp = resp;
+    if !(200..=999).contains(&resp.status) {
+        log::error!(
+            "handler returned invalid status {}; sending 500",
+            resp.status
+        );
+        resp = error_response(500);
+    }
     let status = resp.status;
     let head = response_head(&resp, head_only, keep_alive);
     let send_body = !head_only && !(100..200).contains(&status) && status != 204 && status != 304;
