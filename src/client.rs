@@ -204,6 +204,19 @@ pub struct NewArtifact {
     pub primary_media_type: String,
 }
 
+/// `GET /v1/images/{name}/versions/{version}` (the parts the CLI uses).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VersionView {
+    pub version: ImageVersion,
+    pub artifacts: Vec<ArtifactEntry>,
+}
+
+/// One artifact of a [`VersionView`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct ArtifactEntry {
+    pub artifact: Artifact,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Artifact {
     #[serde(deserialize_with = "id_string")]
@@ -885,6 +898,21 @@ impl ApiClient {
         Ok(self
             .call_json("POST", &path, Some(&B { version, metadata }), &[201])?
             .1)
+    }
+
+    /// `GET /v1/images/{name}/versions/{version}`: the version and its artifacts.
+    pub fn get_version(&self, image: &str, version: &str) -> Result<VersionView, ClientError> {
+        let path = Self::path(&["images", image, "versions", version]);
+        Ok(self
+            .call_json::<VersionView>("GET", &path, None::<&()>, &[200])?
+            .1)
+    }
+
+    /// `DELETE /v1/images/{name}/versions/{version}/artifacts/{id}` (drafts only).
+    pub fn delete_artifact(&self, image: &str, version: &str, id: &str) -> Result<(), ClientError> {
+        let path = Self::path(&["images", image, "versions", version, "artifacts", id]);
+        self.call("DELETE", &path, Body::Empty, &[])?;
+        Ok(())
     }
 
     /// `POST /v1/images/{name}/versions/{version}/artifacts`.
