@@ -573,6 +573,15 @@ impl Drop for IncusLock {
     }
 }
 
+/// The harness's pid/log/client-config dir: `$IMGSRV_INCUSD_DIR`, else
+/// /tmp/imgsrv-incusd-harness (the harness's own default, which contrib/test-all.sh uses).
+pub fn incusd_state_dir() -> PathBuf {
+    std::env::var_os("IMGSRV_INCUSD_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/imgsrv-incusd-harness"))
+}
+
 /// The machine's throwaway Incus daemon (tests/fixtures/incusd-harness), trusting one CA
 /// certificate. `up` takes [`incus_lock`], clears any leftover daemon state and starts a
 /// fresh daemon; drop deletes instances and images and stops it (printing its log if the
@@ -586,7 +595,7 @@ pub struct IncusDaemon {
 impl IncusDaemon {
     pub fn up(cert: impl AsRef<Path>) -> IncusDaemon {
         let lock = incus_lock();
-        let state = std::env::temp_dir().join("imgsrv-incusd-harness");
+        let state = incusd_state_dir();
         let harness = || {
             let mut c = Command::new(fixture("incusd-harness"));
             c.env("IMGSRV_INCUSD_DIR", &state);
