@@ -1,19 +1,50 @@
 #!/bin/sh
-# Installs everything the test suite needs on Debian 12 (bookworm). Needs root.
-# Idempotent: safe to run again.
+# install-test-deps.sh: installs everything imgsrv's test suite and benchmark need on
+# Debian 12 (bookworm), as root, non-interactively. Works on a fresh system whose only apt
+# source is Debian's main archive (deb822 debian.sources or one-line sources.list): it adds
+# bookworm-backports from the same mirror for Incus 6.0.
+# Idempotent: when everything is already installed it does nothing (no apt-get update).
+# Usage: contrib/install-test-deps.sh        (IMGSRV_DEPS_FORCE=1 to reinstall anyway)
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 if [ "$(id -u)" != 0 ]; then
-  echo "install-test-deps: run as root (apt-get is used)" >&2; exit 2
+  echo "install-test-deps: run as root (apt-get is used)" >&2
+  exit 2
 fi
-# The Incus client, incus-simplestreams and incusd come from bookworm-backports:
-# same mirror and keyring as the existing Debian source.
-src=/etc/apt/sources.list.d/debian.sources
+if ! grep -qs 'bookworm' /etc/os-release; then
+  echo "install-test-deps: warning: not Debian 12 (bookworm); trying anyway" >&2
+fi
+
+PKGS="minisign squashfs-tools qemu-utils busybox-static xz-utils tar nginx sqlite3 openssl
+  ca-certificates curl python3 python3-pip procps iproute2 util-linux shellcheck"
+BPO_PKGS="incus-client incus-extra incus-base"
+
+installed() { # PKG...: all installed?
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || return 1
+  done
+}
+
+# shellcheck disable=SC2086 # word splitting of the package lists is intended
+if [ "${IMGSRV_DEPS_FORCE:-0}" = 0 ] && installed $PKGS $BPO_PKGS &&
+  [ -x /usr/libexec/incus/incusd ] && command -v sstream-query >/dev/null 2>&1; then
+  echo "install-test-deps: everything already installed"
+  exit 0
+fi
+
+# --- bookworm-backports, same mirror and keyring as the existing Debian source ---------
 mirror=http://deb.debian.org/debian
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+src=/etc/apt/sources.list.d/debian.sources
 if [ -f "$src" ]; then
-  m=$(awk '/^URIs:/ {print $2; exit}' "$src"); [ -n "$m" ] && mirror=$m
-  k=$(awk '/^Signed-By:/ {print $2; exit}' "$src"); [ -n "$k" ] && keyring=$k
+  m=$(awk '/^URIs:/ {print $2; exit}' "$src")
+  [ -n "$m" ] && mirror=$m
+  k=$(awk '/^Signed-By:/ {print $2; exit}' "$src")
+  [ -n "$k" ] && [ -f "$k" ] && keyring=$k
+elif [ -f /etc/apt/sources.list ]; then
+  # one-line format: deb [options] URI bookworm main ...
+  m=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\//) { if ($(i+1) == "bookworm") { print $i; exit } } }' /etc/apt/sources.list)
+  [ -n "$m" ] && mirror=$m
 fi
 if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
   cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC
@@ -24,13 +55,33 @@ Components: main
 Signed-By: $keyring
 SRC
 fi
+
+# --- packages, without starting their services ------------------------------------------
+# Without systemd, package scripts would start nginx on :80 and a real incusd owning
+# /var/lib/incus. The tests start their own instances, so forbid service starts meanwhile.
+policy=/usr/sbin/policy-rc.d
+own_policy=
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy"
+  chmod 0755 "$policy"
+  own_policy=1
+fi
+cleanup() { [ -n "$own_policy" ] && rm -f "$policy"; return 0; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
 apt-get update -q
-apt-get install -y -q --no-install-recommends \
-  minisign squashfs-tools qemu-utils busybox-static xz-utils nginx sqlite3 openssl \
-  ca-certificates curl python3-pip procps iproute2
-apt-get install -y -q --no-install-recommends -t bookworm-backports \
-  incus-client incus-extra incus-base
-# Canonical's simplestreams reader (sstream-query)
-python3 -m pip install -q --disable-pip-version-check python-simplestreams 2>/dev/null \
-  || python3 -m pip install -q --disable-pip-version-check --break-system-packages python-simplestreams
-command -v sstream-query >/dev/null || { echo "sstream-query missing after install" >&2; exit 1; }
+# shellcheck disable=SC2086
+apt-get install -y -q --no-install-recommends $PKGS
+# shellcheck disable=SC2086
+apt-get install -y -q --no-install-recommends -t bookworm-backports $BPO_PKGS
+
+# --- Canonical's simplestreams reader (sstream-query); not packaged in Debian -----------
+if ! command -v sstream-query >/dev/null 2>&1; then
+  python3 -m pip install -q --disable-pip-version-check python-simplestreams 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages python-simplestreams
+  hash -r 2>/dev/null || true
+fi
+command -v sstream-query >/dev/null 2>&1 || { echo "install-test-deps: sstream-query missing after install" >&2; exit 1; }
+[ -x /usr/libexec/incus/incusd ] || { echo "install-test-deps: /usr/libexec/incus/incusd missing after install" >&2; exit 1; }
+echo "install-test-deps: done"

@@ -1,0 +1,644 @@
+//! Shared helpers for imgsrv's integration tests. Each `tests/*.rs` file does `mod support;`
+//! and uses what it needs (hence the `dead_code` allowance).
+//!
+//! * [`TestServer`]: a real `imgsrv serve` on 127.0.0.1 with a fresh data dir.
+//! * [`Incus`]: the `incus` client with a fresh config/cache, trusting a server's cert.
+//! * [`IncusDaemon`]: the machine's single throwaway `incusd` (tests/fixtures/incusd-harness),
+//!   serialised across threads and test processes by [`incus_lock`].
+//! * [`make_test_image`], [`minisign_keypair`], [`minisign_sign`], [`sha256_file`],
+//!   [`sha256_concat`].
+//!
+//! Set `IMGSRV_TEST_KEEP=1` to keep temporary directories (their paths are printed).
+#![allow(dead_code)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+/// Path of the `imgsrv` binary that cargo built for these tests.
+pub const IMGSRV: &str = env!("CARGO_BIN_EXE_imgsrv");
+
+/// The repository root (where Cargo.toml is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests").join("fixtures").join(name)
+}
+
+/// A fresh temporary directory (kept on disk when `IMGSRV_TEST_KEEP=1`).
+pub fn temp_dir(prefix: &str) -> TempDir {
+    let mut dir = tempfile::Builder::new()
+        .prefix(&format!("imgsrv-{prefix}-"))
+        .tempdir()
+        .expect("create temp dir");
+    if keep_temp() {
+        dir.disable_cleanup(true);
+        eprintln!("[support] keeping {}", dir.path().display());
+    }
+    dir
+}
+
+fn keep_temp() -> bool {
+    std::env::var_os("IMGSRV_TEST_KEEP").is_some_and(|v| v != "0" && !v.is_empty())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs `cmd`, panicking with its command line, status, stdout and stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = run_any(cmd);
+    if !out.status.success() {
+        panic!(
+            "command failed ({}): {}\n--- stdout:\n{}\n--- stderr:\n{}",
+            out.status,
+            describe(cmd),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// Runs `cmd` and returns its output whatever its exit status (panics only if it cannot start).
+pub fn run_any(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)))
+}
+
+/// `imgsrv ARGS...`, asserting success.
+pub fn imgsrv(args: &[&str]) -> Output {
+    run_ok(Command::new(IMGSRV).args(args))
+}
+
+// ---------------------------------------------------------------------------------------
+// Hashes
+
+/// Lowercase hex SHA-256 of a file's bytes (no `sha256:` prefix).
+pub fn sha256_file(path: impl AsRef<Path>) -> String {
+    let mut h = Sha256::new();
+    hash_into(&mut h, path.as_ref());
+    hex::encode(h.finalize())
+}
+
+/// Lowercase hex SHA-256 of `a`'s bytes followed by `b`'s: the Incus fingerprint of a split
+/// image is `sha256_concat(metadata_tarball, rootfs_or_disk)`.
+pub fn sha256_concat(a: impl AsRef<Path>, b: impl AsRef<Path>) -> String {
+    let mut h = Sha256::new();
+    hash_into(&mut h, a.as_ref());
+    hash_into(&mut h, b.as_ref());
+    hex::encode(h.finalize())
+}
+
+fn hash_into(h: &mut Sha256, path: &Path) {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Test images and signing keys
+
+/// What `tests/fixtures/make-test-image` produced.
+#[derive(Debug, Clone)]
+pub struct TestImage {
+    pub dir: PathBuf,
+    /// `incus.tar.xz`
+    pub metadata: PathBuf,
+    /// `rootfs.squashfs` (container or both)
+    pub rootfs: Option<PathBuf>,
+    /// `disk.qcow2` (vm or both)
+    pub disk: Option<PathBuf>,
+}
+
+impl TestImage {
+    /// The rootfs, panicking if the image was built with `--type vm`.
+    pub fn rootfs(&self) -> &Path {
+        self.rootfs
+            .as_deref()
+            .expect("image has no rootfs.squashfs")
+    }
+    /// The VM disk, panicking if the image was built with `--type container`.
+    pub fn disk(&self) -> &Path {
+        self.disk.as_deref().expect("image has no disk.qcow2")
+    }
+    /// Incus fingerprint of the container image: sha256(incus.tar.xz ‖ rootfs.squashfs).
+    pub fn container_fingerprint(&self) -> String {
+        sha256_concat(&self.metadata, self.rootfs())
+    }
+    /// Incus fingerprint of the VM image: sha256(incus.tar.xz ‖ disk.qcow2).
+    pub fn vm_fingerprint(&self) -> String {
+        sha256_concat(&self.metadata, self.disk())
+    }
+}
+
+/// Builds a real Incus image into `dir` with `tests/fixtures/make-test-image DIR ARGS...`
+/// (e.g. `&["--serial", "20260101_0000", "--type", "both"]`).
+pub fn make_test_image(dir: impl AsRef<Path>, args: &[&str]) -> TestImage {
+    let dir = dir.as_ref().to_path_buf();
+    run_ok(
+        Command::new(fixture("make-test-image"))
+            .arg(&dir)
+            .args(args),
+    );
+    let opt = |name: &str| Some(dir.join(name)).filter(|p| p.exists());
+    TestImage {
+        metadata: dir.join("incus.tar.xz"),
+        rootfs: opt("rootfs.squashfs"),
+        disk: opt("disk.qcow2"),
+        dir,
+    }
+}
+
+/// Creates an unencrypted minisign key pair in `dir`: returns (public key, secret key) paths.
+pub fn minisign_keypair(dir: impl AsRef<Path>) -> (PathBuf, PathBuf) {
+    let dir = dir.as_ref();
+    fs::create_dir_all(dir).expect("create key dir");
+    let (public, secret) = (dir.join("minisign.pub"), dir.join("minisign.key"));
+    run_ok(
+        Command::new("minisign")
+            .args(["-G", "-W", "-f", "-p"])
+            .arg(&public)
+            .arg("-s")
+            .arg(&secret),
+    );
+    (public, secret)
+}
+
+/// Signs `file` with an unencrypted minisign secret key; returns the `.minisig` path
+/// (`FILE.minisig`).
+pub fn minisign_sign(secret: impl AsRef<Path>, file: impl AsRef<Path>) -> PathBuf {
+    let file = file.as_ref();
+    let sig = PathBuf::from(format!("{}.minisig", file.display()));
+    run_ok(
+        Command::new("minisign")
+            .arg("-S")
+            .arg("-s")
+            .arg(secret.as_ref())
+            .arg("-m")
+            .arg(file)
+            .arg("-x")
+            .arg(&sig),
+    );
+    sig
+}
+
+// ---------------------------------------------------------------------------------------
+// The imgsrv server
+
+/// A running `imgsrv serve` on 127.0.0.1 with its own data directory. Stopped on drop; its
+/// log is printed when the test is panicking.
+pub struct TestServer {
+    root: TempDir,
+    data: PathBuf,
+    log: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    agent: ureq::Agent,
+}
+
+impl TestServer {
+    /// `imgsrv init` on a fresh data dir, then `imgsrv serve`, waiting until `/healthz` is 204.
+    pub fn start() -> TestServer {
+        Self::start_inner(None)
+    }
+
+    /// Like [`TestServer::start`], but after `imgsrv init` replaces `DATA/imgsrv.toml` with
+    /// `config_toml`, in which `{data}` stands for the data directory's path.
+    pub fn start_with(config_toml: &str) -> TestServer {
+        Self::start_inner(Some(config_toml))
+    }
+
+    fn start_inner(config: Option<&str>) -> TestServer {
+        let root = temp_dir("server");
+        let data = root.path().join("data");
+        fs::create_dir_all(&data).expect("create data dir");
+        let data_s = data.to_str().expect("utf-8 temp path").to_owned();
+        imgsrv(&["init", "--data", &data_s]);
+        if let Some(cfg) = config {
+            fs::write(data.join("imgsrv.toml"), cfg.replace("{data}", &data_s))
+                .expect("write imgsrv.toml");
+        }
+        let cert = data.join("tls").join("cert.pem");
+        let agent = https_agent(&cert);
+        let mut server = TestServer {
+            log: root.path().join("serve.log"),
+            root,
+            data,
+            port: 0,
+            child: None,
+            agent,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts `imgsrv serve` on a new free port (again, after [`TestServer::kill`]; the data
+    /// directory is kept).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let mut last_err = String::new();
+        for _attempt in 0..3 {
+            self.port = free_port();
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .expect("open server log");
+            let listen = format!("127.0.0.1:{}", self.port);
+            let child = Command::new(IMGSRV)
+                .arg("serve")
+                .arg("--data")
+                .arg(&self.data)
+                .arg("--listen")
+                .arg(&listen)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .env("RUST_BACKTRACE", "1")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("dup log"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot spawn {IMGSRV} serve: {e}"));
+            self.child = Some(child);
+            match self.wait_healthy(Duration::from_secs(20)) {
+                Ok(()) => return,
+                Err(e) => {
+                    last_err = e;
+                    let exited = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten())
+                        .is_some();
+                    self.kill();
+                    // Only a lost race for the port is worth another try.
+                    if !(exited && self.log_text().contains("in use")) {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!(
+            "imgsrv serve did not become healthy: {last_err}\n--- {}:\n{}",
+            self.log.display(),
+            self.log_text()
+        );
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let url = format!("{}/healthz", self.url());
+        let mut last = String::from("no attempt");
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!("imgsrv serve exited early with {status}"));
+            }
+            // The cert is written by `imgsrv init`; rebuild the agent if it changed since.
+            self.agent = https_agent(&self.cert());
+            match self.agent.get(&url).call() {
+                Ok(resp) if resp.status().as_u16() == 204 => return Ok(()),
+                Ok(resp) => last = format!("GET /healthz answered {}", resp.status()),
+                Err(e) => last = format!("GET /healthz: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("not healthy after {timeout:?}; last: {last}"))
+    }
+
+    /// `https://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+    /// The server's self-signed certificate (`DATA/tls/cert.pem`).
+    pub fn cert(&self) -> PathBuf {
+        self.data.join("tls").join("cert.pem")
+    }
+    /// The bootstrap admin token (`DATA/admin.token`, trimmed).
+    pub fn admin_token(&self) -> String {
+        let p = self.data.join("admin.token");
+        fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+            .trim()
+            .to_owned()
+    }
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.data.join("admin.token")
+    }
+    /// A ureq agent trusting the server's certificate; HTTP error statuses are returned as
+    /// responses, not errors.
+    pub fn agent(&self) -> &ureq::Agent {
+        &self.agent
+    }
+    /// Scratch space beside the data dir, removed with the server.
+    pub fn scratch(&self) -> &Path {
+        self.root.path()
+    }
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Stops the server: SIGTERM, then SIGKILL after 5 s.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- imgsrv serve log ({}):\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released: another process may take it first).
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A ureq agent that trusts exactly the PEM certificate(s) in `cert` (if the file exists
+/// yet), with a 30 s overall timeout and HTTP error statuses returned as responses.
+pub fn https_agent(cert: &Path) -> ureq::Agent {
+    use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
+    let pem = fs::read(cert).unwrap_or_default();
+    let certs: Vec<_> = parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let tls = TlsConfig::builder()
+        .root_certs(RootCerts::Specific(Arc::new(certs)))
+        .build();
+    ureq::Agent::config_builder()
+        .tls_config(tls)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+// ---------------------------------------------------------------------------------------
+// The incus client
+
+/// The `incus` command-line client with its own config dir (`INCUS_CONF`) and `HOME` (so
+/// remotes and caches start empty), trusting `cert` for HTTPS via `SSL_CERT_FILE`. It talks
+/// to the local daemon (if any) over /var/lib/incus/unix.socket.
+pub struct Incus {
+    dir: TempDir,
+    cert: PathBuf,
+}
+
+impl Incus {
+    pub fn new(cert: impl AsRef<Path>) -> Incus {
+        let dir = temp_dir("incus-client");
+        fs::create_dir_all(dir.path().join("conf")).expect("mkdir conf");
+        fs::create_dir_all(dir.path().join("home")).expect("mkdir home");
+        Incus {
+            dir,
+            cert: cert.as_ref().to_path_buf(),
+        }
+    }
+
+    /// The client's config dir (`INCUS_CONF`).
+    pub fn conf_dir(&self) -> PathBuf {
+        self.dir.path().join("conf")
+    }
+
+    /// A `Command` for `incus` with this client's environment (add args yourself).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new("incus");
+        cmd.env("INCUS_CONF", self.conf_dir())
+            .env("HOME", self.dir.path().join("home"))
+            .env("SSL_CERT_FILE", &self.cert)
+            .env("SSL_CERT_DIR", "/etc/ssl/certs")
+            .env_remove("INCUS_REMOTE")
+            .env_remove("INCUS_PROJECT")
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("XDG_CONFIG_HOME")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `incus remote add NAME URL --protocol=simplestreams`
+    pub fn remote_add(&self, name: &str, url: &str) {
+        self.run(&["remote", "add", name, url, "--protocol=simplestreams"]);
+    }
+
+    /// `incus ARGS...`, asserting success (the panic message has stdout and stderr).
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_ok(self.command().args(args))
+    }
+
+    /// `incus ARGS...` whatever its exit status.
+    pub fn try_run(&self, args: &[&str]) -> Output {
+        run_any(self.command().args(args))
+    }
+
+    /// `incus ARGS... --format=json`, asserting success, parsed.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let out = run_ok(self.command().args(args).arg("--format=json"));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "incus {args:?} --format=json printed invalid JSON ({e}):\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// `incus ARGS...` stdout as a string, asserting success.
+    pub fn stdout(&self, args: &[&str]) -> String {
+        String::from_utf8_lossy(&self.run(args).stdout).into_owned()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The single Incus daemon
+
+const INCUS_LOCK_PATH: &str = "/tmp/imgsrv-tests-incusd.lock";
+
+/// Holds an exclusive `flock` on /tmp/imgsrv-tests-incusd.lock: at most one holder per
+/// machine, across threads and test processes (nextest too). Released on drop or exit.
+pub struct IncusLock {
+    file: File,
+}
+
+/// Blocks until this test may use the machine's single Incus daemon.
+pub fn incus_lock() -> IncusLock {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(INCUS_LOCK_PATH)
+        .unwrap_or_else(|e| panic!("open {INCUS_LOCK_PATH}: {e}"));
+    loop {
+        // SAFETY: flock(2) on a descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            panic!("flock {INCUS_LOCK_PATH}: {err}");
+        }
+    }
+    let mut f = &file;
+    let _ = f.write_all(format!("{}\n", std::process::id()).as_bytes());
+    IncusLock { file }
+}
+
+impl Drop for IncusLock {
+    fn drop(&mut self) {
+        // SAFETY: flock(2) on a descriptor we own; closing it would release the lock too.
+        unsafe {
+            libc::flock(self.file.as_raw_fd(), libc::LOCK_UN);
+        }
+    }
+}
+
+/// The harness's pid/log/client-config dir: `$IMGSRV_INCUSD_DIR`, else
+/// /tmp/imgsrv-incusd-harness (the harness's own default, which contrib/test-all.sh uses).
+pub fn incusd_state_dir() -> PathBuf {
+    std::env::var_os("IMGSRV_INCUSD_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/imgsrv-incusd-harness"))
+}
+
+/// The machine's throwaway Incus daemon (tests/fixtures/incusd-harness), trusting one CA
+/// certificate. `up` takes [`incus_lock`], clears any leftover daemon state and starts a
+/// fresh daemon; drop deletes instances and images and stops it (printing its log if the
+/// test is panicking). Needs root.
+pub struct IncusDaemon {
+    state: PathBuf,
+    // Declared last: released after the daemon is down.
+    _lock: IncusLock,
+}
+
+impl IncusDaemon {
+    pub fn up(cert: impl AsRef<Path>) -> IncusDaemon {
+        let lock = incus_lock();
+        let state = incusd_state_dir();
+        let harness = || {
+            let mut c = Command::new(fixture("incusd-harness"));
+            c.env("IMGSRV_INCUSD_DIR", &state);
+            c
+        };
+        // A crashed earlier run may have left a daemon behind: start clean.
+        run_any(harness().arg("down"));
+        let out = run_any(harness().arg("up").arg(cert.as_ref()));
+        if !out.status.success() {
+            panic!(
+                "incusd-harness up failed ({}):\n{}{}\n--- daemon log:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                fs::read_to_string(state.join("daemon.log")).unwrap_or_default()
+            );
+        }
+        IncusDaemon { state, _lock: lock }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.state.join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for IncusDaemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- incusd log:\n{}", self.log_text());
+        }
+        let out = Command::new(fixture("incusd-harness"))
+            .arg("down")
+            .env("IMGSRV_INCUSD_DIR", &self.state)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "incusd-harness down failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("cannot run incusd-harness down: {e}"),
+        }
+    }
+}
