@@ -152,9 +152,7 @@ fn incus_daemon_launches_test_image() {
     );
 }
 
-/// Needs `imgsrv init` / `imgsrv serve` (not implemented yet on this branch).
 #[test]
-#[ignore = "needs imgsrv init/serve; un-ignore once the binary implements them"]
 fn test_server_starts_and_answers_healthz() {
     let server = TestServer::start();
     assert!(server.url().starts_with("https://127.0.0.1:"));

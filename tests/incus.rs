@@ -1,0 +1,289 @@
+//! Acceptance: a real `imgsrv serve`, images published with `imgsrv publish`,
+//! read by the stock `incus` client, `sstream-query`, and launched by a real
+//! Incus daemon.
+
+mod support;
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use support::*;
+
+const OLD: &str = "20260101_0000";
+const NEW: &str = "20260102_0000";
+const IMAGE: &str = "debian-bookworm";
+
+/// A server with two published versions of `debian-bookworm` (container and VM
+/// each); the alias `stable` stays on the older one.
+struct Fixture {
+    server: TestServer,
+    old: TestImage,
+    new: TestImage,
+    _tmp: tempfile::TempDir,
+}
+
+fn publish(server: &TestServer, secret: &Path, img: &TestImage, extra: &[&str]) -> String {
+    let mut cmd = Command::new(IMGSRV);
+    cmd.arg("publish")
+        .arg("--server")
+        .arg(server.url())
+        .arg("--ca")
+        .arg(server.cert())
+        .arg("--token-file")
+        .arg(server.admin_token_file())
+        .arg("--key")
+        .arg(secret)
+        .args(extra)
+        .arg(&img.metadata);
+    cmd.args(img.rootfs.iter()).args(img.disk.iter());
+    String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
+}
+
+fn fixture() -> Fixture {
+    let server = TestServer::start();
+    let tmp = temp_dir("incus-e2e");
+    let (public, secret) = minisign_keypair(tmp.path().join("keys"));
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        server.data_dir().to_str().unwrap(),
+        "--name",
+        "release",
+        public.to_str().unwrap(),
+    ]);
+    let old = make_test_image(tmp.path().join("old"), &["--serial", OLD, "--type", "both"]);
+    let new = make_test_image(tmp.path().join("new"), &["--serial", NEW, "--type", "both"]);
+    let out = publish(&server, &secret, &old, &["--alias", "stable"]);
+    assert!(
+        out.contains(&old.container_fingerprint()) && out.contains(&old.vm_fingerprint()),
+        "{out}"
+    );
+    let out = publish(&server, &secret, &new, &[]);
+    assert!(
+        out.contains(&new.container_fingerprint()) && out.contains(&new.vm_fingerprint()),
+        "{out}"
+    );
+    Fixture {
+        server,
+        old,
+        new,
+        _tmp: tmp,
+    }
+}
+
+fn info_fingerprint(incus: &Incus, args: &[&str]) -> String {
+    let mut a = vec!["image", "info"];
+    a.extend_from_slice(args);
+    let out = incus.stdout(&a);
+    out.lines()
+        .find_map(|l| l.strip_prefix("Fingerprint: "))
+        .unwrap_or_else(|| panic!("no fingerprint in incus image info {args:?}:\n{out}"))
+        .trim()
+        .to_string()
+}
+
+fn read(p: impl AsRef<Path>) -> Vec<u8> {
+    std::fs::read(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
+}
+
+/// The single file in `dir` whose name ends with `suffix`.
+fn exported(dir: &Path, suffix: &str) -> Vec<u8> {
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "exported files in {}: {files:?}",
+        dir.display()
+    );
+    read(&files[0])
+}
+
+#[test]
+fn incus_client_lists_inspects_and_exports_containers_and_vms() {
+    let f = fixture();
+    let incus = Incus::new(f.server.cert());
+    incus.remote_add("r", &f.server.url());
+
+    let list = incus.json(&["image", "list", "r:"]);
+    let fps: BTreeSet<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["fingerprint"].as_str().unwrap().to_string())
+        .collect();
+    let want: BTreeSet<String> = [
+        f.old.container_fingerprint(),
+        f.old.vm_fingerprint(),
+        f.new.container_fingerprint(),
+        f.new.vm_fingerprint(),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(fps, want, "incus image list fingerprints");
+    for i in list.as_array().unwrap() {
+        assert_eq!(i["architecture"], "x86_64");
+        let fp = i["fingerprint"].as_str().unwrap();
+        let t = if fp == f.old.vm_fingerprint() || fp == f.new.vm_fingerprint() {
+            "virtual-machine"
+        } else {
+            "container"
+        };
+        assert_eq!(i["type"], t, "{fp}");
+    }
+
+    // default alias -> newest; movable alias pinned to the older version; --vm; distro alias
+    assert_eq!(
+        info_fingerprint(&incus, &[&format!("r:{IMAGE}")]),
+        f.new.container_fingerprint()
+    );
+    assert_eq!(
+        info_fingerprint(&incus, &[&format!("r:{IMAGE}/stable")]),
+        f.old.container_fingerprint()
+    );
+    assert_eq!(
+        info_fingerprint(&incus, &[&format!("r:{IMAGE}"), "--vm"]),
+        f.new.vm_fingerprint()
+    );
+    assert_eq!(
+        info_fingerprint(&incus, &[&format!("r:{IMAGE}/stable"), "--vm"]),
+        f.old.vm_fingerprint()
+    );
+    assert_eq!(
+        info_fingerprint(&incus, &[&format!("r:{IMAGE}/{OLD}")]),
+        f.old.container_fingerprint()
+    );
+    assert_eq!(
+        info_fingerprint(&incus, &["r:debian/bookworm"]),
+        f.new.container_fingerprint()
+    );
+    assert_eq!(
+        info_fingerprint(&incus, &["r:debian/bookworm/default", "--vm"]),
+        f.new.vm_fingerprint()
+    );
+
+    // exports are byte-identical to what was published
+    let tmp = temp_dir("export");
+    let ct = tmp.path().join("ct");
+    std::fs::create_dir_all(&ct).unwrap();
+    incus.run(&[
+        "image",
+        "export",
+        &format!("r:{IMAGE}/stable"),
+        ct.to_str().unwrap(),
+    ]);
+    assert_eq!(exported(&ct, ".incus.tar.xz"), read(&f.old.metadata));
+    assert_eq!(exported(&ct, ".squashfs"), read(f.old.rootfs()));
+    let vm = tmp.path().join("vm");
+    std::fs::create_dir_all(&vm).unwrap();
+    incus.run(&[
+        "image",
+        "export",
+        &format!("r:{IMAGE}"),
+        vm.to_str().unwrap(),
+        "--vm",
+    ]);
+    assert_eq!(exported(&vm, ".incus.tar.xz"), read(&f.new.metadata));
+    assert_eq!(exported(&vm, ".qcow2"), read(f.new.disk()));
+    let mut both = read(&f.new.metadata);
+    both.extend(read(f.new.disk()));
+    assert_eq!(
+        imgsrv::digest::Digest::of(&both).hex(),
+        f.new.vm_fingerprint()
+    );
+
+    // the client tried every artifact over plain HTTP first, and was answered there
+    let log = f.server.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("imgsrv::access")
+            && l.contains("/download/")
+            && l.contains(" 200 ")
+            && l.contains("secure=false")),
+        "no plain-HTTP download in the log:\n{log}"
+    );
+}
+
+#[test]
+fn sstream_query_reads_the_same_streams() {
+    let f = fixture();
+    let out = run_ok(
+        Command::new("sstream-query")
+            .arg("--json")
+            .arg(format!("{}/streams/v1/index.json", f.server.url()))
+            .env("REQUESTS_CA_BUNDLE", f.server.cert())
+            .env("SSL_CERT_FILE", f.server.cert()),
+    );
+    let items: Value = serde_json::from_slice(&out.stdout).expect("sstream-query prints JSON");
+    let items = items.as_array().unwrap();
+    let sha = |ftype: &str| -> BTreeSet<String> {
+        items
+            .iter()
+            .filter(|i| i["ftype"] == ftype)
+            .map(|i| i["sha256"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let want_roots: BTreeSet<String> = [sha256_file(f.old.rootfs()), sha256_file(f.new.rootfs())]
+        .into_iter()
+        .collect();
+    assert_eq!(sha("squashfs"), want_roots);
+    let want_disks: BTreeSet<String> = [sha256_file(f.old.disk()), sha256_file(f.new.disk())]
+        .into_iter()
+        .collect();
+    assert_eq!(sha("disk-kvm.img"), want_disks);
+    assert_eq!(sha("incus.tar.xz").len(), 2);
+    assert_eq!(sha("lxd.tar.xz"), sha("incus.tar.xz"));
+    for i in items {
+        let url = i["item_url"].as_str().unwrap();
+        assert!(url.starts_with(&f.server.url()), "{url}");
+    }
+}
+
+#[test]
+fn incus_daemon_launches_published_containers() {
+    let f = fixture();
+    let _daemon = IncusDaemon::up(f.server.cert());
+    let incus = Incus::new(f.server.cert());
+    incus.remote_add("r", &f.server.url());
+    incus.run(&["launch", &format!("r:{IMAGE}"), "c1"]);
+    incus.run(&["launch", &format!("r:{IMAGE}/stable"), "c2"]);
+    let list = incus.json(&["list"]);
+    for name in ["c1", "c2"] {
+        let c = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {list}"));
+        assert_eq!(c["status"], "Running", "{name}: {c}");
+    }
+    // the containers run the published root filesystems
+    assert_eq!(
+        incus
+            .stdout(&["exec", "c1", "--", "cat", "/etc/imgsrv-test-marker"])
+            .trim(),
+        NEW
+    );
+    assert_eq!(
+        incus
+            .stdout(&["exec", "c2", "--", "cat", "/etc/imgsrv-test-marker"])
+            .trim(),
+        OLD
+    );
+    let images = incus.json(&["image", "list", "local:"]);
+    let local: BTreeSet<String> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["fingerprint"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        local.contains(&f.new.container_fingerprint())
+            && local.contains(&f.old.container_fingerprint()),
+        "{local:?}"
+    );
+}
