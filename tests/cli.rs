@@ -1,0 +1,342 @@
+//! The command line as a user runs it: `imgsrv init|serve|key|publish|alias|list`.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `imgsrv` with the client environment pointing at `server`.
+fn client(server: &TestServer) -> Command {
+    let mut c = Command::new(IMGSRV);
+    c.env("IMGSRV_SERVER", server.url())
+        .env("IMGSRV_CA", server.cert())
+        .env("IMGSRV_TOKEN", server.admin_token())
+        .stdin(Stdio::null());
+    c
+}
+
+#[test]
+fn init_is_idempotent_and_prints_what_it_made() {
+    let tmp = temp_dir("cli-init");
+    let d = tmp.path().join("data");
+    let first = text(&imgsrv(&[
+        "init",
+        "--data",
+        s(&d),
+        "--name",
+        "images.example.org",
+        "--name",
+        "10.1.2.3",
+    ]));
+    for f in [
+        "imgsrv.toml",
+        "catalog.db",
+        "tls/cert.pem",
+        "tls/key.pem",
+        "admin.token",
+    ] {
+        assert!(first.contains(f), "{f} not reported:\n{first}");
+        assert!(d.join(f).exists(), "{f} missing");
+    }
+    let token = std::fs::read_to_string(d.join("admin.token")).unwrap();
+    let cert = std::fs::read(d.join("tls/cert.pem")).unwrap();
+    let second = text(&imgsrv(&["init", "--data", s(&d)]));
+    assert!(second.contains("already initialised"), "{second}");
+    assert_eq!(
+        std::fs::read_to_string(d.join("admin.token")).unwrap(),
+        token,
+        "token kept"
+    );
+    assert_eq!(
+        std::fs::read(d.join("tls/cert.pem")).unwrap(),
+        cert,
+        "certificate kept"
+    );
+    let sans = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(d.join("tls/cert.pem")),
+    );
+    let sans = String::from_utf8_lossy(&sans.stdout);
+    for want in [
+        "DNS:localhost",
+        "IP Address:127.0.0.1",
+        "DNS:images.example.org",
+        "IP Address:10.1.2.3",
+    ] {
+        assert!(sans.contains(want), "{want} not in {sans}");
+    }
+}
+
+#[test]
+fn trusted_keys_are_managed_on_the_filesystem() {
+    let tmp = temp_dir("cli-keys");
+    let d = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&d)]);
+    let (public, _) = minisign_keypair(tmp.path().join("k"));
+    let added = text(&imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        s(&d),
+        "--name",
+        "release",
+        s(&public),
+    ]));
+    assert!(added.contains("release"), "{added}");
+    let list = text(&imgsrv(&["key", "list", "--data", s(&d)]));
+    assert!(list.contains("release"), "{list}");
+    let again = run_any(Command::new(IMGSRV).args([
+        "key",
+        "add",
+        "--data",
+        s(&d),
+        "--name",
+        "other",
+        s(&public),
+    ]));
+    assert!(
+        !again.status.success(),
+        "the same key twice must be refused"
+    );
+    let junk = tmp.path().join("junk.pub");
+    std::fs::write(&junk, "untrusted comment: x\nnot a key\n").unwrap();
+    let bad = run_any(Command::new(IMGSRV).args(["key", "add", "--data", s(&d), s(&junk)]));
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("junk.pub"), "{}", text(&bad));
+    imgsrv(&["key", "remove", "--data", s(&d), "release"]);
+    assert!(!text(&imgsrv(&["key", "list", "--data", s(&d)])).contains("release"));
+}
+
+#[test]
+fn serve_refuses_a_broken_config_with_a_clear_error() {
+    let tmp = temp_dir("cli-badcfg");
+    let d = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&d)]);
+    for (cfg, needle) in [
+        ("listen = 5", "imgsrv.toml"),
+        ("lisen = \"127.0.0.1:1\"", "lisen"),
+        ("[tls]\ncert = \"x.pem\"", "key"),
+    ] {
+        std::fs::write(d.join("imgsrv.toml"), cfg).unwrap();
+        let t = Instant::now();
+        let out = run_any(Command::new(IMGSRV).args([
+            "serve",
+            "--data",
+            s(&d),
+            "--listen",
+            "127.0.0.1:0",
+        ]));
+        assert!(!out.status.success(), "{cfg}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert!(text(&out).contains(needle), "{cfg}: {}", text(&out));
+    }
+}
+
+#[test]
+fn publish_alias_and_list_through_the_cli() {
+    let server = TestServer::start();
+    let tmp = temp_dir("cli-publish");
+    let (public, secret) = minisign_keypair(tmp.path().join("k"));
+    let img = make_test_image(
+        tmp.path().join("img"),
+        &["--serial", "20260301_1200", "--type", "both"],
+    );
+    let publish = |extra: &[&str]| {
+        run_any(
+            client(&server)
+                .arg("publish")
+                .arg("--key")
+                .arg(&secret)
+                .args(extra)
+                .arg(&img.metadata)
+                .arg(img.rootfs())
+                .arg(img.disk()),
+        )
+    };
+
+    // the key is not trusted yet: refused, nothing published, the draft stays
+    let refused = publish(&["--alias", "stable"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("412") || text(&refused).to_lowercase().contains("refused"),
+        "{}",
+        text(&refused)
+    );
+    let versions = text(&run_ok(client(&server).args(["list", "debian-bookworm"])));
+    assert!(
+        versions.contains("draft") && !versions.contains("published"),
+        "{versions}"
+    );
+
+    // trusting the key takes effect without a restart; re-running resumes the draft
+    imgsrv(&["key", "add", "--data", s(server.data_dir()), s(&public)]);
+    let ok = publish(&["--alias", "stable"]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let out = text(&ok);
+    assert!(
+        out.contains("debian-bookworm") && out.contains("20260301_1200"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&img.container_fingerprint()) && out.contains(&img.vm_fingerprint()),
+        "{out}"
+    );
+
+    // published is forever: the same version cannot be published again
+    let again = publish(&[]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again).contains("already published"),
+        "{}",
+        text(&again)
+    );
+
+    let list = text(&run_ok(client(&server).arg("list")));
+    assert_eq!(list.trim(), "debian-bookworm");
+    let versions = text(&run_ok(client(&server).args(["list", "debian-bookworm"])));
+    assert!(
+        versions.contains("20260301_1200\tpublished\tstable"),
+        "{versions}"
+    );
+
+    run_ok(client(&server).args(["alias", "set", "debian-bookworm", "lts", "20260301_1200"]));
+    assert!(text(&run_ok(client(&server).args(["list", "debian-bookworm"]))).contains("lts"));
+    let bad = run_any(client(&server).args(["alias", "set", "debian-bookworm", "x", "19990101"]));
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(text(&bad).contains("404"), "{}", text(&bad));
+    run_ok(client(&server).args(["alias", "rm", "debian-bookworm", "lts"]));
+    assert!(!text(&run_ok(client(&server).args(["list", "debian-bookworm"]))).contains("lts"));
+
+    // no token: a clear error before anything is sent
+    let no_token = run_any(
+        Command::new(IMGSRV)
+            .env("IMGSRV_SERVER", server.url())
+            .env("IMGSRV_CA", server.cert())
+            .env_remove("IMGSRV_TOKEN")
+            .args(["alias", "rm", "debian-bookworm", "stable"]),
+    );
+    assert!(!no_token.status.success());
+    assert!(text(&no_token).contains("token"), "{}", text(&no_token));
+    // a wrong token is refused by the server
+    let wrong = run_any(
+        client(&server)
+            .env("IMGSRV_TOKEN", "imgsrv_0000000000000000_00")
+            .args(["alias", "rm", "debian-bookworm", "stable"]),
+    );
+    assert!(text(&wrong).contains("401"), "{}", text(&wrong));
+}
+
+#[test]
+fn a_configured_certificate_replaces_the_generated_one() {
+    let tmp = temp_dir("cli-owncert");
+    let d = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&d)]);
+    let (cert, key) = (tmp.path().join("own.pem"), tmp.path().join("own.key"));
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+            ])
+            .args([
+                "-subj",
+                "/CN=own",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    std::fs::write(
+        d.join("imgsrv.toml"),
+        format!("[tls]\ncert = \"{}\"\nkey = \"{}\"\n", s(&cert), s(&key)),
+    )
+    .unwrap();
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}/healthz");
+    let mut child = Command::new(IMGSRV)
+        .args([
+            "serve",
+            "--data",
+            s(&d),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let curl = |ca: &Path| {
+        run_any(
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--tlsv1.3",
+                    "--cacert",
+                ])
+                .arg(ca)
+                .arg(&url),
+        )
+    };
+    let t = Instant::now();
+    while !curl(&cert).status.success() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "server with its own certificate never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(String::from_utf8_lossy(&curl(&cert).stdout), "204");
+    // the generated certificate is not what is served
+    assert!(
+        !curl(&d.join("tls/cert.pem")).status.success(),
+        "served the generated certificate"
+    );
+    // SIGTERM stops it cleanly
+    run_ok(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string()),
+    );
+    let t = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
