@@ -134,7 +134,10 @@ pub fn valid_key_name(name: &str) -> bool {
 /// Standard base64 with padding, as minisign writes it.
 fn b64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(s).ok().filter(|v| !v.is_empty())
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
 /// Splits minisign file text into lines (tolerating CRLF) and checks that

@@ -14,8 +14,75 @@ use crate::digest::{Digest, Hasher};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 const BUF: usize = 1 << 20;
+/// Copies at least this large hash on a second thread.
+const PIPELINE_MIN: u64 = 8 << 20;
+const PIPELINE_BUFFERS: usize = 4;
+/// Ask the kernel to start writing back every this many bytes.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+/// Reads into `buf` until it is full or `left` bytes came; a short source
+/// is [`CasError::Truncated`].
+fn fill(
+    reader: &mut dyn Read,
+    buf: &mut [u8],
+    left: u64,
+    len: u64,
+    done: u64,
+    path: &Path,
+) -> Result<usize> {
+    let want = (left.min(buf.len() as u64)) as usize;
+    let mut got = 0;
+    while got < want {
+        match reader.read(&mut buf[got..want]) {
+            Ok(0) => {
+                return Err(CasError::Truncated {
+                    expected: len,
+                    actual: done + got as u64,
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                return Err(CasError::Truncated {
+                    expected: len,
+                    actual: done + got as u64,
+                });
+            }
+            Err(e) => return Err(io_err("read into", path)(e)),
+        }
+    }
+    Ok(got)
+}
+
+/// Starts (does not wait for) writeback of a file range, so a later fsync is short.
+fn start_writeback(f: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sync_file_range only reads its integer arguments; the fd is open.
+        unsafe {
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                offset as i64,
+                len as i64,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, offset, len);
+}
 
 pub struct FsStore {
     root: PathBuf,
@@ -65,46 +132,73 @@ impl FsStore {
     }
 
     /// Copies exactly `len` bytes from `reader` into `out` while hashing.
+    ///
+    /// Large copies hash on a second thread while this one reads and writes
+    /// (ingest is then bounded by the slower of the two, not their sum), and
+    /// start the kernel's writeback as they go so that the final fsync has
+    /// little left to wait for. No more than a few buffers are in memory.
     fn copy_hashing(
         reader: &mut dyn Read,
-        out: &mut dyn Write,
+        out: &mut File,
         len: u64,
         hasher: &mut Hasher,
         path: &Path,
     ) -> Result<()> {
-        let mut buf = vec![0u8; BUF.min(len.max(1) as usize)];
-        let mut left = len;
-        while left > 0 {
-            let want = (left as usize).min(buf.len());
-            let n = match reader.read(&mut buf[..want]) {
-                Ok(0) => {
-                    return Err(CasError::Truncated {
-                        expected: len,
-                        actual: len - left,
-                    })
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::UnexpectedEof
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::WouldBlock
-                            | io::ErrorKind::ConnectionReset
-                    ) =>
-                {
-                    return Err(CasError::Truncated {
-                        expected: len,
-                        actual: len - left,
-                    })
-                }
-                Err(e) => return Err(io_err("read into", path)(e)),
-            };
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io_err("write", path))?;
-            left -= n as u64;
+        if len < PIPELINE_MIN {
+            let mut buf = vec![0u8; BUF.min(len.max(1) as usize)];
+            let mut done = 0;
+            while done < len {
+                let n = fill(reader, &mut buf, len - done, len, done, path)?;
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io_err("write", path))?;
+                done += n as u64;
+            }
+            return Ok(());
         }
+        let (to_hash, hash_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(PIPELINE_BUFFERS);
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        for _ in 0..PIPELINE_BUFFERS + 1 {
+            free_tx.send(vec![0u8; BUF]).expect("receiver alive");
+        }
+        let mut local = std::mem::take(hasher);
+        let result = std::thread::scope(|scope| {
+            let file: &File = out;
+            let worker = scope.spawn(move || {
+                let (mut done, mut synced) = (0u64, 0u64);
+                for (buf, n) in hash_rx {
+                    local.update(&buf[..n]);
+                    // the copier may have stopped early; then nobody needs it back
+                    let _ = free_tx.send(buf);
+                    // Bytes handed over here are already written. Starting their
+                    // writeback from this thread keeps a full device queue from
+                    // stalling the copy.
+                    done += n as u64;
+                    if done - synced >= WRITEBACK_STEP {
+                        start_writeback(file, synced, done - synced);
+                        synced = done;
+                    }
+                }
+                local
+            });
+            let copied = (|| {
+                let mut done = 0u64;
+                let mut w = file;
+                while done < len {
+                    let mut buf = free_rx
+                        .recv()
+                        .expect("hasher returns buffers until the copy ends");
+                    let n = fill(reader, &mut buf, len - done, len, done, path)?;
+                    w.write_all(&buf[..n]).map_err(io_err("write", path))?;
+                    done += n as u64;
+                    to_hash.send((buf, n)).expect("hasher alive");
+                }
+                Ok(())
+            })();
+            drop(to_hash);
+            let h = worker.join().expect("hashing thread does not panic");
+            copied.map(|()| h)
+        });
+        *hasher = result?;
         Ok(())
     }
 
@@ -407,6 +501,38 @@ mod tests {
         s.commit_upload(id, &[(1, p.clone())], &p.digest, 4)
             .unwrap();
         assert_eq!(read_all(&s, &p.digest), b"DISK");
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn large_copies_hash_on_a_second_thread_with_the_same_result() {
+        let (dir, s) = store();
+        // not a multiple of the buffer size, larger than the pipeline threshold
+        let data: Vec<u8> = (0..(PIPELINE_MIN as usize * 2 + 12345))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let d = Digest::of(&data);
+        s.put(&d, data.len() as u64, &mut &data[..]).unwrap();
+        assert_eq!(read_all(&s, &d), data);
+        let id = "0e3c4b9e-0000-4000-8000-000000000004";
+        let p = s
+            .stage_part(id, 1, data.len() as u64, &mut &data[..])
+            .unwrap();
+        assert_eq!(p.digest, d);
+        // a large source that ends early, or bytes that do not match
+        let short = &data[..data.len() - 1];
+        assert!(matches!(
+            s.stage_part(id, 2, data.len() as u64, &mut &short[..]),
+            Err(CasError::Truncated { actual, .. }) if actual == short.len() as u64
+        ));
+        let mut bad = data.clone();
+        bad[PIPELINE_MIN as usize + 3] ^= 1;
+        let other = Digest::of(b"x");
+        assert!(matches!(
+            s.put(&other, bad.len() as u64, &mut &bad[..]),
+            Err(CasError::Mismatch { .. })
+        ));
+        assert_eq!(s.stat(&other).unwrap(), None);
         assert!(tmp_is_empty(dir.path()));
     }
 
