@@ -422,19 +422,13 @@ pub fn hash_file(
 pub fn hash_file_state(path: &Path, progress: Option<&ProgressBar>) -> Result<Hasher, ClientError> {
     let mut f = File::open(path).map_err(io_err(path))?;
     let mut h = Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_err(path)(e)),
-        };
-        h.update(&buf[..n]);
+    crate::digest::read_chunks(&mut f, |c| {
+        h.update(c);
         if let Some(pb) = progress {
-            pb.inc(n as u64);
+            pb.inc(c.len() as u64);
         }
-    }
+    })
+    .map_err(io_err(path))?;
     Ok(h)
 }
 

@@ -117,6 +117,27 @@ impl Hasher {
     }
 }
 
+/// Reads `reader` to its end in 1 MiB chunks, handing each to `each`;
+/// returns the number of bytes read.
+pub fn read_chunks(
+    reader: &mut dyn std::io::Read,
+    mut each: impl FnMut(&[u8]),
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                each(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

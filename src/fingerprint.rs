@@ -5,7 +5,6 @@ use crate::cas::{BlobStore, CasError};
 use crate::catalog::{ProjectionRow, VersionView};
 use crate::digest::Hasher;
 use std::collections::HashMap;
-use std::io::Read;
 
 /// The attachment name that marks an artifact's Incus metadata tarball.
 pub const INCUS_METADATA: &str = "incus.tar.xz";
@@ -27,26 +26,16 @@ fn feed(
     size: u64,
 ) -> Result<(), CasError> {
     let mut r = blobs.open_range(digest, 0, size)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(CasError::Io {
-                    op: "read",
-                    path: digest.to_string(),
-                    source: e,
-                })
-            }
-        };
-        h.update(&buf[..n]);
-    }
-    if h.len() < size {
+    let before = h.len();
+    crate::digest::read_chunks(&mut r, |c| h.update(c)).map_err(|e| CasError::Io {
+        op: "read",
+        path: digest.to_string(),
+        source: e,
+    })?;
+    if h.len() - before < size {
         return Err(CasError::Truncated {
             expected: size,
-            actual: h.len(),
+            actual: h.len() - before,
         });
     }
     Ok(())

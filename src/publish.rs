@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -167,20 +167,14 @@ fn hash_root(
     let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut own = Hasher::new();
     let mut fp = meta_state.clone();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        own.update(&buf[..n]);
-        fp.update(&buf[..n]);
+    crate::digest::read_chunks(&mut f, |c| {
+        own.update(c);
+        fp.update(c);
         if let Some(pb) = pb {
-            pb.inc(n as u64);
+            pb.inc(c.len() as u64);
         }
-    }
+    })
+    .with_context(|| format!("cannot read {}", path.display()))?;
     let size = own.len();
     Ok((own.finish(), size, fp.finish().hex()))
 }

@@ -21,7 +21,7 @@ pub struct Doc {
 
 impl Doc {
     fn new(bytes: Vec<u8>) -> Doc {
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&bytes).expect("writing to a Vec cannot fail");
         let gzip = enc.finish().expect("writing to a Vec cannot fail");
         let etag = format!("\"{}\"", &Digest::of(&bytes).hex()[..32]);
