@@ -21,6 +21,7 @@ pub mod fingerprint;
 pub mod http;
 pub mod image;
 pub mod manifest;
+pub mod names;
 pub mod publish;
 pub mod serve;
 pub mod sign;

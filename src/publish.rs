@@ -68,50 +68,10 @@ pub struct PublishOutcome {
     pub aliases: Vec<String>,
 }
 
-fn matches_name(s: &str, max_rest: usize, first: fn(u8) -> bool, rest: fn(u8) -> bool) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty() && b.len() <= max_rest + 1 && first(b[0]) && b[1..].iter().all(|&c| rest(c))
-}
-
-/// `^[a-z0-9][a-z0-9._-]{0,127}$`
-pub fn valid_image_name(s: &str) -> bool {
-    fn first(c: u8) -> bool {
-        c.is_ascii_lowercase() || c.is_ascii_digit()
-    }
-    matches_name(s, 127, first, |c| {
-        first(c) || matches!(c, b'.' | b'_' | b'-')
-    })
-}
-
-/// `^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$`
-pub fn valid_version(s: &str) -> bool {
-    matches_name(
-        s,
-        127,
-        |c| c.is_ascii_alphanumeric(),
-        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b':' | b'-'),
-    )
-}
-
-/// `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`
-pub fn valid_alias(s: &str) -> bool {
-    matches_name(
-        s,
-        63,
-        |c| c.is_ascii_alphanumeric(),
-        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'),
-    )
-}
-
-/// Variant / os / architecture token: `^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$`
-pub fn valid_token(s: &str) -> bool {
-    matches_name(
-        s,
-        63,
-        |c| c.is_ascii_alphanumeric(),
-        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b'-'),
-    )
-}
+pub use crate::names::{
+    alias as valid_alias, image_name as valid_image_name, token as valid_token,
+    version as valid_version,
+};
 
 /// `{os}-{release}` lower-cased, characters outside `[a-z0-9._-]` replaced by `-`.
 pub fn default_image_name(meta: &ImageMetadata) -> anyhow::Result<String> {
