@@ -117,7 +117,22 @@ pub enum KeyCommand {
         /// Key name (default: the file name without extension).
         #[arg(long)]
         name: Option<String>,
+        /// Image-name glob this key may sign for (repeatable; default: every image).
+        #[arg(long = "scope", value_name = "GLOB")]
+        scopes: Vec<String>,
         pubkey_file: PathBuf,
+    },
+    /// Retire a key: it signs no new publications; what it signed still verifies.
+    Retire {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
+    },
+    /// Revoke a compromised key: nothing signed with it verifies any more.
+    Revoke {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
     },
     /// List trusted publisher keys.
     List {
@@ -269,14 +284,35 @@ fn key_command(k: KeyCommand) -> Result<()> {
         KeyCommand::Add {
             data,
             name,
+            scopes,
             pubkey_file,
         } => {
-            let key = crate::sign::add_trusted_key(&data.dir, name.as_deref(), &pubkey_file)?;
+            let key =
+                crate::sign::add_trusted_key(&data.dir, name.as_deref(), &pubkey_file, &scopes)?;
             println!(
-                "trusted key {} (key id {}) added: {}",
+                "trusted key {} (key id {}) added for images {}: {}",
                 key.name,
                 key.key_id,
+                key.policy.scopes.join(", "),
                 key.path.display()
+            );
+        }
+        KeyCommand::Retire { data, name } => {
+            let key = crate::sign::set_key_state(&data.dir, &name, crate::sign::KeyState::Retired)?;
+            println!(
+                "key {} ({}) is {}",
+                key.name,
+                key.key_id,
+                key.policy.state.as_str()
+            );
+        }
+        KeyCommand::Revoke { data, name } => {
+            let key = crate::sign::set_key_state(&data.dir, &name, crate::sign::KeyState::Revoked)?;
+            println!(
+                "key {} ({}) is {}",
+                key.name,
+                key.key_id,
+                key.policy.state.as_str()
             );
         }
         KeyCommand::List { data } => {
@@ -285,7 +321,13 @@ fn key_command(k: KeyCommand) -> Result<()> {
                 println!("no trusted keys in {}", data.dir.join("keys").display());
             }
             for k in keys {
-                println!("{}\t{}\t{}", k.name, k.key_id, k.path.display());
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    k.name,
+                    k.key_id,
+                    k.policy.state.as_str(),
+                    k.policy.scopes.join(",")
+                );
             }
         }
         KeyCommand::Remove { data, name } => {

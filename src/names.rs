@@ -49,6 +49,21 @@ pub fn attachment_name(s: &str) -> bool {
     })
 }
 
+/// A scope: an image-name glob (`*` and `?` wildcards), e.g. `debian-*` or `*`.
+pub fn scope(s: &str) -> bool {
+    matches(
+        s,
+        128,
+        |c| lower_or_digit(c) || matches!(c, b'*' | b'?'),
+        |c| lower_or_digit(c) || matches!(c, b'.' | b'_' | b'-' | b'*' | b'?'),
+    ) && glob::Pattern::new(s).is_ok()
+}
+
+/// Whether image `name` falls under `scope`. An invalid scope matches nothing.
+pub fn scope_matches(scope: &str, name: &str) -> bool {
+    self::scope(scope) && glob::Pattern::new(scope).is_ok_and(|p| p.matches(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +90,17 @@ mod tests {
             token("x86_64") && token("debian") && !token("Alpine Linux") && !token(&"a".repeat(65))
         );
         assert!(attachment_name("incus.tar.xz") && !attachment_name("../x"));
+        for ok in ["*", "debian-*", "debian-1?", "exact-name"] {
+            assert!(scope(ok), "{ok}");
+        }
+        for bad in ["", "Debian-*", "[a-z]*", "a/b", "a b", "**/x"] {
+            assert!(!scope(bad), "{bad}");
+        }
+        assert!(scope_matches("*", "anything") && scope_matches("debian-*", "debian-12"));
+        assert!(!scope_matches("debian-*", "ubuntu-24") && !scope_matches("debian-*", "debian"));
+        assert!(
+            scope_matches("debian-1?", "debian-12") && !scope_matches("debian-1?", "debian-123")
+        );
+        assert!(!scope_matches("[a]*", "a"), "invalid scopes match nothing");
     }
 }

@@ -831,7 +831,7 @@ mod tests {
             "{e:#}"
         );
 
-        sign::add_trusted_key(&srv.keys_dir, None, &f.pubkey).unwrap();
+        sign::add_trusted_key(&srv.keys_dir, None, &f.pubkey, &[]).unwrap();
         let mut opts = options(&srv, &f);
         opts.version = Some("2".into());
         let o = publish(&opts, &mut out).unwrap();
@@ -893,7 +893,7 @@ mod tests {
     fn publish_detects_fingerprint_mismatch_and_bad_inputs() {
         let srv = fake_server(true);
         let f = files();
-        sign::add_trusted_key(&srv.keys_dir, None, &f.pubkey).unwrap();
+        sign::add_trusted_key(&srv.keys_dir, None, &f.pubkey, &[]).unwrap();
         let e = publish(&options(&srv, &f), &mut Vec::new()).unwrap_err();
         assert!(format!("{e:#}").contains("fingerprint mismatch"), "{e:#}");
 

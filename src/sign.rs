@@ -60,6 +60,31 @@ pub enum SignError {
     },
     #[error("no trusted key has the name or key id {0:?}")]
     NotFound(String),
+    #[error("key {name:?} ({key_id}) is {}: it signs no new publications", state.as_str())]
+    KeyNotActive {
+        name: String,
+        key_id: String,
+        state: KeyState,
+    },
+    #[error("key {name:?} ({key_id}) may sign only images matching {scopes}, not {image:?}")]
+    OutOfScope {
+        name: String,
+        key_id: String,
+        image: String,
+        scopes: String,
+    },
+    #[error("key {name:?} ({key_id}) is revoked: nothing signed with it is trusted any more")]
+    Revoked { name: String, key_id: String },
+    #[error("invalid scope {0:?}: an image-name glob such as debian-* or *")]
+    InvalidScope(String),
+    #[error("{path}: invalid key policy ({reason})")]
+    MalformedPolicy { path: PathBuf, reason: String },
+    #[error("key {name:?} is {}; it cannot become {}", from.as_str(), to.as_str())]
+    BadTransition {
+        name: String,
+        from: KeyState,
+        to: KeyState,
+    },
     #[error("wrong password for secret key {0}")]
     WrongPassword(PathBuf),
     #[error("secret key {0} is encrypted and there is no terminal to ask for its password: set {PASSWORD_ENV}, or use a key made with `minisign -G -W`")]
@@ -90,13 +115,95 @@ pub struct TrustedKey {
     /// 16 upper-case hex digits, as minisign prints it.
     pub key_id: String,
     pub path: PathBuf,
+    /// Scopes and state, from `<name>.toml` beside the key file.
+    pub policy: KeyPolicy,
     key: minisign_verify::PublicKey,
     key_id_bytes: [u8; 8],
+}
+
+/// A trusted key's lifecycle. `retired`: no new publications, older ones
+/// still verify. `revoked` (compromised): nothing signed with it verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    Active,
+    Retired,
+    Revoked,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Retired => "retired",
+            KeyState::Revoked => "revoked",
+        }
+    }
+}
+
+/// What a trusted key may sign (`DATA_DIR/keys/<name>.toml`). A key without
+/// this file is active for every image (`scopes = ["*"]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPolicy {
+    /// Image-name globs this key may sign publications for.
+    pub scopes: Vec<String>,
+    pub state: KeyState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        KeyPolicy {
+            scopes: vec!["*".into()],
+            state: KeyState::Active,
+            retired_at: None,
+            revoked_at: None,
+        }
+    }
 }
 
 impl TrustedKey {
     pub fn public_key(&self) -> &minisign_verify::PublicKey {
         &self.key
+    }
+
+    /// The key file's text (`minisign -G` format), for publishing it.
+    pub fn public_key_text(&self) -> String {
+        fs::read_to_string(&self.path).unwrap_or_default()
+    }
+
+    /// Whether this key may sign a new publication of `image`: active, and
+    /// one of its scopes matches.
+    pub fn may_sign(&self, image: &str) -> Result<(), SignError> {
+        match self.policy.state {
+            KeyState::Active => {}
+            state => {
+                return Err(SignError::KeyNotActive {
+                    name: self.name.clone(),
+                    key_id: self.key_id.clone(),
+                    state,
+                })
+            }
+        }
+        if self
+            .policy
+            .scopes
+            .iter()
+            .any(|g| crate::names::scope_matches(g, image))
+        {
+            Ok(())
+        } else {
+            Err(SignError::OutOfScope {
+                name: self.name.clone(),
+                key_id: self.key_id.clone(),
+                image: image.to_string(),
+                scopes: self.policy.scopes.join(", "),
+            })
+        }
     }
 }
 
@@ -181,6 +288,60 @@ fn keys_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("keys")
 }
 
+fn policy_path(key_path: &Path) -> PathBuf {
+    key_path.with_extension("toml")
+}
+
+/// Reads `<name>.toml` beside a key; absent means the default policy. An
+/// unreadable policy is an error (fail closed: it may hold a revocation).
+fn load_policy(key_path: &Path) -> Result<KeyPolicy, SignError> {
+    let path = policy_path(key_path);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(KeyPolicy::default()),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let policy: KeyPolicy = toml::from_str(&text).map_err(|e| SignError::MalformedPolicy {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if let Some(bad) = policy.scopes.iter().find(|g| !crate::names::scope(g)) {
+        return Err(SignError::MalformedPolicy {
+            path,
+            reason: format!("invalid scope {bad:?}"),
+        });
+    }
+    Ok(policy)
+}
+
+fn write_policy(key_path: &Path, policy: &KeyPolicy) -> Result<(), SignError> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = policy_path(key_path);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let text = format!(
+        "# imgsrv trusted key policy: which images this key may sign, and its state\n{}",
+        toml::to_string(policy).map_err(|e| SignError::MalformedPolicy {
+            path: path.clone(),
+            reason: e.to_string()
+        })?
+    );
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".policy-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(io_err(tmp.path()))?;
+    tmp.write_all(text.as_bytes())
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(io_err(&path))?;
+    tmp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
 fn load_key_file(path: &Path, name: &str) -> Result<TrustedKey, SignError> {
     let text = fs::read_to_string(path).map_err(io_err(path))?;
     let (key, id, _) = parse_public_key(&text).map_err(|reason| SignError::MalformedKey {
@@ -191,9 +352,26 @@ fn load_key_file(path: &Path, name: &str) -> Result<TrustedKey, SignError> {
         name: name.to_string(),
         key_id: key_id_hex(&id),
         path: path.to_path_buf(),
+        policy: load_policy(path)?,
         key,
         key_id_bytes: id,
     })
+}
+
+/// Loads trusted keys from a directory of `<name>.pub` files (with optional
+/// `<name>.toml` policies, as in `DATA_DIR/keys`), or from one `.pub` file.
+/// This is also how a consumer names the keys it trusts.
+pub fn load_keys_from(path: &Path) -> Result<Vec<TrustedKey>, SignError> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    if meta.is_dir() {
+        return load_key_dir(path);
+    }
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|n| valid_key_name(n))
+        .unwrap_or("key");
+    Ok(vec![load_key_file(path, name)?])
 }
 
 /// Reads every `DATA_DIR/keys/<NAME>.pub`, sorted by name. Called on each
@@ -201,15 +379,19 @@ fn load_key_file(path: &Path, name: &str) -> Result<TrustedKey, SignError> {
 /// Fails closed: a malformed key file, a `.pub` file with an invalid name or
 /// two files with the same key id are errors. A missing directory means no keys.
 pub fn load_trusted_keys(data_dir: &Path) -> Result<Vec<TrustedKey>, SignError> {
-    let dir = keys_dir(data_dir);
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(&dir)(e)),
-    };
+    match load_key_dir(&keys_dir(data_dir)) {
+        Err(SignError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            Ok(Vec::new())
+        }
+        other => other,
+    }
+}
+
+fn load_key_dir(dir: &Path) -> Result<Vec<TrustedKey>, SignError> {
+    let entries = fs::read_dir(dir).map_err(io_err(dir))?;
     let mut keys = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(io_err(&dir))?;
+        let entry = entry.map_err(io_err(dir))?;
         let path = entry.path();
         let file_name = entry.file_name();
         let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".pub")) else {
@@ -246,6 +428,7 @@ pub fn add_trusted_key(
     data_dir: &Path,
     name: Option<&str>,
     pubkey_file: &Path,
+    scopes: &[String],
 ) -> Result<TrustedKey, SignError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
@@ -266,6 +449,17 @@ pub fn add_trusted_key(
     if !valid_key_name(&name) {
         return Err(SignError::InvalidName(name));
     }
+    if let Some(bad) = scopes.iter().find(|g| !crate::names::scope(g)) {
+        return Err(SignError::InvalidScope(bad.clone()));
+    }
+    let policy = KeyPolicy {
+        scopes: if scopes.is_empty() {
+            vec!["*".to_string()]
+        } else {
+            scopes.to_vec()
+        },
+        ..KeyPolicy::default()
+    };
     let key_id = key_id_hex(&id);
     let existing = load_trusted_keys(data_dir)?;
     if existing.iter().any(|k| k.name == name) {
@@ -287,6 +481,8 @@ pub fn add_trusted_key(
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
 
     let path = dir.join(format!("{name}.pub"));
+    // the policy goes first: a key file never appears without its scopes
+    write_policy(&path, &policy)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".add-")
         .suffix(".tmp")
@@ -313,24 +509,68 @@ pub fn add_trusted_key(
         name,
         key_id,
         path,
+        policy,
         key,
         key_id_bytes: id,
     })
 }
 
-/// Removes a trusted key by name, or by key id (case-insensitive hex).
-pub fn remove_trusted_key(data_dir: &Path, name_or_key_id: &str) -> Result<TrustedKey, SignError> {
-    let keys = load_trusted_keys(data_dir)?;
-    let key = keys
-        .iter()
+fn find_key(keys: &[TrustedKey], name_or_key_id: &str) -> Result<TrustedKey, SignError> {
+    keys.iter()
         .find(|k| k.name == name_or_key_id)
         .or_else(|| {
             keys.iter()
                 .find(|k| k.key_id.eq_ignore_ascii_case(name_or_key_id))
         })
-        .ok_or_else(|| SignError::NotFound(name_or_key_id.to_string()))?
-        .clone();
+        .cloned()
+        .ok_or_else(|| SignError::NotFound(name_or_key_id.to_string()))
+}
+
+/// Retires (no new publications; older ones still verify) or revokes
+/// (compromised: nothing signed with it verifies) a trusted key. Only
+/// forward: active -> retired -> revoked, or active -> revoked.
+pub fn set_key_state(
+    data_dir: &Path,
+    name_or_key_id: &str,
+    to: KeyState,
+) -> Result<TrustedKey, SignError> {
+    let mut key = find_key(&load_trusted_keys(data_dir)?, name_or_key_id)?;
+    let from = key.policy.state;
+    let allowed = matches!(
+        (from, to),
+        (KeyState::Active, KeyState::Retired)
+            | (KeyState::Active, KeyState::Revoked)
+            | (KeyState::Retired, KeyState::Revoked)
+    );
+    if from == to {
+        return Ok(key);
+    }
+    if !allowed {
+        return Err(SignError::BadTransition {
+            name: key.name,
+            from,
+            to,
+        });
+    }
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    key.policy.state = to;
+    match to {
+        KeyState::Retired => key.policy.retired_at = Some(now),
+        KeyState::Revoked => key.policy.revoked_at = Some(now),
+        KeyState::Active => {}
+    }
+    write_policy(&key.path, &key.policy)?;
+    Ok(key)
+}
+
+/// Removes a trusted key by name, or by key id (case-insensitive hex).
+pub fn remove_trusted_key(data_dir: &Path, name_or_key_id: &str) -> Result<TrustedKey, SignError> {
+    let key = find_key(&load_trusted_keys(data_dir)?, name_or_key_id)?;
     fs::remove_file(&key.path).map_err(io_err(&key.path))?;
+    match fs::remove_file(policy_path(&key.path)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&key.path)(e)),
+        _ => {}
+    }
     Ok(key)
 }
 
@@ -693,7 +933,7 @@ pub(crate) mod tests {
         let (pk, _) = minisign_keygen(t.path(), "alice", None);
         let (pk2, _) = minisign_keygen(t.path(), "bob", None);
 
-        let k = add_trusted_key(&data, None, &pk).unwrap();
+        let k = add_trusted_key(&data, None, &pk, &[]).unwrap();
         assert_eq!(k.name, "alice");
         // The id minisign prints in the untrusted comment of the .pub file.
         let pub_text = fs::read_to_string(&pk).unwrap();
@@ -708,18 +948,18 @@ pub(crate) mod tests {
         assert_eq!(mode(&k.path), 0o644);
 
         assert!(matches!(
-            add_trusted_key(&data, None, &pk),
+            add_trusted_key(&data, None, &pk, &[]),
             Err(SignError::DuplicateName(_))
         ));
         assert!(matches!(
-            add_trusted_key(&data, Some("other"), &pk),
+            add_trusted_key(&data, Some("other"), &pk, &[]),
             Err(SignError::DuplicateKeyId { .. })
         ));
         assert!(matches!(
-            add_trusted_key(&data, Some("bad name"), &pk2),
+            add_trusted_key(&data, Some("bad name"), &pk2, &[]),
             Err(SignError::InvalidName(_))
         ));
-        let k2 = add_trusted_key(&data, Some("bob2"), &pk2).unwrap();
+        let k2 = add_trusted_key(&data, Some("bob2"), &pk2, &[]).unwrap();
         let names: Vec<_> = load_trusted_keys(&data)
             .unwrap()
             .into_iter()
@@ -744,12 +984,12 @@ pub(crate) mod tests {
         let t = tempfile::tempdir().unwrap();
         let (pk, sk) = minisign_keygen(t.path(), "k", None);
         // A secret key is not a public key.
-        let e = add_trusted_key(t.path(), Some("x"), &sk).unwrap_err();
+        let e = add_trusted_key(t.path(), Some("x"), &sk, &[]).unwrap_err();
         assert!(matches!(e, SignError::MalformedKey { .. }), "{e}");
         assert!(e.to_string().contains("k.key"), "{e}");
 
         let keys = t.path().join("keys");
-        add_trusted_key(t.path(), None, &pk).unwrap();
+        add_trusted_key(t.path(), None, &pk, &[]).unwrap();
         assert_eq!(load_trusted_keys(t.path()).unwrap().len(), 1);
         // Non-.pub files are ignored; a broken .pub file fails the whole load.
         fs::write(keys.join("README"), "not a key").unwrap();
@@ -770,7 +1010,7 @@ pub(crate) mod tests {
         let t = tempfile::tempdir().unwrap();
         let (pk, skp) = minisign_keygen(t.path(), "pub1", None);
         let sk = load_secret_key(&skp).unwrap();
-        let key = add_trusted_key(&t.path().join("d"), None, &pk).unwrap();
+        let key = add_trusted_key(&t.path().join("d"), None, &pk, &[]).unwrap();
         assert_eq!(secret_key_id(&sk), key.key_id);
 
         let msg = br#"{"image":"debian","schema":"imgsrv.manifest.v1"}"#;
@@ -819,7 +1059,7 @@ pub(crate) mod tests {
         let t = tempfile::tempdir().unwrap();
         let (pk, skp) = minisign_keygen(t.path(), "cli", None);
         let data = t.path().join("d");
-        add_trusted_key(&data, None, &pk).unwrap();
+        add_trusted_key(&data, None, &pk, &[]).unwrap();
         let keys = load_trusted_keys(&data).unwrap();
         let file = t.path().join("m");
         fs::write(&file, b"manifest bytes").unwrap();
@@ -874,7 +1114,7 @@ pub(crate) mod tests {
         let sk = sk.unwrap();
 
         let data = t.path().join("d");
-        add_trusted_key(&data, None, &pk).unwrap();
+        add_trusted_key(&data, None, &pk, &[]).unwrap();
         let sig = sign(&sk, b"m", "c").unwrap();
         let v = verify_signature(&load_trusted_keys(&data).unwrap(), b"m", &sig).unwrap();
         assert_eq!(v.key_name, "enc");

@@ -265,7 +265,7 @@ fn minisign_sign(key: &Key, data: &[u8]) -> String {
 }
 
 fn trust(dir: &Path, key: &Key, name: &str) {
-    imgsrv::sign::add_trusted_key(dir, Some(name), &key.public).unwrap();
+    imgsrv::sign::add_trusted_key(dir, Some(name), &key.public, &[]).unwrap();
 }
 
 const META: &[u8] = b"META";
@@ -1120,4 +1120,94 @@ fn a_fingerprint_appears_once_even_when_republished() {
         .unwrap()
         .keys()
         .all(|k| k.contains("20250102_0000")));
+}
+
+#[test]
+fn keys_are_scoped_retired_and_revoked() {
+    let e = env();
+    let debian = keypair();
+    let other = keypair();
+    imgsrv::sign::add_trusted_key(
+        e.dir.path(),
+        Some("debian"),
+        &debian.public,
+        &["debian-*".to_string()],
+    )
+    .unwrap();
+    imgsrv::sign::add_trusted_key(e.dir.path(), Some("other"), &other.public, &[]).unwrap();
+    e.draft("ubuntu-24", "20250101_0000", META, Some(ROOT), None);
+    let m = e.manifest("ubuntu-24", "20250101_0000");
+    let r = e.publish(
+        "ubuntu-24",
+        "20250101_0000",
+        Some(minisign_sign(&debian, &m)),
+    );
+    assert_eq!(r.status, 412, "a debian-* key signed ubuntu-24");
+    assert!(r.detail().contains("debian-*"), "{}", r.detail());
+    assert_eq!(e.state("ubuntu-24", "20250101_0000"), "draft");
+
+    e.draft("debian-12", "20250101_0000", META, Some(ROOT), None);
+    let m = e.manifest("debian-12", "20250101_0000");
+    assert_eq!(
+        e.publish(
+            "debian-12",
+            "20250101_0000",
+            Some(minisign_sign(&debian, &m))
+        )
+        .status,
+        200
+    );
+
+    // retired: no new publications, the old one is still verified and served
+    imgsrv::sign::set_key_state(e.dir.path(), "debian", imgsrv::sign::KeyState::Retired).unwrap();
+    e.draft("debian-12", "20250102_0000", b"META2", Some(b"ROOT2"), None);
+    let m = e.manifest("debian-12", "20250102_0000");
+    let r = e.publish(
+        "debian-12",
+        "20250102_0000",
+        Some(minisign_sign(&debian, &m)),
+    );
+    assert_eq!(r.status, 412);
+    assert!(r.detail().contains("retired"), "{}", r.detail());
+    let old = e
+        .anon("GET", "/v1/images/debian-12/versions/20250101_0000")
+        .json();
+    assert_eq!(old["publication"]["verification"], "verified");
+    // the other key may sign anything
+    assert_eq!(
+        e.publish(
+            "debian-12",
+            "20250102_0000",
+            Some(minisign_sign(&other, &m))
+        )
+        .status,
+        200
+    );
+
+    let keys = e.anon("GET", "/v1/keys").json();
+    let k = keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "debian")
+        .unwrap()
+        .clone();
+    assert_eq!(k["state"], "retired");
+    assert_eq!(k["scopes"], json!(["debian-*"]));
+    assert!(k["public_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("untrusted comment:"));
+    imgsrv::sign::set_key_state(e.dir.path(), "debian", imgsrv::sign::KeyState::Revoked).unwrap();
+    let keys = e.anon("GET", "/v1/keys").json();
+    assert!(keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["name"] == "debian" && k["state"] == "revoked"));
+    assert!(
+        imgsrv::sign::set_key_state(e.dir.path(), "debian", imgsrv::sign::KeyState::Retired)
+            .is_err(),
+        "revocation is final"
+    );
 }

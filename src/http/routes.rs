@@ -249,6 +249,7 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
             view_response(app, view)
         }
 
+        ("GET", ["v1", "keys"]) => trusted_keys(app),
         (_, ["v1", "auth", ..]) => auth_routes(app, req, m, &segs[2..]),
         _ => Err(ApiError::not_found(format!(
             "no route for {m} {}",
@@ -1020,7 +1021,15 @@ fn check_signature(
         Some(sig) => crate::sign::load_trusted_keys(&app.config.data_dir)
             .map_err(|e| format!("trusted keys cannot be read: {e}"))
             .and_then(|keys| {
-                crate::sign::verify_signature(&keys, manifest, sig).map_err(|e| e.to_string())
+                let v = crate::sign::verify_signature(&keys, manifest, sig)
+                    .map_err(|e| e.to_string())?;
+                // a valid signature is not enough: the key must be active and
+                // scoped to this image
+                match keys.iter().find(|k| k.key_id == v.key_id) {
+                    Some(k) => k.may_sign(name).map_err(|e| e.to_string())?,
+                    None => return Err(format!("key {} vanished while verifying", v.key_id)),
+                }
+                Ok(v)
             }),
     };
     match (outcome, mode) {
@@ -1036,6 +1045,28 @@ fn check_signature(
             )))
         }
     }
+}
+
+/// The trusted publisher keys with their scopes and states: public
+/// information that lets consumers notice a revoked key.
+fn trusted_keys(app: &App) -> Res {
+    let keys = crate::sign::load_trusted_keys(&app.config.data_dir)
+        .map_err(|e| ApiError::internal("reading trusted keys", e))?;
+    let list: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|k| {
+            j!({
+                "name": k.name,
+                "key_id": k.key_id,
+                "public_key": k.public_key_text(),
+                "scopes": k.policy.scopes,
+                "state": k.policy.state,
+                "retired_at": k.policy.retired_at,
+                "revoked_at": k.policy.revoked_at,
+            })
+        })
+        .collect();
+    Ok(json(200, &j!({ "keys": list })))
 }
 
 // ------------------------------------------------------------ aliases
