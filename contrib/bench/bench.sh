@@ -6,11 +6,16 @@
 #   (a) download of a BENCH_SIZE_MIB artifact over TLS 1.3: imgsrv vs nginx (Debian's)
 #       serving the same file with the same certificate, 1 stream and BENCH_CONCURRENCY
 #       concurrent streams (curl -o /dev/null), MB/s (10^6 bytes/s)
-#   (b) ingest: `imgsrv publish` (upload + hash + store + publish) vs `openssl dgst -sha256`
-#   (c) /streams/v1/images.json latency p50/p99 with BENCH_VERSIONS published versions
+#   (b) ingest (upload + hash + store) through the upload API with curl (POST /v1/uploads,
+#       PUT part 1, POST complete; digest declared up front) vs `openssl dgst -sha256`; also
+#       reported: the ratio to the disk's durable write rate (dd conv=fsync), and the
+#       end-to-end `imgsrv publish` (client hashing + upload + fingerprinting + publish)
+#   (c) /streams/v1/images.json latency p50/p99 with BENCH_VERSIONS published versions, gzip
+#       transfer as Incus asks for it (Accept-Encoding: gzip, not decoded), and identity
 #   (d) imgsrv's peak RSS (VmHWM) during BENCH_RSS_CONCURRENCY concurrent downloads
 #
-# --nginx-only  measure only what needs no imgsrv: nginx downloads and the openssl hash rate.
+# --nginx-only  measure only what needs no imgsrv: nginx downloads, the openssl hash rate
+#               and the disk's durable write rate.
 #
 # Environment (defaults):
 #   BENCH_SIZE_MIB=1024        artifact size (a padded test image rootfs); 64 for a quick run
@@ -18,9 +23,12 @@
 #   BENCH_REPEAT=3             single-stream runs per server (the median is reported)
 #   BENCH_VERSIONS=10000       published versions for (c), spread over BENCH_CATALOG_IMAGES=10
 #   BENCH_LAT_REQUESTS=500     images.json requests per measurement (one keep-alive connection)
-#   BENCH_SEED_JOBS=2          parallel `imgsrv publish` processes when seeding (c)
-#   BENCH_SEED_CMD=            faster seeding hook: run as `$BENCH_SEED_CMD DATA_DIR N` while
-#                              imgsrv is stopped; it must leave N published versions
+#   BENCH_SEED_CMD=            seeder for (c), run as `$BENCH_SEED_CMD DATA_DIR N` while
+#                              imgsrv is stopped; it must leave N published versions. Default:
+#                              examples/seed_catalog (cargo build --release --example
+#                              seed_catalog); if that cannot be built, the slow fallback
+#                              publishes N versions with `imgsrv publish`, BENCH_SEED_JOBS=2
+#                              at a time
 #   BENCH_RSS_CONCURRENCY=64   concurrent downloads for (d), each cut at BENCH_RSS_SECONDS=20
 #   BENCH_RSS_FLAT_MIB=64      (d) counts as flat when peak - idle RSS stays within this
 #   BENCH_IMGSRV=              imgsrv binary (default: cargo build --release, then use it)
@@ -33,7 +41,7 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 
-usage() { sed -n '4,33p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { awk 'NR >= 4 && !/^#/ { exit } NR >= 4 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-0}"; }
 die() { echo "bench: $*" >&2; exit 1; }
 say() { printf '%s\n' "$*" >&2; }
 
@@ -55,6 +63,7 @@ CAT_IMAGES=${BENCH_CATALOG_IMAGES:-10}
 LAT_N=${BENCH_LAT_REQUESTS:-500}
 SEED_JOBS=${BENCH_SEED_JOBS:-2}
 SEED_CMD=${BENCH_SEED_CMD:-}
+SEED_ARGS=''
 RSS_CONC=${BENCH_RSS_CONCURRENCY:-64}
 RSS_SECONDS=${BENCH_RSS_SECONDS:-20}
 RSS_FLAT_MIB=${BENCH_RSS_FLAT_MIB:-64}
@@ -65,7 +74,7 @@ for v in SIZE_MIB CONC REPEAT VERSIONS CAT_IMAGES LAT_N SEED_JOBS RSS_CONC RSS_S
   case $val in ''|*[!0-9]*|0) die "BENCH_$v must be a positive whole number (got '$val')" ;; esac
 done
 
-tools="curl openssl nginx python3 ss shuf awk sort timeout"
+tools="curl openssl nginx python3 ss shuf awk sort timeout dd"
 [ "$only" = all ] && tools="$tools minisign"
 for t in $tools; do command -v "$t" >/dev/null 2>&1 || die "$t not found (run contrib/install-test-deps.sh)"; done
 
@@ -175,12 +184,16 @@ dl_parallel() { # URL N LABEL -> RESULT: aggregate MB/s
 }
 
 # --- the artifact ---------------------------------------------------------------------------
-say "bench: work dir $work; artifact ${SIZE_MIB} MiB; $(nproc) CPUs"
+CPU_MODEL=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo 2>/dev/null | head -n 1)
+[ -n "$CPU_MODEL" ] || CPU_MODEL=unknown
+say "bench: work dir $work; artifact ${SIZE_MIB} MiB; $(nproc) CPUs ($CPU_MODEL)"
 say "bench: building the test image (make-test-image --pad-mib $SIZE_MIB)"
 "$root/tests/fixtures/make-test-image" "$work/img" --serial 20260101_0000 --pad-mib "$SIZE_MIB"
 META=$work/img/incus.tar.xz
 ROOTFS=$work/img/rootfs.squashfs
 SIZE_BYTES=$(wc -c < "$ROOTFS" | tr -d ' ')
+# Start the disk measurements with no dirty pages left over from building the image.
+sync
 
 # --- openssl hash rate (baseline for ingest) -----------------------------------------------
 say "bench: openssl dgst -sha256 (best of 2, page cache warm)"
@@ -194,6 +207,23 @@ done
 OPENSSL_MBPS=$best
 say "  openssl sha256: $OPENSSL_MBPS MB/s"
 
+# --- the disk's durable write rate (ceiling for ingest: imgsrv fsyncs every blob) ----------
+say "bench: dd if=ROOTFS of=WORKDIR/ddtest bs=1M conv=fsync (best of 2)"
+best=0
+for _ in 1 2; do
+  rm -f "$work/ddtest"
+  t0=$(now)
+  dd if="$ROOTFS" of="$work/ddtest" bs=1M conv=fsync 2> "$work/dd.err" ||
+    { cat "$work/dd.err" >&2; die "dd failed"; }
+  t1=$(now)
+  r=$(mbps "$SIZE_BYTES" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')")
+  say "  dd run: $r MB/s"
+  ge "$r" "$best" && best=$r
+done
+rm -f "$work/ddtest"
+DD_MBPS=$best
+say "  dd conv=fsync: $DD_MBPS MB/s"
+
 # --- imgsrv: binary, data dir, certificate ---------------------------------------------------
 if [ "$only" = all ]; then
   if [ -z "${BENCH_IMGSRV:-}" ]; then
@@ -203,6 +233,17 @@ if [ "$only" = all ]; then
   fi
   IMGSRV=$BENCH_IMGSRV
   [ -x "$IMGSRV" ] || die "imgsrv binary $IMGSRV not found"
+  # Seeder for (c): BENCH_SEED_CMD, else examples/seed_catalog (seconds for 10,000
+  # versions), else (no cargo, build failure) the slow `imgsrv publish` loop.
+  if [ -z "$SEED_CMD" ]; then
+    say "bench: cargo build --release --example seed_catalog"
+    if (cd "$root" && cargo build --release --locked -q --example seed_catalog); then
+      SEED_CMD=${CARGO_TARGET_DIR:-$root/target}/release/examples/seed_catalog
+      SEED_ARGS=$CAT_IMAGES
+    else
+      say "bench: WARNING: cannot build examples/seed_catalog; seeding (c) with imgsrv publish (slow)"
+    fi
+  fi
   DATA=$work/imgsrv-data
   "$IMGSRV" init --data "$DATA" >/dev/null || die "imgsrv init failed"
   CERT=$DATA/tls/cert.pem KEY=$DATA/tls/key.pem
@@ -256,7 +297,8 @@ nginx -c "$NGX/nginx.conf" -e "$NGX/error.log" > "$NGX/stdout.log" 2>&1 &
 NGINX_PID=$!
 NGX_URL=https://127.0.0.1:$NGX_PORT
 wait_https "$NGX_URL/healthz" 204 "$NGINX_PID" "$NGX/error.log"
-say "bench: nginx $(nginx -v 2>&1 | sed 's|.*/||') on $NGX_URL ($(cipher "$NGX_URL/artifact.squashfs"))"
+NGX_CIPHER=$(cipher "$NGX_URL/artifact.squashfs")
+say "bench: nginx $(nginx -v 2>&1 | sed 's|.*/||') on $NGX_URL ($NGX_CIPHER)"
 
 # --- imgsrv: serve, publish (ingest) -------------------------------------------------------
 IMG_PORT='' IMG_URL=''
@@ -287,18 +329,74 @@ for prod in json.load(sys.stdin).get("products", {}).values():
 sys.exit("no item with sha256 " + want + " in images.json")' "$1"
 }
 
-INGEST_MBPS='' IMG_SINGLE='' IMG_PAR='' P50='' P99='' P50GZ='' P99GZ='' CAT_BYTES='' CAT_FOUND=''
+# json_field NAME FILE: the string value of "NAME" in a flat JSON answer (no python3 start-up
+# inside a timed section).
+json_field() { sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\([^\"]*\)\".*/\1/p" "$2" | head -n 1; }
+# The upload API as a client that knows the digest up front: POST /v1/uploads (declares
+# digest and size), PUT part 1 (the whole file), POST complete. Timed from the PUT's start to
+# the complete's end. A fresh data dir per run, because the server short-circuits a digest it
+# already has; its own server, removed afterwards.
+ingest_api_once() { # RUN -> RESULT: MB/s
+  main_data=$DATA main_cert=$CERT
+  DATA=$work/ingest-$1
+  "$IMGSRV" init --data "$DATA" >/dev/null || die "imgsrv init ($DATA) failed"
+  CERT=$DATA/tls/cert.pem
+  start_imgsrv
+  auth="Authorization: Bearer $(cat "$DATA/admin.token")"
+  code=$($CURL --cacert "$CERT" -H "$auth" -H 'Content-Type: application/json' \
+    --data-binary "{\"expected_digest\":\"sha256:$ROOTFS_SHA\",\"expected_size_bytes\":$SIZE_BYTES}" \
+    -o "$work/ingest.begin" -w '%{http_code}' "$IMG_URL/v1/uploads") || die "POST /v1/uploads failed"
+  [ "$code" = 201 ] || die "POST /v1/uploads answered $code (expected 201 on a fresh data dir): $(cat "$work/ingest.begin")"
+  id=$(json_field id "$work/ingest.begin")
+  [ -n "$id" ] || die "POST /v1/uploads: no id in $(cat "$work/ingest.begin")"
+  # `Expect:` off: the server does not answer 100-continue, curl would wait 1 s for it.
+  t0=$(now)
+  code=$($CURL --cacert "$CERT" -H "$auth" -H 'Expect:' -T "$ROOTFS" \
+    -o "$work/ingest.put" -w '%{http_code}' "$IMG_URL/v1/uploads/$id/parts/1") ||
+    die "PUT /v1/uploads/$id/parts/1 failed"
+  [ "$code" = 200 ] || die "PUT part 1 answered $code: $(cat "$work/ingest.put")"
+  etag=$(json_field etag "$work/ingest.put")
+  code=$($CURL --cacert "$CERT" -H "$auth" -H 'Content-Type: application/json' \
+    --data-binary "{\"parts\":[{\"number\":1,\"etag\":\"$etag\",\"size_bytes\":$SIZE_BYTES}]}" \
+    -o "$work/ingest.complete" -w '%{http_code}' "$IMG_URL/v1/uploads/$id/complete") ||
+    die "POST /v1/uploads/$id/complete failed"
+  t1=$(now)
+  [ "$code" = 200 ] || die "POST complete answered $code: $(cat "$work/ingest.complete")"
+  [ "$(json_field state "$work/ingest.complete")" = ready ] ||
+    die "upload not ready after complete: $(cat "$work/ingest.complete")"
+  [ "$etag" = "sha256:$ROOTFS_SHA" ] || say "  (note: part etag $etag is not sha256:$ROOTFS_SHA)"
+  # The blob is on disk under its hex digest (wherever the CAS layout puts it).
+  [ -n "$(find "$DATA" -type f -name "$ROOTFS_SHA*" -size "${SIZE_BYTES}c" | head -n 1)" ] ||
+    die "no stored file named $ROOTFS_SHA of $SIZE_BYTES bytes under $DATA after complete"
+  RESULT=$(mbps "$SIZE_BYTES" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')")
+  stop_pid "$IMGSRV_PID"; IMGSRV_PID=
+  rm -rf "$DATA"
+  DATA=$main_data CERT=$main_cert
+}
+
+INGEST_MBPS='' PUBLISH_MBPS='' IMG_SINGLE='' IMG_PAR='' IMG_CIPHER=''
+P50='' P99='' P50ID='' P99ID='' GZ_BYTES='' CAT_BYTES='' CAT_FOUND=''
 RSS_IDLE='' RSS_ONE='' RSS_PEAK='' RSS_MOVED=''
 if [ "$only" = all ]; then
+  say "bench: (b) ingest through the upload API (curl; POST, PUT part 1, complete), best of 2"
+  best=0
+  for run in 1 2; do
+    ingest_api_once "$run"
+    say "  upload API run $run: $RESULT MB/s"
+    ge "$RESULT" "$best" && best=$RESULT
+  done
+  INGEST_MBPS=$best
+
   start_imgsrv
-  say "bench: imgsrv on $IMG_URL ($(cipher "$IMG_URL/healthz"))"
-  say "bench: ingest: imgsrv publish of $(wc -c < "$META" | tr -d ' ') + $SIZE_BYTES bytes"
+  IMG_CIPHER=$(cipher "$IMG_URL/healthz")
+  say "bench: imgsrv on $IMG_URL ($IMG_CIPHER)"
+  say "bench: (b) end-to-end: imgsrv publish of $(wc -c < "$META" | tr -d ' ') + $SIZE_BYTES bytes"
   t0=$(now)
   publish bench 20260101_0000 "$META" "$ROOTFS" > "$work/publish.out" 2>&1 ||
     { cat "$work/publish.out" >&2; die "imgsrv publish failed"; }
   t1=$(now)
-  INGEST_MBPS=$(mbps "$(($(wc -c < "$META") + SIZE_BYTES))" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')")
-  say "  imgsrv publish: $INGEST_MBPS MB/s"
+  PUBLISH_MBPS=$(mbps "$(($(wc -c < "$META") + SIZE_BYTES))" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')")
+  say "  imgsrv publish: $PUBLISH_MBPS MB/s"
   IMG_ART_URL=$IMG_URL/$(item_path "$ROOTFS_SHA")
 fi
 
@@ -339,15 +437,18 @@ fi
 seed_versions() {
   n=$1
   if [ -n "$SEED_CMD" ]; then
-    say "bench: seeding $n versions with BENCH_SEED_CMD (imgsrv stopped)"
+    say "bench: seeding $n versions with $SEED_CMD (imgsrv stopped)"
     stop_pid "$IMGSRV_PID"; IMGSRV_PID=
-    $SEED_CMD "$DATA" "$n" || die "BENCH_SEED_CMD failed"
+    t0=$(now)
+    # SEED_CMD may carry arguments, SEED_ARGS is the image count for seed_catalog: both split.
+    # shellcheck disable=SC2086
+    $SEED_CMD "$DATA" "$n" $SEED_ARGS >&2 || die "seeding with $SEED_CMD failed"
+    say "  seeded in $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }') s"
     start_imgsrv
     return
   fi
-  # TODO(bench): publishing N versions one `imgsrv publish` at a time is the slow but
-  # API-only path (minutes for 10,000). Point BENCH_SEED_CMD at a bulk seeder (e.g. a
-  # catalog-level helper of imgsrv) once one exists.
+  # Fallback when examples/seed_catalog cannot be built: the API-only path, one
+  # `imgsrv publish` per version (minutes for 10,000).
   say "bench: seeding $n versions over $CAT_IMAGES images with imgsrv publish ($SEED_JOBS jobs)"
   seed=$work/seed
   mkdir -p "$seed/meta"
@@ -383,7 +484,7 @@ EOF
   xargs -P "$SEED_JOBS" -L 1 "$seed/publish-one" < "$seed/jobs" || die "seeding with imgsrv publish failed"
   say "  seeded in $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }') s"
 }
-latency() { # EXTRA_CURL_ARG... -> RESULT: "p50 p99" in ms, LAT_N requests, one connection
+latency() { # ENCODING(gzip|identity) -> RESULT: "p50 p99 bytes", LAT_N requests, one connection
   cfg=$work/lat.cfg
   : > "$cfg"
   i=0
@@ -391,14 +492,25 @@ latency() { # EXTRA_CURL_ARG... -> RESULT: "p50 p99" in ms, LAT_N requests, one 
     printf 'url = "%s/streams/v1/images.json"\noutput = "/dev/null"\n' "$IMG_URL" >> "$cfg"
     i=$((i + 1))
   done
-  $CURL --cacert "$CERT" "$@" -K "$cfg" -w '%{http_code} %{time_total}\n' > "$work/lat.out" ||
-    die "images.json requests failed"
+  # gzip: what Incus (Go's HTTP client) asks for; the body is received, not decoded (no
+  # --compressed). identity: no Accept-Encoding at all.
+  if [ "$1" = gzip ]; then set -- -H 'Accept-Encoding: gzip'; else set --; fi
+  $CURL --cacert "$CERT" "$@" -K "$cfg" \
+    -w '%{http_code} %{time_total} %{size_download} %{num_connects} [%header{content-encoding}]\n' \
+    > "$work/lat.out" || die "images.json requests failed"
   awk '$1 != 200 { bad++ } END { exit bad > 0 }' "$work/lat.out" || die "images.json answered non-200"
+  # Every response in the expected encoding (the first one included), one connection in all.
+  want='[]'; [ $# -gt 0 ] && want='[gzip]'
+  awk -v w="$want" '$5 != w { bad++ } END { exit bad > 0 }' "$work/lat.out" ||
+    die "images.json: Content-Encoding is not ${want} on every response (first: $(head -n 1 "$work/lat.out"))"
+  conns=$(awk '{ s += $4 } END { print s }' "$work/lat.out")
+  [ "$conns" = 1 ] || say "  (note: $conns connections instead of 1 keep-alive connection)"
+  bytes=$(awk 'NR == 1 { print $3 }' "$work/lat.out")
   # The first request pays for the TLS handshake: drop it.
-  RESULT=$(tail -n +2 "$work/lat.out" | awk '{ print $2 * 1000 }' | sort -n | awk '
+  RESULT=$(tail -n +2 "$work/lat.out" | awk '{ print $2 * 1000 }' | sort -n | awk -v b="$bytes" '
     { v[NR] = $1 }
     END { i50 = int(NR * 0.50 + 0.999999); i99 = int(NR * 0.99 + 0.999999)
-          printf "%.2f %.2f", v[i50], v[i99] }')
+          printf "%.2f %.2f %s", v[i50], v[i99], b }')
 }
 if [ "$only" = all ]; then
   say "bench: (c) images.json with $VERSIONS versions"
@@ -409,39 +521,63 @@ if [ "$only" = all ]; then
 import json, sys
 d = json.load(open(sys.argv[1]))
 print(sum(len(p.get("versions", {})) for p in d.get("products", {}).values()))' "$work/images.json")
-  latency; P50=${RESULT% *} P99=${RESULT#* }
-  latency --compressed; P50GZ=${RESULT% *} P99GZ=${RESULT#* }
-  say "  $CAT_FOUND versions, $CAT_BYTES bytes; identity p50 $P50 ms p99 $P99 ms; gzip p50 $P50GZ ms p99 $P99GZ ms"
+  # The gzip body must be the identity document, compressed.
+  $CURL --cacert "$CERT" -H 'Accept-Encoding: gzip' -D "$work/images.gz.hdr" -o "$work/images.json.gz" \
+    "$IMG_URL/streams/v1/images.json" || die "GET images.json (gzip) failed"
+  grep -qi '^content-encoding:[[:space:]]*gzip' "$work/images.gz.hdr" ||
+    die "images.json with Accept-Encoding: gzip came back without Content-Encoding: gzip"
+  python3 -c '
+import gzip, sys
+if gzip.decompress(open(sys.argv[1], "rb").read()) != open(sys.argv[2], "rb").read():
+    sys.exit("the gzip images.json does not decode to the identity document")' \
+    "$work/images.json.gz" "$work/images.json" || die "gzip images.json is not the identity document"
+  latency gzip
+  # shellcheck disable=SC2086 # split "P50 P99 BYTES"
+  set -- $RESULT; P50=$1 P99=$2 GZ_BYTES=$3
+  latency identity
+  # shellcheck disable=SC2086 # split "P50 P99 BYTES"
+  set -- $RESULT; P50ID=$1 P99ID=$2
+  [ "$3" = "$CAT_BYTES" ] || die "identity images.json was $3 bytes, then $CAT_BYTES"
+  set --
+  say "  $CAT_FOUND versions; gzip ($GZ_BYTES bytes) p50 $P50 ms p99 $P99 ms; identity ($CAT_BYTES bytes) p50 $P50ID ms p99 $P99ID ms"
 fi
 
 # --- report ---------------------------------------------------------------------------------
-missed=0
-verdict() { # OK? -> PASS/FAIL, counting misses
-  if "$@"; then echo PASS; else missed=$((missed + 1)); echo FAIL; fi
+# verdict runs in the main shell (not in $(...)) so that the miss count survives.
+missed=0 V=''
+verdict() { # TEST... -> V: PASS/FAIL, counting misses
+  if "$@"; then V=PASS; else missed=$((missed + 1)); V=FAIL; fi
 }
-na() { echo "n/a"; }
+row() { printf '%-38s %-14s %-16s %-7s %-18s %s\n' "$@" | sed 's/[[:space:]]*$//'; }
+note() { printf '%-38s %s\n' "$@"; }
 echo
-echo "imgsrv benchmark: artifact $SIZE_BYTES bytes (${SIZE_MIB} MiB), $(nproc) CPUs, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-printf '%-34s %-14s %-14s %-7s %-20s %s\n' measure imgsrv baseline ratio target result
+echo "imgsrv benchmark: artifact $SIZE_BYTES bytes (${SIZE_MIB} MiB), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "CPU: $CPU_MODEL, $(nproc) CPUs (client and servers share them)"
+echo "TLS: nginx $NGX_CIPHER; imgsrv ${IMG_CIPHER:-n/a}"
+row measure imgsrv baseline ratio target result
 if [ "$only" = all ]; then
-  r=$(ratio "$IMG_SINGLE" "$NGX_SINGLE")
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(a) download, 1 stream (MB/s)" "$IMG_SINGLE" "nginx $NGX_SINGLE" "$r" ">= 0.9x nginx" "$(verdict ge "$r" 0.9)"
-  r=$(ratio "$IMG_PAR" "$NGX_PAR")
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(a) download, $CONC streams (MB/s)" "$IMG_PAR" "nginx $NGX_PAR" "$r" ">= 0.9x nginx" "$(verdict ge "$r" 0.9)"
-  r=$(ratio "$INGEST_MBPS" "$OPENSSL_MBPS")
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(b) ingest (MB/s)" "$INGEST_MBPS" "sha256 $OPENSSL_MBPS" "$r" ">= 0.7x openssl" "$(verdict ge "$r" 0.7)"
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(c) images.json p50 (ms)" "$P50" "-" "-" "<= 5 ms" "$(verdict ge 5 "$P50")"
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(c) images.json p99 (ms)" "$P99" "-" "-" "(reported)" ""
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(c) images.json gzip p50/p99 (ms)" "$P50GZ/$P99GZ" "-" "-" "(reported)" ""
-  printf '%-34s %s\n' "    catalog" "$CAT_FOUND versions in images.json ($CAT_BYTES bytes); asked for $VERSIONS"
-  d=$(( (RSS_PEAK - RSS_IDLE) / 1024 ))
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(d) peak RSS, $RSS_CONC downloads (MiB)" "$((RSS_PEAK / 1024))" "idle $((RSS_IDLE / 1024))" "+$d" "flat: +<= $RSS_FLAT_MIB MiB" "$(verdict [ "$d" -le "$RSS_FLAT_MIB" ])"
-  printf '%-34s %s\n' "    1 download peak" "$((RSS_ONE / 1024)) MiB; $RSS_CONC-download phase moved $((RSS_MOVED / 1048576)) MiB"
+  r=$(ratio "$IMG_SINGLE" "$NGX_SINGLE"); verdict ge "$r" 0.9
+  row "(a) download, 1 stream (MB/s)" "$IMG_SINGLE" "nginx $NGX_SINGLE" "$r" ">= 0.9x nginx" "$V"
+  r=$(ratio "$IMG_PAR" "$NGX_PAR"); verdict ge "$r" 0.9
+  row "(a) download, $CONC streams (MB/s)" "$IMG_PAR" "nginx $NGX_PAR" "$r" ">= 0.9x nginx" "$V"
+  r=$(ratio "$INGEST_MBPS" "$OPENSSL_MBPS"); verdict ge "$r" 0.7
+  row "(b) ingest, upload API (MB/s)" "$INGEST_MBPS" "sha256 $OPENSSL_MBPS" "$r" ">= 0.7x openssl" "$V"
+  row "(b) ingest vs durable disk write" "$INGEST_MBPS" "dd/fsync $DD_MBPS" "$(ratio "$INGEST_MBPS" "$DD_MBPS")" "(reported)" ""
+  row "(b) imgsrv publish, end-to-end (MB/s)" "$PUBLISH_MBPS" "sha256 $OPENSSL_MBPS" "$(ratio "$PUBLISH_MBPS" "$OPENSSL_MBPS")" "(reported)" ""
+  verdict ge 5 "$P50"
+  row "(c) images.json gzip p50 (ms)" "$P50" "-" "-" "<= 5 ms" "$V"
+  row "(c) images.json gzip p99 (ms)" "$P99" "-" "-" "(reported)" ""
+  row "(c) images.json identity p50/p99 (ms)" "$P50ID/$P99ID" "-" "-" "(reported)" ""
+  note "    catalog" "$CAT_FOUND versions (asked for $VERSIONS); body $GZ_BYTES bytes gzip, $CAT_BYTES bytes identity"
+  d=$(( (RSS_PEAK - RSS_IDLE) / 1024 )); verdict [ "$d" -le "$RSS_FLAT_MIB" ]
+  row "(d) peak RSS, $RSS_CONC downloads (MiB)" "$((RSS_PEAK / 1024))" "idle $((RSS_IDLE / 1024))" "+$d" "+<= $RSS_FLAT_MIB MiB" "$V"
+  note "    1 download peak" "$((RSS_ONE / 1024)) MiB; $RSS_CONC-download phase moved $((RSS_MOVED / 1048576)) MiB"
 else
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(a) download, 1 stream (MB/s)" "$(na)" "nginx $NGX_SINGLE" "-" ">= 0.9x nginx" ""
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(a) download, $CONC streams (MB/s)" "$(na)" "nginx $NGX_PAR" "-" ">= 0.9x nginx" ""
-  printf '%-34s %-14s %-14s %-7s %-20s %s\n' "(b) ingest (MB/s)" "$(na)" "sha256 $OPENSSL_MBPS" "-" ">= 0.7x openssl" ""
-  printf '%-34s %s\n' "(c) images.json, (d) RSS" "n/a (--nginx-only)"
+  row "(a) download, 1 stream (MB/s)" "n/a" "nginx $NGX_SINGLE" "-" ">= 0.9x nginx" ""
+  row "(a) download, $CONC streams (MB/s)" "n/a" "nginx $NGX_PAR" "-" ">= 0.9x nginx" ""
+  row "(b) ingest, upload API (MB/s)" "n/a" "sha256 $OPENSSL_MBPS" "-" ">= 0.7x openssl" ""
+  row "(b) ingest vs durable disk write" "n/a" "dd/fsync $DD_MBPS" "-" "(reported)" ""
+  note "(c) images.json, (d) RSS" "n/a (--nginx-only)"
 fi
 if [ "$missed" -gt 0 ]; then
   echo "bench: $missed target(s) missed"
