@@ -13,7 +13,8 @@
 --   * publish records and Incus projection rows are written once and never change;
 --   * CAS blob rows never change, and a row that a publishing/published version cites
 --     cannot be deleted;
---   * an alias points at a published version of its own image.
+--   * an alias points at a published version of its own image;
+--   * the audit log is append-only.
 -- Timestamps are RFC 3339 UTC text written by the application.
 
 CREATE TABLE catalog_state (
@@ -69,6 +70,8 @@ CREATE TABLE images (
                          AND name NOT GLOB '*[^a-z0-9._-]*'),
     display_name  TEXT,
     description   TEXT,
+    -- private images are visible only to principals with reader (or more) on them
+    visibility    TEXT NOT NULL DEFAULT 'public' CHECK (visibility IN ('public', 'private')),
     created_at    TEXT NOT NULL,
     updated_at    TEXT NOT NULL
 );
@@ -171,22 +174,34 @@ CREATE TABLE role_actions (
     action   TEXT NOT NULL,
     PRIMARY KEY (role_id, action)
 );
-INSERT INTO roles VALUES ('auth-manager', 'Auth manager', 'Can manage imgsrv authentication policy.');
-INSERT INTO roles VALUES ('content-writer', 'Content writer', 'Can write imgsrv content.');
+INSERT INTO roles VALUES ('auth-manager', 'Auth manager', 'Can manage principals, grants and tokens, and read the audit log.');
+INSERT INTO roles VALUES ('content-writer', 'Content writer', 'Can upload, compose, publish and alias images in its scope, and read them.');
+INSERT INTO roles VALUES ('reader', 'Reader', 'Can read images in its scope, private ones included.');
 INSERT INTO role_actions VALUES ('auth-manager', 'auth.manage');
 INSERT INTO role_actions VALUES ('content-writer', 'content.write');
+INSERT INTO role_actions VALUES ('content-writer', 'content.read');
+INSERT INTO role_actions VALUES ('reader', 'content.read');
 
 CREATE TABLE principals (
     id            TEXT PRIMARY KEY,
+    -- what operators type and what goes in https://NAME:TOKEN@host remotes
+    name          TEXT NOT NULL UNIQUE
+                  CHECK (length(name) BETWEEN 1 AND 64 AND substr(name, 1, 1) GLOB '[a-z0-9]'
+                         AND name NOT GLOB '*[^a-z0-9._-]*'),
     kind          TEXT NOT NULL CHECK (kind IN ('user', 'service')),
     display_name  TEXT NOT NULL CHECK (length(trim(display_name)) > 0),
     attributes    TEXT NOT NULL DEFAULT '{}',
     created_at    TEXT NOT NULL
 );
-CREATE TABLE principal_roles (
+-- The identity matrix: a principal holds a role on the images matching a
+-- scope (an image-name glob such as debian-* or *).
+CREATE TABLE grants (
     principal_id  TEXT NOT NULL REFERENCES principals (id) ON DELETE CASCADE,
     role_id       TEXT NOT NULL REFERENCES roles (id),
-    PRIMARY KEY (principal_id, role_id)
+    scope         TEXT NOT NULL
+                  CHECK (length(scope) BETWEEN 1 AND 128 AND scope NOT GLOB '*[^a-z0-9._*?-]*'),
+    created_at    TEXT NOT NULL,
+    PRIMARY KEY (principal_id, role_id, scope)
 );
 CREATE TABLE api_tokens (
     id            TEXT PRIMARY KEY,
@@ -200,7 +215,35 @@ CREATE TABLE api_tokens (
     created_at    TEXT NOT NULL
 );
 
+-- Append-only record of every write and every denied request.
+CREATE TABLE audit_log (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    at              TEXT NOT NULL,
+    principal_id    TEXT,
+    principal_name  TEXT,
+    -- e.g. publish, alias.put, upload.begin, grant.add, key.revoke, denied
+    action          TEXT NOT NULL,
+    target          TEXT NOT NULL DEFAULT '',
+    outcome         TEXT NOT NULL CHECK (outcome IN ('ok', 'denied', 'failed')),
+    status          INTEGER,
+    method          TEXT,
+    path            TEXT,
+    remote          TEXT,
+    detail          TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX audit_log_at ON audit_log (at);
+CREATE INDEX audit_log_principal ON audit_log (principal_name, at);
+
 -- ---------------------------------------------------------------- triggers
+
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'immutable: the audit log is append-only');
+END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN
+    SELECT RAISE(ABORT, 'immutable: the audit log is append-only');
+END;
 
 CREATE TRIGGER cas_blobs_no_update BEFORE UPDATE ON cas_blobs
 BEGIN

@@ -18,6 +18,7 @@ pub struct App {
     pub catalog: Arc<dyn Catalog>,
     pub blobs: Arc<dyn BlobStore>,
     pub streams: StreamsCache,
+    pub auth_failures: crate::auth::FailureThrottle,
 }
 
 /// What `init` made (for printing).
@@ -92,6 +93,7 @@ impl App {
             catalog: Arc::new(catalog),
             blobs: Arc::new(blobs),
             streams: StreamsCache::default(),
+            auth_failures: Default::default(),
         })
     }
 

@@ -1,5 +1,10 @@
 //! API tokens and the bootstrap principal.
 //!
+//! Who may do what is the identity matrix: a principal holds grants, each a
+//! role on the images matching a scope glob. `auth-manager` (auth.manage,
+//! global), `content-writer` (content.write + content.read in its scope),
+//! `reader` (content.read in its scope, private images included).
+//!
 //! A token reads `imgsrv_<id>_<secret>`: `id` (16 hex) finds the row, `secret`
 //! (64 hex, 256 random bits) is checked against its stored SHA-256 in
 //! constant time. The plaintext is shown once and never stored. A plain hash
@@ -11,9 +16,11 @@ use std::io::Write;
 use std::path::Path;
 
 pub const ACTION_CONTENT_WRITE: &str = "content.write";
+pub const ACTION_CONTENT_READ: &str = "content.read";
 pub const ACTION_AUTH_MANAGE: &str = "auth.manage";
 pub const ROLE_AUTH_MANAGER: &str = "auth-manager";
 pub const ROLE_CONTENT_WRITER: &str = "content-writer";
+pub const ROLE_READER: &str = "reader";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The bootstrap token is meant to be replaced by tokens issued per
 /// publisher; a year keeps a fresh homelab install working meanwhile.
@@ -27,17 +34,31 @@ pub enum AuthError {
     Catalog(#[from] CatalogError),
 }
 
-/// Who is calling, once authenticated.
+/// Who is calling, once authenticated: the principal and, per grant, the
+/// actions it allows on which scope.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub principal_id: String,
+    pub principal_name: String,
     pub token_id: String,
-    pub actions: Vec<String>,
+    /// (action, scope) pairs from the principal's grants.
+    pub permissions: Vec<(String, String)>,
 }
 
 impl Caller {
-    pub fn can(&self, action: &str) -> bool {
-        self.actions.iter().any(|a| a == action)
+    /// May the caller do `action` on image `image`?
+    pub fn can_on(&self, action: &str, image: &str) -> bool {
+        self.permissions
+            .iter()
+            .any(|(a, scope)| a == action && crate::names::scope_matches(scope, image))
+    }
+
+    /// May the caller do `action` on at least one image (uploads, which
+    /// belong to no image yet)? For `auth.manage`, only a `*` grant counts.
+    pub fn can_somewhere(&self, action: &str) -> bool {
+        self.permissions
+            .iter()
+            .any(|(a, scope)| a == action && (action != ACTION_AUTH_MANAGE || scope == "*"))
     }
 }
 
@@ -105,16 +126,68 @@ pub fn authenticate(cat: &dyn AuthCatalog, token: &str) -> Result<Caller, AuthEr
             _ => return Err(AuthError::InvalidToken),
         }
     }
-    let actions = cat.principal_actions(&row.principal_id)?;
+    let principal = cat.get_principal(&row.principal_id)?;
+    let role_actions = cat.role_actions()?;
+    let permissions = principal
+        .grants
+        .iter()
+        .flat_map(|g| {
+            role_actions
+                .iter()
+                .filter(move |(r, _)| *r == g.role)
+                .map(move |(_, a)| (a.clone(), g.scope.clone()))
+        })
+        .collect();
     // last-used is advisory: a failure to record it must not fail the request
     if let Err(e) = cat.touch_token(&row.id) {
         log::warn!("recording token use: {e}");
     }
     Ok(Caller {
-        principal_id: row.principal_id,
+        principal_id: principal.id,
+        principal_name: principal.name,
         token_id: row.id,
-        actions,
+        permissions,
     })
+}
+
+/// Checks HTTP basic credentials `NAME:TOKEN` (what the Incus client sends
+/// for a remote URL `https://NAME:TOKEN@host`): the token must belong to the
+/// principal named NAME.
+pub fn authenticate_basic(
+    cat: &dyn AuthCatalog,
+    name: &str,
+    token: &str,
+) -> Result<Caller, AuthError> {
+    let c = authenticate(cat, token)?;
+    if c.principal_name != name {
+        return Err(AuthError::InvalidToken);
+    }
+    Ok(c)
+}
+
+/// Slows down repeated failed authentications per client address: each
+/// failure doubles the delay before the 401 (from 100 ms, at most 5 s),
+/// forgotten after 15 minutes without failures. The delay runs on the
+/// failing connection's own thread, so other clients are not held up.
+#[derive(Default)]
+pub struct FailureThrottle {
+    failures:
+        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl FailureThrottle {
+    /// Records a failure from `ip` and returns how long to wait before answering.
+    pub fn failed(&self, ip: std::net::IpAddr) -> std::time::Duration {
+        use std::time::{Duration, Instant};
+        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        m.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(900));
+        let e = m.entry(ip).or_insert((0, now));
+        e.0 = e.0.saturating_add(1);
+        e.1 = now;
+        Duration::from_millis(100u64.saturating_mul(1 << (e.0 - 1).min(6)))
+            .min(Duration::from_secs(5))
+    }
 }
 
 /// First start: when no principal holds `auth-manager`, creates one holding
@@ -124,9 +197,14 @@ pub fn bootstrap(cat: &dyn AuthCatalog, data_dir: &Path) -> anyhow::Result<Optio
     if cat.count_principals_with_role(ROLE_AUTH_MANAGER)? > 0 {
         return Ok(None);
     }
-    let p = cat.create_principal("service", "bootstrap admin", r#"{"bootstrap":true}"#)?;
-    cat.grant_role(&p.id, ROLE_AUTH_MANAGER)?;
-    cat.grant_role(&p.id, ROLE_CONTENT_WRITER)?;
+    let name = if cat.get_principal("admin").is_ok() {
+        format!("admin-{}", random_hex(3))
+    } else {
+        "admin".into()
+    };
+    let p = cat.create_principal(&name, "service", "bootstrap admin", r#"{"bootstrap":true}"#)?;
+    cat.grant(&p.id, ROLE_AUTH_MANAGER, "*")?;
+    cat.grant(&p.id, ROLE_CONTENT_WRITER, "*")?;
     let expires = (chrono::Utc::now() + chrono::Duration::days(BOOTSTRAP_TOKEN_DAYS))
         .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     let (_, plaintext) = issue_token(cat, &p.id, "bootstrap", Some(expires))?;
@@ -162,6 +240,7 @@ mod tests {
             .unwrap()
             .expect("first start makes a principal");
         assert_eq!(p.role_ids, vec![ROLE_AUTH_MANAGER, ROLE_CONTENT_WRITER]);
+        assert_eq!(p.name, "admin");
         assert!(bootstrap(&cat, d.path()).unwrap().is_none(), "idempotent");
         use std::os::unix::fs::PermissionsExt;
         let f = d.path().join(ADMIN_TOKEN_FILE);
@@ -171,7 +250,16 @@ mod tests {
         );
         let token = std::fs::read_to_string(&f).unwrap();
         let caller = authenticate(&cat, token.trim()).unwrap();
-        assert!(caller.can(ACTION_CONTENT_WRITE) && caller.can(ACTION_AUTH_MANAGE));
+        assert!(
+            caller.can_on(ACTION_CONTENT_WRITE, "x") && caller.can_somewhere(ACTION_AUTH_MANAGE)
+        );
+        assert!(caller.can_on(ACTION_CONTENT_READ, "x"));
+        assert_eq!(caller.principal_name, "admin");
+        assert!(authenticate_basic(&cat, "admin", token.trim()).is_ok());
+        assert!(matches!(
+            authenticate_basic(&cat, "other", token.trim()),
+            Err(AuthError::InvalidToken)
+        ));
         let row = cat.get_token(&caller.token_id).unwrap();
         assert!(
             !token.contains(&hex::encode(&row.secret_hash)),

@@ -119,6 +119,7 @@ mod tests {
                 name: "debian-12".into(),
                 display_name: None,
                 description: None,
+                visibility: "public".into(),
                 created_at: "t0".into(),
                 updated_at: "t0".into(),
             },

@@ -49,6 +49,13 @@ pub fn attachment_name(s: &str) -> bool {
     })
 }
 
+/// Principal: `^[a-z0-9][a-z0-9._-]{0,63}$` (it also goes in `https://NAME:TOKEN@host`).
+pub fn principal_name(s: &str) -> bool {
+    matches(s, 64, lower_or_digit, |c| {
+        lower_or_digit(c) || matches!(c, b'.' | b'_' | b'-')
+    })
+}
+
 /// A scope: an image-name glob (`*` and `?` wildcards), e.g. `debian-*` or `*`.
 pub fn scope(s: &str) -> bool {
     matches(

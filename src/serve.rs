@@ -39,7 +39,7 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
     let verification = config.verification;
     let app = Arc::new(App::open(config)?);
     // warm the projection so the first client does not pay for it
-    if let Err(e) = app.streams.get(app.catalog.as_ref()) {
+    if let Err(e) = app.streams.get(app.catalog.as_ref(), &[]) {
         log::error!("building the simplestreams projection: {e}");
     }
     let shutdown = server.shutdown_handle();

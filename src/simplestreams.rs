@@ -39,30 +39,51 @@ pub struct Streams {
     pub images: Doc,
 }
 
-/// Cache of the projection keyed by the catalog generation.
+/// Cache of the projection: one document pair per visibility set (the
+/// private images a caller may read; empty for anonymous callers), all
+/// dropped when the catalog generation moves. Callers with the same set share
+/// one build; no request builds JSON unless something changed.
 #[derive(Default)]
 pub struct StreamsCache {
-    current: RwLock<Option<Arc<Streams>>>,
+    current: RwLock<(i64, HashMap<Vec<String>, Arc<Streams>>)>,
     rebuild: Mutex<()>,
 }
 
+/// Distinct visibility sets kept before the cache starts over.
+const MAX_VISIBILITY_SETS: usize = 256;
+
 impl StreamsCache {
-    pub fn get(&self, cat: &dyn ContentCatalog) -> crate::catalog::Result<Arc<Streams>> {
+    /// The documents for a caller who may read the public images plus the
+    /// private images in `readable_private`.
+    pub fn get(
+        &self,
+        cat: &dyn ContentCatalog,
+        readable_private: &[String],
+    ) -> crate::catalog::Result<Arc<Streams>> {
+        let mut key = readable_private.to_vec();
+        key.sort();
+        key.dedup();
         let generation = cat.generation()?;
-        if let Some(s) = self.current.read().ok().and_then(|c| c.clone()) {
-            if s.generation == generation {
-                return Ok(s);
-            }
+        let cached = |c: &(i64, HashMap<Vec<String>, Arc<Streams>>)| {
+            (c.0 == generation)
+                .then(|| c.1.get(&key).cloned())
+                .flatten()
+        };
+        if let Some(s) = self.current.read().ok().and_then(|c| cached(&c)) {
+            return Ok(s);
         }
         // one rebuild at a time; others wait and then reuse its result
         let _guard = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
         let generation = cat.generation()?;
-        if let Some(s) = self.current.read().ok().and_then(|c| c.clone()) {
-            if s.generation == generation {
-                return Ok(s);
-            }
+        if let Some(s) = self.current.read().ok().and_then(|c| cached(&c)) {
+            return Ok(s);
         }
-        let entries = cat.projection_entries()?;
+        let visible: HashSet<&str> = key.iter().map(String::as_str).collect();
+        let entries: Vec<ProjectionEntry> = cat
+            .projection_entries()?
+            .into_iter()
+            .filter(|e| !e.image.is_private() || visible.contains(e.image.name.as_str()))
+            .collect();
         let aliases = cat.all_aliases()?;
         let (index, images) = build(&entries, &aliases);
         let s = Arc::new(Streams {
@@ -71,11 +92,15 @@ impl StreamsCache {
             images: Doc::new(images),
         });
         if let Ok(mut c) = self.current.write() {
-            *c = Some(s.clone());
+            if c.0 != generation || c.1.len() >= MAX_VISIBILITY_SETS {
+                *c = (generation, HashMap::new());
+            }
+            c.1.insert(key.clone(), s.clone());
         }
         log::info!(
-            "simplestreams projection rebuilt (generation {generation}, {} artifacts)",
-            entries.len()
+            "simplestreams projection rebuilt (generation {generation}, {} artifacts, {} private images visible)",
+            entries.len(),
+            key.len()
         );
         Ok(s)
     }

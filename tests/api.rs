@@ -865,7 +865,7 @@ fn authentication_and_roles() {
         .call(
             "POST",
             "/v1/auth/principals",
-            json!({"kind": "service", "display_name": "ci"}),
+            json!({"name": "ci", "kind": "service", "display_name": "ci"}),
         )
         .json();
     let pid = p["id"].as_str().unwrap().to_string();

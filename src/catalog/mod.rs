@@ -48,8 +48,16 @@ pub struct Image {
     pub display_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// `public` or `private`.
+    pub visibility: String,
     pub created_at: String,
     pub updated_at: String,
+}
+
+impl Image {
+    pub fn is_private(&self) -> bool {
+        self.visibility == "private"
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -295,13 +303,65 @@ pub struct Role {
     pub actions: Vec<String>,
 }
 
+/// One cell of the identity matrix: a role on the images matching a scope.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Grant {
+    pub role: String,
+    pub scope: String,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Principal {
     pub id: String,
+    pub name: String,
     pub kind: String,
     pub display_name: String,
+    /// Distinct roles held on any scope.
     pub role_ids: Vec<String>,
+    pub grants: Vec<Grant>,
     pub created_at: String,
+}
+
+/// One audit log row to append.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub principal_id: Option<String>,
+    pub principal_name: Option<String>,
+    pub action: String,
+    pub target: String,
+    /// `ok`, `denied` or `failed`.
+    pub outcome: String,
+    pub status: Option<u16>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub remote: Option<String>,
+    /// A JSON object.
+    pub detail: String,
+}
+
+/// A stored audit row.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at: String,
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+}
+
+/// Filters for reading the audit log; all optional, combined with AND.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub principal: Option<String>,
+    /// Exact action, or a prefix ending in `.` (e.g. `grant.`).
+    pub action: Option<String>,
+    pub outcome: Option<String>,
+    /// Substring of the target (e.g. an image name).
+    pub target: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// Rows after this id (for paging).
+    pub after_id: Option<i64>,
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -327,7 +387,9 @@ pub trait ContentCatalog: Send + Sync {
         name: &str,
         display_name: Option<&str>,
         description: Option<&str>,
+        visibility: &str,
     ) -> Result<Image>;
+    fn set_visibility(&self, name: &str, visibility: &str) -> Result<Image>;
     fn get_image(&self, name: &str) -> Result<Image>;
     /// Images with at least one published version (all images if `include_unpublished`).
     fn list_images(&self, include_unpublished: bool) -> Result<Vec<Image>>;
@@ -377,8 +439,9 @@ pub trait ContentCatalog: Send + Sync {
     /// Changes whenever what the projection shows may have changed.
     fn generation(&self) -> Result<i64>;
     fn projection_entries(&self) -> Result<Vec<ProjectionEntry>>;
-    /// Whether a published version cites this digest (anonymous blob reads).
-    fn blob_is_published(&self, digest: &Digest) -> Result<bool>;
+    /// Images citing this digest (from any of their versions), with whether
+    /// that version is published: who may read a blob follows from these.
+    fn blob_references(&self, digest: &Digest) -> Result<Vec<(Image, bool)>>;
 }
 
 /// CAS blob rows and upload sessions.
@@ -404,16 +467,22 @@ pub trait AuthCatalog: Send + Sync {
     fn roles(&self) -> Result<Vec<Role>>;
     fn create_principal(
         &self,
+        name: &str,
         kind: &str,
         display_name: &str,
         attributes: &str,
     ) -> Result<Principal>;
-    fn get_principal(&self, id: &str) -> Result<Principal>;
+    /// By id, or else by name.
+    fn get_principal(&self, id_or_name: &str) -> Result<Principal>;
     fn list_principals(&self) -> Result<Vec<Principal>>;
-    fn grant_role(&self, principal_id: &str, role: &str) -> Result<()>;
-    fn revoke_role(&self, principal_id: &str, role: &str) -> Result<()>;
-    /// Actions the principal may perform (from its roles).
-    fn principal_actions(&self, principal_id: &str) -> Result<Vec<String>>;
+    /// Removes a principal with its grants and tokens.
+    fn delete_principal(&self, id: &str) -> Result<()>;
+    /// Adds a grant (idempotent).
+    fn grant(&self, principal_id: &str, role: &str, scope: &str) -> Result<()>;
+    /// Removes a grant; NotFound if the principal does not hold it.
+    fn revoke_grant(&self, principal_id: &str, role: &str, scope: &str) -> Result<()>;
+    /// Actions of each role.
+    fn role_actions(&self) -> Result<Vec<(String, String)>>;
     fn count_principals_with_role(&self, role: &str) -> Result<u64>;
 
     fn insert_token(&self, t: &ApiToken) -> Result<()>;
@@ -423,9 +492,15 @@ pub trait AuthCatalog: Send + Sync {
     fn touch_token(&self, id: &str) -> Result<()>;
 }
 
+/// The append-only audit log.
+pub trait AuditCatalog: Send + Sync {
+    fn append_audit(&self, e: &AuditEntry) -> Result<()>;
+    fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
+}
+
 /// Everything a server needs from its catalog.
-pub trait Catalog: ContentCatalog + BlobCatalog + AuthCatalog {}
-impl<T: ContentCatalog + BlobCatalog + AuthCatalog> Catalog for T {}
+pub trait Catalog: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog {}
+impl<T: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog> Catalog for T {}
 
 /// RFC 3339 UTC timestamp with nanoseconds.
 pub fn now() -> String {

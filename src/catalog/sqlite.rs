@@ -108,7 +108,8 @@ fn u64_col(row: &Row, idx: usize) -> rusqlite::Result<u64> {
     })
 }
 
-const IMAGE_COLS: &str = "i.id, i.name, i.display_name, i.description, i.created_at, i.updated_at";
+const IMAGE_COLS: &str =
+    "i.id, i.name, i.display_name, i.description, i.created_at, i.updated_at, i.visibility";
 fn image_row(r: &Row, o: usize) -> rusqlite::Result<Image> {
     Ok(Image {
         id: r.get(o)?,
@@ -117,6 +118,7 @@ fn image_row(r: &Row, o: usize) -> rusqlite::Result<Image> {
         description: r.get(o + 3)?,
         created_at: r.get(o + 4)?,
         updated_at: r.get(o + 5)?,
+        visibility: r.get(o + 6)?,
     })
 }
 
@@ -387,29 +389,39 @@ impl SqliteCatalog {
         .ctx(&format!("alias {image}:{alias}"))
     }
 
-    fn principal(c: &Connection, id: &str) -> Result<Principal> {
-        let (id, kind, display_name, created_at): (String, String, String, String) = c
+    fn principal(c: &Connection, id_or_name: &str) -> Result<Principal> {
+        let (id, name, kind, display_name, created_at): (String, String, String, String, String) = c
             .query_row(
-                "SELECT id, kind, display_name, created_at FROM principals WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                "SELECT id, name, kind, display_name, created_at FROM principals \
+                 WHERE id = ?1 OR (name = ?1 AND NOT EXISTS (SELECT 1 FROM principals WHERE id = ?1))",
+                [id_or_name],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
-            .ctx(&format!("principal {id}"))?;
+            .ctx(&format!("principal {id_or_name}"))?;
         let mut st = c
             .prepare_cached(
-                "SELECT role_id FROM principal_roles WHERE principal_id = ?1 ORDER BY role_id",
+                "SELECT role_id, scope FROM grants WHERE principal_id = ?1 ORDER BY role_id, scope",
             )
             .map_err(backend)?;
-        let role_ids = st
-            .query_map([&id], |r| r.get(0))
+        let grants: Vec<Grant> = st
+            .query_map([&id], |r| {
+                Ok(Grant {
+                    role: r.get(0)?,
+                    scope: r.get(1)?,
+                })
+            })
             .map_err(backend)?
             .collect::<rusqlite::Result<_>>()
             .map_err(backend)?;
+        let mut role_ids: Vec<String> = grants.iter().map(|g| g.role.clone()).collect();
+        role_ids.dedup();
         Ok(Principal {
             id,
+            name,
             kind,
             display_name,
             role_ids,
+            grants,
             created_at,
         })
     }
@@ -443,6 +455,7 @@ impl ContentCatalog for SqliteCatalog {
         name: &str,
         display_name: Option<&str>,
         description: Option<&str>,
+        visibility: &str,
     ) -> Result<Image> {
         let now = now();
         let img = Image {
@@ -450,17 +463,40 @@ impl ContentCatalog for SqliteCatalog {
             name: name.to_string(),
             display_name: display_name.map(str::to_string),
             description: description.map(str::to_string),
+            visibility: visibility.to_string(),
             created_at: now.clone(),
             updated_at: now,
         };
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO images (id, name, display_name, description, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6)",
-                params![img.id, img.name, img.display_name, img.description, img.created_at, img.updated_at],
+                "INSERT INTO images (id, name, display_name, description, visibility, created_at, updated_at) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7)",
+                params![img.id, img.name, img.display_name, img.description, img.visibility, img.created_at, img.updated_at],
             )
             .ctx(&format!("image {name}"))
         })?;
         Ok(img)
+    }
+
+    fn set_visibility(&self, name: &str, visibility: &str) -> Result<Image> {
+        let now = now();
+        self.write(|tx| {
+            let n = tx
+                .execute(
+                    "UPDATE images SET visibility = ?2, updated_at = ?3 WHERE name = ?1",
+                    params![name, visibility, now],
+                )
+                .ctx("image")?;
+            if n == 0 {
+                return Err(CatalogError::NotFound(format!("image {name}")));
+            }
+            tx.query_row(
+                &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"),
+                [name],
+                |r| image_row(r, 0),
+            )
+            .ctx("image")
+        })
     }
 
     fn get_image(&self, name: &str) -> Result<Image> {
@@ -840,19 +876,19 @@ impl ContentCatalog for SqliteCatalog {
             .map_err(backend)?;
         let rows = st
             .query_map([], |r| {
-                // columns: image 0..6, version 6..14, artifact 14..25, attachment 25..33
-                let hex: String = r.get(34)?;
-                let version = version_row(r, 6)?;
+                // columns: image 0..7, version 7..15, artifact 15..26, attachment 26..34
+                let hex: String = r.get(35)?;
+                let version = version_row(r, 7)?;
                 Ok(ProjectionEntry {
                     image: image_row(r, 0)?,
                     published_at: version.published_at.clone().unwrap_or_default(),
                     version,
-                    artifact: artifact_row(r, 14)?,
-                    metadata: attachment_row(r, 25)?,
-                    ftype: r.get(33)?,
+                    artifact: artifact_row(r, 15)?,
+                    metadata: attachment_row(r, 26)?,
+                    ftype: r.get(34)?,
                     combined_sha256: Digest::from_hex(&hex).map_err(|e| {
                         rusqlite::Error::FromSqlConversionFailure(
-                            34,
+                            35,
                             rusqlite::types::Type::Text,
                             Box::new(e),
                         )
@@ -892,18 +928,20 @@ impl ContentCatalog for SqliteCatalog {
         Ok(out)
     }
 
-    fn blob_is_published(&self, digest: &Digest) -> Result<bool> {
-        let d = digest.to_string();
-        self.conn()?
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM release_artifacts a JOIN image_versions v ON v.id = a.version_id \
-                   WHERE a.primary_blob_digest = ?1 AND v.state = 'published') \
-                 OR EXISTS (SELECT 1 FROM artifact_attachments t JOIN release_artifacts a ON a.id = t.artifact_id \
-                   JOIN image_versions v ON v.id = a.version_id WHERE t.blob_digest = ?1 AND v.state = 'published')",
-                [&d],
-                |r| r.get(0),
-            )
-            .map_err(backend)
+    fn blob_references(&self, digest: &Digest) -> Result<Vec<(Image, bool)>> {
+        let c = self.conn()?;
+        let mut st = c
+            .prepare_cached(&format!(
+                "SELECT DISTINCT {IMAGE_COLS}, v.state = 'published' FROM image_versions v \
+                 JOIN images i ON i.id = v.image_id JOIN release_artifacts a ON a.version_id = v.id \
+                 LEFT JOIN artifact_attachments t ON t.artifact_id = a.id \
+                 WHERE a.primary_blob_digest = ?1 OR t.blob_digest = ?1"
+            ))
+            .map_err(backend)?;
+        let rows = st
+            .query_map([digest.to_string()], |r| Ok((image_row(r, 0)?, r.get(7)?)))
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 }
 
@@ -1081,6 +1119,7 @@ impl AuthCatalog for SqliteCatalog {
 
     fn create_principal(
         &self,
+        name: &str,
         kind: &str,
         display_name: &str,
         attributes: &str,
@@ -1089,22 +1128,22 @@ impl AuthCatalog for SqliteCatalog {
         let now = now();
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO principals (id, kind, display_name, attributes, created_at) VALUES (?1,?2,?3,?4,?5)",
-                params![id, kind, display_name, attributes, now],
+                "INSERT INTO principals (id, name, kind, display_name, attributes, created_at) VALUES (?1,?2,?3,?4,?5,?6)",
+                params![id, name, kind, display_name, attributes, now],
             )
-            .ctx("principal")?;
+            .ctx(&format!("principal {name}"))?;
             Self::principal(tx, &id)
         })
     }
 
-    fn get_principal(&self, id: &str) -> Result<Principal> {
-        Self::principal(&*self.conn()?, id)
+    fn get_principal(&self, id_or_name: &str) -> Result<Principal> {
+        Self::principal(&*self.conn()?, id_or_name)
     }
 
     fn list_principals(&self) -> Result<Vec<Principal>> {
         let c = self.conn()?;
         let mut st = c
-            .prepare("SELECT id FROM principals ORDER BY created_at, id")
+            .prepare("SELECT id FROM principals ORDER BY name")
             .map_err(backend)?;
         let ids: Vec<String> = st
             .query_map([], |r| r.get(0))
@@ -1114,9 +1153,23 @@ impl AuthCatalog for SqliteCatalog {
         ids.iter().map(|id| Self::principal(&c, id)).collect()
     }
 
-    fn grant_role(&self, principal_id: &str, role: &str) -> Result<()> {
+    fn delete_principal(&self, id: &str) -> Result<()> {
         self.write(|tx| {
-            Self::principal(tx, principal_id)?;
+            let p = Self::principal(tx, id)?;
+            tx.execute("DELETE FROM api_tokens WHERE principal_id = ?1", [&p.id])
+                .ctx("tokens")?;
+            tx.execute("DELETE FROM grants WHERE principal_id = ?1", [&p.id])
+                .ctx("grants")?;
+            tx.execute("DELETE FROM principals WHERE id = ?1", [&p.id])
+                .ctx("principal")?;
+            Ok(())
+        })
+    }
+
+    fn grant(&self, principal_id: &str, role: &str, scope: &str) -> Result<()> {
+        let now = now();
+        self.write(|tx| {
+            let p = Self::principal(tx, principal_id)?;
             let known: bool = tx
                 .query_row("SELECT EXISTS (SELECT 1 FROM roles WHERE id = ?1)", [role], |r| r.get(0))
                 .map_err(backend)?;
@@ -1124,36 +1177,41 @@ impl AuthCatalog for SqliteCatalog {
                 return Err(CatalogError::Invalid(format!("unknown role {role}")));
             }
             tx.execute(
-                "INSERT INTO principal_roles (principal_id, role_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                [principal_id, role],
+                "INSERT INTO grants (principal_id, role_id, scope, created_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT DO NOTHING",
+                params![p.id, role, scope, now],
             )
-            .ctx("role")?;
+            .ctx("grant")?;
             Ok(())
         })
     }
 
-    fn revoke_role(&self, principal_id: &str, role: &str) -> Result<()> {
+    fn revoke_grant(&self, principal_id: &str, role: &str, scope: &str) -> Result<()> {
         self.write(|tx| {
-            Self::principal(tx, principal_id)?;
-            tx.execute(
-                "DELETE FROM principal_roles WHERE principal_id = ?1 AND role_id = ?2",
-                [principal_id, role],
-            )
-            .ctx("role")?;
+            let p = Self::principal(tx, principal_id)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM grants WHERE principal_id = ?1 AND role_id = ?2 AND scope = ?3",
+                    params![p.id, role, scope],
+                )
+                .ctx("grant")?;
+            if n == 0 {
+                return Err(CatalogError::NotFound(format!(
+                    "grant {role} on {scope} for {}",
+                    p.name
+                )));
+            }
             Ok(())
         })
     }
 
-    fn principal_actions(&self, principal_id: &str) -> Result<Vec<String>> {
+    fn role_actions(&self) -> Result<Vec<(String, String)>> {
         let c = self.conn()?;
         let mut st = c
-            .prepare_cached(
-                "SELECT DISTINCT ra.action FROM principal_roles pr JOIN role_actions ra ON ra.role_id = pr.role_id \
-                 WHERE pr.principal_id = ?1 ORDER BY ra.action",
-            )
+            .prepare_cached("SELECT role_id, action FROM role_actions ORDER BY role_id, action")
             .map_err(backend)?;
         let rows = st
-            .query_map([principal_id], |r| r.get(0))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
@@ -1162,7 +1220,7 @@ impl AuthCatalog for SqliteCatalog {
         let n: i64 = self
             .conn()?
             .query_row(
-                "SELECT count(*) FROM principal_roles WHERE role_id = ?1",
+                "SELECT count(DISTINCT principal_id) FROM grants WHERE role_id = ?1",
                 [role],
                 |r| r.get(0),
             )
@@ -1202,7 +1260,7 @@ impl AuthCatalog for SqliteCatalog {
 
     fn list_tokens(&self, principal_id: &str) -> Result<Vec<ApiToken>> {
         let c = self.conn()?;
-        Self::principal(&c, principal_id)?;
+        let principal_id = &Self::principal(&c, principal_id)?.id;
         let mut st = c
             .prepare(&format!("SELECT {TOKEN_COLS} FROM api_tokens WHERE principal_id = ?1 ORDER BY created_at, id"))
             .map_err(backend)?;
@@ -1235,5 +1293,100 @@ impl AuthCatalog for SqliteCatalog {
             )
             .ctx("api token")?;
         Ok(())
+    }
+}
+
+impl AuditCatalog for SqliteCatalog {
+    fn append_audit(&self, e: &AuditEntry) -> Result<()> {
+        let now = now();
+        // a plain insert: one row, its own transaction
+        self.conn()?
+            .execute(
+                "INSERT INTO audit_log (at, principal_id, principal_name, action, target, outcome, status, method, \
+                 path, remote, detail) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
+                params![
+                    now,
+                    e.principal_id,
+                    e.principal_name,
+                    e.action,
+                    e.target,
+                    e.outcome,
+                    e.status,
+                    e.method,
+                    e.path,
+                    e.remote,
+                    if e.detail.is_empty() { "{}" } else { e.detail.as_str() }
+                ],
+            )
+            .ctx("audit row")?;
+        Ok(())
+    }
+
+    fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
+        let c = self.conn()?;
+        let mut sql = String::from(
+            "SELECT id, at, principal_id, principal_name, action, target, outcome, status, method, path, remote, detail \
+             FROM audit_log WHERE 1 = 1",
+        );
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        // every `?` in a condition is the same (numbered) parameter
+        let mut push = |cond: &str, v: rusqlite::types::Value| {
+            args.push(v);
+            sql.push_str(&cond.replace('?', &format!("?{}", args.len())));
+        };
+        if let Some(p) = &q.principal {
+            push(
+                " AND (principal_name = ? OR principal_id = ?)",
+                p.clone().into(),
+            );
+        }
+        if let Some(a) = &q.action {
+            if a.ends_with('.') {
+                push(" AND substr(action, 1, length(?)) = ?", a.clone().into());
+            } else {
+                push(" AND action = ?", a.clone().into());
+            }
+        }
+        if let Some(o) = &q.outcome {
+            push(" AND outcome = ?", o.clone().into());
+        }
+        if let Some(t) = &q.target {
+            push(" AND instr(target, ?) > 0", t.clone().into());
+        }
+        if let Some(t) = &q.since {
+            push(" AND at >= ?", t.clone().into());
+        }
+        if let Some(t) = &q.until {
+            push(" AND at < ?", t.clone().into());
+        }
+        if let Some(id) = q.after_id {
+            push(" AND id > ?", id.into());
+        }
+        sql.push_str(" ORDER BY id");
+        if let Some(l) = q.limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        let mut st = c.prepare(&sql).map_err(backend)?;
+        let rows = st
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                Ok(AuditRecord {
+                    id: r.get(0)?,
+                    at: r.get(1)?,
+                    entry: AuditEntry {
+                        principal_id: r.get(2)?,
+                        principal_name: r.get(3)?,
+                        action: r.get(4)?,
+                        target: r.get(5)?,
+                        outcome: r.get(6)?,
+                        status: r.get(7)?,
+                        method: r.get(8)?,
+                        path: r.get(9)?,
+                        remote: r.get(10)?,
+                        detail: r.get(11)?,
+                    },
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 }

@@ -1,5 +1,6 @@
 //! HTTP: the connection engine ([`server`]), request/response values
 //! ([`message`]), routes and error mapping.
+pub mod admin;
 pub mod message;
 pub mod response;
 pub mod routes;

@@ -5,10 +5,10 @@
 use super::message::{Body, Request, Response};
 use super::response::{json, read_json, serve_blob, ApiError};
 use crate::app::App;
-use crate::auth::{self, Caller, ACTION_AUTH_MANAGE, ACTION_CONTENT_WRITE};
+use crate::auth::{self, Caller, ACTION_AUTH_MANAGE, ACTION_CONTENT_READ, ACTION_CONTENT_WRITE};
 use crate::catalog::{
-    self, Artifact, CatalogError, NewArtifact, NewAttachment, PublishRecord, UploadPart,
-    UploadSession, UploadState, Verification, VersionState, VersionView,
+    self, Artifact, AuditEntry, CatalogError, Image, NewArtifact, NewAttachment, PublishRecord,
+    UploadPart, UploadSession, UploadState, Verification, VersionState, VersionView,
 };
 use crate::config::VerificationMode;
 use crate::digest::Digest;
@@ -22,13 +22,121 @@ type Res = Result<Response, ApiError>;
 const MAX_PART: u64 = 5 << 30;
 const UPLOAD_TTL_HOURS: i64 = 24;
 
+/// Per-request state: who is calling, and what goes into the audit log.
+pub struct Ctx {
+    pub caller: Option<Caller>,
+    /// Short name of the operation (`publish`, `alias.put`, ...).
+    action: Option<String>,
+    /// What it acted on (`image@version`, a digest, a principal...).
+    target: String,
+    detail: serde_json::Map<String, serde_json::Value>,
+    /// Access was refused (401/403, or a 404 hiding something private).
+    denied: bool,
+}
+
+impl Ctx {
+    fn anonymous() -> Ctx {
+        Ctx {
+            caller: None,
+            action: None,
+            target: String::new(),
+            detail: Default::default(),
+            denied: false,
+        }
+    }
+
+    pub(crate) fn op_name(&mut self, action: &str, target: impl Into<String>) {
+        self.op(action, target)
+    }
+
+    pub(crate) fn require_manage(&mut self) -> Result<(), ApiError> {
+        self.manage().map(|_| ())
+    }
+
+    pub(crate) fn note(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.detail.insert(key.to_string(), value.into());
+    }
+
+    fn op(&mut self, action: &str, target: impl Into<String>) {
+        self.action = Some(action.to_string());
+        self.target = target.into();
+    }
+
+    fn deny(&mut self, e: ApiError) -> ApiError {
+        self.denied = true;
+        e
+    }
+
+    fn caller_or_401(&mut self) -> Result<&Caller, ApiError> {
+        if self.caller.is_none() {
+            return Err(self.deny(ApiError::unauthorized()));
+        }
+        Ok(self.caller.as_ref().expect("checked above"))
+    }
+
+    /// content.write on image `name`: 401 anonymous, 403 otherwise.
+    fn write(&mut self, name: &str) -> Result<&Caller, ApiError> {
+        let ok = self.caller_or_401()?.can_on(ACTION_CONTENT_WRITE, name);
+        if !ok {
+            return Err(self.deny(ApiError::forbidden(&format!(
+                "{ACTION_CONTENT_WRITE} on {name}"
+            ))));
+        }
+        Ok(self.caller.as_ref().expect("checked above"))
+    }
+
+    /// content.write on some image (uploads belong to no image yet).
+    fn write_anywhere(&mut self) -> Result<&Caller, ApiError> {
+        let ok = self.caller_or_401()?.can_somewhere(ACTION_CONTENT_WRITE);
+        if !ok {
+            return Err(self.deny(ApiError::forbidden(ACTION_CONTENT_WRITE)));
+        }
+        Ok(self.caller.as_ref().expect("checked above"))
+    }
+
+    fn manage(&mut self) -> Result<&Caller, ApiError> {
+        let ok = self.caller_or_401()?.can_somewhere(ACTION_AUTH_MANAGE);
+        if !ok {
+            return Err(self.deny(ApiError::forbidden(ACTION_AUTH_MANAGE)));
+        }
+        Ok(self.caller.as_ref().expect("checked above"))
+    }
+
+    fn can_write(&self, name: &str) -> bool {
+        self.caller
+            .as_ref()
+            .is_some_and(|c| c.can_on(ACTION_CONTENT_WRITE, name))
+    }
+
+    /// Public images are readable by anyone; private ones need content.read.
+    fn can_read(&self, img: &Image) -> bool {
+        !img.is_private()
+            || self
+                .caller
+                .as_ref()
+                .is_some_and(|c| c.can_on(ACTION_CONTENT_READ, &img.name))
+    }
+
+    /// The image, if the caller may see it; 404 otherwise (a private image
+    /// is not revealed, and that refusal is audited).
+    fn readable_image(&mut self, app: &App, name: &str) -> Result<Image, ApiError> {
+        let img = app.catalog.get_image(name)?;
+        if !self.can_read(&img) {
+            return Err(self.deny(ApiError::not_found(format!("image {name} not found"))));
+        }
+        Ok(img)
+    }
+}
+
 /// Entry point for the connection engine.
 pub fn handle(app: &App, req: &mut Request<'_>) -> Response {
     let t = Instant::now();
-    let resp = match dispatch(app, req) {
+    let mut ctx = Ctx::anonymous();
+    let resp = match authenticate(app, req, &mut ctx).and_then(|()| dispatch(app, req, &mut ctx)) {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    audit(app, req, &ctx, resp.status);
     log::debug!(
         "{} {} -> {} in {:?}",
         req.method,
@@ -37,6 +145,93 @@ pub fn handle(app: &App, req: &mut Request<'_>) -> Response {
         t.elapsed()
     );
     resp
+}
+
+/// Appends the audit row for a write or a refusal. Reads that succeed are
+/// not audited (the access log has them).
+fn audit(app: &App, req: &Request<'_>, ctx: &Ctx, status: u16) {
+    let write = !matches!(req.method.as_str(), "GET" | "HEAD");
+    let denied = ctx.denied || status == 401 || status == 403;
+    if !write && !denied {
+        return;
+    }
+    let outcome = if denied {
+        "denied"
+    } else if status < 400 {
+        "ok"
+    } else {
+        "failed"
+    };
+    let entry = AuditEntry {
+        principal_id: ctx.caller.as_ref().map(|c| c.principal_id.clone()),
+        principal_name: ctx.caller.as_ref().map(|c| c.principal_name.clone()),
+        action: ctx.action.clone().unwrap_or_else(|| {
+            if denied {
+                "denied".into()
+            } else {
+                "request".into()
+            }
+        }),
+        target: ctx.target.clone(),
+        outcome: outcome.into(),
+        status: Some(status),
+        method: Some(req.method.clone()),
+        path: Some(req.path.chars().take(1024).collect()),
+        remote: Some(req.peer.ip().to_string()),
+        detail: serde_json::Value::Object(ctx.detail.clone()).to_string(),
+    };
+    if let Err(e) = app.catalog.append_audit(&entry) {
+        log::error!(
+            "AUDIT: could not record {} {} ({status}): {e}",
+            req.method,
+            req.path
+        );
+    }
+}
+
+/// Reads `Authorization` (Bearer token, or Basic `NAME:TOKEN` as the Incus
+/// client sends for `https://NAME:TOKEN@host` remotes). Bad credentials are
+/// 401 after a delay that grows with repeated failures from the address.
+fn authenticate(app: &App, req: &Request<'_>, ctx: &mut Ctx) -> Result<(), ApiError> {
+    let Some(h) = req.header("authorization") else {
+        return Ok(());
+    };
+    let result = match h.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => {
+            auth::authenticate(app.catalog.as_ref(), t.trim())
+        }
+        Some((scheme, b)) if scheme.eq_ignore_ascii_case("basic") => {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+                .and_then(|v| String::from_utf8(v).ok());
+            match decoded.as_deref().and_then(|s| s.split_once(':')) {
+                Some((name, token)) => auth::authenticate_basic(app.catalog.as_ref(), name, token),
+                None => Err(auth::AuthError::InvalidToken),
+            }
+        }
+        _ => Err(auth::AuthError::InvalidToken),
+    };
+    match result {
+        Ok(c) => {
+            ctx.caller = Some(c);
+            Ok(())
+        }
+        Err(auth::AuthError::InvalidToken) => {
+            let delay = app.auth_failures.failed(req.peer.ip());
+            log::warn!(
+                "authentication failed from {} for {} {} (answering in {delay:?})",
+                req.peer,
+                req.method,
+                req.path
+            );
+            ctx.op("auth.failed", "");
+            std::thread::sleep(delay);
+            Err(ctx.deny(ApiError::unauthorized()))
+        }
+        Err(auth::AuthError::Catalog(e)) => Err(e.into()),
+    }
 }
 
 /// Percent-decodes and splits the path; refuses encoded slashes, dot
@@ -100,7 +295,7 @@ fn plain_http_allowed(method: &str, segs: &[&str], has_auth: bool) -> bool {
     )
 }
 
-fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
+fn dispatch(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
     let mut owned = segments(&req.path)?;
     strip_download_name(&mut owned);
     let segs: Vec<&str> = owned.iter().map(String::as_str).collect();
@@ -109,11 +304,15 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
     let has_auth = req.header("authorization").is_some();
     if !req.secure && !plain_http_allowed(m, &segs, has_auth) {
         if has_auth {
+            // the credentials already crossed the network in clear
             log::warn!(
-                "refused plain-HTTP request carrying credentials from {} for {}",
+                "refused plain-HTTP request carrying credentials from {} for {}; \
+                 that client should use https:// and rotate the token",
                 req.peer,
                 req.path
             );
+            ctx.op("plain-http-credentials", "");
+            ctx.denied = true;
         }
         return Err(
             ApiError::bad_request("this server speaks HTTPS on this port; use https://")
@@ -128,35 +327,49 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
             Err(e) => Err(ApiError::new(503, format!("catalog unavailable: {e}"))),
         },
         (_, ["streams", "v1", doc @ ("index.json" | "images.json")]) if get => {
-            streams(app, req, doc)
+            streams(app, req, ctx, doc)
         }
 
-        ("POST", ["v1", "uploads"]) => begin_upload(app, req),
+        ("POST", ["v1", "uploads"]) => begin_upload(app, req, ctx),
         ("GET", ["v1", "uploads", id]) => {
-            require(app, req, ACTION_CONTENT_WRITE)?;
+            ctx.write_anywhere()?;
             Ok(json(200, &app.catalog.get_upload(id)?))
         }
-        ("PUT", ["v1", "uploads", id, "parts", n]) => put_part(app, req, id, n),
-        ("POST", ["v1", "uploads", id, "complete"]) => complete_upload(app, req, id),
-        ("POST", ["v1", "uploads", id, "abort"]) => abort_upload(app, req, id),
-        (_, ["v1", "blobs", digest]) if get => get_blob(app, req, digest),
+        ("PUT", ["v1", "uploads", id, "parts", n]) => put_part(app, req, ctx, id, n),
+        ("POST", ["v1", "uploads", id, "complete"]) => complete_upload(app, req, ctx, id),
+        ("POST", ["v1", "uploads", id, "abort"]) => abort_upload(app, ctx, id),
+        (_, ["v1", "blobs", digest]) if get => get_blob(app, req, ctx, digest),
 
-        ("POST", ["v1", "images"]) => create_image(app, req),
+        ("POST", ["v1", "images"]) => create_image(app, req, ctx),
         ("GET", ["v1", "images"]) => {
-            let w = is_writer(app, req)?;
-            Ok(json(200, &j!({ "images": app.catalog.list_images(w)? })))
+            let published: std::collections::HashSet<String> = app
+                .catalog
+                .list_images(false)?
+                .into_iter()
+                .map(|i| i.name)
+                .collect();
+            let images: Vec<Image> = app
+                .catalog
+                .list_images(true)?
+                .into_iter()
+                .filter(|i| {
+                    ctx.can_read(i) && (published.contains(&i.name) || ctx.can_write(&i.name))
+                })
+                .collect();
+            Ok(json(200, &j!({ "images": images })))
         }
         ("GET", ["v1", "images", name]) => {
-            let w = is_writer(app, req)?;
-            let img = app.catalog.get_image(name)?;
-            if !w && app.catalog.list_versions(name, false)?.is_empty() {
+            let img = ctx.readable_image(app, name)?;
+            if !ctx.can_write(name) && app.catalog.list_versions(name, false)?.is_empty() {
                 return Err(ApiError::not_found(format!("image {name} not found")));
             }
             Ok(json(200, &img))
         }
-        ("POST", ["v1", "images", name, "versions"]) => create_version(app, req, name),
+        ("PUT", ["v1", "images", name, "visibility"]) => set_visibility(app, req, ctx, name),
+        ("POST", ["v1", "images", name, "versions"]) => create_version(app, req, ctx, name),
         ("GET", ["v1", "images", name, "versions"]) => {
-            let w = is_writer(app, req)?;
+            ctx.readable_image(app, name)?;
+            let w = ctx.can_write(name);
             let vs = app.catalog.list_versions(name, w)?;
             if !w && vs.is_empty() {
                 return Err(ApiError::not_found(format!("image {name} not found")));
@@ -164,15 +377,20 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
             Ok(json(200, &j!({ "versions": vs })))
         }
         ("GET", ["v1", "images", name, "versions", ver]) => {
-            let view = readable_view(app, req, name, ver)?;
+            let view = readable_view(app, ctx, name, ver)?;
             view_response(app, view)
         }
         (_, ["v1", "images", name, "versions", ver, "manifest"]) if get => {
-            manifest(app, req, name, ver)
+            manifest(app, ctx, name, ver)
         }
         (_, ["v1", "images", name, "versions", ver, "manifest.minisig"]) if get => {
-            let v = published_version(app, name, ver)?;
-            let rec = app.catalog.publish_record(&v.id)?;
+            let view = readable_view(app, ctx, name, ver)?;
+            if view.version.state != VersionState::Published {
+                return Err(ApiError::not_found(format!(
+                    "{name}@{ver} is not published"
+                )));
+            }
+            let rec = app.catalog.publish_record(&view.version.id)?;
             let sig = rec.signature.ok_or_else(|| {
                 ApiError::not_found(format!("{name}@{ver} was published unsigned"))
             })?;
@@ -181,18 +399,18 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
                 .with_body(Body::Bytes(sig.into_bytes())))
         }
         ("POST", ["v1", "images", name, "versions", ver, "publish"]) => {
-            publish(app, req, name, ver)
+            publish(app, req, ctx, name, ver)
         }
         ("POST", ["v1", "images", name, "versions", ver, "artifacts"]) => {
-            add_artifact(app, req, name, ver)
+            add_artifact(app, req, ctx, name, ver)
         }
         ("GET", ["v1", "images", name, "versions", ver, "artifacts"]) => {
-            let view = readable_view(app, req, name, ver)?;
+            let view = readable_view(app, ctx, name, ver)?;
             let arts: Vec<&Artifact> = view.artifacts.iter().map(|a| &a.artifact).collect();
             Ok(json(200, &j!({ "artifacts": arts })))
         }
         ("GET", ["v1", "images", name, "versions", ver, "artifacts", id]) => {
-            let view = readable_view(app, req, name, ver)?;
+            let view = readable_view(app, ctx, name, ver)?;
             let a = view
                 .artifacts
                 .iter()
@@ -201,22 +419,24 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
             Ok(json(200, &a.artifact))
         }
         ("DELETE", ["v1", "images", name, "versions", ver, "artifacts", id]) => {
-            require(app, req, ACTION_CONTENT_WRITE)?;
+            ctx.op("artifact.delete", format!("{name}@{ver}/{id}"));
+            ctx.write(name)?;
             let v = app.catalog.get_version(name, ver)?;
             app.catalog.delete_artifact(&v.id, id)?;
             Ok(Response::new(204))
         }
         (_, ["v1", "images", name, "versions", ver, "artifacts", id, "download"]) if get => {
-            download(app, req, name, ver, id, None)
+            download(app, req, ctx, name, ver, id, None)
         }
         ("POST", ["v1", "images", name, "versions", ver, "artifacts", id, "attachments"]) => {
-            add_attachment(app, req, name, ver, id)
+            add_attachment(app, req, ctx, name, ver, id)
         }
         (
             "DELETE",
             ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att],
         ) => {
-            require(app, req, ACTION_CONTENT_WRITE)?;
+            ctx.op("attachment.delete", format!("{name}@{ver}/{id}/{att}"));
+            ctx.write(name)?;
             let v = app.catalog.get_version(name, ver)?;
             app.catalog.delete_attachment(&v.id, id, att)?;
             Ok(Response::new(204))
@@ -224,22 +444,28 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
         (
             _,
             ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att, "download"],
-        ) if get => download(app, req, name, ver, id, Some(att)),
+        ) if get => download(app, req, ctx, name, ver, id, Some(att)),
 
-        ("GET", ["v1", "images", name, "aliases"]) => Ok(json(
-            200,
-            &j!({ "aliases": app.catalog.list_aliases(name)? }),
-        )),
+        ("GET", ["v1", "images", name, "aliases"]) => {
+            ctx.readable_image(app, name)?;
+            Ok(json(
+                200,
+                &j!({ "aliases": app.catalog.list_aliases(name)? }),
+            ))
+        }
         ("GET", ["v1", "images", name, "aliases", alias]) => {
+            ctx.readable_image(app, name)?;
             Ok(json(200, &app.catalog.get_alias(name, alias)?))
         }
-        ("PUT", ["v1", "images", name, "aliases", alias]) => put_alias(app, req, name, alias),
+        ("PUT", ["v1", "images", name, "aliases", alias]) => put_alias(app, req, ctx, name, alias),
         ("DELETE", ["v1", "images", name, "aliases", alias]) => {
-            require(app, req, ACTION_CONTENT_WRITE)?;
+            ctx.op("alias.delete", format!("{name}:{alias}"));
+            ctx.write(name)?;
             app.catalog.delete_alias(name, alias)?;
             Ok(Response::new(204))
         }
         ("GET", ["v1", "images", name, "refs", r]) => {
+            ctx.readable_image(app, name)?;
             let ver = match app.catalog.get_version(name, r) {
                 Ok(v) if v.state == VersionState::Published => v.version,
                 Ok(_) | Err(CatalogError::NotFound(_)) => app.catalog.get_alias(name, r)?.version,
@@ -250,64 +476,13 @@ fn dispatch(app: &App, req: &mut Request<'_>) -> Res {
         }
 
         ("GET", ["v1", "keys"]) => trusted_keys(app),
-        (_, ["v1", "auth", ..]) => auth_routes(app, req, m, &segs[2..]),
+        ("GET", ["v1", "audit"]) => audit_log(app, req, ctx),
+        (_, ["v1", "auth", rest @ ..]) => crate::http::admin::auth_routes(app, req, ctx, m, rest),
         _ => Err(ApiError::not_found(format!(
             "no route for {m} {}",
             req.path
         ))),
     }
-}
-
-// ------------------------------------------------------------------ auth
-
-fn caller(app: &App, req: &Request<'_>) -> Result<Option<Caller>, ApiError> {
-    let Some(h) = req.header("authorization") else {
-        return Ok(None);
-    };
-    let token = match h.split_once(' ') {
-        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
-        _ => {
-            log::warn!(
-                "refused authentication from {}: unsupported scheme",
-                req.peer
-            );
-            return Err(ApiError::unauthorized());
-        }
-    };
-    match auth::authenticate(app.catalog.as_ref(), token) {
-        Ok(c) => Ok(Some(c)),
-        Err(auth::AuthError::InvalidToken) => {
-            log::warn!(
-                "refused authentication from {} for {} {}",
-                req.peer,
-                req.method,
-                req.path
-            );
-            Err(ApiError::unauthorized())
-        }
-        Err(auth::AuthError::Catalog(e)) => Err(e.into()),
-    }
-}
-
-fn require(app: &App, req: &Request<'_>, action: &str) -> Result<Caller, ApiError> {
-    match caller(app, req)? {
-        None => Err(ApiError::unauthorized()),
-        Some(c) if c.can(action) => Ok(c),
-        Some(c) => {
-            log::warn!(
-                "denied {action} to principal {} for {} {}",
-                c.principal_id,
-                req.method,
-                req.path
-            );
-            Err(ApiError::forbidden(action))
-        }
-    }
-}
-
-/// True for a caller holding content.write; anonymous is false; a bad token is 401.
-fn is_writer(app: &App, req: &Request<'_>) -> Result<bool, ApiError> {
-    Ok(caller(app, req)?.is_some_and(|c| c.can(ACTION_CONTENT_WRITE)))
 }
 
 // ------------------------------------------------------------ validation
@@ -364,8 +539,16 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
 
 // ------------------------------------------------------------ streams
 
-fn streams(app: &App, req: &Request<'_>, doc: &str) -> Res {
-    let s = app.streams.get(app.catalog.as_ref())?;
+fn streams(app: &App, req: &Request<'_>, ctx: &Ctx, doc: &str) -> Res {
+    // the projection holds exactly what this caller may read
+    let readable_private: Vec<String> = app
+        .catalog
+        .list_images(true)?
+        .into_iter()
+        .filter(|i| i.is_private() && ctx.can_read(i))
+        .map(|i| i.name)
+        .collect();
+    let s = app.streams.get(app.catalog.as_ref(), &readable_private)?;
     let d = if doc == "index.json" {
         &s.index
     } else {
@@ -412,10 +595,13 @@ struct BeginUpload {
     filename_hint: Option<String>,
 }
 
-fn begin_upload(app: &App, req: &mut Request<'_>) -> Res {
-    let who = require(app, req, ACTION_CONTENT_WRITE)?;
+fn begin_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
+    ctx.op("upload.begin", "");
+    let who = ctx.write_anywhere()?.principal_id.clone();
     let b: BeginUpload = read_json(req)?;
     let digest = parse_digest(&b.expected_digest)?;
+    ctx.target = digest.to_string();
+    ctx.note("size", b.expected_size_bytes);
     if b.expected_size_bytes > i64::MAX as u64 {
         return Err(ApiError::bad_request("expected_size_bytes too large"));
     }
@@ -431,7 +617,7 @@ fn begin_upload(app: &App, req: &mut Request<'_>) -> Res {
         media_type_hint: b.media_type_hint,
         filename_hint: b.filename_hint,
         failure_message: None,
-        principal_id: Some(who.principal_id),
+        principal_id: Some(who),
         created_at: ts(now),
         updated_at: ts(now),
     };
@@ -472,8 +658,9 @@ fn writable_upload(app: &App, id: &str) -> Result<UploadSession, ApiError> {
     Ok(s)
 }
 
-fn put_part(app: &App, req: &mut Request<'_>, id: &str, n: &str) -> Res {
-    require(app, req, ACTION_CONTENT_WRITE)?;
+fn put_part(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, id: &str, n: &str) -> Res {
+    ctx.op("upload.part", format!("{id}/{n}"));
+    ctx.write_anywhere()?;
     let n: u32 = n
         .parse()
         .ok()
@@ -526,8 +713,9 @@ struct CompletePart {
     size_bytes: u64,
 }
 
-fn complete_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
-    require(app, req, ACTION_CONTENT_WRITE)?;
+fn complete_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, id: &str) -> Res {
+    ctx.op("upload.complete", id);
+    ctx.write_anywhere()?;
     let body: CompleteUpload = read_json(req)?;
     let s = app.catalog.get_upload(id)?;
     if s.state == UploadState::Ready {
@@ -608,8 +796,9 @@ fn complete_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
     Ok(json(200, &s))
 }
 
-fn abort_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
-    require(app, req, ACTION_CONTENT_WRITE)?;
+fn abort_upload(app: &App, ctx: &mut Ctx, id: &str) -> Res {
+    ctx.op("upload.abort", id);
+    ctx.write_anywhere()?;
     let s = app.catalog.get_upload(id)?;
     match s.state {
         UploadState::Aborted => return Ok(json(200, &s)),
@@ -629,16 +818,32 @@ fn abort_upload(app: &App, req: &mut Request<'_>, id: &str) -> Res {
     ))
 }
 
-fn get_blob(app: &App, req: &Request<'_>, digest: &str) -> Res {
+/// A blob is readable when a published version of a public image cites it,
+/// when the caller may read an image citing it (drafts: may write it), or,
+/// for a content writer, when nothing cites it yet (a fresh upload).
+fn get_blob(app: &App, req: &Request<'_>, ctx: &mut Ctx, digest: &str) -> Res {
     let digest = parse_digest(digest)?;
-    let blob = app
-        .catalog
-        .get_blob(&digest)?
-        .ok_or_else(|| ApiError::not_found(format!("blob {digest} not found")))?;
-    let public = app.catalog.blob_is_published(&digest)?;
-    if !public && !is_writer(app, req)? {
-        // unpublished content is not revealed to anonymous callers
-        return Err(ApiError::not_found(format!("blob {digest} not found")));
+    let hidden = || ApiError::not_found(format!("blob {digest} not found"));
+    let blob = app.catalog.get_blob(&digest)?.ok_or_else(hidden)?;
+    let refs = app.catalog.blob_references(&digest)?;
+    let public = refs
+        .iter()
+        .any(|(img, published)| *published && !img.is_private());
+    let allowed = public
+        || refs.iter().any(|(img, published)| {
+            if *published {
+                ctx.can_read(img)
+            } else {
+                ctx.can_write(&img.name)
+            }
+        })
+        || (refs.is_empty()
+            && ctx
+                .caller
+                .as_ref()
+                .is_some_and(|c| c.can_somewhere(ACTION_CONTENT_WRITE)));
+    if !allowed {
+        return Err(ctx.deny(hidden()));
     }
     let mt = blob
         .media_type
@@ -655,12 +860,32 @@ struct CreateImage {
     name: String,
     display_name: Option<String>,
     description: Option<String>,
+    #[serde(default = "default_visibility")]
+    visibility: String,
 }
 
-fn create_image(app: &App, req: &mut Request<'_>) -> Res {
-    require(app, req, ACTION_CONTENT_WRITE)?;
+fn default_visibility() -> String {
+    "public".into()
+}
+
+fn check_visibility(v: &str) -> Result<(), ApiError> {
+    match v {
+        "public" | "private" => Ok(()),
+        _ => Err(ApiError::bad_request(
+            "visibility must be public or private",
+        )),
+    }
+}
+
+fn create_image(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
+    ctx.op("image.create", "");
+    ctx.caller_or_401()?;
     let b: CreateImage = read_json(req)?;
+    ctx.target = b.name.clone();
     check("image name", crate::names::image_name, &b.name)?;
+    ctx.write(&b.name)?;
+    check_visibility(&b.visibility)?;
+    ctx.note("visibility", b.visibility.clone());
     for (k, v) in [
         ("display_name", &b.display_name),
         ("description", &b.description),
@@ -673,11 +898,31 @@ fn create_image(app: &App, req: &mut Request<'_>) -> Res {
             )));
         }
     }
-    let img =
-        app.catalog
-            .create_image(&b.name, b.display_name.as_deref(), b.description.as_deref())?;
+    let img = app.catalog.create_image(
+        &b.name,
+        b.display_name.as_deref(),
+        b.description.as_deref(),
+        &b.visibility,
+    )?;
     log::info!("image created: {}", img.name);
     Ok(json(201, &img))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetVisibility {
+    visibility: String,
+}
+
+fn set_visibility(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str) -> Res {
+    ctx.op("image.visibility", name);
+    ctx.write(name)?;
+    let b: SetVisibility = read_json(req)?;
+    check_visibility(&b.visibility)?;
+    ctx.note("visibility", b.visibility.clone());
+    let img = app.catalog.set_visibility(name, &b.visibility)?;
+    log::info!("image {name} is now {}", img.visibility);
+    Ok(json(200, &img))
 }
 
 #[derive(Deserialize)]
@@ -688,9 +933,11 @@ struct CreateVersion {
     metadata: BTreeMap<String, String>,
 }
 
-fn create_version(app: &App, req: &mut Request<'_>, name: &str) -> Res {
-    require(app, req, ACTION_CONTENT_WRITE)?;
+fn create_version(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str) -> Res {
+    ctx.op("version.create", name);
+    ctx.write(name)?;
     let b: CreateVersion = read_json(req)?;
+    ctx.target = format!("{name}@{}", b.version);
     check("version", crate::names::version, &b.version)?;
     if b.metadata.len() > 256 {
         return Err(ApiError::bad_request("at most 256 metadata entries"));
@@ -706,31 +953,18 @@ fn create_version(app: &App, req: &mut Request<'_>, name: &str) -> Res {
     Ok(json(201, &v))
 }
 
-/// A version view the caller may read: published for everyone, drafts for
-/// content writers (404 to others, so drafts are not revealed).
-fn readable_view(
-    app: &App,
-    req: &Request<'_>,
-    name: &str,
-    ver: &str,
-) -> Result<VersionView, ApiError> {
+/// A version view the caller may read: published versions of images it may
+/// read; drafts only for writers of the image. Anything else is 404, so
+/// drafts and private images are not revealed.
+fn readable_view(app: &App, ctx: &mut Ctx, name: &str, ver: &str) -> Result<VersionView, ApiError> {
+    ctx.readable_image(app, name)?;
     let view = app.catalog.version_view(name, ver)?;
-    if view.version.state != VersionState::Published && !is_writer(app, req)? {
-        return Err(ApiError::not_found(format!(
+    if view.version.state != VersionState::Published && !ctx.can_write(name) {
+        return Err(ctx.deny(ApiError::not_found(format!(
             "version {name}@{ver} not found"
-        )));
+        ))));
     }
     Ok(view)
-}
-
-fn published_version(app: &App, name: &str, ver: &str) -> Result<catalog::ImageVersion, ApiError> {
-    let v = app.catalog.get_version(name, ver)?;
-    if v.state != VersionState::Published {
-        return Err(ApiError::not_found(format!(
-            "version {name}@{ver} not found"
-        )));
-    }
-    Ok(v)
 }
 
 fn publication_json(app: &App, view: &VersionView) -> Result<Option<serde_json::Value>, ApiError> {
@@ -784,8 +1018,8 @@ fn view_response(app: &App, view: VersionView) -> Res {
     Ok(json(200, &v))
 }
 
-fn manifest(app: &App, req: &Request<'_>, name: &str, ver: &str) -> Res {
-    let view = readable_view(app, req, name, ver)?;
+fn manifest(app: &App, ctx: &mut Ctx, name: &str, ver: &str) -> Res {
+    let view = readable_view(app, ctx, name, ver)?;
     let bytes = if view.version.state == VersionState::Published {
         app.catalog.publish_record(&view.version.id)?.manifest
     } else {
@@ -815,8 +1049,9 @@ fn default_variant() -> String {
     "default".into()
 }
 
-fn add_artifact(app: &App, req: &mut Request<'_>, name: &str, ver: &str) -> Res {
-    require(app, req, ACTION_CONTENT_WRITE)?;
+fn add_artifact(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str, ver: &str) -> Res {
+    ctx.op("artifact.add", format!("{name}@{ver}"));
+    ctx.write(name)?;
     let b: AddArtifact = read_json(req)?;
     check("variant", crate::names::token, &b.variant)?;
     check("operating_system", crate::names::token, &b.operating_system)?;
@@ -866,8 +1101,16 @@ struct AddAttachment {
     blob_size_bytes: u64,
 }
 
-fn add_attachment(app: &App, req: &mut Request<'_>, name: &str, ver: &str, artifact: &str) -> Res {
-    require(app, req, ACTION_CONTENT_WRITE)?;
+fn add_attachment(
+    app: &App,
+    req: &mut Request<'_>,
+    ctx: &mut Ctx,
+    name: &str,
+    ver: &str,
+    artifact: &str,
+) -> Res {
+    ctx.op("attachment.add", format!("{name}@{ver}/{artifact}"));
+    ctx.write(name)?;
     let b: AddAttachment = read_json(req)?;
     check("attachment name", crate::names::attachment_name, &b.name)?;
     if b.media_type.trim().is_empty() || b.media_type.len() > 255 {
@@ -890,13 +1133,20 @@ fn add_attachment(app: &App, req: &mut Request<'_>, name: &str, ver: &str, artif
 fn download(
     app: &App,
     req: &Request<'_>,
+    ctx: &mut Ctx,
     name: &str,
     ver: &str,
     artifact: &str,
     attachment: Option<&str>,
 ) -> Res {
-    let v = published_version(app, name, ver)?;
-    let view = app.catalog.version_view(name, &v.version)?;
+    let img = ctx.readable_image(app, name)?;
+    let view = app.catalog.version_view(name, ver)?;
+    if view.version.state != VersionState::Published {
+        return Err(ApiError::not_found(format!(
+            "version {name}@{ver} not found"
+        )));
+    }
+    let public = !img.is_private();
     let a = view
         .artifacts
         .iter()
@@ -909,7 +1159,7 @@ fn download(
             &a.artifact.primary_blob_digest,
             a.artifact.primary_blob_size_bytes,
             &a.artifact.primary_media_type,
-            true,
+            public,
         ),
         Some(att) => {
             let t = a
@@ -923,7 +1173,7 @@ fn download(
                 &t.blob_digest,
                 t.blob_size_bytes,
                 &t.media_type,
-                true,
+                public,
             )
         }
     }
@@ -937,8 +1187,9 @@ struct PublishBody {
     signature: Option<String>,
 }
 
-fn publish(app: &App, req: &mut Request<'_>, name: &str, ver: &str) -> Res {
-    let who = require(app, req, ACTION_CONTENT_WRITE)?;
+fn publish(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str, ver: &str) -> Res {
+    ctx.op("publish", format!("{name}@{ver}"));
+    let who = ctx.write(name)?.clone();
     let body: PublishBody = read_json(req)?;
     let view = app.catalog.version_view(name, ver)?;
     if view.version.state != VersionState::Draft {
@@ -1077,91 +1328,92 @@ struct PutAlias {
     version: String,
 }
 
-fn put_alias(app: &App, req: &mut Request<'_>, name: &str, alias: &str) -> Res {
-    require(app, req, ACTION_CONTENT_WRITE)?;
+fn put_alias(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str, alias: &str) -> Res {
+    ctx.op("alias.put", format!("{name}:{alias}"));
+    ctx.write(name)?;
     check("alias", crate::names::alias, alias)?;
     let b: PutAlias = read_json(req)?;
+    ctx.note("version", b.version.clone());
     let a = app.catalog.put_alias(name, alias, &b.version)?;
     log::info!("alias {name}:{alias} -> {}", a.version);
     Ok(json(200, &a))
 }
 
-// ------------------------------------------------------------ auth admin
+// ------------------------------------------------------------ audit
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreatePrincipal {
-    kind: String,
-    display_name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IssueToken {
-    name: Option<String>,
-    expires_at: String,
-}
-
-fn auth_routes(app: &App, req: &mut Request<'_>, m: &str, segs: &[&str]) -> Res {
-    require(app, req, ACTION_AUTH_MANAGE)?;
-    let cat = app.catalog.as_ref();
-    match (m, segs) {
-        ("GET", ["roles"]) => Ok(json(200, &j!({ "roles": cat.roles()? }))),
-        ("GET", ["principals"]) => Ok(json(200, &j!({ "principals": cat.list_principals()? }))),
-        ("POST", ["principals"]) => {
-            let b: CreatePrincipal = read_json(req)?;
-            if !matches!(b.kind.as_str(), "user" | "service") {
-                return Err(ApiError::bad_request("kind must be user or service"));
+/// `GET /v1/audit` (auth-manager): filters `principal`, `action` (exact, or a
+/// prefix ending in `.`), `outcome`, `target` (substring), `since`, `until`
+/// (RFC 3339), `after_id`, `limit` (default 1000); `format=jsonl` answers JSON
+/// lines instead of `{"entries": [...]}`.
+fn audit_log(app: &App, req: &Request<'_>, ctx: &mut Ctx) -> Res {
+    ctx.manage()?;
+    let mut q = catalog::AuditQuery {
+        limit: Some(1000),
+        ..Default::default()
+    };
+    let mut jsonl = false;
+    for (k, v) in query_pairs(req) {
+        match k.as_str() {
+            "principal" => q.principal = Some(v),
+            "action" => q.action = Some(v),
+            "outcome" => q.outcome = Some(v),
+            "target" => q.target = Some(v),
+            "since" => q.since = Some(v),
+            "until" => q.until = Some(v),
+            "after_id" => {
+                q.after_id = Some(
+                    v.parse()
+                        .map_err(|_| ApiError::bad_request("after_id must be a number"))?,
+                )
             }
-            if b.display_name.trim().is_empty() || b.display_name.len() > 256 {
-                return Err(ApiError::bad_request("display_name must be non-blank"));
+            "limit" => {
+                q.limit = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|l| (1..=100_000).contains(l))
+                        .ok_or_else(|| ApiError::bad_request("limit must be 1..100000"))?,
+                )
             }
-            Ok(json(
-                201,
-                &cat.create_principal(&b.kind, &b.display_name, "{}")?,
-            ))
-        }
-        ("GET", ["principals", id]) => Ok(json(200, &cat.get_principal(id)?)),
-        ("PUT", ["principals", id, "roles", role]) => {
-            cat.grant_role(id, role)?;
-            Ok(Response::new(204))
-        }
-        ("DELETE", ["principals", id, "roles", role]) => {
-            if !cat.roles()?.iter().any(|r| r.id == *role) {
-                return Err(ApiError::bad_request(format!("unknown role {role}")));
+            "format" if v == "jsonl" => jsonl = true,
+            "format" if v == "json" => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown audit filter {other:?}"
+                )))
             }
-            cat.revoke_role(id, role)?;
-            Ok(Response::new(204))
         }
-        ("POST", ["principals", id, "api-tokens"]) => {
-            let b: IssueToken = read_json(req)?;
-            let exp = chrono::DateTime::parse_from_rfc3339(&b.expires_at)
-                .map_err(|_| ApiError::bad_request("expires_at must be an RFC 3339 time"))?;
-            if exp <= chrono::Utc::now() {
-                return Err(ApiError::bad_request("expires_at must be in the future"));
-            }
-            let exp = exp
-                .with_timezone(&chrono::Utc)
-                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-            let (t, plaintext) =
-                auth::issue_token(cat, id, b.name.as_deref().unwrap_or("api"), Some(exp))?;
-            let mut v =
-                serde_json::to_value(&t).map_err(|e| ApiError::internal("serializing", e))?;
-            v["plaintext"] = j!(plaintext);
-            Ok(json(201, &v))
-        }
-        ("GET", ["principals", id, "api-tokens"]) => {
-            Ok(json(200, &j!({ "api_tokens": cat.list_tokens(id)? })))
-        }
-        ("DELETE", ["api-tokens", id]) => {
-            cat.revoke_token(id)?;
-            Ok(Response::new(204))
-        }
-        _ => Err(ApiError::not_found(format!(
-            "no route for {m} {}",
-            req.path
-        ))),
     }
+    let rows = app.catalog.query_audit(&q)?;
+    if jsonl {
+        let mut out = Vec::new();
+        for r in &rows {
+            serde_json::to_writer(&mut out, r).map_err(|e| ApiError::internal("serializing", e))?;
+            out.push(b'\n');
+        }
+        return Ok(Response::new(200)
+            .with_header("Content-Type", "application/x-ndjson")
+            .with_body(Body::Bytes(out)));
+    }
+    Ok(json(200, &j!({ "entries": rows })))
+}
+
+/// Decoded `key=value` pairs of the query string.
+pub(crate) fn query_pairs(req: &Request<'_>) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    req.query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
 }
 
 #[cfg(test)]
