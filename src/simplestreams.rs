@@ -43,9 +43,12 @@ pub struct Streams {
 /// private images a caller may read; empty for anonymous callers), all
 /// dropped when the catalog generation moves. Callers with the same set share
 /// one build; no request builds JSON unless something changed.
+/// Documents of one catalog generation, by visibility set.
+type Generation = (i64, HashMap<Vec<String>, Arc<Streams>>);
+
 #[derive(Default)]
 pub struct StreamsCache {
-    current: RwLock<(i64, HashMap<Vec<String>, Arc<Streams>>)>,
+    current: RwLock<Generation>,
     rebuild: Mutex<()>,
 }
 
@@ -64,7 +67,7 @@ impl StreamsCache {
         key.sort();
         key.dedup();
         let generation = cat.generation()?;
-        let cached = |c: &(i64, HashMap<Vec<String>, Arc<Streams>>)| {
+        let cached = |c: &Generation| {
             (c.0 == generation)
                 .then(|| c.1.get(&key).cloned())
                 .flatten()
