@@ -92,12 +92,13 @@ pub fn issue_token(
     name: &str,
     expires_at: Option<String>,
 ) -> Result<(ApiToken, String), CatalogError> {
-    cat.get_principal(principal_id)?;
+    // the principal may be named by id or by name; the token row holds the id
+    let principal_id = cat.get_principal(principal_id)?.id;
     let id = random_hex(8);
     let secret = random_hex(32);
     let t = ApiToken {
         id: id.clone(),
-        principal_id: principal_id.to_string(),
+        principal_id,
         name: name.to_string(),
         secret_hash: hash_secret(&secret),
         expires_at,

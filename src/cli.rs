@@ -44,12 +44,146 @@ pub enum Command {
     /// Move or remove an alias.
     #[command(subcommand)]
     Alias(AliasCommand),
+    /// Manage principals (who may authenticate) on the server's data directory.
+    #[command(subcommand)]
+    Principal(PrincipalCommand),
+    /// Grant or remove a role on an image-name glob (the identity matrix).
+    #[command(subcommand)]
+    Grant(GrantCommand),
+    /// Issue or revoke API tokens on the server's data directory.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show the identity matrix.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+    /// Read the audit log (append-only) of the server's data directory.
+    Audit(AuditArgs),
+    /// Change an image on a server.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// List images, or the versions and aliases of one image.
     List {
         #[command(flatten)]
         server: ServerArgs,
         /// Show the versions and aliases of this image.
         image: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PrincipalCommand {
+    /// Add a principal (a user or a service such as a CI pipeline).
+    Add {
+        #[command(flatten)]
+        data: DataArg,
+        #[arg(long, default_value = "user", value_parser = ["user", "service"])]
+        kind: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        name: String,
+    },
+    /// List principals and their grants.
+    List {
+        #[command(flatten)]
+        data: DataArg,
+    },
+    /// Remove a principal with its grants and tokens.
+    Remove {
+        #[command(flatten)]
+        data: DataArg,
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GrantCommand {
+    /// Give PRINCIPAL the ROLE (auth-manager, content-writer, reader) on images matching GLOB.
+    Add {
+        #[command(flatten)]
+        data: DataArg,
+        principal: String,
+        role: String,
+        glob: String,
+    },
+    /// Remove a grant.
+    Rm {
+        #[command(flatten)]
+        data: DataArg,
+        principal: String,
+        role: String,
+        glob: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Issue an API token for PRINCIPAL; the token is printed once, alone on the last line.
+    Issue {
+        #[command(flatten)]
+        data: DataArg,
+        /// Lifetime (30d, 12h, 2w, never) or an RFC 3339 time.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+        /// A label for the token.
+        #[arg(long)]
+        name: Option<String>,
+        principal: String,
+    },
+    /// Revoke a token by its id.
+    Revoke {
+        #[command(flatten)]
+        data: DataArg,
+        token_id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthCommand {
+    /// Print principals x roles x scopes as a table.
+    Matrix {
+        #[command(flatten)]
+        data: DataArg,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// Only this principal (name or id).
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// Only this action (e.g. publish), or a prefix ending in '.' (e.g. grant.).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// ok, denied or failed.
+    #[arg(long, value_parser = ["ok", "denied", "failed"])]
+    pub outcome: Option<String>,
+    /// Only rows whose target contains this (e.g. an image name).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// From this time (RFC 3339, e.g. 2026-11-01 or 2026-11-01T12:00:00Z).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Print JSON lines (for export) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Make IMAGE public or private (content-writer on the image).
+    SetVisibility {
+        #[command(flatten)]
+        server: ServerArgs,
+        image: String,
+        #[arg(value_parser = ["public", "private"])]
+        visibility: String,
     },
 }
 
@@ -165,6 +299,9 @@ pub struct PublishArgs {
     pub aliases: Vec<String>,
     /// Incus metadata tarball (incus.tar.xz).
     pub metadata: PathBuf,
+    /// Make the image private: only principals with reader (or more) on it see it.
+    #[arg(long)]
+    pub private: bool,
     /// Root file(s): rootfs.squashfs and/or disk.qcow2.
     #[arg(required = true)]
     pub roots: Vec<PathBuf>,
@@ -211,9 +348,79 @@ pub fn run(cli: Cli) -> Result<()> {
                 aliases: p.aliases,
                 metadata_tarball: p.metadata,
                 roots: p.roots,
+                private: p.private,
                 progress: std::io::stderr().is_terminal(),
             };
             crate::publish::publish(&opts, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Principal(PrincipalCommand::Add {
+            data,
+            kind,
+            display_name,
+            name,
+        }) => crate::admin_cli::principal_add(&data.dir, &name, &kind, display_name.as_deref()),
+        Command::Principal(PrincipalCommand::List { data }) => {
+            crate::admin_cli::principal_list(&data.dir)
+        }
+        Command::Principal(PrincipalCommand::Remove { data, name }) => {
+            crate::admin_cli::principal_remove(&data.dir, &name)
+        }
+        Command::Grant(GrantCommand::Add {
+            data,
+            principal,
+            role,
+            glob,
+        }) => crate::admin_cli::grant_add(&data.dir, &principal, &role, &glob),
+        Command::Grant(GrantCommand::Rm {
+            data,
+            principal,
+            role,
+            glob,
+        }) => crate::admin_cli::grant_rm(&data.dir, &principal, &role, &glob),
+        Command::Token(TokenCommand::Issue {
+            data,
+            expires,
+            name,
+            principal,
+        }) => crate::admin_cli::token_issue(&data.dir, &principal, &expires, name.as_deref()),
+        Command::Token(TokenCommand::Revoke { data, token_id }) => {
+            crate::admin_cli::token_revoke(&data.dir, &token_id)
+        }
+        Command::Auth(AuthCommand::Matrix { data }) => {
+            print!("{}", crate::admin_cli::matrix(&data.dir)?);
+            Ok(())
+        }
+        Command::Audit(a) => {
+            let time = |s: Option<String>| {
+                s.map(|t| {
+                    if t.len() == 10 {
+                        format!("{t}T00:00:00Z")
+                    } else {
+                        t
+                    }
+                })
+            };
+            let q = crate::catalog::AuditQuery {
+                principal: a.principal,
+                action: a.action,
+                outcome: a.outcome,
+                target: a.target,
+                since: time(a.since),
+                until: time(a.until),
+                after_id: None,
+                limit: a.limit,
+            };
+            crate::admin_cli::audit(&a.data.dir, &q, a.json)
+        }
+        Command::Image(ImageCommand::SetVisibility {
+            server,
+            image,
+            visibility,
+        }) => {
+            let c = server.client(Some(server.require_token()?))?;
+            let img = c.set_visibility(&image, &visibility)?;
+            println!("{} is {visibility}", img.name);
             Ok(())
         }
         Command::Alias(AliasCommand::Set {
@@ -280,6 +487,18 @@ fn print_init(dir: &Path, report: &crate::app::InitReport) {
 }
 
 fn key_command(k: KeyCommand) -> Result<()> {
+    // key changes are audited: make sure the catalog is there before changing anything
+    match &k {
+        KeyCommand::Add { data, .. }
+        | KeyCommand::Retire { data, .. }
+        | KeyCommand::Revoke { data, .. } => {
+            crate::admin_cli::open_catalog(&data.dir)?;
+        }
+        KeyCommand::Remove { data, .. } => {
+            crate::admin_cli::open_catalog(&data.dir)?;
+        }
+        KeyCommand::List { .. } => {}
+    }
     match k {
         KeyCommand::Add {
             data,
@@ -299,6 +518,12 @@ fn key_command(k: KeyCommand) -> Result<()> {
         }
         KeyCommand::Retire { data, name } => {
             let key = crate::sign::set_key_state(&data.dir, &name, crate::sign::KeyState::Retired)?;
+            crate::admin_cli::record_in(
+                &data.dir,
+                "key.retire",
+                &key.name,
+                serde_json::json!({ "key_id": key.key_id }),
+            )?;
             println!(
                 "key {} ({}) is {}",
                 key.name,
@@ -308,6 +533,12 @@ fn key_command(k: KeyCommand) -> Result<()> {
         }
         KeyCommand::Revoke { data, name } => {
             let key = crate::sign::set_key_state(&data.dir, &name, crate::sign::KeyState::Revoked)?;
+            crate::admin_cli::record_in(
+                &data.dir,
+                "key.revoke",
+                &key.name,
+                serde_json::json!({ "key_id": key.key_id }),
+            )?;
             println!(
                 "key {} ({}) is {}",
                 key.name,
@@ -332,6 +563,12 @@ fn key_command(k: KeyCommand) -> Result<()> {
         }
         KeyCommand::Remove { data, name } => {
             let key = crate::sign::remove_trusted_key(&data.dir, &name)?;
+            crate::admin_cli::record_in(
+                &data.dir,
+                "key.remove",
+                &key.name,
+                serde_json::json!({ "key_id": key.key_id }),
+            )?;
             println!("removed trusted key {} (key id {})", key.name, key.key_id);
         }
     }

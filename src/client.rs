@@ -876,6 +876,18 @@ impl ApiClient {
         }
     }
 
+    /// `PUT /v1/images/{name}/visibility`: `public` or `private`.
+    pub fn set_visibility(&self, image: &str, visibility: &str) -> Result<Image, ClientError> {
+        #[derive(Serialize)]
+        struct B<'a> {
+            visibility: &'a str,
+        }
+        let path = Self::path(&["images", image, "visibility"]);
+        Ok(self
+            .call_json("PUT", &path, Some(&B { visibility }), &[200])?
+            .1)
+    }
+
     /// `POST /v1/images/{name}/versions`: a new draft (409 if it exists).
     pub fn create_version(
         &self,

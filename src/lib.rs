@@ -9,6 +9,7 @@
 //!
 //! Client side: [`client`] speaks the HTTP API, [`image`] reads Incus image
 //! files, [`publish`] uploads, signs and publishes, and [`cli`] is the command line.
+pub mod admin_cli;
 pub mod app;
 pub mod auth;
 pub mod cas;

@@ -21,6 +21,9 @@ pub const METADATA_ATTACHMENT: &str = "incus.tar.xz";
 /// Inputs of [`publish`] (the CLI fills them from flags and environment).
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
+    /// Make the image private (only principals with reader or more on it
+    /// see it) before anything of this version can appear.
+    pub private: bool,
     /// `https://host[:port]`.
     pub server: String,
     /// PEM file of the CA (or self-signed certificate) to trust.
@@ -307,6 +310,9 @@ pub fn publish(opts: &PublishOptions, out: &mut dyn Write) -> anyhow::Result<Pub
 
     // 4. Image and draft version.
     client.create_image(&image_name, None, None)?;
+    if opts.private {
+        client.set_visibility(&image_name, "private")?;
+    }
     let mut metadata: BTreeMap<String, String> = meta.properties.clone();
     metadata.insert("architecture".into(), meta.architecture.clone());
     match client.create_version(&image_name, &version, &metadata) {
@@ -806,6 +812,7 @@ mod tests {
 
     fn options(srv: &FakeServer, f: &Files) -> PublishOptions {
         PublishOptions {
+            private: false,
             server: srv.mock.url(),
             ca: Some(srv.mock.ca.clone()),
             token: "imgsrv_x_y".into(),

@@ -11,6 +11,8 @@
 //! Set `IMGSRV_TEST_KEEP=1` to keep temporary directories (their paths are printed).
 #![allow(dead_code)]
 
+pub mod inproc;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
