@@ -47,7 +47,10 @@ impl Resp {
 fn scratch() -> tempfile::TempDir {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("imgsrv-test-").tempdir_in(shm) {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("imgsrv-test-")
+            .tempdir_in(shm)
+        {
             return d;
         }
     }
