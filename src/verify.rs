@@ -376,21 +376,21 @@ pub fn print_report(r: &Report, out: &mut dyn Write) -> io::Result<()> {
     if let Some(a) = &r.alias {
         writeln!(
             out,
-            "  alias         {a} -> {} (aliases are not signed: the server chose this version)",
+            "  alias           {a} -> {} (aliases are not signed: the server chose this version)",
             r.version
         )?;
     }
-    writeln!(out, "  manifest      {}", r.manifest_digest)?;
+    writeln!(out, "  manifest        {}", r.manifest_digest)?;
     if let Some(s) = &r.signer {
-        writeln!(out, "  signed by     {} ({})", s.key_name, s.key_id)?;
-        writeln!(out, "  comment       {}", s.trusted_comment)?;
+        writeln!(out, "  signed by       {} ({})", s.key_name, s.key_id)?;
+        writeln!(out, "  comment         {}", s.trusted_comment)?;
     }
     for f in &r.files {
-        writeln!(out, "  {:<13} {} ({} bytes)", f.name, f.digest, f.size)?;
+        writeln!(out, "  {:<15} {} ({} bytes)", f.name, f.digest, f.size)?;
     }
-    writeln!(out, "  fingerprint   {}", r.fingerprint)?;
+    writeln!(out, "  fingerprint     {}", r.fingerprint)?;
     for p in &r.problems {
-        writeln!(out, "  problem       {p}")?;
+        writeln!(out, "  problem         {p}")?;
     }
     if let [meta, root, ..] = r.pulled.as_slice() {
         let dir = meta.parent().unwrap_or(Path::new("."));
@@ -447,12 +447,27 @@ impl Checks<'_> {
 /// its files into place.
 struct Staging {
     dir: PathBuf,
-    tmp: tempfile::TempDir,
+    /// `None` once committed.
+    tmp: Option<tempfile::TempDir>,
     names: Vec<&'static str>,
+    /// The output directory did not exist: remove it again on failure.
+    created_dir: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = tmp.close();
+            if self.created_dir {
+                let _ = fs::remove_dir(&self.dir); // only if still empty
+            }
+        }
+    }
 }
 
 impl Staging {
     fn new(dir: &Path, root_name: &'static str) -> Result<Staging, VerifyError> {
+        let created_dir = !dir.exists();
         fs::create_dir_all(dir)
             .map_err(|e| cannot_run(e, format!("creating {}", dir.display())))?;
         let names = vec![INCUS_METADATA, root_name, MANIFEST_FILE, SIGNATURE_FILE];
@@ -476,33 +491,39 @@ impl Staging {
             })?;
         Ok(Staging {
             dir: dir.to_path_buf(),
-            tmp,
+            tmp: Some(tmp),
             names,
+            created_dir,
         })
     }
 
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp
+            .as_ref()
+            .expect("staging is not committed yet")
+            .path()
+            .join(name)
+    }
+
     fn create(&self, name: &str) -> Result<File, VerifyError> {
-        let p = self.tmp.path().join(name);
+        let p = self.path(name);
         File::create(&p).map_err(|e| cannot_run(e, format!("creating {}", p.display())))
     }
 
     fn write(&self, name: &str, bytes: &[u8]) -> Result<(), VerifyError> {
         let mut f = self.create(name)?;
-        f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| {
-            cannot_run(
-                e,
-                format!("writing {}", self.tmp.path().join(name).display()),
-            )
-        })
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| cannot_run(e, format!("writing {}", self.path(name).display())))
     }
 
     /// Hard-links every staged file into the output directory (never
     /// replacing a file; on failure the ones already linked are removed),
     /// then drops the staging directory.
-    fn commit(self) -> Result<Vec<PathBuf>, VerifyError> {
+    fn commit(mut self) -> Result<Vec<PathBuf>, VerifyError> {
         let mut done: Vec<PathBuf> = Vec::new();
         for n in &self.names {
-            let from = self.tmp.path().join(n);
+            let from = self.path(n);
             if !from.exists() {
                 continue; // no signature for an unsigned version
             }
@@ -514,6 +535,9 @@ impl Staging {
                 return Err(cannot_run(e, format!("moving {} into place", to.display())));
             }
             done.push(to);
+        }
+        if let Some(tmp) = self.tmp.take() {
+            let _ = tmp.close();
         }
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
