@@ -68,6 +68,48 @@ pub enum Command {
         /// Show the versions and aliases of this image.
         image: Option<String>,
     },
+    /// Check a published image against the public keys you trust (nothing is kept).
+    /// Exit 0 verified, 1 verification failed, 2 could not run.
+    Verify(VerifyArgs),
+    /// Verify an image, then write it into --out DIR for `incus image import`.
+    /// Exit 0 verified, 1 verification failed (nothing kept), 2 could not run.
+    Pull(PullArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The minisign public keys you trust: one `.pub` file, or a directory of
+    /// `<name>.pub` files with optional `<name>.toml` policies.
+    #[arg(long, value_name = "FILE_OR_DIR")]
+    pub trusted_keys: Option<PathBuf>,
+    /// Consumer config (default: IMGSRV_CLIENT_CONFIG, else
+    /// $XDG_CONFIG_HOME/imgsrv/client.toml or ~/.config/imgsrv/client.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Architecture (default: this machine's; amd64 = x86_64, arm64 = aarch64).
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<String>,
+    /// The virtual-machine disk (qcow2) instead of the container rootfs (squashfs).
+    #[arg(long)]
+    pub vm: bool,
+    /// Artifact variant (default: `default` when the version has several).
+    #[arg(long, value_name = "VARIANT")]
+    pub variant: Option<String>,
+    /// IMAGE (newest published version), IMAGE:ALIAS or IMAGE@VERSION.
+    #[arg(value_name = "IMAGE[:ALIAS|@VERSION]")]
+    pub image: String,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub verify: VerifyArgs,
+    /// Directory to write incus.tar.xz, rootfs.squashfs or disk.qcow2,
+    /// manifest.json and manifest.json.minisig into (created if needed).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -466,7 +508,43 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Verify(v) => verify_command(v, None),
+        Command::Pull(p) => verify_command(p.verify, Some(p.out)),
     }
+}
+
+/// `imgsrv verify` / `imgsrv pull`. Errors are [`crate::verify::VerifyError`],
+/// which `main` maps to exit code 1 (verification failed) or 2 (could not run).
+fn verify_command(v: VerifyArgs, out: Option<PathBuf>) -> Result<()> {
+    use crate::verify::{self, VerifyError};
+    let cannot = |e: anyhow::Error| VerifyError::CannotRun(e);
+    let target: verify::Target = v
+        .image
+        .parse()
+        .map_err(|e: String| cannot(anyhow::anyhow!(e)))?;
+    let setting = verify::load_mode(verify::config_path(v.config.as_deref()));
+    for w in &setting.warnings {
+        eprintln!("WARNING: {w}");
+    }
+    let opts = verify::Options {
+        token: v.server.token().map_err(cannot)?,
+        server: v.server.server,
+        ca: v.server.ca,
+        trusted_keys: v.trusted_keys,
+        mode: setting.mode,
+        target,
+        arch: verify::normalize_arch(&v.arch.unwrap_or_else(verify::host_arch)),
+        vm: v.vm,
+        variant: v.variant,
+        out,
+        progress: std::io::stderr().is_terminal(),
+    };
+    verify::run(
+        &opts,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    )?;
+    Ok(())
 }
 
 fn print_init(dir: &Path, report: &crate::app::InitReport) {

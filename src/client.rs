@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +82,13 @@ pub enum ClientError {
     },
     #[error("{path}: the file changed while it was being uploaded ({reason})")]
     FileChanged { path: PathBuf, reason: String },
+    #[error("{method} {url}: writing the response body: {source}")]
+    Sink {
+        method: String,
+        url: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl ClientError {
@@ -209,12 +216,17 @@ pub struct NewArtifact {
 pub struct VersionView {
     pub version: ImageVersion,
     pub artifacts: Vec<ArtifactEntry>,
+    /// Present once the version is published.
+    #[serde(default)]
+    pub publication: Option<PublishRecord>,
 }
 
 /// One artifact of a [`VersionView`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct ArtifactEntry {
     pub artifact: Artifact,
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -284,8 +296,29 @@ pub struct PublishRecord {
     pub verification: String,
     #[serde(default)]
     pub signer_key_id: Option<String>,
+    /// The server's name for the signing key.
+    #[serde(default)]
+    pub signer_key_name: Option<String>,
     #[serde(default)]
     pub fingerprints: Vec<Fingerprint>,
+}
+
+/// One entry of `GET /v1/keys`: a publisher key the server trusts.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KeyInfo {
+    pub name: String,
+    /// 16 upper-case hex digits, as minisign prints it.
+    pub key_id: String,
+    #[serde(default)]
+    pub public_key: Option<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// `active`, `retired` or `revoked`.
+    pub state: String,
+    #[serde(default)]
+    pub retired_at: Option<String>,
+    #[serde(default)]
+    pub revoked_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -523,6 +556,31 @@ impl ApiClient {
         body: Body<'_>,
         ok: &[u16],
     ) -> Result<(u16, Vec<u8>), ClientError> {
+        let (url, mut resp) = self.send(method, path, body, ok)?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_JSON_RESPONSE)
+            .read_to_vec()
+            .map_err(|source| ClientError::Transport {
+                method: method.to_string(),
+                url,
+                source,
+            })?;
+        Ok((status, bytes))
+    }
+
+    /// Sends a request; returns the URL and the response (body unread) when
+    /// its status is a 2xx in `ok` (any 2xx when `ok` is empty), else the
+    /// matching error.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+        ok: &[u16],
+    ) -> Result<(String, http::Response<ureq::Body>), ClientError> {
         let url = format!("{}{}", self.base, path);
         let transport = |source| ClientError::Transport {
             method: method.to_string(),
@@ -572,13 +630,7 @@ impl ApiClient {
         let mut resp = resp.map_err(transport)?;
         let status = resp.status();
         if status.is_success() && (ok.is_empty() || ok.contains(&status.as_u16())) {
-            let bytes = resp
-                .body_mut()
-                .with_config()
-                .limit(MAX_JSON_RESPONSE)
-                .read_to_vec()
-                .map_err(transport)?;
-            return Ok((status.as_u16(), bytes));
+            return Ok((url, resp));
         }
         let bytes = resp
             .body_mut()
@@ -958,6 +1010,84 @@ impl ApiClient {
         Ok(self.call("GET", &path, Body::Empty, &[200])?.1)
     }
 
+    /// `GET …/manifest.minisig`: the signature accepted at publish, or
+    /// `None` when the version was published unsigned (404).
+    pub fn get_manifest_signature(
+        &self,
+        image: &str,
+        version: &str,
+    ) -> Result<Option<String>, ClientError> {
+        let path = Self::path(&["images", image, "versions", version, "manifest.minisig"]);
+        match self.call("GET", &path, Body::Empty, &[200]) {
+            Ok((_, bytes)) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| self.protocol("GET", &path, "the signature is not UTF-8 text".into())),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v1/images/{name}/refs/{ref}`: a published version, else an alias.
+    pub fn get_ref(&self, image: &str, reference: &str) -> Result<VersionView, ClientError> {
+        let path = Self::path(&["images", image, "refs", reference]);
+        Ok(self
+            .call_json::<VersionView>("GET", &path, None::<&()>, &[200])?
+            .1)
+    }
+
+    /// Streams a published artifact's primary blob (`attachment` `None`) or
+    /// one of its attachments into `out`, never more than `max_bytes` bytes
+    /// (pass the expected size + 1 to notice a longer body). Returns the
+    /// number of bytes written.
+    pub fn download_to(
+        &self,
+        image: &str,
+        version: &str,
+        artifact_id: &str,
+        attachment_id: Option<&str>,
+        out: &mut dyn Write,
+        max_bytes: u64,
+    ) -> Result<u64, ClientError> {
+        let mut segs = vec![
+            "images",
+            image,
+            "versions",
+            version,
+            "artifacts",
+            artifact_id,
+        ];
+        if let Some(att) = attachment_id {
+            segs.extend(["attachments", att]);
+        }
+        segs.push("download");
+        let path = Self::path(&segs);
+        let (url, mut resp) = self.send("GET", &path, Body::Empty, &[200])?;
+        let mut reader = resp.body_mut().as_reader().take(max_bytes);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(ClientError::Transport {
+                        method: "GET".into(),
+                        url,
+                        source: ureq::Error::Io(e),
+                    })
+                }
+            };
+            out.write_all(&buf[..n])
+                .map_err(|source| ClientError::Sink {
+                    method: "GET".into(),
+                    url: url.clone(),
+                    source,
+                })?;
+            total += n as u64;
+        }
+    }
+
     /// `POST …/publish` with the whole `.minisig` text.
     pub fn publish(
         &self,
@@ -1019,6 +1149,17 @@ impl ApiClient {
         let path = Self::path(&["images", image, "versions"]);
         let (_, l): (u16, L) = self.call_json("GET", &path, None::<&()>, &[200])?;
         Ok(l.versions)
+    }
+
+    /// `GET /v1/keys`: the publisher keys the server trusts, with their states.
+    pub fn get_keys(&self) -> Result<Vec<KeyInfo>, ClientError> {
+        #[derive(Deserialize)]
+        struct L {
+            keys: Vec<KeyInfo>,
+        }
+        let (_, l): (u16, L) =
+            self.call_json("GET", &Self::path(&["keys"]), None::<&()>, &[200])?;
+        Ok(l.keys)
     }
 
     /// `GET /v1/images/{name}/aliases`.

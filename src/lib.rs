@@ -28,3 +28,4 @@ pub mod serve;
 pub mod sign;
 pub mod simplestreams;
 pub mod tls;
+pub mod verify;

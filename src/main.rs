@@ -12,6 +12,10 @@ fn main() {
         .init();
     if let Err(e) = imgsrv::cli::run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // verify/pull: 1 verification failed, 2 could not run; others: 1.
+        let code = e
+            .downcast_ref::<imgsrv::verify::VerifyError>()
+            .map_or(1, |v| v.exit_code());
+        std::process::exit(code);
     }
 }

@@ -77,6 +77,52 @@ pub fn digest(bytes: &[u8]) -> Digest {
     Digest::of(bytes)
 }
 
+/// A canonical manifest as a consumer reads it back (`imgsrv verify`):
+/// every field required, unknown fields refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema: String,
+    pub image: String,
+    pub version: String,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub artifacts: Vec<ManifestArtifact>,
+}
+
+/// One artifact of a [`Manifest`]: its primary blob and attachments.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestArtifact {
+    pub variant: String,
+    pub operating_system: String,
+    pub architecture: String,
+    pub format: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+    pub attachments: Vec<ManifestAttachment>,
+}
+
+/// One attachment of a [`ManifestArtifact`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestAttachment {
+    pub name: String,
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Parses manifest bytes; refuses anything but an `imgsrv.manifest.v1`
+/// document with every field present.
+pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if m.schema != SCHEMA {
+        return Err(format!("schema {:?}, expected {SCHEMA:?}", m.schema));
+    }
+    Ok(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +215,29 @@ mod tests {
         let mut y = v;
         y.version.version = "20250101_0001".into();
         assert_ne!(canonical(&y), bytes);
+    }
+
+    #[test]
+    fn parse_reads_back_what_canonical_writes_and_nothing_else() {
+        let v = view();
+        let m = parse(&canonical(&v)).unwrap();
+        assert_eq!(
+            (m.image.as_str(), m.version.as_str()),
+            ("debian-12", "20250101_0000")
+        );
+        assert_eq!(m.artifacts.len(), 2);
+        let sq = m.artifacts.iter().find(|a| a.format == "squashfs").unwrap();
+        assert_eq!((sq.digest, sq.size), (Digest::of(b"ROOT"), 4));
+        assert_eq!(sq.attachments[0].name, "incus.tar.xz");
+        assert_eq!(sq.attachments[0].digest, Digest::of(b"META"));
+
+        let text = String::from_utf8(canonical(&v)).unwrap();
+        let other = text.replace(SCHEMA, "imgsrv.manifest.v2");
+        assert!(parse(other.as_bytes()).unwrap_err().contains("schema"));
+        let extra = text.replacen("{", "{\"extra\":1,", 1);
+        assert!(parse(extra.as_bytes()).is_err(), "unknown field accepted");
+        let dup = text.replacen("{", "{\"image\":\"evil\",", 1);
+        assert!(parse(dup.as_bytes()).is_err(), "duplicate field accepted");
+        assert!(parse(b"not json").is_err());
     }
 }
