@@ -948,3 +948,134 @@ fn keys_are_scoped_retired_and_revoked() {
         "revocation is final"
     );
 }
+
+#[test]
+fn every_write_and_refusal_is_in_the_append_only_audit_log() {
+    let e = env();
+    let key = keypair();
+    trust(e.dir.path(), &key, "release");
+    e.draft("demo", "20250101_0000", META, Some(ROOT), None);
+    let m = e.manifest("demo", "20250101_0000");
+    assert_eq!(
+        e.publish("demo", "20250101_0000", Some(minisign_sign(&key, b"wrong")))
+            .status,
+        412
+    );
+    assert_eq!(
+        e.publish("demo", "20250101_0000", Some(minisign_sign(&key, &m)))
+            .status,
+        200
+    );
+    assert_eq!(
+        e.call(
+            "PUT",
+            "/v1/images/demo/aliases/stable",
+            json!({"version": "20250101_0000"})
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        e.call(
+            "PUT",
+            "/v1/images/demo/visibility",
+            json!({"visibility": "private"})
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        e.call("DELETE", "/v1/images/demo/aliases/stable", Value::Null)
+            .status,
+        204
+    );
+    assert_eq!(e.anon("POST", "/v1/images").status, 401);
+    assert_eq!(e.anon("GET", "/v1/images/demo").status, 404, "private");
+
+    let rows = e.call("GET", "/v1/audit?limit=1000", Value::Null).json()["entries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let find = |action: &str, outcome: &str| -> Vec<Value> {
+        rows.iter()
+            .filter(|r| r["action"] == action && r["outcome"] == outcome)
+            .cloned()
+            .collect()
+    };
+    for (action, n) in [
+        ("upload.begin", 2),
+        ("upload.part", 2),
+        ("upload.complete", 2),
+        ("image.create", 1),
+        ("version.create", 1),
+        ("artifact.add", 1),
+        ("attachment.add", 1),
+        ("alias.put", 1),
+        ("image.visibility", 1),
+        ("alias.delete", 1),
+    ] {
+        let got = find(action, "ok");
+        assert_eq!(got.len(), n, "{action}: {rows:#?}");
+        assert!(
+            got.iter().all(|r| r["principal_name"] == "admin"),
+            "{action} without its principal"
+        );
+    }
+    let published = find("publish", "ok");
+    assert_eq!(published.len(), 1);
+    let detail: Value = serde_json::from_str(published[0]["detail"].as_str().unwrap()).unwrap();
+    assert_eq!(detail["manifest_digest"], Digest::of(&m).to_string());
+    assert!(
+        detail["signer_key_id"]
+            .as_str()
+            .is_some_and(|k| k.len() == 16),
+        "{detail}"
+    );
+    let refused = find("publish", "failed");
+    assert_eq!(refused.len(), 1, "the refused publish is recorded");
+    assert!(refused[0]["detail"].as_str().unwrap().contains("refused"));
+    let denied: Vec<&Value> = rows.iter().filter(|r| r["outcome"] == "denied").collect();
+    assert_eq!(
+        denied.len(),
+        2,
+        "the anonymous write and the hidden private read: {denied:#?}"
+    );
+    assert!(denied
+        .iter()
+        .all(|r| r["principal_name"].is_null() && r["remote"].is_string()));
+    // reads that succeed are not audited
+    assert!(rows
+        .iter()
+        .all(|r| r["method"] != "GET" || r["outcome"] == "denied"));
+
+    // JSON lines export, and filters
+    let jl = e.call("GET", "/v1/audit?format=jsonl&action=upload.", Value::Null);
+    assert_eq!(jl.header("content-type"), Some("application/x-ndjson"));
+    let lines: Vec<Value> = String::from_utf8(jl.body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert!(lines
+        .iter()
+        .all(|l| l["action"].as_str().unwrap().starts_with("upload.")));
+    assert_eq!(e.call("GET", "/v1/audit?bogus=1", Value::Null).status, 400);
+
+    // append-only, even for the sqlite3 shell
+    let db = e.dir.path().join("catalog.db");
+    for sql in [
+        "UPDATE audit_log SET principal_name = 'someone-else'",
+        "DELETE FROM audit_log",
+        "UPDATE audit_log SET outcome = 'ok' WHERE outcome = 'denied'",
+    ] {
+        let out = Command::new("sqlite3").arg(&db).arg(sql).output().unwrap();
+        assert!(!out.status.success(), "sqlite3 accepted: {sql}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("append-only"));
+    }
+    let after = e.call("GET", "/v1/audit?limit=1000", Value::Null).json()["entries"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(after >= rows.len());
+}

@@ -1229,7 +1229,12 @@ fn publish(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str, ver: &st
     let manifest_digest = Digest::of(&manifest);
     let mode = app.verification();
     let (verification, key) =
-        check_signature(app, mode, &manifest, body.signature.as_deref(), name, ver)?;
+        check_signature(app, mode, &manifest, body.signature.as_deref(), name, ver).inspect_err(
+            |e| {
+                ctx.note("manifest_digest", manifest_digest.to_string());
+                ctx.note("refused", e.detail.clone());
+            },
+        )?;
     let projection = crate::fingerprint::compute(app.blobs.as_ref(), &view)?;
     let record = PublishRecord {
         version_id: view.version.id.clone(),
@@ -1242,6 +1247,11 @@ fn publish(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str, ver: &st
         principal_id: Some(who.principal_id.clone()),
         published_at: catalog::now(),
     };
+    ctx.note("manifest_digest", manifest_digest.to_string());
+    ctx.note("verification", verification.as_str());
+    if let Some(k) = &record.signer_key_id {
+        ctx.note("signer_key_id", k.clone());
+    }
     app.catalog.publish(&record, &projection)?;
     log::info!(
         "published {name}@{ver} manifest {manifest_digest} verification {} signer {} by principal {}",
