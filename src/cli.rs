@@ -586,6 +586,12 @@ fn key_command(k: KeyCommand) -> Result<()> {
         } => {
             let key =
                 crate::sign::add_trusted_key(&data.dir, name.as_deref(), &pubkey_file, &scopes)?;
+            crate::admin_cli::record_in(
+                &data.dir,
+                "key.add",
+                &key.name,
+                serde_json::json!({ "key_id": key.key_id, "scopes": key.policy.scopes }),
+            )?;
             println!(
                 "trusted key {} (key id {}) added for images {}: {}",
                 key.name,

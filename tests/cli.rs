@@ -340,3 +340,154 @@ fn a_configured_certificate_replaces_the_generated_one() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn last_line(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn identity_matrix_from_the_command_line() {
+    let server = TestServer::start();
+    let d = s(server.data_dir()).to_string();
+    let tmp = temp_dir("cli-matrix");
+    let (public, secret) = minisign_keypair(tmp.path().join("k"));
+    imgsrv(&["key", "add", "--data", &d, s(&public)]);
+    imgsrv(&["principal", "add", "--data", &d, "--kind", "service", "ci"]);
+    imgsrv(&[
+        "grant",
+        "add",
+        "--data",
+        &d,
+        "ci",
+        "content-writer",
+        "debian-*",
+    ]);
+    let bad = run_any(Command::new(IMGSRV).args(["grant", "add", "--data", &d, "ci", "root", "*"]));
+    assert!(
+        !bad.status.success() && text(&bad).contains("unknown role"),
+        "{}",
+        text(&bad)
+    );
+    let bad = run_any(Command::new(IMGSRV).args([
+        "grant",
+        "add",
+        "--data",
+        &d,
+        "ci",
+        "auth-manager",
+        "debian-*",
+    ]));
+    assert!(!bad.status.success(), "auth-manager is global");
+    let issued = imgsrv(&["token", "issue", "--data", &d, "--expires", "30d", "ci"]);
+    let token = last_line(&issued);
+    assert!(token.starts_with("imgsrv_"), "{}", text(&issued));
+    let token_id = token.split('_').nth(1).unwrap().to_string();
+
+    let matrix = text(&imgsrv(&["auth", "matrix", "--data", &d]));
+    let header = matrix.lines().next().unwrap();
+    for col in [
+        "PRINCIPAL",
+        "AUTH-MANAGER",
+        "CONTENT-WRITER",
+        "READER",
+        "TOKENS",
+    ] {
+        assert!(header.contains(col), "{matrix}");
+    }
+    let ci: Vec<&str> = matrix
+        .lines()
+        .find(|l| l.starts_with("ci "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(ci, ["ci", "service", "-", "debian-*", "-", "1"], "{matrix}");
+
+    // the running server honours the new principal at once, within its scope only
+    let publish = |image: &str, tok: &str| {
+        let img = make_test_image(tmp.path().join(image), &["--serial", "20260401_0000"]);
+        run_any(
+            client(&server)
+                .env("IMGSRV_TOKEN", tok)
+                .args(["publish", "--key", s(&secret), "--image", image])
+                .arg(&img.metadata)
+                .arg(img.rootfs()),
+        )
+    };
+    let ok = publish("debian-ci", &token);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let out_of_scope = publish("ubuntu-ci", &token);
+    assert!(
+        !out_of_scope.status.success() && text(&out_of_scope).contains("403"),
+        "{}",
+        text(&out_of_scope)
+    );
+
+    imgsrv(&["token", "revoke", "--data", &d, &token_id]);
+    let revoked = publish("debian-ci2", &token);
+    assert!(text(&revoked).contains("401"), "{}", text(&revoked));
+
+    // every change is in the audit log, local ones with the operator's name
+    let audit = imgsrv(&["audit", "--data", &d, "--json"]);
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&audit.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for action in [
+        "key.add",
+        "principal.add",
+        "grant.add",
+        "token.issue",
+        "token.revoke",
+    ] {
+        let r = rows
+            .iter()
+            .find(|r| r["action"] == action)
+            .unwrap_or_else(|| panic!("{action} not audited"));
+        assert!(
+            r["principal_name"].as_str().unwrap().starts_with("local:"),
+            "{r}"
+        );
+    }
+    assert!(rows
+        .iter()
+        .any(|r| r["action"] == "publish" && r["outcome"] == "ok" && r["principal_name"] == "ci"));
+    assert!(
+        rows.iter()
+            .any(|r| r["outcome"] == "denied" && r["principal_name"] == "ci"),
+        "the 403 is audited"
+    );
+    let filtered = text(&imgsrv(&[
+        "audit",
+        "--data",
+        &d,
+        "--principal",
+        "ci",
+        "--outcome",
+        "denied",
+    ]));
+    assert_eq!(filtered.lines().count(), 1, "{filtered}");
+
+    // the last auth-manager cannot be removed by accident
+    let last = run_any(Command::new(IMGSRV).args(["principal", "remove", "--data", &d, "admin"]));
+    assert!(
+        !last.status.success() && text(&last).contains("last"),
+        "{}",
+        text(&last)
+    );
+    imgsrv(&[
+        "grant",
+        "rm",
+        "--data",
+        &d,
+        "ci",
+        "content-writer",
+        "debian-*",
+    ]);
+    imgsrv(&["principal", "remove", "--data", &d, "ci"]);
+    assert!(!text(&imgsrv(&["principal", "list", "--data", &d])).contains("ci "));
+}

@@ -287,3 +287,90 @@ fn incus_daemon_launches_published_containers() {
         "{local:?}"
     );
 }
+
+#[test]
+fn private_images_need_a_readers_credentials_in_the_incus_remote() {
+    let server = TestServer::start();
+    let tmp = temp_dir("incus-private");
+    let d = server.data_dir().to_str().unwrap().to_string();
+    let (public, secret) = minisign_keypair(tmp.path().join("keys"));
+    imgsrv(&["key", "add", "--data", &d, public.to_str().unwrap()]);
+    let img = make_test_image(tmp.path().join("img"), &["--serial", OLD]);
+    publish(&server, &secret, &img, &["--private"]);
+
+    // anonymous: nothing there
+    let anon = Incus::new(server.cert());
+    anon.remote_add("r", &server.url());
+    assert_eq!(
+        anon.json(&["image", "list", "r:"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(!anon
+        .try_run(&["image", "info", &format!("r:{IMAGE}")])
+        .status
+        .success());
+
+    // a reader's dedicated token in the remote URL
+    imgsrv(&["principal", "add", "--data", &d, "--kind", "service", "lab"]);
+    imgsrv(&["grant", "add", "--data", &d, "lab", "reader", "debian-*"]);
+    let issued = imgsrv(&["token", "issue", "--data", &d, "lab"]);
+    let token = String::from_utf8_lossy(&issued.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let reader = Incus::new(server.cert());
+    reader.remote_add(
+        "p",
+        &server
+            .url()
+            .replace("https://", &format!("https://lab:{token}@")),
+    );
+    let list = reader.json(&["image", "list", "p:"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["fingerprint"], img.container_fingerprint());
+    assert_eq!(
+        info_fingerprint(&reader, &[&format!("p:{IMAGE}")]),
+        img.container_fingerprint()
+    );
+    let out = tmp.path().join("export");
+    std::fs::create_dir_all(&out).unwrap();
+    reader.run(&[
+        "image",
+        "export",
+        &format!("p:{IMAGE}"),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(exported(&out, ".squashfs"), read(img.rootfs()));
+    assert_eq!(exported(&out, ".incus.tar.xz"), read(&img.metadata));
+
+    // the client's plain-HTTP attempt carried the credentials: refused and logged
+    let log = server.log_text();
+    assert!(
+        log.contains("refused plain-HTTP request carrying credentials"),
+        "{log}"
+    );
+    assert!(!log.lines().any(|l| l.contains("imgsrv::access")
+        && l.contains("secure=false")
+        && l.contains(" 200 ")));
+
+    // made public, anyone sees it
+    run_ok(
+        Command::new(IMGSRV)
+            .args(["image", "set-visibility", "--server", &server.url(), "--ca"])
+            .arg(server.cert())
+            .arg("--token-file")
+            .arg(server.admin_token_file())
+            .args([IMAGE, "public"]),
+    );
+    let anon2 = Incus::new(server.cert());
+    anon2.remote_add("r", &server.url());
+    assert_eq!(
+        info_fingerprint(&anon2, &[&format!("r:{IMAGE}")]),
+        img.container_fingerprint()
+    );
+}
