@@ -101,3 +101,170 @@ impl App {
         self.config.verification
     }
 }
+
+/// Why a version was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A precondition or the signature check refused it; the version stays a draft.
+    #[error("{reason}")]
+    Refused {
+        reason: String,
+        manifest_digest: Option<crate::digest::Digest>,
+    },
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Store(#[from] crate::cas::CasError),
+}
+
+fn refused(reason: impl Into<String>) -> PublishError {
+    PublishError::Refused {
+        reason: reason.into(),
+        manifest_digest: None,
+    }
+}
+
+/// A publication that went through.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub record: crate::catalog::PublishRecord,
+    pub projection: Vec<crate::catalog::ProjectionRow>,
+}
+
+impl App {
+    /// Publishes a draft: checks it has artifacts whose blobs are all stored
+    /// with their declared sizes, checks `signature` over the canonical
+    /// manifest under this server's verification mode and trusted keys,
+    /// computes the Incus fingerprints, and moves it to published in one
+    /// catalog transaction. The HTTP route, mirroring into a data directory
+    /// and bundle import all come through here.
+    pub fn publish_version(
+        &self,
+        name: &str,
+        ver: &str,
+        signature: Option<String>,
+        principal_id: Option<&str>,
+    ) -> Result<Published, PublishError> {
+        use crate::catalog::{PublishRecord, VersionState};
+        let view = self.catalog.version_view(name, ver)?;
+        if view.version.state != VersionState::Draft {
+            return Err(refused("version is not a draft"));
+        }
+        if view.artifacts.is_empty() {
+            return Err(refused("version has no artifact"));
+        }
+        for a in &view.artifacts {
+            let cited = std::iter::once((
+                &a.artifact.primary_blob_digest,
+                a.artifact.primary_blob_size_bytes,
+            ))
+            .chain(
+                a.attachments
+                    .iter()
+                    .map(|t| (&t.blob_digest, t.blob_size_bytes)),
+            );
+            for (d, size) in cited {
+                match self.catalog.get_blob(d)? {
+                    Some(b) if b.size_bytes == size => {}
+                    Some(b) => {
+                        return Err(refused(format!(
+                            "blob {d} is stored with size {} but the draft declares {size}",
+                            b.size_bytes
+                        )))
+                    }
+                    None => return Err(refused(format!("blob {d} has not been uploaded"))),
+                }
+            }
+        }
+        let manifest = crate::manifest::canonical(&view);
+        let manifest_digest = crate::digest::Digest::of(&manifest);
+        let (verification, key) = self
+            .check_signature(&manifest, signature.as_deref(), name, ver)
+            .map_err(|reason| PublishError::Refused {
+                reason,
+                manifest_digest: Some(manifest_digest),
+            })?;
+        let projection = crate::fingerprint::compute(self.blobs.as_ref(), &view)?;
+        let record = PublishRecord {
+            version_id: view.version.id.clone(),
+            manifest,
+            manifest_digest,
+            signature,
+            signer_key_id: key.as_ref().map(|k| k.key_id.clone()),
+            signer_key_name: key.as_ref().map(|k| k.key_name.clone()),
+            verification,
+            principal_id: principal_id.map(str::to_string),
+            published_at: crate::catalog::now(),
+        };
+        self.catalog.publish(&record, &projection)?;
+        log::info!(
+            "published {name}@{ver} manifest {manifest_digest} verification {} signer {} by {}",
+            verification.as_str(),
+            record.signer_key_id.as_deref().unwrap_or("-"),
+            principal_id.unwrap_or("-")
+        );
+        Ok(Published { record, projection })
+    }
+
+    /// Applies the verification mode. Enforce refuses anything but a valid
+    /// signature by a trusted, active key scoped to the image; warn logs and
+    /// publishes unverified; off skips the check.
+    fn check_signature(
+        &self,
+        manifest: &[u8],
+        signature: Option<&str>,
+        name: &str,
+        ver: &str,
+    ) -> Result<(crate::catalog::Verification, Option<crate::sign::Verified>), String> {
+        use crate::catalog::Verification;
+        let mode = self.verification();
+        if mode == VerificationMode::Off {
+            return Ok((Verification::Skipped, None));
+        }
+        let outcome = match signature {
+            None => Err("no signature was supplied".to_string()),
+            Some(sig) => crate::sign::load_trusted_keys(&self.config.data_dir)
+                .map_err(|e| format!("trusted keys cannot be read: {e}"))
+                .and_then(|keys| {
+                    let v = crate::sign::verify_signature(&keys, manifest, sig)
+                        .map_err(|e| e.to_string())?;
+                    // a valid signature is not enough: the key must be active and
+                    // scoped to this image
+                    match keys.iter().find(|k| k.key_id == v.key_id) {
+                        Some(k) => k.may_sign(name).map_err(|e| e.to_string())?,
+                        None => return Err(format!("key {} vanished while verifying", v.key_id)),
+                    }
+                    Ok(v)
+                }),
+        };
+        match (outcome, mode) {
+            (Ok(v), _) => Ok((Verification::Verified, Some(v))),
+            (Err(why), VerificationMode::Warn) => {
+                log::warn!("publishing {name}@{ver} UNVERIFIED (verification mode warn): {why}");
+                Ok((Verification::Unverified, None))
+            }
+            (Err(why), _) => {
+                log::warn!("refused to publish {name}@{ver}: {why}");
+                Err(format!(
+                    "publish refused: {why} (image verification mode is enforce); the version stays a draft"
+                ))
+            }
+        }
+    }
+
+    /// Stores a blob that arrives whole (mirroring, bundle import): checks
+    /// size and digest while writing, then records it. Idempotent.
+    pub fn ingest(
+        &self,
+        digest: &crate::digest::Digest,
+        size: u64,
+        media_type: Option<&str>,
+        reader: &mut dyn std::io::Read,
+    ) -> Result<(), PublishError> {
+        if self.blobs.stat(digest)? != Some(size) {
+            self.blobs.put(digest, size, reader)?;
+        }
+        self.catalog.insert_blob(digest, size, media_type)?;
+        Ok(())
+    }
+}

@@ -27,5 +27,6 @@ pub mod publish;
 pub mod serve;
 pub mod sign;
 pub mod simplestreams;
+pub mod target;
 pub mod tls;
 pub mod verify;

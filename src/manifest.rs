@@ -79,7 +79,7 @@ pub fn digest(bytes: &[u8]) -> Digest {
 
 /// A canonical manifest as a consumer reads it back (`imgsrv verify`):
 /// every field required, unknown fields refused.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub schema: String,
@@ -90,7 +90,7 @@ pub struct Manifest {
 }
 
 /// One artifact of a [`Manifest`]: its primary blob and attachments.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestArtifact {
     pub variant: String,
@@ -104,7 +104,7 @@ pub struct ManifestArtifact {
 }
 
 /// One attachment of a [`ManifestArtifact`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestAttachment {
     pub name: String,

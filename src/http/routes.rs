@@ -8,9 +8,8 @@ use crate::app::App;
 use crate::auth::{self, Caller, ACTION_AUTH_MANAGE, ACTION_CONTENT_READ, ACTION_CONTENT_WRITE};
 use crate::catalog::{
     self, Artifact, AuditEntry, CatalogError, Image, NewArtifact, NewAttachment, PublishRecord,
-    UploadPart, UploadSession, UploadState, Verification, VersionState, VersionView,
+    UploadPart, UploadSession, UploadState, VersionState, VersionView,
 };
-use crate::config::VerificationMode;
 use crate::digest::Digest;
 use serde::Deserialize;
 use serde_json::json as j;
@@ -1189,121 +1188,35 @@ struct PublishBody {
 
 fn publish(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str, ver: &str) -> Res {
     ctx.op("publish", format!("{name}@{ver}"));
-    let who = ctx.write(name)?.clone();
+    let who = ctx.write(name)?.principal_id.clone();
     let body: PublishBody = read_json(req)?;
-    let view = app.catalog.version_view(name, ver)?;
-    if view.version.state != VersionState::Draft {
-        return Err(ApiError::precondition("version is not a draft"));
-    }
-    if view.artifacts.is_empty() {
-        return Err(ApiError::precondition("version has no artifact"));
-    }
-    for a in &view.artifacts {
-        let cited = std::iter::once((
-            &a.artifact.primary_blob_digest,
-            a.artifact.primary_blob_size_bytes,
-        ))
-        .chain(
-            a.attachments
-                .iter()
-                .map(|t| (&t.blob_digest, t.blob_size_bytes)),
-        );
-        for (d, size) in cited {
-            match app.catalog.get_blob(d)? {
-                Some(b) if b.size_bytes == size => {}
-                Some(b) => {
-                    return Err(ApiError::precondition(format!(
-                        "blob {d} is stored with size {} but the draft declares {size}",
-                        b.size_bytes
-                    )))
-                }
-                None => {
-                    return Err(ApiError::precondition(format!(
-                        "blob {d} has not been uploaded"
-                    )))
-                }
+    match app.publish_version(name, ver, body.signature, Some(&who)) {
+        Ok(p) => {
+            ctx.note("manifest_digest", p.record.manifest_digest.to_string());
+            ctx.note("verification", p.record.verification.as_str());
+            if let Some(k) = &p.record.signer_key_id {
+                ctx.note("signer_key_id", k.clone());
             }
+            let view = app.catalog.version_view(name, ver)?;
+            Ok(json(
+                200,
+                &publish_record_json(&view, &p.record, &p.projection),
+            ))
         }
-    }
-    let manifest = crate::manifest::canonical(&view);
-    let manifest_digest = Digest::of(&manifest);
-    let mode = app.verification();
-    let (verification, key) =
-        check_signature(app, mode, &manifest, body.signature.as_deref(), name, ver).inspect_err(
-            |e| {
-                ctx.note("manifest_digest", manifest_digest.to_string());
-                ctx.note("refused", e.detail.clone());
-            },
-        )?;
-    let projection = crate::fingerprint::compute(app.blobs.as_ref(), &view)?;
-    let record = PublishRecord {
-        version_id: view.version.id.clone(),
-        manifest,
-        manifest_digest,
-        signature: body.signature,
-        signer_key_id: key.as_ref().map(|k| k.key_id.clone()),
-        signer_key_name: key.as_ref().map(|k| k.key_name.clone()),
-        verification,
-        principal_id: Some(who.principal_id.clone()),
-        published_at: catalog::now(),
-    };
-    ctx.note("manifest_digest", manifest_digest.to_string());
-    ctx.note("verification", verification.as_str());
-    if let Some(k) = &record.signer_key_id {
-        ctx.note("signer_key_id", k.clone());
-    }
-    app.catalog.publish(&record, &projection)?;
-    log::info!(
-        "published {name}@{ver} manifest {manifest_digest} verification {} signer {} by principal {}",
-        verification.as_str(),
-        record.signer_key_id.as_deref().unwrap_or("-"),
-        who.principal_id
-    );
-    let view = app.catalog.version_view(name, ver)?;
-    let rec = app.catalog.publish_record(&view.version.id)?;
-    Ok(json(200, &publish_record_json(&view, &rec, &projection)))
-}
-
-/// Applies the verification mode. Enforce refuses (412) anything but a valid
-/// signature by a trusted key; warn logs and publishes unverified; off skips.
-fn check_signature(
-    app: &App,
-    mode: VerificationMode,
-    manifest: &[u8],
-    signature: Option<&str>,
-    name: &str,
-    ver: &str,
-) -> Result<(Verification, Option<crate::sign::Verified>), ApiError> {
-    if mode == VerificationMode::Off {
-        return Ok((Verification::Skipped, None));
-    }
-    let outcome = match signature {
-        None => Err("no signature was supplied".to_string()),
-        Some(sig) => crate::sign::load_trusted_keys(&app.config.data_dir)
-            .map_err(|e| format!("trusted keys cannot be read: {e}"))
-            .and_then(|keys| {
-                let v = crate::sign::verify_signature(&keys, manifest, sig)
-                    .map_err(|e| e.to_string())?;
-                // a valid signature is not enough: the key must be active and
-                // scoped to this image
-                match keys.iter().find(|k| k.key_id == v.key_id) {
-                    Some(k) => k.may_sign(name).map_err(|e| e.to_string())?,
-                    None => return Err(format!("key {} vanished while verifying", v.key_id)),
-                }
-                Ok(v)
-            }),
-    };
-    match (outcome, mode) {
-        (Ok(v), _) => Ok((Verification::Verified, Some(v))),
-        (Err(why), VerificationMode::Warn) => {
-            log::warn!("publishing {name}@{ver} UNVERIFIED (verification mode warn): {why}");
-            Ok((Verification::Unverified, None))
-        }
-        (Err(why), _) => {
-            log::warn!("refused to publish {name}@{ver}: {why}");
-            Err(ApiError::precondition(format!(
-                "publish refused: {why} (image verification mode is enforce); the version stays a draft"
-            )))
+        Err(e) => {
+            if let crate::app::PublishError::Refused {
+                manifest_digest: Some(d),
+                ..
+            } = &e
+            {
+                ctx.note("manifest_digest", d.to_string());
+            }
+            ctx.note("refused", e.to_string());
+            Err(match e {
+                crate::app::PublishError::Refused { reason, .. } => ApiError::precondition(reason),
+                crate::app::PublishError::Catalog(e) => e.into(),
+                crate::app::PublishError::Store(e) => e.into(),
+            })
         }
     }
 }
