@@ -74,6 +74,10 @@ pub enum Command {
     /// Verify an image, then write it into --out DIR for `incus image import`.
     /// Exit 0 verified, 1 verification failed (nothing kept), 2 could not run.
     Pull(PullArgs),
+    /// Mirror images from an upstream Simple Streams server (images.linuxcontainers.org,
+    /// an incus-simplestreams tree, another imgsrv) into a server or a data directory.
+    /// Exit 0 all mirrored, 1 something failed, 2 could not run.
+    Mirror(crate::mirror::command::MirrorArgs),
 }
 
 #[derive(Args, Debug)]
@@ -510,6 +514,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Verify(v) => verify_command(v, None),
         Command::Pull(p) => verify_command(p.verify, Some(p.out)),
+        Command::Mirror(m) => crate::mirror::command::command(m),
     }
 }
 

@@ -22,6 +22,7 @@ pub mod fingerprint;
 pub mod http;
 pub mod image;
 pub mod manifest;
+pub mod mirror;
 pub mod names;
 pub mod publish;
 pub mod serve;

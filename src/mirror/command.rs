@@ -1,0 +1,126 @@
+//! `imgsrv mirror` on the command line: arguments, the target, exit codes
+//! (0 all mirrored or present, 1 something failed, 2 could not run).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{ImageType, MirrorOptions};
+use crate::target::{LocalTarget, RemoteTarget, Target};
+use crate::verify::VerifyError;
+
+/// Arguments of `imgsrv mirror`.
+#[derive(Args, Debug)]
+pub struct MirrorArgs {
+    /// Destination server URL, e.g. https://images.example.org:8443 (needs a
+    /// content-writer token: --token-file or IMGSRV_TOKEN).
+    #[arg(long, value_name = "URL", env = "IMGSRV_SERVER")]
+    pub server: Option<String>,
+    /// PEM certificate to trust for the destination server.
+    #[arg(long, value_name = "CERT", env = "IMGSRV_CA")]
+    pub ca: Option<PathBuf>,
+    /// File holding the destination server's API token (else IMGSRV_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Destination data directory, written through the server's own code
+    /// (its verification mode and trusted keys apply). Takes precedence over
+    /// --server.
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// minisign secret key that signs the mirrored manifests (its public key
+    /// must be trusted by the destination: `imgsrv key add`).
+    #[arg(long, value_name = "SECRET_KEY")]
+    pub key: PathBuf,
+    /// PEM certificate(s) to trust for an https upstream (default: the system store).
+    #[arg(long, value_name = "CERT")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Only this operating system (case-insensitive).
+    #[arg(long)]
+    pub os: Option<String>,
+    /// Only this release (case-insensitive).
+    #[arg(long)]
+    pub release: Option<String>,
+    /// Only this variant (case-insensitive).
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Only this architecture (amd64 = x86_64, arm64 = aarch64).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Only containers or only virtual machines.
+    #[arg(long = "type", value_name = "TYPE", value_parser = ["container", "vm"])]
+    pub image_type: Option<String>,
+    /// Only images whose imgsrv name ({os}-{release}[-{variant}]) matches this glob.
+    #[arg(long, value_name = "GLOB")]
+    pub image: Option<String>,
+    /// Only the newest N versions of each upstream product.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub latest: Option<u32>,
+    /// Parallel downloads.
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+    /// Base URL of the upstream Simple Streams tree (streams/v1/index.json is
+    /// below it), https:// or (with a warning) http://.
+    #[arg(value_name = "UPSTREAM_URL")]
+    pub upstream: String,
+}
+
+/// Runs `imgsrv mirror`. A [`VerifyError::CannotRun`] error means exit 2
+/// (`main` maps it); any other error exit 1.
+pub fn command(a: MirrorArgs) -> Result<()> {
+    let cannot = |e: anyhow::Error| anyhow::Error::new(VerifyError::CannotRun(e));
+    let mut opts = MirrorOptions::new(&a.upstream, &a.key);
+    opts.upstream_ca = a.upstream_ca.clone();
+    opts.os = a.os.clone();
+    opts.release = a.release.clone();
+    opts.variant = a.variant.clone();
+    opts.arch = a.arch.clone();
+    opts.image_type = match a.image_type.as_deref() {
+        Some(t) => Some(
+            t.parse::<ImageType>()
+                .map_err(|e| cannot(anyhow::anyhow!(e)))?,
+        ),
+        None => None,
+    };
+    opts.image = a.image.clone();
+    opts.latest = a.latest.map(|n| n as usize);
+    opts.jobs = a.jobs as usize;
+    opts.progress = std::io::stderr().is_terminal();
+
+    let target: Box<dyn Target> = match (&a.data, &a.server) {
+        (Some(dir), _) => {
+            opts.staging_dir = Some(dir.join("tmp").join("mirror"));
+            Box::new(LocalTarget::open(dir).map_err(cannot)?)
+        }
+        (None, Some(server)) => {
+            let server = crate::cli::ServerArgs {
+                server: server.clone(),
+                ca: a.ca.clone(),
+                token_file: a.token_file.clone(),
+            };
+            let token = server.require_token().map_err(cannot)?;
+            Box::new(RemoteTarget {
+                client: server.client(Some(token)).map_err(cannot)?,
+            })
+        }
+        (None, None) => {
+            return Err(cannot(anyhow::anyhow!(
+                "no destination: --server URL (or IMGSRV_SERVER) or --data DIR"
+            )))
+        }
+    };
+    let report =
+        super::run(&opts, target.as_ref(), &mut std::io::stdout().lock()).map_err(cannot)?;
+    if !report.ok() {
+        return Err(anyhow::anyhow!(
+            "mirror incomplete: {} failed (see above)",
+            match report.failed.len() {
+                1 => "1 version".to_string(),
+                n => format!("{n} versions"),
+            }
+        ));
+    }
+    Ok(())
+}
