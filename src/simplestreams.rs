@@ -205,6 +205,27 @@ fn release_of(e: &ProjectionEntry) -> &str {
     meta(e, "release").unwrap_or(&e.version.version)
 }
 
+/// Version metadata key holding the aliases an upstream Simple Streams
+/// product had (comma-separated), kept by `imgsrv mirror`.
+pub const UPSTREAM_ALIASES: &str = "simplestreams.aliases";
+
+/// The usable upstream aliases of a version: no spaces or commas, and none
+/// the client would take for something else.
+fn upstream_aliases(e: &ProjectionEntry) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for a in meta(e, UPSTREAM_ALIASES).unwrap_or_default().split(',') {
+        let ok = !a.is_empty()
+            && a.len() <= 255
+            && !a.starts_with('/')
+            && !a.ends_with('/')
+            && !a.chars().any(|c| c.is_whitespace() || c.is_control());
+        if ok && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
 /// Builds `(index.json, images.json)`.
 pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u8>, Vec<u8>) {
     // group artifacts into products: one per (image, version, os, arch, variant)
@@ -271,6 +292,10 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
     // newest product per (image, variant, arch, kind) and per distro key
     let mut newest_image: HashSet<(String, String, String, &str)> = HashSet::new();
     let mut newest_distro: HashSet<(String, String, String, String, &str)> = HashSet::new();
+    // every alias given so far, per (alias, arch, kind), with its image: an
+    // upstream alias kept by `imgsrv mirror` goes only where no newer product
+    // of another image has it (for one image, Incus itself prefers the newest)
+    let mut claimed: HashMap<(String, String, &str), String> = HashMap::new();
     for p in &mut products {
         let e = p.first;
         let image = &e.image.name;
@@ -284,10 +309,12 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
             e.artifact.variant.clone(),
             e.artifact.architecture.clone(),
         );
+        let mut newest_kinds: Vec<&str> = Vec::new();
         for r in &p.roots {
             let k = kind(&r.ftype);
             if newest_image.insert((image.clone(), variant.clone(), arch.clone(), k)) {
                 p.aliases.insert(image.clone());
+                newest_kinds.push(k);
             }
             if newest_distro.insert((
                 os.clone(),
@@ -301,6 +328,34 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
                     p.aliases.insert(format!("{os}/{release}"));
                 }
             }
+        }
+        let kinds: BTreeSet<&str> = p.roots.iter().map(|r| kind(&r.ftype)).collect();
+        for a in &p.aliases {
+            for k in &kinds {
+                claimed
+                    .entry((a.clone(), arch.clone(), k))
+                    .or_insert_with(|| image.clone());
+            }
+        }
+        // the upstream's aliases, on the newest version like `{image}`
+        if newest_kinds.is_empty() {
+            continue;
+        }
+        for a in upstream_aliases(e) {
+            let taken = kinds.iter().any(|k| {
+                claimed
+                    .get(&(a.to_string(), arch.clone(), *k))
+                    .is_some_and(|owner| owner != image)
+            });
+            if taken {
+                continue;
+            }
+            for k in &kinds {
+                claimed
+                    .entry((a.to_string(), arch.clone(), k))
+                    .or_insert_with(|| image.clone());
+            }
+            p.aliases.insert(a.to_string());
         }
     }
 
@@ -425,4 +480,166 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
         serde_json::to_vec(&index).expect("JSON value serializes"),
         serde_json::to_vec(&images).expect("JSON value serializes"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Artifact, Attachment, Image, ImageVersion, VersionState};
+
+    /// A published artifact of `image`@`version` (published at `day`) whose
+    /// root is `ftype`, with version metadata `meta`.
+    fn entry(
+        image: &str,
+        version: &str,
+        day: u32,
+        ftype: &str,
+        meta: &[(&str, &str)],
+    ) -> ProjectionEntry {
+        let id = format!("{image}@{version}");
+        let d = |s: &str| Digest::of(format!("{id}{s}").as_bytes());
+        let t = format!("2026-01-{day:02}T00:00:00Z");
+        ProjectionEntry {
+            image: Image {
+                id: image.into(),
+                name: image.into(),
+                display_name: None,
+                description: None,
+                visibility: "public".into(),
+                created_at: t.clone(),
+                updated_at: t.clone(),
+            },
+            version: ImageVersion {
+                id: id.clone(),
+                image_id: image.into(),
+                image_name: image.into(),
+                version: version.into(),
+                state: VersionState::Published,
+                metadata: meta
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                published_at: Some(t.clone()),
+                created_at: t.clone(),
+                updated_at: t.clone(),
+            },
+            published_at: t.clone(),
+            artifact: Artifact {
+                id: format!("{id}{ftype}"),
+                version_id: id.clone(),
+                variant: "default".into(),
+                operating_system: "debian".into(),
+                architecture: "amd64".into(),
+                format: ftype.into(),
+                primary_blob_digest: d(ftype),
+                primary_blob_size_bytes: 4,
+                primary_media_type: "application/octet-stream".into(),
+                created_at: t.clone(),
+                updated_at: t.clone(),
+            },
+            metadata: Attachment {
+                id: format!("{id}m"),
+                artifact_id: format!("{id}{ftype}"),
+                name: "incus.tar.xz".into(),
+                media_type: "application/x-xz".into(),
+                blob_digest: d("meta"),
+                blob_size_bytes: 4,
+                created_at: t.clone(),
+                updated_at: t,
+            },
+            ftype: ftype.into(),
+            combined_sha256: d(&format!("fp{ftype}")),
+        }
+    }
+
+    /// Product key → its aliases, from images.json.
+    fn aliases_of(images: &[u8]) -> BTreeMap<String, BTreeSet<String>> {
+        let v: Value = serde_json::from_slice(images).unwrap();
+        v["products"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, p)| {
+                let a = p["aliases"].as_str().unwrap();
+                (k.clone(), a.split(',').map(str::to_string).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn upstream_aliases_go_to_the_newest_version_once_per_type_and_arch() {
+        let up = [
+            ("os", "Debian"),
+            ("release", "bookworm"),
+            (
+                UPSTREAM_ALIASES,
+                "debian/12,Debian/bookworm/default,bad alias,,debian/12",
+            ),
+        ];
+        let entries = vec![
+            // two versions of the mirrored image, container and VM each
+            entry("debian-bookworm", "20260101_0000", 1, "squashfs", &up),
+            entry("debian-bookworm", "20260101_0000", 1, "disk-kvm.img", &up),
+            entry("debian-bookworm", "20260102_0000", 2, "squashfs", &up),
+            entry("debian-bookworm", "20260102_0000", 2, "disk-kvm.img", &up),
+            // a newer image (container only) claiming debian/12 first
+            entry(
+                "other",
+                "20260103_0000",
+                3,
+                "squashfs",
+                &[
+                    ("os", "Other"),
+                    ("release", "1"),
+                    (UPSTREAM_ALIASES, "debian/12"),
+                ],
+            ),
+        ];
+        let (_, images) = build(&entries, &[]);
+        let a = aliases_of(&images);
+        let old = &a["debian-bookworm:20260101_0000:debian:amd64:default"];
+        let new = &a["debian-bookworm:20260102_0000:debian:amd64:default"];
+        let other = &a["other:20260103_0000:debian:amd64:default"];
+        assert!(other.contains("debian/12"), "{other:?}");
+        assert!(
+            new.contains("Debian/bookworm/default"),
+            "the upstream alias is kept: {new:?}"
+        );
+        // the newer `other` container claimed debian/12: not given again,
+        // not even for the VM (aliases are per product)
+        assert!(!new.contains("debian/12"), "{new:?}");
+        assert!(new.contains("debian-bookworm") && new.contains("debian/bookworm"));
+        assert!(!old.contains("debian/12") && !old.contains("Debian/bookworm/default"));
+        assert!(old.contains("debian-bookworm/20260101_0000"));
+        assert!(
+            a.values()
+                .all(|s| !s.contains("bad alias") && !s.contains("")),
+            "{a:?}"
+        );
+        // a container-only newer version takes the aliases for containers;
+        // the newest VM of the same image keeps them too (Incus prefers the
+        // newer serial within one image)
+        let entries2 = vec![
+            entry("debian-bookworm", "20260101_0000", 1, "squashfs", &up),
+            entry("debian-bookworm", "20260101_0000", 1, "disk-kvm.img", &up),
+            entry("debian-bookworm", "20260102_0000", 2, "squashfs", &up),
+        ];
+        let a = aliases_of(&build(&entries2, &[]).1);
+        let old = &a["debian-bookworm:20260101_0000:debian:amd64:default"];
+        let new = &a["debian-bookworm:20260102_0000:debian:amd64:default"];
+        assert!(new.contains("debian/12") && old.contains("debian/12"));
+        // without the metadata key: only the generated aliases
+        let plain = vec![entry("x", "20260101_0000", 1, "squashfs", &[])];
+        let a = aliases_of(&build(&plain, &[]).1);
+        let want: BTreeSet<String> = [
+            "x",
+            "x/20260101_0000",
+            "debian/20260101_0000",
+            "debian/20260101_0000/default",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        assert_eq!(a["x:20260101_0000:debian:amd64:default"], want);
+    }
 }
