@@ -89,7 +89,7 @@ pub fn command(a: MirrorArgs) -> Result<()> {
     opts.jobs = a.jobs as usize;
     opts.progress = std::io::stderr().is_terminal();
 
-    let target: Box<dyn Target> = match (&a.data, &a.server) {
+    let target: Box<dyn Target + Sync> = match (&a.data, &a.server) {
         (Some(dir), _) => {
             opts.staging_dir = Some(dir.join("tmp").join("mirror"));
             Box::new(LocalTarget::open(dir).map_err(cannot)?)

@@ -11,6 +11,10 @@
 //! While a root file streams in, it is also hashed as the continuation of
 //! each metadata tarball it pairs with, which gives the Incus fingerprint
 //! `sha256(metadata || root)` without reading the root a second time.
+//!
+//! A worker stores the file in the target (`put_blob`) as soon as it is in,
+//! so downloads and ingest overlap; nothing is published before the
+//! version's fingerprints are checked.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -28,6 +32,7 @@ use indicatif::ProgressBar;
 use super::plan::FileRef;
 use super::streams::{body_error, FetchError, Upstream};
 use crate::digest::{Digest, Hasher};
+use crate::target::Target;
 
 /// Tries per file (network errors, 5xx, a wrong hash).
 pub const ATTEMPTS: u32 = 3;
@@ -92,6 +97,9 @@ pub struct Job {
     pub metas: Vec<Digest>,
     /// Other jobs continue this file's hash state (it is a metadata file).
     pub is_meta: bool,
+    /// Media type to store it under; `None`: a metadata tarball, by its
+    /// magic bytes.
+    pub media_type: Option<&'static str>,
 }
 
 /// A file in the staging directory whose content matched.
@@ -106,11 +114,14 @@ pub struct Fetched {
     pub resumed: bool,
     /// metadata sha256 → sha256(metadata || this file).
     pub fingerprints: BTreeMap<Digest, Digest>,
+    pub media_type: &'static str,
 }
 
 /// What the workers share.
 pub struct Ctx<'a> {
     pub upstream: &'a Upstream,
+    /// Where each file is stored once it is in (`None`: only staged).
+    pub target: Option<&'a (dyn Target + Sync)>,
     pub staging: &'a Staging,
     pub progress: Option<&'a ProgressBar>,
     pub downloaded: &'a AtomicU64,
@@ -132,6 +143,7 @@ impl<'a> Ctx<'a> {
     ) -> Ctx<'a> {
         Ctx {
             upstream,
+            target: None,
             staging,
             progress,
             downloaded,
@@ -187,12 +199,37 @@ pub fn run_jobs(
                 if job.is_meta {
                     ctx.publish_state(sha, outcome.as_ref().ok().and_then(|(_, s)| s.clone()));
                 }
+                let outcome = outcome.and_then(|(f, s)| store(ctx, &job, f).map(|f| (f, s)));
                 if tx.send((sha, outcome.map(|(f, _)| f))).is_err() {
                     break;
                 }
             });
         }
     });
+}
+
+/// Stores a fetched file in the target unless it is there already.
+fn store(ctx: &Ctx<'_>, job: &Job, mut f: Fetched) -> Result<Fetched, String> {
+    f.media_type = match job.media_type {
+        Some(m) => m,
+        None => {
+            crate::image::detect_compression(&f.path).map_or("application/x-xz", |c| c.media_type())
+        }
+    };
+    let Some(target) = ctx.target else {
+        return Ok(f);
+    };
+    let d = &job.file;
+    let stored = target
+        .has_blob(&d.sha256, d.size)
+        .and_then(|has| match has {
+            true => Ok(()),
+            false => target.put_blob(&d.sha256, d.size, f.media_type, &f.path),
+        });
+    match stored {
+        Ok(()) => Ok(f),
+        Err(e) => Err(format!("{}: storing it in the target: {e:#}", d.item_key)),
+    }
 }
 
 /// Hashes of one file: its own, and its continuation of each metadata state.
@@ -250,6 +287,7 @@ fn fetch(ctx: &Ctx<'_>, job: &Job) -> Result<(Fetched, Option<Hasher>), String> 
                         reused: true,
                         resumed: false,
                         fingerprints,
+                        media_type: "",
                     },
                     Some(h.own),
                 ));
@@ -279,6 +317,7 @@ fn fetch(ctx: &Ctx<'_>, job: &Job) -> Result<(Fetched, Option<Hasher>), String> 
                         reused: false,
                         resumed,
                         fingerprints,
+                        media_type: "",
                     },
                     Some(h.own),
                 ));
@@ -571,6 +610,7 @@ mod tests {
             },
             metas: Vec::new(),
             is_meta: false,
+            media_type: Some("application/octet-stream"),
         }
     }
 

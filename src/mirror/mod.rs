@@ -3,12 +3,20 @@
 //! imgsrv's `/streams/v1/`) into a server or a data directory.
 //!
 //! [`run`] reads the upstream ([`streams`]), maps its products to imgsrv
-//! versions ([`plan`]), skips what the target already has, downloads the rest
-//! into a staging directory ([`fetch`]), checks every file's sha256 and size
-//! and every Incus fingerprint against the upstream JSON, then, per version,
-//! stores the blobs, stages the [`Manifest`], signs the target's canonical
-//! manifest with the mirror operator's key and publishes it through a
-//! [`Target`]. Publishing overlaps with the downloads of later versions.
+//! versions ([`plan`]), skips what the target already has (published
+//! versions, blobs), downloads the rest into a staging directory ([`fetch`])
+//! checking every file's sha256 and size against the upstream JSON, and
+//! stores each file in the [`Target`] as soon as it is in. Then, per version
+//! and in order, it checks every Incus fingerprint against the upstream's
+//! `combined_*` hash, stages the [`Manifest`], signs the target's canonical
+//! manifest with the mirror operator's key, publishes it and sets its
+//! aliases. Publishing overlaps with the downloads of later versions.
+//!
+//! One imgsrv version per upstream version name of an image: the products of
+//! one release for several architectures (images.linuxcontainers.org has one
+//! product per architecture) share it, one artifact per root each. Published
+//! versions are immutable, so mirror every architecture you want in the same
+//! run; a later run skips a version that is already published.
 //!
 //! A failed version does not stop the others: it is counted and listed in
 //! the [`MirrorReport`]. [`run`] returns an error only when it could not run
@@ -301,7 +309,11 @@ fn say(out: &mut dyn Write, pb: Option<&ProgressBar>, line: &str) {
 /// Mirrors the upstream in `opts` into `target`, writing one line per
 /// version and a summary to `out`. `Err` only when it could not run; a
 /// version that failed is in [`MirrorReport::failed`].
-pub fn run(opts: &MirrorOptions, target: &dyn Target, out: &mut dyn Write) -> Result<MirrorReport> {
+pub fn run(
+    opts: &MirrorOptions,
+    target: &(dyn Target + Sync),
+    out: &mut dyn Write,
+) -> Result<MirrorReport> {
     let started = Instant::now();
     opts.check()?;
     let upstream = Upstream::new(&opts.upstream, opts.upstream_ca.as_deref())?;
@@ -448,7 +460,7 @@ enum FileState {
 #[allow(clippy::too_many_arguments)]
 fn mirror_versions(
     opts: &MirrorOptions,
-    target: &dyn Target,
+    target: &(dyn Target + Sync),
     upstream: &Upstream,
     staging: &Staging,
     sk: &minisign::SecretKey,
@@ -489,6 +501,11 @@ fn mirror_versions(
                 file: f.clone(),
                 metas: Vec::new(),
                 is_meta,
+                media_type: v
+                    .pairs
+                    .iter()
+                    .find(|p| p.root.sha256 == f.sha256)
+                    .map(|p| p.media_type),
             };
             if is_meta {
                 meta_jobs.push(job);
@@ -529,7 +546,8 @@ fn mirror_versions(
 
     let downloaded = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
-    let ctx = fetch::Ctx::new(upstream, staging, pb.as_ref(), &downloaded, &stop);
+    let mut ctx = fetch::Ctx::new(upstream, staging, pb.as_ref(), &downloaded, &stop);
+    ctx.target = Some(target);
     let (tx, rx) = mpsc::channel();
     let workers = opts.jobs.min(njobs.max(1));
     let result: Result<()> = std::thread::scope(|s| {
@@ -624,14 +642,12 @@ fn mirror_versions(
     result
 }
 
-/// Media type of a metadata tarball (by its magic bytes when it is here).
-fn metadata_media_type(path: Option<&Path>) -> &'static str {
-    path.and_then(|p| crate::image::detect_compression(p).ok())
-        .map_or("application/x-xz", |c| c.media_type())
-}
+/// Media type of a metadata tarball that was on the target already (not
+/// read here): the usual xz.
+const DEFAULT_METADATA_MEDIA_TYPE: &str = "application/x-xz";
 
-/// Checks the fingerprints, stores the blobs, stages, signs and publishes
-/// one version, then points its aliases at it.
+/// Checks the fingerprints, stages, signs and publishes one version (its
+/// blobs are stored already), then points its aliases at it.
 fn mirror_one(
     v: &VersionPlan,
     files: &HashMap<Digest, FileState>,
@@ -691,25 +707,12 @@ fn mirror_one(
     }
     let err = |what: &str, e: anyhow::Error| format!("{what}: {e:#}");
 
-    // the blobs
-    let meta_shas: HashSet<Digest> = v.pairs.iter().map(|p| p.meta.sha256).collect();
+    // the blobs are stored (by the download workers); their media types
     let mut media: BTreeMap<Digest, &'static str> = BTreeMap::new();
     for p in &v.pairs {
         media.insert(p.root.sha256, p.media_type);
-    }
-    for d in &meta_shas {
-        media.insert(*d, metadata_media_type(local(d).map(|f| f.path.as_path())));
-    }
-    for f in v.files() {
-        let Some(l) = local(&f.sha256) else { continue };
-        let has = target
-            .has_blob(&f.sha256, f.size)
-            .map_err(|e| err("asking the target for a blob", e))?;
-        if !has {
-            target
-                .put_blob(&f.sha256, f.size, media[&f.sha256], &l.path)
-                .map_err(|e| err(&format!("storing {}", f.item_key), e))?;
-        }
+        let m = local(&p.meta.sha256).map_or(DEFAULT_METADATA_MEDIA_TYPE, |f| f.media_type);
+        media.insert(p.meta.sha256, m);
     }
 
     // the manifest: one artifact per root, with its metadata tarball
@@ -763,6 +766,10 @@ fn mirror_one(
             report.warnings.push(w);
         }
     }
+    images.sort_by(|x, y| {
+        (&x.architecture, x.image_type.incus_name())
+            .cmp(&(&y.architecture, y.image_type.incus_name()))
+    });
     Ok(MirroredVersion {
         image: v.image.clone(),
         version: v.version.clone(),

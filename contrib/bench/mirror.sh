@@ -1,0 +1,295 @@
+#!/bin/sh
+# mirror.sh: `imgsrv mirror` throughput next to plain curl downloads of the same files from
+# the same upstream, in one run.
+#
+# Usage: contrib/bench/mirror.sh [--help]
+#
+#   The upstream: MIRROR_BENCH_IMAGES versions of one product, each a padded test image
+#   (tests/fixtures/make-test-image --pad-mib), added with the stock incus-simplestreams and
+#   served by Debian's nginx over TLS 1.3 (sendfile, no access log).
+#   Baseline: curl downloads every file the mirror takes (metadata tarballs and rootfs),
+#   MIRROR_BENCH_JOBS at a time (xargs -P), each into a file on the same disk.
+#   Measured: `imgsrv mirror --data DIR --jobs MIRROR_BENCH_JOBS` into a fresh data directory
+#   (download, sha256 and fingerprint checks, ingest into the blob store with fsync, sign,
+#   publish), and the same into a running `imgsrv serve` (--server; the upload goes through
+#   the HTTPS API). Each side runs MIRROR_BENCH_REPEAT times; the median wall time counts.
+#   MB/s is 10^6 bytes per second of upstream file bytes.
+#
+# Environment (defaults):
+#   MIRROR_BENCH_TOTAL_MIB=1024  padding over all images (about the total size)
+#   MIRROR_BENCH_IMAGES=4        upstream versions (each TOTAL/IMAGES MiB)
+#   MIRROR_BENCH_JOBS=4          parallel downloads (curl and mirror alike)
+#   MIRROR_BENCH_REPEAT=3        runs per side (the median is reported)
+#   MIRROR_BENCH_SERVER=1        0 skips the --server measurement
+#   BENCH_IMGSRV=                imgsrv binary (default: cargo build --release, then use it)
+#   BENCH_DIR=                   work directory (default: a new one under ${TMPDIR:-/var/tmp})
+#   BENCH_KEEP=0                 1 keeps the work directory
+#   BENCH_STRICT=0               1 makes a ratio under 0.8 exit with status 3
+# Needs: curl, nginx, python3, incus-simplestreams, minisign, ss, and make-test-image's tools.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+
+usage() { awk 'NR >= 4 && !/^#/ { exit } NR >= 4 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-0}"; }
+die() { echo "mirror-bench: $*" >&2; exit 1; }
+say() { printf '%s\n' "$*" >&2; }
+
+case ${1:-} in
+  -h|--help) usage 0 ;;
+  '') ;;
+  *) echo "mirror-bench: unknown argument $1" >&2; usage 2 >&2 ;;
+esac
+
+TOTAL_MIB=${MIRROR_BENCH_TOTAL_MIB:-1024}
+IMAGES=${MIRROR_BENCH_IMAGES:-4}
+JOBS=${MIRROR_BENCH_JOBS:-4}
+REPEAT=${MIRROR_BENCH_REPEAT:-3}
+WITH_SERVER=${MIRROR_BENCH_SERVER:-1}
+STRICT=${BENCH_STRICT:-0}
+for v in TOTAL_MIB IMAGES JOBS REPEAT; do
+  eval "val=\$$v"
+  # shellcheck disable=SC2154 # val is set by the eval above
+  case $val in ''|*[!0-9]*|0) die "MIRROR_BENCH_$v must be a positive whole number (got '$val')" ;; esac
+done
+[ "$IMAGES" -le 9 ] || die "MIRROR_BENCH_IMAGES is at most 9"
+PAD=$((TOTAL_MIB / IMAGES))
+[ "$PAD" -ge 1 ] || die "MIRROR_BENCH_TOTAL_MIB / MIRROR_BENCH_IMAGES must be at least 1"
+
+for t in curl nginx python3 incus-simplestreams minisign ss shuf awk sort xargs; do
+  command -v "$t" >/dev/null 2>&1 || die "$t not found (run contrib/install-test-deps.sh)"
+done
+
+# --- work dir, background processes, cleanup ---------------------------------------------
+if [ -n "${BENCH_DIR:-}" ]; then
+  mkdir -p "$BENCH_DIR"; work=$(cd "$BENCH_DIR" && pwd); own_work=
+else
+  work=$(mktemp -d "${TMPDIR:-/var/tmp}/imgsrv-mirror-bench.XXXXXX"); own_work=1
+fi
+NGINX_PID='' IMGSRV_PID=''
+stop_pid() { # PID: TERM, wait up to 10 s, KILL
+  [ -n "$1" ] || return 0
+  kill -TERM "$1" 2>/dev/null || return 0
+  i=0
+  while kill -0 "$1" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+cleanup() {
+  rc=$?
+  trap - EXIT INT TERM
+  stop_pid "$NGINX_PID"
+  stop_pid "$IMGSRV_PID"
+  if [ "${BENCH_KEEP:-0}" = 1 ] || [ -z "$own_work" ]; then
+    say "mirror-bench: work directory kept: $work"
+  else
+    rm -rf "$work"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+free_port() {
+  while :; do
+    p=$(shuf -i 20000-60999 -n 1)
+    [ -z "$(ss -Htln "sport = :$p")" ] && { echo "$p"; return; }
+  done
+}
+mbps() { awk -v b="$1" -v s="$2" 'BEGIN { if (s <= 0) s = 1e-9; printf "%.1f", b / s / 1e6 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b <= 0) print "n/a"; else printf "%.2f", a / b }'; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 >= b + 0) }'; }
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else print v[int((NR + 1) / 2)] }'; }
+
+# --- imgsrv -----------------------------------------------------------------------------------
+if [ -z "${BENCH_IMGSRV:-}" ]; then
+  say "mirror-bench: cargo build --release"
+  (cd "$root" && cargo build --release --locked -q) || die "cargo build --release failed"
+  BENCH_IMGSRV=${CARGO_TARGET_DIR:-$root/target}/release/imgsrv
+fi
+IMGSRV=$BENCH_IMGSRV
+[ -x "$IMGSRV" ] || die "imgsrv binary $IMGSRV not found"
+minisign -G -W -f -p "$work/mirror.pub" -s "$work/mirror.key" >/dev/null || die "minisign -G failed"
+# the certificate nginx serves with (and the --server target uses): imgsrv's own
+"$IMGSRV" init --data "$work/certs" >/dev/null || die "imgsrv init failed"
+CERT=$work/certs/tls/cert.pem KEY=$work/certs/tls/key.pem
+
+# --- the upstream tree ------------------------------------------------------------------------
+CPU_MODEL=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo 2>/dev/null | head -n 1)
+say "mirror-bench: work dir $work; $IMAGES images of ${PAD} MiB padding; $(nproc) CPUs (${CPU_MODEL:-unknown})"
+TREE=$work/tree
+mkdir -p "$TREE"
+i=1
+while [ "$i" -le "$IMAGES" ]; do
+  say "mirror-bench: make-test-image $i/$IMAGES (--pad-mib $PAD)"
+  "$root/tests/fixtures/make-test-image" "$work/img$i" --serial "2026010${i}_0000" --pad-mib "$PAD" >/dev/null
+  (cd "$TREE" && TZ=UTC incus-simplestreams add "$work/img$i/incus.tar.xz" "$work/img$i/rootfs.squashfs") ||
+    die "incus-simplestreams add failed"
+  rm -rf "$work/img$i"
+  i=$((i + 1))
+done
+# every file the mirror takes: path and size
+python3 - "$TREE/streams/v1/images.json" > "$work/files" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+seen = set()
+for p in doc["products"].values():
+    for v in p["versions"].values():
+        for i in v["items"].values():
+            if i["ftype"] in ("incus.tar.xz", "squashfs") and i["path"] not in seen:
+                seen.add(i["path"])
+                print(i["path"], i["size"])
+PY
+TOTAL_BYTES=$(awk '{ s += $2 } END { printf "%.0f", s }' "$work/files")
+NFILES=$(wc -l < "$work/files" | tr -d ' ')
+sync
+
+# --- nginx ----------------------------------------------------------------------------------------
+NGX=$work/nginx
+mkdir -p "$NGX/tmp"
+NGX_PORT=$(free_port)
+user_line=
+[ "$(id -u)" = 0 ] && user_line="user root;"
+cat > "$NGX/nginx.conf" <<EOF
+$user_line
+daemon off;
+worker_processes auto;
+pid $NGX/nginx.pid;
+error_log $NGX/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_timeout 65;
+  default_type application/octet-stream;
+  client_body_temp_path $NGX/tmp/body;
+  proxy_temp_path $NGX/tmp/proxy;
+  fastcgi_temp_path $NGX/tmp/fastcgi;
+  uwsgi_temp_path $NGX/tmp/uwsgi;
+  scgi_temp_path $NGX/tmp/scgi;
+  server {
+    listen 127.0.0.1:$NGX_PORT ssl;
+    ssl_certificate $CERT;
+    ssl_certificate_key $KEY;
+    ssl_protocols TLSv1.3;
+    root $TREE;
+  }
+}
+EOF
+nginx -t -q -c "$NGX/nginx.conf" -e "$NGX/error.log" || die "nginx -t failed: $(cat "$NGX/error.log")"
+nginx -c "$NGX/nginx.conf" -e "$NGX/error.log" > "$NGX/stdout.log" 2>&1 &
+NGINX_PID=$!
+UP=https://127.0.0.1:$NGX_PORT
+i=0
+until curl -sS -o /dev/null --cacert "$CERT" "$UP/streams/v1/index.json" 2>/dev/null; do
+  kill -0 "$NGINX_PID" 2>/dev/null || die "nginx exited: $(cat "$NGX/error.log")"
+  [ $i -lt 200 ] || die "nginx did not answer in 20 s"
+  sleep 0.1; i=$((i + 1))
+done
+CIPHER=$(curl -sS -v -o /dev/null --cacert "$CERT" "$UP/streams/v1/index.json" 2>&1 |
+  sed -n 's/.*SSL connection using \(.*\)$/\1/p' | head -n 1)
+say "mirror-bench: nginx on $UP ($CIPHER); $NFILES files, $TOTAL_BYTES bytes"
+
+# --- baseline: curl, JOBS at a time, into files ----------------------------------------------------
+: > "$work/curl.times"
+r=1
+while [ "$r" -le "$REPEAT" ]; do
+  rm -rf "$work/curl-out"; mkdir -p "$work/curl-out"
+  t0=$(now)
+  # shellcheck disable=SC2016 # $0 $1 $2 are the inner sh's
+  awk -v up="$UP" -v out="$work/curl-out" '{ n = split($1, a, "/"); print up "/" $1 " " out "/" a[n] }' "$work/files" |
+    xargs -P "$JOBS" -n 2 sh -c 'curl --http1.1 -sSf --cacert "$0" -o "$2" "$1"' "$CERT" ||
+    die "curl download failed"
+  t1=$(now)
+  got=$(du -sb "$work/curl-out" | cut -f1)
+  [ "$got" -ge "$TOTAL_BYTES" ] || die "curl fetched $got bytes, expected $TOTAL_BYTES"
+  e=$(elapsed "$t0" "$t1")
+  say "  curl run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s"
+  echo "$e" >> "$work/curl.times"
+  r=$((r + 1))
+done
+rm -rf "$work/curl-out"
+CURL_S=$(median < "$work/curl.times")
+CURL_MBPS=$(mbps "$TOTAL_BYTES" "$CURL_S")
+
+# --- imgsrv mirror --data: a fresh data directory per run -------------------------------------------
+: > "$work/data.times"
+r=1
+while [ "$r" -le "$REPEAT" ]; do
+  D=$work/data-$r
+  "$IMGSRV" init --data "$D" >/dev/null || die "imgsrv init failed"
+  "$IMGSRV" key add --data "$D" --name mirror "$work/mirror.pub" >/dev/null || die "imgsrv key add failed"
+  sync
+  t0=$(now)
+  "$IMGSRV" mirror --data "$D" --key "$work/mirror.key" --upstream-ca "$CERT" --jobs "$JOBS" "$UP/" \
+    > "$work/mirror-data-$r.out" 2>&1 || { cat "$work/mirror-data-$r.out" >&2; die "imgsrv mirror --data failed"; }
+  t1=$(now)
+  grep -q "summary: $IMAGES versions mirrored" "$work/mirror-data-$r.out" ||
+    { cat "$work/mirror-data-$r.out" >&2; die "imgsrv mirror did not mirror $IMAGES versions"; }
+  e=$(elapsed "$t0" "$t1")
+  say "  mirror --data run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s"
+  echo "$e" >> "$work/data.times"
+  rm -rf "$D"
+  r=$((r + 1))
+done
+DATA_S=$(median < "$work/data.times")
+DATA_MBPS=$(mbps "$TOTAL_BYTES" "$DATA_S")
+
+# --- imgsrv mirror --server: a fresh server per run ---------------------------------------------------
+SERVER_MBPS=n/a SERVER_S=n/a
+if [ "$WITH_SERVER" = 1 ]; then
+  : > "$work/server.times"
+  r=1
+  while [ "$r" -le "$REPEAT" ]; do
+    S=$work/server-$r
+    "$IMGSRV" init --data "$S" >/dev/null || die "imgsrv init failed"
+    "$IMGSRV" key add --data "$S" --name mirror "$work/mirror.pub" >/dev/null || die "imgsrv key add failed"
+    cp "$CERT" "$S/tls/cert.pem"; cp "$KEY" "$S/tls/key.pem"
+    PORT=$(free_port)
+    "$IMGSRV" serve --data "$S" --listen "127.0.0.1:$PORT" > "$work/serve-$r.log" 2>&1 &
+    IMGSRV_PID=$!
+    i=0
+    until [ "$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$CERT" "https://127.0.0.1:$PORT/healthz" 2>/dev/null)" = 204 ]; do
+      kill -0 "$IMGSRV_PID" 2>/dev/null || die "imgsrv serve exited: $(tail -n 20 "$work/serve-$r.log")"
+      [ $i -lt 200 ] || die "imgsrv serve did not answer in 20 s"
+      sleep 0.1; i=$((i + 1))
+    done
+    sync
+    t0=$(now)
+    XDG_CACHE_HOME=$work/cache-$r "$IMGSRV" mirror --server "https://127.0.0.1:$PORT" --ca "$CERT" \
+      --token-file "$S/admin.token" --key "$work/mirror.key" --upstream-ca "$CERT" --jobs "$JOBS" "$UP/" \
+      > "$work/mirror-server-$r.out" 2>&1 || { cat "$work/mirror-server-$r.out" >&2; die "imgsrv mirror --server failed"; }
+    t1=$(now)
+    grep -q "summary: $IMAGES versions mirrored" "$work/mirror-server-$r.out" ||
+      { cat "$work/mirror-server-$r.out" >&2; die "imgsrv mirror did not mirror $IMAGES versions"; }
+    e=$(elapsed "$t0" "$t1")
+    say "  mirror --server run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s"
+    echo "$e" >> "$work/server.times"
+    stop_pid "$IMGSRV_PID"; IMGSRV_PID=''
+    rm -rf "$S" "$work/cache-$r"
+    r=$((r + 1))
+  done
+  SERVER_S=$(median < "$work/server.times")
+  SERVER_MBPS=$(mbps "$TOTAL_BYTES" "$SERVER_S")
+fi
+
+# --- report ------------------------------------------------------------------------------------------
+R=$(ratio "$DATA_MBPS" "$CURL_MBPS")
+if ge "$R" 0.8; then V=PASS; else V=FAIL; fi
+echo "imgsrv mirror benchmark: $NFILES files, $TOTAL_BYTES bytes ($IMAGES versions), jobs $JOBS, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "CPU: ${CPU_MODEL:-unknown}, $(nproc) CPUs (client, nginx and imgsrv share them); TLS: $CIPHER"
+printf '%-34s %10s %10s %8s %10s %s\n' measure seconds MB/s ratio target result
+printf '%-34s %10s %10s %8s %10s %s\n' "curl -o FILE, $JOBS at a time" "$CURL_S" "$CURL_MBPS" "1.00" "baseline" ""
+printf '%-34s %10s %10s %8s %10s %s\n' "imgsrv mirror --data" "$DATA_S" "$DATA_MBPS" "$R" ">= 0.8" "$V"
+if [ "$WITH_SERVER" = 1 ]; then
+  printf '%-34s %10s %10s %8s %10s %s\n' "imgsrv mirror --server" "$SERVER_S" "$SERVER_MBPS" \
+    "$(ratio "$SERVER_MBPS" "$CURL_MBPS")" "(reported)" ""
+fi
+echo "median of $REPEAT runs each; all runs: curl $(tr '\n' ' ' < "$work/curl.times")s; --data $(tr "\n" " " < "$work/data.times")s"
+if [ "$V" = FAIL ] && [ "$STRICT" = 1 ]; then exit 3; fi
+exit 0
