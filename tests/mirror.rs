@@ -476,6 +476,49 @@ fn filtered_mirrors_into_a_server_and_a_data_dir_show_the_upstream_fingerprints_
     assert!(new_requests[0].starts_with("GET /streams/v1/index.json \"-\" 200"));
     assert!(new_requests[1].starts_with("GET /streams/v1/images.json \"-\" 200"));
 
+    // 2b. another imgsrv's stream is an upstream too (a mirror of the mirror)
+    let chain = data_dir(&t, "chain");
+    let out = mirror(
+        &t,
+        &[
+            "--data",
+            chain.to_str().unwrap(),
+            "--key",
+            t.secret(),
+            "--upstream-ca",
+            a.cert().to_str().unwrap(),
+            &a.url(),
+        ],
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        stdout(&out).contains(
+            "summary: 2 versions mirrored, 0 already present, 0 skipped by filter, 0 failed"
+        ),
+        "{}",
+        show(&out)
+    );
+    let c = imgsrv::target::LocalTarget::open(&chain).unwrap();
+    let v = c
+        .app
+        .catalog
+        .get_version("debian-bookworm", "202601020000")
+        .unwrap();
+    assert_eq!(v.metadata["upstream.url"], a.url());
+    assert_eq!(
+        v.metadata["upstream.sha256.root.squashfs"],
+        sha256_file(t.deb2.rootfs())
+    );
+    let fps = c.app.catalog.projection_entries().unwrap();
+    let fps: BTreeSet<String> = fps.iter().map(|e| e.combined_sha256.hex()).collect();
+    assert_eq!(
+        fps,
+        set(&[
+            t.deb1.container_fingerprint(),
+            t.deb2.container_fingerprint()
+        ])
+    );
+
     // 3. into a data directory (of another running server), Debian on amd64
     //    (= x86_64 upstream), containers and VMs
     let b = TestServer::start();
