@@ -100,10 +100,20 @@ free_port() {
     [ -z "$(ss -Htln "sport = :$p")" ] && { echo "$p"; return; }
   done
 }
+# cpu_of FILE: user+sys seconds that /usr/bin/time wrote (empty without /usr/bin/time)
+cpu_of() { [ -s "$1" ] && awk 'END { printf "%.2f", $1 + $2 }' "$1"; }
+TIMECMD=
+[ -x /usr/bin/time ] && TIMECMD=/usr/bin/time
+timed() { # CPUFILE CMD...: run CMD, CPU seconds (user sys) of it and its children into CPUFILE
+  f=$1; shift
+  if [ -n "$TIMECMD" ]; then "$TIMECMD" -o "$f" -f '%U %S' "$@"; else : > "$f"; "$@"; fi
+}
 mbps() { awk -v b="$1" -v s="$2" 'BEGIN { if (s <= 0) s = 1e-9; printf "%.1f", b / s / 1e6 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b <= 0) print "n/a"; else printf "%.2f", a / b }'; }
 ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 >= b + 0) }'; }
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else print v[int((NR + 1) / 2)] }'; }
+# median_cpu FILE: the median of the second column (CPU seconds), or n/a
+median_cpu() { c=$(awk 'NF > 1 { print $2 }' "$1" | median); [ "$c" = 0 ] && c=n/a; echo "$c"; }
 
 # --- imgsrv -----------------------------------------------------------------------------------
 if [ -z "${BENCH_IMGSRV:-}" ]; then
@@ -201,20 +211,21 @@ r=1
 while [ "$r" -le "$REPEAT" ]; do
   rm -rf "$work/curl-out"; mkdir -p "$work/curl-out"
   t0=$(now)
+  awk -v up="$UP" -v out="$work/curl-out" '{ n = split($1, a, "/"); print up "/" $1 " " out "/" a[n] }' "$work/files" > "$work/curl.list"
   # shellcheck disable=SC2016 # $0 $1 $2 are the inner sh's
-  awk -v up="$UP" -v out="$work/curl-out" '{ n = split($1, a, "/"); print up "/" $1 " " out "/" a[n] }' "$work/files" |
-    xargs -P "$JOBS" -n 2 sh -c 'curl --http1.1 -sSf --cacert "$0" -o "$2" "$1"' "$CERT" ||
-    die "curl download failed"
+  timed "$work/curl-$r.cpu" xargs -P "$JOBS" -n 2 sh -c 'curl --http1.1 -sSf --cacert "$0" -o "$2" "$1"' "$CERT" \
+    < "$work/curl.list" || die "curl download failed"
   t1=$(now)
   got=$(du -sb "$work/curl-out" | cut -f1)
   [ "$got" -ge "$TOTAL_BYTES" ] || die "curl fetched $got bytes, expected $TOTAL_BYTES"
   e=$(elapsed "$t0" "$t1")
-  say "  curl run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s"
-  echo "$e" >> "$work/curl.times"
+  say "  curl run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s, CPU $(cpu_of "$work/curl-$r.cpu") s"
+  echo "$e $(cpu_of "$work/curl-$r.cpu")" >> "$work/curl.times"
   r=$((r + 1))
 done
 rm -rf "$work/curl-out"
 CURL_S=$(median < "$work/curl.times")
+CURL_CPU=$(median_cpu "$work/curl.times")
 CURL_MBPS=$(mbps "$TOTAL_BYTES" "$CURL_S")
 
 # --- imgsrv mirror --data: a fresh data directory per run -------------------------------------------
@@ -226,22 +237,23 @@ while [ "$r" -le "$REPEAT" ]; do
   "$IMGSRV" key add --data "$D" --name mirror "$work/mirror.pub" >/dev/null || die "imgsrv key add failed"
   sync
   t0=$(now)
-  "$IMGSRV" mirror --data "$D" --key "$work/mirror.key" --upstream-ca "$CERT" --jobs "$JOBS" "$UP/" \
+  timed "$work/data-$r.cpu" "$IMGSRV" mirror --data "$D" --key "$work/mirror.key" --upstream-ca "$CERT" --jobs "$JOBS" "$UP/" \
     > "$work/mirror-data-$r.out" 2>&1 || { cat "$work/mirror-data-$r.out" >&2; die "imgsrv mirror --data failed"; }
   t1=$(now)
   grep -q "summary: $IMAGES versions mirrored" "$work/mirror-data-$r.out" ||
     { cat "$work/mirror-data-$r.out" >&2; die "imgsrv mirror did not mirror $IMAGES versions"; }
   e=$(elapsed "$t0" "$t1")
-  say "  mirror --data run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s"
-  echo "$e" >> "$work/data.times"
+  say "  mirror --data run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s, CPU $(cpu_of "$work/data-$r.cpu") s"
+  echo "$e $(cpu_of "$work/data-$r.cpu")" >> "$work/data.times"
   rm -rf "$D"
   r=$((r + 1))
 done
 DATA_S=$(median < "$work/data.times")
+DATA_CPU=$(median_cpu "$work/data.times")
 DATA_MBPS=$(mbps "$TOTAL_BYTES" "$DATA_S")
 
 # --- imgsrv mirror --server: a fresh server per run ---------------------------------------------------
-SERVER_MBPS=n/a SERVER_S=n/a
+SERVER_MBPS=n/a SERVER_S=n/a SERVER_CPU=n/a
 if [ "$WITH_SERVER" = 1 ]; then
   : > "$work/server.times"
   r=1
@@ -261,20 +273,21 @@ if [ "$WITH_SERVER" = 1 ]; then
     done
     sync
     t0=$(now)
-    XDG_CACHE_HOME=$work/cache-$r "$IMGSRV" mirror --server "https://127.0.0.1:$PORT" --ca "$CERT" \
+    timed "$work/server-$r.cpu" env XDG_CACHE_HOME="$work/cache-$r" "$IMGSRV" mirror --server "https://127.0.0.1:$PORT" --ca "$CERT" \
       --token-file "$S/admin.token" --key "$work/mirror.key" --upstream-ca "$CERT" --jobs "$JOBS" "$UP/" \
       > "$work/mirror-server-$r.out" 2>&1 || { cat "$work/mirror-server-$r.out" >&2; die "imgsrv mirror --server failed"; }
     t1=$(now)
     grep -q "summary: $IMAGES versions mirrored" "$work/mirror-server-$r.out" ||
       { cat "$work/mirror-server-$r.out" >&2; die "imgsrv mirror did not mirror $IMAGES versions"; }
     e=$(elapsed "$t0" "$t1")
-    say "  mirror --server run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s"
-    echo "$e" >> "$work/server.times"
+    say "  mirror --server run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s, client CPU $(cpu_of "$work/server-$r.cpu") s"
+    echo "$e $(cpu_of "$work/server-$r.cpu")" >> "$work/server.times"
     stop_pid "$IMGSRV_PID"; IMGSRV_PID=''
     rm -rf "$S" "$work/cache-$r"
     r=$((r + 1))
   done
   SERVER_S=$(median < "$work/server.times")
+  SERVER_CPU=$(median_cpu "$work/server.times")
   SERVER_MBPS=$(mbps "$TOTAL_BYTES" "$SERVER_S")
 fi
 
@@ -283,13 +296,15 @@ R=$(ratio "$DATA_MBPS" "$CURL_MBPS")
 if ge "$R" 0.8; then V=PASS; else V=FAIL; fi
 echo "imgsrv mirror benchmark: $NFILES files, $TOTAL_BYTES bytes ($IMAGES versions), jobs $JOBS, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "CPU: ${CPU_MODEL:-unknown}, $(nproc) CPUs (client, nginx and imgsrv share them); TLS: $CIPHER"
-printf '%-34s %10s %10s %8s %10s %s\n' measure seconds MB/s ratio target result
-printf '%-34s %10s %10s %8s %10s %s\n' "curl -o FILE, $JOBS at a time" "$CURL_S" "$CURL_MBPS" "1.00" "baseline" ""
-printf '%-34s %10s %10s %8s %10s %s\n' "imgsrv mirror --data" "$DATA_S" "$DATA_MBPS" "$R" ">= 0.8" "$V"
+row() { printf '%-28s %8s %8s %9s %6s %9s %s\n' "$@"; }
+row measure seconds MB/s "CPU s" ratio target result
+row "curl -o FILE, $JOBS at a time" "$CURL_S" "$CURL_MBPS" "$CURL_CPU" "1.00" "baseline" ""
+row "imgsrv mirror --data" "$DATA_S" "$DATA_MBPS" "$DATA_CPU" "$R" ">= 0.8" "$V"
 if [ "$WITH_SERVER" = 1 ]; then
-  printf '%-34s %10s %10s %8s %10s %s\n' "imgsrv mirror --server" "$SERVER_S" "$SERVER_MBPS" \
+  row "imgsrv mirror --server" "$SERVER_S" "$SERVER_MBPS" "$SERVER_CPU" \
     "$(ratio "$SERVER_MBPS" "$CURL_MBPS")" "(reported)" ""
 fi
-echo "median of $REPEAT runs each; all runs: curl $(tr '\n' ' ' < "$work/curl.times")s; --data $(tr "\n" " " < "$work/data.times")s"
+echo "median of $REPEAT runs each (seconds, CPU s): curl $(tr '\n' ';' < "$work/curl.times") --data $(tr '\n' ';' < "$work/data.times")"
+echo "CPU s: user + system of the client process and its children (--server: the mirror client only, not the server)"
 if [ "$V" = FAIL ] && [ "$STRICT" = 1 ]; then exit 3; fi
 exit 0
