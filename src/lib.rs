@@ -8,7 +8,9 @@
 //! Incus [`fingerprint`]s.
 //!
 //! Client side: [`client`] speaks the HTTP API, [`image`] reads Incus image
-//! files, [`publish`] uploads, signs and publishes, and [`cli`] is the command line.
+//! files, [`publish`] uploads, signs and publishes, [`mirror`] brings the
+//! images of an upstream Simple Streams server into a [`target`], and [`cli`]
+//! is the command line.
 pub mod admin_cli;
 pub mod app;
 pub mod auth;

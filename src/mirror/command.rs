@@ -14,7 +14,7 @@ use crate::verify::VerifyError;
 /// Arguments of `imgsrv mirror`.
 #[derive(Args, Debug)]
 pub struct MirrorArgs {
-    /// Destination server URL, e.g. https://images.example.org:8443 (needs a
+    /// Destination server URL, e.g. `https://images.example.org:8443` (needs a
     /// content-writer token: --token-file or IMGSRV_TOKEN).
     #[arg(long, value_name = "URL", env = "IMGSRV_SERVER")]
     pub server: Option<String>,

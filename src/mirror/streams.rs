@@ -193,9 +193,11 @@ impl Upstream {
             Some(p) => load_ca(p)?,
             None => system_roots()?,
         };
+        // an https upstream stays https (a redirect to http:// fails)
+        let https = base.starts_with("https://");
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .https_only(false)
+            .https_only(https)
             .max_redirects(5)
             .user_agent(concat!("imgsrv-mirror/", env!("CARGO_PKG_VERSION")))
             .timeout_connect(Some(Duration::from_secs(30)))
