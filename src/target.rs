@@ -131,7 +131,7 @@ impl Manifest {
 
 /// A data directory, written through the server's own code.
 pub struct LocalTarget {
-    pub app: App,
+    pub app: std::sync::Arc<App>,
     actor: String,
 }
 
