@@ -773,7 +773,6 @@ pub fn import(
         .with_context(|| format!("opening {}", bundle.display()))
         .map_err(ImportError::CannotRun)?;
     let sigs = dest.signature_check().map_err(ImportError::CannotRun)?;
-    let staging = dest.staging_dir().map_err(ImportError::CannotRun)?;
     let mut report = ImportReport::default();
 
     let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
@@ -893,18 +892,11 @@ pub fn import(
                     .has_blob(&digest, b.size)
                     .map_err(|e| failed(&name, e, &[]))?;
             if store {
-                dest.store_blob(
-                    &digest,
-                    b.size,
-                    &b.media_type,
-                    &mut entry,
-                    staging.path(),
-                    &member,
-                )
-                .map_err(|e| match e {
-                    BlobError::Content(why) => refused(why),
-                    BlobError::Target(e) => failed(&name, e.context(member.clone()), &[]),
-                })?;
+                dest.store_blob(&digest, b.size, &b.media_type, &mut entry, &member)
+                    .map_err(|e| match e {
+                        BlobError::Content(why) => refused(why),
+                        BlobError::Target(e) => failed(&name, e.context(member.clone()), &[]),
+                    })?;
                 report.blobs_stored += 1;
                 report.bytes_stored += b.size;
             } else {

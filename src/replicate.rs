@@ -234,35 +234,18 @@ impl Destination {
         }
     }
 
-    /// A directory for blobs on their way in: inside the data directory
-    /// (same filesystem as the blob store) for `--data`, else the system
-    /// temporary directory (`TMPDIR`).
-    pub fn staging_dir(&self) -> Result<tempfile::TempDir> {
-        let b = tempfile::Builder::new().prefix("imgsrv-incoming-").clone();
-        match self {
-            Destination::Local(t) => {
-                let dir = t.app.config.data_dir.join("tmp");
-                std::fs::create_dir_all(&dir)?;
-                b.tempdir_in(&dir)
-                    .with_context(|| format!("creating a staging directory in {}", dir.display()))
-            }
-            Destination::Remote(_) => b.tempdir().context("creating a staging directory"),
-        }
-    }
-
     /// Stores exactly `size` bytes read from `reader`, which must hash to
     /// `digest`, checking both while reading. A data directory ingests
-    /// straight from the stream (the blob store writes into its own `tmp/`
-    /// while hashing, then links the file into place); a server gets the
-    /// file from `staging` once it has been checked. `what` names the source
-    /// in messages (a bundle member, a URL).
+    /// straight from the stream: its blob store writes into its own `tmp/`
+    /// (the same filesystem) while hashing, then links the file into place.
+    /// A server gets a temporary file (`TMPDIR`) once it has been checked.
+    /// `what` names the source in messages (a bundle member, a URL).
     pub fn store_blob(
         &self,
         digest: &Digest,
         size: u64,
         media_type: &str,
         reader: &mut dyn Read,
-        staging: &Path,
         what: &str,
     ) -> Result<(), BlobError> {
         let mut r = HashingReader::new(reader.take(size.saturating_add(1)));
@@ -277,19 +260,15 @@ impl Destination {
                 stored.map_err(|e| BlobError::Target(anyhow::Error::new(e)))?;
             }
             Destination::Remote(t) => {
-                let path = staging.join(digest.hex());
-                let copied = std::fs::File::create(&path).and_then(|mut f| {
-                    io::copy(&mut r, &mut f)?;
-                    f.sync_all()
-                });
+                let mut tmp = tempfile::Builder::new()
+                    .prefix("imgsrv-incoming-")
+                    .tempfile()
+                    .map_err(|e| BlobError::Target(anyhow::Error::new(e)))?;
+                let copied = io::copy(&mut r, tmp.as_file_mut());
                 let (got, len) = r.finish();
-                let result =
-                    check_content(what, digest, size, got, len, copied.err()).and_then(|()| {
-                        t.put_blob(digest, size, media_type, &path)
-                            .map_err(BlobError::Target)
-                    });
-                let _ = std::fs::remove_file(&path);
-                result?;
+                check_content(what, digest, size, got, len, copied.err())?;
+                t.put_blob(digest, size, media_type, tmp.path())
+                    .map_err(BlobError::Target)?;
             }
         }
         Ok(())
@@ -493,7 +472,6 @@ pub fn mirror_imgsrv(
         opts.upstream_token.clone(),
     )?;
     let sigs = target.signature_check()?;
-    let staging = target.staging_dir()?;
     let mut report = Report::default();
     let images = up
         .list_images()
@@ -520,7 +498,7 @@ pub fn mirror_imgsrv(
         let mut on_target = BTreeSet::new();
         for version in &versions {
             let label = format!("{name}@{version}");
-            match mirror_version(&up, target, &sigs, &name, version, private, staging.path()) {
+            match mirror_version(&up, target, &sigs, &name, version, private) {
                 Ok(Outcome::Copied {
                     stored,
                     bytes,
@@ -612,7 +590,6 @@ fn mirror_version(
     image: &str,
     version: &str,
     private: bool,
-    staging: &Path,
 ) -> Result<Outcome> {
     let manifest_bytes = up.get_manifest_bytes(image, version)?;
     if let Some(there) = target.published_manifest(image, version)? {
@@ -644,7 +621,7 @@ fn mirror_version(
         let what = format!("{}/v1/blobs/{digest}", up.server());
         let mut body = up.open_blob(&digest)?;
         target
-            .store_blob(&digest, size, &media_type, &mut body, staging, &what)
+            .store_blob(&digest, size, &media_type, &mut body, &what)
             .map_err(anyhow::Error::new)?;
         stored += 1;
         bytes += size;
@@ -696,20 +673,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         crate::app::init(d.path(), &[]).unwrap();
         let dest = Destination::open_data(d.path()).unwrap();
-        let staging = dest.staging_dir().unwrap();
-        assert!(staging.path().starts_with(d.path()));
         let data = b"some blob bytes".to_vec();
         let digest = Digest::of(&data);
         let n = data.len() as u64;
         let store = |bytes: &[u8], size: u64| {
-            dest.store_blob(
-                &digest,
-                size,
-                "x",
-                &mut &bytes[..],
-                staging.path(),
-                "member",
-            )
+            dest.store_blob(&digest, size, "x", &mut &bytes[..], "member")
         };
         let e = store(b"some blob bytez", n).unwrap_err().to_string();
         assert!(e.starts_with("member: sha256 is"), "{e}");

@@ -326,3 +326,106 @@ fn mirroring_into_a_data_directory_filters_and_refuses_untrusted_signatures() {
     assert_eq!(down.status.code(), Some(2), "{}", text(&down));
     let _ = &up.secret;
 }
+
+/// Publishes `img` through the API WITHOUT a signature (only a server in
+/// verification mode off or warn accepts that).
+fn publish_unsigned(server: &TestServer, img: &TestImage, version: &str) {
+    use imgsrv::client::{ApiClient, NewArtifact, NewAttachment};
+    let c = ApiClient::new(
+        &server.url(),
+        Some(&server.cert()),
+        Some(server.admin_token()),
+    )
+    .unwrap();
+    let (meta, meta_size) = c
+        .upload_file(&img.metadata, "application/x-xz", None)
+        .unwrap();
+    let (root, root_size) = c
+        .upload_file(img.rootfs(), "application/vnd.squashfs", None)
+        .unwrap();
+    c.create_image("debian-bookworm", None, None).unwrap();
+    let metadata = [
+        ("os", "Debian"),
+        ("release", "bookworm"),
+        ("architecture", "x86_64"),
+        ("variant", "default"),
+        ("serial", version),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    c.create_version("debian-bookworm", version, &metadata)
+        .unwrap();
+    let art = c
+        .add_artifact(
+            "debian-bookworm",
+            version,
+            &NewArtifact {
+                variant: "default".into(),
+                operating_system: "debian".into(),
+                architecture: "x86_64".into(),
+                format: "squashfs".into(),
+                primary_blob_digest: root,
+                primary_blob_size_bytes: root_size,
+                primary_media_type: "application/vnd.squashfs".into(),
+            },
+        )
+        .unwrap();
+    c.add_attachment(
+        "debian-bookworm",
+        version,
+        &art.id,
+        &NewAttachment {
+            name: "incus.tar.xz".into(),
+            media_type: "application/x-xz".into(),
+            blob_digest: meta,
+            blob_size_bytes: meta_size,
+        },
+    )
+    .unwrap();
+    c.publish("debian-bookworm", version, None).unwrap();
+}
+
+#[test]
+fn versions_published_unsigned_are_skipped_by_mirror_and_export() {
+    let up = TestServer::start_with("[image_verification]\nmode = \"off\"\n");
+    let tmp = temp_dir("mirror-unsigned");
+    let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
+    let signed = make_test_image(tmp.path().join("a"), &["--serial", "20260101_0000"]);
+    let unsigned = make_test_image(tmp.path().join("b"), &["--serial", "20260102_0000"]);
+    publish(&up, &secret, &signed, &[]);
+    publish_unsigned(&up, &unsigned, "20260102_0000");
+    let (st, _) = get(
+        &up,
+        "/v1/images/debian-bookworm/versions/20260102_0000/manifest.minisig",
+    );
+    assert_eq!(st, 404, "the fixture must be unsigned");
+
+    let dir = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&dir)]);
+    imgsrv(&["key", "add", "--data", s(&dir), s(&public)]);
+    let out = mirror(&["--data", s(&dir)], &up, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("WARNING: debian-bookworm@20260102_0000 was published unsigned upstream"),
+        "{t}"
+    );
+    assert!(t.contains("copied debian-bookworm@20260101_0000"), "{t}");
+    assert!(t.contains("1 unsigned skipped"), "{t}");
+    assert_eq!(published_count(&dir), 1);
+
+    let bundle = tmp.path().join("b.tar");
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args(["export", "--data", s(up.data_dir()), "-o", s(&bundle)])
+            .env_remove("IMGSRV_TOKEN"),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("debian-bookworm@20260102_0000 was published unsigned: not exported"),
+        "{t}"
+    );
+    assert!(t.contains("1 version(s)"), "{t}");
+}
