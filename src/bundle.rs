@@ -238,6 +238,9 @@ pub fn export_command(a: ExportArgs) -> Result<()> {
                 bail!("invalid --image glob {g:?}: an image-name glob such as debian-* or *");
             }
         }
+        if let Some(p) = &a.since_bundle {
+            read_index(p).with_context(|| format!("reading {}", p.display()))?;
+        }
         let opts = ExportOptions {
             image_glob: a.image.clone(),
             since: a.since.as_deref().map(parse_since).transpose()?,
