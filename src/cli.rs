@@ -74,6 +74,15 @@ pub enum Command {
     /// Verify an image, then write it into --out DIR for `incus image import`.
     /// Exit 0 verified, 1 verification failed (nothing kept), 2 could not run.
     Pull(PullArgs),
+    /// Copy the published versions of another imgsrv, keeping the publisher's
+    /// manifests and signatures (the target verifies them with its own keys).
+    /// Exit 0 done, 1 some version refused or failed, 2 could not run.
+    MirrorImgsrv(crate::replicate::MirrorImgsrvArgs),
+    /// Write published versions into a bundle file (a tar) for an air-gapped site.
+    Export(crate::bundle::ExportArgs),
+    /// Verify a bundle completely, then publish its versions.
+    /// Exit 0 imported, 1 refused (nothing published) or failed, 2 could not run.
+    Import(crate::bundle::ImportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -510,6 +519,9 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Verify(v) => verify_command(v, None),
         Command::Pull(p) => verify_command(p.verify, Some(p.out)),
+        Command::MirrorImgsrv(a) => crate::replicate::mirror_command(a),
+        Command::Export(a) => crate::bundle::export_command(a),
+        Command::Import(a) => crate::bundle::import_command(a),
     }
 }
 

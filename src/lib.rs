@@ -12,6 +12,7 @@
 pub mod admin_cli;
 pub mod app;
 pub mod auth;
+pub mod bundle;
 pub mod cas;
 pub mod catalog;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod image;
 pub mod manifest;
 pub mod names;
 pub mod publish;
+pub mod replicate;
 pub mod serve;
 pub mod sign;
 pub mod simplestreams;
