@@ -307,7 +307,7 @@ pub struct PublishRecord {
 #[derive(Debug, Clone, Deserialize)]
 pub struct KeyInfo {
     pub name: String,
-    /// 16 upper-case hex digits, as minisign prints it.
+    /// Upper-case hex, as minisign prints it.
     pub key_id: String,
     #[serde(default)]
     pub public_key: Option<String>,
