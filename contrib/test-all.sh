@@ -9,7 +9,8 @@
 #   3. shellcheck on the project's shell scripts
 #   4. cargo fmt --all -- --check
 #   5. cargo clippy --all-targets --locked -- -D warnings
-#   6. cargo test --all-targets --locked, then the doc tests
+#   6. the doc tests, then cargo test --all-targets --locked; the last line sums up
+#      every test binary's results ("tests: N passed, M failed")
 #
 # Tests that share the machine's single Incus daemon serialise themselves (a file lock in
 # tests/support), so the default test threads are fine.
@@ -98,18 +99,27 @@ cargo clippy --all-targets --locked -- -D warnings || die "cargo clippy"
 step "cargo test --all-targets --locked (build)"
 cargo test --all-targets --locked --no-run || die "cargo test build"
 
+step "cargo test --doc --locked"
+timeout --kill-after=30 600 cargo test --doc --locked || die "doc tests"
+
 step "cargo test --all-targets --locked"
 set -- --all-targets --locked
 threads=
 [ -n "${IMGSRV_TEST_THREADS:-}" ] && threads=--test-threads=$IMGSRV_TEST_THREADS
 limit=${IMGSRV_TEST_TIMEOUT:-1800}
+results=$(mktemp)
 rc=0
 # shellcheck disable=SC2086 # $threads is empty or one word
-timeout --kill-after=30 "$limit" cargo test "$@" -- $threads || rc=$?
+{ timeout --kill-after=30 "$limit" cargo test "$@" -- $threads 2>&1 || echo "cargo-test-exit $?"; } | tee "$results"
+rc=$(awk '/^cargo-test-exit / { print $2 }' "$results")
+rc=${rc:-0}
 [ "$rc" = 124 ] && die "cargo test did not finish within ${limit}s"
 [ "$rc" = 0 ] || die "cargo test (exit $rc)"
-
-step "cargo test --doc --locked"
-timeout --kill-after=30 600 cargo test --doc --locked || die "doc tests"
+totals=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  END { printf "%d %d", p, f }' "$results")
+rm -f "$results"
+passed=${totals% *} failed=${totals#* }
+[ "$passed" -gt 0 ] || die "no test ran"
 
 printf '\ntest-all: OK in %ss\n' "$(($(date +%s) - start))"
+printf 'tests: %s passed, %s failed\n' "$passed" "$failed"

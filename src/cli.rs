@@ -78,6 +78,15 @@ pub enum Command {
     /// an incus-simplestreams tree, another imgsrv) into a server or a data directory.
     /// Exit 0 all mirrored, 1 something failed, 2 could not run.
     Mirror(crate::mirror::command::MirrorArgs),
+    /// Copy the published versions of another imgsrv, keeping the publisher's
+    /// manifests and signatures (the target verifies them with its own keys).
+    /// Exit 0 done, 1 some version refused or failed, 2 could not run.
+    MirrorImgsrv(crate::replicate::MirrorImgsrvArgs),
+    /// Write published versions into a bundle file (a tar) for an air-gapped site.
+    Export(crate::bundle::ExportArgs),
+    /// Verify a bundle completely, then publish its versions.
+    /// Exit 0 imported, 1 refused (nothing published) or failed, 2 could not run.
+    Import(crate::bundle::ImportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -515,6 +524,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Verify(v) => verify_command(v, None),
         Command::Pull(p) => verify_command(p.verify, Some(p.out)),
         Command::Mirror(m) => crate::mirror::command::command(m),
+        Command::MirrorImgsrv(a) => crate::replicate::mirror_command(a),
+        Command::Export(a) => crate::bundle::export_command(a),
+        Command::Import(a) => crate::bundle::import_command(a),
     }
 }
 

@@ -307,7 +307,7 @@ pub struct PublishRecord {
 #[derive(Debug, Clone, Deserialize)]
 pub struct KeyInfo {
     pub name: String,
-    /// 16 upper-case hex digits, as minisign prints it.
+    /// Upper-case hex, as minisign prints it.
     pub key_id: String,
     #[serde(default)]
     pub public_key: Option<String>,
@@ -1171,6 +1171,51 @@ impl ApiClient {
         let path = Self::path(&["images", image, "aliases"]);
         let (_, l): (u16, L) = self.call_json("GET", &path, None::<&()>, &[200])?;
         Ok(l.aliases)
+    }
+
+    // ---- Replication and bundles ----
+
+    /// `GET /v1/images/{name}`: the image's visibility (`public` or
+    /// `private`; `public` when the server does not say).
+    pub fn image_visibility(&self, image: &str) -> Result<String, ClientError> {
+        #[derive(Deserialize)]
+        struct V {
+            #[serde(default)]
+            visibility: Option<String>,
+        }
+        let path = Self::path(&["images", image]);
+        let (_, v): (u16, V) = self.call_json("GET", &path, None::<&()>, &[200])?;
+        Ok(v.visibility.unwrap_or_else(|| "public".into()))
+    }
+
+    /// `HEAD /v1/blobs/{digest}`: the stored size, or `None` when the server
+    /// does not have the blob (404; unreferenced blobs are shown only to
+    /// content writers).
+    pub fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, ClientError> {
+        let path = Self::path(&["blobs", &digest.to_string()]);
+        match self.send("HEAD", &path, Body::Empty, &[200]) {
+            Ok((_, resp)) => {
+                let len = resp
+                    .headers()
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        self.protocol("HEAD", &path, "no Content-Length for a blob".into())
+                    })?;
+                Ok(Some(len))
+            }
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v1/blobs/{digest}`: a reader over the blob's bytes. The caller
+    /// checks the digest and size of what it reads.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, ClientError> {
+        let path = Self::path(&["blobs", &digest.to_string()]);
+        let (_, resp) = self.send("GET", &path, Body::Empty, &[200])?;
+        Ok(Box::new(resp.into_body().into_reader()))
     }
 }
 

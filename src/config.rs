@@ -91,6 +91,9 @@ struct RawConfig {
     image_verification: Option<toml::Value>,
     #[serde(default)]
     limits: RawLimits,
+    /// Continuous mirroring jobs, validated by `schedule::parse_jobs`.
+    #[serde(default)]
+    mirror: Vec<toml::Table>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +123,8 @@ pub struct Config {
     pub tls_names: Vec<String>,
     pub verification: VerificationMode,
     pub max_connections: usize,
+    /// `[[mirror]]` entries (see `schedule`).
+    pub mirrors: Vec<toml::Table>,
     /// Problems that did not stop loading (printed loudly at start).
     pub warnings: Vec<String>,
 }
@@ -176,6 +181,7 @@ impl Config {
             tls_names: raw.tls.names,
             verification,
             max_connections,
+            mirrors: raw.mirror,
             warnings: warning.into_iter().collect(),
         })
     }

@@ -14,6 +14,7 @@
 pub mod admin_cli;
 pub mod app;
 pub mod auth;
+pub mod bundle;
 pub mod cas;
 pub mod catalog;
 pub mod cli;
@@ -27,6 +28,7 @@ pub mod manifest;
 pub mod mirror;
 pub mod names;
 pub mod publish;
+pub mod replicate;
 pub mod serve;
 pub mod sign;
 pub mod simplestreams;

@@ -61,7 +61,7 @@ pub struct PublishOutcome {
     pub image: String,
     pub version: String,
     pub manifest_digest: Digest,
-    /// Key id of the signing key (16 upper-case hex digits).
+    /// Key id of the signing key (upper-case hex, as minisign prints it).
     pub signer_key_id: String,
     /// The server's verdict: `verified`, `unverified` or `skipped`.
     pub verification: String,

@@ -112,7 +112,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SignError + '_ {
 #[derive(Debug, Clone)]
 pub struct TrustedKey {
     pub name: String,
-    /// 16 upper-case hex digits, as minisign prints it.
+    /// Upper-case hex, as minisign prints it.
     pub key_id: String,
     pub path: PathBuf,
     /// Scopes and state, from `<name>.toml` beside the key file.
@@ -216,9 +216,10 @@ pub struct Verified {
     pub trusted_comment: String,
 }
 
-/// Formats 8 key-id bytes the way minisign prints them.
+/// Formats 8 key-id bytes the way minisign prints them (`%PRIX64`: upper
+/// hex without leading zeros), so the ids imgsrv shows match the CLI's.
 pub fn key_id_hex(keynum: &[u8; 8]) -> String {
-    format!("{:016X}", u64::from_le_bytes(*keynum))
+    format!("{:X}", u64::from_le_bytes(*keynum))
 }
 
 /// The key id of a secret key, as minisign prints it.

@@ -131,7 +131,7 @@ impl Manifest {
 
 /// A data directory, written through the server's own code.
 pub struct LocalTarget {
-    pub app: App,
+    pub app: std::sync::Arc<App>,
     actor: String,
 }
 
@@ -145,9 +145,18 @@ impl LocalTarget {
             eprintln!("WARNING: {w}");
         }
         Ok(LocalTarget {
-            app: App::open(config)?,
+            app: std::sync::Arc::new(App::open(config)?),
             actor: crate::admin_cli::local_actor(),
         })
+    }
+
+    /// A running server's own App (scheduled mirror jobs); `actor` names the
+    /// job in the audit log and publish records.
+    pub fn with_app(app: std::sync::Arc<App>, actor: &str) -> LocalTarget {
+        LocalTarget {
+            app,
+            actor: actor.to_string(),
+        }
     }
 
     fn audit(&self, action: &str, target: &str, detail: serde_json::Value) -> Result<()> {

@@ -1025,11 +1025,17 @@ fn every_write_and_refusal_is_in_the_append_only_audit_log() {
     assert_eq!(published.len(), 1);
     let detail: Value = serde_json::from_str(published[0]["detail"].as_str().unwrap()).unwrap();
     assert_eq!(detail["manifest_digest"], Digest::of(&m).to_string());
-    assert!(
-        detail["signer_key_id"]
-            .as_str()
-            .is_some_and(|k| k.len() == 16),
-        "{detail}"
+    let minisign_id = std::fs::read_to_string(&key.public).unwrap();
+    let minisign_id = minisign_id
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap();
+    assert_eq!(
+        detail["signer_key_id"], minisign_id,
+        "the id minisign printed"
     );
     let refused = find("publish", "failed");
     assert_eq!(refused.len(), 1, "the refused publish is recorded");

@@ -23,23 +23,6 @@ struct Fixture {
     _tmp: tempfile::TempDir,
 }
 
-fn publish(server: &TestServer, secret: &Path, img: &TestImage, extra: &[&str]) -> String {
-    let mut cmd = Command::new(IMGSRV);
-    cmd.arg("publish")
-        .arg("--server")
-        .arg(server.url())
-        .arg("--ca")
-        .arg(server.cert())
-        .arg("--token-file")
-        .arg(server.admin_token_file())
-        .arg("--key")
-        .arg(secret)
-        .args(extra)
-        .arg(&img.metadata);
-    cmd.args(img.rootfs.iter()).args(img.disk.iter());
-    String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
-}
-
 fn fixture() -> Fixture {
     let server = TestServer::start();
     let tmp = temp_dir("incus-e2e");
@@ -55,12 +38,12 @@ fn fixture() -> Fixture {
     ]);
     let old = make_test_image(tmp.path().join("old"), &["--serial", OLD, "--type", "both"]);
     let new = make_test_image(tmp.path().join("new"), &["--serial", NEW, "--type", "both"]);
-    let out = publish(&server, &secret, &old, &["--alias", "stable"]);
+    let out = publish_image(&server, &secret, &old, &["--alias", "stable"]);
     assert!(
         out.contains(&old.container_fingerprint()) && out.contains(&old.vm_fingerprint()),
         "{out}"
     );
-    let out = publish(&server, &secret, &new, &[]);
+    let out = publish_image(&server, &secret, &new, &[]);
     assert!(
         out.contains(&new.container_fingerprint()) && out.contains(&new.vm_fingerprint()),
         "{out}"
@@ -296,7 +279,7 @@ fn private_images_need_a_readers_credentials_in_the_incus_remote() {
     let (public, secret) = minisign_keypair(tmp.path().join("keys"));
     imgsrv(&["key", "add", "--data", &d, public.to_str().unwrap()]);
     let img = make_test_image(tmp.path().join("img"), &["--serial", OLD]);
-    publish(&server, &secret, &img, &["--private"]);
+    publish_image(&server, &secret, &img, &["--private"]);
 
     // anonymous: nothing there
     let anon = Incus::new(server.cert());

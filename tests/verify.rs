@@ -42,7 +42,7 @@ impl Fixture {
             s(&public),
         ]);
         let img = make_test_image(tmp.path().join("img"), &["--serial", OLD, "--type", "both"]);
-        publish(&server, &secret, &img, &["--alias", "stable"]);
+        publish_image(&server, &secret, &img, &["--alias", "stable"]);
         let keys = tmp.path().join("trusted-keys");
         fs::create_dir_all(&keys).unwrap();
         fs::copy(&public, keys.join("release.pub")).unwrap();
@@ -111,23 +111,6 @@ fn consumer_command(home: &Path) -> Command {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn publish(server: &TestServer, secret: &Path, img: &TestImage, extra: &[&str]) -> String {
-    let mut cmd = Command::new(IMGSRV);
-    cmd.arg("publish")
-        .arg("--server")
-        .arg(server.url())
-        .arg("--ca")
-        .arg(server.cert())
-        .arg("--token-file")
-        .arg(server.admin_token_file())
-        .arg("--key")
-        .arg(secret)
-        .args(extra)
-        .arg(&img.metadata);
-    cmd.args(img.rootfs.iter()).args(img.disk.iter());
-    String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
 }
 
 fn out(o: &Output) -> String {
@@ -199,7 +182,7 @@ fn get(server: &TestServer, path: &str) -> Vec<u8> {
 fn verify_and_pull_pass_on_an_untouched_image() {
     let f = Fixture::new("verify-ok");
     let new = make_test_image(f.path("new"), &["--serial", NEW, "--type", "both"]);
-    publish(&f.server, &f.secret, &new, &[]);
+    publish_image(&f.server, &f.secret, &new, &[]);
     let keys = s(&f.keys);
 
     // IMAGE alone: the newest version.

@@ -212,6 +212,30 @@ pub fn minisign_sign(secret: impl AsRef<Path>, file: impl AsRef<Path>) -> PathBu
     sig
 }
 
+/// `imgsrv publish` of a test image to `server` with its admin token, signed
+/// with `secret`; asserts success and returns stdout.
+pub fn publish_image(
+    server: &TestServer,
+    secret: &Path,
+    img: &TestImage,
+    extra: &[&str],
+) -> String {
+    let mut cmd = Command::new(IMGSRV);
+    cmd.arg("publish")
+        .arg("--server")
+        .arg(server.url())
+        .arg("--ca")
+        .arg(server.cert())
+        .arg("--token-file")
+        .arg(server.admin_token_file())
+        .arg("--key")
+        .arg(secret)
+        .args(extra)
+        .arg(&img.metadata);
+    cmd.args(img.rootfs.iter()).args(img.disk.iter());
+    String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
+}
+
 // ---------------------------------------------------------------------------------------
 // The imgsrv server
 

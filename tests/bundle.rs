@@ -1,0 +1,664 @@
+//! `imgsrv export` / `imgsrv import`: bundles carried across an air gap, with
+//! real servers, the real `minisign`, `sha256sum`, `tar` and `incus` clients.
+
+mod support;
+
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `imgsrv publish` of a metadata tarball and root file(s) into `server`.
+fn publish(server: &TestServer, secret: &Path, metadata: &Path, roots: &[&Path], extra: &[&str]) {
+    run_ok(
+        Command::new(IMGSRV)
+            .arg("publish")
+            .arg("--server")
+            .arg(server.url())
+            .arg("--ca")
+            .arg(server.cert())
+            .arg("--token-file")
+            .arg(server.admin_token_file())
+            .arg("--key")
+            .arg(secret)
+            .args(extra)
+            .arg(metadata)
+            .args(roots),
+    );
+}
+
+fn publish_image(server: &TestServer, secret: &Path, img: &TestImage, extra: &[&str]) {
+    let roots: Vec<&Path> = img
+        .rootfs
+        .iter()
+        .chain(img.disk.iter())
+        .map(|p| p.as_path())
+        .collect();
+    publish(server, secret, &img.metadata, &roots, extra);
+}
+
+fn trust(data: &Path, public: &Path) {
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        s(data),
+        "--name",
+        "publisher",
+        s(public),
+    ]);
+}
+
+fn export(args: &[&str]) -> Output {
+    run_any(Command::new(IMGSRV).arg("export").args(args))
+}
+
+fn import_into(data: &Path, bundle: &Path) -> Output {
+    run_any(
+        Command::new(IMGSRV)
+            .args(["import", "--data", s(data)])
+            .arg(bundle),
+    )
+}
+
+/// Anonymous `GET /v1/images`: the image names anyone can see.
+fn visible_images(server: &TestServer) -> Vec<String> {
+    let mut resp = server
+        .agent()
+        .get(format!("{}/v1/images", server.url()))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = serde_json::from_slice(&resp.body_mut().read_to_vec().unwrap()).unwrap();
+    v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn get_bytes(server: &TestServer, path: &str) -> Vec<u8> {
+    let mut resp = server
+        .agent()
+        .get(format!("{}{path}", server.url()))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{path}");
+    resp.body_mut().read_to_vec().unwrap()
+}
+
+fn published(data: &Path) -> Vec<String> {
+    let out = run_ok(Command::new("sqlite3").arg(data.join("catalog.db")).arg(
+        "SELECT i.name || '@' || v.version FROM image_versions v JOIN images i ON i.id = v.image_id \
+         WHERE v.state = 'published' ORDER BY 1",
+    ));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The members of a tar: (name, data offset, size), in order.
+fn members(bundle: &Path) -> Vec<(String, u64, u64)> {
+    let mut ar = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    ar.entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                String::from_utf8(e.path_bytes().to_vec()).unwrap(),
+                e.raw_file_position(),
+                e.size(),
+            )
+        })
+        .collect()
+}
+
+fn bundle_index(bundle: &Path) -> Value {
+    let mut ar = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    let mut first = ar.entries().unwrap().next().unwrap().unwrap();
+    let mut v = Vec::new();
+    first.read_to_end(&mut v).unwrap();
+    serde_json::from_slice(&v).unwrap()
+}
+
+/// A copy of `bundle` with one byte flipped at `offset` bytes into `member`.
+fn tampered(bundle: &Path, member: &str, offset: u64, out: &Path) -> PathBuf {
+    let (_, pos, size) = members(bundle)
+        .into_iter()
+        .find(|m| m.0 == member)
+        .unwrap_or_else(|| panic!("no member {member}"));
+    assert!(offset < size);
+    let mut bytes = std::fs::read(bundle).unwrap();
+    bytes[(pos + offset) as usize] ^= 0x01;
+    std::fs::write(out, bytes).unwrap();
+    out.to_path_buf()
+}
+
+/// A source server with a trusted publisher key.
+struct Source {
+    server: TestServer,
+    public: PathBuf,
+    secret: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+fn source() -> Source {
+    let server = TestServer::start();
+    let tmp = temp_dir("bundle");
+    let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
+    trust(server.data_dir(), &public);
+    Source {
+        server,
+        public,
+        secret,
+        tmp,
+    }
+}
+
+fn incus_fingerprints(server: &TestServer) -> BTreeSet<String> {
+    let incus = Incus::new(server.cert());
+    incus.remote_add("r", &server.url());
+    incus
+        .json(&["image", "list", "r:"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["fingerprint"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn export_from_a_data_dir_imports_into_a_site_trusting_the_same_publisher() {
+    let src = source();
+    let a = make_test_image(
+        src.tmp.path().join("a"),
+        &["--serial", "20260101_0000", "--type", "both"],
+    );
+    let b = make_test_image(src.tmp.path().join("b"), &["--serial", "20260102_0000"]);
+    publish_image(&src.server, &src.secret, &a, &["--alias", "stable"]);
+    publish_image(&src.server, &src.secret, &b, &[]);
+    let bundle = src.tmp.path().join("release.tar");
+    let out = export(&["--data", s(src.server.data_dir()), "-o", s(&bundle)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("2 version(s), 5 blob(s)"),
+        "{}",
+        text(&out)
+    );
+
+    // the layout: index first, SHA256SUMS last, checkable with the usual tools
+    let m = members(&bundle);
+    assert_eq!(m[0].0, "imgsrv-bundle.json");
+    assert_eq!(m.last().unwrap().0, "SHA256SUMS");
+    for want in [
+        "manifests/debian-bookworm/20260101_0000.json",
+        "manifests/debian-bookworm/20260101_0000.json.minisig",
+    ] {
+        assert!(m.iter().any(|x| x.0 == want), "{want} missing: {m:?}");
+    }
+    let blobs = m
+        .iter()
+        .filter(|x| x.0.starts_with("blobs/sha256/"))
+        .count();
+    assert_eq!(blobs, 5, "each blob once: {m:?}");
+    let x = src.tmp.path().join("extracted");
+    std::fs::create_dir_all(&x).unwrap();
+    run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&bundle)
+            .arg("-C")
+            .arg(&x),
+    );
+    let sums = run_any(
+        Command::new("sha256sum")
+            .args(["-c", "--strict", "SHA256SUMS"])
+            .current_dir(&x),
+    );
+    assert!(sums.status.success(), "{}", text(&sums));
+    let v = run_any(
+        Command::new("minisign")
+            .arg("-V")
+            .arg("-p")
+            .arg(&src.public)
+            .arg("-m")
+            .arg(x.join("manifests/debian-bookworm/20260102_0000.json")),
+    );
+    assert!(
+        v.status.success(),
+        "the publisher's signature: {}",
+        text(&v)
+    );
+    let index = bundle_index(&bundle);
+    assert_eq!(index["format"], "imgsrv-bundle");
+    assert_eq!(index["versions"][0]["aliases"][0], "stable");
+
+    // the far side: a site that trusts the same publisher key (and only it)
+    let dst = TestServer::start();
+    trust(dst.data_dir(), &src.public);
+    let imported = import_into(dst.data_dir(), &bundle);
+    assert!(imported.status.success(), "{}", text(&imported));
+    assert!(
+        text(&imported).contains("imported 2 version(s)"),
+        "{}",
+        text(&imported)
+    );
+    assert_eq!(visible_images(&dst), ["debian-bookworm"]);
+    for v in ["20260101_0000", "20260102_0000"] {
+        let p = format!("/v1/images/debian-bookworm/versions/{v}");
+        for suffix in ["/manifest", "/manifest.minisig"] {
+            assert_eq!(
+                get_bytes(&dst, &format!("{p}{suffix}")),
+                get_bytes(&src.server, &format!("{p}{suffix}"))
+            );
+        }
+    }
+    // the real incus client sees the same images on both sides
+    let want: BTreeSet<String> = [
+        a.container_fingerprint(),
+        a.vm_fingerprint(),
+        b.container_fingerprint(),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(incus_fingerprints(&src.server), want);
+    assert_eq!(incus_fingerprints(&dst), want);
+    let aliases = String::from_utf8_lossy(&get_bytes(&dst, "/v1/images/debian-bookworm/aliases"))
+        .into_owned();
+    assert!(aliases.contains("\"stable\""), "{aliases}");
+
+    // re-importing is a no-op, and says so
+    let again = import_into(dst.data_dir(), &bundle);
+    assert!(again.status.success(), "{}", text(&again));
+    let t = text(&again);
+    assert!(t.contains("nothing to import"), "{t}");
+    assert!(t.contains("already published"), "{t}");
+    assert!(!t.contains("imported "), "{t}");
+
+    // export through the API gives the same versions, blobs and bytes
+    let via_api = src.tmp.path().join("api.tar");
+    let out = export(&[
+        "--server",
+        &src.server.url(),
+        "--ca",
+        s(&src.server.cert()),
+        "-o",
+        s(&via_api),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let names = |b: &Path| -> Vec<String> { members(b).into_iter().map(|m| m.0).collect() };
+    assert_eq!(names(&via_api), names(&bundle));
+    let api_index = bundle_index(&via_api);
+    assert_eq!(api_index["versions"], index["versions"]);
+    assert_eq!(api_index["blobs"], index["blobs"]);
+}
+
+#[test]
+fn tampered_or_untrusted_bundles_are_refused_and_publish_nothing() {
+    let src = source();
+    let a = make_test_image(src.tmp.path().join("a"), &["--serial", "20260101_0000"]);
+    let b = make_test_image(src.tmp.path().join("b"), &["--serial", "20260102_0000"]);
+    publish_image(&src.server, &src.secret, &a, &[]);
+    publish_image(&src.server, &src.secret, &b, &[]);
+    let bundle = src.tmp.path().join("good.tar");
+    let out = export(&["--data", s(src.server.data_dir()), "-o", s(&bundle)]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let dst = TestServer::start();
+    trust(dst.data_dir(), &src.public);
+    // the largest blob (a rootfs), flipped in its middle
+    let (blob, blob_size) = members(&bundle)
+        .into_iter()
+        .filter(|m| m.0.starts_with("blobs/"))
+        .max_by_key(|m| m.2)
+        .map(|m| (m.0, m.2))
+        .unwrap();
+    let manifest = "manifests/debian-bookworm/20260102_0000.json";
+    let sig = "manifests/debian-bookworm/20260102_0000.json.minisig";
+    // offset into the signature: inside its base64 signature line (line 2)
+    let sig_offset = {
+        let mut ar = tar::Archive::new(std::fs::File::open(&bundle).unwrap());
+        let mut e = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.path_bytes().as_ref() == sig.as_bytes())
+            .unwrap();
+        let mut t = String::new();
+        e.read_to_string(&mut t).unwrap();
+        (t.find('\n').unwrap() + 20) as u64
+    };
+    for (member, offset) in [
+        (blob.as_str(), blob_size / 2),
+        (manifest, 40),
+        (sig, sig_offset),
+    ] {
+        let bad = tampered(
+            &bundle,
+            member,
+            offset,
+            &src.tmp.path().join("tampered.tar"),
+        );
+        let out = import_into(dst.data_dir(), &bad);
+        assert_eq!(out.status.code(), Some(1), "{member}: {}", text(&out));
+        let t = text(&out);
+        assert!(t.contains(member), "the message must name {member}: {t}");
+        assert!(
+            t.contains("refused") && t.contains("nothing from it was published"),
+            "{t}"
+        );
+        assert!(
+            visible_images(&dst).is_empty(),
+            "{member}: something was published"
+        );
+        assert!(published(dst.data_dir()).is_empty());
+    }
+    // a flipped byte in the signature's untrusted comment still verifies,
+    // but SHA256SUMS catches it
+    let bad = tampered(&bundle, sig, 25, &src.tmp.path().join("comment.tar"));
+    let out = import_into(dst.data_dir(), &bad);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(sig) && text(&out).contains("SHA256SUMS"),
+        "{}",
+        text(&out)
+    );
+    assert!(visible_images(&dst).is_empty());
+    // a truncated bundle
+    let bytes = std::fs::read(&bundle).unwrap();
+    let cut = src.tmp.path().join("cut.tar");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = import_into(dst.data_dir(), &cut);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(visible_images(&dst).is_empty());
+
+    // a site that does not trust the publisher's key (enforce): refused
+    let tmp = temp_dir("bundle-untrusted");
+    let other_site = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&other_site)]);
+    let (other, _) = minisign_keypair(tmp.path().join("other"));
+    trust(&other_site, &other);
+    let out = import_into(&other_site, &bundle);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("manifests/debian-bookworm/20260101_0000.json.minisig")
+            && t.contains("not a trusted publisher key"),
+        "{t}"
+    );
+    assert!(published(&other_site).is_empty());
+    // and through the API of a server that does not trust it
+    let other_server = TestServer::start();
+    trust(other_server.data_dir(), &other);
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args(["import", "--server", &other_server.url(), "--ca"])
+            .arg(other_server.cert())
+            .arg("--token-file")
+            .arg(other_server.admin_token_file())
+            .arg(&bundle),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("not a trusted publisher key"),
+        "{}",
+        text(&out)
+    );
+    assert!(visible_images(&other_server).is_empty());
+
+    // could not run: no such bundle (2)
+    let missing = import_into(dst.data_dir(), &src.tmp.path().join("nope.tar"));
+    assert_eq!(missing.status.code(), Some(2), "{}", text(&missing));
+
+    // the intact bundle still imports (through the API, this time)
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args(["import", "--server", &dst.url(), "--ca"])
+            .arg(dst.cert())
+            .arg("--token-file")
+            .arg(dst.admin_token_file())
+            .arg(&bundle),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        published(dst.data_dir()),
+        [
+            "debian-bookworm@20260101_0000",
+            "debian-bookworm@20260102_0000"
+        ]
+    );
+}
+
+#[test]
+fn incremental_bundles_carry_only_what_is_new() {
+    let src = source();
+    let v1 = make_test_image(src.tmp.path().join("v1"), &["--serial", "20260101_0000"]);
+    let v2 = make_test_image(src.tmp.path().join("v2"), &["--serial", "20260102_0000"]);
+    publish(
+        &src.server,
+        &src.secret,
+        &v1.metadata,
+        &[v1.rootfs()],
+        &["--alias", "stable"],
+    );
+    let old = src.tmp.path().join("old.tar");
+    let out = export(&["--data", s(src.server.data_dir()), "-o", s(&old)]);
+    assert!(out.status.success(), "{}", text(&out));
+    // the second version shares the first one's rootfs
+    std::thread::sleep(Duration::from_millis(20));
+    let between = chrono_now();
+    publish(
+        &src.server,
+        &src.secret,
+        &v2.metadata,
+        &[v1.rootfs()],
+        &["--alias", "stable"],
+    );
+
+    let new = src.tmp.path().join("new.tar");
+    let out = export(&[
+        "--data",
+        s(src.server.data_dir()),
+        "--since-bundle",
+        s(&old),
+        "-o",
+        s(&new),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let index = bundle_index(&new);
+    let versions: Vec<&str> = index["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["20260102_0000"]);
+    let blob_names = |b: &Path| -> BTreeSet<String> {
+        members(b)
+            .into_iter()
+            .map(|m| m.0)
+            .filter(|n| n.starts_with("blobs/"))
+            .collect()
+    };
+    let (old_blobs, new_blobs) = (blob_names(&old), blob_names(&new));
+    assert_eq!(
+        new_blobs.len(),
+        1,
+        "only the new metadata tarball: {new_blobs:?}"
+    );
+    assert!(old_blobs.is_disjoint(&new_blobs));
+    let rootfs = format!("sha256:{}", sha256_file(v1.rootfs()));
+    assert_eq!(index["requires_blobs"][0]["digest"], rootfs.as_str());
+
+    // --since DATE: the new version only, but with every blob it needs
+    let dated = src.tmp.path().join("dated.tar");
+    let out = export(&[
+        "--data",
+        s(src.server.data_dir()),
+        "--since",
+        &between,
+        "-o",
+        s(&dated),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        bundle_index(&dated)["versions"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(blob_names(&dated).len(), 2);
+
+    // the new bundle alone cannot complete an empty site
+    let tmp = temp_dir("bundle-incr");
+    let site = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&site)]);
+    trust(&site, &src.public);
+    let out = import_into(&site, &new);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("incomplete") && t.contains(&rootfs) && t.contains("import that bundle first"),
+        "{t}"
+    );
+    assert!(published(&site).is_empty());
+    // old, then new: both
+    let out = import_into(&site, &old);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = import_into(&site, &new);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("alias debian-bookworm:stable -> 20260102_0000"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        published(&site),
+        [
+            "debian-bookworm@20260101_0000",
+            "debian-bookworm@20260102_0000"
+        ]
+    );
+    // the dated bundle is then a no-op
+    let out = import_into(&site, &dated);
+    assert!(text(&out).contains("nothing to import"), "{}", text(&out));
+}
+
+fn chrono_now() -> String {
+    let out = run_ok(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%S.%NZ"]));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Files in the blob store (`DATA/sha256/ab/cd/<hex>`).
+fn stored_blobs(data: &Path) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let Ok(a) = std::fs::read_dir(data.join("sha256")) else {
+        return found;
+    };
+    for a in a.flatten() {
+        for b in std::fs::read_dir(a.path()).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(b.path()).into_iter().flatten().flatten() {
+                found.insert(f.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn an_interrupted_import_resumes_and_never_shows_a_partial_version() {
+    let src = source();
+    let serials = ["20260101_0000", "20260102_0000", "20260103_0000"];
+    for serial in serials {
+        let img = make_test_image(
+            src.tmp.path().join(serial),
+            &["--serial", serial, "--pad-mib", "64"],
+        );
+        publish_image(&src.server, &src.secret, &img, &[]);
+        std::fs::remove_dir_all(&img.dir).unwrap();
+    }
+    let bundle = src.tmp.path().join("big.tar");
+    let out = export(&["--data", s(src.server.data_dir()), "-o", s(&bundle)]);
+    assert!(out.status.success(), "{}", text(&out));
+    drop(src.server);
+
+    let dst = TestServer::start();
+    trust(dst.data_dir(), &src.public);
+    let before = stored_blobs(dst.data_dir());
+    let mut child = Command::new(IMGSRV)
+        .args(["import", "--data", s(dst.data_dir())])
+        .arg(&bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mut checks = 0;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the import finished ({status}) before it could be interrupted");
+        }
+        // two blobs in: the first one's catalog row is surely written (the
+        // blob being linked at the kill may not have its row yet)
+        if stored_blobs(dst.data_dir()).len() >= before.len() + 2 {
+            break;
+        }
+        if checks % 20 == 0 {
+            assert!(visible_images(&dst).is_empty(), "visible during the import");
+        }
+        checks += 1;
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no blob was ever stored"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "not killed: {status}");
+    let kept = stored_blobs(dst.data_dir());
+    let stored_before_kill = kept.len() - before.len();
+    assert!((2..6).contains(&stored_before_kill), "{stored_before_kill}");
+    assert!(
+        visible_images(&dst).is_empty(),
+        "a partial import is visible"
+    );
+    assert!(published(dst.data_dir()).is_empty());
+
+    let out = import_into(dst.data_dir(), &bundle);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("imported 3 version(s)"), "{t}");
+    // what the killed run stored is not stored again (at most the one whose
+    // catalog row was not written yet)
+    let present: u64 = t
+        .split(" already there")
+        .next()
+        .and_then(|x| x.rsplit(", ").next())
+        .and_then(|x| x.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no 'already there' count: {t}"));
+    assert!(
+        present + 1 >= stored_before_kill as u64 && present >= 1,
+        "{t}"
+    );
+    assert_eq!(visible_images(&dst), ["debian-bookworm"]);
+    assert_eq!(published(dst.data_dir()).len(), 3);
+    assert_eq!(stored_blobs(dst.data_dir()).len(), before.len() + 6);
+}

@@ -1,0 +1,431 @@
+//! `imgsrv mirror-imgsrv`: one real imgsrv copied into another (a server and a
+//! data directory), keeping the publisher's manifests and signatures.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use support::*;
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn publish(server: &TestServer, secret: &Path, img: &TestImage, extra: &[&str]) {
+    let mut cmd = Command::new(IMGSRV);
+    cmd.arg("publish")
+        .arg("--server")
+        .arg(server.url())
+        .arg("--ca")
+        .arg(server.cert())
+        .arg("--token-file")
+        .arg(server.admin_token_file())
+        .arg("--key")
+        .arg(secret)
+        .args(extra)
+        .arg(&img.metadata);
+    cmd.args(img.rootfs.iter()).args(img.disk.iter());
+    run_ok(&mut cmd);
+}
+
+/// Anonymous GET: (status, body).
+fn get(server: &TestServer, path: &str) -> (u16, Vec<u8>) {
+    let mut resp = server
+        .agent()
+        .get(format!("{}{path}", server.url()))
+        .call()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .unwrap();
+    (status, body)
+}
+
+fn get_json(server: &TestServer, path: &str) -> serde_json::Value {
+    let (status, body) = get(server, path);
+    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn published_count(data: &Path) -> u64 {
+    let out = run_ok(
+        Command::new("sqlite3")
+            .arg(data.join("catalog.db"))
+            .arg("SELECT count(*) FROM image_versions WHERE state = 'published'"),
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn mirror(target: &[&str], upstream: &TestServer, extra: &[&str]) -> Output {
+    run_any(
+        Command::new(IMGSRV)
+            .arg("mirror-imgsrv")
+            .args(target)
+            .arg("--upstream-ca")
+            .arg(upstream.cert())
+            .args(extra)
+            .arg(upstream.url())
+            .env_remove("IMGSRV_TOKEN"),
+    )
+}
+
+const VERSIONS: [(&str, &str); 3] = [
+    ("debian-bookworm", "20260101_0000"),
+    ("debian-bookworm", "20260102_0000"),
+    ("ubuntu-noble", "20260103_0000"),
+];
+
+struct Upstream {
+    server: TestServer,
+    public: PathBuf,
+    secret: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+fn upstream() -> Upstream {
+    let server = TestServer::start();
+    let tmp = temp_dir("mirror");
+    let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        s(server.data_dir()),
+        "--name",
+        "release",
+        s(&public),
+    ]);
+    let a1 = make_test_image(tmp.path().join("a1"), &["--serial", VERSIONS[0].1]);
+    let a2 = make_test_image(
+        tmp.path().join("a2"),
+        &["--serial", VERSIONS[1].1, "--type", "both"],
+    );
+    let b1 = make_test_image(
+        tmp.path().join("b1"),
+        &[
+            "--os",
+            "Ubuntu",
+            "--release",
+            "noble",
+            "--serial",
+            VERSIONS[2].1,
+        ],
+    );
+    publish(&server, &secret, &a1, &["--alias", "stable"]);
+    publish(&server, &secret, &a2, &["--alias", "edge"]);
+    publish(&server, &secret, &b1, &[]);
+    Upstream {
+        server,
+        public,
+        secret,
+        tmp,
+    }
+}
+
+#[test]
+fn mirroring_keeps_the_original_signatures_and_a_second_run_copies_nothing() {
+    let up = upstream();
+    let down = TestServer::start();
+    // the downstream trusts only the original publisher's key
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        s(down.data_dir()),
+        "--name",
+        "origin",
+        s(&up.public),
+    ]);
+    let (url, cert, token) = (down.url(), down.cert(), down.admin_token_file());
+    let target = [
+        "--server",
+        &url,
+        "--ca",
+        s(&cert),
+        "--token-file",
+        s(&token),
+    ];
+    let first = mirror(&target, &up.server, &[]);
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("mirrored 3 version(s)"),
+        "{}",
+        text(&first)
+    );
+
+    let work = up.tmp.path().join("check");
+    std::fs::create_dir_all(&work).unwrap();
+    for (image, version) in VERSIONS {
+        let base = format!("/v1/images/{image}/versions/{version}");
+        let (st, manifest) = get(&down, &format!("{base}/manifest"));
+        assert_eq!(st, 200, "{image}@{version} not published downstream");
+        let (_, up_manifest) = get(&up.server, &format!("{base}/manifest"));
+        assert_eq!(manifest, up_manifest, "manifest bytes differ");
+        let (st, sig) = get(&down, &format!("{base}/manifest.minisig"));
+        assert_eq!(st, 200);
+        let (_, up_sig) = get(&up.server, &format!("{base}/manifest.minisig"));
+        assert_eq!(sig, up_sig, "the signature was not kept as it was");
+        // the real minisign, with the ORIGINAL publisher's public key
+        let (m, x) = (
+            work.join(format!("{image}-{version}.json")),
+            work.join(format!("{image}-{version}.json.minisig")),
+        );
+        std::fs::write(&m, &manifest).unwrap();
+        std::fs::write(&x, &sig).unwrap();
+        let v = run_any(
+            Command::new("minisign")
+                .arg("-V")
+                .arg("-p")
+                .arg(&up.public)
+                .arg("-m")
+                .arg(&m)
+                .arg("-x")
+                .arg(&x),
+        );
+        assert!(v.status.success(), "minisign -V: {}", text(&v));
+        // the blobs are served downstream, and are the upstream's
+        let view = get_json(&down, &base);
+        let up_view = get_json(&up.server, &base);
+        let fps = |v: &serde_json::Value| {
+            let mut f: Vec<String> = v["publication"]["fingerprints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| format!("{}:{}", f["type"], f["fingerprint"]))
+                .collect();
+            f.sort();
+            f
+        };
+        assert!(!fps(&view).is_empty());
+        assert_eq!(fps(&view), fps(&up_view), "Incus fingerprints differ");
+        let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        for a in parsed["artifacts"].as_array().unwrap() {
+            let d = a["digest"].as_str().unwrap();
+            let (st, body) = get(&down, &format!("/v1/blobs/{d}"));
+            assert_eq!(st, 200);
+            assert_eq!(body.len() as u64, a["size"].as_u64().unwrap());
+        }
+    }
+    // the downstream trusts exactly one key: the original publisher's
+    let keys = get_json(&down, "/v1/keys");
+    let keys = keys["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let pub_text = std::fs::read_to_string(&up.public).unwrap();
+    assert_eq!(
+        keys[0]["public_key"].as_str().unwrap().lines().nth(1),
+        pub_text.lines().nth(1)
+    );
+    let aliases = get_json(&down, "/v1/images/debian-bookworm/aliases");
+    let mut pairs: Vec<(String, String)> = aliases["aliases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["alias"].as_str().unwrap().to_string(),
+                a["version"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    pairs.sort();
+    assert_eq!(
+        pairs,
+        [
+            ("edge".to_string(), VERSIONS[1].1.to_string()),
+            ("stable".to_string(), VERSIONS[0].1.to_string())
+        ]
+    );
+
+    // a second run copies nothing
+    let second = mirror(&target, &up.server, &[]);
+    assert!(second.status.success(), "{}", text(&second));
+    let t = text(&second);
+    assert!(t.contains("mirrored 0 version(s)"), "{t}");
+    assert!(t.contains("0 blob(s), 0 bytes stored"), "{t}");
+    assert!(t.contains("3 already published"), "{t}");
+    assert!(t.contains("0 alias(es) set"), "{t}");
+    assert!(!t.contains("\nalias "), "{t}");
+}
+
+#[test]
+fn mirroring_into_a_data_directory_filters_and_refuses_untrusted_signatures() {
+    let up = upstream();
+    let tmp = temp_dir("mirror-dir");
+    let dir = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&dir)]);
+    let (other, _) = minisign_keypair(tmp.path().join("other"));
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        s(&dir),
+        "--name",
+        "other",
+        s(&other),
+    ]);
+    let target = ["--data", s(&dir)];
+    let filter = ["--image", "debian-*", "--latest", "1"];
+
+    // enforce (the default) with a key the publisher did not use: refused
+    let refused = mirror(&target, &up.server, &filter);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    let t = text(&refused);
+    assert!(
+        t.contains("debian-bookworm@20260102_0000") && t.contains("not a trusted publisher key"),
+        "{t}"
+    );
+    assert!(!t.contains("ubuntu") && !t.contains("20260101_0000"), "{t}");
+    assert_eq!(published_count(&dir), 0);
+
+    // trusting the publisher: only the newest debian version comes over
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        s(&dir),
+        "--name",
+        "origin",
+        s(&up.public),
+    ]);
+    let ok = mirror(&target, &up.server, &filter);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(
+        text(&ok).contains("copied debian-bookworm@20260102_0000"),
+        "{}",
+        text(&ok)
+    );
+    assert_eq!(published_count(&dir), 1);
+    // its alias came along; the alias of the version not mirrored did not
+    let aliases = run_ok(Command::new("sqlite3").arg(dir.join("catalog.db")).arg(
+        "SELECT a.alias || '=' || v.version FROM aliases a JOIN image_versions v ON v.id = a.version_id ORDER BY a.alias",
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&aliases.stdout).trim(),
+        "edge=20260102_0000"
+    );
+
+    // unreachable upstream: could not run (2)
+    let port = free_port();
+    let down = run_any(
+        Command::new(IMGSRV)
+            .args(["mirror-imgsrv", "--data", s(&dir)])
+            .arg(format!("https://127.0.0.1:{port}")),
+    );
+    assert_eq!(down.status.code(), Some(2), "{}", text(&down));
+    let _ = &up.secret;
+}
+
+/// Publishes `img` through the API WITHOUT a signature (only a server in
+/// verification mode off or warn accepts that).
+fn publish_unsigned(server: &TestServer, img: &TestImage, version: &str) {
+    use imgsrv::client::{ApiClient, NewArtifact, NewAttachment};
+    let c = ApiClient::new(
+        &server.url(),
+        Some(&server.cert()),
+        Some(server.admin_token()),
+    )
+    .unwrap();
+    let (meta, meta_size) = c
+        .upload_file(&img.metadata, "application/x-xz", None)
+        .unwrap();
+    let (root, root_size) = c
+        .upload_file(img.rootfs(), "application/vnd.squashfs", None)
+        .unwrap();
+    c.create_image("debian-bookworm", None, None).unwrap();
+    let metadata = [
+        ("os", "Debian"),
+        ("release", "bookworm"),
+        ("architecture", "x86_64"),
+        ("variant", "default"),
+        ("serial", version),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    c.create_version("debian-bookworm", version, &metadata)
+        .unwrap();
+    let art = c
+        .add_artifact(
+            "debian-bookworm",
+            version,
+            &NewArtifact {
+                variant: "default".into(),
+                operating_system: "debian".into(),
+                architecture: "x86_64".into(),
+                format: "squashfs".into(),
+                primary_blob_digest: root,
+                primary_blob_size_bytes: root_size,
+                primary_media_type: "application/vnd.squashfs".into(),
+            },
+        )
+        .unwrap();
+    c.add_attachment(
+        "debian-bookworm",
+        version,
+        &art.id,
+        &NewAttachment {
+            name: "incus.tar.xz".into(),
+            media_type: "application/x-xz".into(),
+            blob_digest: meta,
+            blob_size_bytes: meta_size,
+        },
+    )
+    .unwrap();
+    c.publish("debian-bookworm", version, None).unwrap();
+}
+
+#[test]
+fn versions_published_unsigned_are_skipped_by_mirror_and_export() {
+    let up = TestServer::start_with("[image_verification]\nmode = \"off\"\n");
+    let tmp = temp_dir("mirror-unsigned");
+    let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
+    let signed = make_test_image(tmp.path().join("a"), &["--serial", "20260101_0000"]);
+    let unsigned = make_test_image(tmp.path().join("b"), &["--serial", "20260102_0000"]);
+    publish(&up, &secret, &signed, &[]);
+    publish_unsigned(&up, &unsigned, "20260102_0000");
+    let (st, _) = get(
+        &up,
+        "/v1/images/debian-bookworm/versions/20260102_0000/manifest.minisig",
+    );
+    assert_eq!(st, 404, "the fixture must be unsigned");
+
+    let dir = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&dir)]);
+    imgsrv(&["key", "add", "--data", s(&dir), s(&public)]);
+    let out = mirror(&["--data", s(&dir)], &up, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("WARNING: debian-bookworm@20260102_0000 was published unsigned upstream"),
+        "{t}"
+    );
+    assert!(t.contains("copied debian-bookworm@20260101_0000"), "{t}");
+    assert!(t.contains("1 unsigned skipped"), "{t}");
+    assert_eq!(published_count(&dir), 1);
+
+    let bundle = tmp.path().join("b.tar");
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args(["export", "--data", s(up.data_dir()), "-o", s(&bundle)])
+            .env_remove("IMGSRV_TOKEN"),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("debian-bookworm@20260102_0000 was published unsigned: not exported"),
+        "{t}"
+    );
+    assert!(t.contains("1 version(s)"), "{t}");
+}
