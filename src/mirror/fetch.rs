@@ -38,15 +38,26 @@ use crate::target::Target;
 pub const ATTEMPTS: u32 = 3;
 const BUF: usize = 1 << 20;
 
-/// The staging directory, locked for one mirror run at a time.
+/// The staging directory, locked for one mirror run at a time (runs that
+/// share it take turns).
 pub struct Staging {
     dir: PathBuf,
     _lock: File,
 }
 
 impl Staging {
-    /// Creates (mode 0700) and locks `dir`; fails when another mirror holds it.
+    /// Creates (mode 0700) and locks `dir`; `None` when another mirror run
+    /// holds it.
+    pub fn try_open(dir: &Path) -> Result<Option<Staging>> {
+        Self::lock(dir, false)
+    }
+
+    /// Like [`Staging::try_open`], waiting for the other run to finish.
     pub fn open(dir: &Path) -> Result<Staging> {
+        Self::lock(dir, true)?.context("the staging directory lock")
+    }
+
+    fn lock(dir: &Path, wait: bool) -> Result<Option<Staging>> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -59,18 +70,27 @@ impl Staging {
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
-        // SAFETY: flock(2) on a descriptor we own.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            bail!(
-                "another imgsrv mirror is using the staging directory {}",
-                dir.display()
-            );
+        let op = if wait {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
+        loop {
+            // SAFETY: flock(2) on a descriptor we own.
+            if unsafe { libc::flock(lock.as_raw_fd(), op) } == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock if !wait => return Ok(None),
+                _ => bail!("locking {}: {e}", lock_path.display()),
+            }
         }
-        Ok(Staging {
+        Ok(Some(Staging {
             dir: dir.to_path_buf(),
             _lock: lock,
-        })
+        }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -720,7 +740,10 @@ mod tests {
         let up = Upstream::new(&format!("http://127.0.0.1:{port}"), None).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let staging = Staging::open(dir.path()).unwrap();
-        assert!(Staging::open(dir.path()).is_err(), "second lock taken");
+        assert!(
+            Staging::try_open(dir.path()).unwrap().is_none(),
+            "second lock taken"
+        );
         let e = run_one(&up, &staging, job(b"x")).unwrap_err();
         assert!(e.contains("HTTP 404"), "{e}");
         assert_eq!(hits.load(Ordering::Relaxed), 1);

@@ -393,7 +393,17 @@ pub fn run(
 
     if !todo.is_empty() {
         let staging_dir = opts.staging_dir.clone().unwrap_or_else(default_staging_dir);
-        let staging = Staging::open(&staging_dir)?;
+        let staging = match Staging::try_open(&staging_dir)? {
+            Some(s) => s,
+            None => {
+                writeln!(
+                    out,
+                    "waiting for another mirror run using {}",
+                    staging_dir.display()
+                )?;
+                Staging::open(&staging_dir)?
+            }
+        };
         mirror_versions(
             opts,
             target,
