@@ -39,8 +39,19 @@ pub fn record(
     target: &str,
     detail: serde_json::Value,
 ) -> Result<()> {
+    record_as(cat, &local_actor(), action, target, detail)
+}
+
+/// Records a change made by `actor` (e.g. a scheduled mirror job) in the audit log.
+pub fn record_as(
+    cat: &dyn AuditCatalog,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: serde_json::Value,
+) -> Result<()> {
     cat.append_audit(&AuditEntry {
-        principal_name: Some(local_actor()),
+        principal_name: Some(actor.to_string()),
         action: action.to_string(),
         target: target.to_string(),
         outcome: "ok".into(),

@@ -56,6 +56,11 @@ pub enum Command {
     /// Show the identity matrix.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Show the scheduled mirror jobs ([[mirror]] in imgsrv.toml) and their last runs.
+    Mirrors {
+        #[command(flatten)]
+        data: DataArg,
+    },
     /// Read the audit log (append-only) of the server's data directory.
     Audit(AuditArgs),
     /// Change an image on a server.
@@ -446,6 +451,7 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{}", crate::admin_cli::matrix(&data.dir)?);
             Ok(())
         }
+        Command::Mirrors { data } => crate::schedule::print_status(&data.dir),
         Command::Audit(a) => {
             let time = |s: Option<String>| {
                 s.map(|t| {

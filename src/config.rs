@@ -209,6 +209,17 @@ listen = "{DEFAULT_LISTEN}"
 # wrongly signed publications; "warn" logs and publishes; "off" skips it.
 # An unreadable value means "enforce". There is no API to change this.
 mode = "enforce"
+
+# Continuous mirroring: `imgsrv serve` runs each [[mirror]] job at start and
+# then every `interval`, publishing into this server (the mirror key's public
+# half must be trusted here: `imgsrv key add`). `imgsrv mirrors` shows them.
+# [[mirror]]
+# name = "debian"
+# upstream = "https://images.linuxcontainers.org"
+# key = "/etc/imgsrv/mirror.key"
+# interval = "6h"
+# os = "debian"
+# latest = 2
 "#
     )
 }

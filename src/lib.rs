@@ -29,6 +29,7 @@ pub mod mirror;
 pub mod names;
 pub mod publish;
 pub mod replicate;
+pub mod schedule;
 pub mod serve;
 pub mod sign;
 pub mod simplestreams;

@@ -40,7 +40,9 @@ pub struct MirrorJob {
 /// Parses `30s`, `15m`, `6h`, `1d`.
 pub fn parse_interval(s: &str) -> Result<Duration> {
     let (num, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: u64 = num.parse().with_context(|| format!("interval {s:?}: expected e.g. 30m, 6h, 1d"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("interval {s:?}: expected e.g. 30m, 6h, 1d"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
@@ -62,7 +64,10 @@ pub fn parse_jobs(tables: &[toml::Table], data_dir: &Path) -> Result<Vec<MirrorJ
         let mut t = t.clone();
         let name = match t.remove("name") {
             Some(toml::Value::String(n)) if crate::names::principal_name(&n) => n,
-            Some(v) => bail!("[[mirror]] #{}: name {v} must be 1 to 64 of [a-z0-9._-]", i + 1),
+            Some(v) => bail!(
+                "[[mirror]] #{}: name {v} must be 1 to 64 of [a-z0-9._-]",
+                i + 1
+            ),
             None => bail!("[[mirror]] #{}: needs a name", i + 1),
         };
         if jobs.iter().any(|j| j.name == name) {
@@ -70,20 +75,36 @@ pub fn parse_jobs(tables: &[toml::Table], data_dir: &Path) -> Result<Vec<MirrorJ
         }
         let interval = match t.remove("interval") {
             None => parse_interval(DEFAULT_INTERVAL)?,
-            Some(toml::Value::String(s)) => parse_interval(&s).with_context(|| format!("[[mirror]] {name}"))?,
+            Some(toml::Value::String(s)) => {
+                parse_interval(&s).with_context(|| format!("[[mirror]] {name}"))?
+            }
             Some(v) => bail!("[[mirror]] {name}: interval {v} must be a string such as \"6h\""),
         };
         let mut options: MirrorOptions = toml::Value::Table(t)
             .try_into()
             .with_context(|| format!("[[mirror]] {name}: invalid options"))?;
-        let resolve = |p: &PathBuf| if p.is_absolute() { p.clone() } else { data_dir.join(p) };
+        let resolve = |p: &PathBuf| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                data_dir.join(p)
+            }
+        };
         options.key = resolve(&options.key);
         options.upstream_ca = options.upstream_ca.as_ref().map(resolve);
         options.progress = false;
+        options.staging_dir = Some(data_dir.join("tmp").join(format!("mirror-{name}")));
         if !options.key.is_file() {
-            bail!("[[mirror]] {name}: key {} is not a file", options.key.display());
+            bail!(
+                "[[mirror]] {name}: key {} is not a file",
+                options.key.display()
+            );
         }
-        jobs.push(MirrorJob { name, interval, options });
+        jobs.push(MirrorJob {
+            name,
+            interval,
+            options,
+        });
     }
     Ok(jobs)
 }
@@ -141,8 +162,11 @@ impl Scheduler {
     /// Starts one thread per job; each runs at once, then every interval.
     pub fn start(app: Arc<App>, jobs: Vec<MirrorJob>) -> Arc<Scheduler> {
         let data_dir = app.config.data_dir.clone();
-        let mut status: BTreeMap<String, JobStatus> =
-            read_status(&data_dir).unwrap_or_default().into_iter().map(|s| (s.name.clone(), s)).collect();
+        let mut status: BTreeMap<String, JobStatus> = read_status(&data_dir)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
         status.retain(|name, _| jobs.iter().any(|j| &j.name == name));
         for j in &jobs {
             let s = status.entry(j.name.clone()).or_default();
@@ -151,19 +175,27 @@ impl Scheduler {
             s.interval_seconds = j.interval.as_secs();
             s.state = "idle".into();
         }
-        let sched = Arc::new(Scheduler { data_dir, status: Mutex::new(status), stop: Arc::new(AtomicBool::new(false)) });
+        let sched = Arc::new(Scheduler {
+            data_dir,
+            status: Mutex::new(status),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
         sched.save();
         for job in jobs {
             let (sched, app) = (sched.clone(), app.clone());
-            let spawned = std::thread::Builder::new().name(format!("mirror-{}", job.name)).spawn(move || {
-                while !sched.stop.load(Ordering::Relaxed) {
-                    sched.run_once(&app, &job);
-                    let wake = std::time::Instant::now() + job.interval;
-                    while std::time::Instant::now() < wake && !sched.stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(250));
+            let spawned = std::thread::Builder::new()
+                .name(format!("mirror-{}", job.name))
+                .spawn(move || {
+                    while !sched.stop.load(Ordering::Relaxed) {
+                        sched.run_once(&app, &job);
+                        let wake = std::time::Instant::now() + job.interval;
+                        while std::time::Instant::now() < wake
+                            && !sched.stop.load(Ordering::Relaxed)
+                        {
+                            std::thread::sleep(Duration::from_millis(250));
+                        }
                     }
-                }
-            });
+                });
             if let Err(e) = spawned {
                 log::error!("mirror jobs: cannot start a thread: {e}");
             }
@@ -211,14 +243,23 @@ impl Scheduler {
             s.last_started = Some(now());
             s.next_run = None;
         });
-        log::info!("mirror {}: run started from {}", job.name, job.options.upstream);
-        let target = crate::target::LocalTarget::with_app(app.clone(), &format!("mirror:{}", job.name));
+        log::info!(
+            "mirror {}: run started from {}",
+            job.name,
+            job.options.upstream
+        );
+        let target =
+            crate::target::LocalTarget::with_app(app.clone(), &format!("mirror:{}", job.name));
         let mut out = Vec::new();
         let result = crate::mirror::run(&job.options, &target, &mut out);
-        for line in String::from_utf8_lossy(&out).lines().filter(|l| !l.trim().is_empty()) {
+        for line in String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
             log::info!("mirror {}: {line}", job.name);
         }
-        let next = chrono::Utc::now() + chrono::Duration::from_std(job.interval).unwrap_or_default();
+        let next =
+            chrono::Utc::now() + chrono::Duration::from_std(job.interval).unwrap_or_default();
         self.update(&job.name, |s| {
             s.state = "idle".into();
             s.runs += 1;
@@ -229,7 +270,11 @@ impl Scheduler {
                     let failed = !r.failed.is_empty();
                     s.last_outcome = Some(if failed { "failed" } else { "ok" }.into());
                     s.last_error = failed.then(|| {
-                        r.failed.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join("; ")
+                        r.failed
+                            .iter()
+                            .map(|f| format!("{f:?}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     });
                     s.last_summary = Some(serde_json::json!({
                         "mirrored": r.mirrored.len(),
@@ -264,10 +309,16 @@ impl Scheduler {
 pub fn print_status(data_dir: &Path) -> Result<()> {
     let jobs = read_status(data_dir)?;
     if jobs.is_empty() {
-        println!("no mirror job has run (configure [[mirror]] entries in {})", data_dir.join("imgsrv.toml").display());
+        println!(
+            "no mirror job has run (configure [[mirror]] entries in {})",
+            data_dir.join("imgsrv.toml").display()
+        );
         return Ok(());
     }
-    println!("{:<16} {:<8} {:<8} {:<21} {:<21} {:>5}  UPSTREAM / DETAIL", "NAME", "STATE", "OUTCOME", "LAST FINISHED", "NEXT RUN", "RUNS");
+    println!(
+        "{:<16} {:<8} {:<8} {:<21} {:<21} {:>5}  UPSTREAM / DETAIL",
+        "NAME", "STATE", "OUTCOME", "LAST FINISHED", "NEXT RUN", "RUNS"
+    );
     for s in jobs {
         println!(
             "{:<16} {:<8} {:<8} {:<21} {:<21} {:>5}  {}",

@@ -37,11 +37,16 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
     .with_context(|| format!("listening on {}", config.listen))?;
     let addr = server.local_addr();
     let verification = config.verification;
+    let jobs = crate::schedule::parse_jobs(&config.mirrors, data_dir)?;
     let app = Arc::new(App::open(config)?);
     // warm the projection so the first client does not pay for it
     if let Err(e) = app.streams.get(app.catalog.as_ref(), &[]) {
         log::error!("building the simplestreams projection: {e}");
     }
+    let scheduler = (!jobs.is_empty()).then(|| {
+        log::info!("{} mirror job(s) configured", jobs.len());
+        crate::schedule::Scheduler::start(app.clone(), jobs)
+    });
     let shutdown = server.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -72,6 +77,9 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
     let handler_app = app.clone();
     let handler: Handler = Arc::new(move |req| crate::http::routes::handle(&handler_app, req));
     server.run(handler).context("serving")?;
+    if let Some(s) = scheduler {
+        s.stop();
+    }
     log::info!("stopped");
     Ok(())
 }

@@ -160,7 +160,13 @@ impl LocalTarget {
     }
 
     fn audit(&self, action: &str, target: &str, detail: serde_json::Value) -> Result<()> {
-        crate::admin_cli::record(self.app.catalog.as_ref(), action, target, detail)
+        crate::admin_cli::record_as(
+            self.app.catalog.as_ref(),
+            &self.actor,
+            action,
+            target,
+            detail,
+        )
     }
 }
 

@@ -77,6 +77,8 @@ enum Rule {
     WriteAny,
     /// auth-manager.
     Manage,
+    /// content-writer anywhere or auth-manager (operators' status pages).
+    Operator,
 }
 
 fn allowed(rule: Rule, w: Who) -> bool {
@@ -86,6 +88,7 @@ fn allowed(rule: Rule, w: Who) -> bool {
         Rule::Draft(img) | Rule::Write(img) => has(w, &["content-writer"], Some(img)),
         Rule::WriteAny => has(w, &["content-writer"], None),
         Rule::Manage => has(w, &["auth-manager"], None),
+        Rule::Operator => has(w, &["auth-manager", "content-writer"], None),
     }
 }
 
@@ -243,6 +246,7 @@ fn read_cases(w: &World) -> Vec<Case> {
         ("GET", "/v1/images".into(), Value::Null, Rule::Anyone),
         ("GET", "/v1/keys".into(), Value::Null, Rule::Anyone),
         ("GET", "/v1/audit".into(), Value::Null, Rule::Manage),
+        ("GET", "/v1/mirrors".into(), Value::Null, Rule::Operator),
         ("GET", "/v1/auth/roles".into(), Value::Null, Rule::Manage),
         (
             "GET",

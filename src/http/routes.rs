@@ -475,6 +475,20 @@ fn dispatch(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
         }
 
         ("GET", ["v1", "keys"]) => trusted_keys(app),
+        ("GET", ["v1", "mirrors"]) => {
+            // operators' information (upstreams, errors): writers and auth-managers
+            let ok = ctx.caller_or_401()?.can_somewhere(ACTION_CONTENT_WRITE)
+                || ctx
+                    .caller
+                    .as_ref()
+                    .is_some_and(|c| c.can_somewhere(ACTION_AUTH_MANAGE));
+            if !ok {
+                return Err(ctx.deny(ApiError::forbidden(ACTION_CONTENT_WRITE)));
+            }
+            let jobs = crate::schedule::read_status(&app.config.data_dir)
+                .map_err(|e| ApiError::internal("mirror status", e))?;
+            Ok(json(200, &j!({ "mirrors": jobs })))
+        }
         ("GET", ["v1", "audit"]) => audit_log(app, req, ctx),
         (_, ["v1", "auth", rest @ ..]) => crate::http::admin::auth_routes(app, req, ctx, m, rest),
         _ => Err(ApiError::not_found(format!(

@@ -1,0 +1,157 @@
+//! Continuous mirroring: `imgsrv serve` runs its `[[mirror]]` jobs, and the
+//! last run's outcome is visible in the log, `GET /v1/mirrors` and
+//! `imgsrv mirrors`.
+
+mod support;
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn mirrors(server: &TestServer) -> Value {
+    let mut resp = server
+        .agent()
+        .get(format!("{}/v1/mirrors", server.url()))
+        .header("Authorization", &format!("Bearer {}", server.admin_token()))
+        .call()
+        .expect("GET /v1/mirrors");
+    assert_eq!(resp.status().as_u16(), 200);
+    serde_json::from_reader(resp.body_mut().as_reader()).unwrap()
+}
+
+/// Waits until the job has finished `runs` runs.
+fn wait_runs(server: &TestServer, runs: u64) -> Value {
+    let t = Instant::now();
+    loop {
+        let m = mirrors(server);
+        let job = m["mirrors"][0].clone();
+        if job["runs"].as_u64().unwrap_or(0) >= runs && job["state"] == "idle" {
+            return job;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the job did not run: {m}\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn serve_runs_mirror_jobs_and_reports_their_outcome() {
+    // the upstream: another imgsrv with one published image
+    let upstream = TestServer::start();
+    let tmp = temp_dir("schedule");
+    let (pubkey, secret) = minisign_keypair(tmp.path().join("publisher"));
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        upstream.data_dir().to_str().unwrap(),
+        pubkey.to_str().unwrap(),
+    ]);
+    let img = make_test_image(tmp.path().join("img"), &["--serial", "20260501_0000"]);
+    publish_image(&upstream, &secret, &img, &[]);
+
+    // the mirror signs with its own key, which the downstream must trust
+    let (mirror_pub, mirror_secret) = minisign_keypair(tmp.path().join("mirror"));
+    let config = format!(
+        "[[mirror]]\nname = \"upstream-a\"\nupstream = \"{}\"\nupstream_ca = \"{}\"\nkey = \"{}\"\ninterval = \"1h\"\n",
+        upstream.url(),
+        upstream.cert().display(),
+        mirror_secret.display()
+    );
+    let mut down = TestServer::start_with(&config);
+    let data = down.data_dir().to_str().unwrap().to_string();
+
+    // first run: the mirror key is not trusted yet, so publishing is refused
+    let job = wait_runs(&down, 1);
+    assert_eq!(job["name"], "upstream-a");
+    assert_eq!(job["last_outcome"], "failed", "{job}");
+    assert!(
+        job["last_error"].as_str().unwrap().contains("refused"),
+        "{job}"
+    );
+    let status =
+        String::from_utf8_lossy(&imgsrv(&["mirrors", "--data", &data]).stdout).into_owned();
+    assert!(
+        status.contains("upstream-a") && status.contains("failed"),
+        "{status}"
+    );
+    assert!(
+        down.log_text().contains("mirror upstream-a"),
+        "the run is logged"
+    );
+
+    // trust the mirror key; a restart runs the job again at once
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        &data,
+        "--name",
+        "mirror",
+        mirror_pub.to_str().unwrap(),
+    ]);
+    down.kill();
+    down.spawn();
+    let job = wait_runs(&down, 2);
+    assert_eq!(job["last_outcome"], "ok", "{job}");
+    assert_eq!(job["last_summary"]["mirrored"], 1, "{job}");
+    assert!(job["next_run"].is_string());
+    let images = down
+        .agent()
+        .get(format!("{}/v1/images", down.url()))
+        .call()
+        .unwrap();
+    let images: Value = serde_json::from_reader(images.into_body().as_reader()).unwrap();
+    assert_eq!(images["images"][0]["name"], "debian-bookworm", "{images}");
+
+    // the publication is recorded as the job's
+    let audit = imgsrv(&[
+        "audit",
+        "--data",
+        &data,
+        "--action",
+        "publish",
+        "--outcome",
+        "ok",
+        "--json",
+    ]);
+    let rows: Vec<Value> = String::from_utf8_lossy(&audit.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r["principal_name"] == "mirror:upstream-a"),
+        "{rows:?}"
+    );
+
+    // anonymous callers may not read the operators' status
+    let anon = down
+        .agent()
+        .get(format!("{}/v1/mirrors", down.url()))
+        .call()
+        .unwrap();
+    assert_eq!(anon.status().as_u16(), 401);
+}
+
+#[test]
+fn a_broken_mirror_entry_stops_the_server_with_a_clear_error() {
+    let tmp = temp_dir("schedule-bad");
+    let d = tmp.path().join("data");
+    imgsrv(&["init", "--data", d.to_str().unwrap()]);
+    for (cfg, needle) in [
+        ("[[mirror]]\nupstream = \"https://x\"\nkey = \"/nonexistent\"\n", "needs a name"),
+        ("[[mirror]]\nname = \"a\"\nupstream = \"https://x\"\nkey = \"/nonexistent\"\n", "not a file"),
+        ("[[mirror]]\nname = \"a\"\nupstream = \"https://x\"\nkey = \"/etc/hostname\"\ninterval = \"5s\"\n", "at least"),
+        ("[[mirror]]\nname = \"a\"\nupstream = \"https://x\"\nkey = \"/etc/hostname\"\nbogus = 1\n", "bogus"),
+    ] {
+        std::fs::write(d.join("imgsrv.toml"), cfg).unwrap();
+        let out = run_any(std::process::Command::new(IMGSRV).args(["serve", "--data", d.to_str().unwrap(), "--listen", "127.0.0.1:0"]));
+        assert!(!out.status.success(), "{cfg}");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains(needle), "{cfg}: {text}");
+    }
+}
