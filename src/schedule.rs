@@ -57,7 +57,7 @@ pub fn parse_interval(s: &str) -> Result<Duration> {
 }
 
 /// Validates the `[[mirror]]` tables; relative paths are resolved against
-/// the data directory. An invalid entry stops the server from starting.
+/// the data directory (`join` keeps absolute paths as they are). An invalid entry stops the server from starting.
 pub fn parse_jobs(tables: &[toml::Table], data_dir: &Path) -> Result<Vec<MirrorJob>> {
     let mut jobs: Vec<MirrorJob> = Vec::new();
     for (i, t) in tables.iter().enumerate() {
@@ -83,15 +83,8 @@ pub fn parse_jobs(tables: &[toml::Table], data_dir: &Path) -> Result<Vec<MirrorJ
         let mut options: MirrorOptions = toml::Value::Table(t)
             .try_into()
             .with_context(|| format!("[[mirror]] {name}: invalid options"))?;
-        let resolve = |p: &PathBuf| {
-            if p.is_absolute() {
-                p.clone()
-            } else {
-                data_dir.join(p)
-            }
-        };
-        options.key = resolve(&options.key);
-        options.upstream_ca = options.upstream_ca.as_ref().map(resolve);
+        options.key = data_dir.join(&options.key);
+        options.upstream_ca = options.upstream_ca.as_ref().map(|p| data_dir.join(p));
         options.progress = false;
         options.staging_dir = Some(data_dir.join("tmp").join(format!("mirror-{name}")));
         if !options.key.is_file() {
