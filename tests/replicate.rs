@@ -20,20 +20,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn publish(server: &TestServer, secret: &Path, img: &TestImage, extra: &[&str]) {
-    let mut cmd = Command::new(IMGSRV);
-    cmd.arg("publish")
-        .arg("--server")
-        .arg(server.url())
-        .arg("--ca")
-        .arg(server.cert())
-        .arg("--token-file")
-        .arg(server.admin_token_file())
-        .arg("--key")
-        .arg(secret)
-        .args(extra)
-        .arg(&img.metadata);
-    cmd.args(img.rootfs.iter()).args(img.disk.iter());
-    run_ok(&mut cmd);
+    publish_image(server, secret, img, extra);
 }
 
 /// Anonymous GET: (status, body).
@@ -428,4 +415,44 @@ fn versions_published_unsigned_are_skipped_by_mirror_and_export() {
         "{t}"
     );
     assert!(t.contains("1 version(s)"), "{t}");
+}
+
+#[test]
+fn imgsrv_mirror_recognises_an_imgsrv_upstream_and_keeps_its_signatures() {
+    let up = upstream();
+    let dir = up.tmp.path().join("auto");
+    imgsrv(&["init", "--data", s(&dir)]);
+    imgsrv(&["key", "add", "--data", s(&dir), s(&up.public)]);
+    // a mirror key that the target does NOT trust: with an imgsrv upstream it is not used
+    let (_, unused_key) = minisign_keypair(up.tmp.path().join("unused"));
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args([
+                "mirror",
+                "--data",
+                s(&dir),
+                "--key",
+                s(&unused_key),
+                "--upstream-ca",
+            ])
+            .arg(up.server.cert())
+            .arg(up.server.url()),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is an imgsrv server"), "{}", text(&out));
+    assert_eq!(published_count(&dir), 3);
+    // the publisher's signature, byte for byte
+    let sig = run_ok(
+        Command::new("sqlite3")
+            .arg(dir.join("catalog.db"))
+            .arg("SELECT signature FROM publish_records r JOIN image_versions v ON v.id = r.version_id WHERE v.version = '20260101_0000'"),
+    );
+    let (_, upstream_sig) = get(
+        &up.server,
+        "/v1/images/debian-bookworm/versions/20260101_0000/manifest.minisig",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&sig.stdout).trim(),
+        String::from_utf8_lossy(&upstream_sig).trim()
+    );
 }

@@ -61,6 +61,10 @@ pub struct MirrorArgs {
     #[arg(long, value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
+    /// Read the upstream's Simple Streams even when it is an imgsrv server
+    /// (re-sign with --key instead of keeping the publishers' signatures).
+    #[arg(long)]
+    pub simplestreams: bool,
     /// Base URL of the upstream Simple Streams tree (streams/v1/index.json is
     /// below it), https:// or (with a warning) http://.
     #[arg(value_name = "UPSTREAM_URL")]
@@ -88,6 +92,13 @@ pub fn command(a: MirrorArgs) -> Result<()> {
     opts.latest = a.latest.map(|n| n as usize);
     opts.jobs = a.jobs as usize;
     opts.progress = std::io::stderr().is_terminal();
+
+    // Another imgsrv as the upstream: copy its signed manifests unchanged
+    // (the publishers' signatures, not the mirror key's) instead of
+    // re-signing a Simple Streams view of it.
+    if !a.simplestreams && upstream_is_imgsrv(&a.upstream, a.upstream_ca.as_deref()) {
+        return imgsrv_upstream(&a);
+    }
 
     let target: Box<dyn Target + Sync> = match (&a.data, &a.server) {
         (Some(dir), _) => {
@@ -120,6 +131,79 @@ pub fn command(a: MirrorArgs) -> Result<()> {
                 1 => "1 version".to_string(),
                 n => format!("{n} versions"),
             }
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `upstream` answers like an imgsrv server (`GET /v1/keys`).
+fn upstream_is_imgsrv(upstream: &str, ca: Option<&std::path::Path>) -> bool {
+    if !upstream.starts_with("https://") {
+        return false;
+    }
+    let Ok(client) = crate::client::ApiClient::new(upstream, ca, None) else {
+        return false;
+    };
+    client.get_keys().is_ok()
+}
+
+fn imgsrv_upstream(a: &MirrorArgs) -> Result<()> {
+    let cannot = |e: anyhow::Error| anyhow::Error::new(VerifyError::CannotRun(e));
+    let mut out = std::io::stdout().lock();
+    use std::io::Write as _;
+    writeln!(
+        out,
+        "{} is an imgsrv server: copying its published manifests and their original signatures \
+         (the mirror key is not used)",
+        a.upstream
+    )?;
+    for (flag, set) in [
+        ("--os", a.os.is_some()),
+        ("--release", a.release.is_some()),
+        ("--variant", a.variant.is_some()),
+        ("--arch", a.arch.is_some()),
+        ("--type", a.image_type.is_some()),
+    ] {
+        if set {
+            writeln!(
+                out,
+                "warning: {flag} does not apply to an imgsrv upstream (use --image and --latest)"
+            )?;
+        }
+    }
+    let dest = match (&a.data, &a.server) {
+        (Some(dir), _) => crate::replicate::Destination::open_data(dir).map_err(cannot)?,
+        (None, Some(server)) => {
+            let server = crate::cli::ServerArgs {
+                server: server.clone(),
+                ca: a.ca.clone(),
+                token_file: a.token_file.clone(),
+            };
+            let token = server.require_token().map_err(cannot)?;
+            crate::replicate::Destination::Remote(RemoteTarget {
+                client: server.client(Some(token)).map_err(cannot)?,
+            })
+        }
+        (None, None) => {
+            return Err(cannot(anyhow::anyhow!(
+                "no destination: --server URL (or IMGSRV_SERVER) or --data DIR"
+            )))
+        }
+    };
+    let opts = crate::replicate::MirrorOptions {
+        upstream: a.upstream.clone(),
+        upstream_ca: a.upstream_ca.clone(),
+        upstream_token: std::env::var("IMGSRV_UPSTREAM_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+        image_glob: a.image.clone(),
+        latest: a.latest.map(|n| n as usize),
+    };
+    let report = crate::replicate::mirror_imgsrv(&opts, &dest, &mut out).map_err(cannot)?;
+    if !report.failed.is_empty() {
+        return Err(anyhow::anyhow!(
+            "{} version(s) not mirrored (see above)",
+            report.failed.len()
         ));
     }
     Ok(())
