@@ -382,7 +382,7 @@ pub fn normalize_server_url(server: &str) -> Result<String, ClientError> {
     ))
 }
 
-fn load_ca(path: &Path) -> Result<RootCerts, ClientError> {
+pub(crate) fn load_ca(path: &Path) -> Result<RootCerts, ClientError> {
     let pem = std::fs::read(path).map_err(io_err(path))?;
     let mut certs = Vec::new();
     for item in ureq::tls::parse_pem(&pem) {
@@ -408,7 +408,7 @@ fn load_ca(path: &Path) -> Result<RootCerts, ClientError> {
 
 /// The system trust store: `SSL_CERT_FILE`, else the first distribution CA
 /// bundle found, else the bundled Mozilla roots.
-fn system_roots() -> Result<RootCerts, ClientError> {
+pub(crate) fn system_roots() -> Result<RootCerts, ClientError> {
     if let Some(p) = std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()) {
         return load_ca(Path::new(&p));
     }

@@ -42,16 +42,6 @@ fn publish(server: &TestServer, secret: &Path, metadata: &Path, roots: &[&Path],
     );
 }
 
-fn publish_image(server: &TestServer, secret: &Path, img: &TestImage, extra: &[&str]) {
-    let roots: Vec<&Path> = img
-        .rootfs
-        .iter()
-        .chain(img.disk.iter())
-        .map(|p| p.as_path())
-        .collect();
-    publish(server, secret, &img.metadata, &roots, extra);
-}
-
 fn trust(data: &Path, public: &Path) {
     imgsrv(&[
         "key",

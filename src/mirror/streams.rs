@@ -8,25 +8,17 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{Map, Value};
-use ureq::tls::{RootCerts, TlsConfig};
+use ureq::tls::TlsConfig;
 
 /// The index every Simple Streams tree has, relative to its base.
 pub const INDEX_PATH: &str = "streams/v1/index.json";
 /// Index and products documents larger than this are refused.
 const MAX_JSON: u64 = 256 << 20;
-/// System CA bundles, first found wins (after `SSL_CERT_FILE`).
-const SYSTEM_CA_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
 
 /// What is percent-encoded in a path taken from the tree: controls, space
 /// and the characters that would end or change the meaning of a URL path.
@@ -134,40 +126,6 @@ fn is_scheme(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'))
 }
 
-fn load_ca(path: &Path) -> Result<RootCerts> {
-    let pem = std::fs::read(path)
-        .with_context(|| format!("reading CA certificate file {}", path.display()))?;
-    let mut certs = Vec::new();
-    for item in ureq::tls::parse_pem(&pem) {
-        match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
-            Ok(_) => {}
-            Err(e) => bail!("CA certificate file {}: {e}", path.display()),
-        }
-    }
-    if certs.is_empty() {
-        bail!("CA certificate file {}: no PEM certificate", path.display());
-    }
-    Ok(RootCerts::Specific(Arc::new(certs)))
-}
-
-/// `SSL_CERT_FILE`, else the first distribution bundle found, else the
-/// bundled Mozilla roots.
-fn system_roots() -> Result<RootCerts> {
-    if let Some(p) = std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()) {
-        return load_ca(Path::new(&p));
-    }
-    for p in SYSTEM_CA_BUNDLES {
-        let p = Path::new(p);
-        if p.is_file() {
-            if let Ok(roots) = load_ca(p) {
-                return Ok(roots);
-            }
-        }
-    }
-    Ok(RootCerts::WebPki)
-}
-
 /// Why a request failed, and whether trying again may help.
 #[derive(Debug)]
 pub struct FetchError {
@@ -190,8 +148,9 @@ impl Upstream {
     pub fn new(url: &str, ca: Option<&Path>) -> Result<Upstream> {
         let base = normalize_base(url)?;
         let roots = match ca {
-            Some(p) => load_ca(p)?,
-            None => system_roots()?,
+            // the same trust store rules as the API client
+            Some(p) => crate::client::load_ca(p)?,
+            None => crate::client::system_roots()?,
         };
         // an https upstream stays https (a redirect to http:// fails)
         let https = base.starts_with("https://");
