@@ -642,4 +642,30 @@ mod tests {
         .collect();
         assert_eq!(a["x:20260101_0000:debian:amd64:default"], want);
     }
+
+    #[test]
+    fn documents_are_built_once_per_generation_and_visibility_set() {
+        use crate::catalog::{ContentCatalog, SqliteCatalog};
+        let d = tempfile::tempdir().unwrap();
+        let cat = SqliteCatalog::open(&d.path().join("c.db")).unwrap();
+        cat.create_image("secret", None, None, "private").unwrap();
+        let cache = StreamsCache::default();
+        let a = cache.get(&cat, &[]).unwrap();
+        let b = cache.get(&cat, &[]).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "no rebuild without a catalog change");
+        let p = cache.get(&cat, &["secret".to_string()]).unwrap();
+        assert!(
+            !Arc::ptr_eq(&a, &p),
+            "another visibility set has its own documents"
+        );
+        assert!(Arc::ptr_eq(
+            &p,
+            &cache.get(&cat, &["secret".to_string()]).unwrap()
+        ));
+        // any change the generation trigger sees (here: visibility) rebuilds
+        cat.set_visibility("secret", "public").unwrap();
+        let c = cache.get(&cat, &[]).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert!(c.generation > a.generation);
+    }
 }
