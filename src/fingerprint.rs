@@ -1,5 +1,6 @@
 //! Incus fingerprints: sha256(metadata tarball bytes || root bytes), read
-//! from the blob store at publish time and kept with the version.
+//! from the blob store at publish time (or handed over by the mirror in the
+//! same process, see [`Known`]) and kept with the version.
 
 use crate::cas::{BlobStore, CasError};
 use crate::catalog::{ProjectionRow, VersionView};

@@ -8,6 +8,9 @@
 //! A blob is written to `tmp/`, fsynced, then hard-linked into place (link
 //! fails if the name exists, so an existing blob is never replaced), and the
 //! shard directory is fsynced. All three directories are on one filesystem.
+//! A file already on that filesystem (the mirror's staging directory) can be
+//! adopted instead of copied: linked into `tmp/`, hashed in place, fsynced
+//! and linked into place the same way.
 
 use super::{BlobStore, CasError, Result, StagedPart};
 use crate::digest::{Digest, Hasher};
