@@ -145,6 +145,22 @@ impl App {
         signature: Option<String>,
         principal_id: Option<&str>,
     ) -> Result<Published, PublishError> {
+        let none = crate::fingerprint::Known::new();
+        self.publish_version_with(name, ver, signature, principal_id, &none)
+    }
+
+    /// [`App::publish_version`] for a caller in this process that computed
+    /// some Incus fingerprints in the same pass that checked the sha256 of
+    /// both their inputs (the mirror): those are not read from the blob
+    /// store again. Every other check is the same.
+    pub fn publish_version_with(
+        &self,
+        name: &str,
+        ver: &str,
+        signature: Option<String>,
+        principal_id: Option<&str>,
+        known: &crate::fingerprint::Known,
+    ) -> Result<Published, PublishError> {
         use crate::catalog::{PublishRecord, VersionState};
         let view = self.catalog.version_view(name, ver)?;
         if view.version.state != VersionState::Draft {
@@ -184,7 +200,7 @@ impl App {
                 reason,
                 manifest_digest: Some(manifest_digest),
             })?;
-        let projection = crate::fingerprint::compute(self.blobs.as_ref(), &view)?;
+        let projection = crate::fingerprint::compute_with(self.blobs.as_ref(), &view, known)?;
         let record = PublishRecord {
             version_id: view.version.id.clone(),
             manifest,
@@ -263,6 +279,23 @@ impl App {
     ) -> Result<(), PublishError> {
         if self.blobs.stat(digest)? != Some(size) {
             self.blobs.put(digest, size, reader)?;
+        }
+        self.catalog.insert_blob(digest, size, media_type)?;
+        Ok(())
+    }
+
+    /// [`App::ingest`] of a file the caller wrote and will not write again:
+    /// the blob store takes it in place when it can (same filesystem: one
+    /// read pass to check it, no copy). The file stays where it is.
+    pub fn ingest_file(
+        &self,
+        digest: &crate::digest::Digest,
+        size: u64,
+        media_type: Option<&str>,
+        path: &Path,
+    ) -> Result<(), PublishError> {
+        if self.blobs.stat(digest)? != Some(size) {
+            self.blobs.adopt(path, digest, size)?;
         }
         self.catalog.insert_blob(digest, size, media_type)?;
         Ok(())

@@ -1,10 +1,18 @@
 //! Incus fingerprints: sha256(metadata tarball bytes || root bytes), read
-//! from the blob store at publish time and kept with the version.
+//! from the blob store at publish time (or handed over by the mirror in the
+//! same process, see [`Known`]) and kept with the version.
 
 use crate::cas::{BlobStore, CasError};
 use crate::catalog::{ProjectionRow, VersionView};
 use crate::digest::Hasher;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// Fingerprints a caller in this process computed while it checked both
+/// inputs' sha256 in the same pass: (metadata sha256, root sha256) →
+/// sha256(metadata || root). The blob store holds only bytes with those
+/// digests, so such a fingerprint is the one [`compute`] would read from it.
+/// Never built from data a client sent.
+pub type Known = BTreeMap<(crate::digest::Digest, crate::digest::Digest), crate::digest::Digest>;
 
 /// The attachment name that marks an artifact's Incus metadata tarball.
 pub const INCUS_METADATA: &str = "incus.tar.xz";
@@ -44,6 +52,16 @@ fn feed(
 /// Projection rows for every artifact of `view` that Incus can use: a root
 /// format it knows plus an `incus.tar.xz` attachment.
 pub fn compute(blobs: &dyn BlobStore, view: &VersionView) -> Result<Vec<ProjectionRow>, CasError> {
+    compute_with(blobs, view, &Known::new())
+}
+
+/// [`compute`], taking the fingerprints in `known` instead of reading their
+/// blobs (each blob must still be stored with its declared size).
+pub fn compute_with(
+    blobs: &dyn BlobStore,
+    view: &VersionView,
+    known: &Known,
+) -> Result<Vec<ProjectionRow>, CasError> {
     let mut meta_state: HashMap<crate::digest::Digest, Hasher> = HashMap::new();
     let mut rows = Vec::new();
     for a in &view.artifacts {
@@ -53,6 +71,33 @@ pub fn compute(blobs: &dyn BlobStore, view: &VersionView) -> Result<Vec<Projecti
         let Some(meta) = a.attachments.iter().find(|t| t.name == INCUS_METADATA) else {
             continue;
         };
+        if let Some(fp) = known.get(&(meta.blob_digest, a.artifact.primary_blob_digest)) {
+            for (d, size) in [
+                (&meta.blob_digest, meta.blob_size_bytes),
+                (
+                    &a.artifact.primary_blob_digest,
+                    a.artifact.primary_blob_size_bytes,
+                ),
+            ] {
+                match blobs.stat(d)? {
+                    Some(n) if n == size => {}
+                    None => return Err(CasError::NotFound(*d)),
+                    Some(n) => {
+                        return Err(CasError::Truncated {
+                            expected: size,
+                            actual: n,
+                        })
+                    }
+                }
+            }
+            rows.push(ProjectionRow {
+                artifact_id: a.artifact.id.clone(),
+                metadata_attachment_id: meta.id.clone(),
+                ftype: ftype.to_string(),
+                combined_sha256: *fp,
+            });
+            continue;
+        }
         let mut h = match meta_state.get(&meta.blob_digest) {
             Some(h) => h.clone(),
             None => {

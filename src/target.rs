@@ -42,6 +42,20 @@ pub trait Target {
     fn stage(&self, manifest: &Manifest, private: bool) -> Result<Vec<u8>>;
     /// Publishes the staged draft with `signature` (the .minisig text).
     fn publish(&self, image: &str, version: &str, signature: Option<&str>) -> Result<()>;
+    /// [`Target::publish`] with Incus fingerprints computed in this process
+    /// while both inputs' sha256 were checked (see
+    /// [`crate::fingerprint::Known`]); a target may use them instead of
+    /// reading the blobs again. The default ignores them.
+    fn publish_with_fingerprints(
+        &self,
+        image: &str,
+        version: &str,
+        signature: Option<&str>,
+        fingerprints: &crate::fingerprint::Known,
+    ) -> Result<()> {
+        let _ = fingerprints;
+        self.publish(image, version, signature)
+    }
     fn set_alias(&self, image: &str, alias: &str, version: &str) -> Result<()>;
 }
 
@@ -185,6 +199,16 @@ impl Target for LocalTarget {
     }
 
     fn put_blob(&self, digest: &Digest, size: u64, media_type: &str, file: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        let same_fs = dev(file).is_some() && dev(file) == dev(&self.app.config.data_dir);
+        if same_fs {
+            // taken in place: hashed once more, fsynced and hard-linked, not copied
+            self.app
+                .ingest_file(digest, size, Some(media_type), file)
+                .with_context(|| format!("storing {digest}"))?;
+            return Ok(());
+        }
         let mut f =
             std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
         self.app
@@ -285,12 +309,23 @@ impl Target for LocalTarget {
     }
 
     fn publish(&self, image: &str, version: &str, signature: Option<&str>) -> Result<()> {
+        self.publish_with_fingerprints(image, version, signature, &Default::default())
+    }
+
+    fn publish_with_fingerprints(
+        &self,
+        image: &str,
+        version: &str,
+        signature: Option<&str>,
+        fingerprints: &crate::fingerprint::Known,
+    ) -> Result<()> {
         let target = format!("{image}@{version}");
-        match self.app.publish_version(
+        match self.app.publish_version_with(
             image,
             version,
             signature.map(str::to_string),
             Some(&self.actor),
+            fingerprints,
         ) {
             Ok(p) => self.audit(
                 "publish",
@@ -484,6 +519,13 @@ mod tests {
             assert!(!t.has_blob(&Digest::of(bytes), 4).unwrap());
             t.put_blob(&Digest::of(bytes), 4, "x", &f).unwrap();
             assert!(t.has_blob(&Digest::of(bytes), 4).unwrap());
+            // on the data directory's filesystem: taken in place, not copied
+            use std::os::unix::fs::MetadataExt;
+            let blob = d.path().join(Digest::of(bytes).cas_path());
+            assert_eq!(
+                std::fs::metadata(&blob).unwrap().ino(),
+                std::fs::metadata(&f).unwrap().ino()
+            );
         }
         let staged = t.stage(&m, true).unwrap();
         assert_eq!(staged, m.canonical(), "byte-identical canonical manifest");

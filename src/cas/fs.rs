@@ -8,6 +8,9 @@
 //! A blob is written to `tmp/`, fsynced, then hard-linked into place (link
 //! fails if the name exists, so an existing blob is never replaced), and the
 //! shard directory is fsynced. All three directories are on one filesystem.
+//! A file already on that filesystem (the mirror's staging directory) can be
+//! adopted instead of copied: linked into `tmp/`, hashed in place, fsynced
+//! and linked into place the same way.
 
 use super::{BlobStore, CasError, Result, StagedPart};
 use crate::digest::{Digest, Hasher};
@@ -22,6 +25,8 @@ const PIPELINE_MIN: u64 = 8 << 20;
 const PIPELINE_BUFFERS: usize = 4;
 /// Ask the kernel to start writing back every this many bytes.
 const WRITEBACK_STEP: u64 = 32 << 20;
+/// Names the links [`FsStore::adopt`] makes in `tmp/`.
+static ADOPT_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Reads into `buf` until it is full or `left` bytes came; a short source
 /// is [`CasError::Truncated`].
@@ -228,6 +233,68 @@ impl FsStore {
         Ok(())
     }
 
+    /// [`BlobStore::adopt`] in place: the file is hard-linked into `tmp/`
+    /// (so the inode hashed is the one installed, whatever happens to
+    /// `path` meanwhile), hashed there in one read pass, checked, fsynced
+    /// and linked into its CAS place (an existing blob is kept). `Ok(false)`:
+    /// the file is on another filesystem and nothing was done.
+    fn adopt_in_place(&self, path: &Path, digest: &Digest, size: u64) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path).map_err(io_err("stat", path))?;
+        let root_dev = fs::metadata(&self.root)
+            .map_err(io_err("stat", &self.root))?
+            .dev();
+        if meta.dev() != root_dev || !meta.is_file() {
+            return Ok(false);
+        }
+        let tmp_dir = self.root.join("tmp");
+        let link = tmp_dir.join(format!(
+            "adopt-{}-{}",
+            std::process::id(),
+            ADOPT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        match fs::hard_link(path, &link) {
+            Ok(()) => {}
+            // same st_dev but another mount (a bind mount): copy instead
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => return Ok(false),
+            Err(e) => return Err(io_err("link", &link)(e)),
+        }
+        let r = (|| {
+            let mut f = File::open(&link).map_err(io_err("open", &link))?;
+            let actual_size = f.metadata().map_err(io_err("stat", &link))?.len();
+            if actual_size != size {
+                return Err(CasError::Truncated {
+                    expected: size,
+                    actual: actual_size,
+                });
+            }
+            let mut hasher = Hasher::new();
+            let read = crate::digest::read_chunks(&mut f, |c| hasher.update(c))
+                .map_err(io_err("read", &link))?;
+            let actual = hasher.finish();
+            if read != size {
+                return Err(CasError::Truncated {
+                    expected: size,
+                    actual: read,
+                });
+            }
+            if actual != *digest {
+                return Err(CasError::Mismatch {
+                    expected: *digest,
+                    expected_size: size,
+                    actual,
+                    actual_size: read,
+                });
+            }
+            f.sync_all().map_err(io_err("fsync", &link))?;
+            self.install(&link, digest)
+        })();
+        if r.is_err() {
+            let _ = fs::remove_file(&link);
+        }
+        r.map(|()| true)
+    }
+
     fn part_dir(&self, upload: &str) -> PathBuf {
         self.root.join("uploads").join(upload)
     }
@@ -288,6 +355,14 @@ impl BlobStore for FsStore {
             let _ = fs::remove_file(&tmp_path);
         }
         r
+    }
+
+    fn adopt(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
+        if self.adopt_in_place(path, digest, size)? {
+            return Ok(());
+        }
+        let mut f = File::open(path).map_err(io_err("open", path))?;
+        self.put(digest, size, &mut f)
     }
 
     fn stage_part(
@@ -533,6 +608,95 @@ mod tests {
             Err(CasError::Mismatch { .. })
         ));
         assert_eq!(s.stat(&other).unwrap(), None);
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    fn ino(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(p).unwrap().ino()
+    }
+
+    #[test]
+    fn adopt_links_the_checked_file_in_place() {
+        let (dir, s) = store();
+        let staging = dir.path().join("staging");
+        fs::create_dir(&staging).unwrap();
+        let src = staging.join("root");
+        fs::write(&src, b"ROOT").unwrap();
+        let d = Digest::of(b"ROOT");
+        s.adopt(&src, &d, 4).unwrap();
+        let blob = s.blob_path(&d);
+        assert_eq!(ino(&blob), ino(&src), "hard-linked, not copied");
+        assert_eq!(read_all(&s, &d), b"ROOT");
+        assert!(fs::metadata(&blob).unwrap().permissions().readonly());
+        assert!(src.exists(), "the caller's file stays");
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn adopt_refuses_a_wrong_digest_or_size_and_stores_nothing() {
+        let (dir, s) = store();
+        let src = dir.path().join("root");
+        fs::write(&src, b"RooT").unwrap();
+        let d = Digest::of(b"ROOT");
+        assert!(matches!(
+            s.adopt(&src, &d, 4),
+            Err(CasError::Mismatch { .. })
+        ));
+        let right = Digest::of(b"RooT");
+        for size in [3, 5] {
+            assert!(matches!(
+                s.adopt(&src, &right, size),
+                Err(CasError::Truncated { .. })
+            ));
+            assert_eq!(s.stat(&right).unwrap(), None);
+        }
+        assert_eq!(s.stat(&d).unwrap(), None);
+        assert!(tmp_is_empty(dir.path()));
+        // the file is left to the caller, untouched
+        assert_eq!(fs::read(&src).unwrap(), b"RooT");
+        assert!(!fs::metadata(&src).unwrap().permissions().readonly());
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(&src).unwrap().nlink(), 1);
+    }
+
+    #[test]
+    fn adopt_keeps_an_existing_blob() {
+        let (dir, s) = store();
+        let d = Digest::of(b"ROOT");
+        s.put(&d, 4, &mut &b"ROOT"[..]).unwrap();
+        let before = ino(&s.blob_path(&d));
+        let src = dir.path().join("root");
+        fs::write(&src, b"ROOT").unwrap();
+        s.adopt(&src, &d, 4).unwrap();
+        assert_eq!(ino(&s.blob_path(&d)), before);
+        assert_ne!(ino(&src), before);
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn adopt_from_another_filesystem_copies() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, s) = store();
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm: skipped");
+            return;
+        };
+        if fs::metadata(other.path()).unwrap().dev() == fs::metadata(dir.path()).unwrap().dev() {
+            eprintln!("/dev/shm is on the same filesystem: skipped");
+            return;
+        }
+        let src = other.path().join("root");
+        fs::write(&src, b"ROOT").unwrap();
+        let d = Digest::of(b"ROOT");
+        s.adopt(&src, &d, 4).unwrap();
+        assert_eq!(read_all(&s, &d), b"ROOT");
+        assert_ne!(ino(&s.blob_path(&d)), ino(&src));
+        assert_eq!(fs::metadata(&src).unwrap().nlink(), 1);
+        // and a wrong digest stores nothing there either
+        let wrong = Digest::of(b"x");
+        assert!(s.adopt(&src, &wrong, 4).is_err());
+        assert_eq!(s.stat(&wrong).unwrap(), None);
         assert!(tmp_is_empty(dir.path()));
     }
 

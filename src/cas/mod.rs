@@ -8,6 +8,7 @@ pub mod fs;
 
 use crate::digest::Digest;
 use std::io::Read;
+use std::path::Path;
 
 pub use fs::FsStore;
 
@@ -54,6 +55,21 @@ pub trait BlobStore: Send + Sync {
     /// Stores bytes from `reader`, which must be exactly `size` bytes hashing
     /// to `digest`; otherwise nothing is stored.
     fn put(&self, digest: &Digest, size: u64, reader: &mut dyn Read) -> Result<()>;
+
+    /// Stores the file at `path`, which must be exactly `size` bytes hashing
+    /// to `digest`; otherwise nothing is stored. A store that can take the
+    /// file in place (same filesystem) does so without copying it; the
+    /// default copies it through [`BlobStore::put`]. The file is left where
+    /// it is either way (its mode may become read-only), and the caller must
+    /// not write to it any more: once adopted it may be the stored blob.
+    fn adopt(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
+        let mut f = std::fs::File::open(path).map_err(|source| CasError::Io {
+            op: "open",
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.put(digest, size, &mut f)
+    }
 
     /// Stages upload part `n` of `upload` from `reader` (exactly `len` bytes).
     /// Re-staging a part replaces it.

@@ -14,7 +14,9 @@
 //!
 //! A worker stores the file in the target (`put_blob`) as soon as it is in,
 //! so downloads and ingest overlap; nothing is published before the
-//! version's fingerprints are checked.
+//! version's fingerprints are checked. A data directory target takes the
+//! staged file in place (hashed once more, hard-linked, not copied) and is
+//! handed the fingerprints computed here instead of reading the blobs again.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};

@@ -683,10 +683,15 @@ fn mirror_one(
     };
     // the Incus fingerprints, before anything is published
     let mut images = Vec::new();
+    let mut known = crate::fingerprint::Known::new();
     for p in &v.pairs {
         let computed = local(&p.root.sha256).and_then(|f| f.fingerprints.get(&p.meta.sha256));
         match computed {
-            Some(fp) if *fp == p.fingerprint => {}
+            Some(fp) if *fp == p.fingerprint => {
+                // computed while both files' sha256 were checked: the
+                // target need not read them again for it
+                known.insert((p.meta.sha256, p.root.sha256), *fp);
+            }
             Some(fp) => {
                 return Err(format!(
                     "fingerprint mismatch for the {} {} ({} + {}): the upstream declares {}, the files give {}",
@@ -767,7 +772,7 @@ fn mirror_one(
     let tc = crate::sign::manifest_trusted_comment(&v.image, &v.version, &Digest::of(&staged), now);
     let sig = crate::sign::sign(sk, &staged, &tc).map_err(|e| err("signing", e.into()))?;
     target
-        .publish(&v.image, &v.version, Some(&sig))
+        .publish_with_fingerprints(&v.image, &v.version, Some(&sig), &known)
         .map_err(|e| err("publishing", e))?;
     for a in &v.aliases {
         if let Err(e) = target.set_alias(&v.image, a, &v.version) {
