@@ -40,6 +40,8 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+# shellcheck source=contrib/bench/nginx.sh
+. "$here/nginx.sh"
 
 usage() { awk 'NR >= 4 && !/^#/ { exit } NR >= 4 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-0}"; }
 die() { echo "bench: $*" >&2; exit 1; }
@@ -261,38 +263,7 @@ NGX=$work/nginx
 mkdir -p "$NGX/www" "$NGX/tmp"
 ln -s "$ROOTFS" "$NGX/www/artifact.squashfs"
 NGX_PORT=$(free_port)
-user_line=
-[ "$(id -u)" = 0 ] && user_line="user root;"
-cat > "$NGX/nginx.conf" <<EOF
-# Debian's nginx as a plain static file server: TLS 1.3 only, same cert as imgsrv.
-$user_line
-daemon off;
-worker_processes auto;
-pid $NGX/nginx.pid;
-error_log $NGX/error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  sendfile on;
-  tcp_nopush on;
-  keepalive_timeout 65;
-  default_type application/octet-stream;
-  client_body_temp_path $NGX/tmp/body;
-  proxy_temp_path $NGX/tmp/proxy;
-  fastcgi_temp_path $NGX/tmp/fastcgi;
-  uwsgi_temp_path $NGX/tmp/uwsgi;
-  scgi_temp_path $NGX/tmp/scgi;
-  server {
-    listen 127.0.0.1:$NGX_PORT ssl;
-    ssl_certificate $CERT;
-    ssl_certificate_key $KEY;
-    ssl_protocols TLSv1.3;
-    root $NGX/www;
-    location = /healthz { return 204; }
-  }
-}
-EOF
-nginx -t -q -c "$NGX/nginx.conf" -e "$NGX/error.log" || die "nginx -t failed: $(cat "$NGX/error.log")"
+write_nginx_conf "$NGX" "$NGX_PORT" "$CERT" "$KEY" "$NGX/www" "location = /healthz { return 204; }" || die "nginx configuration failed"
 nginx -c "$NGX/nginx.conf" -e "$NGX/error.log" > "$NGX/stdout.log" 2>&1 &
 NGINX_PID=$!
 NGX_URL=https://127.0.0.1:$NGX_PORT
