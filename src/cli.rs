@@ -587,6 +587,29 @@ fn print_init(dir: &Path, report: &crate::app::InitReport) {
     }
 }
 
+/// `imgsrv key retire|revoke`: the state change, audited, then reported.
+fn set_key_state(
+    data_dir: &Path,
+    name: &str,
+    state: crate::sign::KeyState,
+    action: &str,
+) -> Result<()> {
+    let key = crate::sign::set_key_state(data_dir, name, state)?;
+    crate::admin_cli::record_in(
+        data_dir,
+        action,
+        &key.name,
+        serde_json::json!({ "key_id": key.key_id }),
+    )?;
+    println!(
+        "key {} ({}) is {}",
+        key.name,
+        key.key_id,
+        key.policy.state.as_str()
+    );
+    Ok(())
+}
+
 fn key_command(k: KeyCommand) -> Result<()> {
     // key changes are audited: make sure the catalog is there before changing anything
     match &k {
@@ -623,36 +646,18 @@ fn key_command(k: KeyCommand) -> Result<()> {
                 key.path.display()
             );
         }
-        KeyCommand::Retire { data, name } => {
-            let key = crate::sign::set_key_state(&data.dir, &name, crate::sign::KeyState::Retired)?;
-            crate::admin_cli::record_in(
-                &data.dir,
-                "key.retire",
-                &key.name,
-                serde_json::json!({ "key_id": key.key_id }),
-            )?;
-            println!(
-                "key {} ({}) is {}",
-                key.name,
-                key.key_id,
-                key.policy.state.as_str()
-            );
-        }
-        KeyCommand::Revoke { data, name } => {
-            let key = crate::sign::set_key_state(&data.dir, &name, crate::sign::KeyState::Revoked)?;
-            crate::admin_cli::record_in(
-                &data.dir,
-                "key.revoke",
-                &key.name,
-                serde_json::json!({ "key_id": key.key_id }),
-            )?;
-            println!(
-                "key {} ({}) is {}",
-                key.name,
-                key.key_id,
-                key.policy.state.as_str()
-            );
-        }
+        KeyCommand::Retire { data, name } => set_key_state(
+            &data.dir,
+            &name,
+            crate::sign::KeyState::Retired,
+            "key.retire",
+        )?,
+        KeyCommand::Revoke { data, name } => set_key_state(
+            &data.dir,
+            &name,
+            crate::sign::KeyState::Revoked,
+            "key.revoke",
+        )?,
         KeyCommand::List { data } => {
             let keys = crate::sign::load_trusted_keys(&data.dir)?;
             if keys.is_empty() {

@@ -1129,48 +1129,41 @@ impl ApiClient {
 
     // ---- Listings ----
 
+    /// GET of a list document `{"<field>": [...]}`, the shape every list
+    /// route answers.
+    fn list<T: for<'de> Deserialize<'de>>(
+        &self,
+        segs: &[&str],
+        field: &str,
+    ) -> Result<Vec<T>, ClientError> {
+        let path = Self::path(segs);
+        let (_, mut doc): (u16, serde_json::Value) =
+            self.call_json("GET", &path, None::<&()>, &[200])?;
+        serde_json::from_value(doc[field].take()).map_err(|e| ClientError::Protocol {
+            method: "GET".into(),
+            url: format!("{}{}", self.base, path),
+            reason: format!("unexpected {field:?} list: {e}"),
+        })
+    }
+
     /// `GET /v1/images`.
     pub fn list_images(&self) -> Result<Vec<Image>, ClientError> {
-        #[derive(Deserialize)]
-        struct L {
-            images: Vec<Image>,
-        }
-        let (_, l): (u16, L) =
-            self.call_json("GET", &Self::path(&["images"]), None::<&()>, &[200])?;
-        Ok(l.images)
+        self.list(&["images"], "images")
     }
 
     /// `GET /v1/images/{name}/versions` (newest first).
     pub fn list_versions(&self, image: &str) -> Result<Vec<ImageVersion>, ClientError> {
-        #[derive(Deserialize)]
-        struct L {
-            versions: Vec<ImageVersion>,
-        }
-        let path = Self::path(&["images", image, "versions"]);
-        let (_, l): (u16, L) = self.call_json("GET", &path, None::<&()>, &[200])?;
-        Ok(l.versions)
+        self.list(&["images", image, "versions"], "versions")
     }
 
     /// `GET /v1/keys`: the publisher keys the server trusts, with their states.
     pub fn get_keys(&self) -> Result<Vec<KeyInfo>, ClientError> {
-        #[derive(Deserialize)]
-        struct L {
-            keys: Vec<KeyInfo>,
-        }
-        let (_, l): (u16, L) =
-            self.call_json("GET", &Self::path(&["keys"]), None::<&()>, &[200])?;
-        Ok(l.keys)
+        self.list(&["keys"], "keys")
     }
 
     /// `GET /v1/images/{name}/aliases`.
     pub fn list_aliases(&self, image: &str) -> Result<Vec<Alias>, ClientError> {
-        #[derive(Deserialize)]
-        struct L {
-            aliases: Vec<Alias>,
-        }
-        let path = Self::path(&["images", image, "aliases"]);
-        let (_, l): (u16, L) = self.call_json("GET", &path, None::<&()>, &[200])?;
-        Ok(l.aliases)
+        self.list(&["images", image, "aliases"], "aliases")
     }
 
     // ---- Replication and bundles ----

@@ -40,8 +40,8 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-# shellcheck source=contrib/bench/nginx.sh
-. "$here/nginx.sh"
+# shellcheck source=contrib/bench/common.sh
+. "$here/common.sh"
 
 usage() { awk 'NR >= 4 && !/^#/ { exit } NR >= 4 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-0}"; }
 die() { echo "bench: $*" >&2; exit 1; }
@@ -87,14 +87,6 @@ else
   work=$(mktemp -d "${TMPDIR:-/var/tmp}/imgsrv-bench.XXXXXX"); own_work=1
 fi
 NGINX_PID='' IMGSRV_PID=''
-stop_pid() { # PID: TERM, wait up to 10 s, KILL
-  [ -n "$1" ] || return 0
-  kill -TERM "$1" 2>/dev/null || return 0
-  i=0
-  while kill -0 "$1" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-  kill -KILL "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
-}
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
   rc=$?

@@ -1,6 +1,17 @@
 # shellcheck shell=sh
-# Sourced by the benchmark scripts: Debian's nginx as a plain static file
-# server over TLS 1.3, for comparisons run on the same machine.
+# Sourced by the benchmark scripts: stopping background servers, and Debian's
+# nginx as a plain static file server over TLS 1.3, for comparisons run on
+# the same machine.
+
+# stop_pid PID: TERM, wait up to 10 s, then KILL.
+stop_pid() {
+  [ -n "$1" ] || return 0
+  kill -TERM "$1" 2>/dev/null || return 0
+  i=0
+  while kill -0 "$1" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
 
 # write_nginx_conf DIR PORT CERT KEY ROOT [EXTRA_SERVER_DIRECTIVES]
 # Writes DIR/nginx.conf (pid, logs and temp files under DIR) serving ROOT on
