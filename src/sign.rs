@@ -946,7 +946,10 @@ pub(crate) mod tests {
         // used), so one key in sixteen has a 15-digit id: only the upper
         // bound is fixed.
         assert!((1..=16).contains(&k.key_id.len()), "{}", k.key_id);
-        assert!(k.key_id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
+        assert!(k
+            .key_id
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
         assert_eq!(fs::read_to_string(&k.path).unwrap(), pub_text);
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&data.join("keys")), 0o700);
