@@ -287,15 +287,21 @@ impl App {
     /// [`App::ingest`] of a file the caller wrote and will not write again:
     /// the blob store takes it in place when it can (same filesystem: one
     /// read pass to check it, no copy). The file stays where it is.
+    /// `hashed`: the caller computed `digest` over exactly these bytes as
+    /// it wrote them ([`crate::cas::BlobStore::adopt_hashed`]).
     pub fn ingest_file(
         &self,
         digest: &crate::digest::Digest,
         size: u64,
         media_type: Option<&str>,
         path: &Path,
+        hashed: bool,
     ) -> Result<(), PublishError> {
         if self.blobs.stat(digest)? != Some(size) {
-            self.blobs.adopt(path, digest, size)?;
+            match hashed {
+                true => self.blobs.adopt_hashed(path, digest, size)?,
+                false => self.blobs.adopt(path, digest, size)?,
+            }
         }
         self.catalog.insert_blob(digest, size, media_type)?;
         Ok(())

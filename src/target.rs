@@ -35,6 +35,19 @@ pub trait Target {
     /// Stores a file whose digest and size were already checked; the target
     /// checks them again while storing.
     fn put_blob(&self, digest: &Digest, size: u64, media_type: &str, file: &Path) -> Result<()>;
+    /// [`Target::put_blob`] of a file this process hashed to `digest` while
+    /// writing it, in a directory nobody else writes: a target in this
+    /// process may take it without hashing it again
+    /// ([`crate::cas::BlobStore::adopt_hashed`]). A server checks it anyway.
+    fn put_hashed_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        file: &Path,
+    ) -> Result<()> {
+        self.put_blob(digest, size, media_type, file)
+    }
     fn status(&self, image: &str, version: &str) -> Result<VersionStatus>;
     /// Creates (or takes over a draft of) the version with exactly the
     /// manifest's contents, creating the image if needed (private if asked).
@@ -199,22 +212,23 @@ impl Target for LocalTarget {
     }
 
     fn put_blob(&self, digest: &Digest, size: u64, media_type: &str, file: &Path) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
-        let same_fs = dev(file).is_some() && dev(file) == dev(&self.app.config.data_dir);
-        if same_fs {
-            // taken in place: hashed once more, fsynced and hard-linked, not copied
-            self.app
-                .ingest_file(digest, size, Some(media_type), file)
-                .with_context(|| format!("storing {digest}"))?;
-            return Ok(());
-        }
-        let mut f =
-            std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        // on the data directory's filesystem the store takes the file in
+        // place (hashed once more, fsynced, hard-linked); elsewhere it copies
         self.app
-            .ingest(digest, size, Some(media_type), &mut f)
-            .with_context(|| format!("storing {digest}"))?;
-        Ok(())
+            .ingest_file(digest, size, Some(media_type), file, false)
+            .with_context(|| format!("storing {digest}"))
+    }
+
+    fn put_hashed_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        file: &Path,
+    ) -> Result<()> {
+        self.app
+            .ingest_file(digest, size, Some(media_type), file, true)
+            .with_context(|| format!("storing {digest}"))
     }
 
     fn status(&self, image: &str, version: &str) -> Result<VersionStatus> {

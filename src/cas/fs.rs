@@ -238,7 +238,16 @@ impl FsStore {
     /// `path` meanwhile), hashed there in one read pass, checked, fsynced
     /// and linked into its CAS place (an existing blob is kept). `Ok(false)`:
     /// the file is on another filesystem and nothing was done.
-    fn adopt_in_place(&self, path: &Path, digest: &Digest, size: u64) -> Result<bool> {
+    /// Links `path` into place when it is on the store's filesystem; reads
+    /// it through SHA-256 first unless `hashed` (see
+    /// [`BlobStore::adopt_hashed`]). `Ok(false)`: not on this filesystem.
+    fn adopt_in_place(
+        &self,
+        path: &Path,
+        digest: &Digest,
+        size: u64,
+        hashed: bool,
+    ) -> Result<bool> {
         use std::os::unix::fs::MetadataExt;
         let meta = fs::metadata(path).map_err(io_err("stat", path))?;
         let root_dev = fs::metadata(&self.root)
@@ -268,6 +277,10 @@ impl FsStore {
                     actual: actual_size,
                 });
             }
+            if hashed {
+                f.sync_all().map_err(io_err("fsync", &link))?;
+                return self.install(&link, digest);
+            }
             let mut hasher = Hasher::new();
             let read = crate::digest::read_chunks(&mut f, |c| hasher.update(c))
                 .map_err(io_err("read", &link))?;
@@ -293,6 +306,15 @@ impl FsStore {
             let _ = fs::remove_file(&link);
         }
         r.map(|()| true)
+    }
+
+    /// In place when it can; otherwise a copy through `put`, which hashes.
+    fn adopt_file(&self, path: &Path, digest: &Digest, size: u64, hashed: bool) -> Result<()> {
+        if self.adopt_in_place(path, digest, size, hashed)? {
+            return Ok(());
+        }
+        let mut f = File::open(path).map_err(io_err("open", path))?;
+        self.put(digest, size, &mut f)
     }
 
     fn part_dir(&self, upload: &str) -> PathBuf {
@@ -358,11 +380,11 @@ impl BlobStore for FsStore {
     }
 
     fn adopt(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
-        if self.adopt_in_place(path, digest, size)? {
-            return Ok(());
-        }
-        let mut f = File::open(path).map_err(io_err("open", path))?;
-        self.put(digest, size, &mut f)
+        self.adopt_file(path, digest, size, false)
+    }
+
+    fn adopt_hashed(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
+        self.adopt_file(path, digest, size, true)
     }
 
     fn stage_part(
@@ -658,6 +680,49 @@ mod tests {
         assert!(!fs::metadata(&src).unwrap().permissions().readonly());
         use std::os::unix::fs::MetadataExt;
         assert_eq!(fs::metadata(&src).unwrap().nlink(), 1);
+    }
+
+    #[test]
+    fn adopt_hashed_checks_the_size_and_links_without_reading() {
+        let (dir, s) = store();
+        let staging = dir.path().join("staging");
+        fs::create_dir(&staging).unwrap();
+        let src = staging.join("root");
+        fs::write(&src, b"ROOT").unwrap();
+        let d = Digest::of(b"ROOT");
+        for size in [3, 5] {
+            assert!(matches!(
+                s.adopt_hashed(&src, &d, size),
+                Err(CasError::Truncated { .. })
+            ));
+        }
+        assert_eq!(s.stat(&d).unwrap(), None);
+        assert!(tmp_is_empty(dir.path()));
+        s.adopt_hashed(&src, &d, 4).unwrap();
+        assert_eq!(ino(&s.blob_path(&d)), ino(&src), "hard-linked, not copied");
+        assert_eq!(read_all(&s, &d), b"ROOT");
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn adopt_hashed_from_another_filesystem_copies_and_hashes() {
+        let (dir, s) = store();
+        let other = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) exists");
+        use std::os::unix::fs::MetadataExt;
+        assert_ne!(
+            fs::metadata(other.path()).unwrap().dev(),
+            fs::metadata(dir.path()).unwrap().dev(),
+            "the store's test directory must not be on /dev/shm"
+        );
+        let src = other.path().join("root");
+        fs::write(&src, b"RooT").unwrap();
+        let claimed = Digest::of(b"ROOT");
+        assert!(matches!(
+            s.adopt_hashed(&src, &claimed, 4),
+            Err(CasError::Mismatch { .. })
+        ));
+        assert_eq!(s.stat(&claimed).unwrap(), None);
+        assert!(tmp_is_empty(dir.path()));
     }
 
     #[test]

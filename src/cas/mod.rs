@@ -71,6 +71,20 @@ pub trait BlobStore: Send + Sync {
         self.put(digest, size, &mut f)
     }
 
+    /// [`BlobStore::adopt`] of a file whose `digest` the caller computed
+    /// itself over exactly the bytes it wrote to (or read from) `path`, in
+    /// this process, in a directory nobody else writes (the mirror's locked,
+    /// mode-0700 staging directory). The store still checks the size and
+    /// makes the file durable, but need not read it again: a second hash of
+    /// the same page-cache bytes by the same process would only catch another
+    /// writer, which the caller rules out. Every byte a store accepts is thus
+    /// still hashed once on its way in. A store that cannot take the file in
+    /// place copies it through [`BlobStore::put`], which hashes it anyway
+    /// (the default).
+    fn adopt_hashed(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
+        self.adopt(path, digest, size)
+    }
+
     /// Stages upload part `n` of `upload` from `reader` (exactly `len` bytes).
     /// Re-staging a part replaces it.
     fn stage_part(

@@ -15,8 +15,10 @@
 //! A worker stores the file in the target (`put_blob`) as soon as it is in,
 //! so downloads and ingest overlap; nothing is published before the
 //! version's fingerprints are checked. A data directory target takes the
-//! staged file in place (hashed once more, hard-linked, not copied) and is
-//! handed the fingerprints computed here instead of reading the blobs again.
+//! staged file in place (fsynced and hard-linked, not copied, and not hashed
+//! again: the hash computed here while the bytes were written is the store's
+//! check, see `BlobStore::adopt_hashed`) and is handed the fingerprints
+//! computed here instead of reading the blobs again.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -246,7 +248,9 @@ fn store(ctx: &Ctx<'_>, job: &Job, mut f: Fetched) -> Result<Fetched, String> {
         .has_blob(&d.sha256, d.size)
         .and_then(|has| match has {
             true => Ok(()),
-            false => target.put_blob(&d.sha256, d.size, f.media_type, &f.path),
+            // hashed against the upstream sha256 as it was written (or
+            // re-read from the staging directory) in this run
+            false => target.put_hashed_blob(&d.sha256, d.size, f.media_type, &f.path),
         });
     match stored {
         Ok(()) => Ok(f),
