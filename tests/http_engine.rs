@@ -804,6 +804,48 @@ fn keep_alive_and_connection_close() {
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
+/// The server reads the socket ahead of rustls (64 KiB at a time): a pipelined
+/// request whose TLS records already sit in that read-ahead must be answered
+/// at once, not left waiting for the socket to become readable again.
+#[test]
+fn pipelined_requests_across_tls_records_are_answered_from_the_read_ahead() {
+    let _g = shared();
+    let ts = start(|c| c.keepalive_timeout = Duration::from_secs(30));
+    let mut c = Client::new(tls_connect(&ts, "localhost"));
+    c.r.get_ref()
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // Each request in one record of its own (one rustls write each, under
+    // 16 KiB), 3 - 4 KiB long, all flushed in one burst under 64 KiB: the
+    // server's first socket read takes every record, rustls takes them 4 KiB
+    // at a time, so after most requests the next one is only in the
+    // read-ahead (none of it decrypted yet) and the socket is empty.
+    let sizes: Vec<usize> = (0..14).map(|i| 2900 + i * 97).collect();
+    let s = c.r.get_mut();
+    s.conn.set_buffer_limit(None);
+    for (i, n) in sizes.iter().enumerate() {
+        let body: Vec<u8> = (0..*n).map(|j| (i * 31 + j) as u8).collect();
+        let mut req =
+            format!("POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: {n}\r\n\r\n")
+                .into_bytes();
+        req.extend_from_slice(&body);
+        s.conn.writer().write_all(&req).expect("queue");
+    }
+    s.flush().expect("send");
+    // a response held back until the keep-alive timeout fails the read (10 s)
+    for (i, n) in sizes.iter().enumerate() {
+        let r = c.read_response(false);
+        assert_eq!(r.status, 200, "echo {i}");
+        let want: Vec<u8> = (0..*n).map(|j| (i * 31 + j) as u8).collect();
+        assert!(
+            r.body == want,
+            "echo {i}: {} bytes back, {n} sent",
+            r.body.len()
+        );
+    }
+}
+
 // 8 ----------------------------------------------------------------------------------------
 
 #[test]
