@@ -559,58 +559,19 @@ fn tls_handshake(
     }
 }
 
-/// Socket reads a TLS session makes at most: rustls asks for 4 KiB at a time
-/// (`read_tls`), which would cost four `read` calls per 16 KiB record on a
-/// long upload; the session reads this much at once and hands it to rustls
-/// from memory.
-const TLS_READ_AHEAD: usize = 64 * 1024;
-
 /// An established TLS session over a [`Sock`].
 struct TlsIo {
     conn: ServerConnection,
     sock: Sock,
-    /// Bytes read from the socket that rustls has not taken yet:
-    /// `ahead[ahead_start..ahead_end]`.
-    ahead: Box<[u8]>,
-    ahead_start: usize,
-    ahead_end: usize,
 }
 
 impl TlsIo {
-    fn new(conn: ServerConnection, sock: Sock) -> TlsIo {
-        TlsIo {
-            conn,
-            sock,
-            ahead: vec![0u8; TLS_READ_AHEAD].into_boxed_slice(),
-            ahead_start: 0,
-            ahead_end: 0,
-        }
-    }
-
-    /// True when decrypted bytes (or a close), or received bytes rustls has not
-    /// taken yet, are waiting without reading the socket.
+    /// True when decrypted bytes (or a close) are waiting without reading the socket.
     fn has_pending_input(&mut self) -> bool {
-        if self.ahead_start < self.ahead_end {
-            return true;
-        }
         match self.conn.process_new_packets() {
             Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
             Err(_) => true,
         }
-    }
-
-    /// Hands rustls the next received bytes, reading the socket (once, up to
-    /// [`TLS_READ_AHEAD`]) only when none are left. Returns what rustls took;
-    /// 0 means EOF, which rustls has then seen too.
-    fn feed_tls(&mut self) -> io::Result<usize> {
-        if self.ahead_start == self.ahead_end {
-            self.ahead_start = 0;
-            self.ahead_end = self.sock.read(&mut self.ahead)?;
-        }
-        let mut pending = &self.ahead[self.ahead_start..self.ahead_end];
-        let n = self.conn.read_tls(&mut pending)?;
-        self.ahead_start += n;
-        Ok(n)
     }
 }
 
@@ -628,8 +589,8 @@ impl Read for TlsIo {
                 Err(e) => return Err(e),
             }
             flush_tls(&mut self.conn, &mut self.sock)?;
-            // Takes at least one byte or reports EOF (seen by the reader above) or fails.
-            self.feed_tls()?;
+            // Reads at least one byte or reports EOF (seen by the reader above) or fails.
+            self.conn.read_tls(&mut self.sock)?;
             if let Err(e) = self.conn.process_new_packets() {
                 let _ = flush_tls(&mut self.conn, &mut self.sock);
                 return Err(tls_err(e));
@@ -1459,7 +1420,7 @@ fn handle_connection(stream: TcpStream, peer: SocketAddr, shared: &Shared, handl
         (Some(tls), 0x16) => match tls_handshake(&mut sock, tls.clone(), hs_deadline) {
             Ok(mut conn) => {
                 conn.set_buffer_limit(Some(TLS_SEND_LIMIT));
-                Io::Tls(Box::new(TlsIo::new(conn, sock)))
+                Io::Tls(Box::new(TlsIo { conn, sock }))
             }
             Err(e) => {
                 log::debug!("{peer}: TLS handshake failed: {e}");
