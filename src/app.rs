@@ -100,6 +100,47 @@ impl App {
     pub fn verification(&self) -> VerificationMode {
         self.config.verification
     }
+
+    /// The Simple Streams documents for a caller who may read the private
+    /// images in `readable_private`, without the versions signed by a key
+    /// the operator has revoked. The trust store is read on every call (a
+    /// `key revoke` takes effect at the next request, no restart); when it
+    /// cannot be read, nothing is served: serving a revoked key's images
+    /// would be silently weaker.
+    pub fn streams(
+        &self,
+        readable_private: &[String],
+    ) -> anyhow::Result<Arc<crate::simplestreams::Streams>> {
+        let revoked: Vec<String> = self.revoked_keys()?.into_iter().map(|k| k.key_id).collect();
+        Ok(self
+            .streams
+            .get(self.catalog.as_ref(), readable_private, &revoked)?)
+    }
+
+    /// The trusted keys the operator has revoked, read from the trust store
+    /// now; an unreadable store is an error (never "none revoked").
+    fn revoked_keys(&self) -> anyhow::Result<Vec<crate::sign::TrustedKey>> {
+        Ok(crate::sign::load_trusted_keys(&self.config.data_dir)
+            .context("reading the trusted keys (to withhold what revoked keys signed)")?
+            .into_iter()
+            .filter(|k| k.policy.state == crate::sign::KeyState::Revoked)
+            .collect())
+    }
+
+    /// The revoked key that signed this published version, if any: its
+    /// artifacts are withheld from downloads, as its entries are from the
+    /// Simple Streams projection (an Incus daemon may have cached the index
+    /// for an hour and would otherwise still install it).
+    pub fn revoked_signer(
+        &self,
+        version_id: &str,
+    ) -> anyhow::Result<Option<crate::sign::TrustedKey>> {
+        let record = self.catalog.publish_record(version_id)?;
+        let Some(id) = record.signer_key_id else {
+            return Ok(None);
+        };
+        Ok(self.revoked_keys()?.into_iter().find(|k| k.key_id == id))
+    }
 }
 
 /// Why a version was not published.

@@ -40,8 +40,8 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
     let jobs = crate::schedule::parse_jobs(&config.mirrors, data_dir)?;
     let app = Arc::new(App::open(config)?);
     // warm the projection so the first client does not pay for it
-    if let Err(e) = app.streams.get(app.catalog.as_ref(), &[]) {
-        log::error!("building the simplestreams projection: {e}");
+    if let Err(e) = app.streams(&[]) {
+        log::error!("building the simplestreams projection: {e:#}");
     }
     let scheduler = (!jobs.is_empty()).then(|| {
         log::info!("{} mirror job(s) configured", jobs.len());

@@ -2,8 +2,15 @@
 //! `/streams/v1/images.json`); the rules are in docs/simplestreams.md.
 //!
 //! The documents are built from the catalog only when its generation counter
-//! moves (a publish, an alias change), never per request, and swapped in
-//! atomically; requests share the cached bytes (plain and gzip).
+//! moves (a publish, an alias change) or the set of revoked signing keys
+//! changes, never per request, and swapped in atomically; requests share the
+//! cached bytes (plain and gzip).
+//!
+//! Versions whose publication was signed by a key the operator has since
+//! revoked are withdrawn from the projection: the Incus client does not check
+//! minisign signatures, so for it a compromised key's images must simply
+//! disappear. They stay in the catalog (published is immutable), readable
+//! through the native API, where `imgsrv verify` refuses them.
 
 use crate::catalog::{Alias, ContentCatalog, ProjectionEntry};
 use crate::digest::Digest;
@@ -40,11 +47,12 @@ pub struct Streams {
 }
 
 /// Cache of the projection: one document pair per visibility set (the
-/// private images a caller may read; empty for anonymous callers), all
-/// dropped when the catalog generation moves. Callers with the same set share
-/// one build; no request builds JSON unless something changed.
-/// Documents of one catalog generation, by visibility set.
-type Generation = (i64, HashMap<Vec<String>, Arc<Streams>>);
+/// private images a caller may read; empty for anonymous callers) and set of
+/// revoked signer key ids, all dropped when the catalog generation moves.
+/// Callers with the same sets share one build; no request builds JSON unless
+/// something changed.
+/// Documents of one catalog generation, by (visibility set, revoked signers).
+type Generation = (i64, HashMap<(Vec<String>, Vec<String>), Arc<Streams>>);
 
 #[derive(Default)]
 pub struct StreamsCache {
@@ -57,15 +65,21 @@ const MAX_VISIBILITY_SETS: usize = 256;
 
 impl StreamsCache {
     /// The documents for a caller who may read the public images plus the
-    /// private images in `readable_private`.
+    /// private images in `readable_private`, without the versions signed by
+    /// a key in `revoked_signers` (key ids).
     pub fn get(
         &self,
         cat: &dyn ContentCatalog,
         readable_private: &[String],
+        revoked_signers: &[String],
     ) -> crate::catalog::Result<Arc<Streams>> {
-        let mut key = readable_private.to_vec();
-        key.sort();
-        key.dedup();
+        let sorted = |v: &[String]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let key = (sorted(readable_private), sorted(revoked_signers));
         let generation = cat.generation()?;
         let cached = |c: &Generation| {
             (c.0 == generation)
@@ -81,11 +95,18 @@ impl StreamsCache {
         if let Some(s) = self.current.read().ok().and_then(|c| cached(&c)) {
             return Ok(s);
         }
-        let visible: HashSet<&str> = key.iter().map(String::as_str).collect();
-        let entries: Vec<ProjectionEntry> = cat
-            .projection_entries()?
+        let visible: HashSet<&str> = key.0.iter().map(String::as_str).collect();
+        let revoked: HashSet<&str> = key.1.iter().map(String::as_str).collect();
+        let all = cat.projection_entries()?;
+        let total = all.len();
+        let entries: Vec<ProjectionEntry> = all
             .into_iter()
             .filter(|e| !e.image.is_private() || visible.contains(e.image.name.as_str()))
+            .filter(|e| {
+                e.signer_key_id
+                    .as_deref()
+                    .is_none_or(|k| !revoked.contains(k))
+            })
             .collect();
         let aliases = cat.all_aliases()?;
         let (index, images) = build(&entries, &aliases);
@@ -101,9 +122,10 @@ impl StreamsCache {
             c.1.insert(key.clone(), s.clone());
         }
         log::info!(
-            "simplestreams projection rebuilt (generation {generation}, {} artifacts, {} private images visible)",
+            "simplestreams projection rebuilt (generation {generation}, {} of {total} artifacts, {} private images visible, {} revoked key(s))",
             entries.len(),
-            key.len()
+            key.0.len(),
+            key.1.len()
         );
         Ok(s)
     }
@@ -549,6 +571,7 @@ mod tests {
             },
             ftype: ftype.into(),
             combined_sha256: d(&format!("fp{ftype}")),
+            signer_key_id: None,
         }
     }
 
@@ -650,21 +673,27 @@ mod tests {
         let cat = SqliteCatalog::open(&d.path().join("c.db")).unwrap();
         cat.create_image("secret", None, None, "private").unwrap();
         let cache = StreamsCache::default();
-        let a = cache.get(&cat, &[]).unwrap();
-        let b = cache.get(&cat, &[]).unwrap();
+        let a = cache.get(&cat, &[], &[]).unwrap();
+        let b = cache.get(&cat, &[], &[]).unwrap();
         assert!(Arc::ptr_eq(&a, &b), "no rebuild without a catalog change");
-        let p = cache.get(&cat, &["secret".to_string()]).unwrap();
+        let p = cache.get(&cat, &["secret".to_string()], &[]).unwrap();
         assert!(
             !Arc::ptr_eq(&a, &p),
             "another visibility set has its own documents"
         );
         assert!(Arc::ptr_eq(
             &p,
-            &cache.get(&cat, &["secret".to_string()]).unwrap()
+            &cache.get(&cat, &["secret".to_string()], &[]).unwrap()
         ));
+        // so has another set of revoked keys (order does not matter)
+        let revoked = ["B".to_string(), "A".to_string()];
+        let r = cache.get(&cat, &[], &revoked).unwrap();
+        assert!(!Arc::ptr_eq(&a, &r));
+        let reordered = ["A".to_string(), "B".to_string()];
+        assert!(Arc::ptr_eq(&r, &cache.get(&cat, &[], &reordered).unwrap()));
         // any change the generation trigger sees (here: visibility) rebuilds
         cat.set_visibility("secret", "public").unwrap();
-        let c = cache.get(&cat, &[]).unwrap();
+        let c = cache.get(&cat, &[], &[]).unwrap();
         assert!(!Arc::ptr_eq(&a, &c));
         assert!(c.generation > a.generation);
     }

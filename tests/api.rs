@@ -8,6 +8,7 @@ use imgsrv::digest::Digest;
 use imgsrv::http::message::Request;
 use imgsrv::http::routes::handle;
 use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use support::inproc::*;
 
@@ -894,6 +895,25 @@ fn keys_are_scoped_retired_and_revoked() {
         .status,
         200
     );
+    // debian-13: an older version by the other key, the newest by debian
+    for (v, key, meta, root) in [
+        ("20250101_0000", &other, b"META13a", b"ROOT13a"),
+        ("20250102_0000", &debian, b"META13b", b"ROOT13b"),
+    ] {
+        e.draft("debian-13", v, meta, Some(root), None);
+        let m = e.manifest("debian-13", v);
+        assert_eq!(
+            e.publish("debian-13", v, Some(minisign_sign(key, &m)))
+                .status,
+            200
+        );
+    }
+    let r = e.call(
+        "PUT",
+        "/v1/images/debian-13/aliases/stable",
+        json!({"version": "20250102_0000"}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
     // retired: no new publications, the old one is still verified and served
     imgsrv::sign::set_key_state(e.dir.path(), "debian", imgsrv::sign::KeyState::Retired).unwrap();
@@ -935,7 +955,74 @@ fn keys_are_scoped_retired_and_revoked() {
         .as_str()
         .unwrap()
         .starts_with("untrusted comment:"));
+    let before = projected(&e);
+    assert!(before.contains_key("debian-12:20250101_0000"), "{before:?}");
+    assert!(before["debian-13:20250102_0000"].contains("debian-13"));
+    assert!(before["debian-13:20250102_0000"].contains("debian-13/stable"));
     imgsrv::sign::set_key_state(e.dir.path(), "debian", imgsrv::sign::KeyState::Revoked).unwrap();
+    // Revoked: everything it signed leaves the Simple Streams projection at
+    // once (the Incus client checks no signatures), for every caller; the
+    // newest remaining version takes over the image's default aliases; the
+    // versions stay published in the catalog.
+    let after = projected(&e);
+    let keys_of = |m: &BTreeMap<String, BTreeSet<String>>| -> BTreeSet<String> {
+        m.keys().cloned().collect()
+    };
+    assert_eq!(
+        keys_of(&after),
+        ["debian-12:20250102_0000", "debian-13:20250101_0000"]
+            .map(String::from)
+            .into(),
+        "{after:?}"
+    );
+    assert!(after["debian-13:20250101_0000"].contains("debian-13"));
+    assert!(!after
+        .values()
+        .any(|a| a.contains("debian-13/stable") || a.contains("debian-13/20250102_0000")));
+    let admin = e.call("GET", "/streams/v1/images.json", Value::Null);
+    assert_eq!(
+        keys_of(&products_of(&admin.json())),
+        keys_of(&after),
+        "an authenticated caller sees no more"
+    );
+    assert_eq!(e.state("debian-13", "20250102_0000"), "published");
+    // its artifacts are withheld too (an Incus daemon caches the index for an
+    // hour), also to authenticated callers; the older version still downloads
+    for (v, status) in [("20250102_0000", 410), ("20250101_0000", 200)] {
+        let path = format!("/v1/images/debian-13/versions/{v}");
+        let view = e.call("GET", &path, Value::Null).json();
+        let art = view["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+        let att = view["artifacts"][0]["attachments"][0]["id"]
+            .as_str()
+            .unwrap();
+        for url in [
+            format!("{path}/artifacts/{art}/download"),
+            format!("{path}/artifacts/{art}/attachments/{att}/download/incus.tar.xz"),
+        ] {
+            for r in [e.anon("GET", &url), e.call("GET", &url, Value::Null)] {
+                assert_eq!(
+                    r.status,
+                    status,
+                    "{url}: {}",
+                    String::from_utf8_lossy(&r.body)
+                );
+                if status == 410 {
+                    assert!(r.detail().contains("revoked"), "{}", r.detail());
+                }
+            }
+        }
+        // the manifest and its signature stay readable, for inspection
+        let m = e.anon("GET", &format!("{path}/manifest.minisig"));
+        assert_eq!(m.status, 200);
+    }
+    // a trust store the server cannot read serves no projection at all
+    let pubfile = e.dir.path().join("keys").join("other.pub");
+    let good = std::fs::read(&pubfile).unwrap();
+    std::fs::write(&pubfile, b"not a minisign key\n").unwrap();
+    let r = e.anon("GET", "/streams/v1/images.json");
+    assert_eq!(r.status, 500, "fails closed");
+    std::fs::write(&pubfile, good).unwrap();
+    assert_eq!(keys_of(&projected(&e)), keys_of(&after));
     let keys = e.anon("GET", "/v1/keys").json();
     assert!(keys["keys"]
         .as_array()
@@ -1084,4 +1171,28 @@ fn every_write_and_refusal_is_in_the_append_only_audit_log() {
         .unwrap()
         .len();
     assert!(after >= rows.len());
+}
+
+/// `image:version` of each product in an images.json, with its aliases.
+fn products_of(images: &Value) -> BTreeMap<String, BTreeSet<String>> {
+    images["products"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(key, p)| {
+            let image_version = key.splitn(3, ':').take(2).collect::<Vec<_>>().join(":");
+            let aliases = p["aliases"]
+                .as_str()
+                .unwrap_or("")
+                .split(',')
+                .map(String::from)
+                .collect();
+            (image_version, aliases)
+        })
+        .collect()
+}
+
+/// [`products_of`] the anonymous projection.
+fn projected(e: &Env) -> BTreeMap<String, BTreeSet<String>> {
+    products_of(&e.images_json())
 }

@@ -139,6 +139,14 @@ fn assert_has(text: &str, needle: &str) {
 }
 
 /// Names of the entries in `dir` (hidden ones too); empty if it does not exist.
+fn out_err(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 fn entries(dir: &Path) -> BTreeSet<String> {
     match fs::read_dir(dir) {
         Ok(rd) => rd
@@ -605,7 +613,40 @@ fn a_revoked_or_out_of_scope_key_fails() {
     // Revoked on the server (no restart): the consumer's "active" does not override it.
     fs::remove_file(&policy).unwrap();
     expect(&f.run("verify", &["--trusted-keys", keys, IMAGE]), 0);
+    // an Incus client that read the index before the revocation (it caches
+    // it for 5 minutes, a daemon for an hour)
+    let cached = Incus::new(f.server.cert());
+    cached.remote_add("r", &f.server.url());
+    let fingerprints = |incus: &Incus| -> Vec<String> {
+        incus
+            .json(&["image", "list", "r:"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["fingerprint"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(fingerprints(&cached).len(), 2, "container and VM");
     imgsrv(&["key", "revoke", "--data", s(f.server.data_dir()), "release"]);
+    // what the revoked key signed is gone for the Incus client: not listed
+    // for a fresh one, and not downloadable for the one with the cached index
+    let fresh = Incus::new(f.server.cert());
+    fresh.remote_add("r", &f.server.url());
+    assert_eq!(fingerprints(&fresh), Vec::<String>::new());
+    let out = f.path("exported");
+    let o = cached.try_run(&[
+        "image",
+        "export",
+        &format!("r:{}", f.img.container_fingerprint()),
+        s(&out),
+    ]);
+    assert!(
+        !o.status.success(),
+        "export of a revoked key's image succeeded: {}",
+        out_err(&o)
+    );
+    // Incus names the refusal: "Unable to fetch https://…/download/…: 410 Gone"
+    assert_has(&out_err(&o), "410 Gone");
     let o = f.run("verify", &["--trusted-keys", keys, IMAGE]);
     expect(&o, 1);
     assert_has(

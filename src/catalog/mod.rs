@@ -224,6 +224,9 @@ pub struct ProjectionEntry {
     pub metadata: Attachment,
     pub ftype: String,
     pub combined_sha256: Digest,
+    /// The key id that signed the version's publication, when it was
+    /// verified (none when published unsigned or unverified).
+    pub signer_key_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

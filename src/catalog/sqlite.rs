@@ -864,9 +864,11 @@ impl ContentCatalog for SqliteCatalog {
         let c = self.conn()?;
         let mut st = c
             .prepare(&format!(
-                "SELECT {IMAGE_COLS}, {VERSION_COLS}, {ARTIFACT_COLS}, {ATTACHMENT_COLS}, p.ftype, p.combined_sha256 \
+                "SELECT {IMAGE_COLS}, {VERSION_COLS}, {ARTIFACT_COLS}, {ATTACHMENT_COLS}, p.ftype, p.combined_sha256, \
+                 r.signer_key_id \
                  FROM incus_projection p \
                  JOIN image_versions v ON v.id = p.version_id \
+                 LEFT JOIN publish_records r ON r.version_id = v.id \
                  JOIN images i ON i.id = v.image_id \
                  JOIN release_artifacts a ON a.id = p.artifact_id \
                  JOIN artifact_attachments t ON t.id = p.metadata_attachment_id \
@@ -876,7 +878,8 @@ impl ContentCatalog for SqliteCatalog {
             .map_err(backend)?;
         let rows = st
             .query_map([], |r| {
-                // columns: image 0..7, version 7..15, artifact 15..26, attachment 26..34
+                // columns: image 0..7, version 7..15, artifact 15..26, attachment 26..34,
+                // ftype 34, combined 35, signer 36
                 let hex: String = r.get(35)?;
                 let version = version_row(r, 7)?;
                 Ok(ProjectionEntry {
@@ -893,6 +896,7 @@ impl ContentCatalog for SqliteCatalog {
                             Box::new(e),
                         )
                     })?,
+                    signer_key_id: r.get(36)?,
                 })
             })
             .map_err(backend)?;

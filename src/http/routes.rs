@@ -561,7 +561,9 @@ fn streams(app: &App, req: &Request<'_>, ctx: &Ctx, doc: &str) -> Res {
         .filter(|i| i.is_private() && ctx.can_read(i))
         .map(|i| i.name)
         .collect();
-    let s = app.streams.get(app.catalog.as_ref(), &readable_private)?;
+    let s = app.streams(&readable_private).map_err(|e| {
+        ApiError::internal("building the simplestreams projection", format!("{e:#}"))
+    })?;
     let d = if doc == "index.json" {
         &s.index
     } else {
@@ -1158,6 +1160,19 @@ fn download(
         return Err(ApiError::not_found(format!(
             "version {name}@{ver} not found"
         )));
+    }
+    let withheld = app
+        .revoked_signer(&view.version.id)
+        .map_err(|e| ApiError::internal("checking the signer's key", format!("{e:#}")))?;
+    if let Some(k) = withheld {
+        return Err(ApiError::new(
+            410,
+            format!(
+                "{name}@{ver} was signed by key {} ({}), which the operator has revoked: \
+                 its artifacts are no longer served",
+                k.name, k.key_id
+            ),
+        ));
     }
     let public = !img.is_private();
     let a = view
