@@ -7,15 +7,23 @@
 //!    each version with its manifest digest, signature member, aliases and
 //!    blobs; the blobs carried; the blobs and versions it relies on from an
 //!    earlier bundle when incremental);
+//!    `imgsrv-bundle.json.minisig` (with `export --key`): the exporter's
+//!    minisign signature over those exact index bytes;
 //! 2. `manifests/<image>/<version>.json` and `.json.minisig`: the canonical
 //!    manifest and the publisher's signature, the exact published bytes;
 //! 3. `blobs/sha256/<hex>`: each blob once;
 //! 4. `SHA256SUMS`: `sha256sum` lines for every member before it.
 //!
-//! The signatures are the publisher's: nothing is signed by the exporter.
-//! The importer checks every byte against the manifests and SHA256SUMS, and
-//! the signatures against ITS OWN trusted keys and verification mode, and
-//! publishes nothing unless the whole bundle passed (see [`import`]).
+//! The manifest signatures are the publishers'. What only the index says
+//! (which images are private, where the aliases point) is signed by the
+//! exporter when `--key` is given: SHA256SUMS catches accidents, not someone
+//! who rewrites the index on the way across the gap (a private image made
+//! public, an alias rolled back to an older, vulnerable version). The
+//! importer checks every byte against the manifests and SHA256SUMS, and the
+//! signatures against ITS OWN trusted keys and verification mode, and
+//! publishes nothing unless the whole bundle passed (see [`import`]). In
+//! enforce mode an unsigned index still imports the (signed) versions, but
+//! sets no alias and creates new images private.
 
 use crate::digest::Digest;
 use crate::manifest::Manifest;
@@ -30,6 +38,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const INDEX_MEMBER: &str = "imgsrv-bundle.json";
+pub const INDEX_SIGNATURE_MEMBER: &str = "imgsrv-bundle.json.minisig";
 pub const SUMS_MEMBER: &str = "SHA256SUMS";
 pub const FORMAT: &str = "imgsrv-bundle";
 pub const FORMAT_VERSION: u32 = 1;
@@ -208,6 +217,12 @@ pub struct ExportArgs {
     /// The bundle file to write (replaced only once complete).
     #[arg(short = 'o', long = "output", value_name = "BUNDLE")]
     pub output: PathBuf,
+    /// minisign secret key (`minisign -G`) that signs the bundle index: the
+    /// aliases and which images are private. The importing site must trust
+    /// its public key (`imgsrv key add`); without a signed index it imports
+    /// the versions but sets no alias and makes new images private.
+    #[arg(long, value_name = "SECRET_KEY")]
+    pub key: Option<PathBuf>,
 }
 
 /// `imgsrv import`.
@@ -241,11 +256,19 @@ pub fn export_command(a: ExportArgs) -> Result<()> {
         if let Some(p) = &a.since_bundle {
             read_index(p).with_context(|| format!("reading {}", p.display()))?;
         }
+        let key = match &a.key {
+            None => None,
+            Some(p) => Some(IndexKey(std::sync::Arc::new(
+                crate::sign::load_secret_key(p)
+                    .with_context(|| format!("loading the secret key {}", p.display()))?,
+            ))),
+        };
         let opts = ExportOptions {
             image_glob: a.image.clone(),
             since: a.since.as_deref().map(parse_since).transpose()?,
             since_bundle: a.since_bundle.clone(),
             output: a.output.clone(),
+            key,
         };
         let source = match (&a.source.data, a.source.client(false)?) {
             (Some(dir), _) => Source::open_data(dir)?,
@@ -408,6 +431,18 @@ pub struct ExportOptions {
     pub since: Option<chrono::DateTime<chrono::Utc>>,
     pub since_bundle: Option<PathBuf>,
     pub output: PathBuf,
+    /// Signs the index (`imgsrv-bundle.json.minisig`).
+    pub key: Option<IndexKey>,
+}
+
+/// The exporter's minisign secret key (its id in `Debug`, never the key).
+#[derive(Clone)]
+pub struct IndexKey(pub std::sync::Arc<minisign::SecretKey>);
+
+impl std::fmt::Debug for IndexKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IndexKey({})", crate::sign::secret_key_id(&self.0))
+    }
 }
 
 /// What an export wrote.
@@ -551,6 +586,15 @@ pub fn export(source: &Source, opts: &ExportOptions, out: &mut dyn Write) -> Res
         };
         let index_bytes = serde_json::to_vec_pretty(&index)?;
         w.small(INDEX_MEMBER, &index_bytes)?;
+        if let Some(k) = &opts.key {
+            let comment = format!(
+                "imgsrv bundle index sha256={} created_at={created_at}",
+                Digest::of(&index_bytes).hex()
+            );
+            let sig = crate::sign::sign(&k.0, &index_bytes, &comment)
+                .context("signing the bundle index")?;
+            w.small(INDEX_SIGNATURE_MEMBER, sig.as_bytes())?;
+        }
         for (v, (bytes, sig)) in index.versions.iter().zip(&manifests) {
             w.small(&v.manifest, bytes)?;
             w.small(&v.signature, sig.as_bytes())?;
@@ -832,6 +876,8 @@ pub fn import(
     let mut seen: BTreeSet<String> = BTreeSet::new();
     let mut preflight_done = false;
     let mut sums: Option<Vec<u8>> = None;
+    let mut index_signature: Option<String> = None;
+    let mut index_trust = IndexTrust::Trusted;
 
     for entry in entries {
         let mut entry = entry.map_err(tar_error)?;
@@ -845,7 +891,20 @@ pub fn import(
             return Err(refused(format!("{member}: appears twice in the bundle")));
         }
         regular(&entry, &member).map_err(&refused)?;
-        if let Some(&i) = by_manifest.get(member.as_str()) {
+        if member == INDEX_SIGNATURE_MEMBER {
+            if preflight_done {
+                return Err(refused(format!(
+                    "{member}: after the blobs (it must follow the index)"
+                )));
+            }
+            let bytes = read_small(&mut entry, MAX_SIGNATURE, &member)
+                .map_err(|e| refused(format!("{e:#}")))?;
+            computed.push((member.clone(), Digest::of(&bytes)));
+            index_signature =
+                Some(String::from_utf8(bytes).map_err(|_| {
+                    refused(format!("{member}: not a minisign signature (not text)"))
+                })?);
+        } else if let Some(&i) = by_manifest.get(member.as_str()) {
             let v = &index.versions[i];
             let bytes = read_small(&mut entry, MAX_MANIFEST, &member)
                 .map_err(|e| refused(format!("{e:#}")))?;
@@ -876,6 +935,14 @@ pub fn import(
         } else if let Some(hex) = member.strip_prefix("blobs/sha256/") {
             if !preflight_done {
                 preflight(dest, &sigs, &index, &pending, out).map_err(&refused)?;
+                index_trust = check_index_signature(
+                    &sigs,
+                    &index,
+                    &index_bytes,
+                    index_signature.as_deref(),
+                    out,
+                )
+                .map_err(&refused)?;
                 preflight_done = true;
             }
             let digest =
@@ -927,7 +994,11 @@ pub fn import(
     }
     if !preflight_done {
         preflight(dest, &sigs, &index, &pending, out).map_err(&refused)?;
+        index_trust =
+            check_index_signature(&sigs, &index, &index_bytes, index_signature.as_deref(), out)
+                .map_err(&refused)?;
     }
+    let trusted_index = index_trust == IndexTrust::Trusted;
     for b in &index.blobs {
         if !seen.contains(&blob_member(&b.digest)) {
             return Err(refused(format!(
@@ -975,7 +1046,9 @@ pub fn import(
         }
         let (bytes, m) = p.manifest.as_ref().expect("checked above");
         let sig = p.signature.as_deref().expect("checked above");
-        let staged = dest.target().stage(m, v.private).map_err(|e| {
+        // an unsigned index cannot make anything public
+        let private = v.private || !trusted_index;
+        let staged = dest.target().stage(m, private).map_err(|e| {
             failed(
                 &name,
                 e.context(format!("staging {label}")),
@@ -999,10 +1072,21 @@ pub fn import(
         writeln!(out, "imported {label}").map_err(|e| failed(&name, e.into(), &report.imported))?;
         report.imported.push(label);
     }
-    // aliases, for versions now published there
+    // aliases, for versions now published there; only from a signed index
     let mut images: BTreeMap<&str, Vec<&IndexVersion>> = BTreeMap::new();
     for v in &index.versions {
         images.entry(v.image.as_str()).or_default().push(v);
+    }
+    if let IndexTrust::Unsigned(why) = &index_trust {
+        let skipped: usize = index.versions.iter().map(|v| v.aliases.len()).sum();
+        writeln!(
+            out,
+            "WARNING: {why}: its {skipped} alias(es) were not set and images it created are \
+             private (set them with `imgsrv alias set` and `imgsrv image set-visibility`, \
+             or re-export with --key)"
+        )
+        .map_err(|e| failed(&name, e.into(), &report.imported))?;
+        images.clear();
     }
     for (image, vs) in images {
         let have = dest
@@ -1128,6 +1212,62 @@ fn check_index(index: &Index) -> Result<(), String> {
 /// Once the manifests and signatures are in: every one present, signatures
 /// acceptable to the target, versions already published there identical,
 /// and the blobs relied on from an earlier bundle present there.
+/// Whether the index's own claims (aliases, private flags) may be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IndexTrust {
+    Trusted,
+    /// Unsigned, in enforce mode: the versions are imported, the index's
+    /// aliases are not applied and new images are private.
+    Unsigned(String),
+}
+
+/// Checks the exporter's signature over the index bytes against the
+/// importing site's keys and mode; the key must be allowed to sign every
+/// image the index names. A signature that is present but does not verify
+/// refuses the bundle (it was altered, or signed by a key this site does not
+/// trust).
+fn check_index_signature(
+    sigs: &crate::replicate::SignatureCheck,
+    index: &Index,
+    index_bytes: &[u8],
+    signature: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<IndexTrust, String> {
+    use crate::config::VerificationMode;
+    let images: BTreeSet<&str> = index.versions.iter().map(|v| v.image.as_str()).collect();
+    match (signature, sigs.mode) {
+        (_, VerificationMode::Off) => return Ok(IndexTrust::Trusted),
+        (None, VerificationMode::Warn) => {
+            let _ = writeln!(
+                out,
+                "WARNING: {INDEX_MEMBER} is not signed (the verification mode is warn: \
+                 its aliases and private flags are applied anyway)"
+            );
+            return Ok(IndexTrust::Trusted);
+        }
+        (None, _) => {
+            return Ok(IndexTrust::Unsigned(format!(
+                "{INDEX_MEMBER} is not signed (export with --key)"
+            )))
+        }
+        (Some(_), _) => {}
+    }
+    for image in images {
+        match sigs.check(index_bytes, signature, image) {
+            Ok(None) => {}
+            Ok(Some(warning)) => {
+                let _ = writeln!(out, "WARNING: {INDEX_SIGNATURE_MEMBER}: {warning}");
+            }
+            Err(why) => {
+                return Err(format!(
+                    "{INDEX_SIGNATURE_MEMBER}: the index signature is refused: {why}"
+                ))
+            }
+        }
+    }
+    Ok(IndexTrust::Trusted)
+}
+
 fn preflight(
     dest: &Destination,
     sigs: &crate::replicate::SignatureCheck,

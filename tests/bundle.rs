@@ -185,7 +185,14 @@ fn export_from_a_data_dir_imports_into_a_site_trusting_the_same_publisher() {
     publish_image(&src.server, &src.secret, &a, &["--alias", "stable"]);
     publish_image(&src.server, &src.secret, &b, &[]);
     let bundle = src.tmp.path().join("release.tar");
-    let out = export(&["--data", s(src.server.data_dir()), "-o", s(&bundle)]);
+    let out = export(&[
+        "--data",
+        s(src.server.data_dir()),
+        "--key",
+        s(&src.secret),
+        "-o",
+        s(&bundle),
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("2 version(s), 5 blob(s)"),
@@ -193,9 +200,11 @@ fn export_from_a_data_dir_imports_into_a_site_trusting_the_same_publisher() {
         text(&out)
     );
 
-    // the layout: index first, SHA256SUMS last, checkable with the usual tools
+    // the layout: index first (then the exporter's signature over it),
+    // SHA256SUMS last, checkable with the usual tools
     let m = members(&bundle);
     assert_eq!(m[0].0, "imgsrv-bundle.json");
+    assert_eq!(m[1].0, "imgsrv-bundle.json.minisig");
     assert_eq!(m.last().unwrap().0, "SHA256SUMS");
     for want in [
         "manifests/debian-bookworm/20260101_0000.json",
@@ -236,6 +245,15 @@ fn export_from_a_data_dir_imports_into_a_site_trusting_the_same_publisher() {
         "the publisher's signature: {}",
         text(&v)
     );
+    let v = run_any(
+        Command::new("minisign")
+            .arg("-V")
+            .arg("-p")
+            .arg(&src.public)
+            .arg("-m")
+            .arg(x.join("imgsrv-bundle.json")),
+    );
+    assert!(v.status.success(), "the index signature: {}", text(&v));
     let index = bundle_index(&bundle);
     assert_eq!(index["format"], "imgsrv-bundle");
     assert_eq!(index["versions"][0]["aliases"][0], "stable");
@@ -289,6 +307,8 @@ fn export_from_a_data_dir_imports_into_a_site_trusting_the_same_publisher() {
         &src.server.url(),
         "--ca",
         s(&src.server.cert()),
+        "--key",
+        s(&src.secret),
         "-o",
         s(&via_api),
     ]);
@@ -449,7 +469,14 @@ fn incremental_bundles_carry_only_what_is_new() {
         &["--alias", "stable"],
     );
     let old = src.tmp.path().join("old.tar");
-    let out = export(&["--data", s(src.server.data_dir()), "-o", s(&old)]);
+    let out = export(&[
+        "--data",
+        s(src.server.data_dir()),
+        "--key",
+        s(&src.secret),
+        "-o",
+        s(&old),
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     // the second version shares the first one's rootfs
     std::thread::sleep(Duration::from_millis(20));
@@ -468,6 +495,8 @@ fn incremental_bundles_carry_only_what_is_new() {
         s(src.server.data_dir()),
         "--since-bundle",
         s(&old),
+        "--key",
+        s(&src.secret),
         "-o",
         s(&new),
     ]);
@@ -583,7 +612,14 @@ fn an_interrupted_import_resumes_and_never_shows_a_partial_version() {
         std::fs::remove_dir_all(&img.dir).unwrap();
     }
     let bundle = src.tmp.path().join("big.tar");
-    let out = export(&["--data", s(src.server.data_dir()), "-o", s(&bundle)]);
+    let out = export(&[
+        "--data",
+        s(src.server.data_dir()),
+        "--key",
+        s(&src.secret),
+        "-o",
+        s(&bundle),
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     drop(src.server);
 
@@ -651,4 +687,115 @@ fn an_interrupted_import_resumes_and_never_shows_a_partial_version() {
     assert_eq!(visible_images(&dst), ["debian-bookworm"]);
     assert_eq!(published(dst.data_dir()).len(), 3);
     assert_eq!(stored_blobs(dst.data_dir()).len(), before.len() + 6);
+}
+
+/// What only the index says (aliases, private flags) is trusted only when
+/// the exporter signed it with a key the importing site trusts: otherwise
+/// someone could make a private image public, or roll an alias back to an
+/// older (signed, but vulnerable) version, on the way across the gap.
+#[test]
+fn the_index_is_signed_by_the_exporter_and_checked_on_import() {
+    let src = source();
+    let a = make_test_image(src.tmp.path().join("a"), &["--serial", "20260101_0000"]);
+    publish_image(&src.server, &src.secret, &a, &["--alias", "stable"]);
+    let data = src.server.data_dir();
+    let signed = src.tmp.path().join("signed.tar");
+    let out = export(&["--data", s(data), "--key", s(&src.secret), "-o", s(&signed)]);
+    assert!(out.status.success(), "{}", text(&out));
+    let unsigned = src.tmp.path().join("unsigned.tar");
+    let out = export(&["--data", s(data), "-o", s(&unsigned)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(members(&unsigned)
+        .iter()
+        .all(|m| m.0 != "imgsrv-bundle.json.minisig"));
+    let aliases_of = |server: &TestServer| {
+        String::from_utf8_lossy(&get_bytes(server, "/v1/images/debian-bookworm/aliases"))
+            .into_owned()
+    };
+
+    // unsigned, enforce: the signed version comes in, the index's claims do not
+    let dst = TestServer::start();
+    trust(dst.data_dir(), &src.public);
+    let out = import_into(dst.data_dir(), &unsigned);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("imgsrv-bundle.json is not signed"), "{t}");
+    assert_eq!(published(dst.data_dir()), ["debian-bookworm@20260101_0000"]);
+    assert!(visible_images(&dst).is_empty(), "created private");
+    assert_eq!(visibility_and_aliases(dst.data_dir()), "private 0");
+
+    // signed, but the index was altered on the way ("stable" -> "rtable")
+    let index_bytes = {
+        let mut ar = tar::Archive::new(std::fs::File::open(&signed).unwrap());
+        let mut first = ar.entries().unwrap().next().unwrap().unwrap();
+        let mut v = Vec::new();
+        first.read_to_end(&mut v).unwrap();
+        v
+    };
+    let at = index_bytes
+        .windows(8)
+        .position(|w| w == b"\"stable\"")
+        .expect("the alias in the index") as u64
+        + 1;
+    let altered = tampered(
+        &signed,
+        "imgsrv-bundle.json",
+        at,
+        &src.tmp.path().join("altered.tar"),
+    );
+    let dst2 = TestServer::start();
+    trust(dst2.data_dir(), &src.public);
+    let out = import_into(dst2.data_dir(), &altered);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("imgsrv-bundle.json.minisig: the index signature is refused"),
+        "{}",
+        text(&out)
+    );
+    assert!(published(dst2.data_dir()).is_empty());
+
+    // signed by a key the importing site does not trust: refused too
+    let (_other_pub, other_secret) = minisign_keypair(src.tmp.path().join("other"));
+    let foreign = src.tmp.path().join("foreign.tar");
+    let out = export(&[
+        "--data",
+        s(data),
+        "--key",
+        s(&other_secret),
+        "-o",
+        s(&foreign),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = import_into(dst2.data_dir(), &foreign);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("the index signature is refused"),
+        "{}",
+        text(&out)
+    );
+    assert!(published(dst2.data_dir()).is_empty());
+
+    // signed by the trusted key: aliases and visibility as on the source
+    let out = import_into(dst2.data_dir(), &signed);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(visible_images(&dst2), ["debian-bookworm"]);
+    assert!(
+        aliases_of(&dst2).contains("\"stable\""),
+        "{}",
+        aliases_of(&dst2)
+    );
+    // on the first site, the signed bundle now sets the alias it held back
+    // (an existing image keeps the visibility its operator gave it)
+    let out = import_into(dst.data_dir(), &signed);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(visibility_and_aliases(dst.data_dir()), "private 1");
+}
+
+/// `VISIBILITY ALIASES` of debian-bookworm in a data directory's catalog.
+fn visibility_and_aliases(data: &Path) -> String {
+    let out = run_ok(Command::new("sqlite3").arg(data.join("catalog.db")).arg(
+        "SELECT visibility || ' ' || (SELECT count(*) FROM aliases) FROM images \
+         WHERE name = 'debian-bookworm'",
+    ));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
