@@ -454,6 +454,10 @@ fn tampered_or_untrusted_bundles_are_refused_and_publish_nothing() {
             "debian-bookworm@20260102_0000"
         ]
     );
+    // its index is unsigned: the server created the image private
+    assert!(text(&out).contains("imgsrv-bundle.json is not signed"));
+    assert!(visible_images(&dst).is_empty());
+    assert_eq!(visibility_and_aliases(dst.data_dir()), "private 0");
 }
 
 #[test]
