@@ -934,12 +934,13 @@ pub fn import(
             pending[i].signature = Some(text);
         } else if let Some(hex) = member.strip_prefix("blobs/sha256/") {
             if !preflight_done {
-                preflight(dest, &sigs, &index, &pending, out).map_err(&refused)?;
-                index_trust = check_index_signature(
+                index_trust = preflight(
+                    dest,
                     &sigs,
                     &index,
                     &index_bytes,
                     index_signature.as_deref(),
+                    &pending,
                     out,
                 )
                 .map_err(&refused)?;
@@ -993,10 +994,16 @@ pub fn import(
         }
     }
     if !preflight_done {
-        preflight(dest, &sigs, &index, &pending, out).map_err(&refused)?;
-        index_trust =
-            check_index_signature(&sigs, &index, &index_bytes, index_signature.as_deref(), out)
-                .map_err(&refused)?;
+        index_trust = preflight(
+            dest,
+            &sigs,
+            &index,
+            &index_bytes,
+            index_signature.as_deref(),
+            &pending,
+            out,
+        )
+        .map_err(&refused)?;
     }
     let trusted_index = index_trust == IndexTrust::Trusted;
     for b in &index.blobs {
@@ -1209,9 +1216,6 @@ fn check_index(index: &Index) -> Result<(), String> {
     Ok(())
 }
 
-/// Once the manifests and signatures are in: every one present, signatures
-/// acceptable to the target, versions already published there identical,
-/// and the blobs relied on from an earlier bundle present there.
 /// Whether the index's own claims (aliases, private flags) may be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum IndexTrust {
@@ -1268,13 +1272,20 @@ fn check_index_signature(
     Ok(IndexTrust::Trusted)
 }
 
+/// Once the manifests and signatures are in: every one present, signatures
+/// acceptable to the target, versions already published there identical,
+/// and the blobs relied on from an earlier bundle present there.
+/// Last, the index signature ([`check_index_signature`]): what may be
+/// applied of the index's own claims.
 fn preflight(
     dest: &Destination,
     sigs: &crate::replicate::SignatureCheck,
     index: &Index,
+    index_bytes: &[u8],
+    index_signature: Option<&str>,
     pending: &[Pending],
     out: &mut dyn Write,
-) -> Result<(), String> {
+) -> Result<IndexTrust, String> {
     for (v, p) in index.versions.iter().zip(pending) {
         let Some((bytes, _)) = &p.manifest else {
             return Err(format!("{}: missing from the bundle", v.manifest));
@@ -1339,7 +1350,7 @@ fn preflight(
             missing.join(", ")
         ));
     }
-    Ok(())
+    check_index_signature(sigs, index, index_bytes, index_signature, out)
 }
 
 /// SHA256SUMS lists every other member exactly once, with its hash.
