@@ -652,11 +652,8 @@ impl ApiClient {
         path: &str,
         bytes: &[u8],
     ) -> Result<T, ClientError> {
-        serde_json::from_slice(bytes).map_err(|e| ClientError::Protocol {
-            method: method.to_string(),
-            url: format!("{}{}", self.base, path),
-            reason: format!("invalid JSON: {e}"),
-        })
+        serde_json::from_slice(bytes)
+            .map_err(|e| self.protocol(method, path, format!("invalid JSON: {e}")))
     }
 
     fn call_json<T: for<'de> Deserialize<'de>>(
@@ -667,15 +664,18 @@ impl ApiClient {
         ok: &[u16],
     ) -> Result<(u16, T), ClientError> {
         let body = match body {
-            Some(b) => Body::Json(serde_json::to_vec(b).map_err(|e| ClientError::Protocol {
-                method: method.to_string(),
-                url: format!("{}{}", self.base, path),
-                reason: format!("cannot encode the request: {e}"),
+            Some(b) => Body::Json(serde_json::to_vec(b).map_err(|e| {
+                self.protocol(method, path, format!("cannot encode the request: {e}"))
             })?),
             None => Body::Empty,
         };
         let (status, bytes) = self.call(method, path, body, ok)?;
         Ok((status, self.json(method, path, &bytes)?))
+    }
+
+    /// `GET` of a JSON document (200 only).
+    fn get_json<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<T, ClientError> {
+        Ok(self.call_json("GET", path, None::<&()>, &[200])?.1)
     }
 
     fn protocol(&self, method: &str, path: &str, reason: String) -> ClientError {
@@ -960,10 +960,7 @@ impl ApiClient {
 
     /// `GET /v1/images/{name}/versions/{version}`: the version and its artifacts.
     pub fn get_version(&self, image: &str, version: &str) -> Result<VersionView, ClientError> {
-        let path = Self::path(&["images", image, "versions", version]);
-        Ok(self
-            .call_json::<VersionView>("GET", &path, None::<&()>, &[200])?
-            .1)
+        self.get_json(&Self::path(&["images", image, "versions", version]))
     }
 
     /// `DELETE /v1/images/{name}/versions/{version}/artifacts/{id}` (drafts only).
@@ -1029,10 +1026,7 @@ impl ApiClient {
 
     /// `GET /v1/images/{name}/refs/{ref}`: a published version, else an alias.
     pub fn get_ref(&self, image: &str, reference: &str) -> Result<VersionView, ClientError> {
-        let path = Self::path(&["images", image, "refs", reference]);
-        Ok(self
-            .call_json::<VersionView>("GET", &path, None::<&()>, &[200])?
-            .1)
+        self.get_json(&Self::path(&["images", image, "refs", reference]))
     }
 
     /// Streams a published artifact's primary blob (`attachment` `None`) or
@@ -1137,13 +1131,9 @@ impl ApiClient {
         field: &str,
     ) -> Result<Vec<T>, ClientError> {
         let path = Self::path(segs);
-        let (_, mut doc): (u16, serde_json::Value) =
-            self.call_json("GET", &path, None::<&()>, &[200])?;
-        serde_json::from_value(doc[field].take()).map_err(|e| ClientError::Protocol {
-            method: "GET".into(),
-            url: format!("{}{}", self.base, path),
-            reason: format!("unexpected {field:?} list: {e}"),
-        })
+        let mut doc: serde_json::Value = self.get_json(&path)?;
+        serde_json::from_value(doc[field].take())
+            .map_err(|e| self.protocol("GET", &path, format!("unexpected {field:?} list: {e}")))
     }
 
     /// `GET /v1/images`.
@@ -1176,8 +1166,7 @@ impl ApiClient {
             #[serde(default)]
             visibility: Option<String>,
         }
-        let path = Self::path(&["images", image]);
-        let (_, v): (u16, V) = self.call_json("GET", &path, None::<&()>, &[200])?;
+        let v: V = self.get_json(&Self::path(&["images", image]))?;
         Ok(v.visibility.unwrap_or_else(|| "public".into()))
     }
 

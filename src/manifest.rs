@@ -7,7 +7,7 @@
 //! names are inside the signed bytes, so a valid signature cannot be replayed
 //! under another name.
 
-use crate::catalog::VersionView;
+use crate::catalog::{ArtifactWithAttachments, VersionView};
 use crate::digest::Digest;
 use serde_json::{json, Map, Value};
 
@@ -15,19 +15,12 @@ pub const SCHEMA: &str = "imgsrv.manifest.v1";
 
 /// Canonical bytes of a version's manifest.
 pub fn canonical(view: &VersionView) -> Vec<u8> {
-    let mut artifacts: Vec<&crate::catalog::ArtifactWithAttachments> =
-        view.artifacts.iter().collect();
-    artifacts.sort_by(|a, b| {
-        let k = |x: &crate::catalog::ArtifactWithAttachments| {
-            (
-                x.artifact.variant.clone(),
-                x.artifact.operating_system.clone(),
-                x.artifact.architecture.clone(),
-                x.artifact.format.clone(),
-            )
-        };
-        k(a).cmp(&k(b))
-    });
+    fn key(x: &ArtifactWithAttachments) -> (&str, &str, &str, &str) {
+        let a = &x.artifact;
+        (&a.variant, &a.operating_system, &a.architecture, &a.format)
+    }
+    let mut artifacts: Vec<&ArtifactWithAttachments> = view.artifacts.iter().collect();
+    artifacts.sort_by(|a, b| key(a).cmp(&key(b)));
     let artifacts: Vec<Value> = artifacts
         .into_iter()
         .map(|a| {
@@ -71,10 +64,6 @@ pub fn canonical(view: &VersionView) -> Vec<u8> {
     });
     // serde_json's Map is a BTreeMap (no preserve_order feature): keys come out sorted.
     serde_json::to_vec(&doc).expect("serializing a JSON value cannot fail")
-}
-
-pub fn digest(bytes: &[u8]) -> Digest {
-    Digest::of(bytes)
 }
 
 /// A canonical manifest as a consumer reads it back (`imgsrv verify`):

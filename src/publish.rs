@@ -16,7 +16,7 @@ use crate::image::{self, ImageMetadata, RootFormat};
 use crate::sign;
 
 /// The attachment name under which the metadata tarball is stored.
-pub const METADATA_ATTACHMENT: &str = "incus.tar.xz";
+pub const METADATA_ATTACHMENT: &str = crate::fingerprint::INCUS_METADATA;
 
 /// Inputs of [`publish`] (the CLI fills them from flags and environment).
 #[derive(Debug, Clone)]

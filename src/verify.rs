@@ -724,6 +724,13 @@ fn signature_problem(e: SignError, server_keys: &[KeyInfo], keys_path: &Path) ->
     Problem::new("manifest signature", reason)
 }
 
+/// ` since <time>` when the revocation time is known, else nothing.
+fn since(revoked_at: Option<&str>) -> String {
+    revoked_at
+        .map(|t| format!(" since {t}"))
+        .unwrap_or_default()
+}
+
 /// Revocation (local or reported by the server) and local scopes of the
 /// key that made a valid signature.
 fn check_signer(
@@ -734,12 +741,7 @@ fn check_signer(
 ) -> Result<(), VerifyError> {
     let who = format!("key {} ({})", key.name, key.key_id);
     if key.policy.state == KeyState::Revoked {
-        let at = key
-            .policy
-            .revoked_at
-            .as_deref()
-            .map(|t| format!(" since {t}"))
-            .unwrap_or_default();
+        let at = since(key.policy.revoked_at.as_deref());
         checks.fail(Problem::new(
             "manifest signature",
             format!(
@@ -752,11 +754,7 @@ fn check_signer(
         .iter()
         .find(|k| k.key_id.eq_ignore_ascii_case(&key.key_id) && k.state == "revoked")
     {
-        let at = k
-            .revoked_at
-            .as_deref()
-            .map(|t| format!(" since {t}"))
-            .unwrap_or_default();
+        let at = since(k.revoked_at.as_deref());
         checks.fail(Problem::new(
             "manifest signature",
             format!(
@@ -958,28 +956,29 @@ pub fn run(
     }
 
     // 3. The manifest names what was asked for, and is the one published.
+    let manifest_subject = format!("manifest ({manifest_digest})");
     let manifest = crate::manifest::parse(&manifest_bytes).map_err(|e| {
         checks.fatal(Problem::new(
-            format!("manifest ({manifest_digest})"),
+            &manifest_subject,
             format!("not an imgsrv manifest: {e}"),
         ))
     })?;
     if manifest.image != image {
         checks.fail(Problem::new(
-            format!("manifest ({manifest_digest})"),
+            &manifest_subject,
             format!("names image {:?}, you asked for {image:?}", manifest.image),
         ))?;
     }
     if manifest.version != version {
         checks.fail(Problem::new(
-            format!("manifest ({manifest_digest})"),
+            &manifest_subject,
             format!("names version {:?}, expected {version:?}", manifest.version),
         ))?;
     }
     match &view.publication {
         Some(p) if p.manifest_digest == manifest_digest => {}
         Some(p) => checks.fail(Problem::new(
-            format!("manifest ({manifest_digest})"),
+            &manifest_subject,
             format!(
                 "the server's publication record names manifest {}, not the one it serves",
                 p.manifest_digest
