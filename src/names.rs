@@ -35,6 +35,11 @@ pub fn alias(s: &str) -> bool {
     })
 }
 
+/// Trusted publisher key name: the alias rule, `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`.
+pub fn key_name(s: &str) -> bool {
+    alias(s)
+}
+
 /// Variant, operating system, architecture: `^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$`
 pub fn token(s: &str) -> bool {
     matches(s, 64, alnum, |c| {

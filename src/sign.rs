@@ -230,14 +230,7 @@ pub fn secret_key_id(sk: &minisign::SecretKey) -> String {
 }
 
 /// Whether `name` is a valid trusted-key name.
-pub fn valid_key_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 64
-        && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-}
+pub use crate::names::key_name as valid_key_name;
 
 /// Standard base64 with padding, as minisign writes it.
 fn b64_decode(s: &str) -> Option<Vec<u8>> {
@@ -315,8 +308,36 @@ fn load_policy(key_path: &Path) -> Result<KeyPolicy, SignError> {
     Ok(policy)
 }
 
-fn write_policy(key_path: &Path, policy: &KeyPolicy) -> Result<(), SignError> {
+/// A new temporary file in `dir` (mode 0644) holding `text`, synced and
+/// ready to be persisted as `dest` (write errors name `dest`).
+fn staged_file(
+    dir: &Path,
+    prefix: &str,
+    dest: &Path,
+    text: &str,
+) -> Result<tempfile::NamedTempFile, SignError> {
     use std::os::unix::fs::PermissionsExt;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(io_err(tmp.path()))?;
+    tmp.write_all(text.as_bytes())
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(io_err(dest))?;
+    Ok(tmp)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SignError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn write_policy(key_path: &Path, policy: &KeyPolicy) -> Result<(), SignError> {
     let path = policy_path(key_path);
     let dir = path.parent().unwrap_or(Path::new("."));
     let text = format!(
@@ -326,21 +347,9 @@ fn write_policy(key_path: &Path, policy: &KeyPolicy) -> Result<(), SignError> {
             reason: e.to_string()
         })?
     );
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".policy-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(0o644))
-        .map_err(io_err(tmp.path()))?;
-    tmp.write_all(text.as_bytes())
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(io_err(&path))?;
+    let tmp = staged_file(dir, ".policy-", &path, &text)?;
     tmp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    sync_dir(dir)
 }
 
 fn load_key_file(path: &Path, name: &str) -> Result<TrustedKey, SignError> {
@@ -484,17 +493,7 @@ pub fn add_trusted_key(
     let path = dir.join(format!("{name}.pub"));
     // the policy goes first: a key file never appears without its scopes
     write_policy(&path, &policy)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".add-")
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(io_err(&dir))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(0o644))
-        .map_err(io_err(tmp.path()))?;
-    tmp.write_all(normalized.as_bytes())
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(io_err(&path))?;
+    let tmp = staged_file(&dir, ".add-", &path, &normalized)?;
     // No-clobber: a concurrent add of the same name loses instead of overwriting.
     tmp.persist_noclobber(&path).map_err(|e| {
         if e.error.kind() == io::ErrorKind::AlreadyExists {
@@ -503,9 +502,7 @@ pub fn add_trusted_key(
             io_err(&path)(e.error)
         }
     })?;
-    fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(&dir))?;
+    sync_dir(&dir)?;
     Ok(TrustedKey {
         name,
         key_id,
