@@ -4,7 +4,7 @@
 //! the files; every change is written to the audit log as `local:<user>`.
 
 use crate::auth::{self, ROLE_AUTH_MANAGER};
-use crate::catalog::{AuditCatalog, AuditEntry, AuditQuery, AuthCatalog, Catalog, SqliteCatalog};
+use crate::catalog::{AuditCatalog, AuditEntry, AuditQuery, AuthCatalog, SqliteCatalog};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -59,16 +59,6 @@ pub fn record_as(
         ..Default::default()
     })
     .context("writing the audit log")
-}
-
-/// Records a local change, opening the catalog of `data_dir` (key commands).
-pub fn record_in(
-    data_dir: &Path,
-    action: &str,
-    target: &str,
-    detail: serde_json::Value,
-) -> Result<()> {
-    record(&open_catalog(data_dir)?, action, target, detail)
 }
 
 pub fn principal_add(
@@ -155,8 +145,9 @@ fn refuse_last_manager(cat: &dyn AuthCatalog, principal_id: &str, is_manager: bo
 }
 
 fn check_grant(cat: &dyn AuthCatalog, role: &str, scope: &str) -> Result<()> {
-    if !cat.roles()?.iter().any(|r| r.id == role) {
-        let known: Vec<String> = cat.roles()?.into_iter().map(|r| r.id).collect();
+    let roles = cat.roles()?;
+    if !roles.iter().any(|r| r.id == role) {
+        let known: Vec<&str> = roles.iter().map(|r| r.id.as_str()).collect();
         bail!("unknown role {role:?} (roles: {})", known.join(", "));
     }
     if !crate::names::scope(scope) {
@@ -284,6 +275,7 @@ pub fn matrix(data_dir: &Path) -> Result<String> {
     header.extend(roles.iter().map(|r| r.to_uppercase()));
     header.push("TOKENS".into());
     rows.push(header);
+    let now = chrono::Utc::now();
     for p in cat.list_principals()? {
         let mut row = vec![p.name.clone(), p.kind.clone()];
         for r in &roles {
@@ -299,7 +291,6 @@ pub fn matrix(data_dir: &Path) -> Result<String> {
                 scopes.join(",")
             });
         }
-        let now = chrono::Utc::now();
         let active = cat
             .list_tokens(&p.id)?
             .iter()
@@ -332,8 +323,7 @@ pub fn matrix(data_dir: &Path) -> Result<String> {
 
 /// Prints audit rows, as a table or as JSON lines (`json`).
 pub fn audit(data_dir: &Path, q: &AuditQuery, json: bool) -> Result<()> {
-    let cat: Box<dyn Catalog> = Box::new(open_catalog(data_dir)?);
-    let rows = cat.query_audit(q)?;
+    let rows = open_catalog(data_dir)?.query_audit(q)?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     for r in rows {

@@ -594,9 +594,10 @@ fn set_key_state(
     state: crate::sign::KeyState,
     action: &str,
 ) -> Result<()> {
+    let cat = crate::admin_cli::open_catalog(data_dir)?;
     let key = crate::sign::set_key_state(data_dir, name, state)?;
-    crate::admin_cli::record_in(
-        data_dir,
+    crate::admin_cli::record(
+        &cat,
         action,
         &key.name,
         serde_json::json!({ "key_id": key.key_id }),
@@ -610,19 +611,8 @@ fn set_key_state(
     Ok(())
 }
 
+/// Key changes are audited: each opens the catalog before changing anything.
 fn key_command(k: KeyCommand) -> Result<()> {
-    // key changes are audited: make sure the catalog is there before changing anything
-    match &k {
-        KeyCommand::Add { data, .. }
-        | KeyCommand::Retire { data, .. }
-        | KeyCommand::Revoke { data, .. } => {
-            crate::admin_cli::open_catalog(&data.dir)?;
-        }
-        KeyCommand::Remove { data, .. } => {
-            crate::admin_cli::open_catalog(&data.dir)?;
-        }
-        KeyCommand::List { .. } => {}
-    }
     match k {
         KeyCommand::Add {
             data,
@@ -630,10 +620,11 @@ fn key_command(k: KeyCommand) -> Result<()> {
             scopes,
             pubkey_file,
         } => {
+            let cat = crate::admin_cli::open_catalog(&data.dir)?;
             let key =
                 crate::sign::add_trusted_key(&data.dir, name.as_deref(), &pubkey_file, &scopes)?;
-            crate::admin_cli::record_in(
-                &data.dir,
+            crate::admin_cli::record(
+                &cat,
                 "key.add",
                 &key.name,
                 serde_json::json!({ "key_id": key.key_id, "scopes": key.policy.scopes }),
@@ -674,9 +665,10 @@ fn key_command(k: KeyCommand) -> Result<()> {
             }
         }
         KeyCommand::Remove { data, name } => {
+            let cat = crate::admin_cli::open_catalog(&data.dir)?;
             let key = crate::sign::remove_trusted_key(&data.dir, &name)?;
-            crate::admin_cli::record_in(
-                &data.dir,
+            crate::admin_cli::record(
+                &cat,
                 "key.remove",
                 &key.name,
                 serde_json::json!({ "key_id": key.key_id }),
