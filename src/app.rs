@@ -130,16 +130,20 @@ impl App {
     /// The revoked key that signed this published version, if any: its
     /// artifacts are withheld from downloads, as its entries are from the
     /// Simple Streams projection (an Incus daemon may have cached the index
-    /// for an hour and would otherwise still install it).
+    /// for an hour and would otherwise still install it). The trust store
+    /// is read first (once); the publish record only when a key is revoked.
     pub fn revoked_signer(
         &self,
         version_id: &str,
     ) -> anyhow::Result<Option<crate::sign::TrustedKey>> {
-        let record = self.catalog.publish_record(version_id)?;
-        let Some(id) = record.signer_key_id else {
+        let revoked = self.revoked_keys()?;
+        if revoked.is_empty() {
+            return Ok(None);
+        }
+        let Some(id) = self.catalog.publish_record(version_id)?.signer_key_id else {
             return Ok(None);
         };
-        Ok(self.revoked_keys()?.into_iter().find(|k| k.key_id == id))
+        Ok(revoked.into_iter().find(|k| k.key_id == id))
     }
 }
 

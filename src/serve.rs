@@ -59,9 +59,10 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
-                    // trusted keys are read from DATA/keys at every publish
+                    // trusted keys are read from DATA/keys at every publish, index
+                    // and download request
                     log::info!(
-                        "SIGHUP: trusted keys are re-read at each publish; nothing else to reload"
+                        "SIGHUP: trusted keys are re-read at each request that uses them; nothing else to reload"
                     );
                     continue;
                 }

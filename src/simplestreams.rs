@@ -46,14 +46,14 @@ pub struct Streams {
     pub images: Doc,
 }
 
+/// Documents of one catalog generation, by (visibility set, revoked signers).
+type Generation = (i64, HashMap<(Vec<String>, Vec<String>), Arc<Streams>>);
+
 /// Cache of the projection: one document pair per visibility set (the
 /// private images a caller may read; empty for anonymous callers) and set of
 /// revoked signer key ids, all dropped when the catalog generation moves.
 /// Callers with the same sets share one build; no request builds JSON unless
 /// something changed.
-/// Documents of one catalog generation, by (visibility set, revoked signers).
-type Generation = (i64, HashMap<(Vec<String>, Vec<String>), Arc<Streams>>);
-
 #[derive(Default)]
 pub struct StreamsCache {
     current: RwLock<Generation>,

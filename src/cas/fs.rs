@@ -106,6 +106,24 @@ fn valid_upload_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// [`CasError::Mismatch`] unless `actual` (over `actual_size` bytes) is `expected`.
+fn check_digest(
+    expected: &Digest,
+    expected_size: u64,
+    actual: Digest,
+    actual_size: u64,
+) -> Result<()> {
+    if actual == *expected {
+        return Ok(());
+    }
+    Err(CasError::Mismatch {
+        expected: *expected,
+        expected_size,
+        actual,
+        actual_size,
+    })
+}
+
 fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -233,14 +251,25 @@ impl FsStore {
         Ok(())
     }
 
+    /// Fsyncs a fully written temporary file and installs it; on failure
+    /// the temporary file is removed.
+    fn install_tmp(&self, tmp: tempfile::NamedTempFile, digest: &Digest) -> Result<()> {
+        let path = tmp.path().to_path_buf();
+        tmp.as_file().sync_all().map_err(io_err("fsync", &path))?;
+        let (_f, kept) = tmp.keep().map_err(|e| io_err("keep", &path)(e.error))?;
+        let r = self.install(&kept, digest);
+        if r.is_err() {
+            let _ = fs::remove_file(&kept);
+        }
+        r
+    }
+
     /// [`BlobStore::adopt`] in place: the file is hard-linked into `tmp/`
     /// (so the inode hashed is the one installed, whatever happens to
-    /// `path` meanwhile), hashed there in one read pass, checked, fsynced
-    /// and linked into its CAS place (an existing blob is kept). `Ok(false)`:
-    /// the file is on another filesystem and nothing was done.
-    /// Links `path` into place when it is on the store's filesystem; reads
-    /// it through SHA-256 first unless `hashed` (see
-    /// [`BlobStore::adopt_hashed`]). `Ok(false)`: not on this filesystem.
+    /// `path` meanwhile), hashed there in one read pass unless `hashed` (see
+    /// [`BlobStore::adopt_hashed`]), checked, fsynced and linked into its CAS
+    /// place (an existing blob is kept). `Ok(false)`: the file is on another
+    /// filesystem and nothing was done.
     fn adopt_in_place(
         &self,
         path: &Path,
@@ -291,14 +320,7 @@ impl FsStore {
                     actual: read,
                 });
             }
-            if actual != *digest {
-                return Err(CasError::Mismatch {
-                    expected: *digest,
-                    expected_size: size,
-                    actual,
-                    actual_size: read,
-                });
-            }
+            check_digest(digest, size, actual, read)?;
             f.sync_all().map_err(io_err("fsync", &link))?;
             self.install(&link, digest)
         })();
@@ -313,8 +335,7 @@ impl FsStore {
         if self.adopt_in_place(path, digest, size, hashed)? {
             return Ok(());
         }
-        let mut f = File::open(path).map_err(io_err("open", path))?;
-        self.put(digest, size, &mut f)
+        super::put_file(self, path, digest, size)
     }
 
     fn part_dir(&self, upload: &str) -> PathBuf {
@@ -361,22 +382,8 @@ impl BlobStore for FsStore {
                 actual: size + 1,
             });
         }
-        let actual = hasher.finish();
-        if actual != *digest {
-            return Err(CasError::Mismatch {
-                expected: *digest,
-                expected_size: size,
-                actual,
-                actual_size: size,
-            });
-        }
-        tmp.as_file().sync_all().map_err(io_err("fsync", &path))?;
-        let (_f, tmp_path) = tmp.keep().map_err(|e| io_err("keep", &path)(e.error))?;
-        let r = self.install(&tmp_path, digest);
-        if r.is_err() {
-            let _ = fs::remove_file(&tmp_path);
-        }
-        r
+        check_digest(digest, size, hasher.finish(), size)?;
+        self.install_tmp(tmp, digest)
     }
 
     fn adopt(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
@@ -445,45 +452,21 @@ impl BlobStore for FsStore {
                         actual: len,
                     });
                 }
-                if p.digest != *digest {
-                    return Err(CasError::Mismatch {
-                        expected: *digest,
-                        expected_size: size,
-                        actual: p.digest,
-                        actual_size: len,
-                    });
-                }
+                check_digest(digest, size, p.digest, len)?;
                 File::open(&path)
                     .and_then(|f| f.sync_all())
                     .map_err(io_err("fsync", &path))?;
                 return self.install(&path, digest);
             }
             let mut tmp = self.tmp_file()?;
-            let tmp_path = tmp.path().to_path_buf();
             let mut hasher = Hasher::new();
             for (n, p) in parts {
                 let path = dir.join(format!("{n}.part"));
                 let mut f = File::open(&path).map_err(|_| CasError::MissingPart(*n))?;
                 Self::copy_hashing(&mut f, tmp.as_file_mut(), p.size, &mut hasher, &path)?;
             }
-            let actual = hasher.finish();
-            if actual != *digest {
-                return Err(CasError::Mismatch {
-                    expected: *digest,
-                    expected_size: size,
-                    actual,
-                    actual_size: total,
-                });
-            }
-            tmp.as_file()
-                .sync_all()
-                .map_err(io_err("fsync", &tmp_path))?;
-            let (_f, kept) = tmp.keep().map_err(|e| io_err("keep", &tmp_path)(e.error))?;
-            let r = self.install(&kept, digest);
-            if r.is_err() {
-                let _ = fs::remove_file(&kept);
-            }
-            r
+            check_digest(digest, size, hasher.finish(), total)?;
+            self.install_tmp(tmp, digest)
         })();
         let _ = fs::remove_dir_all(&dir);
         result

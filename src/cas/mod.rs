@@ -63,12 +63,7 @@ pub trait BlobStore: Send + Sync {
     /// it is either way (its mode may become read-only), and the caller must
     /// not write to it any more: once adopted it may be the stored blob.
     fn adopt(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
-        let mut f = std::fs::File::open(path).map_err(|source| CasError::Io {
-            op: "open",
-            path: path.display().to_string(),
-            source,
-        })?;
-        self.put(digest, size, &mut f)
+        put_file(self, path, digest, size)
     }
 
     /// [`BlobStore::adopt`] of a file whose `digest` the caller computed
@@ -106,4 +101,20 @@ pub trait BlobStore: Send + Sync {
     ) -> Result<()>;
     /// Removes whatever was staged for `upload`.
     fn discard_upload(&self, upload: &str) -> Result<()>;
+}
+
+/// Copies the file at `path` into `store` through [`BlobStore::put`] (which
+/// hashes it): how a file is adopted when it cannot be taken in place.
+fn put_file<S: BlobStore + ?Sized>(
+    store: &S,
+    path: &Path,
+    digest: &Digest,
+    size: u64,
+) -> Result<()> {
+    let mut f = std::fs::File::open(path).map_err(|source| CasError::Io {
+        op: "open",
+        path: path.display().to_string(),
+        source,
+    })?;
+    store.put(digest, size, &mut f)
 }

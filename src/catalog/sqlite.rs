@@ -101,6 +101,14 @@ fn digest_col(row: &Row, idx: usize) -> rusqlite::Result<Digest> {
     })
 }
 
+/// A digest stored as bare hex (the Incus fingerprints).
+fn hex_digest_col(row: &Row, idx: usize) -> rusqlite::Result<Digest> {
+    let s: String = row.get(idx)?;
+    Digest::from_hex(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 fn u64_col(row: &Row, idx: usize) -> rusqlite::Result<u64> {
     let v: i64 = row.get(idx)?;
     u64::try_from(v).map_err(|e| {
@@ -283,31 +291,48 @@ impl SqliteCatalog {
         .ctx(&format!("image {name}"))
     }
 
-    fn load_version(c: &Connection, image: &str, version: &str) -> Result<ImageVersion> {
+    fn image_by_name(c: &Connection, name: &str) -> Result<Image> {
+        c.query_row(
+            &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"),
+            [name],
+            |r| image_row(r, 0),
+        )
+        .ctx(&format!("image {name}"))
+    }
+
+    /// The version matching `condition` (on `v` and `i`), with its metadata;
+    /// `what` names it in a NotFound.
+    fn version_where(
+        c: &Connection,
+        condition: &str,
+        params: impl rusqlite::Params,
+        what: &str,
+    ) -> Result<ImageVersion> {
         let mut v = c
             .query_row(
                 &format!(
                     "SELECT {VERSION_COLS} FROM image_versions v JOIN images i ON i.id = v.image_id \
-                     WHERE i.name = ?1 AND v.version = ?2"
+                     WHERE {condition}"
                 ),
-                [image, version],
+                params,
                 |r| version_row(r, 0),
             )
-            .ctx(&format!("version {image}@{version}"))?;
+            .ctx(what)?;
         v.metadata = Self::metadata(c, &v.id)?;
         Ok(v)
     }
 
+    fn load_version(c: &Connection, image: &str, version: &str) -> Result<ImageVersion> {
+        Self::version_where(
+            c,
+            "i.name = ?1 AND v.version = ?2",
+            [image, version],
+            &format!("version {image}@{version}"),
+        )
+    }
+
     fn load_version_by_id(c: &Connection, id: &str) -> Result<ImageVersion> {
-        let mut v = c
-            .query_row(
-                &format!("SELECT {VERSION_COLS} FROM image_versions v JOIN images i ON i.id = v.image_id WHERE v.id = ?1"),
-                [id],
-                |r| version_row(r, 0),
-            )
-            .ctx("version")?;
-        v.metadata = Self::metadata(c, &v.id)?;
-        Ok(v)
+        Self::version_where(c, "v.id = ?1", [id], "version")
     }
 
     fn metadata(c: &Connection, version_id: &str) -> Result<BTreeMap<String, String>> {
@@ -321,13 +346,7 @@ impl SqliteCatalog {
     }
 
     fn view(c: &Connection, image: &str, version: &str) -> Result<VersionView> {
-        let img = c
-            .query_row(
-                &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"),
-                [image],
-                |r| image_row(r, 0),
-            )
-            .ctx(&format!("image {image}"))?;
+        let img = Self::image_by_name(c, image)?;
         let v = Self::load_version(c, image, version)?;
         let mut st = c
             .prepare_cached(&format!(
@@ -490,23 +509,12 @@ impl ContentCatalog for SqliteCatalog {
             if n == 0 {
                 return Err(CatalogError::NotFound(format!("image {name}")));
             }
-            tx.query_row(
-                &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"),
-                [name],
-                |r| image_row(r, 0),
-            )
-            .ctx("image")
+            Self::image_by_name(tx, name)
         })
     }
 
     fn get_image(&self, name: &str) -> Result<Image> {
-        self.conn()?
-            .query_row(
-                &format!("SELECT {IMAGE_COLS} FROM images i WHERE i.name = ?1"),
-                [name],
-                |r| image_row(r, 0),
-            )
-            .ctx(&format!("image {name}"))
+        Self::image_by_name(&*self.conn()?, name)
     }
 
     fn list_images(&self, include_unpublished: bool) -> Result<Vec<Image>> {
@@ -765,18 +773,11 @@ impl ContentCatalog for SqliteCatalog {
             .map_err(backend)?;
         let rows = st
             .query_map([version_id], |r| {
-                let hex: String = r.get(3)?;
                 Ok(ProjectionRow {
                     artifact_id: r.get(0)?,
                     metadata_attachment_id: r.get(1)?,
                     ftype: r.get(2)?,
-                    combined_sha256: Digest::from_hex(&hex).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            3,
-                            rusqlite::types::Type::Text,
-                            Box::new(e),
-                        )
-                    })?,
+                    combined_sha256: hex_digest_col(r, 3)?,
                 })
             })
             .map_err(backend)?;
@@ -880,7 +881,6 @@ impl ContentCatalog for SqliteCatalog {
             .query_map([], |r| {
                 // columns: image 0..7, version 7..15, artifact 15..26, attachment 26..34,
                 // ftype 34, combined 35, signer 36
-                let hex: String = r.get(35)?;
                 let version = version_row(r, 7)?;
                 Ok(ProjectionEntry {
                     image: image_row(r, 0)?,
@@ -889,13 +889,7 @@ impl ContentCatalog for SqliteCatalog {
                     artifact: artifact_row(r, 15)?,
                     metadata: attachment_row(r, 26)?,
                     ftype: r.get(34)?,
-                    combined_sha256: Digest::from_hex(&hex).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            35,
-                            rusqlite::types::Type::Text,
-                            Box::new(e),
-                        )
-                    })?,
+                    combined_sha256: hex_digest_col(r, 35)?,
                     signer_key_id: r.get(36)?,
                 })
             })

@@ -61,7 +61,7 @@ impl ApiError {
     pub fn into_response(self) -> Response {
         let body = serde_json::json!({
             "type": "about:blank",
-            "title": reason(self.status),
+            "title": super::server::reason_phrase(self.status),
             "status": self.status,
             "detail": self.detail,
         });
@@ -99,30 +99,6 @@ impl From<CasError> for ApiError {
     }
 }
 
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        204 => "No Content",
-        206 => "Partial Content",
-        304 => "Not Modified",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        410 => "Gone",
-        411 => "Length Required",
-        412 => "Precondition Failed",
-        413 => "Content Too Large",
-        416 => "Range Not Satisfiable",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Error",
-    }
-}
-
 pub fn json<T: Serialize>(status: u16, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(b) => Response::new(status)
@@ -135,11 +111,9 @@ pub fn json<T: Serialize>(status: u16, value: &T) -> Response {
 /// Reads a JSON body (≤ 1 MiB), refusing unknown fields (the target types say
 /// `deny_unknown_fields`) and trailing data.
 pub fn read_json<T: DeserializeOwned>(req: &mut Request<'_>) -> Result<T, ApiError> {
+    let too_large = || ApiError::new(413, format!("JSON body larger than {MAX_JSON_BODY} bytes"));
     if req.content_length.is_some_and(|n| n > MAX_JSON_BODY) {
-        return Err(ApiError::new(
-            413,
-            format!("JSON body larger than {MAX_JSON_BODY} bytes"),
-        ));
+        return Err(too_large());
     }
     let mut buf = Vec::new();
     (&mut req.body)
@@ -147,10 +121,7 @@ pub fn read_json<T: DeserializeOwned>(req: &mut Request<'_>) -> Result<T, ApiErr
         .read_to_end(&mut buf)
         .map_err(|e| ApiError::bad_request(format!("reading request body: {e}")))?;
     if buf.len() as u64 > MAX_JSON_BODY {
-        return Err(ApiError::new(
-            413,
-            format!("JSON body larger than {MAX_JSON_BODY} bytes"),
-        ));
+        return Err(too_large());
     }
     serde_json::from_slice(&buf)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON request body: {e}")))
@@ -247,47 +218,31 @@ pub fn serve_blob(
             range = RangeSpec::Full;
         }
     }
-    match range {
-        RangeSpec::Unsatisfiable => Err(ApiError::new(
-            416,
-            format!("range not satisfiable for {size} bytes"),
-        )
-        .with_header("Content-Range", format!("bytes */{size}"))),
-        RangeSpec::Full => {
-            let body = if req.method == "HEAD" {
-                Body::Reader {
-                    reader: Box::new(std::io::empty()),
-                    len: size,
-                }
-            } else {
-                Body::Reader {
-                    reader: app.blobs.open_range(digest, 0, size)?,
-                    len: size,
-                }
-            };
-            Ok(base(200)
-                .with_header("Content-Type", media_type)
-                .with_body(body))
+    let (status, start, len, content_range) = match range {
+        RangeSpec::Unsatisfiable => {
+            return Err(
+                ApiError::new(416, format!("range not satisfiable for {size} bytes"))
+                    .with_header("Content-Range", format!("bytes */{size}")),
+            )
         }
-        RangeSpec::Part { start, end } => {
-            let len = end - start + 1;
-            let body = if req.method == "HEAD" {
-                Body::Reader {
-                    reader: Box::new(std::io::empty()),
-                    len,
-                }
-            } else {
-                Body::Reader {
-                    reader: app.blobs.open_range(digest, start, len)?,
-                    len,
-                }
-            };
-            Ok(base(206)
-                .with_header("Content-Type", media_type)
-                .with_header("Content-Range", format!("bytes {start}-{end}/{size}"))
-                .with_body(body))
-        }
+        RangeSpec::Full => (200, 0, size, None),
+        RangeSpec::Part { start, end } => (
+            206,
+            start,
+            end - start + 1,
+            Some(format!("bytes {start}-{end}/{size}")),
+        ),
+    };
+    let reader: Box<dyn Read + Send> = if req.method == "HEAD" {
+        Box::new(std::io::empty())
+    } else {
+        app.blobs.open_range(digest, start, len)?
+    };
+    let mut r = base(status).with_header("Content-Type", media_type);
+    if let Some(cr) = content_range {
+        r = r.with_header("Content-Range", cr);
     }
+    Ok(r.with_body(Body::Reader { reader, len }))
 }
 
 #[cfg(test)]

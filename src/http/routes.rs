@@ -653,8 +653,9 @@ fn begin_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
     Ok(json(status, &s))
 }
 
-fn writable_upload(app: &App, id: &str) -> Result<UploadSession, ApiError> {
-    let s = app.catalog.get_upload(id)?;
+/// `s` if parts may still be added to it (neither finished nor expired).
+fn writable_upload(s: UploadSession) -> Result<UploadSession, ApiError> {
+    let id = &s.id;
     if !matches!(s.state, UploadState::Created | UploadState::Uploading) {
         return Err(ApiError::precondition(format!(
             "upload {id} is {}",
@@ -690,7 +691,7 @@ fn put_part(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, id: &str, n: &str) 
             format!("a part is at most {MAX_PART} bytes"),
         ));
     }
-    let s = writable_upload(app, id)?;
+    let s = writable_upload(app.catalog.get_upload(id)?)?;
     if len > s.expected_size_bytes {
         return Err(ApiError::new(413, "part is larger than the whole upload"));
     }
@@ -736,7 +737,7 @@ fn complete_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, id: &str) ->
     if s.state == UploadState::Ready {
         return Ok(json(200, &s));
     }
-    let s = writable_upload(app, id)?;
+    let s = writable_upload(s)?;
     if body.parts.is_empty() {
         return Err(ApiError::bad_request("parts must list at least one part"));
     }
@@ -988,11 +989,17 @@ fn publication_json(app: &App, view: &VersionView) -> Result<Option<serde_json::
     }
     let rec = app.catalog.publish_record(&view.version.id)?;
     let rows = app.catalog.projection_rows(&view.version.id)?;
-    Ok(Some(publish_record_json(view, &rec, &rows)))
+    Ok(Some(publish_record_json(
+        &view.image.name,
+        &view.version.version,
+        &rec,
+        &rows,
+    )))
 }
 
 fn publish_record_json(
-    view: &VersionView,
+    image: &str,
+    version: &str,
     rec: &PublishRecord,
     rows: &[catalog::ProjectionRow],
 ) -> serde_json::Value {
@@ -1007,8 +1014,8 @@ fn publish_record_json(
         })
         .collect();
     let mut v = j!({
-        "image": view.image.name,
-        "version": view.version.version,
+        "image": image,
+        "version": version,
         "state": "published",
         "published_at": rec.published_at,
         "manifest_digest": rec.manifest_digest.to_string(),
@@ -1226,10 +1233,9 @@ fn publish(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str, ver: &st
             if let Some(k) = &p.record.signer_key_id {
                 ctx.note("signer_key_id", k.clone());
             }
-            let view = app.catalog.version_view(name, ver)?;
             Ok(json(
                 200,
-                &publish_record_json(&view, &p.record, &p.projection),
+                &publish_record_json(name, ver, &p.record, &p.projection),
             ))
         }
         Err(e) => {

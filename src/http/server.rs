@@ -382,6 +382,24 @@ impl Sock {
             }
         }
     }
+
+    /// One write under the current limit, retried on EINTR.
+    fn write_with(
+        &mut self,
+        mut op: impl FnMut(&mut TcpStream) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        loop {
+            let d = self.op_timeout()?;
+            if self.write_to != Some(d) {
+                self.stream.set_write_timeout(Some(d))?;
+                self.write_to = Some(d);
+            }
+            match op(&mut self.stream) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r.map_err(timeout_kind),
+            }
+        }
+    }
 }
 
 fn timeout_kind(e: io::Error) -> io::Error {
@@ -410,31 +428,11 @@ impl Read for Sock {
 
 impl Write for Sock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        loop {
-            let d = self.op_timeout()?;
-            if self.write_to != Some(d) {
-                self.stream.set_write_timeout(Some(d))?;
-                self.write_to = Some(d);
-            }
-            match self.stream.write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r.map_err(timeout_kind),
-            }
-        }
+        self.write_with(|s| s.write(buf))
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        loop {
-            let d = self.op_timeout()?;
-            if self.write_to != Some(d) {
-                self.stream.set_write_timeout(Some(d))?;
-                self.write_to = Some(d);
-            }
-            match self.stream.write_vectored(bufs) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r.map_err(timeout_kind),
-            }
-        }
+        self.write_with(|s| s.write_vectored(bufs))
     }
 
     fn flush(&mut self) -> io::Result<()> {
