@@ -457,9 +457,9 @@ pub struct ExportReport {
 /// `opts.output` only once complete.
 pub fn export(source: &Source, opts: &ExportOptions, out: &mut dyn Write) -> Result<ExportReport> {
     let created_at = crate::catalog::now();
-    let (mut known_blobs, mut known_versions, base) = (BTreeSet::new(), BTreeSet::new(), None);
+    let (mut known_blobs, mut known_versions) = (BTreeSet::new(), BTreeSet::new());
     let base = match &opts.since_bundle {
-        None => base,
+        None => None,
         Some(p) => {
             let (old, digest) =
                 read_index(p).with_context(|| format!("reading {}", p.display()))?;
@@ -481,8 +481,7 @@ pub fn export(source: &Source, opts: &ExportOptions, out: &mut dyn Write) -> Res
     };
 
     // 1. choose the versions and read their manifests and signatures
-    let mut versions: Vec<IndexVersion> = Vec::new();
-    let mut manifests: Vec<(Vec<u8>, String)> = Vec::new();
+    let mut chosen: Vec<(IndexVersion, (Vec<u8>, String))> = Vec::new();
     let mut skipped_unsigned = Vec::new();
     for (image, private) in source.images()? {
         if let Some(g) = &opts.image_glob {
@@ -518,7 +517,7 @@ pub fn export(source: &Source, opts: &ExportOptions, out: &mut dyn Write) -> Res
             };
             let m = crate::replicate::parse_manifest_for(&bytes, &image, &sv.version)
                 .map_err(|e| anyhow::anyhow!("{label}: published manifest: {e}"))?;
-            versions.push(IndexVersion {
+            let v = IndexVersion {
                 manifest: manifest_member(&image, &sv.version),
                 manifest_digest: Digest::of(&bytes),
                 signature: signature_member(&image, &sv.version),
@@ -528,15 +527,14 @@ pub fn export(source: &Source, opts: &ExportOptions, out: &mut dyn Write) -> Res
                 version: sv.version,
                 private,
                 published_at: sv.published_at,
-            });
-            manifests.push((bytes, signature));
+            };
+            chosen.push((v, (bytes, signature)));
         }
     }
-    // in publication order across images
-    let mut order: Vec<usize> = (0..versions.len()).collect();
-    order.sort_by(|&a, &b| (&versions[a].published_at, a).cmp(&(&versions[b].published_at, b)));
-    let versions: Vec<IndexVersion> = order.iter().map(|&i| versions[i].clone()).collect();
-    let manifests: Vec<(Vec<u8>, String)> = order.iter().map(|&i| manifests[i].clone()).collect();
+    // in publication order across images (a stable sort: ties keep theirs)
+    chosen.sort_by(|a, b| a.0.published_at.cmp(&b.0.published_at));
+    let (versions, manifests): (Vec<IndexVersion>, Vec<(Vec<u8>, String)>) =
+        chosen.into_iter().unzip();
 
     // 2. the blobs: each once, in the order the versions need them
     let (mut blobs, mut requires) = (Vec::<IndexBlob>::new(), Vec::<IndexBlob>::new());
@@ -874,10 +872,22 @@ pub fn import(
         .flat_map(|(v, _)| v.blobs.iter().map(|b| b.digest))
         .collect();
     let mut seen: BTreeSet<String> = BTreeSet::new();
-    let mut preflight_done = false;
     let mut sums: Option<Vec<u8>> = None;
     let mut index_signature: Option<String> = None;
-    let mut index_trust = IndexTrust::Trusted;
+    // set by the preflight, once the manifests and signatures are in
+    let mut index_trust: Option<IndexTrust> = None;
+    let mut run_preflight = |index_signature: Option<&str>, pending: &[Pending]| {
+        preflight(
+            dest,
+            &sigs,
+            &index,
+            &index_bytes,
+            index_signature,
+            pending,
+            out,
+        )
+        .map_err(&refused)
+    };
 
     for entry in entries {
         let mut entry = entry.map_err(tar_error)?;
@@ -892,7 +902,7 @@ pub fn import(
         }
         regular(&entry, &member).map_err(&refused)?;
         if member == INDEX_SIGNATURE_MEMBER {
-            if preflight_done {
+            if index_trust.is_some() {
                 return Err(refused(format!(
                     "{member}: after the blobs (it must follow the index)"
                 )));
@@ -933,18 +943,8 @@ pub fn import(
                 .map_err(|_| refused(format!("{member}: not a minisign signature (not text)")))?;
             pending[i].signature = Some(text);
         } else if let Some(hex) = member.strip_prefix("blobs/sha256/") {
-            if !preflight_done {
-                index_trust = preflight(
-                    dest,
-                    &sigs,
-                    &index,
-                    &index_bytes,
-                    index_signature.as_deref(),
-                    &pending,
-                    out,
-                )
-                .map_err(&refused)?;
-                preflight_done = true;
+            if index_trust.is_none() {
+                index_trust = Some(run_preflight(index_signature.as_deref(), &pending)?);
             }
             let digest =
                 Digest::from_hex(hex).map_err(|_| refused(format!("{member}: not a blob name")))?;
@@ -993,18 +993,10 @@ pub fn import(
             )));
         }
     }
-    if !preflight_done {
-        index_trust = preflight(
-            dest,
-            &sigs,
-            &index,
-            &index_bytes,
-            index_signature.as_deref(),
-            &pending,
-            out,
-        )
-        .map_err(&refused)?;
-    }
+    let index_trust = match index_trust {
+        Some(t) => t,
+        None => run_preflight(index_signature.as_deref(), &pending)?,
+    };
     let trusted_index = index_trust == IndexTrust::Trusted;
     for b in &index.blobs {
         if !seen.contains(&blob_member(&b.digest)) {
@@ -1238,7 +1230,6 @@ fn check_index_signature(
     out: &mut dyn Write,
 ) -> Result<IndexTrust, String> {
     use crate::config::VerificationMode;
-    let images: BTreeSet<&str> = index.versions.iter().map(|v| v.image.as_str()).collect();
     match (signature, sigs.mode) {
         (_, VerificationMode::Off) => return Ok(IndexTrust::Trusted),
         (None, VerificationMode::Warn) => {
@@ -1256,18 +1247,14 @@ fn check_index_signature(
         }
         (Some(_), _) => {}
     }
-    for image in images {
-        match sigs.check(index_bytes, signature, image) {
-            Ok(None) => {}
-            Ok(Some(warning)) => {
-                let _ = writeln!(out, "WARNING: {INDEX_SIGNATURE_MEMBER}: {warning}");
-            }
-            Err(why) => {
-                return Err(format!(
-                    "{INDEX_SIGNATURE_MEMBER}: the index signature is refused: {why}"
-                ))
-            }
-        }
+    let images: BTreeSet<&str> = index.versions.iter().map(|v| v.image.as_str()).collect();
+    let warnings = sigs
+        .check_each(index_bytes, signature, images)
+        .map_err(|why| {
+            format!("{INDEX_SIGNATURE_MEMBER}: the index signature is refused: {why}")
+        })?;
+    for warning in warnings {
+        let _ = writeln!(out, "WARNING: {INDEX_SIGNATURE_MEMBER}: {warning}");
     }
     Ok(IndexTrust::Trusted)
 }

@@ -161,7 +161,7 @@ impl Destination {
         Ok(Destination::Local(LocalTarget::open(dir)?))
     }
 
-    pub fn target(&self) -> &dyn Target {
+    pub fn target(&self) -> &(dyn Target + Sync) {
         match self {
             Destination::Local(t) => t,
             Destination::Remote(t) => t,
@@ -365,28 +365,52 @@ impl SignatureCheck {
         signature: Option<&str>,
         image: &str,
     ) -> Result<Option<String>, String> {
+        Ok(self.check_each(manifest, signature, [image])?.pop())
+    }
+
+    /// [`SignatureCheck::check`] of one signed document for each of
+    /// `images` (a bundle index speaks for every image it names): the
+    /// signature is verified once, the key's scope per image. Returns the
+    /// warnings, in order; the first refusal is the error.
+    pub fn check_each<'a>(
+        &self,
+        bytes: &[u8],
+        signature: Option<&str>,
+        images: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<String>, String> {
         if self.mode == VerificationMode::Off {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let outcome = match signature {
-            None => Err("the version has no signature".to_string()),
-            Some(sig) => crate::sign::verify_signature(&self.keys, manifest, sig)
-                .map_err(|e| e.to_string())
-                .and_then(|v| {
-                    let key = self.keys.iter().find(|k| k.key_id == v.key_id);
-                    match key {
-                        Some(k) => k.may_sign(image).map_err(|e| e.to_string()),
-                        None => Err(format!("key {} is not trusted", v.key_id)),
-                    }
-                }),
-        };
-        match (outcome, self.mode) {
-            (Ok(()), _) => Ok(None),
-            (Err(why), VerificationMode::Warn) => Ok(Some(format!(
-                "{why} (the target's verification mode is warn: it publishes it unverified)"
-            ))),
-            (Err(why), _) => Err(why),
+        let mut signer = None;
+        let mut warnings = Vec::new();
+        for image in images {
+            let key = signer.get_or_insert_with(|| self.signer(bytes, signature));
+            let outcome = key
+                .clone()
+                .and_then(|k| k.may_sign(image).map_err(|e| e.to_string()));
+            match (outcome, self.mode) {
+                (Ok(()), _) => {}
+                (Err(why), VerificationMode::Warn) => warnings.push(format!(
+                    "{why} (the target's verification mode is warn: it publishes it unverified)"
+                )),
+                (Err(why), _) => return Err(why),
+            }
         }
+        Ok(warnings)
+    }
+
+    /// The trusted key whose valid signature `signature` is.
+    fn signer(
+        &self,
+        bytes: &[u8],
+        signature: Option<&str>,
+    ) -> Result<&crate::sign::TrustedKey, String> {
+        let sig = signature.ok_or("the version has no signature")?;
+        let v = crate::sign::verify_signature(&self.keys, bytes, sig).map_err(|e| e.to_string())?;
+        self.keys
+            .iter()
+            .find(|k| k.key_id == v.key_id)
+            .ok_or_else(|| format!("key {} is not trusted", v.key_id))
     }
 }
 

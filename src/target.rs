@@ -186,6 +186,22 @@ impl LocalTarget {
         }
     }
 
+    /// On the data directory's filesystem the store takes the file in place
+    /// (fsynced, hard-linked; hashed once more unless `hashed`); elsewhere
+    /// it copies ([`App::ingest_file`]).
+    fn ingest_file(
+        &self,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        file: &Path,
+        hashed: bool,
+    ) -> Result<()> {
+        self.app
+            .ingest_file(digest, size, Some(media_type), file, hashed)
+            .with_context(|| format!("storing {digest}"))
+    }
+
     fn audit(&self, action: &str, target: &str, detail: serde_json::Value) -> Result<()> {
         crate::admin_cli::record_as(
             self.app.catalog.as_ref(),
@@ -212,11 +228,7 @@ impl Target for LocalTarget {
     }
 
     fn put_blob(&self, digest: &Digest, size: u64, media_type: &str, file: &Path) -> Result<()> {
-        // on the data directory's filesystem the store takes the file in
-        // place (hashed once more, fsynced, hard-linked); elsewhere it copies
-        self.app
-            .ingest_file(digest, size, Some(media_type), file, false)
-            .with_context(|| format!("storing {digest}"))
+        self.ingest_file(digest, size, media_type, file, false)
     }
 
     fn put_hashed_blob(
@@ -226,9 +238,7 @@ impl Target for LocalTarget {
         media_type: &str,
         file: &Path,
     ) -> Result<()> {
-        self.app
-            .ingest_file(digest, size, Some(media_type), file, true)
-            .with_context(|| format!("storing {digest}"))
+        self.ingest_file(digest, size, media_type, file, true)
     }
 
     fn status(&self, image: &str, version: &str) -> Result<VersionStatus> {

@@ -8,8 +8,8 @@ use anyhow::Result;
 use clap::Args;
 
 use super::{ImageType, MirrorOptions};
-use crate::target::{LocalTarget, RemoteTarget, Target};
-use crate::verify::VerifyError;
+use crate::replicate::{cannot_run, Destination};
+use crate::target::RemoteTarget;
 
 /// Arguments of `imgsrv mirror`.
 #[derive(Args, Debug)]
@@ -71,10 +71,9 @@ pub struct MirrorArgs {
     pub upstream: String,
 }
 
-/// Runs `imgsrv mirror`. A [`VerifyError::CannotRun`] error means exit 2
-/// (`main` maps it); any other error exit 1.
+/// Runs `imgsrv mirror`. A [`crate::verify::VerifyError::CannotRun`] error
+/// ([`cannot_run`]) means exit 2 (`main` maps it); any other error exit 1.
 pub fn command(a: MirrorArgs) -> Result<()> {
-    let cannot = |e: anyhow::Error| anyhow::Error::new(VerifyError::CannotRun(e));
     let mut opts = MirrorOptions::new(&a.upstream, &a.key);
     opts.upstream_ca = a.upstream_ca.clone();
     opts.os = a.os.clone();
@@ -84,7 +83,7 @@ pub fn command(a: MirrorArgs) -> Result<()> {
     opts.image_type = match a.image_type.as_deref() {
         Some(t) => Some(
             t.parse::<ImageType>()
-                .map_err(|e| cannot(anyhow::anyhow!(e)))?,
+                .map_err(|e| cannot_run(anyhow::anyhow!(e)))?,
         ),
         None => None,
     };
@@ -100,30 +99,12 @@ pub fn command(a: MirrorArgs) -> Result<()> {
         return imgsrv_upstream(&a);
     }
 
-    let target: Box<dyn Target + Sync> = match (&a.data, &a.server) {
-        (Some(dir), _) => {
-            opts.staging_dir = Some(dir.join("tmp").join("mirror"));
-            Box::new(LocalTarget::open(dir).map_err(cannot)?)
-        }
-        (None, Some(server)) => {
-            let server = crate::cli::ServerArgs {
-                server: server.clone(),
-                ca: a.ca.clone(),
-                token_file: a.token_file.clone(),
-            };
-            let token = server.require_token().map_err(cannot)?;
-            Box::new(RemoteTarget {
-                client: server.client(Some(token)).map_err(cannot)?,
-            })
-        }
-        (None, None) => {
-            return Err(cannot(anyhow::anyhow!(
-                "no destination: --server URL (or IMGSRV_SERVER) or --data DIR"
-            )))
-        }
-    };
+    if let Some(dir) = &a.data {
+        opts.staging_dir = Some(dir.join("tmp").join("mirror"));
+    }
+    let dest = destination(&a).map_err(cannot_run)?;
     let report =
-        super::run(&opts, target.as_ref(), &mut std::io::stdout().lock()).map_err(cannot)?;
+        super::run(&opts, dest.target(), &mut std::io::stdout().lock()).map_err(cannot_run)?;
     if !report.ok() {
         return Err(anyhow::anyhow!(
             "mirror incomplete: {} failed (see above)",
@@ -147,8 +128,28 @@ fn upstream_is_imgsrv(upstream: &str, ca: Option<&std::path::Path>) -> bool {
     client.get_keys().is_ok()
 }
 
+/// The destination: `--data` (first) or `--server` with a token.
+fn destination(a: &MirrorArgs) -> Result<Destination> {
+    match (&a.data, &a.server) {
+        (Some(dir), _) => Destination::open_data(dir),
+        (None, Some(server)) => {
+            let server = crate::cli::ServerArgs {
+                server: server.clone(),
+                ca: a.ca.clone(),
+                token_file: a.token_file.clone(),
+            };
+            let token = server.require_token()?;
+            Ok(Destination::Remote(RemoteTarget {
+                client: server.client(Some(token))?,
+            }))
+        }
+        (None, None) => {
+            anyhow::bail!("no destination: --server URL (or IMGSRV_SERVER) or --data DIR")
+        }
+    }
+}
+
 fn imgsrv_upstream(a: &MirrorArgs) -> Result<()> {
-    let cannot = |e: anyhow::Error| anyhow::Error::new(VerifyError::CannotRun(e));
     let mut out = std::io::stdout().lock();
     use std::io::Write as _;
     writeln!(
@@ -171,25 +172,7 @@ fn imgsrv_upstream(a: &MirrorArgs) -> Result<()> {
             )?;
         }
     }
-    let dest = match (&a.data, &a.server) {
-        (Some(dir), _) => crate::replicate::Destination::open_data(dir).map_err(cannot)?,
-        (None, Some(server)) => {
-            let server = crate::cli::ServerArgs {
-                server: server.clone(),
-                ca: a.ca.clone(),
-                token_file: a.token_file.clone(),
-            };
-            let token = server.require_token().map_err(cannot)?;
-            crate::replicate::Destination::Remote(RemoteTarget {
-                client: server.client(Some(token)).map_err(cannot)?,
-            })
-        }
-        (None, None) => {
-            return Err(cannot(anyhow::anyhow!(
-                "no destination: --server URL (or IMGSRV_SERVER) or --data DIR"
-            )))
-        }
-    };
+    let dest = destination(a).map_err(cannot_run)?;
     let opts = crate::replicate::MirrorOptions {
         upstream: a.upstream.clone(),
         upstream_ca: a.upstream_ca.clone(),
@@ -199,7 +182,7 @@ fn imgsrv_upstream(a: &MirrorArgs) -> Result<()> {
         image_glob: a.image.clone(),
         latest: a.latest.map(|n| n as usize),
     };
-    let report = crate::replicate::mirror_imgsrv(&opts, &dest, &mut out).map_err(cannot)?;
+    let report = crate::replicate::mirror_imgsrv(&opts, &dest, &mut out).map_err(cannot_run)?;
     if !report.failed.is_empty() {
         return Err(anyhow::anyhow!(
             "{} version(s) not mirrored (see above)",

@@ -12,8 +12,8 @@
 //! each metadata tarball it pairs with, which gives the Incus fingerprint
 //! `sha256(metadata || root)` without reading the root a second time.
 //!
-//! A worker stores the file in the target (`put_blob`) as soon as it is in,
-//! so downloads and ingest overlap; nothing is published before the
+//! A worker stores the file in the target (`put_hashed_blob`) as soon as it
+//! is in, so downloads and ingest overlap; nothing is published before the
 //! version's fingerprints are checked. A data directory target takes the
 //! staged file in place (fsynced and hard-linked, not copied, and not hashed
 //! again: the hash computed here while the bytes were written is the store's
@@ -221,10 +221,10 @@ pub fn run_jobs(
                     fetch(ctx, &job)
                 };
                 if job.is_meta {
-                    ctx.publish_state(sha, outcome.as_ref().ok().and_then(|(_, s)| s.clone()));
+                    ctx.publish_state(sha, outcome.as_ref().ok().map(|(_, s)| s.clone()));
                 }
-                let outcome = outcome.and_then(|(f, s)| store(ctx, &job, f).map(|f| (f, s)));
-                if tx.send((sha, outcome.map(|(f, _)| f))).is_err() {
+                let outcome = outcome.and_then(|(f, _)| store(ctx, &job, &f).map(|()| f));
+                if tx.send((sha, outcome)).is_err() {
                     break;
                 }
             });
@@ -232,30 +232,20 @@ pub fn run_jobs(
     });
 }
 
-/// Stores a fetched file in the target unless it is there already.
-fn store(ctx: &Ctx<'_>, job: &Job, mut f: Fetched) -> Result<Fetched, String> {
-    f.media_type = match job.media_type {
-        Some(m) => m,
-        None => {
-            crate::image::detect_compression(&f.path).map_or("application/x-xz", |c| c.media_type())
-        }
-    };
+/// Stores a fetched file in the target (if any). Not asked first whether it
+/// has it: the mirror asked before downloading, and storing a blob a target
+/// has is cheap (a data directory keeps its copy, a server answers the
+/// upload of a known digest at once).
+fn store(ctx: &Ctx<'_>, job: &Job, f: &Fetched) -> Result<(), String> {
     let Some(target) = ctx.target else {
-        return Ok(f);
+        return Ok(());
     };
     let d = &job.file;
-    let stored = target
-        .has_blob(&d.sha256, d.size)
-        .and_then(|has| match has {
-            true => Ok(()),
-            // hashed against the upstream sha256 as it was written (or
-            // re-read from the staging directory) in this run
-            false => target.put_hashed_blob(&d.sha256, d.size, f.media_type, &f.path),
-        });
-    match stored {
-        Ok(()) => Ok(f),
-        Err(e) => Err(format!("{}: storing it in the target: {e:#}", d.item_key)),
-    }
+    // hashed against the upstream sha256 as it was written (or re-read from
+    // the staging directory) in this run
+    target
+        .put_hashed_blob(&d.sha256, d.size, f.media_type, &f.path)
+        .map_err(|e| format!("{}: storing it in the target: {e:#}", d.item_key))
 }
 
 /// Hashes of one file: its own, and its continuation of each metadata state.
@@ -293,36 +283,61 @@ fn hash_file(path: &Path, h: &mut Hashes) -> std::io::Result<u64> {
 
 /// Brings one file into the staging directory; also returns its hash state
 /// (for a metadata file's dependents).
-fn fetch(ctx: &Ctx<'_>, job: &Job) -> Result<(Fetched, Option<Hasher>), String> {
+fn fetch(ctx: &Ctx<'_>, job: &Job) -> Result<(Fetched, Hasher), String> {
     let states = ctx.wait_states(&job.metas);
-    let f = &job.file;
-    let done = ctx.staging.complete(&f.sha256);
-    // a complete file from an earlier run: checked again, not downloaded
-    if done.is_file() {
-        let mut h = Hashes::new(&states);
-        match hash_file(&done, &mut h) {
-            Ok(n) if n == f.size && h.own.clone().finish() == f.sha256 => {
-                if let Some(pb) = ctx.progress {
-                    pb.inc(f.size);
-                }
-                let fingerprints = h.fingerprints();
-                return Ok((
-                    Fetched {
-                        path: done,
-                        network_bytes: 0,
-                        reused: true,
-                        resumed: false,
-                        fingerprints,
-                        media_type: "",
-                    },
-                    Some(h.own),
-                ));
+    let done = ctx.staging.complete(&job.file.sha256);
+    let (h, network_bytes, reused, resumed) = match reuse(ctx, &job.file, &done, &states) {
+        Some(h) => (h, 0, true, false),
+        None => {
+            let (h, network, resumed) = download(ctx, &job.file, &states)?;
+            (h, network, false, resumed)
+        }
+    };
+    let media_type = match job.media_type {
+        Some(m) => m,
+        None => {
+            crate::image::detect_compression(&done).map_or("application/x-xz", |c| c.media_type())
+        }
+    };
+    let fetched = Fetched {
+        path: done,
+        network_bytes,
+        reused,
+        resumed,
+        fingerprints: h.fingerprints(),
+        media_type,
+    };
+    Ok((fetched, h.own))
+}
+
+/// A complete file from an earlier run: checked again, not downloaded.
+/// `None` (and the file removed) when it is not right.
+fn reuse(ctx: &Ctx<'_>, f: &FileRef, done: &Path, states: &[(Digest, Hasher)]) -> Option<Hashes> {
+    if !done.is_file() {
+        return None;
+    }
+    let mut h = Hashes::new(states);
+    match hash_file(done, &mut h) {
+        Ok(n) if n == f.size && h.own.clone().finish() == f.sha256 => {
+            if let Some(pb) = ctx.progress {
+                pb.inc(f.size);
             }
-            _ => {
-                let _ = fs::remove_file(&done);
-            }
+            Some(h)
+        }
+        _ => {
+            let _ = fs::remove_file(done);
+            None
         }
     }
+}
+
+/// Downloads one file with retries: its hashes, the bytes received over the
+/// network and whether it resumed a partial file.
+fn download(
+    ctx: &Ctx<'_>,
+    f: &FileRef,
+    states: &[(Digest, Hasher)],
+) -> Result<(Hashes, u64, bool), String> {
     let mut last = String::new();
     let mut network = 0u64;
     let mut resumed = false;
@@ -333,21 +348,8 @@ fn fetch(ctx: &Ctx<'_>, job: &Job) -> Result<(Fetched, Option<Hasher>), String> 
         if ctx.stop.load(Ordering::Relaxed) {
             return Err("stopped".into());
         }
-        match attempt_download(ctx, f, &states, &mut network, &mut resumed) {
-            Ok(h) => {
-                let fingerprints = h.fingerprints();
-                return Ok((
-                    Fetched {
-                        path: done,
-                        network_bytes: network,
-                        reused: false,
-                        resumed,
-                        fingerprints,
-                        media_type: "",
-                    },
-                    Some(h.own),
-                ));
-            }
+        match attempt_download(ctx, f, states, &mut network, &mut resumed) {
+            Ok(h) => return Ok((h, network, resumed)),
             Err(e) => {
                 log::warn!(
                     "mirror: {} (try {} of {ATTEMPTS}): {e}",

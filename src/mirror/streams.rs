@@ -298,6 +298,11 @@ pub fn index_paths(index: &Value) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// A field's value, `None` when absent or empty.
+fn non_empty<'a>(fields: &'a BTreeMap<String, String>, k: &str) -> Option<&'a str> {
+    fields.get(k).map(String::as_str).filter(|s| !s.is_empty())
+}
+
 /// One item of a version, with inherited fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Item {
@@ -309,10 +314,7 @@ pub struct Item {
 
 impl Item {
     pub fn get(&self, k: &str) -> Option<&str> {
-        self.fields
-            .get(k)
-            .map(String::as_str)
-            .filter(|s| !s.is_empty())
+        non_empty(&self.fields, k)
     }
 }
 
@@ -338,10 +340,7 @@ pub struct Product {
 
 impl Product {
     pub fn get(&self, k: &str) -> Option<&str> {
-        self.fields
-            .get(k)
-            .map(String::as_str)
-            .filter(|s| !s.is_empty())
+        non_empty(&self.fields, k)
     }
 }
 
