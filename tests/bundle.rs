@@ -11,47 +11,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// `imgsrv publish` of a metadata tarball and root file(s) into `server`.
-fn publish(server: &TestServer, secret: &Path, metadata: &Path, roots: &[&Path], extra: &[&str]) {
-    run_ok(
-        Command::new(IMGSRV)
-            .arg("publish")
-            .arg("--server")
-            .arg(server.url())
-            .arg("--ca")
-            .arg(server.cert())
-            .arg("--token-file")
-            .arg(server.admin_token_file())
-            .arg("--key")
-            .arg(secret)
-            .args(extra)
-            .arg(metadata)
-            .args(roots),
-    );
-}
-
 fn trust(data: &Path, public: &Path) {
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        s(data),
-        "--name",
-        "publisher",
-        s(public),
-    ]);
+    trust_key(data, Some("publisher"), public);
 }
 
 fn export(args: &[&str]) -> Output {
@@ -68,13 +29,7 @@ fn import_into(data: &Path, bundle: &Path) -> Output {
 
 /// Anonymous `GET /v1/images`: the image names anyone can see.
 fn visible_images(server: &TestServer) -> Vec<String> {
-    let mut resp = server
-        .agent()
-        .get(format!("{}/v1/images", server.url()))
-        .call()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let v: Value = serde_json::from_slice(&resp.body_mut().read_to_vec().unwrap()).unwrap();
+    let v: Value = serde_json::from_slice(&server.get_ok("/v1/images")).unwrap();
     v["images"]
         .as_array()
         .unwrap()
@@ -83,25 +38,15 @@ fn visible_images(server: &TestServer) -> Vec<String> {
         .collect()
 }
 
-fn get_bytes(server: &TestServer, path: &str) -> Vec<u8> {
-    let mut resp = server
-        .agent()
-        .get(format!("{}{path}", server.url()))
-        .call()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "{path}");
-    resp.body_mut().read_to_vec().unwrap()
-}
-
 fn published(data: &Path) -> Vec<String> {
-    let out = run_ok(Command::new("sqlite3").arg(data.join("catalog.db")).arg(
+    catalog_sql(
+        data,
         "SELECT i.name || '@' || v.version FROM image_versions v JOIN images i ON i.id = v.image_id \
          WHERE v.state = 'published' ORDER BY 1",
-    ));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
 }
 
 /// The members of a tar: (name, data offset, size), in order.
@@ -120,12 +65,17 @@ fn members(bundle: &Path) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
-fn bundle_index(bundle: &Path) -> Value {
+/// The bytes of a bundle's first member, its index `imgsrv-bundle.json`.
+fn index_bytes(bundle: &Path) -> Vec<u8> {
     let mut ar = tar::Archive::new(std::fs::File::open(bundle).unwrap());
     let mut first = ar.entries().unwrap().next().unwrap().unwrap();
     let mut v = Vec::new();
     first.read_to_end(&mut v).unwrap();
-    serde_json::from_slice(&v).unwrap()
+    v
+}
+
+fn bundle_index(bundle: &Path) -> Value {
+    serde_json::from_slice(&index_bytes(bundle)).unwrap()
 }
 
 /// A copy of `bundle` with one byte flipped at `offset` bytes into `member`.
@@ -162,16 +112,33 @@ fn source() -> Source {
     }
 }
 
+impl Source {
+    /// `imgsrv export --data SOURCE_DATA --key PUBLISHER_KEY EXTRA... -o BUNDLE`, asserting
+    /// success: its output.
+    #[track_caller]
+    fn export_signed(&self, extra: &[&str], bundle: &Path) -> Output {
+        let out = export(
+            &[
+                &[
+                    "--data",
+                    s(self.server.data_dir()),
+                    "--key",
+                    s(&self.secret),
+                ],
+                extra,
+                &["-o", s(bundle)],
+            ]
+            .concat(),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        out
+    }
+}
+
 fn incus_fingerprints(server: &TestServer) -> BTreeSet<String> {
     let incus = Incus::new(server.cert());
     incus.remote_add("r", &server.url());
-    incus
-        .json(&["image", "list", "r:"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["fingerprint"].as_str().unwrap().to_string())
-        .collect()
+    incus.fingerprints("r:").into_iter().collect()
 }
 
 #[test]
@@ -185,15 +152,7 @@ fn export_from_a_data_dir_imports_into_a_site_trusting_the_same_publisher() {
     publish_image(&src.server, &src.secret, &a, &["--alias", "stable"]);
     publish_image(&src.server, &src.secret, &b, &[]);
     let bundle = src.tmp.path().join("release.tar");
-    let out = export(&[
-        "--data",
-        s(src.server.data_dir()),
-        "--key",
-        s(&src.secret),
-        "-o",
-        s(&bundle),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = src.export_signed(&[], &bundle);
     assert!(
         text(&out).contains("2 version(s), 5 blob(s)"),
         "{}",
@@ -273,8 +232,8 @@ fn export_from_a_data_dir_imports_into_a_site_trusting_the_same_publisher() {
         let p = format!("/v1/images/debian-bookworm/versions/{v}");
         for suffix in ["/manifest", "/manifest.minisig"] {
             assert_eq!(
-                get_bytes(&dst, &format!("{p}{suffix}")),
-                get_bytes(&src.server, &format!("{p}{suffix}"))
+                dst.get_ok(&format!("{p}{suffix}")),
+                src.server.get_ok(&format!("{p}{suffix}"))
             );
         }
     }
@@ -288,8 +247,8 @@ fn export_from_a_data_dir_imports_into_a_site_trusting_the_same_publisher() {
     .collect();
     assert_eq!(incus_fingerprints(&src.server), want);
     assert_eq!(incus_fingerprints(&dst), want);
-    let aliases = String::from_utf8_lossy(&get_bytes(&dst, "/v1/images/debian-bookworm/aliases"))
-        .into_owned();
+    let aliases =
+        String::from_utf8_lossy(&dst.get_ok("/v1/images/debian-bookworm/aliases")).into_owned();
     assert!(aliases.contains("\"stable\""), "{aliases}");
 
     // re-importing is a no-op, and says so
@@ -465,7 +424,7 @@ fn incremental_bundles_carry_only_what_is_new() {
     let src = source();
     let v1 = make_test_image(src.tmp.path().join("v1"), &["--serial", "20260101_0000"]);
     let v2 = make_test_image(src.tmp.path().join("v2"), &["--serial", "20260102_0000"]);
-    publish(
+    publish_files(
         &src.server,
         &src.secret,
         &v1.metadata,
@@ -473,19 +432,11 @@ fn incremental_bundles_carry_only_what_is_new() {
         &["--alias", "stable"],
     );
     let old = src.tmp.path().join("old.tar");
-    let out = export(&[
-        "--data",
-        s(src.server.data_dir()),
-        "--key",
-        s(&src.secret),
-        "-o",
-        s(&old),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    src.export_signed(&[], &old);
     // the second version shares the first one's rootfs
     std::thread::sleep(Duration::from_millis(20));
     let between = chrono_now();
-    publish(
+    publish_files(
         &src.server,
         &src.secret,
         &v2.metadata,
@@ -494,17 +445,7 @@ fn incremental_bundles_carry_only_what_is_new() {
     );
 
     let new = src.tmp.path().join("new.tar");
-    let out = export(&[
-        "--data",
-        s(src.server.data_dir()),
-        "--since-bundle",
-        s(&old),
-        "--key",
-        s(&src.secret),
-        "-o",
-        s(&new),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    src.export_signed(&["--since-bundle", s(&old)], &new);
     let index = bundle_index(&new);
     let versions: Vec<&str> = index["versions"]
         .as_array()
@@ -616,15 +557,7 @@ fn an_interrupted_import_resumes_and_never_shows_a_partial_version() {
         std::fs::remove_dir_all(&img.dir).unwrap();
     }
     let bundle = src.tmp.path().join("big.tar");
-    let out = export(&[
-        "--data",
-        s(src.server.data_dir()),
-        "--key",
-        s(&src.secret),
-        "-o",
-        s(&bundle),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    src.export_signed(&[], &bundle);
     drop(src.server);
 
     let dst = TestServer::start();
@@ -704,8 +637,7 @@ fn the_index_is_signed_by_the_exporter_and_checked_on_import() {
     publish_image(&src.server, &src.secret, &a, &["--alias", "stable"]);
     let data = src.server.data_dir();
     let signed = src.tmp.path().join("signed.tar");
-    let out = export(&["--data", s(data), "--key", s(&src.secret), "-o", s(&signed)]);
-    assert!(out.status.success(), "{}", text(&out));
+    src.export_signed(&[], &signed);
     let unsigned = src.tmp.path().join("unsigned.tar");
     let out = export(&["--data", s(data), "-o", s(&unsigned)]);
     assert!(out.status.success(), "{}", text(&out));
@@ -713,8 +645,7 @@ fn the_index_is_signed_by_the_exporter_and_checked_on_import() {
         .iter()
         .all(|m| m.0 != "imgsrv-bundle.json.minisig"));
     let aliases_of = |server: &TestServer| {
-        String::from_utf8_lossy(&get_bytes(server, "/v1/images/debian-bookworm/aliases"))
-            .into_owned()
+        String::from_utf8_lossy(&server.get_ok("/v1/images/debian-bookworm/aliases")).into_owned()
     };
 
     // unsigned, enforce: the signed version comes in, the index's claims do not
@@ -729,14 +660,7 @@ fn the_index_is_signed_by_the_exporter_and_checked_on_import() {
     assert_eq!(visibility_and_aliases(dst.data_dir()), "private 0");
 
     // signed, but the index was altered on the way ("stable" -> "rtable")
-    let index_bytes = {
-        let mut ar = tar::Archive::new(std::fs::File::open(&signed).unwrap());
-        let mut first = ar.entries().unwrap().next().unwrap().unwrap();
-        let mut v = Vec::new();
-        first.read_to_end(&mut v).unwrap();
-        v
-    };
-    let at = index_bytes
+    let at = index_bytes(&signed)
         .windows(8)
         .position(|w| w == b"\"stable\"")
         .expect("the alias in the index") as u64
@@ -797,9 +721,11 @@ fn the_index_is_signed_by_the_exporter_and_checked_on_import() {
 
 /// `VISIBILITY ALIASES` of debian-bookworm in a data directory's catalog.
 fn visibility_and_aliases(data: &Path) -> String {
-    let out = run_ok(Command::new("sqlite3").arg(data.join("catalog.db")).arg(
+    catalog_sql(
+        data,
         "SELECT visibility || ' ' || (SELECT count(*) FROM aliases) FROM images \
          WHERE name = 'debian-bookworm'",
-    ));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    )
+    .trim()
+    .to_string()
 }

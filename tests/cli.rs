@@ -3,21 +3,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `imgsrv` with the client environment pointing at `server`.
 fn client(server: &TestServer) -> Command {
@@ -134,13 +122,11 @@ fn serve_refuses_a_broken_config_with_a_clear_error() {
     ] {
         std::fs::write(d.join("imgsrv.toml"), cfg).unwrap();
         let t = Instant::now();
-        let out = run_any(Command::new(IMGSRV).args([
-            "serve",
-            "--data",
-            s(&d),
-            "--listen",
-            "127.0.0.1:0",
-        ]));
+        // a server that accepted the config would run on: stopped (failing the test) at 60 s
+        let out = run_within(
+            Command::new(IMGSRV).args(["serve", "--data", s(&d), "--listen", "127.0.0.1:0"]),
+            Duration::from_secs(60),
+        );
         assert!(!out.status.success(), "{cfg}");
         assert!(t.elapsed() < Duration::from_secs(10));
         assert!(text(&out).contains(needle), "{cfg}: {}", text(&out));
@@ -184,7 +170,7 @@ fn publish_alias_and_list_through_the_cli() {
     );
 
     // trusting the key takes effect without a restart; re-running resumes the draft
-    imgsrv(&["key", "add", "--data", s(server.data_dir()), s(&public)]);
+    trust_key(server.data_dir(), None, &public);
     let ok = publish(&["--alias", "stable"]);
     assert!(ok.status.success(), "{}", text(&ok));
     let out = text(&ok);
@@ -341,22 +327,13 @@ fn a_configured_certificate_replaces_the_generated_one() {
     }
 }
 
-fn last_line(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn identity_matrix_from_the_command_line() {
     let server = TestServer::start();
     let d = s(server.data_dir()).to_string();
     let tmp = temp_dir("cli-matrix");
     let (public, secret) = minisign_keypair(tmp.path().join("k"));
-    imgsrv(&["key", "add", "--data", &d, s(&public)]);
+    trust_key(&d, None, &public);
     imgsrv(&["principal", "add", "--data", &d, "--kind", "service", "ci"]);
     imgsrv(&[
         "grant",

@@ -358,47 +358,37 @@ fn tls13_with_self_signed_cert_rustls_curl_openssl() {
     assert!(failed, "handshake with a wrong name must fail");
 
     // TLS 1.2 still works.
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(&ts.cert).expect("cert");
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let cfg12 =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let s = tls_connect_with(ts.addr, Arc::new(cfg12), "localhost");
+    let s = tls_connect_with(ts.addr, tls12_client_config(&ts), "localhost");
     assert_eq!(s.conn.protocol_version(), Some(ProtocolVersion::TLSv1_2));
 
+    // `curl -sS --max-time 10 ARGS...`, asserting success: its stdout
+    let curl = |args: &[&std::ffi::OsStr]| -> String {
+        let out = Command::new("/usr/bin/curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(args)
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let port = ts.addr.port();
-    let out = Command::new("/usr/bin/curl")
-        .args(["-sS", "--max-time", "10", "--tlsv1.3", "--cacert"])
-        .arg(&ts.cert)
-        .arg("--resolve")
-        .arg(format!("localhost:{port}:127.0.0.1"))
-        .arg(format!("https://localhost:{port}/curl"))
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("secure=true method=GET path=/curl"));
-
-    let out = Command::new("/usr/bin/curl")
-        .args(["-sS", "--max-time", "10"])
-        .arg(format!("http://127.0.0.1:{port}/plain"))
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("secure=false method=GET path=/plain"));
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let url = format!("https://localhost:{port}/curl");
+    let out = curl(&[
+        "--tlsv1.3".as_ref(),
+        "--cacert".as_ref(),
+        ts.cert.as_os_str(),
+        "--resolve".as_ref(),
+        resolve.as_ref(),
+        url.as_ref(),
+    ]);
+    assert!(out.starts_with("secure=true method=GET path=/curl"));
+    let out = curl(&[format!("http://127.0.0.1:{port}/plain").as_ref()]);
+    assert!(out.starts_with("secure=false method=GET path=/plain"));
 
     let mut child = Command::new("/usr/bin/openssl")
         .args(["s_client", "-tls1_3", "-ign_eof", "-verify_return_error"])
@@ -483,8 +473,7 @@ fn silent_clients_do_not_stall_others_and_are_closed() {
         t.elapsed()
     );
     for s in silent.iter_mut() {
-        let closed = wait_closed(s, Duration::from_secs(5)).expect("silent connection closed");
-        let _ = closed;
+        wait_closed(s, Duration::from_secs(5)).expect("silent connection closed");
     }
     let all_closed = opened.elapsed();
     assert!(
@@ -941,7 +930,10 @@ fn short_body_reader_closes_connection() {
         .iter()
         .any(|(k, v)| k == "Content-Length" && v == "1000"));
     let mut rest = Vec::new();
-    let _ = c.r.read_to_end(&mut rest);
+    // (a server that kept the connection open would end this read with the client's read
+    // timeout, not with EOF)
+    let read = c.r.read_to_end(&mut rest);
+    assert!(read.is_ok(), "no EOF: {read:?}");
     assert_eq!(
         rest.len(),
         500,
@@ -956,6 +948,12 @@ fn short_body_reader_closes_connection() {
     let r = c.r.read_to_end(&mut rest);
     assert!(rest.len() < 1000);
     assert!(r.is_err(), "unclean TLS close expected");
+    // the close itself, not the client's read timeout
+    assert_eq!(
+        r.unwrap_err().kind(),
+        io::ErrorKind::UnexpectedEof,
+        "unclean TLS close expected"
+    );
 }
 
 // 11 ---------------------------------------------------------------------------------------

@@ -27,15 +27,7 @@ fn fixture() -> Fixture {
     let server = TestServer::start();
     let tmp = temp_dir("incus-e2e");
     let (public, secret) = minisign_keypair(tmp.path().join("keys"));
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        server.data_dir().to_str().unwrap(),
-        "--name",
-        "release",
-        public.to_str().unwrap(),
-    ]);
+    trust_key(server.data_dir(), Some("release"), &public);
     let old = make_test_image(tmp.path().join("old"), &["--serial", OLD, "--type", "both"]);
     let new = make_test_image(tmp.path().join("new"), &["--serial", NEW, "--type", "both"]);
     let out = publish_image(&server, &secret, &old, &["--alias", "stable"]);
@@ -56,35 +48,8 @@ fn fixture() -> Fixture {
     }
 }
 
-fn info_fingerprint(incus: &Incus, args: &[&str]) -> String {
-    let mut a = vec!["image", "info"];
-    a.extend_from_slice(args);
-    let out = incus.stdout(&a);
-    out.lines()
-        .find_map(|l| l.strip_prefix("Fingerprint: "))
-        .unwrap_or_else(|| panic!("no fingerprint in incus image info {args:?}:\n{out}"))
-        .trim()
-        .to_string()
-}
-
 fn read(p: impl AsRef<Path>) -> Vec<u8> {
     std::fs::read(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
-}
-
-/// The single file in `dir` whose name ends with `suffix`.
-fn exported(dir: &Path, suffix: &str) -> Vec<u8> {
-    let files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(suffix))
-        .collect();
-    assert_eq!(
-        files.len(),
-        1,
-        "exported files in {}: {files:?}",
-        dir.display()
-    );
-    read(&files[0])
 }
 
 #[test]
@@ -122,31 +87,31 @@ fn incus_client_lists_inspects_and_exports_containers_and_vms() {
 
     // default alias -> newest; movable alias pinned to the older version; --vm; distro alias
     assert_eq!(
-        info_fingerprint(&incus, &[&format!("r:{IMAGE}")]),
+        incus.info_fingerprint(&[&format!("r:{IMAGE}")]),
         f.new.container_fingerprint()
     );
     assert_eq!(
-        info_fingerprint(&incus, &[&format!("r:{IMAGE}/stable")]),
+        incus.info_fingerprint(&[&format!("r:{IMAGE}/stable")]),
         f.old.container_fingerprint()
     );
     assert_eq!(
-        info_fingerprint(&incus, &[&format!("r:{IMAGE}"), "--vm"]),
+        incus.info_fingerprint(&[&format!("r:{IMAGE}"), "--vm"]),
         f.new.vm_fingerprint()
     );
     assert_eq!(
-        info_fingerprint(&incus, &[&format!("r:{IMAGE}/stable"), "--vm"]),
+        incus.info_fingerprint(&[&format!("r:{IMAGE}/stable"), "--vm"]),
         f.old.vm_fingerprint()
     );
     assert_eq!(
-        info_fingerprint(&incus, &[&format!("r:{IMAGE}/{OLD}")]),
+        incus.info_fingerprint(&[&format!("r:{IMAGE}/{OLD}")]),
         f.old.container_fingerprint()
     );
     assert_eq!(
-        info_fingerprint(&incus, &["r:debian/bookworm"]),
+        incus.info_fingerprint(&["r:debian/bookworm"]),
         f.new.container_fingerprint()
     );
     assert_eq!(
-        info_fingerprint(&incus, &["r:debian/bookworm/default", "--vm"]),
+        incus.info_fingerprint(&["r:debian/bookworm/default", "--vm"]),
         f.new.vm_fingerprint()
     );
 
@@ -160,8 +125,8 @@ fn incus_client_lists_inspects_and_exports_containers_and_vms() {
         &format!("r:{IMAGE}/stable"),
         ct.to_str().unwrap(),
     ]);
-    assert_eq!(exported(&ct, ".incus.tar.xz"), read(&f.old.metadata));
-    assert_eq!(exported(&ct, ".squashfs"), read(f.old.rootfs()));
+    assert_eq!(single_file(&ct, ".incus.tar.xz"), read(&f.old.metadata));
+    assert_eq!(single_file(&ct, ".squashfs"), read(f.old.rootfs()));
     let vm = tmp.path().join("vm");
     std::fs::create_dir_all(&vm).unwrap();
     incus.run(&[
@@ -171,8 +136,8 @@ fn incus_client_lists_inspects_and_exports_containers_and_vms() {
         vm.to_str().unwrap(),
         "--vm",
     ]);
-    assert_eq!(exported(&vm, ".incus.tar.xz"), read(&f.new.metadata));
-    assert_eq!(exported(&vm, ".qcow2"), read(f.new.disk()));
+    assert_eq!(single_file(&vm, ".incus.tar.xz"), read(&f.new.metadata));
+    assert_eq!(single_file(&vm, ".qcow2"), read(f.new.disk()));
     let mut both = read(&f.new.metadata);
     both.extend(read(f.new.disk()));
     assert_eq!(
@@ -257,13 +222,7 @@ fn incus_daemon_launches_published_containers() {
             .trim(),
         OLD
     );
-    let images = incus.json(&["image", "list", "local:"]);
-    let local: BTreeSet<String> = images
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["fingerprint"].as_str().unwrap().to_string())
-        .collect();
+    let local: BTreeSet<String> = incus.fingerprints("local:").into_iter().collect();
     assert!(
         local.contains(&f.new.container_fingerprint())
             && local.contains(&f.old.container_fingerprint()),
@@ -277,7 +236,7 @@ fn private_images_need_a_readers_credentials_in_the_incus_remote() {
     let tmp = temp_dir("incus-private");
     let d = server.data_dir().to_str().unwrap().to_string();
     let (public, secret) = minisign_keypair(tmp.path().join("keys"));
-    imgsrv(&["key", "add", "--data", &d, public.to_str().unwrap()]);
+    trust_key(&d, None, &public);
     let img = make_test_image(tmp.path().join("img"), &["--serial", OLD]);
     publish_image(&server, &secret, &img, &["--private"]);
 
@@ -300,12 +259,7 @@ fn private_images_need_a_readers_credentials_in_the_incus_remote() {
     imgsrv(&["principal", "add", "--data", &d, "--kind", "service", "lab"]);
     imgsrv(&["grant", "add", "--data", &d, "lab", "reader", "debian-*"]);
     let issued = imgsrv(&["token", "issue", "--data", &d, "lab"]);
-    let token = String::from_utf8_lossy(&issued.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = last_line(&issued);
     let reader = Incus::new(server.cert());
     reader.remote_add(
         "p",
@@ -317,7 +271,7 @@ fn private_images_need_a_readers_credentials_in_the_incus_remote() {
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["fingerprint"], img.container_fingerprint());
     assert_eq!(
-        info_fingerprint(&reader, &[&format!("p:{IMAGE}")]),
+        reader.info_fingerprint(&[&format!("p:{IMAGE}")]),
         img.container_fingerprint()
     );
     let out = tmp.path().join("export");
@@ -328,8 +282,8 @@ fn private_images_need_a_readers_credentials_in_the_incus_remote() {
         &format!("p:{IMAGE}"),
         out.to_str().unwrap(),
     ]);
-    assert_eq!(exported(&out, ".squashfs"), read(img.rootfs()));
-    assert_eq!(exported(&out, ".incus.tar.xz"), read(&img.metadata));
+    assert_eq!(single_file(&out, ".squashfs"), read(img.rootfs()));
+    assert_eq!(single_file(&out, ".incus.tar.xz"), read(&img.metadata));
 
     // the client's plain-HTTP attempt carried the credentials: refused and logged
     let log = server.log_text();
@@ -353,7 +307,7 @@ fn private_images_need_a_readers_credentials_in_the_incus_remote() {
     let anon2 = Incus::new(server.cert());
     anon2.remote_add("r", &server.url());
     assert_eq!(
-        info_fingerprint(&anon2, &[&format!("r:{IMAGE}")]),
+        anon2.info_fingerprint(&[&format!("r:{IMAGE}")]),
         img.container_fingerprint()
     );
 }

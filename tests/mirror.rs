@@ -144,21 +144,7 @@ http {{
 impl Drop for Nginx {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
-                // SAFETY: kill(2) on our own unreaped child.
-                unsafe {
-                    libc::kill(pid, libc::SIGTERM);
-                }
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_child(&mut c, Duration::from_secs(5));
         }
     }
 }
@@ -264,15 +250,7 @@ impl Tree {
 
 /// `imgsrv key add` of the tree's public key into a data directory.
 fn trust(data: &Path, t: &Tree) {
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        data.to_str().unwrap(),
-        "--name",
-        "mirror",
-        t.keys.0.to_str().unwrap(),
-    ]);
+    trust_key(data, Some("mirror"), &t.keys.0);
 }
 
 /// `imgsrv mirror ARGS`, whatever its exit status.
@@ -286,6 +264,25 @@ fn mirror(t: &Tree, args: &[&str]) -> Output {
             .env_remove("IMGSRV_CA")
             .env_remove("IMGSRV_TOKEN"),
     )
+}
+
+/// `imgsrv mirror --data DATA --key TREE_KEY --upstream-ca NGINX_CERT EXTRA... NGINX_URL`.
+fn mirror_into(t: &Tree, ngx: &Nginx, data: &Path, extra: &[&str]) -> Output {
+    let url = ngx.url();
+    let args = [
+        &[
+            "--data",
+            s(data),
+            "--key",
+            t.secret(),
+            "--upstream-ca",
+            s(&ngx.cert),
+        ],
+        extra,
+        &[&url],
+    ]
+    .concat();
+    mirror(t, &args)
 }
 
 fn stdout(o: &Output) -> String {
@@ -310,13 +307,7 @@ fn data_dir(t: &Tree, name: &str) -> PathBuf {
 }
 
 fn fingerprints(incus: &Incus) -> BTreeSet<String> {
-    incus
-        .json(&["image", "list", "r:"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["fingerprint"].as_str().unwrap().to_string())
-        .collect()
+    incus.fingerprints("r:").into_iter().collect()
 }
 
 /// (alias, type) → target fingerprint, as the incus client resolves them.
@@ -335,21 +326,6 @@ fn aliases(incus: &Incus) -> BTreeSet<(String, String, String)> {
 
 fn set(v: &[String]) -> BTreeSet<String> {
     v.iter().cloned().collect()
-}
-
-fn single_file(dir: &Path, suffix: &str) -> Vec<u8> {
-    let files: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(suffix))
-        .collect();
-    assert_eq!(
-        files.len(),
-        1,
-        "{suffix} files in {}: {files:?}",
-        dir.display()
-    );
-    fs::read(&files[0]).unwrap()
 }
 
 fn status(data: &Path, image: &str, version: &str) -> imgsrv::target::VersionStatus {
@@ -371,26 +347,29 @@ fn filtered_mirrors_into_a_server_and_a_data_dir_show_the_upstream_fingerprints_
     // 1. into a running server, only Debian containers (os filter in another case)
     let a = TestServer::start();
     trust(a.data_dir(), &t);
-    let out = mirror(
-        &t,
-        &[
-            "--server",
-            &a.url(),
-            "--ca",
-            a.cert().to_str().unwrap(),
-            "--token-file",
-            a.admin_token_file().to_str().unwrap(),
-            "--key",
-            t.secret(),
-            "--upstream-ca",
-            &up_ca,
-            "--os",
-            "debian",
-            "--type",
-            "container",
-            &ngx.url(),
-        ],
-    );
+    let into_a = |os: &str| {
+        mirror(
+            &t,
+            &[
+                "--server",
+                &a.url(),
+                "--ca",
+                s(&a.cert()),
+                "--token-file",
+                s(&a.admin_token_file()),
+                "--key",
+                t.secret(),
+                "--upstream-ca",
+                &up_ca,
+                "--os",
+                os,
+                "--type",
+                "container",
+                &ngx.url(),
+            ],
+        )
+    };
+    let out = into_a("debian");
     assert!(out.status.success(), "{}", show(&out));
     let text = stdout(&out);
     assert!(
@@ -441,26 +420,7 @@ fn filtered_mirrors_into_a_server_and_a_data_dir_show_the_upstream_fingerprints_
 
     // 2. a second run transfers nothing new
     let before = ngx.log().len();
-    let again = mirror(
-        &t,
-        &[
-            "--server",
-            &a.url(),
-            "--ca",
-            a.cert().to_str().unwrap(),
-            "--token-file",
-            a.admin_token_file().to_str().unwrap(),
-            "--key",
-            t.secret(),
-            "--upstream-ca",
-            &up_ca,
-            "--os",
-            "DEBIAN",
-            "--type",
-            "container",
-            &ngx.url(),
-        ],
-    );
+    let again = into_a("DEBIAN");
     assert!(again.status.success(), "{}", show(&again));
     let text = stdout(&again);
     assert!(
@@ -529,21 +489,11 @@ fn filtered_mirrors_into_a_server_and_a_data_dir_show_the_upstream_fingerprints_
     //    (= x86_64 upstream), containers and VMs
     let b = TestServer::start();
     trust(b.data_dir(), &t);
-    let out = mirror(
+    let out = mirror_into(
         &t,
-        &[
-            "--data",
-            b.data_dir().to_str().unwrap(),
-            "--key",
-            t.secret(),
-            "--upstream-ca",
-            &up_ca,
-            "--arch",
-            "amd64",
-            "--release",
-            "Bookworm",
-            &ngx.url(),
-        ],
+        &ngx,
+        b.data_dir(),
+        &["--arch", "amd64", "--release", "Bookworm"],
     );
     assert!(out.status.success(), "{}", show(&out));
     let incus_b = Incus::new(b.cert());
@@ -679,20 +629,7 @@ fn corrupted_upstream_files_and_fingerprints_are_refused_and_the_rest_is_mirrore
 
     let ngx = Nginx::start(&t.root);
     let d = data_dir(&t, "data");
-    let out = mirror(
-        &t,
-        &[
-            "--data",
-            d.to_str().unwrap(),
-            "--key",
-            t.secret(),
-            "--upstream-ca",
-            ngx.cert.to_str().unwrap(),
-            "--jobs",
-            "2",
-            &ngx.url(),
-        ],
-    );
+    let out = mirror_into(&t, &ngx, &d, &["--jobs", "2"]);
     assert_eq!(out.status.code(), Some(1), "{}", show(&out));
     let text = stdout(&out);
     assert!(
@@ -752,20 +689,7 @@ fn an_interrupted_download_resumes_with_a_range_request() {
     let sha = sha256_file(t.deb2.rootfs());
     fs::write(staging.join(format!("{sha}.partial")), &rootfs[..half]).unwrap();
 
-    let out = mirror(
-        &t,
-        &[
-            "--data",
-            d.to_str().unwrap(),
-            "--key",
-            t.secret(),
-            "--upstream-ca",
-            ngx.cert.to_str().unwrap(),
-            "--image",
-            "debian-*",
-            &ngx.url(),
-        ],
-    );
+    let out = mirror_into(&t, &ngx, &d, &["--image", "debian-*"]);
     assert!(out.status.success(), "{}", show(&out));
     let text = stdout(&out);
     assert!(text.contains("files: 1 resumed"), "{text}");

@@ -7,52 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use support::*;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn publish(server: &TestServer, secret: &Path, img: &TestImage, extra: &[&str]) {
-    publish_image(server, secret, img, extra);
-}
-
-/// Anonymous GET: (status, body).
-fn get(server: &TestServer, path: &str) -> (u16, Vec<u8>) {
-    let mut resp = server
-        .agent()
-        .get(format!("{}{path}", server.url()))
-        .call()
-        .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(1 << 30)
-        .read_to_vec()
-        .unwrap();
-    (status, body)
-}
-
 fn get_json(server: &TestServer, path: &str) -> serde_json::Value {
-    let (status, body) = get(server, path);
-    assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
-    serde_json::from_slice(&body).unwrap()
+    serde_json::from_slice(&server.get_ok(path)).unwrap()
 }
 
 fn published_count(data: &Path) -> u64 {
-    let out = run_ok(
-        Command::new("sqlite3")
-            .arg(data.join("catalog.db"))
-            .arg("SELECT count(*) FROM image_versions WHERE state = 'published'"),
-    );
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    catalog_sql(
+        data,
+        "SELECT count(*) FROM image_versions WHERE state = 'published'",
+    )
+    .trim()
+    .parse()
+    .unwrap()
 }
 
 fn mirror(target: &[&str], upstream: &TestServer, extra: &[&str]) -> Output {
@@ -77,7 +43,6 @@ const VERSIONS: [(&str, &str); 3] = [
 struct Upstream {
     server: TestServer,
     public: PathBuf,
-    secret: PathBuf,
     tmp: tempfile::TempDir,
 }
 
@@ -85,15 +50,7 @@ fn upstream() -> Upstream {
     let server = TestServer::start();
     let tmp = temp_dir("mirror");
     let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        s(server.data_dir()),
-        "--name",
-        "release",
-        s(&public),
-    ]);
+    trust_key(server.data_dir(), Some("release"), &public);
     let a1 = make_test_image(tmp.path().join("a1"), &["--serial", VERSIONS[0].1]);
     let a2 = make_test_image(
         tmp.path().join("a2"),
@@ -110,13 +67,12 @@ fn upstream() -> Upstream {
             VERSIONS[2].1,
         ],
     );
-    publish(&server, &secret, &a1, &["--alias", "stable"]);
-    publish(&server, &secret, &a2, &["--alias", "edge"]);
-    publish(&server, &secret, &b1, &[]);
+    publish_image(&server, &secret, &a1, &["--alias", "stable"]);
+    publish_image(&server, &secret, &a2, &["--alias", "edge"]);
+    publish_image(&server, &secret, &b1, &[]);
     Upstream {
         server,
         public,
-        secret,
         tmp,
     }
 }
@@ -126,15 +82,7 @@ fn mirroring_keeps_the_original_signatures_and_a_second_run_copies_nothing() {
     let up = upstream();
     let down = TestServer::start();
     // the downstream trusts only the original publisher's key
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        s(down.data_dir()),
-        "--name",
-        "origin",
-        s(&up.public),
-    ]);
+    trust_key(down.data_dir(), Some("origin"), &up.public);
     let (url, cert, token) = (down.url(), down.cert(), down.admin_token_file());
     let target = [
         "--server",
@@ -156,13 +104,13 @@ fn mirroring_keeps_the_original_signatures_and_a_second_run_copies_nothing() {
     std::fs::create_dir_all(&work).unwrap();
     for (image, version) in VERSIONS {
         let base = format!("/v1/images/{image}/versions/{version}");
-        let (st, manifest) = get(&down, &format!("{base}/manifest"));
+        let (st, manifest) = down.get(&format!("{base}/manifest"));
         assert_eq!(st, 200, "{image}@{version} not published downstream");
-        let (_, up_manifest) = get(&up.server, &format!("{base}/manifest"));
+        let (_, up_manifest) = up.server.get(&format!("{base}/manifest"));
         assert_eq!(manifest, up_manifest, "manifest bytes differ");
-        let (st, sig) = get(&down, &format!("{base}/manifest.minisig"));
+        let (st, sig) = down.get(&format!("{base}/manifest.minisig"));
         assert_eq!(st, 200);
-        let (_, up_sig) = get(&up.server, &format!("{base}/manifest.minisig"));
+        let (_, up_sig) = up.server.get(&format!("{base}/manifest.minisig"));
         assert_eq!(sig, up_sig, "the signature was not kept as it was");
         // the real minisign, with the ORIGINAL publisher's public key
         let (m, x) = (
@@ -198,9 +146,11 @@ fn mirroring_keeps_the_original_signatures_and_a_second_run_copies_nothing() {
         assert!(!fps(&view).is_empty());
         assert_eq!(fps(&view), fps(&up_view), "Incus fingerprints differ");
         let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-        for a in parsed["artifacts"].as_array().unwrap() {
+        let artifacts = parsed["artifacts"].as_array().unwrap();
+        assert!(!artifacts.is_empty(), "no artifact in {image}@{version}");
+        for a in artifacts {
             let d = a["digest"].as_str().unwrap();
-            let (st, body) = get(&down, &format!("/v1/blobs/{d}"));
+            let (st, body) = down.get(&format!("/v1/blobs/{d}"));
             assert_eq!(st, 200);
             assert_eq!(body.len() as u64, a["size"].as_u64().unwrap());
         }
@@ -253,15 +203,7 @@ fn mirroring_into_a_data_directory_filters_and_refuses_untrusted_signatures() {
     let dir = tmp.path().join("data");
     imgsrv(&["init", "--data", s(&dir)]);
     let (other, _) = minisign_keypair(tmp.path().join("other"));
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        s(&dir),
-        "--name",
-        "other",
-        s(&other),
-    ]);
+    trust_key(&dir, Some("other"), &other);
     let target = ["--data", s(&dir)];
     let filter = ["--image", "debian-*", "--latest", "1"];
 
@@ -277,15 +219,7 @@ fn mirroring_into_a_data_directory_filters_and_refuses_untrusted_signatures() {
     assert_eq!(published_count(&dir), 0);
 
     // trusting the publisher: only the newest debian version comes over
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        s(&dir),
-        "--name",
-        "origin",
-        s(&up.public),
-    ]);
+    trust_key(&dir, Some("origin"), &up.public);
     let ok = mirror(&target, &up.server, &filter);
     assert!(ok.status.success(), "{}", text(&ok));
     assert!(
@@ -295,13 +229,11 @@ fn mirroring_into_a_data_directory_filters_and_refuses_untrusted_signatures() {
     );
     assert_eq!(published_count(&dir), 1);
     // its alias came along; the alias of the version not mirrored did not
-    let aliases = run_ok(Command::new("sqlite3").arg(dir.join("catalog.db")).arg(
+    let aliases = catalog_sql(
+        &dir,
         "SELECT a.alias || '=' || v.version FROM aliases a JOIN image_versions v ON v.id = a.version_id ORDER BY a.alias",
-    ));
-    assert_eq!(
-        String::from_utf8_lossy(&aliases.stdout).trim(),
-        "edge=20260102_0000"
     );
+    assert_eq!(aliases.trim(), "edge=20260102_0000");
 
     // unreachable upstream: could not run (2)
     let port = free_port();
@@ -311,7 +243,6 @@ fn mirroring_into_a_data_directory_filters_and_refuses_untrusted_signatures() {
             .arg(format!("https://127.0.0.1:{port}")),
     );
     assert_eq!(down.status.code(), Some(2), "{}", text(&down));
-    let _ = &up.secret;
 }
 
 /// Publishes `img` through the API WITHOUT a signature (only a server in
@@ -380,17 +311,14 @@ fn versions_published_unsigned_are_skipped_by_mirror_and_export() {
     let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
     let signed = make_test_image(tmp.path().join("a"), &["--serial", "20260101_0000"]);
     let unsigned = make_test_image(tmp.path().join("b"), &["--serial", "20260102_0000"]);
-    publish(&up, &secret, &signed, &[]);
+    publish_image(&up, &secret, &signed, &[]);
     publish_unsigned(&up, &unsigned, "20260102_0000");
-    let (st, _) = get(
-        &up,
-        "/v1/images/debian-bookworm/versions/20260102_0000/manifest.minisig",
-    );
+    let (st, _) = up.get("/v1/images/debian-bookworm/versions/20260102_0000/manifest.minisig");
     assert_eq!(st, 404, "the fixture must be unsigned");
 
     let dir = tmp.path().join("data");
     imgsrv(&["init", "--data", s(&dir)]);
-    imgsrv(&["key", "add", "--data", s(&dir), s(&public)]);
+    trust_key(&dir, None, &public);
     let out = mirror(&["--data", s(&dir)], &up, &[]);
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);
@@ -422,7 +350,7 @@ fn imgsrv_mirror_recognises_an_imgsrv_upstream_and_keeps_its_signatures() {
     let up = upstream();
     let dir = up.tmp.path().join("auto");
     imgsrv(&["init", "--data", s(&dir)]);
-    imgsrv(&["key", "add", "--data", s(&dir), s(&up.public)]);
+    trust_key(&dir, None, &up.public);
     // a mirror key that the target does NOT trust: with an imgsrv upstream it is not used
     let (_, unused_key) = minisign_keypair(up.tmp.path().join("unused"));
     let out = run_any(
@@ -442,17 +370,12 @@ fn imgsrv_mirror_recognises_an_imgsrv_upstream_and_keeps_its_signatures() {
     assert!(text(&out).contains("is an imgsrv server"), "{}", text(&out));
     assert_eq!(published_count(&dir), 3);
     // the publisher's signature, byte for byte
-    let sig = run_ok(
-        Command::new("sqlite3")
-            .arg(dir.join("catalog.db"))
-            .arg("SELECT signature FROM publish_records r JOIN image_versions v ON v.id = r.version_id WHERE v.version = '20260101_0000'"),
+    let sig = catalog_sql(
+        &dir,
+        "SELECT signature FROM publish_records r JOIN image_versions v ON v.id = r.version_id WHERE v.version = '20260101_0000'",
     );
-    let (_, upstream_sig) = get(
-        &up.server,
-        "/v1/images/debian-bookworm/versions/20260101_0000/manifest.minisig",
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&sig.stdout).trim(),
-        String::from_utf8_lossy(&upstream_sig).trim()
-    );
+    let (_, upstream_sig) = up
+        .server
+        .get("/v1/images/debian-bookworm/versions/20260101_0000/manifest.minisig");
+    assert_eq!(sig.trim(), String::from_utf8_lossy(&upstream_sig).trim());
 }

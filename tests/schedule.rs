@@ -43,13 +43,7 @@ fn serve_runs_mirror_jobs_and_reports_their_outcome() {
     let upstream = TestServer::start();
     let tmp = temp_dir("schedule");
     let (pubkey, secret) = minisign_keypair(tmp.path().join("publisher"));
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        upstream.data_dir().to_str().unwrap(),
-        pubkey.to_str().unwrap(),
-    ]);
+    trust_key(upstream.data_dir(), None, &pubkey);
     let img = make_test_image(tmp.path().join("img"), &["--serial", "20260501_0000"]);
     publish_image(&upstream, &secret, &img, &[]);
 
@@ -84,15 +78,7 @@ fn serve_runs_mirror_jobs_and_reports_their_outcome() {
     );
 
     // trust the mirror key; a restart runs the job again at once
-    imgsrv(&[
-        "key",
-        "add",
-        "--data",
-        &data,
-        "--name",
-        "mirror",
-        mirror_pub.to_str().unwrap(),
-    ]);
+    trust_key(&data, Some("mirror"), &mirror_pub);
     down.kill();
     down.spawn();
     let job = wait_runs(&down, 2);
@@ -149,9 +135,13 @@ fn a_broken_mirror_entry_stops_the_server_with_a_clear_error() {
         ("[[mirror]]\nname = \"a\"\nupstream = \"https://x\"\nkey = \"/etc/hostname\"\nbogus = 1\n", "bogus"),
     ] {
         std::fs::write(d.join("imgsrv.toml"), cfg).unwrap();
-        let out = run_any(std::process::Command::new(IMGSRV).args(["serve", "--data", d.to_str().unwrap(), "--listen", "127.0.0.1:0"]));
+        // a server that accepted the config would run on: stopped (failing the test) at 60 s
+        let out = run_within(
+            std::process::Command::new(IMGSRV).args(["serve", "--data", s(&d), "--listen", "127.0.0.1:0"]),
+            Duration::from_secs(60),
+        );
         assert!(!out.status.success(), "{cfg}");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = text(&out);
         assert!(text.contains(needle), "{cfg}: {text}");
     }
 }

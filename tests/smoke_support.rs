@@ -3,6 +3,7 @@ mod support;
 
 use std::fs;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -165,4 +166,28 @@ fn test_server_starts_and_answers_healthz() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 204);
     let _incus = Incus::new(server.cert());
+}
+
+#[test]
+fn run_within_returns_what_an_exiting_command_printed() {
+    let out = run_within(
+        Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(text(&out), "out\nerr\n");
+}
+
+#[test]
+fn run_within_stops_a_command_that_hangs() {
+    let t = Instant::now();
+    let hung = std::panic::catch_unwind(|| {
+        run_within(Command::new("sleep").arg("30"), Duration::from_millis(300))
+    });
+    let msg = hung.expect_err("sleep 30 did not time out");
+    let msg = msg
+        .downcast_ref::<String>()
+        .expect("a formatted panic message");
+    assert!(msg.contains("sleep 30 did not exit within 300ms"), "{msg}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }

@@ -32,15 +32,7 @@ impl Fixture {
         let server = TestServer::start();
         let tmp = temp_dir(name);
         let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
-        imgsrv(&[
-            "key",
-            "add",
-            "--data",
-            s(server.data_dir()),
-            "--name",
-            "release",
-            s(&public),
-        ]);
+        trust_key(server.data_dir(), Some("release"), &public);
         let img = make_test_image(tmp.path().join("img"), &["--serial", OLD, "--type", "both"]);
         publish_image(&server, &secret, &img, &["--alias", "stable"]);
         let keys = tmp.path().join("trusted-keys");
@@ -109,10 +101,6 @@ fn consumer_command(home: &Path) -> Command {
     cmd
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -139,14 +127,6 @@ fn assert_has(text: &str, needle: &str) {
 }
 
 /// Names of the entries in `dir` (hidden ones too); empty if it does not exist.
-fn out_err(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn entries(dir: &Path) -> BTreeSet<String> {
     match fs::read_dir(dir) {
         Ok(rd) => rd
@@ -160,32 +140,6 @@ fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
 
-/// The key id minisign wrote on a public key file's first line.
-fn key_id(public: &Path) -> String {
-    let text = fs::read_to_string(public).unwrap();
-    text.lines()
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_string()
-}
-
-fn get(server: &TestServer, path: &str) -> Vec<u8> {
-    let mut resp = server
-        .agent()
-        .get(&format!("{}{path}", server.url()))
-        .call()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "GET {path}");
-    resp.body_mut()
-        .with_config()
-        .limit(1 << 30)
-        .read_to_vec()
-        .unwrap()
-}
-
 #[test]
 fn verify_and_pull_pass_on_an_untouched_image() {
     let f = Fixture::new("verify-ok");
@@ -197,7 +151,10 @@ fn verify_and_pull_pass_on_an_untouched_image() {
     let o = f.run("verify", &["--trusted-keys", keys, IMAGE]);
     expect(&o, 0);
     assert_has(&out(&o), &format!("verified {IMAGE} {NEW} (container"));
-    assert_has(&out(&o), &format!("release ({})", key_id(&f.public)));
+    assert_has(
+        &out(&o),
+        &format!("release ({})", minisign_key_id(&f.public)),
+    );
     assert_has(&out(&o), &new.container_fingerprint());
 
     // IMAGE:ALIAS through refs, --vm, one .pub file instead of a directory.
@@ -263,10 +220,8 @@ fn verify_and_pull_pass_on_an_untouched_image() {
     );
     assert_eq!(
         fs::read(dir.join("manifest.json")).unwrap(),
-        get(
-            &f.server,
-            &format!("/v1/images/{IMAGE}/versions/{OLD}/manifest")
-        )
+        f.server
+            .get_ok(&format!("/v1/images/{IMAGE}/versions/{OLD}/manifest"))
     );
     // The user can re-check the signature with the stock minisign.
     run_ok(
@@ -325,14 +280,9 @@ fn pulled_image_imports_into_a_real_incus_daemon() {
         "--alias",
         "pulled",
     ]);
-    let info = incus.stdout(&["image", "info", "pulled"]);
-    let fp = info
-        .lines()
-        .find_map(|l| l.strip_prefix("Fingerprint: "))
-        .unwrap_or_else(|| panic!("no fingerprint in:\n{info}"))
-        .trim();
+    let fp = incus.info_fingerprint(&["pulled"]);
     assert_eq!(fp, f.img.container_fingerprint());
-    assert_has(&out(&o), fp);
+    assert_has(&out(&o), &fp);
 }
 
 #[test]
@@ -424,7 +374,7 @@ fn a_manifest_signed_by_a_key_the_consumer_does_not_trust_fails() {
         &err(&o),
         &format!(
             "manifest signature: signed by key {} (the server calls it \"release\") which you do not trust",
-            key_id(&f.public)
+            minisign_key_id(&f.public)
         ),
     );
     let dir = f.path("pulled");
@@ -528,18 +478,16 @@ fn a_served_manifest_that_does_not_match_its_signature_fails() {
     let mut f = Fixture::new("verify-manifest");
     // The privileged-operator attack: edit the published manifest in the catalog.
     f.server.kill();
-    let db = f.server.data_dir().join("catalog.db");
     let sql = "DROP TRIGGER publish_records_no_update; \
         UPDATE publish_records SET manifest = CAST(replace(CAST(manifest AS TEXT), \
         '\"release\":\"bookworm\"', '\"release\":\"bullseye\"') AS BLOB); \
         SELECT changes();";
-    let o = run_ok(Command::new("sqlite3").arg(&db).arg(sql));
-    assert_eq!(out(&o).trim(), "1", "the manifest row was not changed");
+    let changed = catalog_sql(f.server.data_dir(), sql);
+    assert_eq!(changed.trim(), "1", "the manifest row was not changed");
     f.server.spawn();
-    let served = get(
-        &f.server,
-        &format!("/v1/images/{IMAGE}/versions/{OLD}/manifest"),
-    );
+    let served = f
+        .server
+        .get_ok(&format!("/v1/images/{IMAGE}/versions/{OLD}/manifest"));
     assert!(String::from_utf8_lossy(&served).contains("\"release\":\"bullseye\""));
 
     let o = f.run("verify", &["--trusted-keys", s(&f.keys), IMAGE]);
@@ -575,7 +523,7 @@ fn a_revoked_or_out_of_scope_key_fails() {
     let f = Fixture::new("verify-revoked");
     let keys = s(&f.keys);
     let policy = f.keys.join("release.toml");
-    let id = key_id(&f.public);
+    let id = minisign_key_id(&f.public);
 
     // Revoked in the consumer's own store.
     fs::write(
@@ -617,22 +565,13 @@ fn a_revoked_or_out_of_scope_key_fails() {
     // it for 5 minutes, a daemon for an hour)
     let cached = Incus::new(f.server.cert());
     cached.remote_add("r", &f.server.url());
-    let fingerprints = |incus: &Incus| -> Vec<String> {
-        incus
-            .json(&["image", "list", "r:"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["fingerprint"].as_str().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(fingerprints(&cached).len(), 2, "container and VM");
+    assert_eq!(cached.fingerprints("r:").len(), 2, "container and VM");
     imgsrv(&["key", "revoke", "--data", s(f.server.data_dir()), "release"]);
     // what the revoked key signed is gone for the Incus client: not listed
     // for a fresh one, and not downloadable for the one with the cached index
     let fresh = Incus::new(f.server.cert());
     fresh.remote_add("r", &f.server.url());
-    assert_eq!(fingerprints(&fresh), Vec::<String>::new());
+    assert_eq!(fresh.fingerprints("r:"), Vec::<String>::new());
     let out = f.path("exported");
     let o = cached.try_run(&[
         "image",
@@ -643,10 +582,10 @@ fn a_revoked_or_out_of_scope_key_fails() {
     assert!(
         !o.status.success(),
         "export of a revoked key's image succeeded: {}",
-        out_err(&o)
+        text(&o)
     );
     // Incus names the refusal: "Unable to fetch https://…/download/…: 410 Gone"
-    assert_has(&out_err(&o), "410 Gone");
+    assert_has(&text(&o), "410 Gone");
     let o = f.run("verify", &["--trusted-keys", keys, IMAGE]);
     expect(&o, 1);
     assert_has(

@@ -40,6 +40,7 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+BENCH_TAG=bench
 # shellcheck source=contrib/bench/common.sh
 . "$here/common.sh"
 
@@ -80,58 +81,12 @@ tools="curl openssl nginx python3 ss shuf awk sort timeout dd"
 [ "$only" = all ] && tools="$tools minisign"
 for t in $tools; do command -v "$t" >/dev/null 2>&1 || die "$t not found (run contrib/install-test-deps.sh)"; done
 
-# --- work dir, background processes, cleanup ---------------------------------------------
-if [ -n "${BENCH_DIR:-}" ]; then
-  mkdir -p "$BENCH_DIR"; work=$(cd "$BENCH_DIR" && pwd); own_work=
-else
-  work=$(mktemp -d "${TMPDIR:-/var/tmp}/imgsrv-bench.XXXXXX"); own_work=1
-fi
-NGINX_PID='' IMGSRV_PID=''
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-  rc=$?
-  trap - EXIT INT TERM
-  stop_pid "$NGINX_PID"
-  stop_pid "$IMGSRV_PID"
-  # curl clients still running (after an interruption) are our children: end them.
-  for p in $(jobs -p 2>/dev/null); do kill -TERM "$p" 2>/dev/null || true; done
-  if [ "${BENCH_KEEP:-0}" = 1 ] || [ -z "$own_work" ]; then
-    say "bench: work directory kept: $work"
-  else
-    rm -rf "$work"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# --- work dir, background processes (stopped on exit) -------------------------------------
+bench_work_dir imgsrv-bench
+bench_traps
 
-# --- helpers --------------------------------------------------------------------------------
-now() { date +%s.%N; }
-free_port() {
-  while :; do
-    p=$(shuf -i 20000-60999 -n 1)
-    [ -z "$(ss -Htln "sport = :$p")" ] && { echo "$p"; return; }
-  done
-}
-# mbps BYTES SECONDS
-mbps() { awk -v b="$1" -v s="$2" 'BEGIN { if (s <= 0) s = 1e-9; printf "%.1f", b / s / 1e6 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b <= 0) print "n/a"; else printf "%.2f", a / b }'; }
-# ge A B -> status 0 when A >= B (floats)
-ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 >= b + 0) }'; }
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else print v[int((NR + 1) / 2)] }'; }
+# --- helpers (more in common.sh) ----------------------------------------------------------
 CURL="curl --http1.1 -sS"
-
-wait_https() { # URL EXPECTED_CODE PID LOG
-  i=0
-  while [ $i -lt 200 ]; do
-    kill -0 "$3" 2>/dev/null || { say "bench: server exited; log:"; tail -n 40 "$4" >&2; exit 1; }
-    code=$($CURL -o /dev/null -w '%{http_code}' --cacert "$CERT" "$1" 2>/dev/null) || code=000
-    [ "$code" = "$2" ] && return 0
-    sleep 0.1; i=$((i + 1))
-  done
-  say "bench: $1 did not answer $2 in 20 s (last: $code); log:"; tail -n 40 "$4" >&2; exit 1
-}
 
 cipher() { # URL: the negotiated TLS version and cipher
   $CURL -v -r 0-0 -o /dev/null --cacert "$CERT" "$1" 2>&1 |

@@ -1,7 +1,72 @@
 # shellcheck shell=sh
-# Sourced by the benchmark scripts: stopping background servers, and Debian's
-# nginx as a plain static file server over TLS 1.3, for comparisons run on
-# the same machine.
+# Sourced by the benchmark scripts: the work directory and the exit trap, small
+# measuring helpers, stopping background servers, and Debian's nginx as a plain
+# static file server over TLS 1.3, for comparisons run on the same machine.
+# The scripts set BENCH_TAG (their name in messages) before sourcing this file.
+
+# bench_work_dir PREFIX: sets $work to $BENCH_DIR (created if needed) or to a new directory
+# ${TMPDIR:-/var/tmp}/PREFIX.XXXXXX, which the exit trap removes ($own_work=1) unless
+# BENCH_KEEP=1.
+bench_work_dir() {
+  if [ -n "${BENCH_DIR:-}" ]; then
+    mkdir -p "$BENCH_DIR"; work=$(cd "$BENCH_DIR" && pwd); own_work=
+  else
+    work=$(mktemp -d "${TMPDIR:-/var/tmp}/$1.XXXXXX"); own_work=1
+  fi
+}
+
+# bench_traps: on exit (INT and TERM exit with 130 and 143 first) stop $NGINX_PID and
+# $IMGSRV_PID, end the background jobs still running (curl clients after an
+# interruption), and remove or keep the work directory.
+NGINX_PID='' IMGSRV_PID=''
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+bench_cleanup() {
+  rc=$?
+  trap - EXIT INT TERM
+  stop_pid "$NGINX_PID"
+  stop_pid "$IMGSRV_PID"
+  for p in $(jobs -p 2>/dev/null); do kill -TERM "$p" 2>/dev/null || true; done
+  if [ "${BENCH_KEEP:-0}" = 1 ] || [ -z "$own_work" ]; then
+    printf '%s: work directory kept: %s\n' "$BENCH_TAG" "$work" >&2
+  else
+    rm -rf "$work"
+  fi
+  exit "$rc"
+}
+bench_traps() {
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+now() { date +%s.%N; }
+# free_port: a TCP port nothing listens on at this moment
+free_port() {
+  while :; do
+    p=$(shuf -i 20000-60999 -n 1)
+    [ -z "$(ss -Htln "sport = :$p")" ] && { echo "$p"; return; }
+  done
+}
+# mbps BYTES SECONDS: 10^6 bytes per second
+mbps() { awk -v b="$1" -v s="$2" 'BEGIN { if (s <= 0) s = 1e-9; printf "%.1f", b / s / 1e6 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b <= 0) print "n/a"; else printf "%.2f", a / b }'; }
+# ge A B -> status 0 when A >= B (floats)
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 >= b + 0) }'; }
+# median: of the numbers on stdin, one a line (0 for none)
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else print v[int((NR + 1) / 2)] }'; }
+
+# wait_https URL EXPECTED_CODE PID LOG: waits (20 s at most) until URL answers EXPECTED_CODE
+# over HTTPS trusting $CERT; exits, showing the end of LOG, if PID exits or time runs out.
+wait_https() {
+  i=0
+  while [ $i -lt 200 ]; do
+    kill -0 "$3" 2>/dev/null || { echo "$BENCH_TAG: server exited; log:" >&2; tail -n 40 "$4" >&2; exit 1; }
+    code=$(curl --http1.1 -sS -o /dev/null -w '%{http_code}' --cacert "$CERT" "$1" 2>/dev/null) || code=000
+    [ "$code" = "$2" ] && return 0
+    sleep 0.1; i=$((i + 1))
+  done
+  echo "$BENCH_TAG: $1 did not answer $2 in 20 s (last: $code); log:" >&2; tail -n 40 "$4" >&2; exit 1
+}
 
 # stop_pid PID: TERM, wait up to 10 s, then KILL.
 stop_pid() {

@@ -30,6 +30,7 @@ set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
+BENCH_TAG=mirror-bench
 # shellcheck source=contrib/bench/common.sh
 . "$here/common.sh"
 
@@ -62,38 +63,12 @@ for t in curl nginx python3 incus-simplestreams minisign ss shuf awk sort xargs;
   command -v "$t" >/dev/null 2>&1 || die "$t not found (run contrib/install-test-deps.sh)"
 done
 
-# --- work dir, background processes, cleanup ---------------------------------------------
-if [ -n "${BENCH_DIR:-}" ]; then
-  mkdir -p "$BENCH_DIR"; work=$(cd "$BENCH_DIR" && pwd); own_work=
-else
-  work=$(mktemp -d "${TMPDIR:-/var/tmp}/imgsrv-mirror-bench.XXXXXX"); own_work=1
-fi
-NGINX_PID='' IMGSRV_PID=''
-# shellcheck disable=SC2317 # invoked by the EXIT trap
-cleanup() {
-  rc=$?
-  trap - EXIT INT TERM
-  stop_pid "$NGINX_PID"
-  stop_pid "$IMGSRV_PID"
-  if [ "${BENCH_KEEP:-0}" = 1 ] || [ -z "$own_work" ]; then
-    say "mirror-bench: work directory kept: $work"
-  else
-    rm -rf "$work"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# --- work dir, background processes (stopped on exit) -------------------------------------
+bench_work_dir imgsrv-mirror-bench
+bench_traps
 
-now() { date +%s.%N; }
+# --- helpers (more in common.sh) ----------------------------------------------------------
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-free_port() {
-  while :; do
-    p=$(shuf -i 20000-60999 -n 1)
-    [ -z "$(ss -Htln "sport = :$p")" ] && { echo "$p"; return; }
-  done
-}
 # cpu_of FILE: user+sys seconds that /usr/bin/time wrote (empty without /usr/bin/time)
 cpu_of() { [ -s "$1" ] && awk 'END { printf "%.2f", $1 + $2 }' "$1"; }
 TIMECMD=
@@ -102,12 +77,20 @@ timed() { # CPUFILE CMD...: run CMD, CPU seconds (user sys) of it and its childr
   f=$1; shift
   if [ -n "$TIMECMD" ]; then "$TIMECMD" -o "$f" -f '%U %S' "$@"; else : > "$f"; "$@"; fi
 }
-mbps() { awk -v b="$1" -v s="$2" 'BEGIN { if (s <= 0) s = 1e-9; printf "%.1f", b / s / 1e6 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b <= 0) print "n/a"; else printf "%.2f", a / b }'; }
-ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 >= b + 0) }'; }
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else print v[int((NR + 1) / 2)] }'; }
 # median_cpu FILE: the median of the second column (CPU seconds), or n/a
 median_cpu() { c=$(awk 'NF > 1 { print $2 }' "$1" | median); [ "$c" = 0 ] && c=n/a; echo "$c"; }
+# record_run LABEL CPU_LABEL CPUFILE TIMES T0 T1: reports run $r (seconds, MB/s of
+# $TOTAL_BYTES, CPU seconds) and appends "SECONDS CPU" to TIMES
+record_run() {
+  e=$(elapsed "$5" "$6")
+  say "  $1 run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s, $2 $(cpu_of "$3") s"
+  echo "$e $(cpu_of "$3")" >> "$4"
+}
+# check_mirrored OUT WHAT: OUT (imgsrv mirror's output) says all $IMAGES versions were mirrored
+check_mirrored() {
+  grep -q "summary: $IMAGES versions mirrored" "$1" ||
+    { cat "$1" >&2; die "imgsrv mirror $2 did not mirror $IMAGES versions"; }
+}
 
 # --- imgsrv -----------------------------------------------------------------------------------
 if [ -z "${BENCH_IMGSRV:-}" ]; then
@@ -160,12 +143,7 @@ write_nginx_conf "$NGX" "$NGX_PORT" "$CERT" "$KEY" "$TREE" || die "nginx configu
 nginx -c "$NGX/nginx.conf" -e "$NGX/error.log" > "$NGX/stdout.log" 2>&1 &
 NGINX_PID=$!
 UP=https://127.0.0.1:$NGX_PORT
-i=0
-until curl -sS -o /dev/null --cacert "$CERT" "$UP/streams/v1/index.json" 2>/dev/null; do
-  kill -0 "$NGINX_PID" 2>/dev/null || die "nginx exited: $(cat "$NGX/error.log")"
-  [ $i -lt 200 ] || die "nginx did not answer in 20 s"
-  sleep 0.1; i=$((i + 1))
-done
+wait_https "$UP/streams/v1/index.json" 200 "$NGINX_PID" "$NGX/error.log"
 CIPHER=$(curl -sS -v -o /dev/null --cacert "$CERT" "$UP/streams/v1/index.json" 2>&1 |
   sed -n 's/.*SSL connection using \(.*\)$/\1/p' | head -n 1)
 say "mirror-bench: nginx on $UP ($CIPHER); $NFILES files, $TOTAL_BYTES bytes"
@@ -183,9 +161,7 @@ while [ "$r" -le "$REPEAT" ]; do
   t1=$(now)
   got=$(du -sb "$work/curl-out" | cut -f1)
   [ "$got" -ge "$TOTAL_BYTES" ] || die "curl fetched $got bytes, expected $TOTAL_BYTES"
-  e=$(elapsed "$t0" "$t1")
-  say "  curl run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s, CPU $(cpu_of "$work/curl-$r.cpu") s"
-  echo "$e $(cpu_of "$work/curl-$r.cpu")" >> "$work/curl.times"
+  record_run curl CPU "$work/curl-$r.cpu" "$work/curl.times" "$t0" "$t1"
   r=$((r + 1))
 done
 rm -rf "$work/curl-out"
@@ -205,11 +181,8 @@ while [ "$r" -le "$REPEAT" ]; do
   timed "$work/data-$r.cpu" "$IMGSRV" mirror --data "$D" --key "$work/mirror.key" --upstream-ca "$CERT" --jobs "$JOBS" "$UP/" \
     > "$work/mirror-data-$r.out" 2>&1 || { cat "$work/mirror-data-$r.out" >&2; die "imgsrv mirror --data failed"; }
   t1=$(now)
-  grep -q "summary: $IMAGES versions mirrored" "$work/mirror-data-$r.out" ||
-    { cat "$work/mirror-data-$r.out" >&2; die "imgsrv mirror did not mirror $IMAGES versions"; }
-  e=$(elapsed "$t0" "$t1")
-  say "  mirror --data run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s, CPU $(cpu_of "$work/data-$r.cpu") s"
-  echo "$e $(cpu_of "$work/data-$r.cpu")" >> "$work/data.times"
+  check_mirrored "$work/mirror-data-$r.out" --data
+  record_run "mirror --data" CPU "$work/data-$r.cpu" "$work/data.times" "$t0" "$t1"
   rm -rf "$D"
   r=$((r + 1))
 done
@@ -230,23 +203,15 @@ if [ "$WITH_SERVER" = 1 ]; then
     PORT=$(free_port)
     "$IMGSRV" serve --data "$S" --listen "127.0.0.1:$PORT" > "$work/serve-$r.log" 2>&1 &
     IMGSRV_PID=$!
-    i=0
-    until [ "$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$CERT" "https://127.0.0.1:$PORT/healthz" 2>/dev/null)" = 204 ]; do
-      kill -0 "$IMGSRV_PID" 2>/dev/null || die "imgsrv serve exited: $(tail -n 20 "$work/serve-$r.log")"
-      [ $i -lt 200 ] || die "imgsrv serve did not answer in 20 s"
-      sleep 0.1; i=$((i + 1))
-    done
+    wait_https "https://127.0.0.1:$PORT/healthz" 204 "$IMGSRV_PID" "$work/serve-$r.log"
     sync
     t0=$(now)
     timed "$work/server-$r.cpu" env XDG_CACHE_HOME="$work/cache-$r" "$IMGSRV" mirror --server "https://127.0.0.1:$PORT" --ca "$CERT" \
       --token-file "$S/admin.token" --key "$work/mirror.key" --upstream-ca "$CERT" --jobs "$JOBS" "$UP/" \
       > "$work/mirror-server-$r.out" 2>&1 || { cat "$work/mirror-server-$r.out" >&2; die "imgsrv mirror --server failed"; }
     t1=$(now)
-    grep -q "summary: $IMAGES versions mirrored" "$work/mirror-server-$r.out" ||
-      { cat "$work/mirror-server-$r.out" >&2; die "imgsrv mirror did not mirror $IMAGES versions"; }
-    e=$(elapsed "$t0" "$t1")
-    say "  mirror --server run $r: ${e} s, $(mbps "$TOTAL_BYTES" "$e") MB/s, client CPU $(cpu_of "$work/server-$r.cpu") s"
-    echo "$e $(cpu_of "$work/server-$r.cpu")" >> "$work/server.times"
+    check_mirrored "$work/mirror-server-$r.out" --server
+    record_run "mirror --server" "client CPU" "$work/server-$r.cpu" "$work/server.times" "$t0" "$t1"
     stop_pid "$IMGSRV_PID"; IMGSRV_PID=''
     rm -rf "$S" "$work/cache-$r"
     r=$((r + 1))

@@ -2,6 +2,7 @@
 //! handlers called without sockets; keys and signatures from the real
 //! `minisign` CLI.
 
+use super::run_ok;
 use imgsrv::app::{self, App};
 use imgsrv::config::Config;
 use imgsrv::digest::Digest;
@@ -116,14 +117,31 @@ impl Env {
         self.call_full(method, path, None, &[], &[], true)
     }
 
+    /// `POST /v1/uploads` declaring `digest` and `size`.
+    pub fn begin_upload(&self, digest: &Digest, size: usize) -> Resp {
+        self.call(
+            "POST",
+            "/v1/uploads",
+            json!({"expected_digest": digest.to_string(), "expected_size_bytes": size}),
+        )
+    }
+
+    /// `PUT /v1/uploads/ID/parts/N` with `data`.
+    pub fn put_part(&self, id: &str, n: u32, data: &[u8]) -> Resp {
+        self.call_full(
+            "PUT",
+            &format!("/v1/uploads/{id}/parts/{n}"),
+            Some(&self.token),
+            data,
+            &[],
+            true,
+        )
+    }
+
     /// Uploads bytes through a single-part session; returns the digest.
     pub fn upload(&self, data: &[u8]) -> Digest {
         let d = Digest::of(data);
-        let r = self.call(
-            "POST",
-            "/v1/uploads",
-            json!({"expected_digest": d.to_string(), "expected_size_bytes": data.len()}),
-        );
+        let r = self.begin_upload(&d, data.len());
         assert!(
             r.status == 201 || r.status == 200,
             "{} {}",
@@ -135,14 +153,7 @@ impl Env {
             return d;
         }
         let id = s["id"].as_str().unwrap().to_string();
-        let p = self.call_full(
-            "PUT",
-            &format!("/v1/uploads/{id}/parts/1"),
-            Some(&self.token),
-            data,
-            &[],
-            true,
-        );
+        let p = self.put_part(&id, 1, data);
         assert_eq!(p.status, 200, "{}", String::from_utf8_lossy(&p.body));
         let etag = p.json()["etag"].as_str().unwrap().to_string();
         let c = self.call(
@@ -244,17 +255,12 @@ pub fn keypair() -> Key {
     let dir = tempfile::tempdir().unwrap();
     let public = dir.path().join("k.pub");
     let secret = dir.path().join("k.key");
-    let out = Command::new("minisign")
-        .args(["-G", "-W", "-p"])
-        .arg(&public)
-        .arg("-s")
-        .arg(&secret)
-        .output()
-        .expect("minisign CLI installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("minisign")
+            .args(["-G", "-W", "-p"])
+            .arg(&public)
+            .arg("-s")
+            .arg(&secret),
     );
     Key {
         _dir: dir,
@@ -268,20 +274,15 @@ pub fn minisign_sign(key: &Key, data: &[u8]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("manifest.json");
     std::fs::write(&f, data).unwrap();
-    let out = Command::new("minisign")
-        .arg("-S")
-        .arg("-s")
-        .arg(&key.secret)
-        .arg("-m")
-        .arg(&f)
-        .arg("-t")
-        .arg("imgsrv test")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("minisign")
+            .arg("-S")
+            .arg("-s")
+            .arg(&key.secret)
+            .arg("-m")
+            .arg(&f)
+            .arg("-t")
+            .arg("imgsrv test"),
     );
     std::fs::read_to_string(dir.path().join("manifest.json.minisig")).unwrap()
 }

@@ -5,8 +5,10 @@
 //! * [`Incus`]: the `incus` client with a fresh config/cache, trusting a server's cert.
 //! * [`IncusDaemon`]: the machine's single throwaway `incusd` (tests/fixtures/incusd-harness),
 //!   serialised across threads and test processes by [`incus_lock`].
-//! * [`make_test_image`], [`minisign_keypair`], [`minisign_sign`], [`sha256_file`],
-//!   [`sha256_concat`].
+//! * [`make_test_image`], [`minisign_keypair`], [`minisign_sign`], [`minisign_key_id`],
+//!   [`sha256_file`], [`sha256_concat`].
+//! * Small helpers the test files share: [`text`], [`s`], [`last_line`], [`run_within`],
+//!   [`trust_key`], [`publish_image`], [`publish_files`], [`catalog_sql`], [`single_file`].
 //!
 //! Set `IMGSRV_TEST_KEEP=1` to keep temporary directories (their paths are printed).
 #![allow(dead_code)]
@@ -87,9 +89,108 @@ pub fn run_any(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)))
 }
 
+/// Runs `cmd` like [`run_any`], but panics (after killing it) if it has not exited within
+/// `limit`: for commands that hang instead of failing when the code under test is wrong.
+/// Its output is collected only after it exits: meant for commands that print little.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)));
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let out = child.wait_with_output();
+                let (stdout, stderr) = match &out {
+                    Ok(o) => (
+                        String::from_utf8_lossy(&o.stdout).into_owned(),
+                        String::from_utf8_lossy(&o.stderr).into_owned(),
+                    ),
+                    Err(_) => Default::default(),
+                };
+                panic!(
+                    "{} did not exit within {limit:?}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}",
+                    describe(cmd)
+                );
+            }
+        }
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("{}: {e}", describe(cmd)))
+}
+
 /// `imgsrv ARGS...`, asserting success.
 pub fn imgsrv(args: &[&str]) -> Output {
     run_ok(Command::new(IMGSRV).args(args))
+}
+
+/// A command's stdout followed by its stderr, as text.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The last line of a command's stdout, trimmed (e.g. the token `imgsrv token issue`
+/// prints); panics if it printed nothing.
+pub fn last_line(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no output line: {}", text(o)))
+        .trim()
+        .to_string()
+}
+
+/// A path as `&str` (the tests' temporary paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `imgsrv key add --data DATA [--name NAME] PUBLIC`: trust a publisher key; asserts success.
+pub fn trust_key(data: impl AsRef<Path>, name: Option<&str>, public: impl AsRef<Path>) -> Output {
+    let mut cmd = Command::new(IMGSRV);
+    cmd.arg("key").arg("add").arg("--data").arg(data.as_ref());
+    if let Some(name) = name {
+        cmd.arg("--name").arg(name);
+    }
+    run_ok(cmd.arg(public.as_ref()))
+}
+
+/// `sqlite3 DATA/catalog.db SQL`, asserting success: its stdout.
+pub fn catalog_sql(data: &Path, sql: &str) -> String {
+    let out = run_ok(
+        Command::new("sqlite3")
+            .arg(data.join("catalog.db"))
+            .arg(sql),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The contents of the single file in `dir` whose name ends with `suffix` (what
+/// `incus image export` wrote), asserting there is exactly one.
+pub fn single_file(dir: &Path, suffix: &str) -> Vec<u8> {
+    let files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "{suffix} files in {}: {files:?}",
+        dir.display()
+    );
+    fs::read(&files[0]).unwrap_or_else(|e| panic!("read {}: {e}", files[0].display()))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -212,12 +313,42 @@ pub fn minisign_sign(secret: impl AsRef<Path>, file: impl AsRef<Path>) -> PathBu
     sig
 }
 
+/// The key id minisign wrote at the end of a public key file's first line.
+pub fn minisign_key_id(public: impl AsRef<Path>) -> String {
+    let public = public.as_ref();
+    let text =
+        fs::read_to_string(public).unwrap_or_else(|e| panic!("read {}: {e}", public.display()));
+    text.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().last())
+        .unwrap_or_else(|| panic!("no key id in {}", public.display()))
+        .to_string()
+}
+
 /// `imgsrv publish` of a test image to `server` with its admin token, signed
 /// with `secret`; asserts success and returns stdout.
 pub fn publish_image(
     server: &TestServer,
     secret: &Path,
     img: &TestImage,
+    extra: &[&str],
+) -> String {
+    let roots: Vec<&Path> = img
+        .rootfs
+        .iter()
+        .chain(img.disk.iter())
+        .map(|p| p.as_path())
+        .collect();
+    publish_files(server, secret, &img.metadata, &roots, extra)
+}
+
+/// `imgsrv publish` of a metadata tarball and root file(s) (rootfs, disk) to `server` with
+/// its admin token, signed with `secret`; asserts success and returns stdout.
+pub fn publish_files(
+    server: &TestServer,
+    secret: &Path,
+    metadata: &Path,
+    roots: &[&Path],
     extra: &[&str],
 ) -> String {
     let mut cmd = Command::new(IMGSRV);
@@ -231,8 +362,8 @@ pub fn publish_image(
         .arg("--key")
         .arg(secret)
         .args(extra)
-        .arg(&img.metadata);
-    cmd.args(img.rootfs.iter()).args(img.disk.iter());
+        .arg(metadata)
+        .args(roots);
     String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
 }
 
@@ -408,6 +539,36 @@ impl TestServer {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Anonymous `GET PATH`: (status, body).
+    pub fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        let mut resp = self
+            .agent
+            .get(format!("{}{path}", self.url()))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap_or_else(|e| panic!("GET {path}: reading the body: {e}"));
+        (status, body)
+    }
+
+    /// Anonymous `GET PATH`, asserting 200: the body.
+    #[track_caller]
+    pub fn get_ok(&self, path: &str) -> Vec<u8> {
+        let (status, body) = self.get(path);
+        assert_eq!(
+            status,
+            200,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        body
+    }
+
     /// Stops the server: SIGTERM, then SIGKILL after 5 s.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -429,7 +590,8 @@ impl Drop for TestServer {
     }
 }
 
-fn stop_child(child: &mut Child, grace: Duration) {
+/// Stops a child process: SIGTERM, then SIGKILL after `grace`.
+pub fn stop_child(child: &mut Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
@@ -551,6 +713,29 @@ impl Incus {
     /// `incus ARGS...` stdout as a string, asserting success.
     pub fn stdout(&self, args: &[&str]) -> String {
         String::from_utf8_lossy(&self.run(args).stdout).into_owned()
+    }
+
+    /// The fingerprints `incus image list REMOTE --format=json` lists, in its order
+    /// (`REMOTE` as incus takes it: `r:`, `local:`).
+    pub fn fingerprints(&self, remote: &str) -> Vec<String> {
+        self.json(&["image", "list", remote])
+            .as_array()
+            .expect("incus image list: a JSON array")
+            .iter()
+            .map(|i| i["fingerprint"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The `Fingerprint:` line of `incus image info ARGS...`.
+    pub fn info_fingerprint(&self, args: &[&str]) -> String {
+        let mut a = vec!["image", "info"];
+        a.extend_from_slice(args);
+        let out = self.stdout(&a);
+        out.lines()
+            .find_map(|l| l.strip_prefix("Fingerprint: "))
+            .unwrap_or_else(|| panic!("no fingerprint in incus image info {args:?}:\n{out}"))
+            .trim()
+            .to_string()
     }
 }
 
