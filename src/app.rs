@@ -287,14 +287,11 @@ impl App {
             Some(sig) => crate::sign::load_trusted_keys(&self.config.data_dir)
                 .map_err(|e| format!("trusted keys cannot be read: {e}"))
                 .and_then(|keys| {
-                    let v = crate::sign::verify_signature(&keys, manifest, sig)
+                    let (k, v) = crate::sign::verify_signed_by(&keys, manifest, sig)
                         .map_err(|e| e.to_string())?;
                     // a valid signature is not enough: the key must be active and
                     // scoped to this image
-                    match keys.iter().find(|k| k.key_id == v.key_id) {
-                        Some(k) => k.may_sign(name).map_err(|e| e.to_string())?,
-                        None => return Err(format!("key {} vanished while verifying", v.key_id)),
-                    }
+                    k.may_sign(name).map_err(|e| e.to_string())?;
                     Ok(v)
                 }),
         };

@@ -406,11 +406,9 @@ impl SignatureCheck {
         signature: Option<&str>,
     ) -> Result<&crate::sign::TrustedKey, String> {
         let sig = signature.ok_or("the version has no signature")?;
-        let v = crate::sign::verify_signature(&self.keys, bytes, sig).map_err(|e| e.to_string())?;
-        self.keys
-            .iter()
-            .find(|k| k.key_id == v.key_id)
-            .ok_or_else(|| format!("key {} is not trusted", v.key_id))
+        crate::sign::verify_signed_by(&self.keys, bytes, sig)
+            .map(|(key, _)| key)
+            .map_err(|e| e.to_string())
     }
 }
 

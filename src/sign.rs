@@ -565,11 +565,11 @@ pub fn set_key_state(
 pub fn remove_trusted_key(data_dir: &Path, name_or_key_id: &str) -> Result<TrustedKey, SignError> {
     let key = find_key(&load_trusted_keys(data_dir)?, name_or_key_id)?;
     fs::remove_file(&key.path).map_err(io_err(&key.path))?;
-    match fs::remove_file(policy_path(&key.path)) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&key.path)(e)),
-        _ => {}
+    let policy = policy_path(&key.path);
+    match fs::remove_file(&policy) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&policy)(e)),
+        _ => Ok(key),
     }
-    Ok(key)
 }
 
 /// Verifies a whole `.minisig` text over `message` against the trusted keys.
@@ -584,6 +584,17 @@ pub fn verify_signature(
     message: &[u8],
     minisig_text: &str,
 ) -> Result<Verified, SignError> {
+    verify_signed_by(keys, message, minisig_text).map(|(_, v)| v)
+}
+
+/// [`verify_signature`], also returning the trusted key that made the
+/// signature (for its scopes and state: a valid signature alone does not say
+/// the key may sign this image).
+pub fn verify_signed_by<'k>(
+    keys: &'k [TrustedKey],
+    message: &[u8],
+    minisig_text: &str,
+) -> Result<(&'k TrustedKey, Verified), SignError> {
     let lines = split_lines(minisig_text, 4).map_err(SignError::Malformed)?;
     if !lines[0].starts_with(UNTRUSTED_PREFIX) {
         return Err(SignError::Malformed(format!(
@@ -643,11 +654,12 @@ pub fn verify_signature(
             key_name: key.name.clone(),
             key_id: key.key_id.clone(),
         })?;
-    Ok(Verified {
+    let verified = Verified {
         key_name: key.name.clone(),
         key_id: key.key_id.clone(),
         trusted_comment: sig.trusted_comment().to_string(),
-    })
+    };
+    Ok((key, verified))
 }
 
 /// The trusted comment imgsrv puts on a manifest signature.

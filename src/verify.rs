@@ -941,12 +941,8 @@ pub fn run(
                 "manifest signature",
                 format!("{image}@{version} was published unsigned: nothing vouches for what the server sends"),
             ))?,
-            Some(sig) => match crate::sign::verify_signature(&keys, &manifest_bytes, sig) {
-                Ok(v) => {
-                    let key = keys
-                        .iter()
-                        .find(|k| k.key_id == v.key_id)
-                        .expect("verify_signature returns one of the keys");
+            Some(sig) => match crate::sign::verify_signed_by(&keys, &manifest_bytes, sig) {
+                Ok((key, v)) => {
                     check_signer(&mut checks, key, &server_keys, image)?;
                     signer = Some(v);
                 }
