@@ -30,7 +30,7 @@ pub struct InitReport {
 
 /// Creates the data directory layout if missing: config, catalog, CAS, TLS
 /// certificate, bootstrap token. Idempotent.
-pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<(Config, InitReport)> {
+pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<InitReport> {
     use std::os::unix::fs::PermissionsExt;
     let mut report = InitReport::default();
     if !data_dir.exists() {
@@ -78,7 +78,7 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<(Config, 
             .push(data_dir.join(crate::auth::ADMIN_TOKEN_FILE));
         report.bootstrap_principal = Some(p.id);
     }
-    Ok((config, report))
+    Ok(report)
 }
 
 impl App {

@@ -390,7 +390,7 @@ pub enum AliasCommand {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { data, names } => {
-            let (_, report) = crate::app::init(&data.dir, &names)?;
+            let report = crate::app::init(&data.dir, &names)?;
             print_init(&data.dir, &report);
             Ok(())
         }
