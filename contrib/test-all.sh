@@ -57,7 +57,7 @@ fi
 # --- 2. every tool the tests need -----------------------------------------------------------
 step "checking tools"
 missing=
-for t in cargo incus incus-simplestreams minisign mksquashfs unsquashfs qemu-img busybox xz \
+for t in cargo script incus incus-simplestreams minisign mksquashfs unsquashfs qemu-img busybox xz \
   tar nginx openssl curl sqlite3 sstream-query shellcheck setsid findmnt sha256sum; do
   command -v "$t" >/dev/null 2>&1 || missing="$missing $t"
 done

@@ -9,7 +9,12 @@ use support::*;
 
 /// `imgsrv` with the client environment pointing at `server`.
 fn client(server: &TestServer) -> Command {
-    let mut c = Command::new(IMGSRV);
+    for_server(IMGSRV, server)
+}
+
+/// `program` with the environment that points `imgsrv` at `server`.
+fn for_server(program: &str, server: &TestServer) -> Command {
+    let mut c = Command::new(program);
     c.env("IMGSRV_SERVER", server.url())
         .env("IMGSRV_CA", server.cert())
         .env("IMGSRV_TOKEN", server.admin_token())
@@ -467,4 +472,56 @@ fn identity_matrix_from_the_command_line() {
     ]);
     imgsrv(&["principal", "remove", "--data", &d, "ci"]);
     assert!(!text(&imgsrv(&["principal", "list", "--data", &d])).contains("ci "));
+}
+
+/// Issue acceptance: long uploads show a progress bar on a terminal (and
+/// only there: piped output stays clean for scripts). The terminal is a real
+/// pty, made by `script` (util-linux).
+#[test]
+fn publish_shows_progress_bars_on_a_terminal_only() {
+    let server = TestServer::start();
+    let tmp = temp_dir("cli-progress");
+    let (public, secret) = minisign_keypair(tmp.path().join("k"));
+    trust_key(server.data_dir(), None, &public);
+    let image = |serial: &str| {
+        make_test_image(
+            tmp.path().join(serial),
+            &["--serial", serial, "--pad-mib", "8"],
+        )
+    };
+    let args = |img: &TestImage| -> Vec<String> {
+        [
+            IMGSRV,
+            "publish",
+            "--key",
+            s(&secret),
+            s(&img.metadata),
+            s(img.rootfs()),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+
+    let on_tty = image("20260401_0000");
+    let cmd = args(&on_tty)
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = run_ok(for_server("script", &server).args(["-q", "-e", "-c", &cmd, "/dev/null"]));
+    let shown = text(&out);
+    assert!(shown.contains("rootfs.squashfs"), "{shown}");
+    assert!(shown.contains("hashing"), "{shown}");
+    assert!(shown.contains("[="), "no bar drawn: {shown}");
+
+    let piped = image("20260402_0000");
+    let a = args(&piped);
+    let out = run_ok(client(&server).args(&a[1..]));
+    let quiet = text(&out);
+    assert!(quiet.contains("20260402_0000"), "{quiet}");
+    assert!(
+        !quiet.contains("hashing") && !quiet.contains("[="),
+        "{quiet}"
+    );
 }

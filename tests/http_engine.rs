@@ -573,6 +573,38 @@ fn close_notify_attack(
     s
 }
 
+/// Issue acceptance, as stated: 50 idle TCP connections plus handshake-then-
+/// close_notify clients, all at once, on the default configuration (10 s
+/// handshake timeout, so the idle ones stay open throughout): a normal
+/// request is still answered within a second, and no thread spins.
+#[test]
+fn fifty_idle_connections_and_close_notify_clients_stall_nothing() {
+    let _g = shared();
+    let ts = start(|_| {});
+    let idle: Vec<TcpStream> = (0..50).map(|_| tcp(ts.addr)).collect();
+    let attackers: Vec<TcpStream> = [false, true]
+        .into_iter()
+        .map(|after| close_notify_attack(&ts, client_config(&ts), after))
+        .collect();
+    let t = Instant::now();
+    let mut c = Client::new(tls_connect(&ts, "localhost"));
+    c.send(&get("/during"));
+    assert_eq!(c.read_response(false).status, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    let cpu0 = cpu_time();
+    thread::sleep(Duration::from_secs(1));
+    let cpu = cpu_time() - cpu0;
+    assert!(
+        cpu < Duration::from_millis(500),
+        "{cpu:?} CPU in 1 s: a thread spins"
+    );
+    drop((idle, attackers));
+}
+
 #[test]
 fn close_notify_during_handshake_closes_without_spinning() {
     let _g = exclusive();

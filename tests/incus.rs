@@ -156,6 +156,59 @@ fn incus_client_lists_inspects_and_exports_containers_and_vms() {
     );
 }
 
+/// Issue acceptance: UPDATE and DELETE from the `sqlite3` shell on the rows
+/// of a published version and on the blob rows it references all fail, and
+/// afterwards the Incus client still sees the same fingerprints and exports
+/// the same bytes.
+#[test]
+fn sqlite_shell_tampering_changes_nothing_the_incus_client_sees() {
+    let f = fixture();
+    let before = Incus::new(f.server.cert());
+    before.remote_add("r", &f.server.url());
+    let mut want = before.fingerprints("r:");
+    want.sort();
+    assert_eq!(want.len(), 4);
+
+    let db = f.server.data_dir().join("catalog.db");
+    let root = format!("sha256:{}", sha256_file(f.old.rootfs()));
+    for sql in [
+        "UPDATE image_versions SET state = 'draft'".to_string(),
+        "DELETE FROM image_versions".to_string(),
+        "UPDATE release_artifacts SET primary_blob_size_bytes = 1".to_string(),
+        "DELETE FROM release_artifacts".to_string(),
+        "UPDATE artifact_attachments SET blob_size_bytes = 1".to_string(),
+        "DELETE FROM artifact_attachments".to_string(),
+        "UPDATE incus_projection SET combined_sha256 = substr(combined_sha256, 2) || '0'"
+            .to_string(),
+        "DELETE FROM incus_projection".to_string(),
+        "UPDATE publish_records SET signature = 'x'".to_string(),
+        format!("DELETE FROM cas_blobs WHERE digest = '{root}'"),
+        format!("UPDATE cas_blobs SET size_bytes = 1 WHERE digest = '{root}'"),
+    ] {
+        let out = run_any(Command::new("sqlite3").arg(&db).arg(&sql));
+        assert!(!out.status.success(), "sqlite3 accepted: {sql}");
+    }
+
+    // a fresh client (the CLI caches the index for 5 minutes)
+    let after = Incus::new(f.server.cert());
+    after.remote_add("r", &f.server.url());
+    let mut got = after.fingerprints("r:");
+    got.sort();
+    assert_eq!(got, want);
+    let tmp = temp_dir("export-after-sqlite");
+    after.run(&[
+        "image",
+        "export",
+        &format!("r:{IMAGE}/stable"),
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert_eq!(
+        single_file(tmp.path(), ".incus.tar.xz"),
+        read(&f.old.metadata)
+    );
+    assert_eq!(single_file(tmp.path(), ".squashfs"), read(f.old.rootfs()));
+}
+
 #[test]
 fn sstream_query_reads_the_same_streams() {
     let f = fixture();
