@@ -9,12 +9,7 @@ use support::*;
 
 /// `imgsrv` with the client environment pointing at `server`.
 fn client(server: &TestServer) -> Command {
-    for_server(IMGSRV, server)
-}
-
-/// `program` with the environment that points `imgsrv` at `server`.
-fn for_server(program: &str, server: &TestServer) -> Command {
-    let mut c = Command::new(program);
+    let mut c = Command::new(IMGSRV);
     c.env("IMGSRV_SERVER", server.url())
         .env("IMGSRV_CA", server.cert())
         .env("IMGSRV_TOKEN", server.admin_token())
@@ -489,35 +484,29 @@ fn publish_shows_progress_bars_on_a_terminal_only() {
             &["--serial", serial, "--pad-mib", "8"],
         )
     };
-    let args = |img: &TestImage| -> Vec<String> {
-        [
-            IMGSRV,
-            "publish",
-            "--key",
-            s(&secret),
-            s(&img.metadata),
-            s(img.rootfs()),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect()
+    let argv = |img: &TestImage| -> Vec<String> {
+        [&secret, &img.metadata, img.rootfs()]
+            .iter()
+            .map(|p| s(p).to_string())
+            .collect()
     };
 
     let on_tty = image("20260401_0000");
-    let cmd = args(&on_tty)
-        .iter()
-        .map(|a| format!("'{a}'"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = run_ok(for_server("script", &server).args(["-q", "-e", "-c", &cmd, "/dev/null"]));
+    let a = argv(&on_tty);
+    let mut pty = on_pty(&[IMGSRV, "publish", "--key", &a[0], &a[1], &a[2]]);
+    let out = run_ok(
+        pty.env("IMGSRV_SERVER", server.url())
+            .env("IMGSRV_CA", server.cert())
+            .env("IMGSRV_TOKEN", server.admin_token()),
+    );
     let shown = text(&out);
     assert!(shown.contains("rootfs.squashfs"), "{shown}");
     assert!(shown.contains("hashing"), "{shown}");
     assert!(shown.contains("[="), "no bar drawn: {shown}");
 
     let piped = image("20260402_0000");
-    let a = args(&piped);
-    let out = run_ok(client(&server).args(&a[1..]));
+    let a = argv(&piped);
+    let out = run_ok(client(&server).args(["publish", "--key", &a[0], &a[1], &a[2]]));
     let quiet = text(&out);
     assert!(quiet.contains("20260402_0000"), "{quiet}");
     assert!(

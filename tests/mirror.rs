@@ -809,3 +809,39 @@ fn bad_arguments_and_an_unreachable_upstream_exit_2() {
     let no_target = run_any(&mut c);
     assert_eq!(no_target.status.code(), Some(2), "{}", show(&no_target));
 }
+
+/// Issue acceptance: progress bars on a terminal (a real pty made by
+/// `script`), none when the output is not one.
+#[test]
+fn mirror_shows_a_progress_bar_on_a_terminal_only() {
+    let t = tree(false);
+    let ngx = Nginx::start(&t.root);
+    let on_tty = data_dir(&t, "tty");
+    let url = ngx.url();
+    let out = run_ok(
+        on_pty(&[
+            IMGSRV,
+            "mirror",
+            "--data",
+            s(&on_tty),
+            "--key",
+            t.secret(),
+            "--upstream-ca",
+            s(&ngx.cert),
+            "--latest",
+            "1",
+            &url,
+        ])
+        .env("XDG_CACHE_HOME", &t.cache)
+        .env_remove("IMGSRV_SERVER")
+        .env_remove("IMGSRV_TOKEN"),
+    );
+    let shown = text(&out);
+    assert!(shown.contains("summary:"), "{shown}");
+    assert!(shown.contains("mirror [="), "no bar drawn: {shown}");
+
+    let piped = data_dir(&t, "piped");
+    let out = mirror_into(&t, &ngx, &piped, &["--latest", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(!text(&out).contains("mirror ["), "{}", show(&out));
+}

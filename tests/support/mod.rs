@@ -82,6 +82,20 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// A `script` (util-linux) command that runs `argv` on a fresh pty, so the
+/// program sees a terminal; its output comes back on `script`'s stdout.
+#[allow(dead_code)]
+pub fn on_pty(argv: &[&str]) -> Command {
+    let line = argv
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut c = Command::new("script");
+    c.args(["-q", "-e", "-c", &line, "/dev/null"]);
+    c
+}
+
 /// Runs `cmd` and returns its output whatever its exit status (panics only if it cannot start).
 pub fn run_any(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())
