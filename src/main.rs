@@ -1,7 +1,13 @@
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() {
-    let cli = imgsrv::cli::Cli::parse();
+    // `imgsrv --version` also names the SQLite bundled into the binary (what a
+    // security review asks first).
+    let long_version: &'static str = Box::leak(imgsrv::catalog::versions().into_boxed_str());
+    let matches = imgsrv::cli::Cli::command()
+        .long_version(long_version)
+        .get_matches();
+    let cli = imgsrv::cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let default_level = if matches!(cli.command, imgsrv::cli::Command::Serve { .. }) {
         "info"
     } else {

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
+    log::info!("imgsrv {}", crate::catalog::versions());
     let report = crate::app::init(data_dir, &[])?;
     for p in &report.created {
         log::info!("created {}", p.display());

@@ -506,6 +506,16 @@ pub trait Catalog: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog {}
 impl<T: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog> Catalog for T {}
 
 /// RFC 3339 UTC timestamp with nanoseconds.
+/// `imgsrv VERSION` plus the versions of the storage engines built in (for
+/// `imgsrv --version` and the server's start line).
+pub fn versions() -> String {
+    format!(
+        "{} (SQLite {} bundled)",
+        env!("CARGO_PKG_VERSION"),
+        rusqlite::version()
+    )
+}
+
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }

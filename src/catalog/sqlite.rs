@@ -1388,3 +1388,18 @@ impl AuditCatalog for SqliteCatalog {
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// CVE-2025-29087, CVE-2025-3277 and CVE-2025-6965 are fixed in SQLite
+    /// 3.50.2; the bundled library must be at least that.
+    #[test]
+    fn bundled_sqlite_has_the_2025_fixes() {
+        assert!(
+            rusqlite::version_number() >= 3_050_002,
+            "bundled SQLite {} predates 3.50.2",
+            rusqlite::version()
+        );
+        assert!(super::super::versions().contains(rusqlite::version()));
+    }
+}
