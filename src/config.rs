@@ -109,6 +109,7 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_connections: Option<usize>,
+    max_workers: Option<usize>,
 }
 
 /// Validated configuration with paths resolved against the data directory.
@@ -122,7 +123,10 @@ pub struct Config {
     pub tls_configured: bool,
     pub tls_names: Vec<String>,
     pub verification: VerificationMode,
-    pub max_connections: usize,
+    /// `[limits]`: open connections and requests processed at once; `None`: the
+    /// connection engine's defaults.
+    pub max_connections: Option<usize>,
+    pub max_workers: Option<usize>,
     /// `[[mirror]]` entries (see `schedule`).
     pub mirrors: Vec<toml::Table>,
     /// Problems that did not stop loading (printed loudly at start).
@@ -168,9 +172,13 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("tls/cert.pem")),
         );
         let tls_key = resolve(raw.tls.key.unwrap_or_else(|| PathBuf::from("tls/key.pem")));
-        let max_connections = raw.limits.max_connections.unwrap_or(1024);
-        if max_connections == 0 {
-            bail!("limits.max_connections must be at least 1");
+        for (name, v) in [
+            ("max_connections", raw.limits.max_connections),
+            ("max_workers", raw.limits.max_workers),
+        ] {
+            if v == Some(0) {
+                bail!("limits.{name} must be at least 1");
+            }
         }
         Ok(Config {
             data_dir: data_dir.to_path_buf(),
@@ -180,7 +188,8 @@ impl Config {
             tls_configured,
             tls_names: raw.tls.names,
             verification,
-            max_connections,
+            max_connections: raw.limits.max_connections,
+            max_workers: raw.limits.max_workers,
             mirrors: raw.mirror,
             warnings: warning.into_iter().collect(),
         })
@@ -209,6 +218,15 @@ listen = "{DEFAULT_LISTEN}"
 # wrongly signed publications; "warn" logs and publishes; "off" skips it.
 # An unreadable value means "enforce". There is no API to change this.
 mode = "enforce"
+
+[limits]
+# Open connections at most (idle and half-open ones cost a few KiB each, no
+# thread); at the limit the waiting connection nearest its timeout is closed
+# first. Also bounded by the file descriptor limit (ulimit -n).
+# max_connections = 16384
+# Requests processed at once (worker threads, started on demand); complete
+# requests beyond it wait for a worker.
+# max_workers = 256
 
 # Continuous mirroring: `imgsrv serve` runs each [[mirror]] job at start and
 # then every `interval`, publishing into this server (the mirror key's public

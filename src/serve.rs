@@ -29,11 +29,13 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
     }
     let tls = crate::tls::server_config(&config.tls_cert, &config.tls_key)
         .with_context(|| format!("loading TLS certificate {}", config.tls_cert.display()))?;
+    let engine = ServerConfig::default();
     let server = Server::bind(ServerConfig {
         listen: config.listen,
         tls: Some(tls),
-        max_connections: config.max_connections,
-        ..ServerConfig::default()
+        max_connections: config.max_connections.unwrap_or(engine.max_connections),
+        max_workers: config.max_workers.unwrap_or(engine.max_workers),
+        ..engine
     })
     .with_context(|| format!("listening on {}", config.listen))?;
     let addr = server.local_addr();

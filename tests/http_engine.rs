@@ -128,6 +128,7 @@ fn test_handler(produced: Arc<AtomicU64>) -> Handler {
 }
 
 fn start(tune: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let _ = env_logger::builder().is_test(true).try_init();
     let dir = tempfile::tempdir().expect("tempdir");
     let names = vec!["foo.example".to_string(), "10.1.2.3".to_string()];
     let (cert, key, created) =
@@ -446,7 +447,7 @@ fn plain_http_on_the_tls_port() {
     assert_eq!(r.header("connection"), Some("keep-alive"));
     // Without TLS configured every connection is plain, even one starting with 0x16.
     let ts2 = start(|c| c.tls = None);
-    let (r, _) = exchange(ts2.addr, b"\x16GET /x HTTP/1.1\r\n\r\n");
+    let (r, _) = exchange(ts2.addr, b"\x16GET /x HTTP/1.1\r\nHost: h\r\n\r\n");
     assert_eq!(r.status, 400);
     let (r, _) = exchange(ts2.addr, &get("/y"));
     assert_eq!(
@@ -486,33 +487,50 @@ fn silent_clients_do_not_stall_others_and_are_closed() {
     );
 }
 
+/// At `max_connections`, a new connection closes the waiting one nearest its deadline
+/// (here the older idle keep-alive connection); when every connection is in a request,
+/// there is nothing to close and the new one is closed at once.
 #[test]
-fn connection_cap_closes_new_connections_at_once() {
+fn connection_cap_evicts_waiting_connections_then_closes_new_ones() {
     let _g = shared();
     let ts = start(|c| c.max_connections = 2);
     let mut a = Client::new(tcp(ts.addr));
     a.send(&get("/a"));
     assert_eq!(a.read_response(false).status, 200);
+    thread::sleep(Duration::from_millis(20));
     let mut b = Client::new(tcp(ts.addr));
     b.send(&get("/b"));
     assert_eq!(b.read_response(false).status, 200);
-    let mut third = tcp(ts.addr);
-    let _ = third.write_all(&get("/c"));
-    let closed = wait_closed(&mut third, Duration::from_secs(2)).expect("over the cap: closed");
-    assert!(closed < Duration::from_secs(1));
-    drop(a);
+    // Both idle: a third connection is served, and `a` (nearest its keep-alive
+    // deadline) makes room.
+    let (r, _) = exchange(ts.addr, &get("/c"));
+    assert_eq!(r.status, 200);
+    assert!(a.at_eof(), "the oldest idle connection was not closed");
+    b.send(&get("/b2"));
+    assert!(b.read_response(false).text().contains("path=/b2"));
     drop(b);
-    // Slots are released when connections end.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
+    // Two requests in progress (bodies half sent): nothing to evict.
+    let busy = || {
         let mut c = Client::new(tcp(ts.addr));
-        c.send(&get("/d"));
-        let mut line = String::new();
-        if c.r.read_line(&mut line).is_ok() && line.starts_with("HTTP/1.1 200") {
-            break;
+        c.send(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n01234");
+        c
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let (mut x, mut y) = loop {
+        // (the slot of the connection just closed is freed when the server sees it)
+        let (x, y) = (busy(), busy());
+        thread::sleep(Duration::from_millis(100));
+        let mut third = tcp(ts.addr);
+        let _ = third.write_all(&get("/d"));
+        if let Some(closed) = wait_closed(&mut third, Duration::from_secs(2)) {
+            assert!(closed < Duration::from_secs(1));
+            break (x, y);
         }
-        assert!(Instant::now() < deadline, "slots not released");
-        thread::sleep(Duration::from_millis(20));
+        assert!(Instant::now() < deadline, "over the cap: not closed");
+    };
+    for c in [&mut x, &mut y] {
+        c.send(b"56789");
+        assert_eq!(c.read_response(false).text(), "0123456789");
     }
 }
 
@@ -689,7 +707,10 @@ fn slowloris_head_is_cut_off_while_others_are_served() {
     thread::sleep(Duration::from_millis(200));
     for _ in 0..3 {
         let t = Instant::now();
-        let (r, _) = exchange(ts.addr, b"GET /fast HTTP/1.1\r\nConnection: close\r\n\r\n");
+        let (r, _) = exchange(
+            ts.addr,
+            b"GET /fast HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        );
         assert_eq!(r.status, 200);
         assert!(t.elapsed() < Duration::from_millis(500));
         thread::sleep(Duration::from_millis(100));
@@ -727,28 +748,34 @@ fn bad_requests_get_4xx_and_close() {
     let (r, eof) = raw_exchange(ts.addr, big.as_bytes());
     assert_eq!((r.status, eof), (431, true));
     let many: String = (0..200).map(|i| format!("X-{i}: 1\r\n")).collect();
-    let (r, eof) = raw_exchange(ts.addr, format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes());
+    let (r, eof) = raw_exchange(
+        ts.addr,
+        format!("GET / HTTP/1.1\r\nHost: h\r\n{many}\r\n").as_bytes(),
+    );
     assert_eq!((r.status, eof), (431, true));
     // Just below the limit is fine.
-    let fits = format!("GET / HTTP/1.1\r\nX-Fit: {}\r\n\r\n", "a".repeat(900));
+    let fits = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Fit: {}\r\n\r\n",
+        "a".repeat(900)
+    );
     let (r, _) = exchange(ts.addr, fits.as_bytes());
     assert_eq!(r.status, 200);
 
     let cases: &[(&[u8], u16)] = &[
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET /\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n", 400),
         (b"GET / FOO/1.1\r\n\r\n", 400),
         (b"GET / HTTP/2.0\r\n\r\n", 505),
-        (b"GET / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
-        (b"POST / HTTP/1.1\r\nExpect: something\r\nContent-Length: 1\r\n\r\n", 417),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\nhello", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: abc\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nExpect: something\r\nContent-Length: 1\r\n\r\n", 417),
     ];
     for (req, status) in cases {
         let (r, eof) = raw_exchange(ts.addr, req);
@@ -760,10 +787,13 @@ fn bad_requests_get_4xx_and_close() {
         );
     }
     // Blank lines before a request are ignored; absolute-form targets are reduced.
-    let (r, _) = exchange(ts.addr, b"\r\n\r\nGET http://h/p?q HTTP/1.1\r\n\r\n");
+    let (r, _) = exchange(
+        ts.addr,
+        b"\r\n\r\nGET http://h/p?q HTTP/1.1\r\nHost: h\r\n\r\n",
+    );
     assert_eq!(
         r.text(),
-        "secure=false method=GET path=/p query=q cl=None host=-"
+        "secure=false method=GET path=/p query=q cl=None host=h"
     );
     // A handler panic is a 500, and the server lives on.
     let (r, eof) = raw_exchange(ts.addr, &get("/panic"));
@@ -795,7 +825,7 @@ fn keep_alive_and_connection_close() {
     c.send(&both);
     assert!(c.read_response(false).text().contains("path=/three"));
     assert!(c.read_response(false).text().contains("path=/four"));
-    c.send(b"GET /last HTTP/1.1\r\nConnection: close\r\n\r\n");
+    c.send(b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
     let r = c.read_response(false);
     assert_eq!((r.status, r.header("connection")), (200, Some("close")));
     assert!(c.at_eof());
@@ -874,28 +904,28 @@ fn head_has_get_length_and_no_body() {
     let _g = shared();
     let ts = start(|_| {});
     let mut c = Client::new(tcp(ts.addr));
-    c.send(b"HEAD /data HTTP/1.1\r\n\r\n");
+    c.send(b"HEAD /data HTTP/1.1\r\nHost: h\r\n\r\n");
     let h = c.read_response(true);
     assert_eq!(h.status, 200);
     assert_eq!(h.header("content-length"), Some("16"));
     assert_eq!(h.header("content-type"), Some("application/octet-stream"));
     // The next response follows the HEAD headers directly: no body bytes were sent.
-    c.send(b"GET /data HTTP/1.1\r\n\r\n");
+    c.send(b"GET /data HTTP/1.1\r\nHost: h\r\n\r\n");
     let g = c.read_response(false);
     assert_eq!(
         (g.status, g.body.as_slice()),
         (200, &b"0123456789abcdef"[..])
     );
     // HEAD of a streamed body: the declared length, nothing read or sent.
-    c.send(b"HEAD /big HTTP/1.1\r\n\r\n");
+    c.send(b"HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n");
     let h = c.read_response(true);
     assert_eq!(h.header("content-length"), Some(BIG.to_string().as_str()));
     assert_eq!(ts.produced.load(Ordering::SeqCst), 0);
     // 204 has neither length nor body.
-    c.send(b"GET /nocontent HTTP/1.1\r\n\r\n");
+    c.send(b"GET /nocontent HTTP/1.1\r\nHost: h\r\n\r\n");
     let r = c.read_response(true);
     assert_eq!((r.status, r.header("content-length")), (204, None));
-    c.send(b"GET /data HTTP/1.1\r\n\r\n");
+    c.send(b"GET /data HTTP/1.1\r\nHost: h\r\n\r\n");
     assert_eq!(c.read_response(false).body.len(), 16);
 }
 
@@ -907,17 +937,17 @@ fn chunked_body_and_expect_100_continue() {
     let ts = start(|_| {});
     let mut c = Client::new(tls_connect(&ts, "localhost"));
     c.send(
-        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n\
           5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: yes\r\n\r\n",
     );
     let r = c.read_response(false);
     assert_eq!((r.status, r.text().as_str()), (200, "hello, world"));
     // Content-Length body, split across writes.
-    c.send(b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234");
+    c.send(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n01234");
     c.send(b"56789");
     assert_eq!(c.read_response(false).text(), "0123456789");
 
-    c.send(b"PUT /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    c.send(b"PUT /echo HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
     let (status, _) = c.read_head();
     assert_eq!(status, 100);
     c.send(b"abcde");
@@ -925,16 +955,16 @@ fn chunked_body_and_expect_100_continue() {
     assert_eq!((r.status, r.text().as_str()), (200, "abcde"));
 
     // An unread small body is drained and the connection stays usable.
-    c.send(b"POST /noread HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+    c.send(b"POST /noread HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
     assert_eq!(c.read_response(false).text(), "ignored");
-    c.send(b"POST /noread HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyz");
+    c.send(b"POST /noread HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nxyz");
     assert_eq!(c.read_response(false).text(), "ignored");
     c.send(&get("/after"));
     assert!(c.read_response(false).text().contains("path=/after"));
 
     // A large unread body is not drained: the response says close.
     let mut c = Client::new(tcp(ts.addr));
-    c.send(b"POST /noread HTTP/1.1\r\nContent-Length: 5000000\r\n\r\nxyz");
+    c.send(b"POST /noread HTTP/1.1\r\nHost: h\r\nContent-Length: 5000000\r\n\r\nxyz");
     let r = c.read_response(false);
     assert_eq!((r.status, r.header("connection")), (200, Some("close")));
     assert!(c.at_eof());
@@ -942,7 +972,7 @@ fn chunked_body_and_expect_100_continue() {
     // Malformed chunking: the handler sees an error, the connection closes.
     let (r, eof) = raw_exchange(
         ts.addr,
-        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     );
     assert_eq!((r.status, eof), (400, true));
 }

@@ -431,58 +431,72 @@ impl TestServer {
         server
     }
 
-    /// Starts `imgsrv serve` on a new free port (again, after [`TestServer::kill`]; the data
-    /// directory is kept).
+    /// Starts `imgsrv serve` on 127.0.0.1, port 0 (again, after [`TestServer::kill`];
+    /// the data directory is kept), and reads the port it got from its start line.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "server already running");
-        let mut last_err = String::new();
-        for _attempt in 0..3 {
-            self.port = free_port();
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.log)
-                .expect("open server log");
-            let listen = format!("127.0.0.1:{}", self.port);
-            let child = Command::new(IMGSRV)
-                .arg("serve")
-                .arg("--data")
-                .arg(&self.data)
-                .arg("--listen")
-                .arg(&listen)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .env("RUST_BACKTRACE", "1")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("dup log"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot spawn {IMGSRV} serve: {e}"));
-            self.child = Some(child);
-            match self.wait_healthy(Duration::from_secs(20)) {
-                Ok(()) => return,
-                Err(e) => {
-                    last_err = e;
-                    let exited = self
-                        .child
-                        .as_mut()
-                        .and_then(|c| c.try_wait().ok().flatten())
-                        .is_some();
-                    self.kill();
-                    // Only a lost race for the port is worth another try.
-                    if !(exited && self.log_text().contains("in use")) {
-                        break;
-                    }
-                }
-            }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open server log");
+        let offset = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let child = Command::new(IMGSRV)
+            .arg("serve")
+            .arg("--data")
+            .arg(&self.data)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {IMGSRV} serve: {e}"));
+        self.child = Some(child);
+        let ready = self
+            .wait_port(offset, Duration::from_secs(20))
+            .and_then(|()| self.wait_healthy(Duration::from_secs(20)));
+        if let Err(e) = ready {
+            self.kill();
+            panic!(
+                "imgsrv serve did not become healthy: {e}\n--- {}:\n{}",
+                self.log.display(),
+                self.log_text()
+            );
         }
-        panic!(
-            "imgsrv serve did not become healthy: {last_err}\n--- {}:\n{}",
-            self.log.display(),
-            self.log_text()
-        );
+    }
+
+    /// Waits for `imgsrv serving https://ADDR` in the log after `offset`; sets the port.
+    fn wait_port(&mut self, offset: u64, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let log = fs::read(&self.log).unwrap_or_default();
+            let new = String::from_utf8_lossy(log.get(offset as usize..).unwrap_or(&[]));
+            let port = new
+                .lines()
+                .find_map(|l| l.split_once("imgsrv serving https://"))
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .and_then(|addr| addr.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            if let Some(p) = port {
+                self.port = p;
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!("imgsrv serve exited early with {status}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("no \"imgsrv serving\" line after {timeout:?}"))
     }
 
     fn wait_healthy(&mut self, timeout: Duration) -> Result<(), String> {
