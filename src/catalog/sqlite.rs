@@ -1,8 +1,12 @@
 //! SQLite catalog (the embedded default).
 //!
-//! * Schema: `schema.sql` at the repository root is migration 1; later
-//!   migrations are appended to [`MIGRATIONS`]. Progress is `PRAGMA
-//!   user_version`; all pending migrations apply in one exclusive transaction.
+//! * Schema: `schema.sql` at the repository root is migration 1, the files
+//!   in `migrations/` the next ones; [`super::migrate`] applies the pending
+//!   ones in one exclusive transaction and repairs what the sqlite3 shell
+//!   may have broken outside the guarded rows.
+//! * Columns the guards leave writable are read whatever was stored in them
+//!   (a number or bytes where text belongs): a tampered side row must not
+//!   make a published version unreadable.
 //! * WAL mode, `synchronous = FULL` (a publish that returned is on disk),
 //!   foreign keys on, busy timeout 10 s. Readers never block the writer.
 //! * Every multi-row change runs in one `BEGIN IMMEDIATE` transaction.
@@ -13,9 +17,6 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
-
-/// Migrations in order; index + 1 is the `user_version` after applying it.
-const MIGRATIONS: &[&str] = &[include_str!("../../schema.sql")];
 
 pub struct SqliteCatalog {
     path: PathBuf,
@@ -69,6 +70,9 @@ fn map_err(e: rusqlite::Error, what: &str) -> CatalogError {
                 }
                 rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => {
                     CatalogError::NotFound(what.to_string())
+                }
+                rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER if msg.starts_with("exists: ") => {
+                    CatalogError::AlreadyExists(what.to_string())
                 }
                 rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER => CatalogError::Precondition(
                     msg.trim_start_matches("precondition: ")
@@ -264,7 +268,7 @@ impl SqliteCatalog {
             pool: Mutex::new(Vec::new()),
         };
         let mut conn = cat.connect()?;
-        migrate(&mut conn)?;
+        super::migrate::migrate(&mut conn)?;
         cat.pool.lock().map_err(backend)?.push(conn);
         Ok(cat)
     }
@@ -467,28 +471,6 @@ impl SqliteCatalog {
             created_at,
         })
     }
-}
-
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Exclusive)
-        .map_err(backend)?;
-    let current: i64 = tx
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(backend)?;
-    let target = MIGRATIONS.len() as i64;
-    if current > target {
-        return Err(CatalogError::Backend(format!(
-            "catalog schema version {current} is newer than this imgsrv supports ({target}); upgrade imgsrv"
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        tx.execute_batch(sql)
-            .map_err(|e| CatalogError::Backend(format!("migration {}: {e}", i + 1)))?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
-            .map_err(backend)?;
-    }
-    tx.commit().map_err(backend)
 }
 
 impl ContentCatalog for SqliteCatalog {
@@ -874,14 +856,20 @@ impl ContentCatalog for SqliteCatalog {
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 
-    fn generation(&self) -> Result<i64> {
+    fn generation(&self) -> Result<Option<i64>> {
         self.conn()?
             .query_row(
                 "SELECT generation FROM catalog_state WHERE id = 1",
                 [],
-                |r| r.get(0),
+                |r| Ok(super::migrate::usable_generation(r.get_ref(0)?)),
             )
+            .optional()
+            .map(Option::flatten)
             .map_err(backend)
+    }
+
+    fn renew_generation(&self, above: i64) -> Result<i64> {
+        self.write(|tx| super::migrate::ensure_generation(tx, Some(above)))
     }
 
     fn projection_entries(&self) -> Result<Vec<ProjectionEntry>> {
@@ -990,9 +978,10 @@ impl BlobCatalog for SqliteCatalog {
     fn insert_blob(&self, digest: &Digest, size: u64, media_type: Option<&str>) -> Result<Blob> {
         let now = now();
         self.write(|tx| {
+            // only a digest not stored yet: the guards refuse any insert over a row
             tx.execute(
                 "INSERT INTO cas_blobs (digest, size_bytes, storage_key, media_type, verified_at, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (digest) DO NOTHING",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?5 WHERE NOT EXISTS (SELECT 1 FROM cas_blobs WHERE digest = ?1)",
                 params![digest.to_string(), i64_of(size)?, digest.cas_path(), media_type, now],
             )
             .ctx("blob")?;
