@@ -54,11 +54,19 @@ fn backend(e: impl std::fmt::Display) -> CatalogError {
     CatalogError::Backend(e.to_string())
 }
 
+/// The schema's objects; a table by its columns (name, type, NOT NULL,
+/// default, key), so that a comment or a line break in its CREATE statement
+/// does not make it another table; a trigger or index by its SQL.
 fn objects(c: &Connection) -> Result<Objects> {
     let mut st = c
         .prepare(
-            "SELECT type, name, sql FROM sqlite_master \
-             WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND sql IS NOT NULL",
+            "SELECT m.type, m.name, CASE m.type WHEN 'table' THEN \
+                 (SELECT group_concat(c.name || ' ' || c.type || ' ' || c.\"notnull\" || ' ' \
+                                      || coalesce(c.dflt_value, '-') || ' ' || c.pk, ', ' ORDER BY c.cid) \
+                  FROM pragma_table_info(m.name) c) \
+             ELSE m.sql END \
+             FROM sqlite_master m \
+             WHERE m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND m.sql IS NOT NULL",
         )
         .map_err(backend)?;
     let rows = st
@@ -139,8 +147,10 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
             .map_err(|e| CatalogError::Backend(format!("migration {}: {e}", i + 1)))?;
     }
     rearm(&tx, reference)?;
-    tx.execute_batch(&format!("PRAGMA user_version = {target}"))
-        .map_err(backend)?;
+    if recorded != target as i64 {
+        tx.execute_batch(&format!("PRAGMA user_version = {target}"))
+            .map_err(backend)?;
+    }
     repair_roles(&tx, reference)?;
     ensure_generation(&tx, None)?;
     repair_audit_sequence(&tx)?;
@@ -379,6 +389,19 @@ mod tests {
         .unwrap();
         let e = migrate(&mut again).unwrap_err().to_string();
         assert!(e.contains("upload_parts") && e.contains("backup"), "{e}");
+    }
+
+    #[test]
+    fn a_comment_in_a_create_table_does_not_make_another_schema() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.db");
+        let c = Connection::open(&p).unwrap();
+        let edited = MIGRATIONS[0].replace("CREATE TABLE images (", "CREATE TABLE images ( -- x\n");
+        assert_ne!(edited, MIGRATIONS[0]);
+        c.execute_batch(&edited).unwrap();
+        c.execute_batch("PRAGMA user_version = 1").unwrap();
+        drop(c);
+        assert_eq!(version(&open(&p)), MIGRATIONS.len() as i64);
     }
 
     #[test]
