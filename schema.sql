@@ -1,6 +1,6 @@
 -- imgsrv catalog schema (SQLite), migration 1.
 --
--- Applied by src/catalog/sqlite.rs inside one exclusive transaction and recorded in
+-- Applied by src/catalog/migrate.rs inside one exclusive transaction and recorded in
 -- PRAGMA user_version. Later changes are appended as new migrations, never edited here.
 --
 -- Invariants enforced by triggers, so that they hold even for someone typing SQL into

@@ -127,7 +127,12 @@ pub fn authenticate(cat: &dyn AuthCatalog, token: &str) -> Result<Caller, AuthEr
             _ => return Err(AuthError::InvalidToken),
         }
     }
-    let principal = cat.get_principal(&row.principal_id)?;
+    // a token whose principal is gone (removed, or its row edited by hand) is no token
+    let principal = match cat.get_principal(&row.principal_id) {
+        Ok(p) => p,
+        Err(CatalogError::NotFound(_)) => return Err(AuthError::InvalidToken),
+        Err(e) => return Err(e.into()),
+    };
     let role_actions = cat.role_actions()?;
     let permissions = principal
         .grants

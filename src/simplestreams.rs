@@ -4,7 +4,8 @@
 //! The documents are built from the catalog only when its generation counter
 //! moves (a publish, an alias change) or the set of revoked signing keys
 //! changes, never per request, and swapped in atomically; requests share the
-//! cached bytes (plain and gzip).
+//! cached bytes (plain and gzip). A counter that cannot be trusted means
+//! "rebuild" (see [`StreamsCache`]).
 //!
 //! Versions whose publication was signed by a key the operator has since
 //! revoked are withdrawn from the projection: the Incus client does not check
@@ -17,6 +18,7 @@ use crate::digest::Digest;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// A ready-to-serve JSON document.
@@ -41,7 +43,9 @@ impl Doc {
 }
 
 pub struct Streams {
-    pub generation: i64,
+    /// The catalog generation these documents were built from; `None` when
+    /// the counter could not be trusted (they were built for one request).
+    pub generation: Option<i64>,
     pub index: Doc,
     pub images: Doc,
 }
@@ -54,10 +58,21 @@ type Generation = (i64, HashMap<(Vec<String>, Vec<String>), Arc<Streams>>);
 /// revoked signer key ids, all dropped when the catalog generation moves.
 /// Callers with the same sets share one build; no request builds JSON unless
 /// something changed.
+///
+/// The counter lives in a table the sqlite3 shell can reach. Its guards
+/// (migration 2) keep it moving forward only, so a generation equal to the
+/// cached one means nothing changed. A counter that cannot be trusted anyway
+/// (unreadable, or below one this cache has seen: set back by someone who
+/// got around the guards) is never cached on: the catalog is asked for a
+/// new value, above anything seen, and the documents are rebuilt; if even
+/// that fails, they are rebuilt for every request. Stale documents are never
+/// served for a broken counter, and a broken counter never fails a request.
 #[derive(Default)]
 pub struct StreamsCache {
     current: RwLock<Generation>,
     rebuild: Mutex<()>,
+    /// The highest generation read so far.
+    highest: AtomicI64,
 }
 
 /// Distinct visibility sets kept before the cache starts over.
@@ -80,19 +95,29 @@ impl StreamsCache {
             v
         };
         let key = (sorted(readable_private), sorted(revoked_signers));
-        let generation = cat.generation()?;
-        let cached = |c: &Generation| {
-            (c.0 == generation)
+        let cached = |c: &Generation, generation: Option<i64>| {
+            (Some(c.0) == generation)
                 .then(|| c.1.get(&key).cloned())
                 .flatten()
         };
-        if let Some(s) = self.current.read().ok().and_then(|c| cached(&c)) {
+        let generation = self.trusted_generation(cat);
+        if let Some(s) = self
+            .current
+            .read()
+            .ok()
+            .and_then(|c| cached(&c, generation))
+        {
             return Ok(s);
         }
         // one rebuild at a time; others wait and then reuse its result
         let _guard = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
-        let generation = cat.generation()?;
-        if let Some(s) = self.current.read().ok().and_then(|c| cached(&c)) {
+        let generation = self.trusted_generation(cat);
+        if let Some(s) = self
+            .current
+            .read()
+            .ok()
+            .and_then(|c| cached(&c, generation))
+        {
             return Ok(s);
         }
         let visible: HashSet<&str> = key.0.iter().map(String::as_str).collect();
@@ -115,19 +140,52 @@ impl StreamsCache {
             index: Doc::new(index),
             images: Doc::new(images),
         });
-        if let Ok(mut c) = self.current.write() {
-            if c.0 != generation || c.1.len() >= MAX_VISIBILITY_SETS {
-                *c = (generation, HashMap::new());
+        if let (Some(g), Ok(mut c)) = (generation, self.current.write()) {
+            if c.0 != g || c.1.len() >= MAX_VISIBILITY_SETS {
+                *c = (g, HashMap::new());
             }
             c.1.insert(key.clone(), s.clone());
         }
         log::info!(
-            "simplestreams projection rebuilt (generation {generation}, {} of {total} artifacts, {} private images visible, {} revoked key(s))",
+            "simplestreams projection rebuilt (generation {}, {} of {total} artifacts, {} private images visible, {} revoked key(s))",
+            generation.map_or("unknown".to_string(), |g| g.to_string()),
             entries.len(),
             key.0.len(),
             key.1.len()
         );
         Ok(s)
+    }
+
+    /// The catalog's generation if documents may be cached on it: readable
+    /// and not behind the highest one seen. Otherwise the catalog is asked
+    /// for a new one above it; `None` if that fails too.
+    fn trusted_generation(&self, cat: &dyn ContentCatalog) -> Option<i64> {
+        let seen = self.highest.load(Ordering::SeqCst);
+        let found = match cat.generation() {
+            Ok(Some(g)) if g >= seen => {
+                self.highest.fetch_max(g, Ordering::SeqCst);
+                return Some(g);
+            }
+            Ok(Some(g)) => format!("{g}, behind {seen} seen before"),
+            Ok(None) => "missing or unreadable".to_string(),
+            Err(e) => format!("unreadable ({e})"),
+        };
+        match cat.renew_generation(seen) {
+            Ok(g) => {
+                log::warn!(
+                    "simplestreams: the catalog's generation counter was {found}; set to {g}, projection rebuilt"
+                );
+                self.highest.fetch_max(g, Ordering::SeqCst);
+                Some(g)
+            }
+            Err(e) => {
+                log::error!(
+                    "simplestreams: the catalog's generation counter is {found} and cannot be set ({e}); \
+                     the projection is rebuilt for every request until it can"
+                );
+                None
+            }
+        }
     }
 }
 
@@ -695,6 +753,6 @@ mod tests {
         cat.set_visibility("secret", "public").unwrap();
         let c = cache.get(&cat, &[], &[]).unwrap();
         assert!(!Arc::ptr_eq(&a, &c));
-        assert!(c.generation > a.generation);
+        assert!(c.generation > a.generation && a.generation.is_some());
     }
 }

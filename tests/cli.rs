@@ -518,3 +518,90 @@ fn publish_shows_progress_bars_on_a_terminal_only() {
         "{quiet}"
     );
 }
+
+/// One server per data directory: a second `imgsrv serve` on a data
+/// directory in use exits non-zero naming the first one's PID; the commands
+/// that only run catalog transactions work beside the first meanwhile; once
+/// it is gone (stopped, or killed outright: the kernel drops its lock, the
+/// file left behind does not matter), a new server starts.
+#[test]
+fn one_server_per_data_directory() {
+    let mut server = TestServer::start();
+    let data = server.data_dir().to_path_buf();
+    let d = s(&data).to_string();
+    let pid = server.pid().expect("running");
+    let second = run_within(
+        Command::new(IMGSRV).args(["serve", "--data", &d, "--listen", "127.0.0.1:0"]),
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    assert!(
+        err.contains(&format!(
+            "another imgsrv serve (PID {pid}) is already serving"
+        )) && err.contains(&format!("`kill {pid}`"))
+            && err.contains("serve.lock"),
+        "{err}"
+    );
+    assert!(!err.contains("imgsrv serving"), "{err}");
+    let lock = std::fs::read_to_string(data.join("serve.lock")).unwrap();
+    assert_eq!(lock.trim(), pid.to_string());
+    assert_eq!(
+        server.get("/healthz").0,
+        204,
+        "the first server is untouched"
+    );
+
+    // catalog commands beside it, seen by it at once
+    let (public, _) = minisign_keypair(server.scratch().join("keys"));
+    trust_key(&data, Some("beside"), &public);
+    assert!(text(&imgsrv(&["key", "list", "--data", &d])).contains("beside"));
+    imgsrv(&[
+        "principal",
+        "add",
+        "--data",
+        &d,
+        "--kind",
+        "service",
+        "beside",
+    ]);
+    imgsrv(&[
+        "grant",
+        "add",
+        "--data",
+        &d,
+        "beside",
+        "content-writer",
+        "*",
+    ]);
+    let token = last_line(&imgsrv(&["token", "issue", "--data", &d, "beside"]));
+    let matrix = text(&imgsrv(&["auth", "matrix", "--data", &d]));
+    assert!(matrix.contains("beside"), "{matrix}");
+    let audit = text(&imgsrv(&["audit", "--data", &d, "--action", "token."]));
+    assert!(audit.contains("token.issue"), "{audit}");
+    let status = server
+        .agent()
+        .post(format!("{}/v1/images", server.url()))
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("Content-Type", "application/json")
+        .send(r#"{"name": "made-beside"}"#)
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(
+        status, 201,
+        "the token issued beside the server works there"
+    );
+
+    // stopped: the next one starts
+    server.kill();
+    server.spawn();
+    // killed outright: the lock goes with the process
+    let pid = server.pid().expect("running");
+    run_ok(Command::new("kill").args(["-KILL", &pid.to_string()]));
+    server.kill();
+    server.spawn();
+    assert_eq!(server.get("/healthz").0, 204);
+    let lock = std::fs::read_to_string(data.join("serve.lock")).unwrap();
+    assert_eq!(lock.trim(), server.pid().unwrap().to_string());
+}

@@ -12,6 +12,7 @@
 //! enforced by the backend itself (SQLite triggers in `schema.sql`), not only
 //! by this code.
 
+mod migrate;
 pub mod sqlite;
 
 use crate::digest::Digest;
@@ -439,8 +440,14 @@ pub trait ContentCatalog: Send + Sync {
     /// Every alias of every image (Simple Streams projection).
     fn all_aliases(&self) -> Result<Vec<(String, Alias)>>;
 
-    /// Changes whenever what the projection shows may have changed.
-    fn generation(&self) -> Result<i64>;
+    /// Changes whenever what the projection shows may have changed, and only
+    /// moves forward. `None` when the counter is missing or unreadable (the
+    /// sqlite3 shell, before the guards): nothing can be cached on it.
+    fn generation(&self) -> Result<Option<i64>>;
+    /// Moves the counter to a value above `above` that no cache can have
+    /// seen, repairing a missing or unreadable one; returns it. For a cache
+    /// that found the counter unreadable or behind what it had seen.
+    fn renew_generation(&self, above: i64) -> Result<i64>;
     fn projection_entries(&self) -> Result<Vec<ProjectionEntry>>;
     /// Images citing this digest (from any of their versions), with whether
     /// that version is published: who may read a blob follows from these.

@@ -1,8 +1,12 @@
 //! SQLite catalog (the embedded default).
 //!
-//! * Schema: `schema.sql` at the repository root is migration 1; later
-//!   migrations are appended to [`MIGRATIONS`]. Progress is `PRAGMA
-//!   user_version`; all pending migrations apply in one exclusive transaction.
+//! * Schema: `schema.sql` at the repository root is migration 1, the files
+//!   in `migrations/` the next ones; [`super::migrate`] applies the pending
+//!   ones in one exclusive transaction and repairs what the sqlite3 shell
+//!   may have broken outside the guarded rows.
+//! * Columns the guards leave writable are read whatever was stored in them
+//!   (a number or bytes where text belongs): a tampered side row must not
+//!   make a published version unreadable.
 //! * WAL mode, `synchronous = FULL` (a publish that returned is on disk),
 //!   foreign keys on, busy timeout 10 s. Readers never block the writer.
 //! * Every multi-row change runs in one `BEGIN IMMEDIATE` transaction.
@@ -13,9 +17,6 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
-
-/// Migrations in order; index + 1 is the `user_version` after applying it.
-const MIGRATIONS: &[&str] = &[include_str!("../../schema.sql")];
 
 pub struct SqliteCatalog {
     path: PathBuf,
@@ -70,6 +71,9 @@ fn map_err(e: rusqlite::Error, what: &str) -> CatalogError {
                 rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY => {
                     CatalogError::NotFound(what.to_string())
                 }
+                rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER if msg.starts_with("exists: ") => {
+                    CatalogError::AlreadyExists(what.to_string())
+                }
                 rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER => CatalogError::Precondition(
                     msg.trim_start_matches("precondition: ")
                         .trim_start_matches("immutable: ")
@@ -116,34 +120,52 @@ fn u64_col(row: &Row, idx: usize) -> rusqlite::Result<u64> {
     })
 }
 
+/// A text column as text whatever is stored in it: NULL as "", a number
+/// written out, bytes as UTF-8 (lossy). For the columns the guards leave
+/// writable, where the sqlite3 shell can put anything.
+fn text(row: &Row, idx: usize) -> rusqlite::Result<String> {
+    Ok(opt_text(row, idx)?.unwrap_or_default())
+}
+
+/// [`text`] for a column that may be NULL.
+fn opt_text(row: &Row, idx: usize) -> rusqlite::Result<Option<String>> {
+    use rusqlite::types::ValueRef;
+    Ok(match row.get_ref(idx)? {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(i.to_string()),
+        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Text(b) | ValueRef::Blob(b) => Some(String::from_utf8_lossy(b).into_owned()),
+    })
+}
+
 const IMAGE_COLS: &str =
     "i.id, i.name, i.display_name, i.description, i.created_at, i.updated_at, i.visibility";
 fn image_row(r: &Row, o: usize) -> rusqlite::Result<Image> {
     Ok(Image {
-        id: r.get(o)?,
-        name: r.get(o + 1)?,
-        display_name: r.get(o + 2)?,
-        description: r.get(o + 3)?,
-        created_at: r.get(o + 4)?,
-        updated_at: r.get(o + 5)?,
-        visibility: r.get(o + 6)?,
+        id: text(r, o)?,
+        name: text(r, o + 1)?,
+        display_name: opt_text(r, o + 2)?,
+        description: opt_text(r, o + 3)?,
+        created_at: text(r, o + 4)?,
+        updated_at: text(r, o + 5)?,
+        visibility: text(r, o + 6)?,
     })
 }
 
 const VERSION_COLS: &str =
     "v.id, v.image_id, i.name, v.version, v.state, v.published_at, v.created_at, v.updated_at";
 fn version_row(r: &Row, o: usize) -> rusqlite::Result<ImageVersion> {
-    let state: String = r.get(o + 4)?;
+    let state = text(r, o + 4)?;
     Ok(ImageVersion {
-        id: r.get(o)?,
-        image_id: r.get(o + 1)?,
-        image_name: r.get(o + 2)?,
-        version: r.get(o + 3)?,
+        id: text(r, o)?,
+        image_id: text(r, o + 1)?,
+        image_name: text(r, o + 2)?,
+        version: text(r, o + 3)?,
         state: VersionState::parse(&state).unwrap_or(VersionState::Draft),
         metadata: BTreeMap::new(),
-        published_at: r.get(o + 5)?,
-        created_at: r.get(o + 6)?,
-        updated_at: r.get(o + 7)?,
+        published_at: opt_text(r, o + 5)?,
+        created_at: text(r, o + 6)?,
+        updated_at: text(r, o + 7)?,
     })
 }
 
@@ -151,17 +173,17 @@ const ARTIFACT_COLS: &str = "a.id, a.version_id, a.variant, a.operating_system, 
      a.primary_blob_digest, a.primary_blob_size_bytes, a.primary_media_type, a.created_at, a.updated_at";
 fn artifact_row(r: &Row, o: usize) -> rusqlite::Result<Artifact> {
     Ok(Artifact {
-        id: r.get(o)?,
-        version_id: r.get(o + 1)?,
-        variant: r.get(o + 2)?,
-        operating_system: r.get(o + 3)?,
-        architecture: r.get(o + 4)?,
-        format: r.get(o + 5)?,
+        id: text(r, o)?,
+        version_id: text(r, o + 1)?,
+        variant: text(r, o + 2)?,
+        operating_system: text(r, o + 3)?,
+        architecture: text(r, o + 4)?,
+        format: text(r, o + 5)?,
         primary_blob_digest: digest_col(r, o + 6)?,
         primary_blob_size_bytes: u64_col(r, o + 7)?,
-        primary_media_type: r.get(o + 8)?,
-        created_at: r.get(o + 9)?,
-        updated_at: r.get(o + 10)?,
+        primary_media_type: text(r, o + 8)?,
+        created_at: text(r, o + 9)?,
+        updated_at: text(r, o + 10)?,
     })
 }
 
@@ -169,14 +191,14 @@ const ATTACHMENT_COLS: &str =
     "t.id, t.artifact_id, t.name, t.media_type, t.blob_digest, t.blob_size_bytes, t.created_at, t.updated_at";
 fn attachment_row(r: &Row, o: usize) -> rusqlite::Result<Attachment> {
     Ok(Attachment {
-        id: r.get(o)?,
-        artifact_id: r.get(o + 1)?,
-        name: r.get(o + 2)?,
-        media_type: r.get(o + 3)?,
+        id: text(r, o)?,
+        artifact_id: text(r, o + 1)?,
+        name: text(r, o + 2)?,
+        media_type: text(r, o + 3)?,
         blob_digest: digest_col(r, o + 4)?,
         blob_size_bytes: u64_col(r, o + 5)?,
-        created_at: r.get(o + 6)?,
-        updated_at: r.get(o + 7)?,
+        created_at: text(r, o + 6)?,
+        updated_at: text(r, o + 7)?,
     })
 }
 
@@ -184,13 +206,13 @@ const ALIAS_COLS: &str =
     "l.id, l.image_id, l.alias, l.version_id, v.version, l.created_at, l.updated_at";
 fn alias_row(r: &Row, o: usize) -> rusqlite::Result<Alias> {
     Ok(Alias {
-        id: r.get(o)?,
-        image_id: r.get(o + 1)?,
-        alias: r.get(o + 2)?,
-        version_id: r.get(o + 3)?,
-        version: r.get(o + 4)?,
-        created_at: r.get(o + 5)?,
-        updated_at: r.get(o + 6)?,
+        id: text(r, o)?,
+        image_id: text(r, o + 1)?,
+        alias: text(r, o + 2)?,
+        version_id: text(r, o + 3)?,
+        version: text(r, o + 4)?,
+        created_at: text(r, o + 5)?,
+        updated_at: text(r, o + 6)?,
     })
 }
 
@@ -198,19 +220,19 @@ const UPLOAD_COLS: &str =
     "id, expected_digest, expected_size_bytes, state, expires_at, media_type_hint, \
      filename_hint, failure_message, principal_id, created_at, updated_at";
 fn upload_row(r: &Row) -> rusqlite::Result<UploadSession> {
-    let state: String = r.get(3)?;
+    let state = text(r, 3)?;
     Ok(UploadSession {
-        id: r.get(0)?,
+        id: text(r, 0)?,
         expected_digest: digest_col(r, 1)?,
         expected_size_bytes: u64_col(r, 2)?,
         state: UploadState::parse(&state).unwrap_or(UploadState::Failed),
-        expires_at: r.get(4)?,
-        media_type_hint: r.get(5)?,
-        filename_hint: r.get(6)?,
-        failure_message: r.get(7)?,
-        principal_id: r.get(8)?,
-        created_at: r.get(9)?,
-        updated_at: r.get(10)?,
+        expires_at: text(r, 4)?,
+        media_type_hint: opt_text(r, 5)?,
+        filename_hint: opt_text(r, 6)?,
+        failure_message: opt_text(r, 7)?,
+        principal_id: opt_text(r, 8)?,
+        created_at: text(r, 9)?,
+        updated_at: text(r, 10)?,
     })
 }
 
@@ -218,14 +240,19 @@ const TOKEN_COLS: &str =
     "id, principal_id, name, secret_hash, expires_at, last_used_at, revoked_at, created_at";
 fn token_row(r: &Row) -> rusqlite::Result<ApiToken> {
     Ok(ApiToken {
-        id: r.get(0)?,
-        principal_id: r.get(1)?,
-        name: r.get(2)?,
-        secret_hash: r.get(3)?,
-        expires_at: r.get(4)?,
-        last_used_at: r.get(5)?,
-        revoked_at: r.get(6)?,
-        created_at: r.get(7)?,
+        id: text(r, 0)?,
+        principal_id: text(r, 1)?,
+        name: text(r, 2)?,
+        // the bytes whatever was stored (a hash that is not 32 bytes never matches)
+        secret_hash: r
+            .get_ref(3)?
+            .as_bytes()
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default(),
+        expires_at: opt_text(r, 4)?,
+        last_used_at: opt_text(r, 5)?,
+        revoked_at: opt_text(r, 6)?,
+        created_at: text(r, 7)?,
     })
 }
 
@@ -241,7 +268,7 @@ impl SqliteCatalog {
             pool: Mutex::new(Vec::new()),
         };
         let mut conn = cat.connect()?;
-        migrate(&mut conn)?;
+        super::migrate::migrate(&mut conn)?;
         cat.pool.lock().map_err(backend)?.push(conn);
         Ok(cat)
     }
@@ -340,7 +367,7 @@ impl SqliteCatalog {
             .prepare_cached("SELECT key, value FROM version_metadata WHERE version_id = ?1")
             .map_err(backend)?;
         let rows = st
-            .query_map([version_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([version_id], |r| Ok((text(r, 0)?, text(r, 1)?)))
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
@@ -414,7 +441,7 @@ impl SqliteCatalog {
                 "SELECT id, name, kind, display_name, created_at FROM principals \
                  WHERE id = ?1 OR (name = ?1 AND NOT EXISTS (SELECT 1 FROM principals WHERE id = ?1))",
                 [id_or_name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| Ok((text(r, 0)?, text(r, 1)?, text(r, 2)?, text(r, 3)?, text(r, 4)?)),
             )
             .ctx(&format!("principal {id_or_name}"))?;
         let mut st = c
@@ -425,8 +452,8 @@ impl SqliteCatalog {
         let grants: Vec<Grant> = st
             .query_map([&id], |r| {
                 Ok(Grant {
-                    role: r.get(0)?,
-                    scope: r.get(1)?,
+                    role: text(r, 0)?,
+                    scope: text(r, 1)?,
                 })
             })
             .map_err(backend)?
@@ -444,28 +471,6 @@ impl SqliteCatalog {
             created_at,
         })
     }
-}
-
-fn migrate(conn: &mut Connection) -> Result<()> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Exclusive)
-        .map_err(backend)?;
-    let current: i64 = tx
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(backend)?;
-    let target = MIGRATIONS.len() as i64;
-    if current > target {
-        return Err(CatalogError::Backend(format!(
-            "catalog schema version {current} is newer than this imgsrv supports ({target}); upgrade imgsrv"
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        tx.execute_batch(sql)
-            .map_err(|e| CatalogError::Backend(format!("migration {}: {e}", i + 1)))?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
-            .map_err(backend)?;
-    }
-    tx.commit().map_err(backend)
 }
 
 impl ContentCatalog for SqliteCatalog {
@@ -846,19 +851,25 @@ impl ContentCatalog for SqliteCatalog {
             ))
             .map_err(backend)?;
         let rows = st
-            .query_map([], |r| Ok((r.get(0)?, alias_row(r, 1)?)))
+            .query_map([], |r| Ok((text(r, 0)?, alias_row(r, 1)?)))
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 
-    fn generation(&self) -> Result<i64> {
+    fn generation(&self) -> Result<Option<i64>> {
         self.conn()?
             .query_row(
                 "SELECT generation FROM catalog_state WHERE id = 1",
                 [],
-                |r| r.get(0),
+                |r| Ok(super::migrate::usable_generation(r.get_ref(0)?)),
             )
+            .optional()
+            .map(Option::flatten)
             .map_err(backend)
+    }
+
+    fn renew_generation(&self, above: i64) -> Result<i64> {
+        self.write(|tx| super::migrate::ensure_generation(tx, Some(above)))
     }
 
     fn projection_entries(&self) -> Result<Vec<ProjectionEntry>> {
@@ -967,9 +978,10 @@ impl BlobCatalog for SqliteCatalog {
     fn insert_blob(&self, digest: &Digest, size: u64, media_type: Option<&str>) -> Result<Blob> {
         let now = now();
         self.write(|tx| {
+            // only a digest not stored yet: the guards refuse any insert over a row
             tx.execute(
                 "INSERT INTO cas_blobs (digest, size_bytes, storage_key, media_type, verified_at, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (digest) DO NOTHING",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?5 WHERE NOT EXISTS (SELECT 1 FROM cas_blobs WHERE digest = ?1)",
                 params![digest.to_string(), i64_of(size)?, digest.cas_path(), media_type, now],
             )
             .ctx("blob")?;
