@@ -119,31 +119,12 @@ impl App {
 
     /// The trusted keys the operator has revoked, read from the trust store
     /// now; an unreadable store is an error (never "none revoked").
-    fn revoked_keys(&self) -> anyhow::Result<Vec<crate::sign::TrustedKey>> {
+    pub(crate) fn revoked_keys(&self) -> anyhow::Result<Vec<crate::sign::TrustedKey>> {
         Ok(crate::sign::load_trusted_keys(&self.config.data_dir)
             .context("reading the trusted keys (to withhold what revoked keys signed)")?
             .into_iter()
             .filter(|k| k.policy.state == crate::sign::KeyState::Revoked)
             .collect())
-    }
-
-    /// The revoked key that signed this published version, if any: its
-    /// artifacts are withheld from downloads, as its entries are from the
-    /// Simple Streams projection (an Incus daemon may have cached the index
-    /// for an hour and would otherwise still install it). The trust store
-    /// is read first (once); the publish record only when a key is revoked.
-    pub fn revoked_signer(
-        &self,
-        version_id: &str,
-    ) -> anyhow::Result<Option<crate::sign::TrustedKey>> {
-        let revoked = self.revoked_keys()?;
-        if revoked.is_empty() {
-            return Ok(None);
-        }
-        let Some(id) = self.catalog.publish_record(version_id)?.signer_key_id else {
-            return Ok(None);
-        };
-        Ok(revoked.into_iter().find(|k| k.key_id == id))
     }
 }
 

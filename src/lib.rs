@@ -21,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod digest;
+pub mod download;
 pub mod fingerprint;
 pub mod http;
 pub mod image;

@@ -56,8 +56,11 @@ pub struct Image {
 }
 
 impl Image {
+    /// Anything but `public` is private: a visibility the sqlite3 shell set to
+    /// something else (with CHECK constraints ignored) hides the image rather
+    /// than exposing one that was private.
     pub fn is_private(&self) -> bool {
-        self.visibility == "private"
+        self.visibility != "public"
     }
 }
 
@@ -141,6 +144,15 @@ pub struct VersionView {
     pub image: Image,
     pub version: ImageVersion,
     pub artifacts: Vec<ArtifactWithAttachments>,
+}
+
+/// A version citing a blob (see [`ContentCatalog::blob_references`]).
+#[derive(Debug, Clone)]
+pub struct BlobRef {
+    pub image: Image,
+    pub version_id: String,
+    /// Published (else a draft, or publishing).
+    pub published: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -449,9 +461,10 @@ pub trait ContentCatalog: Send + Sync {
     /// that found the counter unreadable or behind what it had seen.
     fn renew_generation(&self, above: i64) -> Result<i64>;
     fn projection_entries(&self) -> Result<Vec<ProjectionEntry>>;
-    /// Images citing this digest (from any of their versions), with whether
-    /// that version is published: who may read a blob follows from these.
-    fn blob_references(&self, digest: &Digest) -> Result<Vec<(Image, bool)>>;
+    /// The versions citing this digest (as an artifact or an attachment), with
+    /// their images: who may download a blob follows from these
+    /// ([`crate::download`]).
+    fn blob_references(&self, digest: &Digest) -> Result<Vec<BlobRef>>;
 }
 
 /// CAS blob rows and upload sessions.

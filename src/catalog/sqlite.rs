@@ -937,18 +937,24 @@ impl ContentCatalog for SqliteCatalog {
         Ok(out)
     }
 
-    fn blob_references(&self, digest: &Digest) -> Result<Vec<(Image, bool)>> {
+    fn blob_references(&self, digest: &Digest) -> Result<Vec<BlobRef>> {
         let c = self.conn()?;
         let mut st = c
             .prepare_cached(&format!(
-                "SELECT DISTINCT {IMAGE_COLS}, v.state = 'published' FROM image_versions v \
+                "SELECT DISTINCT {IMAGE_COLS}, v.id, v.state = 'published' FROM image_versions v \
                  JOIN images i ON i.id = v.image_id JOIN release_artifacts a ON a.version_id = v.id \
                  LEFT JOIN artifact_attachments t ON t.artifact_id = a.id \
                  WHERE a.primary_blob_digest = ?1 OR t.blob_digest = ?1"
             ))
             .map_err(backend)?;
         let rows = st
-            .query_map([digest.to_string()], |r| Ok((image_row(r, 0)?, r.get(7)?)))
+            .query_map([digest.to_string()], |r| {
+                Ok(BlobRef {
+                    image: image_row(r, 0)?,
+                    version_id: text(r, 7)?,
+                    published: r.get(8)?,
+                })
+            })
             .map_err(backend)?;
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }

@@ -834,38 +834,41 @@ fn abort_upload(app: &App, ctx: &mut Ctx, id: &str) -> Res {
     ))
 }
 
-/// A blob is readable when a published version of a public image cites it,
-/// when the caller may read an image citing it (drafts: may write it), or,
-/// for a content writer, when nothing cites it yet (a fresh upload).
+/// `GET /v1/blobs/{digest}`: the bytes, if [`crate::download`]'s rule lets this
+/// caller have them through some version citing them.
 fn get_blob(app: &App, req: &Request<'_>, ctx: &mut Ctx, digest: &str) -> Res {
     let digest = parse_digest(digest)?;
-    let hidden = || ApiError::not_found(format!("blob {digest} not found"));
-    let blob = app.catalog.get_blob(&digest)?.ok_or_else(hidden)?;
+    let what = format!("blob {digest}");
+    let blob = app
+        .catalog
+        .get_blob(&digest)?
+        .ok_or_else(|| ApiError::not_found(format!("{what} not found")))?;
     let refs = app.catalog.blob_references(&digest)?;
-    let public = refs
-        .iter()
-        .any(|(img, published)| *published && !img.is_private());
-    let allowed = public
-        || refs.iter().any(|(img, published)| {
-            if *published {
-                ctx.can_read(img)
-            } else {
-                ctx.can_write(&img.name)
-            }
-        })
-        || (refs.is_empty()
-            && ctx
-                .caller
-                .as_ref()
-                .is_some_and(|c| c.can_somewhere(ACTION_CONTENT_WRITE)));
-    if !allowed {
-        return Err(ctx.deny(hidden()));
-    }
+    let public = download_allowed(app, ctx, &refs, true, &what)?;
     let mt = blob
         .media_type
         .as_deref()
         .unwrap_or("application/octet-stream");
     serve_blob(app, req, &digest, blob.size_bytes, mt, public)
+}
+
+/// Applies the download rule; `Ok(public)` when the bytes may be served.
+fn download_allowed(
+    app: &App,
+    ctx: &mut Ctx,
+    citing: &[catalog::BlobRef],
+    orphan: bool,
+    what: &str,
+) -> Result<bool, ApiError> {
+    use crate::download::Verdict;
+    let verdict = app
+        .download_verdict(ctx.caller.as_ref(), citing, orphan)
+        .map_err(|e| ApiError::internal("checking what may be downloaded", format!("{e:#}")))?;
+    match verdict {
+        Verdict::Serve { public } => Ok(public),
+        Verdict::Hidden => Err(ctx.deny(ApiError::not_found(format!("{what} not found")))),
+        Verdict::Withheld(why) => Err(ApiError::new(410, format!("{what}: {why}"))),
+    }
 }
 
 // ------------------------------------------------------------ catalog
@@ -1161,40 +1164,19 @@ fn download(
     artifact: &str,
     attachment: Option<&str>,
 ) -> Res {
-    let img = ctx.readable_image(app, name)?;
+    // a private image the caller may not read is not revealed (and audited)
+    ctx.readable_image(app, name)?;
     let view = app.catalog.version_view(name, ver)?;
-    if view.version.state != VersionState::Published {
-        return Err(ApiError::not_found(format!(
-            "version {name}@{ver} not found"
-        )));
-    }
-    let withheld = app
-        .revoked_signer(&view.version.id)
-        .map_err(|e| ApiError::internal("checking the signer's key", format!("{e:#}")))?;
-    if let Some(k) = withheld {
-        return Err(ApiError::new(
-            410,
-            format!(
-                "{name}@{ver} was signed by key {} ({}), which the operator has revoked: \
-                 its artifacts are no longer served",
-                k.name, k.key_id
-            ),
-        ));
-    }
-    let public = !img.is_private();
     let a = view
         .artifacts
         .iter()
         .find(|a| a.artifact.id == artifact)
         .ok_or_else(|| ApiError::not_found(format!("artifact {artifact} not found")))?;
-    match attachment {
-        None => serve_blob(
-            app,
-            req,
+    let (digest, size, media_type) = match attachment {
+        None => (
             &a.artifact.primary_blob_digest,
             a.artifact.primary_blob_size_bytes,
             &a.artifact.primary_media_type,
-            public,
         ),
         Some(att) => {
             let t = a
@@ -1202,16 +1184,16 @@ fn download(
                 .iter()
                 .find(|t| t.id == att)
                 .ok_or_else(|| ApiError::not_found(format!("attachment {att} not found")))?;
-            serve_blob(
-                app,
-                req,
-                &t.blob_digest,
-                t.blob_size_bytes,
-                &t.media_type,
-                public,
-            )
+            (&t.blob_digest, t.blob_size_bytes, &t.media_type)
         }
-    }
+    };
+    let citing = [catalog::BlobRef {
+        image: view.image.clone(),
+        version_id: view.version.id.clone(),
+        published: view.version.state == VersionState::Published,
+    }];
+    let public = download_allowed(app, ctx, &citing, false, &format!("{name}@{ver}"))?;
+    serve_blob(app, req, digest, size, media_type, public)
 }
 
 // ------------------------------------------------------------ publish
