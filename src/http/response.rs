@@ -53,6 +53,18 @@ impl ApiError {
         log::error!("{context}: {e}");
         Self::new(500, "internal error; see the server log")
     }
+    /// 507: `what` is full, for `reason`. The full error (with paths) goes to
+    /// the log; the client hears what is full and what to do.
+    pub fn insufficient_storage(what: &str, reason: &str, e: impl std::fmt::Display) -> Self {
+        log::warn!("refused for lack of space (507): {e}");
+        Self::new(
+            507,
+            format!(
+                "{what} is full: {reason}. The request was not carried out: retry it once \
+                 the server's operator has made free space on its data disk"
+            ),
+        )
+    }
     pub fn with_header(mut self, k: &str, v: impl Into<String>) -> Self {
         self.headers.push((k.to_string(), v.into()));
         self
@@ -92,6 +104,9 @@ impl From<CasError> for ApiError {
                 ApiError::precondition(e.to_string())
             }
             CasError::Invalid(m) => ApiError::bad_request(m),
+            CasError::Full { ref reason, .. } => {
+                ApiError::insufficient_storage("the server's blob store", reason, &e)
+            }
             e @ (CasError::NotFound(_) | CasError::Io { .. }) => {
                 ApiError::internal("blob store", e)
             }
