@@ -4,7 +4,7 @@
 //! so that the HTTP layer stays a thin translation.
 
 use crate::cas::{BlobStore, FsStore};
-use crate::catalog::{Catalog, SqliteCatalog};
+use crate::catalog::{AuditCatalog, Catalog, SqliteCatalog};
 use crate::config::{Config, VerificationMode};
 use crate::simplestreams::StreamsCache;
 use anyhow::Context;
@@ -88,6 +88,11 @@ impl App {
         let catalog = SqliteCatalog::open(&db)
             .with_context(|| format!("opening catalog {}", db.display()))?;
         let blobs = FsStore::open(&config.data_dir).context("opening the blob store")?;
+        // the audit log's reserve, before the first request; on a full disk
+        // the server still starts and serves what is published
+        if let Err(e) = catalog.room_for_change() {
+            log::warn!("{e}: changes are refused (507) until space is freed");
+        }
         Ok(App {
             config,
             catalog: Arc::new(catalog),

@@ -92,6 +92,9 @@ impl From<CatalogError> for ApiError {
             CatalogError::AlreadyExists(w) => ApiError::new(409, format!("{w} already exists")),
             CatalogError::Precondition(m) => ApiError::precondition(m),
             CatalogError::Invalid(m) => ApiError::bad_request(m),
+            CatalogError::Full(ref m) => {
+                ApiError::insufficient_storage("the server's data disk", m, &e)
+            }
             e @ CatalogError::Backend(_) => ApiError::internal("catalog", e),
         }
     }
