@@ -5,6 +5,7 @@ use super::message::{Body, Request, Response};
 use crate::cas::CasError;
 use crate::catalog::CatalogError;
 use crate::digest::Digest;
+use crate::uploads::UploadError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::Read;
@@ -113,6 +114,21 @@ impl From<CasError> for ApiError {
             e @ (CasError::NotFound(_) | CasError::Io { .. }) => {
                 ApiError::internal("blob store", e)
             }
+        }
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        match e {
+            UploadError::Invalid(m) => ApiError::bad_request(m),
+            UploadError::Refused(m) => ApiError::precondition(m),
+            UploadError::TooLarge(m) => ApiError::new(413, m),
+            e @ UploadError::Truncated { .. } => {
+                ApiError::bad_request(e.to_string()).with_header("Connection", "close")
+            }
+            UploadError::Catalog(e) => e.into(),
+            UploadError::Store(e) => e.into(),
         }
     }
 }
