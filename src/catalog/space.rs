@@ -125,8 +125,11 @@ fn top_up(c: &mut Connection, bytes: u64) -> Result<(), CatalogError> {
     let tx = c
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(sql_err)?;
-    tx.execute_batch("CREATE TABLE reserve_pages (b BLOB NOT NULL)")
-        .map_err(sql_err)?;
+    // (a leftover table of that name, from whatever, is not a reason to fail)
+    tx.execute_batch(
+        "DROP TABLE IF EXISTS reserve_pages; CREATE TABLE reserve_pages (b BLOB NOT NULL)",
+    )
+    .map_err(sql_err)?;
     tx.execute(
         "INSERT INTO reserve_pages VALUES (zeroblob(?1))",
         [i64::try_from(bytes).unwrap_or(i64::MAX)],
@@ -186,9 +189,13 @@ mod tests {
     fn the_reserve_is_free_pages_topped_up_below_half() {
         let d = tempfile::tempdir().unwrap();
         let mut c = Connection::open(d.path().join("c.db")).unwrap();
-        c.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x BLOB)")
-            .unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; CREATE TABLE t (x BLOB); \
+             CREATE TABLE reserve_pages (left_by TEXT); INSERT INTO reserve_pages VALUES ('x')",
+        )
+        .unwrap();
         assert_eq!(reserved(&c).unwrap(), 0);
+        // a leftover table of the scratch table's name does not stop it
         room_for_change(&mut c, d.path()).unwrap();
         let full = reserved(&c).unwrap();
         assert!(full >= RESERVE_BYTES, "{full}");
