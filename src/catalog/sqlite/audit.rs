@@ -4,8 +4,9 @@
 use super::super::space;
 use super::*;
 
-impl SqliteCatalog {
-    fn insert_audit(&self, e: &AuditEntry) -> Result<()> {
+impl AuditCatalog for SqliteCatalog {
+    /// On a full disk the row goes into the free pages kept in reserve.
+    fn append_audit(&self, e: &AuditEntry) -> Result<()> {
         let now = now();
         // a plain insert: one row, its own transaction
         let c = self.conn()?;
@@ -29,13 +30,6 @@ impl SqliteCatalog {
             .ctx("audit row")
             .map_err(|e| space::full_disk(&c, space::last_code(&c), e))?;
         Ok(())
-    }
-}
-
-impl AuditCatalog for SqliteCatalog {
-    /// On a full disk the row goes into the free pages kept in reserve.
-    fn append_audit(&self, e: &AuditEntry) -> Result<()> {
-        self.insert_audit(e)
     }
 
     fn room_for_change(&self) -> Result<()> {
