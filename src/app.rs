@@ -4,7 +4,7 @@
 //! so that the HTTP layer stays a thin translation.
 
 use crate::cas::{BlobStore, FsStore};
-use crate::catalog::{Catalog, SqliteCatalog};
+use crate::catalog::{AuditCatalog, Catalog, SqliteCatalog};
 use crate::config::{Config, VerificationMode};
 use crate::simplestreams::StreamsCache;
 use anyhow::Context;
@@ -88,6 +88,11 @@ impl App {
         let catalog = SqliteCatalog::open(&db)
             .with_context(|| format!("opening catalog {}", db.display()))?;
         let blobs = FsStore::open(&config.data_dir).context("opening the blob store")?;
+        // the audit log's reserve, before the first request; on a full disk
+        // the server still starts and serves what is published
+        if let Err(e) = catalog.room_for_change() {
+            log::warn!("{e}: changes are refused (507) until space is freed");
+        }
         Ok(App {
             config,
             catalog: Arc::new(catalog),
@@ -95,6 +100,20 @@ impl App {
             streams: StreamsCache::default(),
             auth_failures: Default::default(),
         })
+    }
+
+    /// Ok when the data directory has room for a change and, after it, its
+    /// audit row; [`crate::catalog::CatalogError::Full`] (HTTP 507)
+    /// otherwise. Every request that changes something asks before it
+    /// starts, so no change succeeds without its audit row: the catalog
+    /// keeps room for those rows in reserve, and refuses changes while that
+    /// reserve is short or the disk is full (see `catalog/space.rs`); the
+    /// rows of refusals go into the reserve. Writes of a known
+    /// size also ask the blob store ([`crate::cas::BlobStore::ensure_room`],
+    /// checked by every store write), so a blob that cannot fit is refused
+    /// before a byte is written.
+    pub fn room_for_change(&self) -> Result<(), crate::catalog::CatalogError> {
+        self.catalog.room_for_change()
     }
 
     pub fn verification(&self) -> VerificationMode {
@@ -163,7 +182,8 @@ impl App {
     /// manifest under this server's verification mode and trusted keys,
     /// computes the Incus fingerprints, and moves it to published in one
     /// catalog transaction. The HTTP route, mirroring into a data directory
-    /// and bundle import all come through here.
+    /// and bundle import all come through here; on a full disk it is
+    /// refused before anything ([`App::room_for_change`]).
     pub fn publish_version(
         &self,
         name: &str,
@@ -188,6 +208,7 @@ impl App {
         known: &crate::fingerprint::Known,
     ) -> Result<Published, PublishError> {
         use crate::catalog::{PublishRecord, VersionState};
+        self.room_for_change()?;
         let view = self.catalog.version_view(name, ver)?;
         if view.version.state != VersionState::Draft {
             return Err(refused("version is not a draft"));
@@ -292,7 +313,9 @@ impl App {
     }
 
     /// Stores a blob that arrives whole (mirroring, bundle import): checks
-    /// size and digest while writing, then records it. Idempotent.
+    /// size and digest while writing, then records it. Idempotent. On a
+    /// full disk it is refused before a byte is written (the catalog, then
+    /// the store, must have room: [`App::room_for_change`]).
     pub fn ingest(
         &self,
         digest: &crate::digest::Digest,
@@ -300,6 +323,7 @@ impl App {
         media_type: Option<&str>,
         reader: &mut dyn std::io::Read,
     ) -> Result<(), PublishError> {
+        self.room_for_change()?;
         if self.blobs.stat(digest)? != Some(size) {
             self.blobs.put(digest, size, reader)?;
         }
@@ -320,6 +344,7 @@ impl App {
         path: &Path,
         hashed: bool,
     ) -> Result<(), PublishError> {
+        self.room_for_change()?;
         if self.blobs.stat(digest)? != Some(size) {
             match hashed {
                 true => self.blobs.adopt_hashed(path, digest, size)?,

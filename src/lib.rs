@@ -5,7 +5,7 @@
 //! Simple Streams cache ([`simplestreams`]) together; [`http`] turns requests
 //! into calls on it; [`serve`] runs it behind TLS ([`tls`]). Publishing checks
 //! minisign signatures ([`sign`]) over the canonical [`manifest`] and computes
-//! Incus [`fingerprint`]s.
+//! Incus [`fingerprint`]s. Blobs come in through [`uploads`].
 //!
 //! Client side: [`client`] speaks the HTTP API, [`image`] reads Incus image
 //! files, [`publish`] uploads, signs and publishes, [`mirror`] brings the
@@ -36,4 +36,5 @@ pub mod sign;
 pub mod simplestreams;
 pub mod target;
 pub mod tls;
+pub mod uploads;
 pub mod verify;

@@ -25,6 +25,11 @@ const PIPELINE_MIN: u64 = 8 << 20;
 const PIPELINE_BUFFERS: usize = 4;
 /// Ask the kernel to start writing back every this many bytes.
 const WRITEBACK_STEP: u64 = 32 << 20;
+/// What a write of a known size must leave free on the store's filesystem:
+/// room for the catalog rows that record it (the catalog may share the
+/// filesystem) and the directories it adds. A write that would leave less
+/// is refused up front ([`CasError::Full`]) rather than met half-way.
+pub const KEEP_FREE: u64 = 1 << 20;
 /// Names the links [`FsStore::adopt`] makes in `tmp/`.
 static ADOPT_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -95,7 +100,33 @@ pub struct FsStore {
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CasError {
     let path = path.display().to_string();
-    move |source| CasError::Io { op, path, source }
+    move |source| match source.raw_os_error() {
+        // A full filesystem (or a quota) is no fault of the store: the caller
+        // hears "full" (HTTP 507), and the same write works once space is freed.
+        Some(libc::ENOSPC | libc::EDQUOT) => CasError::Full {
+            path,
+            reason: format!("{op}: {source}"),
+        },
+        _ => CasError::Io { op, path, source },
+    }
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `dir`
+/// (statvfs: `f_bavail` × `f_frsize`). Blocks reserved for root are not
+/// counted, so a check against this errs on the safe side for a server
+/// running as root.
+pub fn available_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path, `st` a statvfs for the call to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded, so it filled `st` (which was zeroed anyway).
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // u64 here, other widths on other platforms
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 fn valid_upload_id(id: &str) -> Result<()> {
@@ -370,6 +401,7 @@ impl BlobStore for FsStore {
     }
 
     fn put(&self, digest: &Digest, size: u64, reader: &mut dyn Read) -> Result<()> {
+        self.ensure_room(size)?;
         let mut tmp = self.tmp_file()?;
         let path = tmp.path().to_path_buf();
         let mut hasher = Hasher::new();
@@ -402,22 +434,32 @@ impl BlobStore for FsStore {
         reader: &mut dyn Read,
     ) -> Result<StagedPart> {
         valid_upload_id(upload)?;
+        self.ensure_room(len)?;
         let dir = self.part_dir(upload);
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".part-")
-            .tempfile_in(&dir)
-            .map_err(io_err("create temp in", &dir))?;
-        let path = tmp.path().to_path_buf();
-        let mut hasher = Hasher::new();
-        Self::copy_hashing(reader, tmp.as_file_mut(), len, &mut hasher, &path)?;
-        let dst = dir.join(format!("{n}.part"));
-        tmp.persist(&dst)
-            .map_err(|e| io_err("rename", &dst)(e.error))?;
-        Ok(StagedPart {
-            digest: hasher.finish(),
-            size: len,
-        })
+        let staged = (|| {
+            // removed on every error path (dropped unpersisted)
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".part-")
+                .tempfile_in(&dir)
+                .map_err(io_err("create temp in", &dir))?;
+            let path = tmp.path().to_path_buf();
+            let mut hasher = Hasher::new();
+            Self::copy_hashing(reader, tmp.as_file_mut(), len, &mut hasher, &path)?;
+            let dst = dir.join(format!("{n}.part"));
+            tmp.persist(&dst)
+                .map_err(|e| io_err("rename", &dst)(e.error))?;
+            Ok(StagedPart {
+                digest: hasher.finish(),
+                size: len,
+            })
+        })();
+        if staged.is_err() {
+            // an upload whose first part failed leaves no empty directory
+            // (remove_dir leaves one holding other parts alone)
+            let _ = fs::remove_dir(&dir);
+        }
+        staged
     }
 
     fn commit_upload(
@@ -458,6 +500,8 @@ impl BlobStore for FsStore {
                     .map_err(io_err("fsync", &path))?;
                 return self.install(&path, digest);
             }
+            // the parts are copied into one new file: it needs the room again
+            self.ensure_room(size)?;
             let mut tmp = self.tmp_file()?;
             let mut hasher = Hasher::new();
             for (n, p) in parts {
@@ -468,7 +512,12 @@ impl BlobStore for FsStore {
             check_digest(digest, size, hasher.finish(), total)?;
             self.install_tmp(tmp, digest)
         })();
-        let _ = fs::remove_dir_all(&dir);
+        // A full store keeps the staged parts (the catalog still lists them):
+        // the same commit succeeds once space is freed, without sending them
+        // again. The temporary file is gone either way.
+        if !matches!(result, Err(CasError::Full { .. })) {
+            let _ = fs::remove_dir_all(&dir);
+        }
         result
     }
 
@@ -480,6 +529,33 @@ impl BlobStore for FsStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("remove", &dir)(e)),
         }
+    }
+
+    fn discard_part(&self, upload: &str, n: u32) -> Result<()> {
+        valid_upload_id(upload)?;
+        let p = self.part_dir(upload).join(format!("{n}.part"));
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &p)(e)),
+        }
+    }
+
+    fn ensure_room(&self, bytes: u64) -> Result<()> {
+        let available = available_bytes(&self.root).map_err(io_err("statvfs", &self.root))?;
+        if bytes.saturating_add(KEEP_FREE) <= available {
+            return Ok(());
+        }
+        use indicatif::HumanBytes;
+        Err(CasError::Full {
+            path: self.root.display().to_string(),
+            reason: format!(
+                "{} available, {} needed plus {} kept free",
+                HumanBytes(available),
+                HumanBytes(bytes),
+                HumanBytes(KEEP_FREE)
+            ),
+        })
     }
 }
 
@@ -747,6 +823,80 @@ mod tests {
         assert!(s.adopt(&src, &wrong, 4).is_err());
         assert_eq!(s.stat(&wrong).unwrap(), None);
         assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn a_full_filesystem_is_full_not_an_io_fault() {
+        let p = Path::new("/data/tmp/ingest-x");
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = io_err("write", p)(io::Error::from_raw_os_error(errno));
+            assert!(
+                matches!(&e, CasError::Full { path, reason }
+                    if path == "/data/tmp/ingest-x" && reason.starts_with("write: ")),
+                "{e:?}"
+            );
+        }
+        let e = io_err("write", p)(io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(e, CasError::Io { .. }), "{e:?}");
+    }
+
+    /// A reader that must not be read.
+    struct Untouched;
+    impl Read for Untouched {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            panic!("read although the write was refused up front");
+        }
+    }
+
+    #[test]
+    fn a_write_that_cannot_fit_is_refused_before_any_byte() {
+        let (dir, s) = store();
+        // (other tests share the filesystem: no exact boundary here)
+        let available = available_bytes(dir.path()).unwrap();
+        assert!(available > KEEP_FREE, "the test directory has room");
+        s.ensure_room(0).unwrap();
+        let too_big = available.saturating_mul(2);
+        assert!(matches!(s.ensure_room(too_big), Err(CasError::Full { .. })));
+        let d = Digest::of(b"x");
+        match s.put(&d, too_big, &mut Untouched) {
+            Err(CasError::Full { path, reason }) => {
+                assert_eq!(path, dir.path().display().to_string());
+                assert!(reason.contains("available"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let id = "0e3c4b9e-0000-4000-8000-000000000005";
+        assert!(matches!(
+            s.stage_part(id, 1, too_big, &mut Untouched),
+            Err(CasError::Full { .. })
+        ));
+        assert_eq!(s.stat(&d).unwrap(), None);
+        assert!(tmp_is_empty(dir.path()));
+        assert!(!dir.path().join("uploads").join(id).exists());
+    }
+
+    #[test]
+    fn a_failed_first_part_leaves_no_upload_directory() {
+        let (dir, s) = store();
+        let id = "0e3c4b9e-0000-4000-8000-000000000006";
+        assert!(s.stage_part(id, 1, 10, &mut &b"DISK"[..]).is_err());
+        assert!(!dir.path().join("uploads").join(id).exists());
+    }
+
+    #[test]
+    fn a_discarded_part_cannot_be_committed() {
+        let (_dir, s) = store();
+        let id = "0e3c4b9e-0000-4000-8000-000000000007";
+        let p1 = s.stage_part(id, 1, 4, &mut &b"META"[..]).unwrap();
+        let p2 = s.stage_part(id, 2, 4, &mut &b"ROOT"[..]).unwrap();
+        s.discard_part(id, 2).unwrap();
+        s.discard_part(id, 2).unwrap();
+        let d = Digest::of(b"METAROOT");
+        assert!(matches!(
+            s.commit_upload(id, &[(1, p1), (2, p2)], &d, 8),
+            Err(CasError::MissingPart(2))
+        ));
+        assert_eq!(s.stat(&d).unwrap(), None);
     }
 
     #[test]

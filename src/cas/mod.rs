@@ -29,6 +29,12 @@ pub enum CasError {
     MissingPart(u32),
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The store's storage has no room for this write: refused up front
+    /// (the size was known and does not fit), or the filesystem answered
+    /// ENOSPC/EDQUOT on the way. Nothing was stored and nothing partial
+    /// stays; the same write succeeds once space is freed.
+    #[error("the blob store is full ({path}): {reason}")]
+    Full { path: String, reason: String },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -91,7 +97,8 @@ pub trait BlobStore: Send + Sync {
     ) -> Result<StagedPart>;
     /// Concatenates the staged parts in order, checks size and digest, and
     /// stores the blob. A mismatch stores nothing. Staged parts are removed
-    /// either way.
+    /// either way, except when the store is full ([`CasError::Full`]): then
+    /// they stay, so that the same commit can succeed once space is freed.
     fn commit_upload(
         &self,
         upload: &str,
@@ -101,6 +108,16 @@ pub trait BlobStore: Send + Sync {
     ) -> Result<()>;
     /// Removes whatever was staged for `upload`.
     fn discard_upload(&self, upload: &str) -> Result<()>;
+    /// Removes staged part `n` of `upload` (if any): for a part the catalog
+    /// could not record, which must then not be there to be committed.
+    fn discard_part(&self, upload: &str, n: u32) -> Result<()>;
+
+    /// [`CasError::Full`] unless `bytes` more can be stored now and still
+    /// leave the store's minimum free space: lets a caller that knows a
+    /// size (an upload's declared size) refuse before any byte arrives.
+    /// Every write of a known size ([`BlobStore::put`],
+    /// [`BlobStore::stage_part`], a commit that copies) checks this itself.
+    fn ensure_room(&self, bytes: u64) -> Result<()>;
 }
 
 /// Copies the file at `path` into `store` through [`BlobStore::put`] (which

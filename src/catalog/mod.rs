@@ -13,6 +13,7 @@
 //! by this code.
 
 mod migrate;
+mod space;
 pub mod sqlite;
 
 use crate::digest::Digest;
@@ -37,6 +38,10 @@ pub enum CatalogError {
     Invalid(String),
     #[error("catalog backend error: {0}")]
     Backend(String),
+    /// The catalog's storage is full: nothing was changed (a transaction is
+    /// all or nothing), and the same change works once space is freed.
+    #[error("the catalog's disk is full: {0}")]
+    Full(String),
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
@@ -517,7 +522,15 @@ pub trait AuthCatalog: Send + Sync {
 
 /// The append-only audit log.
 pub trait AuditCatalog: Send + Sync {
+    /// Appends a row. A backend keeps room for these even when its storage
+    /// is full (see [`AuditCatalog::room_for_change`]), so that the rows of
+    /// refusals and failures are still recorded then.
     fn append_audit(&self, e: &AuditEntry) -> Result<()>;
+    /// Ok when a change and, after it, its audit row can both be recorded
+    /// now; [`CatalogError::Full`] otherwise, and the caller must refuse the
+    /// change before making it. A change that was let through thus always
+    /// finds room for its audit row.
+    fn room_for_change(&self) -> Result<()>;
     fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
 }
 

@@ -11,7 +11,13 @@
 //!   foreign keys on, busy timeout 10 s. Readers never block the writer.
 //! * Every multi-row change runs in one `BEGIN IMMEDIATE` transaction.
 //! * Connections come from a small pool; each is used by one thread at a time.
+//! * A full disk is [`CatalogError::Full`] (SQLITE_FULL, or an I/O error
+//!   whose errno is ENOSPC/EDQUOT), and room for the audit log is kept in
+//!   reserve as free pages: see `space.rs`.
 
+mod audit;
+
+use super::space;
 use super::*;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -21,6 +27,8 @@ use std::time::Duration;
 pub struct SqliteCatalog {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
+    /// One top-up of the audit log's reserve at a time.
+    reserve: Mutex<()>,
 }
 
 struct Pooled<'a> {
@@ -61,6 +69,9 @@ fn map_err(e: rusqlite::Error, what: &str) -> CatalogError {
     use rusqlite::ffi::ErrorCode;
     match &e {
         rusqlite::Error::QueryReturnedNoRows => CatalogError::NotFound(what.to_string()),
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DiskFull => {
+            CatalogError::Full(format!("writing the {what}: {e}"))
+        }
         rusqlite::Error::SqliteFailure(f, msg) if f.code == ErrorCode::ConstraintViolation => {
             let msg = msg.clone().unwrap_or_default();
             match f.extended_code {
@@ -266,6 +277,7 @@ impl SqliteCatalog {
         let cat = SqliteCatalog {
             path: path.to_path_buf(),
             pool: Mutex::new(Vec::new()),
+            reserve: Mutex::new(()),
         };
         let mut conn = cat.connect()?;
         super::migrate::migrate(&mut conn)?;
@@ -286,6 +298,7 @@ impl SqliteCatalog {
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
         .map_err(backend)?;
+        space::keep_wal(&conn);
         Ok(conn)
     }
 
@@ -305,9 +318,17 @@ impl SqliteCatalog {
         let mut c = self.conn()?;
         let tx = c
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(backend)?;
-        let out = f(&tx)?;
-        tx.commit().map_err(backend)?;
+            .map_err(|e| map_err(e, "catalog"))?;
+        let out = f(&tx).map_err(|e| space::full_disk(&tx, space::last_code(&tx), e))?;
+        // A failed commit is rolled back (rusqlite drops the transaction),
+        // which resets the connection's last code: take it from the error.
+        tx.commit().map_err(|e| {
+            let code = match &e {
+                rusqlite::Error::SqliteFailure(f, _) => f.extended_code,
+                _ => 0,
+            };
+            space::full_disk(&c, code, map_err(e, "catalog"))
+        })?;
         Ok(out)
     }
 
@@ -1309,101 +1330,6 @@ impl AuthCatalog for SqliteCatalog {
             )
             .ctx("api token")?;
         Ok(())
-    }
-}
-
-impl AuditCatalog for SqliteCatalog {
-    fn append_audit(&self, e: &AuditEntry) -> Result<()> {
-        let now = now();
-        // a plain insert: one row, its own transaction
-        self.conn()?
-            .execute(
-                "INSERT INTO audit_log (at, principal_id, principal_name, action, target, outcome, status, method, \
-                 path, remote, detail) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11)",
-                params![
-                    now,
-                    e.principal_id,
-                    e.principal_name,
-                    e.action,
-                    e.target,
-                    e.outcome,
-                    e.status,
-                    e.method,
-                    e.path,
-                    e.remote,
-                    if e.detail.is_empty() { "{}" } else { e.detail.as_str() }
-                ],
-            )
-            .ctx("audit row")?;
-        Ok(())
-    }
-
-    fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
-        let c = self.conn()?;
-        let mut sql = String::from(
-            "SELECT id, at, principal_id, principal_name, action, target, outcome, status, method, path, remote, detail \
-             FROM audit_log WHERE 1 = 1",
-        );
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
-        // every `?` in a condition is the same (numbered) parameter
-        let mut push = |cond: &str, v: rusqlite::types::Value| {
-            args.push(v);
-            sql.push_str(&cond.replace('?', &format!("?{}", args.len())));
-        };
-        if let Some(p) = &q.principal {
-            push(
-                " AND (principal_name = ? OR principal_id = ?)",
-                p.clone().into(),
-            );
-        }
-        if let Some(a) = &q.action {
-            if a.ends_with('.') {
-                push(" AND substr(action, 1, length(?)) = ?", a.clone().into());
-            } else {
-                push(" AND action = ?", a.clone().into());
-            }
-        }
-        if let Some(o) = &q.outcome {
-            push(" AND outcome = ?", o.clone().into());
-        }
-        if let Some(t) = &q.target {
-            push(" AND instr(target, ?) > 0", t.clone().into());
-        }
-        if let Some(t) = &q.since {
-            push(" AND at >= ?", t.clone().into());
-        }
-        if let Some(t) = &q.until {
-            push(" AND at < ?", t.clone().into());
-        }
-        if let Some(id) = q.after_id {
-            push(" AND id > ?", id.into());
-        }
-        sql.push_str(" ORDER BY id");
-        if let Some(l) = q.limit {
-            sql.push_str(&format!(" LIMIT {l}"));
-        }
-        let mut st = c.prepare(&sql).map_err(backend)?;
-        let rows = st
-            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                Ok(AuditRecord {
-                    id: r.get(0)?,
-                    at: r.get(1)?,
-                    entry: AuditEntry {
-                        principal_id: r.get(2)?,
-                        principal_name: r.get(3)?,
-                        action: r.get(4)?,
-                        target: r.get(5)?,
-                        outcome: r.get(6)?,
-                        status: r.get(7)?,
-                        method: r.get(8)?,
-                        path: r.get(9)?,
-                        remote: r.get(10)?,
-                        detail: r.get(11)?,
-                    },
-                })
-            })
-            .map_err(backend)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 }
 

@@ -5,6 +5,7 @@ use super::message::{Body, Request, Response};
 use crate::cas::CasError;
 use crate::catalog::CatalogError;
 use crate::digest::Digest;
+use crate::uploads::UploadError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::io::Read;
@@ -53,6 +54,18 @@ impl ApiError {
         log::error!("{context}: {e}");
         Self::new(500, "internal error; see the server log")
     }
+    /// 507: `what` is full, for `reason`. The full error (with paths) goes to
+    /// the log; the client hears what is full and what to do.
+    pub fn insufficient_storage(what: &str, reason: &str, e: impl std::fmt::Display) -> Self {
+        log::warn!("refused for lack of space (507): {e}");
+        Self::new(
+            507,
+            format!(
+                "{what} is full: {reason}. The request was not carried out: retry it once \
+                 the server's operator has made free space on its data disk"
+            ),
+        )
+    }
     pub fn with_header(mut self, k: &str, v: impl Into<String>) -> Self {
         self.headers.push((k.to_string(), v.into()));
         self
@@ -80,6 +93,9 @@ impl From<CatalogError> for ApiError {
             CatalogError::AlreadyExists(w) => ApiError::new(409, format!("{w} already exists")),
             CatalogError::Precondition(m) => ApiError::precondition(m),
             CatalogError::Invalid(m) => ApiError::bad_request(m),
+            CatalogError::Full(ref m) => {
+                ApiError::insufficient_storage("the server's data disk", m, &e)
+            }
             e @ CatalogError::Backend(_) => ApiError::internal("catalog", e),
         }
     }
@@ -92,9 +108,27 @@ impl From<CasError> for ApiError {
                 ApiError::precondition(e.to_string())
             }
             CasError::Invalid(m) => ApiError::bad_request(m),
+            CasError::Full { ref reason, .. } => {
+                ApiError::insufficient_storage("the server's blob store", reason, &e)
+            }
             e @ (CasError::NotFound(_) | CasError::Io { .. }) => {
                 ApiError::internal("blob store", e)
             }
+        }
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        match e {
+            UploadError::Invalid(m) => ApiError::bad_request(m),
+            UploadError::Refused(m) => ApiError::precondition(m),
+            UploadError::TooLarge(m) => ApiError::new(413, m),
+            e @ UploadError::Truncated { .. } => {
+                ApiError::bad_request(e.to_string()).with_header("Connection", "close")
+            }
+            UploadError::Catalog(e) => e.into(),
+            UploadError::Store(e) => e.into(),
         }
     }
 }

@@ -8,18 +8,16 @@ use crate::app::App;
 use crate::auth::{self, Caller, ACTION_AUTH_MANAGE, ACTION_CONTENT_READ, ACTION_CONTENT_WRITE};
 use crate::catalog::{
     self, Artifact, AuditEntry, CatalogError, Image, NewArtifact, NewAttachment, PublishRecord,
-    UploadPart, UploadSession, UploadState, VersionState, VersionView,
+    VersionState, VersionView,
 };
 use crate::digest::Digest;
+use crate::uploads::{ListedPart, NewUpload};
 use serde::Deserialize;
 use serde_json::json as j;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 type Res = Result<Response, ApiError>;
-
-const MAX_PART: u64 = 5 << 30;
-const UPLOAD_TTL_HOURS: i64 = 24;
 
 /// Per-request state: who is calling, and what goes into the audit log.
 pub struct Ctx {
@@ -319,6 +317,14 @@ fn dispatch(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
         );
     }
     let get = matches!(m, "GET" | "HEAD");
+    if !get && ctx.caller.is_some() {
+        // no change starts without room for it and its audit row
+        if let Err(e) = app.room_for_change() {
+            let e = ApiError::from(e);
+            ctx.note("refused", e.detail.clone());
+            return Err(e);
+        }
+    }
     match (m, segs.as_slice()) {
         (_, ["healthz"]) if get => Ok(Response::new(204)),
         (_, ["readyz"]) if get => match app.catalog.generation() {
@@ -617,61 +623,14 @@ fn begin_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
     let digest = parse_digest(&b.expected_digest)?;
     ctx.target = digest.to_string();
     ctx.note("size", b.expected_size_bytes);
-    if b.expected_size_bytes > i64::MAX as u64 {
-        return Err(ApiError::bad_request("expected_size_bytes too large"));
-    }
-    let now = chrono::Utc::now();
-    let ts =
-        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-    let mut s = UploadSession {
-        id: catalog::new_id(),
-        expected_digest: digest,
-        expected_size_bytes: b.expected_size_bytes,
-        state: UploadState::Created,
-        expires_at: ts(now + chrono::Duration::hours(UPLOAD_TTL_HOURS)),
+    let (s, ready) = app.begin_upload(NewUpload {
+        digest,
+        size: b.expected_size_bytes,
         media_type_hint: b.media_type_hint,
         filename_hint: b.filename_hint,
-        failure_message: None,
-        principal_id: Some(who),
-        created_at: ts(now),
-        updated_at: ts(now),
-    };
-    let mut status = 201;
-    if let Some(blob) = app.catalog.get_blob(&digest)? {
-        if blob.size_bytes != b.expected_size_bytes {
-            return Err(ApiError::precondition(format!(
-                "{digest} is already stored with size {} (not {})",
-                blob.size_bytes, b.expected_size_bytes
-            )));
-        }
-        if app.blobs.stat(&digest)? == Some(blob.size_bytes) {
-            s.state = UploadState::Ready;
-            status = 200;
-        }
-    }
-    app.catalog.create_upload(&s)?;
-    Ok(json(status, &s))
-}
-
-/// `s` if parts may still be added to it (neither finished nor expired).
-fn writable_upload(s: UploadSession) -> Result<UploadSession, ApiError> {
-    let id = &s.id;
-    if !matches!(s.state, UploadState::Created | UploadState::Uploading) {
-        return Err(ApiError::precondition(format!(
-            "upload {id} is {}",
-            s.state.as_str()
-        )));
-    }
-    if chrono::DateTime::parse_from_rfc3339(&s.expires_at)
-        .map(|t| t < chrono::Utc::now())
-        .unwrap_or(true)
-    {
-        return Err(ApiError::precondition(format!(
-            "upload {id} expired at {}",
-            s.expires_at
-        )));
-    }
-    Ok(s)
+        principal_id: who,
+    })?;
+    Ok(json(if ready { 200 } else { 201 }, &s))
 }
 
 fn put_part(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, id: &str, n: &str) -> Res {
@@ -685,34 +644,7 @@ fn put_part(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, id: &str, n: &str) 
     let len = req
         .content_length
         .ok_or_else(|| ApiError::new(411, "upload parts need a Content-Length"))?;
-    if len > MAX_PART {
-        return Err(ApiError::new(
-            413,
-            format!("a part is at most {MAX_PART} bytes"),
-        ));
-    }
-    let s = writable_upload(app.catalog.get_upload(id)?)?;
-    if len > s.expected_size_bytes {
-        return Err(ApiError::new(413, "part is larger than the whole upload"));
-    }
-    let staged = app
-        .blobs
-        .stage_part(&s.id, n, len, &mut req.body)
-        .map_err(|e| match e {
-            crate::cas::CasError::Truncated { expected, actual } => ApiError::bad_request(format!(
-                "truncated part: Content-Length {expected}, received {actual} bytes"
-            ))
-            .with_header("Connection", "close"),
-            e => e.into(),
-        })?;
-    let part = UploadPart {
-        upload_id: s.id,
-        part_number: n,
-        etag: staged.digest.to_string(),
-        size_bytes: staged.size,
-    };
-    app.catalog.put_upload_part(&part)?;
-    Ok(json(200, &part))
+    Ok(json(200, &app.put_part(id, n, len, &mut req.body)?))
 }
 
 #[derive(Deserialize)]
@@ -733,105 +665,22 @@ fn complete_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, id: &str) ->
     ctx.op("upload.complete", id);
     ctx.write_anywhere()?;
     let body: CompleteUpload = read_json(req)?;
-    let s = app.catalog.get_upload(id)?;
-    if s.state == UploadState::Ready {
-        return Ok(json(200, &s));
-    }
-    let s = writable_upload(s)?;
-    if body.parts.is_empty() {
-        return Err(ApiError::bad_request("parts must list at least one part"));
-    }
-    let stored = app.catalog.upload_parts(id)?;
-    let mut parts = Vec::with_capacity(body.parts.len());
-    let mut last = 0;
-    for p in &body.parts {
-        if p.number <= last {
-            return Err(ApiError::bad_request(
-                "parts must be in ascending order without duplicates",
-            ));
-        }
-        last = p.number;
-        let sp = stored
-            .iter()
-            .find(|x| x.part_number == p.number)
-            .ok_or_else(|| ApiError::bad_request(format!("part {} was not uploaded", p.number)))?;
-        if sp.etag != p.etag || sp.size_bytes != p.size_bytes {
-            return Err(ApiError::bad_request(format!(
-                "part {} does not match the uploaded part (etag or size)",
-                p.number
-            )));
-        }
-        let digest =
-            parse_digest(&sp.etag).map_err(|_| ApiError::internal("stored part etag", &sp.etag))?;
-        parts.push((
-            p.number,
-            crate::cas::StagedPart {
-                digest,
-                size: sp.size_bytes,
-            },
-        ));
-    }
-    let total: u64 = parts.iter().map(|(_, p)| p.size).sum();
-    let fail = |msg: String| -> ApiError {
-        let _ = app.blobs.discard_upload(id);
-        match app
-            .catalog
-            .set_upload_state(id, UploadState::Failed, Some(&msg))
-        {
-            Ok(_) => ApiError::precondition(msg),
-            Err(e) => e.into(),
-        }
-    };
-    if total != s.expected_size_bytes {
-        return Err(fail(format!(
-            "parts add up to {total} bytes, expected {}",
-            s.expected_size_bytes
-        )));
-    }
-    match app
-        .blobs
-        .commit_upload(id, &parts, &s.expected_digest, s.expected_size_bytes)
-    {
-        Ok(()) => {}
-        Err(
-            e @ (crate::cas::CasError::Mismatch { .. } | crate::cas::CasError::Truncated { .. }),
-        ) => return Err(fail(e.to_string())),
-        Err(e) => return Err(e.into()),
-    }
-    app.catalog.insert_blob(
-        &s.expected_digest,
-        s.expected_size_bytes,
-        s.media_type_hint.as_deref(),
-    )?;
-    let s = app.catalog.set_upload_state(id, UploadState::Ready, None)?;
-    log::info!(
-        "stored blob {} ({} bytes)",
-        s.expected_digest,
-        s.expected_size_bytes
-    );
-    Ok(json(200, &s))
+    let listed: Vec<ListedPart> = body
+        .parts
+        .into_iter()
+        .map(|p| ListedPart {
+            number: p.number,
+            etag: p.etag,
+            size_bytes: p.size_bytes,
+        })
+        .collect();
+    Ok(json(200, &app.complete_upload(id, &listed)?))
 }
 
 fn abort_upload(app: &App, ctx: &mut Ctx, id: &str) -> Res {
     ctx.op("upload.abort", id);
     ctx.write_anywhere()?;
-    let s = app.catalog.get_upload(id)?;
-    match s.state {
-        UploadState::Aborted => return Ok(json(200, &s)),
-        UploadState::Created | UploadState::Uploading => {}
-        other => {
-            return Err(ApiError::precondition(format!(
-                "upload {id} is {}",
-                other.as_str()
-            )))
-        }
-    }
-    app.blobs.discard_upload(id)?;
-    Ok(json(
-        200,
-        &app.catalog
-            .set_upload_state(id, UploadState::Aborted, None)?,
-    ))
+    Ok(json(200, &app.abort_upload(id)?))
 }
 
 /// `GET /v1/blobs/{digest}`: the bytes, if [`crate::download`]'s rule lets this

@@ -398,18 +398,25 @@ pub struct TestServer {
 impl TestServer {
     /// `imgsrv init` on a fresh data dir, then `imgsrv serve`, waiting until `/healthz` is 204.
     pub fn start() -> TestServer {
-        Self::start_inner(None)
+        Self::start_inner(None, None)
     }
 
     /// Like [`TestServer::start`], but after `imgsrv init` replaces `DATA/imgsrv.toml` with
     /// `config_toml`, in which `{data}` stands for the data directory's path.
     pub fn start_with(config_toml: &str) -> TestServer {
-        Self::start_inner(Some(config_toml))
+        Self::start_inner(Some(config_toml), None)
     }
 
-    fn start_inner(config: Option<&str>) -> TestServer {
+    /// Like [`TestServer::start`], with the data directory at `data` (created if missing;
+    /// e.g. on a filesystem the test mounted). The log and scratch space stay in a
+    /// temporary directory elsewhere.
+    pub fn start_in(data: &Path) -> TestServer {
+        Self::start_inner(None, Some(data))
+    }
+
+    fn start_inner(config: Option<&str>, data: Option<&Path>) -> TestServer {
         let root = temp_dir("server");
-        let data = root.path().join("data");
+        let data = data.map_or_else(|| root.path().join("data"), Path::to_path_buf);
         fs::create_dir_all(&data).expect("create data dir");
         let data_s = data.to_str().expect("utf-8 temp path").to_owned();
         imgsrv(&["init", "--data", &data_s]);

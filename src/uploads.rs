@@ -1,0 +1,314 @@
+//! Upload sessions, the way blobs come in over HTTP: begin (declaring the
+//! digest and size), parts, complete, abort. They span the catalog
+//! (sessions, parts, blob rows) and the blob store (staged bytes), so they
+//! live on [`App`]; the HTTP routes only translate. Contract: docs/api.md.
+//!
+//! On a full disk (HTTP 507; the request was not carried out):
+//! * a begin that declares more than the store can take is refused before
+//!   a byte is sent, and so is a part whose `Content-Length` does not fit;
+//! * a part that meets a full disk on its way in leaves no temporary file
+//!   and no part row; a part the catalog cannot record is removed from the
+//!   store as well, so no staged bytes exist that the catalog does not
+//!   count (and a re-sent part never hides behind an older one's etag);
+//! * a multi-part `complete` that cannot fit the assembled blob keeps the
+//!   parts: the same `complete` succeeds once space is freed;
+//! * a blob row is written only once the blob is stored, and a `complete`
+//!   that failed after that finds the blob on retry and records it.
+//!
+//! That every change also has room for its audit row is checked before any
+//! of this runs ([`App::room_for_change`]).
+
+use crate::app::App;
+use crate::cas::{CasError, StagedPart};
+use crate::catalog::{self, CatalogError, UploadPart, UploadSession, UploadState};
+use crate::digest::Digest;
+use std::io::Read;
+
+/// The largest part.
+pub const MAX_PART: u64 = 5 << 30;
+/// How long a session accepts parts.
+pub const UPLOAD_TTL_HOURS: i64 = 24;
+
+/// Why an upload step was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// The request is wrong (listed parts, sizes): 400.
+    #[error("{0}")]
+    Invalid(String),
+    /// The session or what is stored refuses it (finished, expired, size,
+    /// digest): 412.
+    #[error("{0}")]
+    Refused(String),
+    /// Larger than allowed: 413.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The part's body ended before its declared length: 400, and the
+    /// connection cannot carry another request.
+    #[error("truncated part: Content-Length {expected}, received {actual} bytes")]
+    Truncated { expected: u64, actual: u64 },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] CasError),
+}
+
+/// What a client declares when it begins an upload.
+pub struct NewUpload {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type_hint: Option<String>,
+    pub filename_hint: Option<String>,
+    pub principal_id: String,
+}
+
+/// A part as the client lists it at `complete`.
+pub struct ListedPart {
+    pub number: u32,
+    pub etag: String,
+    pub size_bytes: u64,
+}
+
+/// `s` if parts may still be added to it (neither finished nor expired).
+fn writable(s: UploadSession) -> Result<UploadSession, UploadError> {
+    let id = &s.id;
+    if !matches!(s.state, UploadState::Created | UploadState::Uploading) {
+        return Err(UploadError::Refused(format!(
+            "upload {id} is {}",
+            s.state.as_str()
+        )));
+    }
+    if chrono::DateTime::parse_from_rfc3339(&s.expires_at)
+        .map(|t| t < chrono::Utc::now())
+        .unwrap_or(true)
+    {
+        return Err(UploadError::Refused(format!(
+            "upload {id} expired at {}",
+            s.expires_at
+        )));
+    }
+    Ok(s)
+}
+
+impl App {
+    /// Opens a session. `true`: the blob is already stored with that size,
+    /// and the session is `ready` at once. Otherwise the store must have
+    /// room for the declared size now ([`CasError::Full`] before any byte
+    /// is sent).
+    pub fn begin_upload(&self, u: NewUpload) -> Result<(UploadSession, bool), UploadError> {
+        if u.size > i64::MAX as u64 {
+            return Err(UploadError::Invalid("expected_size_bytes too large".into()));
+        }
+        let now = chrono::Utc::now();
+        let ts = |t: chrono::DateTime<chrono::Utc>| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        };
+        let mut s = UploadSession {
+            id: catalog::new_id(),
+            expected_digest: u.digest,
+            expected_size_bytes: u.size,
+            state: UploadState::Created,
+            expires_at: ts(now + chrono::Duration::hours(UPLOAD_TTL_HOURS)),
+            media_type_hint: u.media_type_hint,
+            filename_hint: u.filename_hint,
+            failure_message: None,
+            principal_id: Some(u.principal_id),
+            created_at: ts(now),
+            updated_at: ts(now),
+        };
+        let mut ready = false;
+        if let Some(blob) = self.catalog.get_blob(&u.digest)? {
+            if blob.size_bytes != u.size {
+                return Err(UploadError::Refused(format!(
+                    "{} is already stored with size {} (not {})",
+                    u.digest, blob.size_bytes, u.size
+                )));
+            }
+            ready = self.blobs.stat(&u.digest)? == Some(blob.size_bytes);
+        }
+        if ready {
+            s.state = UploadState::Ready;
+        } else {
+            self.blobs.ensure_room(u.size)?;
+        }
+        self.catalog.create_upload(&s)?;
+        Ok((s, ready))
+    }
+
+    /// Stages part `n` of session `id` from `body` (exactly `len` bytes).
+    pub fn put_part(
+        &self,
+        id: &str,
+        n: u32,
+        len: u64,
+        body: &mut dyn Read,
+    ) -> Result<UploadPart, UploadError> {
+        if len > MAX_PART {
+            return Err(UploadError::TooLarge(format!(
+                "a part is at most {MAX_PART} bytes"
+            )));
+        }
+        let s = writable(self.catalog.get_upload(id)?)?;
+        if len > s.expected_size_bytes {
+            return Err(UploadError::TooLarge(
+                "part is larger than the whole upload".into(),
+            ));
+        }
+        let staged = self
+            .blobs
+            .stage_part(&s.id, n, len, body)
+            .map_err(|e| match e {
+                CasError::Truncated { expected, actual } => {
+                    UploadError::Truncated { expected, actual }
+                }
+                e => e.into(),
+            })?;
+        let part = UploadPart {
+            upload_id: s.id,
+            part_number: n,
+            etag: staged.digest.to_string(),
+            size_bytes: staged.size,
+        };
+        if let Err(e) = self.catalog.put_upload_part(&part) {
+            // staged bytes the catalog does not count must not stay to be committed
+            if let Err(d) = self.blobs.discard_part(id, n) {
+                log::error!("upload {id}: part {n} could not be recorded ({e}) nor removed: {d}");
+            }
+            return Err(e.into());
+        }
+        Ok(part)
+    }
+
+    /// Checks the listed parts against the staged ones, assembles and
+    /// stores the blob, records it, and marks the session `ready`. A
+    /// session already `ready` is returned as it is.
+    pub fn complete_upload(
+        &self,
+        id: &str,
+        listed: &[ListedPart],
+    ) -> Result<UploadSession, UploadError> {
+        let s = self.catalog.get_upload(id)?;
+        if s.state == UploadState::Ready {
+            return Ok(s);
+        }
+        let s = writable(s)?;
+        let parts = self.listed_parts(id, listed)?;
+        let total: u64 = parts.iter().map(|(_, p)| p.size).sum();
+        if total != s.expected_size_bytes {
+            return Err(self.fail_upload(
+                id,
+                format!(
+                    "parts add up to {total} bytes, expected {}",
+                    s.expected_size_bytes
+                ),
+            ));
+        }
+        match self
+            .blobs
+            .commit_upload(id, &parts, &s.expected_digest, s.expected_size_bytes)
+        {
+            Ok(()) => {}
+            Err(e @ (CasError::Mismatch { .. } | CasError::Truncated { .. })) => {
+                return Err(self.fail_upload(id, e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.catalog.insert_blob(
+            &s.expected_digest,
+            s.expected_size_bytes,
+            s.media_type_hint.as_deref(),
+        )?;
+        let s = self
+            .catalog
+            .set_upload_state(id, UploadState::Ready, None)?;
+        log::info!(
+            "stored blob {} ({} bytes)",
+            s.expected_digest,
+            s.expected_size_bytes
+        );
+        Ok(s)
+    }
+
+    /// The listed parts, which must be in ascending order and match the
+    /// staged ones (etag and size).
+    fn listed_parts(
+        &self,
+        id: &str,
+        listed: &[ListedPart],
+    ) -> Result<Vec<(u32, StagedPart)>, UploadError> {
+        if listed.is_empty() {
+            return Err(UploadError::Invalid(
+                "parts must list at least one part".into(),
+            ));
+        }
+        let stored = self.catalog.upload_parts(id)?;
+        let mut parts = Vec::with_capacity(listed.len());
+        let mut last = 0;
+        for p in listed {
+            if p.number <= last {
+                return Err(UploadError::Invalid(
+                    "parts must be in ascending order without duplicates".into(),
+                ));
+            }
+            last = p.number;
+            let sp = stored
+                .iter()
+                .find(|x| x.part_number == p.number)
+                .ok_or_else(|| {
+                    UploadError::Invalid(format!("part {} was not uploaded", p.number))
+                })?;
+            if sp.etag != p.etag || sp.size_bytes != p.size_bytes {
+                return Err(UploadError::Invalid(format!(
+                    "part {} does not match the uploaded part (etag or size)",
+                    p.number
+                )));
+            }
+            let digest = sp.etag.parse().map_err(|_| {
+                CatalogError::Backend(format!(
+                    "upload {id} part {} has a malformed etag {:?}",
+                    p.number, sp.etag
+                ))
+            })?;
+            parts.push((
+                p.number,
+                StagedPart {
+                    digest,
+                    size: sp.size_bytes,
+                },
+            ));
+        }
+        Ok(parts)
+    }
+
+    /// Discards the staged parts and marks the session failed with `msg`:
+    /// [`UploadError::Refused`], or the catalog's error if it cannot.
+    fn fail_upload(&self, id: &str, msg: String) -> UploadError {
+        let _ = self.blobs.discard_upload(id);
+        match self
+            .catalog
+            .set_upload_state(id, UploadState::Failed, Some(&msg))
+        {
+            Ok(_) => UploadError::Refused(msg),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Discards what was staged and marks the session `aborted` (again: it
+    /// is returned as it is).
+    pub fn abort_upload(&self, id: &str) -> Result<UploadSession, UploadError> {
+        let s = self.catalog.get_upload(id)?;
+        match s.state {
+            UploadState::Aborted => return Ok(s),
+            UploadState::Created | UploadState::Uploading => {}
+            other => {
+                return Err(UploadError::Refused(format!(
+                    "upload {id} is {}",
+                    other.as_str()
+                )))
+            }
+        }
+        self.blobs.discard_upload(id)?;
+        Ok(self
+            .catalog
+            .set_upload_state(id, UploadState::Aborted, None)?)
+    }
+}
