@@ -1092,3 +1092,41 @@ fn products_of(images: &Value) -> BTreeMap<String, BTreeSet<String>> {
 fn projected(e: &Env) -> BTreeMap<String, BTreeSet<String>> {
     products_of(&e.images_json())
 }
+
+/// RFC 9110: a method a route does not take is 405 with `Allow` (HEAD goes with GET);
+/// the engine answers 501 to unknown methods (tests/http_engine.rs).
+#[test]
+fn wrong_methods_get_405_with_allow() {
+    let e = env();
+    e.draft("demo", "20250101_0000", META, Some(ROOT), None);
+    for (method, path, allow) in [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/v1/keys", "GET, HEAD"),
+        ("PUT", "/v1/images", "GET, POST, HEAD"),
+        (
+            "PATCH",
+            "/v1/images/demo/aliases/stable",
+            "GET, PUT, DELETE, HEAD",
+        ),
+        (
+            "GET",
+            "/v1/images/demo/versions/20250101_0000/publish",
+            "POST",
+        ),
+        ("OPTIONS", "/v1/uploads", "POST"),
+        ("DELETE", "/v1/auth/roles", "GET, HEAD"),
+        ("POST", "/v1/auth/principals/admin", "GET, DELETE, HEAD"),
+        ("TRACE", "/streams/v1/index.json", "GET, HEAD"),
+    ] {
+        let r = e.call(method, path, Value::Null);
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.detail());
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+        assert!(r.detail().contains(allow), "{}", r.detail());
+    }
+    // HEAD runs the GET handler (the engine drops the body), also where it used to be 404
+    for path in ["/v1/images", "/v1/keys", "/v1/images/demo/versions"] {
+        assert_eq!(e.call("HEAD", path, Value::Null).status, 200, "HEAD {path}");
+    }
+    // an unknown path is still 404, whatever the method
+    assert_eq!(e.call("DELETE", "/v1/nothing", Value::Null).status, 404);
+}

@@ -802,6 +802,58 @@ fn bad_requests_get_4xx_and_close() {
     assert_eq!(r.status, 200);
 }
 
+/// RFC 9112 before any handler runs: HTTP/1.1 needs exactly one valid `Host` (400),
+/// HTTP/1.0 has no chunked bodies (400), unknown methods are 501; each closes the
+/// connection. Known methods reach the handler (routes answer 405 themselves).
+#[test]
+fn rfc9112_host_chunked_and_method_rules() {
+    let _g = shared();
+    let ts = start(|_| {});
+    let cases: &[(&[u8], u16)] = &[
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: user@evil\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (
+            b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"BREW / HTTP/1.1\r\nHost: h\r\n\r\n", 501),
+        (b"PROPFIND / HTTP/1.1\r\nHost: h\r\n\r\n", 501),
+    ];
+    for (req, status) in cases {
+        let (r, eof) = raw_exchange(ts.addr, req);
+        let what = String::from_utf8_lossy(req);
+        assert_eq!(r.status, *status, "{what}");
+        assert!(eof, "connection not closed after {what}");
+    }
+    // what is allowed: HTTP/1.0 without Host (with a Content-Length body), one Host with
+    // a port or an IP literal, and known methods the handler sees
+    let (r, _) = raw_exchange(
+        ts.addr,
+        b"POST /echo HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc",
+    );
+    assert_eq!((r.status, r.text().as_str()), (200, "abc"));
+    for host in ["h:8443", "[::1]:8443", "127.0.0.1"] {
+        let req = format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        let (r, _) = exchange(ts.addr, req.as_bytes());
+        assert_eq!(r.status, 200, "Host: {host}");
+    }
+    for m in ["OPTIONS", "PATCH", "DELETE", "TRACE"] {
+        let (r, _) = exchange(
+            ts.addr,
+            format!("{m} /x HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+        );
+        assert!(
+            r.text().contains(&format!("method={m}")),
+            "{m}: {}",
+            r.text()
+        );
+    }
+}
+
 // 7 ----------------------------------------------------------------------------------------
 
 #[test]

@@ -14,10 +14,11 @@
 //! | `DELETE /v1/auth/api-tokens/{id}` | revoke |
 
 use super::message::{Request, Response};
-use super::response::{json, read_json, ApiError};
+use super::response::{json, methods, read_json, ApiError};
 use super::routes::Ctx;
 use crate::app::App;
 use crate::auth;
+use crate::catalog::Catalog;
 use serde::Deserialize;
 use serde_json::json as j;
 
@@ -61,9 +62,9 @@ pub fn auth_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, seg
     ctx.op_name(&format!("auth.{}", m.to_ascii_lowercase()), segs.join("/"));
     ctx.require_manage()?;
     let cat = app.catalog.as_ref();
-    match (m, segs) {
-        ("GET", ["roles"]) => Ok(json(200, &j!({ "roles": cat.roles()? }))),
-        ("GET", ["matrix"]) => {
+    match segs {
+        ["roles"] => methods!(m; "GET" => Ok(json(200, &j!({ "roles": cat.roles()? })))),
+        ["matrix"] => methods!(m; "GET" => {
             let mut rows = Vec::new();
             for p in cat.list_principals()? {
                 let tokens = cat.list_tokens(&p.id)?;
@@ -71,70 +72,35 @@ pub fn auth_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, seg
                 rows.push(j!({ "principal": p.name, "id": p.id, "grants": p.grants, "active_tokens": active }));
             }
             Ok(json(200, &j!({ "matrix": rows })))
+        }),
+        ["principals"] => methods!(m;
+            "GET" => Ok(json(200, &j!({ "principals": cat.list_principals()? }))),
+            "POST" => create_principal(req, ctx, cat),
+        ),
+        ["principals", p] => methods!(m;
+            "GET" => Ok(json(200, &cat.get_principal(p)?)),
+            "DELETE" => {
+                ctx.op_name("principal.remove", p.to_string());
+                cat.delete_principal(p)?;
+                Ok(Response::new(204))
+            },
+        ),
+        ["principals", p, "grants"] => {
+            methods!(m; "GET" => Ok(json(200, &j!({ "grants": cat.get_principal(p)?.grants }))))
         }
-        ("GET", ["principals"]) => Ok(json(200, &j!({ "principals": cat.list_principals()? }))),
-        ("POST", ["principals"]) => {
-            let b: CreatePrincipal = read_json(req)?;
-            ctx.op_name("principal.add", b.name.clone());
-            if !crate::names::principal_name(&b.name) {
-                return Err(ApiError::bad_request(format!(
-                    "invalid principal name {:?}: 1 to 64 of [a-z0-9._-], starting with a letter or digit",
-                    b.name
-                )));
-            }
-            if !matches!(b.kind.as_str(), "user" | "service") {
-                return Err(ApiError::bad_request("kind must be user or service"));
-            }
-            let display = b.display_name.unwrap_or_else(|| b.name.clone());
-            if display.trim().is_empty() || display.len() > 256 {
-                return Err(ApiError::bad_request("display_name must be non-blank"));
-            }
-            Ok(json(
-                201,
-                &cat.create_principal(&b.name, &b.kind, &display, "{}")?,
-            ))
-        }
-        ("GET", ["principals", p]) => Ok(json(200, &cat.get_principal(p)?)),
-        ("DELETE", ["principals", p]) => {
-            ctx.op_name("principal.remove", p.to_string());
-            cat.delete_principal(p)?;
-            Ok(Response::new(204))
-        }
-        ("GET", ["principals", p, "grants"]) => {
-            Ok(json(200, &j!({ "grants": cat.get_principal(p)?.grants })))
-        }
-        ("PUT", ["principals", p, "grants", _, _]) | ("PUT", ["principals", p, "roles", _]) => {
-            grant_change(ctx, cat, p, segs, true)
-        }
-        ("DELETE", ["principals", p, "grants", _, _])
-        | ("DELETE", ["principals", p, "roles", _]) => grant_change(ctx, cat, p, segs, false),
-        ("POST", ["principals", p, "api-tokens"]) => {
-            ctx.op_name("token.issue", p.to_string());
-            let b: IssueToken = read_json(req)?;
-            let exp = chrono::DateTime::parse_from_rfc3339(&b.expires_at)
-                .map_err(|_| ApiError::bad_request("expires_at must be an RFC 3339 time"))?;
-            if exp <= chrono::Utc::now() {
-                return Err(ApiError::bad_request("expires_at must be in the future"));
-            }
-            let exp = exp
-                .with_timezone(&chrono::Utc)
-                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-            let (t, plaintext) =
-                auth::issue_token(cat, p, b.name.as_deref().unwrap_or("api"), Some(exp))?;
-            ctx.note("token_id", t.id.clone());
-            let mut v =
-                serde_json::to_value(&t).map_err(|e| ApiError::internal("serializing", e))?;
-            v["plaintext"] = j!(plaintext);
-            Ok(json(201, &v))
-        }
-        ("GET", ["principals", p, "api-tokens"]) => {
-            Ok(json(200, &j!({ "api_tokens": cat.list_tokens(p)? })))
-        }
-        ("DELETE", ["api-tokens", id]) => {
+        ["principals", p, "grants", _, _] | ["principals", p, "roles", _] => methods!(m;
+            "PUT" => grant_change(ctx, cat, p, segs, true),
+            "DELETE" => grant_change(ctx, cat, p, segs, false),
+        ),
+        ["principals", p, "api-tokens"] => methods!(m;
+            "GET" => Ok(json(200, &j!({ "api_tokens": cat.list_tokens(p)? }))),
+            "POST" => issue_token(req, ctx, cat, p),
+        ),
+        ["api-tokens", id] => methods!(m; "DELETE" => {
             ctx.op_name("token.revoke", id.to_string());
             cat.revoke_token(id)?;
             Ok(Response::new(204))
-        }
+        }),
         _ => Err(ApiError::not_found(format!(
             "no route for {m} {}",
             req.path
@@ -176,4 +142,44 @@ fn grant_change(
         cat.revoke_grant(p, role, scope)?;
     }
     Ok(Response::new(204))
+}
+
+fn create_principal(req: &mut Request<'_>, ctx: &mut Ctx, cat: &dyn Catalog) -> Res {
+    let b: CreatePrincipal = read_json(req)?;
+    ctx.op_name("principal.add", b.name.clone());
+    if !crate::names::principal_name(&b.name) {
+        return Err(ApiError::bad_request(format!(
+            "invalid principal name {:?}: 1 to 64 of [a-z0-9._-], starting with a letter or digit",
+            b.name
+        )));
+    }
+    if !matches!(b.kind.as_str(), "user" | "service") {
+        return Err(ApiError::bad_request("kind must be user or service"));
+    }
+    let display = b.display_name.unwrap_or_else(|| b.name.clone());
+    if display.trim().is_empty() || display.len() > 256 {
+        return Err(ApiError::bad_request("display_name must be non-blank"));
+    }
+    Ok(json(
+        201,
+        &cat.create_principal(&b.name, &b.kind, &display, "{}")?,
+    ))
+}
+
+fn issue_token(req: &mut Request<'_>, ctx: &mut Ctx, cat: &dyn Catalog, p: &str) -> Res {
+    ctx.op_name("token.issue", p.to_string());
+    let b: IssueToken = read_json(req)?;
+    let exp = chrono::DateTime::parse_from_rfc3339(&b.expires_at)
+        .map_err(|_| ApiError::bad_request("expires_at must be an RFC 3339 time"))?;
+    if exp <= chrono::Utc::now() {
+        return Err(ApiError::bad_request("expires_at must be in the future"));
+    }
+    let exp = exp
+        .with_timezone(&chrono::Utc)
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let (t, plaintext) = auth::issue_token(cat, p, b.name.as_deref().unwrap_or("api"), Some(exp))?;
+    ctx.note("token_id", t.id.clone());
+    let mut v = serde_json::to_value(&t).map_err(|e| ApiError::internal("serializing", e))?;
+    v["plaintext"] = j!(plaintext);
+    Ok(json(201, &v))
 }

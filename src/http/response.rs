@@ -133,6 +133,35 @@ impl From<UploadError> for ApiError {
     }
 }
 
+/// Dispatches a route on the request method: `methods!(m; "GET" => a, "PUT" => b)`.
+/// `HEAD` runs the `GET` handler (the engine sends no body); a method the route does
+/// not take is `405 Method Not Allowed` with `Allow` (RFC 9110 section 15.5.6). (The
+/// engine answers `501` to methods it does not know at all.)
+macro_rules! methods {
+    ($m:expr; $($meth:literal => $handler:expr),+ $(,)?) => {{
+        let m: &str = $m;
+        match if m == "HEAD" { "GET" } else { m } {
+            $($meth => $handler,)+
+            _ => Err($crate::http::response::method_not_allowed(m, &[$($meth),+])),
+        }
+    }};
+}
+pub(crate) use methods;
+
+/// `405` for `method` on a route that takes `allowed` (plus `HEAD` with `GET`).
+pub fn method_not_allowed(method: &str, allowed: &[&str]) -> ApiError {
+    let mut list: Vec<&str> = allowed.to_vec();
+    if list.contains(&"GET") {
+        list.push("HEAD");
+    }
+    let allow = list.join(", ");
+    ApiError::new(
+        405,
+        format!("{method} is not allowed on this path; it takes {allow}"),
+    )
+    .with_header("Allow", allow)
+}
+
 pub fn json<T: Serialize>(status: u16, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(b) => Response::new(status)

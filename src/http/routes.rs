@@ -3,7 +3,7 @@
 //! lives in [`super::response`]. The contract is docs/api.md.
 
 use super::message::{Body, Request, Response};
-use super::response::{json, read_json, serve_blob, ApiError};
+use super::response::{json, methods, read_json, serve_blob, ApiError};
 use crate::app::App;
 use crate::auth::{self, Caller, ACTION_AUTH_MANAGE, ACTION_CONTENT_READ, ACTION_CONTENT_WRITE};
 use crate::catalog::{
@@ -325,151 +325,130 @@ fn dispatch(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
             return Err(e);
         }
     }
-    match (m, segs.as_slice()) {
-        (_, ["healthz"]) if get => Ok(Response::new(204)),
-        (_, ["readyz"]) if get => match app.catalog.generation() {
+    match segs.as_slice() {
+        ["v1", "images", name, rest @ ..] => image_routes(app, req, ctx, m, name, rest),
+        ["v1", "auth", rest @ ..] => crate::http::admin::auth_routes(app, req, ctx, m, rest),
+        _ => top_routes(app, req, ctx, m, &segs),
+    }
+}
+
+fn no_route(m: &str, req: &Request<'_>) -> ApiError {
+    ApiError::not_found(format!("no route for {m} {}", req.path))
+}
+
+/// Everything but `/v1/images/{name}/...` and `/v1/auth/...`.
+fn top_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[&str]) -> Res {
+    match segs {
+        ["healthz"] => methods!(m; "GET" => Ok(Response::new(204))),
+        ["readyz"] => methods!(m; "GET" => match app.catalog.generation() {
             Ok(_) => Ok(Response::new(204)),
             Err(e) => Err(ApiError::new(503, format!("catalog unavailable: {e}"))),
-        },
-        (_, ["streams", "v1", doc @ ("index.json" | "images.json")]) if get => {
-            streams(app, req, ctx, doc)
+        }),
+        ["streams", "v1", doc @ ("index.json" | "images.json")] => {
+            methods!(m; "GET" => streams(app, req, ctx, doc))
         }
-
-        ("POST", ["v1", "uploads"]) => begin_upload(app, req, ctx),
-        ("GET", ["v1", "uploads", id]) => {
+        ["v1", "uploads"] => methods!(m; "POST" => begin_upload(app, req, ctx)),
+        ["v1", "uploads", id] => methods!(m; "GET" => {
             ctx.write_anywhere()?;
             Ok(json(200, &app.catalog.get_upload(id)?))
+        }),
+        ["v1", "uploads", id, "parts", n] => methods!(m; "PUT" => put_part(app, req, ctx, id, n)),
+        ["v1", "uploads", id, "complete"] => {
+            methods!(m; "POST" => complete_upload(app, req, ctx, id))
         }
-        ("PUT", ["v1", "uploads", id, "parts", n]) => put_part(app, req, ctx, id, n),
-        ("POST", ["v1", "uploads", id, "complete"]) => complete_upload(app, req, ctx, id),
-        ("POST", ["v1", "uploads", id, "abort"]) => abort_upload(app, ctx, id),
-        (_, ["v1", "blobs", digest]) if get => get_blob(app, req, ctx, digest),
+        ["v1", "uploads", id, "abort"] => methods!(m; "POST" => abort_upload(app, ctx, id)),
+        ["v1", "blobs", digest] => methods!(m; "GET" => get_blob(app, req, ctx, digest)),
+        ["v1", "images"] => methods!(m;
+            "GET" => list_images(app, ctx),
+            "POST" => create_image(app, req, ctx),
+        ),
+        ["v1", "keys"] => methods!(m; "GET" => trusted_keys(app)),
+        ["v1", "mirrors"] => methods!(m; "GET" => mirrors(app, ctx)),
+        ["v1", "audit"] => methods!(m; "GET" => audit_log(app, req, ctx)),
+        _ => Err(no_route(m, req)),
+    }
+}
 
-        ("POST", ["v1", "images"]) => create_image(app, req, ctx),
-        ("GET", ["v1", "images"]) => {
-            let published: std::collections::HashSet<String> = app
-                .catalog
-                .list_images(false)?
-                .into_iter()
-                .map(|i| i.name)
-                .collect();
-            let images: Vec<Image> = app
-                .catalog
-                .list_images(true)?
-                .into_iter()
-                .filter(|i| {
-                    ctx.can_read(i) && (published.contains(&i.name) || ctx.can_write(&i.name))
-                })
-                .collect();
-            Ok(json(200, &j!({ "images": images })))
-        }
-        ("GET", ["v1", "images", name]) => {
+fn list_images(app: &App, ctx: &mut Ctx) -> Res {
+    let published: std::collections::HashSet<String> = app
+        .catalog
+        .list_images(false)?
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    let images: Vec<Image> = app
+        .catalog
+        .list_images(true)?
+        .into_iter()
+        .filter(|i| ctx.can_read(i) && (published.contains(&i.name) || ctx.can_write(&i.name)))
+        .collect();
+    Ok(json(200, &j!({ "images": images })))
+}
+
+/// Operators' information (upstreams, errors): writers and auth-managers.
+fn mirrors(app: &App, ctx: &mut Ctx) -> Res {
+    let ok = ctx.caller_or_401()?.can_somewhere(ACTION_CONTENT_WRITE)
+        || ctx
+            .caller
+            .as_ref()
+            .is_some_and(|c| c.can_somewhere(ACTION_AUTH_MANAGE));
+    if !ok {
+        return Err(ctx.deny(ApiError::forbidden(ACTION_CONTENT_WRITE)));
+    }
+    let jobs = crate::schedule::read_status(&app.config.data_dir)
+        .map_err(|e| ApiError::internal("mirror status", e))?;
+    Ok(json(200, &j!({ "mirrors": jobs })))
+}
+
+/// `/v1/images/{name}/...`
+fn image_routes(
+    app: &App,
+    req: &mut Request<'_>,
+    ctx: &mut Ctx,
+    m: &str,
+    name: &str,
+    rest: &[&str],
+) -> Res {
+    match rest {
+        [] => methods!(m; "GET" => {
             let img = ctx.readable_image(app, name)?;
             if !ctx.can_write(name) && app.catalog.list_versions(name, false)?.is_empty() {
                 return Err(ApiError::not_found(format!("image {name} not found")));
             }
             Ok(json(200, &img))
-        }
-        ("PUT", ["v1", "images", name, "visibility"]) => set_visibility(app, req, ctx, name),
-        ("POST", ["v1", "images", name, "versions"]) => create_version(app, req, ctx, name),
-        ("GET", ["v1", "images", name, "versions"]) => {
+        }),
+        ["visibility"] => methods!(m; "PUT" => set_visibility(app, req, ctx, name)),
+        ["versions"] => methods!(m;
+            "GET" => {
+                ctx.readable_image(app, name)?;
+                let w = ctx.can_write(name);
+                let vs = app.catalog.list_versions(name, w)?;
+                if !w && vs.is_empty() {
+                    return Err(ApiError::not_found(format!("image {name} not found")));
+                }
+                Ok(json(200, &j!({ "versions": vs })))
+            },
+            "POST" => create_version(app, req, ctx, name),
+        ),
+        ["versions", ver, rest @ ..] => version_routes(app, req, ctx, m, name, ver, rest),
+        ["aliases"] => methods!(m; "GET" => {
             ctx.readable_image(app, name)?;
-            let w = ctx.can_write(name);
-            let vs = app.catalog.list_versions(name, w)?;
-            if !w && vs.is_empty() {
-                return Err(ApiError::not_found(format!("image {name} not found")));
-            }
-            Ok(json(200, &j!({ "versions": vs })))
-        }
-        ("GET", ["v1", "images", name, "versions", ver]) => {
-            let view = readable_view(app, ctx, name, ver)?;
-            view_response(app, view)
-        }
-        (_, ["v1", "images", name, "versions", ver, "manifest"]) if get => {
-            manifest(app, ctx, name, ver)
-        }
-        (_, ["v1", "images", name, "versions", ver, "manifest.minisig"]) if get => {
-            let view = readable_view(app, ctx, name, ver)?;
-            if view.version.state != VersionState::Published {
-                return Err(ApiError::not_found(format!(
-                    "{name}@{ver} is not published"
-                )));
-            }
-            let rec = app.catalog.publish_record(&view.version.id)?;
-            let sig = rec.signature.ok_or_else(|| {
-                ApiError::not_found(format!("{name}@{ver} was published unsigned"))
-            })?;
-            Ok(Response::new(200)
-                .with_header("Content-Type", "text/plain; charset=utf-8")
-                .with_body(Body::Bytes(sig.into_bytes())))
-        }
-        ("POST", ["v1", "images", name, "versions", ver, "publish"]) => {
-            publish(app, req, ctx, name, ver)
-        }
-        ("POST", ["v1", "images", name, "versions", ver, "artifacts"]) => {
-            add_artifact(app, req, ctx, name, ver)
-        }
-        ("GET", ["v1", "images", name, "versions", ver, "artifacts"]) => {
-            let view = readable_view(app, ctx, name, ver)?;
-            let arts: Vec<&Artifact> = view.artifacts.iter().map(|a| &a.artifact).collect();
-            Ok(json(200, &j!({ "artifacts": arts })))
-        }
-        ("GET", ["v1", "images", name, "versions", ver, "artifacts", id]) => {
-            let view = readable_view(app, ctx, name, ver)?;
-            let a = view
-                .artifacts
-                .iter()
-                .find(|a| a.artifact.id == *id)
-                .ok_or_else(|| ApiError::not_found(format!("artifact {id} not found")))?;
-            Ok(json(200, &a.artifact))
-        }
-        ("DELETE", ["v1", "images", name, "versions", ver, "artifacts", id]) => {
-            ctx.op("artifact.delete", format!("{name}@{ver}/{id}"));
-            ctx.write(name)?;
-            let v = app.catalog.get_version(name, ver)?;
-            app.catalog.delete_artifact(&v.id, id)?;
-            Ok(Response::new(204))
-        }
-        (_, ["v1", "images", name, "versions", ver, "artifacts", id, "download"]) if get => {
-            download(app, req, ctx, name, ver, id, None)
-        }
-        ("POST", ["v1", "images", name, "versions", ver, "artifacts", id, "attachments"]) => {
-            add_attachment(app, req, ctx, name, ver, id)
-        }
-        (
-            "DELETE",
-            ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att],
-        ) => {
-            ctx.op("attachment.delete", format!("{name}@{ver}/{id}/{att}"));
-            ctx.write(name)?;
-            let v = app.catalog.get_version(name, ver)?;
-            app.catalog.delete_attachment(&v.id, id, att)?;
-            Ok(Response::new(204))
-        }
-        (
-            _,
-            ["v1", "images", name, "versions", ver, "artifacts", id, "attachments", att, "download"],
-        ) if get => download(app, req, ctx, name, ver, id, Some(att)),
-
-        ("GET", ["v1", "images", name, "aliases"]) => {
-            ctx.readable_image(app, name)?;
-            Ok(json(
-                200,
-                &j!({ "aliases": app.catalog.list_aliases(name)? }),
-            ))
-        }
-        ("GET", ["v1", "images", name, "aliases", alias]) => {
-            ctx.readable_image(app, name)?;
-            Ok(json(200, &app.catalog.get_alias(name, alias)?))
-        }
-        ("PUT", ["v1", "images", name, "aliases", alias]) => put_alias(app, req, ctx, name, alias),
-        ("DELETE", ["v1", "images", name, "aliases", alias]) => {
-            ctx.op("alias.delete", format!("{name}:{alias}"));
-            ctx.write(name)?;
-            app.catalog.delete_alias(name, alias)?;
-            Ok(Response::new(204))
-        }
-        ("GET", ["v1", "images", name, "refs", r]) => {
+            Ok(json(200, &j!({ "aliases": app.catalog.list_aliases(name)? })))
+        }),
+        ["aliases", alias] => methods!(m;
+            "GET" => {
+                ctx.readable_image(app, name)?;
+                Ok(json(200, &app.catalog.get_alias(name, alias)?))
+            },
+            "PUT" => put_alias(app, req, ctx, name, alias),
+            "DELETE" => {
+                ctx.op("alias.delete", format!("{name}:{alias}"));
+                ctx.write(name)?;
+                app.catalog.delete_alias(name, alias)?;
+                Ok(Response::new(204))
+            },
+        ),
+        ["refs", r] => methods!(m; "GET" => {
             ctx.readable_image(app, name)?;
             let ver = match app.catalog.get_version(name, r) {
                 Ok(v) if v.state == VersionState::Published => v.version,
@@ -478,30 +457,90 @@ fn dispatch(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
             };
             let view = app.catalog.version_view(name, &ver)?;
             view_response(app, view)
-        }
-
-        ("GET", ["v1", "keys"]) => trusted_keys(app),
-        ("GET", ["v1", "mirrors"]) => {
-            // operators' information (upstreams, errors): writers and auth-managers
-            let ok = ctx.caller_or_401()?.can_somewhere(ACTION_CONTENT_WRITE)
-                || ctx
-                    .caller
-                    .as_ref()
-                    .is_some_and(|c| c.can_somewhere(ACTION_AUTH_MANAGE));
-            if !ok {
-                return Err(ctx.deny(ApiError::forbidden(ACTION_CONTENT_WRITE)));
-            }
-            let jobs = crate::schedule::read_status(&app.config.data_dir)
-                .map_err(|e| ApiError::internal("mirror status", e))?;
-            Ok(json(200, &j!({ "mirrors": jobs })))
-        }
-        ("GET", ["v1", "audit"]) => audit_log(app, req, ctx),
-        (_, ["v1", "auth", rest @ ..]) => crate::http::admin::auth_routes(app, req, ctx, m, rest),
-        _ => Err(ApiError::not_found(format!(
-            "no route for {m} {}",
-            req.path
-        ))),
+        }),
+        _ => Err(no_route(m, req)),
     }
+}
+
+/// `/v1/images/{name}/versions/{ver}/...`
+fn version_routes(
+    app: &App,
+    req: &mut Request<'_>,
+    ctx: &mut Ctx,
+    m: &str,
+    name: &str,
+    ver: &str,
+    rest: &[&str],
+) -> Res {
+    match rest {
+        [] => methods!(m; "GET" => {
+            let view = readable_view(app, ctx, name, ver)?;
+            view_response(app, view)
+        }),
+        ["manifest"] => methods!(m; "GET" => manifest(app, ctx, name, ver)),
+        ["manifest.minisig"] => methods!(m; "GET" => signature(app, ctx, name, ver)),
+        ["publish"] => methods!(m; "POST" => publish(app, req, ctx, name, ver)),
+        ["artifacts"] => methods!(m;
+            "GET" => {
+                let view = readable_view(app, ctx, name, ver)?;
+                let arts: Vec<&Artifact> = view.artifacts.iter().map(|a| &a.artifact).collect();
+                Ok(json(200, &j!({ "artifacts": arts })))
+            },
+            "POST" => add_artifact(app, req, ctx, name, ver),
+        ),
+        ["artifacts", id] => methods!(m;
+            "GET" => {
+                let view = readable_view(app, ctx, name, ver)?;
+                let a = view
+                    .artifacts
+                    .iter()
+                    .find(|a| a.artifact.id == *id)
+                    .ok_or_else(|| ApiError::not_found(format!("artifact {id} not found")))?;
+                Ok(json(200, &a.artifact))
+            },
+            "DELETE" => {
+                ctx.op("artifact.delete", format!("{name}@{ver}/{id}"));
+                ctx.write(name)?;
+                let v = app.catalog.get_version(name, ver)?;
+                app.catalog.delete_artifact(&v.id, id)?;
+                Ok(Response::new(204))
+            },
+        ),
+        ["artifacts", id, "download"] => {
+            methods!(m; "GET" => download(app, req, ctx, name, ver, id, None))
+        }
+        ["artifacts", id, "attachments"] => {
+            methods!(m; "POST" => add_attachment(app, req, ctx, name, ver, id))
+        }
+        ["artifacts", id, "attachments", att] => methods!(m; "DELETE" => {
+            ctx.op("attachment.delete", format!("{name}@{ver}/{id}/{att}"));
+            ctx.write(name)?;
+            let v = app.catalog.get_version(name, ver)?;
+            app.catalog.delete_attachment(&v.id, id, att)?;
+            Ok(Response::new(204))
+        }),
+        ["artifacts", id, "attachments", att, "download"] => {
+            methods!(m; "GET" => download(app, req, ctx, name, ver, id, Some(att)))
+        }
+        _ => Err(no_route(m, req)),
+    }
+}
+
+/// `GET .../manifest.minisig`: the signature the version was published with.
+fn signature(app: &App, ctx: &mut Ctx, name: &str, ver: &str) -> Res {
+    let view = readable_view(app, ctx, name, ver)?;
+    if view.version.state != VersionState::Published {
+        return Err(ApiError::not_found(format!(
+            "{name}@{ver} is not published"
+        )));
+    }
+    let rec = app.catalog.publish_record(&view.version.id)?;
+    let sig = rec
+        .signature
+        .ok_or_else(|| ApiError::not_found(format!("{name}@{ver} was published unsigned")))?;
+    Ok(Response::new(200)
+        .with_header("Content-Type", "text/plain; charset=utf-8")
+        .with_body(Body::Bytes(sig.into_bytes())))
 }
 
 // ------------------------------------------------------------ validation
