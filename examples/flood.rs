@@ -7,8 +7,8 @@
 //! (3000) that finish TLS and send nothing, both re-opened as the server closes them;
 //! `--requests N` (20) normal requests spread over `--seconds S` (25), each on a new
 //! TLS connection and counted as unanswered after `--timeout S` (5); `--path P`
-//! (`/healthz`); `--name HOST` (`localhost`, the TLS name and Host); `--pid PID` (the
-//! server's, for its RSS and threads). Prints one summary line; exits 1 when a request
+//! (`/healthz`); `--name HOST` (`localhost`, the TLS name and Host); `--pid PID[,PID...]` (the
+//! server's processes, for their RSS and threads, summed). Prints one summary line; exits 1 when a request
 //! was not answered.
 
 #[path = "../tests/support/flood.rs"]
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         duration: Duration::from_secs(25),
         path: "/healthz".into(),
         request_timeout: Duration::from_secs(5),
-        server_pid: None,
+        server_pids: Vec::new(),
     };
     while let Some(flag) = args.next() {
         let value = args
@@ -46,7 +46,11 @@ fn main() -> anyhow::Result<()> {
             "--timeout" => cfg.request_timeout = Duration::from_secs_f64(value.parse()?),
             "--path" => cfg.path = value,
             "--name" => cfg.server_name = value,
-            "--pid" => cfg.server_pid = Some(value.parse()?),
+            "--pid" => {
+                for p in value.split(',') {
+                    cfg.server_pids.push(p.parse()?);
+                }
+            }
             _ => anyhow::bail!("unknown option {flag}; {usage}"),
         }
     }

@@ -40,7 +40,7 @@ fn six_thousand_idle_and_tls_idle_connections_leave_requests_answered() {
         // "answered", not a speed figure: p50 and p90 are printed, and compared with
         // nginx by the benchmark
         request_timeout: Duration::from_secs(5),
-        server_pid: server.pid(),
+        server_pids: server.pid().into_iter().collect(),
     };
     let report = flood::run(&cfg);
     println!("imgsrv under the flood: {}", report.summary());

@@ -33,8 +33,9 @@ pub struct FloodConfig {
     pub path: String,
     /// A request not answered within this long counts as not answered.
     pub request_timeout: Duration,
-    /// The server's PID, for its RSS and thread count.
-    pub server_pid: Option<u32>,
+    /// The server's processes (nginx: its workers), for their RSS and thread count
+    /// (summed).
+    pub server_pids: Vec<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +128,17 @@ pub fn proc_status(pid: u32) -> Option<(u64, u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?, field("Threads:")?))
 }
 
+/// [`proc_status`] summed over `pids` (`None` if there are none or one is gone).
+fn proc_status_sum(pids: &[u32]) -> Option<(u64, u64, u64)> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold((0, 0, 0), |acc, &pid| {
+        let (r, h, t) = proc_status(pid)?;
+        Some((acc.0 + r, acc.1 + h, acc.2 + t))
+    })
+}
+
 struct Counters {
     held: AtomicUsize,
     opened: AtomicU64,
@@ -162,7 +174,7 @@ pub fn run(cfg: &FloodConfig) -> FloodReport {
     for i in 0..cfg.requests {
         let at = Instant::now();
         report.held_min = report.held_min.min(counters.held.load(Ordering::SeqCst));
-        if let Some((rss, _, threads)) = cfg.server_pid.and_then(proc_status) {
+        if let Some((rss, _, threads)) = proc_status_sum(&cfg.server_pids) {
             report.server_rss_max_kib = Some(report.server_rss_max_kib.unwrap_or(0).max(rss));
             report.server_threads_max = Some(report.server_threads_max.unwrap_or(0).max(threads));
         }
@@ -177,7 +189,7 @@ pub fn run(cfg: &FloodConfig) -> FloodReport {
     if report.held_min == usize::MAX {
         report.held_min = report.held_at_start;
     }
-    report.server_hwm_kib = cfg.server_pid.and_then(proc_status).map(|(_, h, _)| h);
+    report.server_hwm_kib = proc_status_sum(&cfg.server_pids).map(|(_, h, _)| h);
     counters.stop.store(true, Ordering::SeqCst);
     if flood.join().is_err() {
         report.failures.push("the flood thread panicked".into());
