@@ -854,6 +854,75 @@ fn rfc9112_host_chunked_and_method_rules() {
     }
 }
 
+/// A body trickled below the minimum rate does not hold a worker: the read fails, the
+/// connection closes, and the one worker serves the next client.
+#[test]
+fn trickled_body_is_cut_off_at_the_minimum_rate() {
+    let _g = shared();
+    let ts = start(|c| {
+        c.max_workers = 1;
+        c.min_rate = imgsrv::http::server::MinRate {
+            bytes_per_sec: 1000,
+            window: Duration::from_secs(1),
+        };
+    });
+    let mut slow = tcp(ts.addr);
+    slow.write_all(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .expect("send");
+    let t = Instant::now();
+    let mut closed = None;
+    for _ in 0..40 {
+        thread::sleep(Duration::from_millis(100));
+        if slow.write_all(b"x").is_err() {
+            closed = Some(t.elapsed());
+            break;
+        }
+        // closed (EOF or reset) or answered (the handler saw the read fail)?
+        slow.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 512];
+        let still_open =
+            matches!(slow.read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock);
+        slow.set_nonblocking(false).expect("blocking");
+        if !still_open {
+            closed = Some(t.elapsed());
+            break;
+        }
+    }
+    let took = closed.expect("a 10 bytes/s body was not cut off within 4 s");
+    assert!(
+        took >= Duration::from_millis(900),
+        "cut off early: {took:?}"
+    );
+    let (r, _) = exchange(ts.addr, &get("/after"));
+    assert_eq!(r.status, 200);
+}
+
+/// A complete request that waited in the queue longer than header_timeout (every
+/// worker busy) is answered 503 with Retry-After instead of late.
+#[test]
+fn a_request_queued_too_long_gets_503() {
+    let _g = shared();
+    let ts = start(|c| {
+        c.max_workers = 1;
+        c.header_timeout = Duration::from_secs(1);
+    });
+    // holds the one worker: its handler waits for the rest of the body
+    let mut a = Client::new(tcp(ts.addr));
+    a.send(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n01234");
+    thread::sleep(Duration::from_millis(200));
+    let mut b = Client::new(tcp(ts.addr));
+    b.send(&get("/queued"));
+    thread::sleep(Duration::from_millis(1500));
+    a.send(b"56789");
+    assert_eq!(a.read_response(false).text(), "0123456789");
+    let r = b.read_response(false);
+    assert_eq!((r.status, r.header("retry-after")), (503, Some("5")));
+    assert!(b.at_eof());
+    // and the worker serves again
+    let (r, _) = exchange(ts.addr, &get("/after"));
+    assert_eq!(r.status, 200);
+}
+
 // 7 ----------------------------------------------------------------------------------------
 
 #[test]

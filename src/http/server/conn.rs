@@ -30,13 +30,18 @@ pub(super) fn serve(p: Parked, shared: &Shared, handler: &Handler, scratch: &mut
         buf,
         peer,
         closing: _,
-        _slot: slot,
+        since,
+        slot,
     } = p;
     if let Err(e) = stream.set_nonblocking(false) {
         log::debug!("{peer}: {e}");
         return;
     }
-    let sock = Sock::new(stream, Limit::PerOp(shared.cfg.io_timeout));
+    let sock = Sock::new(
+        stream,
+        Limit::PerOp(shared.cfg.io_timeout),
+        shared.cfg.min_rate,
+    );
     let io = match tls {
         Some(conn) => Io::Tls(Box::new(TlsIo { conn, sock })),
         None => Io::Plain(sock),
@@ -47,6 +52,16 @@ pub(super) fn serve(p: Parked, shared: &Shared, handler: &Handler, scratch: &mut
         peer,
         slot,
     };
+    if since.elapsed() > shared.cfg.header_timeout {
+        // Every worker was busy for that long: say so rather than answer late.
+        log::warn!(
+            "{peer}: request waited {:?} for a worker; answering 503 (limits.max_workers is {})",
+            since.elapsed(),
+            shared.cfg.max_workers
+        );
+        c.reject(shared, 503, Instant::now(), scratch);
+        return;
+    }
     loop {
         // `None`: the connection was closed (or handed back to linger).
         let Some(next) = one_request(c, shared, handler, scratch) else {
@@ -180,6 +195,12 @@ fn one_request(
     if !keep_alive {
         return c.close(shared, true, false);
     }
+    // An unread body is drained within header_timeout, or the connection closes (a
+    // trickled body must not hold the worker).
+    c.bio
+        .io
+        .sock()
+        .set_limit(Limit::Deadline(Instant::now() + cfg.header_timeout));
     if !matches!(body_state, BodyState::Done)
         && !drain(&mut c, &mut body_state, cfg.max_header_bytes, scratch)
     {
@@ -208,13 +229,20 @@ impl Conn {
             Io::Plain(s) => (s.stream, None),
             Io::Tls(t) => (t.sock.stream, Some(t.conn)),
         };
+        // A closing connection lingers as a bare socket (its close_notify was sent).
+        let (tls, buf) = if closing {
+            (None, Vec::new())
+        } else {
+            (tls, buf)
+        };
         Parked {
             stream,
             tls,
             buf,
             peer: self.peer,
             closing,
-            _slot: self.slot,
+            since: Instant::now(),
+            slot: self.slot,
         }
     }
 

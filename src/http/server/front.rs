@@ -38,6 +38,8 @@ const FIRST_CONN: usize = 2;
 /// After accept fails for lack of file descriptors with nothing left to close, retry
 /// after this long (the listener stays readable; edge-triggered, it would not wake us).
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+/// Connections accepted per turn of the loop at most.
+const ACCEPT_BATCH: usize = 256;
 /// Read size on the front stage (head bytes, discarded linger bytes).
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -79,6 +81,7 @@ pub(super) struct Front {
     deadlines: BTreeSet<(Instant, usize)>,
     next_token: usize,
     accept_retry: Option<Instant>,
+    accept_warned: Option<Instant>,
 }
 
 impl Front {
@@ -100,6 +103,7 @@ impl Front {
             deadlines: BTreeSet::new(),
             next_token: FIRST_CONN,
             accept_retry: None,
+            accept_warned: None,
         }
     }
 
@@ -150,27 +154,48 @@ impl Front {
         }
     }
 
+    /// Accepts what is pending, [`ACCEPT_BATCH`] at most per turn so that a stream of new
+    /// connections cannot starve the ones already here (the rest on the next turn).
     fn accept(&mut self) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer),
-                Err(e) => match e.kind() {
-                    io::ErrorKind::WouldBlock => return,
-                    io::ErrorKind::Interrupted
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::ConnectionReset => {}
-                    _ => {
-                        // EMFILE/ENFILE/ENOBUFS: make room if we can, else retry later
+                Err(e) => match e.raw_os_error() {
+                    _ if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Some(libc::EMFILE | libc::ENFILE) => {
+                        // Out of descriptors: make room if we can, else retry later
                         // rather than spin on a listener that stays readable.
                         if !self.evict_one() {
-                            log::warn!("accept failed: {e}");
-                            self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+                            self.accept_failed(&e);
                             return;
                         }
+                    }
+                    // the client went away, or a transient network error: next one
+                    Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
+                    | Some(libc::ENETDOWN | libc::ENONET | libc::EHOSTUNREACH)
+                    | Some(libc::ENETUNREACH | libc::EHOSTDOWN | libc::EOPNOTSUPP) => {}
+                    _ => {
+                        // ENOBUFS, ENOMEM, ...: closing a client would not help
+                        self.accept_failed(&e);
+                        return;
                     }
                 },
             }
         }
+        // More may be waiting; edge-triggered, the listener will not say so again.
+        self.accept_retry = Some(Instant::now());
+    }
+
+    fn accept_failed(&mut self, e: &io::Error) {
+        let now = Instant::now();
+        if self
+            .accept_warned
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+        {
+            log::warn!("accept failed: {e} (retrying every {ACCEPT_RETRY:?})");
+            self.accept_warned = Some(now);
+        }
+        self.accept_retry = Some(now + ACCEPT_RETRY);
     }
 
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
@@ -261,7 +286,7 @@ impl Front {
                     buf: p.buf,
                     phase,
                     deadline,
-                    slot: p._slot,
+                    slot: p.slot,
                 }
             })
             .collect();
@@ -294,7 +319,8 @@ impl Front {
                         buf: e.buf,
                         peer: e.peer,
                         closing: false,
-                        _slot: e.slot,
+                        since: Instant::now(),
+                        slot: e.slot,
                     });
                 }
             }
@@ -336,6 +362,9 @@ impl Front {
             e.tls.is_some(),
         );
         let _ = e.stream.shutdown(Shutdown::Write);
+        // what lingers is the bare socket
+        e.tls = None;
+        e.buf = Vec::new();
         e.phase = Phase::Linger { discarded: 0 };
         e.deadline = Instant::now() + LINGER;
         self.insert(e);
@@ -374,6 +403,17 @@ fn close_quietly(mut e: Entry) {
         tls.send_close_notify();
         let _ = write_tls_nonblocking(tls, &mut e.stream);
     }
+}
+
+/// Appends to a head buffer that never holds more than `max` bytes: grown to what it
+/// needs (doubling, but never past `max`), so a partial head costs its size, not twice.
+fn append(buf: &mut Vec<u8>, data: &[u8], max: usize) {
+    let need = buf.len() + data.len();
+    if need > buf.capacity() {
+        let cap = (buf.capacity() * 2).clamp(need, max.max(need));
+        buf.reserve_exact(cap - buf.len());
+    }
+    buf.extend_from_slice(data);
 }
 
 /// Writes what rustls wants to send until the socket would block.
@@ -415,7 +455,8 @@ impl Entry {
                             }
                         },
                         _ => {
-                            self.phase = Phase::Head { idle: false };
+                            // (idle until a byte that is not a blank line arrives)
+                            self.phase = Phase::Head { idle: true };
                             self.deadline = Instant::now() + cfg.header_timeout;
                         }
                     }
@@ -527,7 +568,7 @@ impl Entry {
                 let want = (max - self.buf.len()).min(READ_CHUNK);
                 match self.stream.read(&mut chunk[..want]) {
                     Ok(0) => return Ok(true),
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Ok(n) => append(&mut self.buf, &chunk[..n], max),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
@@ -541,7 +582,7 @@ impl Entry {
                 let want = (max - self.buf.len()).min(READ_CHUNK);
                 match tls.reader().read(&mut chunk[..want]) {
                     Ok(0) => return Ok(true),
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Ok(n) => append(&mut self.buf, &chunk[..n], max),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(true),
                     Err(e) => return Err(e),

@@ -54,6 +54,7 @@ use rustls::ServerConnection;
 
 use super::message::{Request, Response};
 
+pub use sock::MinRate;
 pub use wire::{http_date, reason_phrase};
 
 /// Engine settings. `Default` listens on `127.0.0.1:0` without TLS.
@@ -79,6 +80,10 @@ pub struct ServerConfig {
     pub max_workers: usize,
     /// A request head larger than this gets `431`.
     pub max_header_bytes: usize,
+    /// While reading a body or writing a response, the peer must move at least this
+    /// many bytes per second of waiting (measured over the window), else the
+    /// connection closes: a trickle cannot hold a worker.
+    pub min_rate: MinRate,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +98,10 @@ impl Default for ServerConfig {
             max_connections: 16 * 1024,
             max_workers: 256,
             max_header_bytes: 32 * 1024,
+            min_rate: MinRate {
+                bytes_per_sec: 1024,
+                window: Duration::from_secs(30),
+            },
         }
     }
 }
@@ -143,14 +152,18 @@ impl Drop for Slot {
 
 /// A connection between two stages: handed by the front stage to a worker with a
 /// complete request head in `buf`, or back by the worker to wait for the next request
-/// (`buf`: what of it already arrived) or, `closing`, to linger before the close.
+/// (`buf`: what of it already arrived) or, `closing`, to linger before the close (then
+/// `buf` is empty and `tls` gone: what lingers is the bare socket).
 struct Parked {
     stream: TcpStream,
     tls: Option<Box<ServerConnection>>,
     buf: Vec<u8>,
     peer: SocketAddr,
     closing: bool,
-    _slot: Slot,
+    /// When it was handed over (a worker answers 503 to a request that waited in the
+    /// queue longer than `header_timeout`).
+    since: Instant,
+    slot: Slot,
 }
 
 struct ShutdownInner {
@@ -290,6 +303,8 @@ impl Server {
             self.max_open,
         );
         let result = front.run();
+        // (also when the front stage failed: workers then close instead of handing back)
+        shared.shutdown.flag.store(true, Ordering::SeqCst);
         let left = pool.close(Instant::now() + SHUTDOWN_GRACE);
         if left > 0 {
             log::warn!("shutdown: {left} request(s) still busy, not waiting longer");

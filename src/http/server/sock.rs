@@ -19,27 +19,74 @@ pub(super) enum Limit {
     Deadline(Instant),
 }
 
-/// A TCP stream whose reads and writes are bounded by a [`Limit`]. Timeouts surface as
-/// `ErrorKind::TimedOut`.
+/// Under [`Limit::PerOp`] a peer must also keep a pace: for every `window` spent waiting
+/// on it, at least `min_bytes` must move (Apache's `mod_reqtimeout` MinRate idea; the
+/// server sets 1 KiB/s over 30 s, [`super::ServerConfig::min_rate`]). A client trickling
+/// a body or reading a download a byte a minute would otherwise hold a worker as long as
+/// it likes with a per-operation timeout alone. Only time blocked in the socket counts,
+/// so a handler that computes for a minute before answering is not cut off.
+#[derive(Clone, Copy, Debug)]
+pub struct MinRate {
+    pub bytes_per_sec: u64,
+    pub window: Duration,
+}
+
+#[derive(Default)]
+struct Pace {
+    waited: Duration,
+    bytes: u64,
+}
+
+/// A TCP stream whose reads and writes are bounded by a [`Limit`] (and a minimum pace).
+/// Timeouts surface as `ErrorKind::TimedOut`.
 pub(super) struct Sock {
     pub stream: TcpStream,
     limit: Limit,
     read_to: Option<Duration>,
     write_to: Option<Duration>,
+    min_rate: MinRate,
+    pace: Pace,
 }
 
 impl Sock {
-    pub fn new(stream: TcpStream, limit: Limit) -> Sock {
+    pub fn new(stream: TcpStream, limit: Limit, min_rate: MinRate) -> Sock {
         Sock {
             stream,
             limit,
             read_to: None,
             write_to: None,
+            min_rate,
+            pace: Pace::default(),
         }
     }
 
     pub fn set_limit(&mut self, limit: Limit) {
         self.limit = limit;
+        self.pace = Pace::default();
+    }
+
+    /// Counts an operation that waited `waited` and moved `n` bytes against the pace.
+    fn paced(&mut self, waited: Duration, n: usize) -> io::Result<usize> {
+        if !matches!(self.limit, Limit::PerOp(_)) {
+            return Ok(n);
+        }
+        self.pace.waited += waited;
+        self.pace.bytes += n as u64;
+        let MinRate {
+            bytes_per_sec,
+            window,
+        } = self.min_rate;
+        if self.pace.waited >= window {
+            let slow = (self.pace.bytes as f64) < bytes_per_sec as f64 * window.as_secs_f64();
+            self.pace = Pace::default();
+            if slow {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("peer slower than {bytes_per_sec} bytes/s"),
+                ));
+            }
+        }
+        Ok(n)
     }
 
     fn op_timeout(&self) -> io::Result<Duration> {
@@ -67,9 +114,11 @@ impl Sock {
                 self.stream.set_write_timeout(Some(d))?;
                 self.write_to = Some(d);
             }
+            let t = Instant::now();
             match op(&mut self.stream) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r.map_err(timeout_kind),
+                Ok(n) => return self.paced(t.elapsed(), n),
+                Err(e) => return Err(timeout_kind(e)),
             }
         }
     }
@@ -91,9 +140,11 @@ impl Read for Sock {
                 self.stream.set_read_timeout(Some(d))?;
                 self.read_to = Some(d);
             }
+            let t = Instant::now();
             match self.stream.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => return r.map_err(timeout_kind),
+                Ok(n) => return self.paced(t.elapsed(), n),
+                Err(e) => return Err(timeout_kind(e)),
             }
         }
     }
