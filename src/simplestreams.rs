@@ -100,24 +100,20 @@ impl StreamsCache {
                 .then(|| c.1.get(&key).cloned())
                 .flatten()
         };
+        let lookup = |generation: Option<i64>| {
+            self.current
+                .read()
+                .ok()
+                .and_then(|c| cached(&c, generation))
+        };
         let generation = self.trusted_generation(cat);
-        if let Some(s) = self
-            .current
-            .read()
-            .ok()
-            .and_then(|c| cached(&c, generation))
-        {
+        if let Some(s) = lookup(generation) {
             return Ok(s);
         }
         // one rebuild at a time; others wait and then reuse its result
         let _guard = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
         let generation = self.trusted_generation(cat);
-        if let Some(s) = self
-            .current
-            .read()
-            .ok()
-            .and_then(|c| cached(&c, generation))
-        {
+        if let Some(s) = lookup(generation) {
             return Ok(s);
         }
         let visible: HashSet<&str> = key.0.iter().map(String::as_str).collect();

@@ -46,8 +46,8 @@ type Objects = BTreeMap<(String, String), String>;
 struct Reference {
     /// The objects after 0, 1, ... migrations.
     steps: Vec<Objects>,
-    /// The built-in roles: (id, display name, description, actions).
-    roles: Vec<(String, String, String, Vec<String>)>,
+    /// The built-in roles and their actions.
+    roles: Vec<super::Role>,
 }
 
 fn backend(e: impl std::fmt::Display) -> CatalogError {
@@ -90,30 +90,8 @@ fn build_reference() -> Result<Reference> {
             .map_err(|e| backend(format!("built-in migration {}: {e}", i + 1)))?;
         steps.push(objects(&c)?);
     }
-    let mut st = c
-        .prepare("SELECT id, display_name, description FROM roles ORDER BY id")
-        .map_err(backend)?;
-    let roles: Vec<(String, String, String)> = st
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .map_err(backend)?
-        .collect::<rusqlite::Result<_>>()
-        .map_err(backend)?;
-    let mut st = c
-        .prepare("SELECT action FROM role_actions WHERE role_id = ?1 ORDER BY action")
-        .map_err(backend)?;
-    let mut with_actions = Vec::new();
-    for (id, name, description) in roles {
-        let actions = st
-            .query_map([&id], |r| r.get(0))
-            .map_err(backend)?
-            .collect::<rusqlite::Result<_>>()
-            .map_err(backend)?;
-        with_actions.push((id, name, description, actions));
-    }
-    Ok(Reference {
-        steps,
-        roles: with_actions,
-    })
+    let roles = super::sqlite::read_roles(&c)?;
+    Ok(Reference { steps, roles })
 }
 
 fn reference() -> Result<&'static Reference> {
@@ -233,7 +211,13 @@ fn rearm(tx: &Transaction, reference: &Reference) -> Result<()> {
 
 /// The built-in roles and their actions, exactly as the schema defines them.
 fn repair_roles(tx: &Transaction, reference: &Reference) -> Result<()> {
-    for (id, name, description, actions) in &reference.roles {
+    for super::Role {
+        id,
+        display_name: name,
+        description,
+        actions,
+    } in &reference.roles
+    {
         let mut changed = tx
             .execute(
                 "INSERT INTO roles (id, display_name, description) VALUES (?1, ?2, ?3) \

@@ -1121,37 +1121,41 @@ impl BlobCatalog for SqliteCatalog {
     }
 }
 
-impl AuthCatalog for SqliteCatalog {
-    fn roles(&self) -> Result<Vec<Role>> {
-        let c = self.conn()?;
+/// The roles and their actions as stored (the catalog's own, and the reference schema
+/// the repair at open compares with, [`super::migrate`]).
+pub(super) fn read_roles(c: &Connection) -> Result<Vec<Role>> {
+    let mut st = c
+        .prepare("SELECT id, display_name, description FROM roles ORDER BY id")
+        .map_err(backend)?;
+    let roles: Vec<(String, String, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(backend)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(backend)?;
+    let mut out = Vec::new();
+    for (id, display_name, description) in roles {
         let mut st = c
-            .prepare("SELECT id, display_name, description FROM roles ORDER BY id")
+            .prepare_cached("SELECT action FROM role_actions WHERE role_id = ?1 ORDER BY action")
             .map_err(backend)?;
-        let roles: Vec<(String, String, String)> = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        let actions = st
+            .query_map([&id], |r| r.get(0))
             .map_err(backend)?
             .collect::<rusqlite::Result<_>>()
             .map_err(backend)?;
-        let mut out = Vec::new();
-        for (id, display_name, description) in roles {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT action FROM role_actions WHERE role_id = ?1 ORDER BY action",
-                )
-                .map_err(backend)?;
-            let actions = st
-                .query_map([&id], |r| r.get(0))
-                .map_err(backend)?
-                .collect::<rusqlite::Result<_>>()
-                .map_err(backend)?;
-            out.push(Role {
-                id,
-                display_name,
-                description,
-                actions,
-            });
-        }
-        Ok(out)
+        out.push(Role {
+            id,
+            display_name,
+            description,
+            actions,
+        });
+    }
+    Ok(out)
+}
+
+impl AuthCatalog for SqliteCatalog {
+    fn roles(&self) -> Result<Vec<Role>> {
+        let c = self.conn()?;
+        read_roles(&c)
     }
 
     fn create_principal(

@@ -43,6 +43,23 @@ fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
     u64::from_str_radix(s, 16).map_err(|_| bad_chunk("invalid chunk size"))
 }
 
+/// Reads what it can (at most `*left` bytes) of a counted run of body bytes (a
+/// `Content-Length` body or one chunk) and counts it down; EOF before its end is `short`.
+fn read_run(
+    bio: &mut BufIo,
+    out: &mut [u8],
+    left: &mut u64,
+    short: &'static str,
+) -> io::Result<usize> {
+    let want = (out.len() as u64).min(*left) as usize;
+    let n = bio.read_into(&mut out[..want])?;
+    if n == 0 {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, short));
+    }
+    *left -= n as u64;
+    Ok(n)
+}
+
 impl BodyReader<'_> {
     fn read_inner(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -54,15 +71,12 @@ impl BodyReader<'_> {
                     ))
                 }
                 BodyState::Length(left) => {
-                    let want = (out.len() as u64).min(*left) as usize;
-                    let n = self.bio.read_into(&mut out[..want])?;
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "request body shorter than Content-Length",
-                        ));
-                    }
-                    *left -= n as u64;
+                    let n = read_run(
+                        self.bio,
+                        out,
+                        left,
+                        "request body shorter than Content-Length",
+                    )?;
                     if *left == 0 {
                         *self.state = BodyState::Done;
                     }
@@ -77,15 +91,7 @@ impl BodyReader<'_> {
                     });
                 }
                 BodyState::Chunked(ChunkState::Data(left)) => {
-                    let want = (out.len() as u64).min(*left) as usize;
-                    let n = self.bio.read_into(&mut out[..want])?;
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "truncated chunk",
-                        ));
-                    }
-                    *left -= n as u64;
+                    let n = read_run(self.bio, out, left, "truncated chunk")?;
                     if *left == 0 {
                         *self.state = BodyState::Chunked(ChunkState::DataEnd);
                     }

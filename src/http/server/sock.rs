@@ -103,16 +103,26 @@ impl Sock {
         }
     }
 
-    /// One write under the current limit, retried on EINTR.
-    fn write_with(
+    /// One read or write (`write`) under the current limit and pace, retried on EINTR.
+    fn op(
         &mut self,
+        write: bool,
         mut op: impl FnMut(&mut TcpStream) -> io::Result<usize>,
     ) -> io::Result<usize> {
         loop {
-            let d = self.op_timeout()?;
-            if self.write_to != Some(d) {
-                self.stream.set_write_timeout(Some(d))?;
-                self.write_to = Some(d);
+            let d = Some(self.op_timeout()?);
+            let set = if write {
+                &mut self.write_to
+            } else {
+                &mut self.read_to
+            };
+            if *set != d {
+                if write {
+                    self.stream.set_write_timeout(d)?;
+                } else {
+                    self.stream.set_read_timeout(d)?;
+                }
+                *set = d;
             }
             let t = Instant::now();
             match op(&mut self.stream) {
@@ -134,29 +144,17 @@ fn timeout_kind(e: io::Error) -> io::Error {
 
 impl Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let d = self.op_timeout()?;
-            if self.read_to != Some(d) {
-                self.stream.set_read_timeout(Some(d))?;
-                self.read_to = Some(d);
-            }
-            let t = Instant::now();
-            match self.stream.read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(n) => return self.paced(t.elapsed(), n),
-                Err(e) => return Err(timeout_kind(e)),
-            }
-        }
+        self.op(false, |s| s.read(buf))
     }
 }
 
 impl Write for Sock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_with(|s| s.write(buf))
+        self.op(true, |s| s.write(buf))
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.write_with(|s| s.write_vectored(bufs))
+        self.op(true, |s| s.write_vectored(bufs))
     }
 
     fn flush(&mut self) -> io::Result<()> {
