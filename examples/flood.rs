@@ -54,8 +54,8 @@ fn main() -> anyhow::Result<()> {
             _ => anyhow::bail!("unknown option {flag}; {usage}"),
         }
     }
-    let fds = flood::raise_fd_limit();
-    let need = (cfg.idle_tcp + cfg.idle_tls + 64) as u64;
+    let fds = imgsrv::http::server::raise_fd_limit();
+    let need = cfg.idle_tcp + cfg.idle_tls + 64;
     anyhow::ensure!(
         fds >= need,
         "this process may open {fds} files, the flood needs {need}: raise the hard limit (ulimit -Hn)"

@@ -605,3 +605,25 @@ fn one_server_per_data_directory() {
     let lock = std::fs::read_to_string(data.join("serve.lock")).unwrap();
     assert_eq!(lock.trim(), server.pid().unwrap().to_string());
 }
+
+/// Issue 7.7: `imgsrv --version` names the SQLite built into the binary, and it has the
+/// 2025 fixes (CVE-2025-29087, CVE-2025-3277, CVE-2025-6965: 3.50.2 or newer).
+#[test]
+fn version_names_the_bundled_sqlite() {
+    let out = imgsrv(&["--version"]);
+    let line = text(&out);
+    let v = line
+        .split("SQLite ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no SQLite version in {line:?}"));
+    let parts: Vec<u32> = v.split('.').map(|p| p.parse().expect("number")).collect();
+    assert!(
+        parts.as_slice() >= [3, 50, 2].as_slice(),
+        "bundled SQLite {v} predates 3.50.2: {line}"
+    );
+    assert!(
+        line.starts_with(&format!("imgsrv {}", env!("CARGO_PKG_VERSION"))),
+        "{line}"
+    );
+}

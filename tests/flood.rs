@@ -20,7 +20,7 @@ use support::TestServer;
 
 #[test]
 fn six_thousand_idle_and_tls_idle_connections_leave_requests_answered() {
-    let fds = flood::raise_fd_limit();
+    let fds = imgsrv::http::server::raise_fd_limit();
     assert!(
         fds >= 6200,
         "the flood needs 6,200 file descriptors, this process may open {fds}: raise `ulimit -Hn`"

@@ -1052,9 +1052,15 @@ fn download(
     artifact: &str,
     attachment: Option<&str>,
 ) -> Res {
-    // a private image the caller may not read is not revealed (and audited)
-    ctx.readable_image(app, name)?;
+    // The rule decides first (a private image the caller may not read is a 404 that
+    // is audited, and says nothing of what the version holds); then the artifact.
     let view = app.catalog.version_view(name, ver)?;
+    let citing = [catalog::BlobRef {
+        image: view.image.clone(),
+        version_id: view.version.id.clone(),
+        published: view.version.state == VersionState::Published,
+    }];
+    let public = download_allowed(app, ctx, &citing, false, &format!("{name}@{ver}"))?;
     let a = view
         .artifacts
         .iter()
@@ -1075,12 +1081,6 @@ fn download(
             (&t.blob_digest, t.blob_size_bytes, &t.media_type)
         }
     };
-    let citing = [catalog::BlobRef {
-        image: view.image.clone(),
-        version_id: view.version.id.clone(),
-        published: view.version.state == VersionState::Published,
-    }];
-    let public = download_allowed(app, ctx, &citing, false, &format!("{name}@{ver}"))?;
     serve_blob(app, req, digest, size, media_type, public)
 }
 

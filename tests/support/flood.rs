@@ -99,21 +99,6 @@ impl FloodReport {
     }
 }
 
-/// Raises this process's soft file descriptor limit to the hard one; returns it.
-pub fn raise_fd_limit() -> u64 {
-    // SAFETY: getrlimit/setrlimit on a struct we own.
-    unsafe {
-        let mut rl: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
-            return 0;
-        }
-        rl.rlim_cur = rl.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
-        rl.rlim_cur
-    }
-}
-
 /// `VmRSS`, `VmHWM` (KiB) and `Threads` of process `pid`.
 pub fn proc_status(pid: u32) -> Option<(u64, u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

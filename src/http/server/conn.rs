@@ -59,7 +59,8 @@ pub(super) fn serve(p: Parked, shared: &Shared, handler: &Handler, scratch: &mut
             since.elapsed(),
             shared.cfg.max_workers
         );
-        c.reject(shared, 503, Instant::now(), scratch);
+        let busy = error_response(503).with_header("Retry-After", "5");
+        c.answer_and_close(shared, busy, Instant::now(), scratch);
         return;
     }
     loop {
@@ -267,14 +268,24 @@ impl Conn {
 
     /// Answers an engine-detected error with `status` and closes the connection.
     fn reject(
-        mut self,
+        self,
         shared: &Shared,
         status: u16,
         started: Instant,
         scratch: &mut Vec<u8>,
     ) -> Option<Conn> {
-        let resp = error_response(status);
-        let len = resp.body.len();
+        self.answer_and_close(shared, error_response(status), started, scratch)
+    }
+
+    /// Sends an engine-made response `resp` and closes the connection.
+    fn answer_and_close(
+        mut self,
+        shared: &Shared,
+        resp: crate::http::message::Response,
+        started: Instant,
+        scratch: &mut Vec<u8>,
+    ) -> Option<Conn> {
+        let (status, len) = (resp.status, resp.body.len());
         self.bio
             .io
             .sock()

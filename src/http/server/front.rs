@@ -267,19 +267,21 @@ impl Front {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
         );
-        let cfg = &self.shared.cfg;
+        let (keepalive, header) = (
+            self.shared.cfg.keepalive_timeout,
+            self.shared.cfg.header_timeout,
+        );
         let now = Instant::now();
-        let entries: Vec<Entry> = returned
-            .into_iter()
-            .map(|p| {
-                let (phase, deadline) = if p.closing {
-                    (Phase::Linger { discarded: 0 }, now + LINGER)
-                } else if p.buf.is_empty() {
-                    (Phase::Head { idle: true }, now + cfg.keepalive_timeout)
-                } else {
-                    (Phase::Head { idle: false }, now + cfg.header_timeout)
-                };
-                Entry {
+        for p in returned {
+            let (phase, deadline) = if p.closing {
+                (Phase::Linger { discarded: 0 }, now + LINGER)
+            } else if p.buf.is_empty() {
+                (Phase::Head { idle: true }, now + keepalive)
+            } else {
+                (Phase::Head { idle: false }, now + header)
+            };
+            if p.stream.set_nonblocking(true).is_ok() {
+                self.insert(Entry {
                     stream: p.stream,
                     peer: p.peer,
                     tls: p.tls,
@@ -287,12 +289,7 @@ impl Front {
                     phase,
                     deadline,
                     slot: p.slot,
-                }
-            })
-            .collect();
-        for e in entries {
-            if e.stream.set_nonblocking(true).is_ok() {
-                self.insert(e);
+                });
             }
         }
     }

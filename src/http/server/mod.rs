@@ -318,10 +318,11 @@ impl Server {
     }
 }
 
-/// Raises the soft file descriptor limit to the hard one (as Go and nginx's
+/// Raises this process's soft file descriptor limit to the hard one (as Go and nginx's
 /// `worker_rlimit_nofile` do; Debian's default soft limit of 1024 would cap the
-/// connections long before memory does). Returns the soft limit now in force.
-fn raise_fd_limit() -> usize {
+/// connections long before memory does). Returns the soft limit now in force. (Also
+/// what the flood client of the tests and benchmark calls for its own sockets.)
+pub fn raise_fd_limit() -> usize {
     // SAFETY: getrlimit/setrlimit write/read the struct we own.
     unsafe {
         let mut rl: libc::rlimit = std::mem::zeroed();

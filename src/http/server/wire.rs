@@ -238,14 +238,9 @@ fn write_bytes(
 /// A minimal engine-generated response (errors before a handler ran).
 pub(super) fn error_response(status: u16) -> Response {
     let body = format!("{} {}\n", status, reason_phrase(status));
-    let r = Response::new(status)
+    Response::new(status)
         .with_header("Content-Type", "text/plain; charset=utf-8")
-        .with_body(Body::Bytes(body.into_bytes()));
-    if status == 503 {
-        r.with_header("Retry-After", "5")
-    } else {
-        r
-    }
+        .with_body(Body::Bytes(body.into_bytes()))
 }
 
 #[cfg(test)]
