@@ -375,6 +375,61 @@ impl FsStore {
 }
 
 impl BlobStore for FsStore {
+    fn list(&self, each: &mut dyn FnMut(super::StoredBlob) -> bool) -> Result<()> {
+        let top = self.root.join("sha256");
+        for entry in walkdir::WalkDir::new(&top).min_depth(3).max_depth(3) {
+            let entry = entry.map_err(|e| {
+                let path = e.path().unwrap_or(&top).to_path_buf();
+                io_err("walk", &path)(e.into())
+            })?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy();
+            let digest = match Digest::from_hex(&name) {
+                Ok(d) if self.blob_path(&d) == entry.path() => d,
+                _ => {
+                    log::warn!(
+                        "blob store: {} is not a blob; left alone",
+                        entry.path().display()
+                    );
+                    continue;
+                }
+            };
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                // removed while walking (a GC): not there any more
+                Err(e) if e.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound) => {
+                    continue
+                }
+                Err(e) => return Err(io_err("stat", entry.path())(e.into())),
+            };
+            let stored_at = meta.modified().map_err(io_err("stat", entry.path()))?;
+            if !each(super::StoredBlob {
+                digest,
+                size: meta.len(),
+                stored_at,
+            }) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&self, digest: &Digest) -> Result<bool> {
+        let p = self.blob_path(digest);
+        match fs::remove_file(&p) {
+            Ok(()) => {
+                if let Some(dir) = p.parent() {
+                    fsync_dir(dir)?;
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("remove", &p)(e)),
+        }
+    }
+
     fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
         let p = self.blob_path(digest);
         match fs::metadata(&p) {

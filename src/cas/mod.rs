@@ -53,7 +53,24 @@ pub struct StagedPart {
     pub size: u64,
 }
 
+/// A blob as the store has it (not as the catalog says it should be).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// When it was stored (the file's modification time).
+    pub stored_at: std::time::SystemTime,
+}
+
 pub trait BlobStore: Send + Sync {
+    /// Every blob stored, in no particular order, one at a time to `each`
+    /// (which returns `false` to stop). A name in the store that is not a
+    /// blob (a stray file) is skipped with a warning, never listed.
+    fn list(&self, each: &mut dyn FnMut(StoredBlob) -> bool) -> Result<()>;
+    /// Removes a blob; `false` if it was not there. Only garbage
+    /// collection calls this, after the catalog says nothing needs it.
+    fn delete(&self, digest: &Digest) -> Result<bool>;
+
     /// Size of a stored blob, `None` if absent.
     fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
     /// Reads `len` bytes from `offset` (the caller checked the bounds).

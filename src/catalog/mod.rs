@@ -534,9 +534,41 @@ pub trait AuditCatalog: Send + Sync {
     fn query_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>>;
 }
 
+/// Held while a maintenance job runs; released when dropped.
+pub struct JobLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl JobLock {
+    pub fn new(held: impl Send + Sync + 'static) -> JobLock {
+        JobLock(Box::new(held))
+    }
+}
+
+/// How [`MaintCatalog::job_lock`] takes a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// With other shared holders (a backup copying blobs).
+    Shared,
+    /// Alone (a GC deleting blobs).
+    Exclusive,
+}
+
+/// What maintenance jobs (gc, scrub, backup) need from the catalog beyond
+/// the content and blob rows.
+pub trait MaintCatalog: Send + Sync {
+    /// A lock named `job`, held by every process and every instance sharing
+    /// this catalog (a file lock beside the SQLite file; an advisory lock in
+    /// a shared database). `wait`: block until it can be had; else `None`
+    /// when another holder has it. Locks named alike exclude each other by
+    /// mode (shared holders together, an exclusive one alone).
+    fn job_lock(&self, job: &str, mode: LockMode, wait: bool) -> Result<Option<JobLock>>;
+}
+
 /// Everything a server needs from its catalog.
-pub trait Catalog: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog {}
-impl<T: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog> Catalog for T {}
+pub trait Catalog:
+    ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog + MaintCatalog
+{
+}
+impl<T: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog + MaintCatalog> Catalog for T {}
 
 /// RFC 3339 UTC timestamp with nanoseconds.
 /// `imgsrv VERSION` plus the versions of the storage engines built in (for

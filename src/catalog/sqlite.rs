@@ -16,6 +16,7 @@
 //!   reserve as free pages: see `space.rs`.
 
 mod audit;
+mod maint;
 
 use super::space;
 use super::*;
