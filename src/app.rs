@@ -312,18 +312,48 @@ impl App {
         }
     }
 
+    /// Held (shared) by every write to the blob store, for as long as it
+    /// takes to check what is stored, store and record it: garbage
+    /// collection holds it exclusively while it deletes, so it never deletes
+    /// a blob between a writer's check and the row that makes it needed
+    /// (see [`crate::maint::gc`]).
+    pub fn blob_write_lock(&self) -> Result<crate::catalog::JobLock, crate::catalog::CatalogError> {
+        self.catalog
+            .job_lock(
+                crate::maint::gc::BLOBS_LOCK,
+                crate::catalog::LockMode::Shared,
+                true,
+            )?
+            .ok_or_else(|| crate::catalog::CatalogError::Backend("blob lock not granted".into()))
+    }
+
+    /// A lease for a job that stores blobs and then cites them in a draft
+    /// (a mirror run, a bundle import): what it stores is pinned until the
+    /// lease is dropped (or, after a crash, expires), so that garbage
+    /// collection, whatever its grace, never takes a blob between its
+    /// ingest and the draft that cites it.
+    pub fn lease(&self, purpose: &str) -> Lease {
+        Lease {
+            holder: format!("{purpose}:{}", crate::catalog::new_id()),
+            catalog: self.catalog.clone(),
+        }
+    }
+
     /// Stores a blob that arrives whole (mirroring, bundle import): checks
-    /// size and digest while writing, then records it. Idempotent. On a
-    /// full disk it is refused before a byte is written (the catalog, then
-    /// the store, must have room: [`App::room_for_change`]).
+    /// size and digest while writing, then records it, pinned for `lease`.
+    /// Idempotent. On a full disk it is refused before a byte is written
+    /// (the catalog, then the store, must have room: [`App::room_for_change`]).
     pub fn ingest(
         &self,
+        lease: &Lease,
         digest: &crate::digest::Digest,
         size: u64,
         media_type: Option<&str>,
         reader: &mut dyn std::io::Read,
     ) -> Result<(), PublishError> {
         self.room_for_change()?;
+        let _writing = self.blob_write_lock()?;
+        lease.pin(digest)?;
         if self.blobs.stat(digest)? != Some(size) {
             self.blobs.put(digest, size, reader)?;
         }
@@ -338,6 +368,7 @@ impl App {
     /// it wrote them ([`crate::cas::BlobStore::adopt_hashed`]).
     pub fn ingest_file(
         &self,
+        lease: &Lease,
         digest: &crate::digest::Digest,
         size: u64,
         media_type: Option<&str>,
@@ -345,6 +376,8 @@ impl App {
         hashed: bool,
     ) -> Result<(), PublishError> {
         self.room_for_change()?;
+        let _writing = self.blob_write_lock()?;
+        lease.pin(digest)?;
         if self.blobs.stat(digest)? != Some(size) {
             match hashed {
                 true => self.blobs.adopt_hashed(path, digest, size)?,
@@ -353,5 +386,33 @@ impl App {
         }
         self.catalog.insert_blob(digest, size, media_type)?;
         Ok(())
+    }
+}
+
+/// How long a pin outlives a job that crashed before releasing it.
+const PIN_TTL_HOURS: i64 = 24;
+
+/// Pins on what a job stored ([`App::lease`]); released when dropped.
+pub struct Lease {
+    holder: String,
+    catalog: Arc<dyn Catalog>,
+}
+
+impl Lease {
+    fn pin(&self, digest: &crate::digest::Digest) -> Result<(), crate::catalog::CatalogError> {
+        let until = (chrono::Utc::now() + chrono::Duration::hours(PIN_TTL_HOURS))
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        self.catalog.pin_blob(digest, &self.holder, &until)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Err(e) = self.catalog.release_pins(&self.holder) {
+            log::warn!(
+                "releasing the blob pins of {}: {e} (they expire within {PIN_TTL_HOURS}h)",
+                self.holder
+            );
+        }
     }
 }

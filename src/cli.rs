@@ -44,6 +44,14 @@ pub enum Command {
     /// Move or remove an alias.
     #[command(subcommand)]
     Alias(AliasCommand),
+    /// Delete a draft version, or retire a published one.
+    #[command(subcommand)]
+    Version(VersionCommand),
+    /// Garbage collection on a data directory (safe beside a running
+    /// server): applies the retention policy, collects retired versions past
+    /// the grace, removes expired uploads, crash leftovers and blobs nothing
+    /// refers to. Prints the plan first; --dry-run stops there.
+    Gc(GcArgs),
     /// Manage principals (who may authenticate) on the server's data directory.
     #[command(subcommand)]
     Principal(PrincipalCommand),
@@ -386,6 +394,46 @@ pub enum AliasCommand {
     },
 }
 
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep what became unreferenced (or retired) less than this long ago
+    /// (e.g. 0, 30m, 24h, 7d); default: `[gc] grace` of the configuration (24h).
+    #[arg(long, value_name = "DURATION")]
+    pub grace: Option<String>,
+    /// Print the plan and the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VersionCommand {
+    /// Delete a draft version (a published version cannot be deleted: retire it).
+    Delete {
+        #[command(flatten)]
+        server: ServerArgs,
+        image: String,
+        version: String,
+    },
+    /// Take a published version out of service: it leaves the Simple Streams
+    /// index and the listings at once; its bytes still download until garbage
+    /// collection collects them after the grace (then 410 Gone); its manifest,
+    /// signature and publish record stay readable forever.
+    Retire {
+        #[command(flatten)]
+        server: ServerArgs,
+        image: String,
+        version: String,
+        /// Why (kept forever in the retirement record and the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
 /// Runs a command; the error is printed by `main`.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -452,6 +500,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Mirrors { data } => crate::schedule::print_status(&data.dir),
+        Command::Gc(a) => gc_command(a),
         Command::Audit(a) => {
             let time = |s: Option<String>| {
                 s.map(|t| {
@@ -503,6 +552,31 @@ pub fn run(cli: Cli) -> Result<()> {
             let c = server.client(Some(server.require_token()?))?;
             c.delete_alias(&image, &alias)?;
             println!("removed alias {image}:{alias}");
+            Ok(())
+        }
+        Command::Version(VersionCommand::Delete {
+            server,
+            image,
+            version,
+        }) => {
+            let c = server.client(Some(server.require_token()?))?;
+            c.delete_version(&image, &version)?;
+            println!("deleted draft {image}@{version}");
+            Ok(())
+        }
+        Command::Version(VersionCommand::Retire {
+            server,
+            image,
+            version,
+            reason,
+        }) => {
+            let c = server.client(Some(server.require_token()?))?;
+            let t = c.retire_version(&image, &version, &reason)?;
+            println!(
+                "retired {image}@{version} at {}: it has left the index; its bytes download \
+                 until garbage collection collects them after the grace",
+                t.retired_at
+            );
             Ok(())
         }
         Command::List { server, image } => {
@@ -675,6 +749,58 @@ fn key_command(k: KeyCommand) -> Result<()> {
             )?;
             println!("removed trusted key {} (key id {})", key.name, key.key_id);
         }
+    }
+    Ok(())
+}
+
+fn gc_command(a: GcArgs) -> Result<()> {
+    let data_dir = &a.data.dir;
+    crate::admin_cli::open_catalog(data_dir)?;
+    let config = crate::config::Config::load(data_dir, None)?;
+    let grace = match &a.grace {
+        Some(g) => crate::config::parse_duration(g).context("--grace")?,
+        None => config.gc.grace,
+    };
+    let opts = crate::maint::gc::GcOptions {
+        grace,
+        retention: config.retention.clone(),
+        actor: crate::admin_cli::local_actor(),
+    };
+    let app = crate::app::App::open(config)?;
+    let plan = crate::maint::gc::plan(&app, &opts)?;
+    if !a.json {
+        for line in plan.describe() {
+            println!("{line}");
+        }
+    }
+    if a.dry_run {
+        if a.json {
+            println!("{}", crate::maint::gc::plan_json(&plan));
+        } else {
+            println!("dry run: nothing changed");
+        }
+        return Ok(());
+    }
+    let report = crate::maint::gc::apply(&app, &plan, &opts)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "plan": crate::maint::gc::plan_json(&plan),
+                "report": report,
+            })
+        );
+    } else {
+        println!("{}", report.describe());
+        for f in &report.failures {
+            println!("  failed: {f}");
+        }
+    }
+    if !report.failures.is_empty() {
+        anyhow::bail!(
+            "{} item(s) could not be collected (see above); the rest was",
+            report.failures.len()
+        );
     }
     Ok(())
 }

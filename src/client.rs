@@ -1114,6 +1114,30 @@ impl ApiClient {
             .1)
     }
 
+    /// `DELETE /v1/images/{name}/versions/{version}` (drafts only).
+    pub fn delete_version(&self, image: &str, version: &str) -> Result<(), ClientError> {
+        let path = Self::path(&["images", image, "versions", version]);
+        self.call("DELETE", &path, Body::Empty, &[])?;
+        Ok(())
+    }
+
+    /// `POST /v1/images/{name}/versions/{version}/retire`.
+    pub fn retire_version(
+        &self,
+        image: &str,
+        version: &str,
+        reason: &str,
+    ) -> Result<crate::catalog::Retirement, ClientError> {
+        #[derive(Serialize)]
+        struct B<'a> {
+            reason: &'a str,
+        }
+        let path = Self::path(&["images", image, "versions", version, "retire"]);
+        Ok(self
+            .call_json("POST", &path, Some(&B { reason }), &[200])?
+            .1)
+    }
+
     /// `DELETE /v1/images/{name}/aliases/{alias}`.
     pub fn delete_alias(&self, image: &str, alias: &str) -> Result<(), ClientError> {
         let path = Self::path(&["images", image, "aliases", alias]);

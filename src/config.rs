@@ -94,6 +94,120 @@ struct RawConfig {
     /// Continuous mirroring jobs, validated by `schedule::parse_jobs`.
     #[serde(default)]
     mirror: Vec<toml::Table>,
+    #[serde(default)]
+    gc: RawGc,
+    #[serde(default)]
+    retention: Vec<RawRetention>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGc {
+    interval: Option<String>,
+    grace: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    images: String,
+    keep_latest: Option<usize>,
+    min_age: Option<String>,
+}
+
+/// Default `[gc] grace`: an Incus client caches a Simple Streams index for up
+/// to an hour, and a daemon may be in the middle of a long download; a day
+/// covers both with room to spare, and gives an operator who retired the
+/// wrong version a day to notice before its bytes go.
+pub const DEFAULT_GC_GRACE: &str = "24h";
+/// Default `[gc] interval`.
+pub const DEFAULT_GC_INTERVAL: &str = "24h";
+
+/// `[gc]`: the periodic garbage collection inside `serve`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcConfig {
+    /// `None`: no periodic run (`interval = "off"`).
+    pub interval: Option<std::time::Duration>,
+    /// How long an unreferenced blob, and the bytes of a retired version,
+    /// are kept before they are collected.
+    pub grace: std::time::Duration,
+}
+
+/// One `[[retention]]` rule: of the published versions of the images matching
+/// `images` (a glob), keep the newest `keep_latest` and any younger than
+/// `min_age`; garbage collection retires the rest, except a version an alias
+/// points at. The first rule that matches an image applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionRule {
+    pub images: String,
+    pub keep_latest: usize,
+    pub min_age: std::time::Duration,
+}
+
+/// Parses a duration: `0`, or a whole number with a unit `s`, `m`, `h`, `d`
+/// (`90s`, `15m`, `24h`, `30d`).
+pub fn parse_duration(s: &str) -> anyhow::Result<std::time::Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("duration {s:?}: expected e.g. 0, 90s, 15m, 24h, 30d"))?;
+    let mul = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("duration {s:?}: the unit must be s, m, h or d (e.g. 24h)"),
+    };
+    let secs = n
+        .checked_mul(mul)
+        .with_context(|| format!("duration {s:?} is too long"))?;
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn gc_config(raw: RawGc) -> anyhow::Result<GcConfig> {
+    let grace =
+        parse_duration(raw.grace.as_deref().unwrap_or(DEFAULT_GC_GRACE)).context("[gc] grace")?;
+    let interval = match raw.interval.as_deref().unwrap_or(DEFAULT_GC_INTERVAL) {
+        "off" => None,
+        s => {
+            let d = parse_duration(s).context("[gc] interval")?;
+            if d < std::time::Duration::from_secs(60) {
+                bail!("[gc] interval {s:?}: at least 1m (or \"off\")");
+            }
+            Some(d)
+        }
+    };
+    Ok(GcConfig { interval, grace })
+}
+
+fn retention_rules(raw: Vec<RawRetention>) -> anyhow::Result<Vec<RetentionRule>> {
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let at = format!("[[retention]] #{} (images = {:?})", i + 1, r.images);
+            glob::Pattern::new(&r.images).with_context(|| format!("{at}: images is not a glob"))?;
+            if r.keep_latest.is_none() && r.min_age.is_none() {
+                bail!("{at}: give keep_latest, min_age or both (a rule with neither keeps nothing)");
+            }
+            let keep_latest = r.keep_latest.unwrap_or(0);
+            if r.keep_latest == Some(0) {
+                bail!("{at}: keep_latest must be at least 1 (retire a whole image with `imgsrv version retire`)");
+            }
+            let min_age = match &r.min_age {
+                Some(s) => parse_duration(s).with_context(|| format!("{at}: min_age"))?,
+                None => std::time::Duration::ZERO,
+            };
+            Ok(RetentionRule {
+                images: r.images,
+                keep_latest,
+                min_age,
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +243,8 @@ pub struct Config {
     pub max_workers: Option<usize>,
     /// `[[mirror]]` entries (see `schedule`).
     pub mirrors: Vec<toml::Table>,
+    pub gc: GcConfig,
+    pub retention: Vec<RetentionRule>,
     /// Problems that did not stop loading (printed loudly at start).
     pub warnings: Vec<String>,
 }
@@ -191,6 +307,8 @@ impl Config {
             max_connections: raw.limits.max_connections,
             max_workers: raw.limits.max_workers,
             mirrors: raw.mirror,
+            gc: gc_config(raw.gc)?,
+            retention: retention_rules(raw.retention)?,
             warnings: warning.into_iter().collect(),
         })
     }
@@ -238,6 +356,22 @@ mode = "enforce"
 # interval = "6h"
 # os = "debian"
 # latest = 2
+
+[gc]
+# Garbage collection inside `imgsrv serve`: expired uploads, crash leftovers,
+# blobs nothing refers to, and the bytes of retired versions, once they are
+# older than `grace` (clients cache the index for up to an hour). "off" stops
+# the periodic run; `imgsrv gc` runs it by hand.
+# interval = "{DEFAULT_GC_INTERVAL}"
+# grace = "{DEFAULT_GC_GRACE}"
+
+# Retention: garbage collection retires the published versions of matching
+# images beyond the newest `keep_latest` that are older than `min_age`, never
+# one an alias points at. The first matching rule applies.
+# [[retention]]
+# images = "debian-*"
+# keep_latest = 3
+# min_age = "30d"
 "#
     )
 }
@@ -300,6 +434,29 @@ mod tests {
         let c = Config::parse(d, "[tls]\ncert = \"/c.pem\"\nkey = \"k.pem\"", None).unwrap();
         assert!(c.tls_configured);
         assert_eq!(c.tls_key, Path::new("/data/k.pem"));
+        assert_eq!(c.gc.grace, std::time::Duration::from_secs(86400));
+        assert_eq!(c.gc.interval, Some(std::time::Duration::from_secs(86400)));
+        let c = Config::parse(
+            d,
+            "[gc]\ninterval = \"off\"\ngrace = \"0\"\n[[retention]]\nimages = \"debian-*\"\nkeep_latest = 2\nmin_age = \"30d\"",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.gc.interval, None);
+        assert_eq!(c.gc.grace, std::time::Duration::ZERO);
+        assert_eq!(c.retention[0].keep_latest, 2);
+        assert_eq!(c.retention[0].min_age.as_secs(), 30 * 86400);
+        for bad in [
+            "[gc]\ngrace = \"1y\"",
+            "[gc]\ninterval = \"10s\"",
+            "[gc]\ngrace = \"-1h\"",
+            "[[retention]]\nimages = \"a\"",
+            "[[retention]]\nimages = \"a\"\nkeep_latest = 0",
+            "[[retention]]\nimages = \"[\"\nkeep_latest = 1",
+            "[[retention]]\nimages = \"a\"\nkeep = 1",
+        ] {
+            assert!(Config::parse(d, bad, None).is_err(), "{bad}");
+        }
         let c = Config::parse(d, "[image_verification]\nmode = 3", None).unwrap();
         assert_eq!(c.verification, VerificationMode::Enforce);
         assert_eq!(c.warnings.len(), 1);

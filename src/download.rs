@@ -9,7 +9,9 @@
 //!   `content.read` on the image; withheld when the key that signed it was revoked
 //!   (its bytes answer `410 Gone`, as it already left the Simple Streams index: an
 //!   Incus daemon may have cached the index for an hour and would still install it);
-//!   retirement past its grace is the next reason that plugs in here;
+//!   also withheld once it was retired and garbage collection collected it (after the
+//!   grace, during which a retired version still downloads for clients whose cached
+//!   index still names it);
 //! * a draft (or a version being published): a caller with `content.write` on its
 //!   image;
 //! * a blob no version cites yet (a fresh upload): a caller with `content.write`
@@ -89,8 +91,19 @@ impl App {
         })
     }
 
-    /// Why the bytes of published version `r` are withheld, if they are.
+    /// Why the bytes of published version `r` are withheld, if they are: it was
+    /// retired and its grace is over (garbage collection no longer keeps its bytes,
+    /// even where another version still does), or its signer's key was revoked.
     fn withheld(&self, r: &BlobRef, revoked: &[TrustedKey]) -> anyhow::Result<Option<String>> {
+        if let Some(t) = self.catalog.retirement(&r.version_id)? {
+            if let Some(at) = &t.collected_at {
+                return Ok(Some(format!(
+                    "this version was retired at {} ({}) and its bytes were collected at {at}: \
+                     it is no longer served; use a newer version",
+                    t.retired_at, t.reason
+                )));
+            }
+        }
         if revoked.is_empty() {
             return Ok(None);
         }

@@ -25,6 +25,7 @@ pub mod download;
 pub mod fingerprint;
 pub mod http;
 pub mod image;
+pub mod lifecycle;
 pub mod maint;
 pub mod manifest;
 pub mod mirror;

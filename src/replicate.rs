@@ -251,7 +251,9 @@ impl Destination {
         let mut r = HashingReader::new(reader.take(size.saturating_add(1)));
         match self {
             Destination::Local(t) => {
-                let stored = t.app.ingest(digest, size, Some(media_type), &mut r);
+                let stored = t
+                    .app
+                    .ingest(&t.lease, digest, size, Some(media_type), &mut r);
                 // the store may not read at all (blob already in place): read
                 // what is left so that the check below covers every byte
                 let drained = io::copy(&mut r, &mut io::sink());

@@ -140,6 +140,8 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
         log::info!("{} mirror job(s) configured", jobs.len());
         crate::schedule::Scheduler::start(app.clone(), jobs)
     });
+    let maintenance = crate::maint::periodic::Stop::default();
+    start_gc(&app, &maintenance);
     let shutdown = server.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -174,6 +176,40 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
     if let Some(s) = scheduler {
         s.stop();
     }
+    maintenance.stop();
     log::info!("stopped");
     Ok(())
+}
+
+/// The periodic garbage collection (`[gc] interval`, first a minute after the
+/// start, at most): beside uploads and publishes, as `imgsrv gc` is.
+fn start_gc(app: &Arc<App>, stop: &crate::maint::periodic::Stop) {
+    let Some(interval) = app.config.gc.interval else {
+        log::info!("gc: periodic garbage collection is off ([gc] interval = \"off\")");
+        return;
+    };
+    let opts = crate::maint::gc::GcOptions {
+        grace: app.config.gc.grace,
+        retention: app.config.retention.clone(),
+        actor: "gc".to_string(),
+    };
+    log::info!(
+        "gc: every {}s, grace {}s, {} retention rule(s)",
+        interval.as_secs(),
+        opts.grace.as_secs(),
+        opts.retention.len()
+    );
+    let app = app.clone();
+    let first = interval.min(std::time::Duration::from_secs(60));
+    crate::maint::periodic::spawn("gc", first, interval, stop, move || {
+        // the summary and the report; the items of the plan only at debug level
+        let mut say = |line: &str| match line.starts_with("  ") {
+            true => log::debug!("gc:{line}"),
+            false => log::info!("{line}"),
+        };
+        match crate::maint::gc::run(&app, &opts, false, &mut say) {
+            Ok(_) => {}
+            Err(e) => log::error!("gc: {e:#}"),
+        }
+    });
 }

@@ -160,6 +160,8 @@ impl Manifest {
 pub struct LocalTarget {
     pub app: std::sync::Arc<App>,
     actor: String,
+    /// Pins what this run stores until it is done ([`App::lease`]).
+    pub lease: crate::app::Lease,
 }
 
 impl LocalTarget {
@@ -171,8 +173,10 @@ impl LocalTarget {
         for w in &config.warnings {
             eprintln!("WARNING: {w}");
         }
+        let app = std::sync::Arc::new(App::open(config)?);
         Ok(LocalTarget {
-            app: std::sync::Arc::new(App::open(config)?),
+            lease: app.lease("local"),
+            app,
             actor: crate::admin_cli::local_actor(),
         })
     }
@@ -181,6 +185,7 @@ impl LocalTarget {
     /// job in the audit log and publish records.
     pub fn with_app(app: std::sync::Arc<App>, actor: &str) -> LocalTarget {
         LocalTarget {
+            lease: app.lease(actor),
             app,
             actor: actor.to_string(),
         }
@@ -198,7 +203,7 @@ impl LocalTarget {
         hashed: bool,
     ) -> Result<()> {
         self.app
-            .ingest_file(digest, size, Some(media_type), file, hashed)
+            .ingest_file(&self.lease, digest, size, Some(media_type), file, hashed)
             .with_context(|| format!("storing {digest}"))
     }
 

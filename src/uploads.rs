@@ -116,6 +116,8 @@ impl App {
             updated_at: ts(now),
         };
         let mut ready = false;
+        // from the check of what is stored to the session that claims it
+        let _writing = self.blob_write_lock()?;
         if let Some(blob) = self.catalog.get_blob(&u.digest)? {
             if blob.size_bytes != u.size {
                 return Err(UploadError::Refused(format!(
@@ -147,6 +149,7 @@ impl App {
                 "a part is at most {MAX_PART} bytes"
             )));
         }
+        let _writing = self.blob_write_lock()?;
         let s = writable(self.catalog.get_upload(id)?)?;
         if len > s.expected_size_bytes {
             return Err(UploadError::TooLarge(
@@ -186,6 +189,7 @@ impl App {
         id: &str,
         listed: &[ListedPart],
     ) -> Result<UploadSession, UploadError> {
+        let _writing = self.blob_write_lock()?;
         let s = self.catalog.get_upload(id)?;
         if s.state == UploadState::Ready {
             return Ok(s);

@@ -416,6 +416,66 @@ impl BlobStore for FsStore {
         Ok(())
     }
 
+    fn leftovers(&self) -> Result<Vec<super::Leftover>> {
+        use super::{Leftover, LeftoverKind};
+        let mut out = Vec::new();
+        for (dir, kind) in [
+            ("tmp", LeftoverKind::Temp),
+            ("uploads", LeftoverKind::Staged),
+        ] {
+            let top = self.root.join(dir);
+            let entries = match fs::read_dir(&top) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("list", &top)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_err("list", &top))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if kind == LeftoverKind::Staged && valid_upload_id(&name).is_err() {
+                    log::warn!(
+                        "blob store: {} is not an upload; left alone",
+                        entry.path().display()
+                    );
+                    continue;
+                }
+                let bytes = walkdir::WalkDir::new(entry.path())
+                    .into_iter()
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum();
+                out.push(Leftover { kind, name, bytes });
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_leftover(&self, l: &super::Leftover) -> Result<u64> {
+        use super::LeftoverKind;
+        match l.kind {
+            LeftoverKind::Staged => self.discard_upload(&l.name)?,
+            LeftoverKind::Temp => {
+                if l.name.contains('/') || l.name.starts_with('.') {
+                    return Err(CasError::Invalid(format!("temp file name {:?}", l.name)));
+                }
+                let p = self.root.join("tmp").join(&l.name);
+                let r = match fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+                    Ok(_) => fs::remove_file(&p),
+                    Err(e) => Err(e),
+                };
+                match r {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+                    Err(e) => return Err(io_err("remove", &p)(e)),
+                }
+            }
+        }
+        Ok(l.bytes)
+    }
+
     fn delete(&self, digest: &Digest) -> Result<bool> {
         let p = self.blob_path(digest);
         match fs::remove_file(&p) {

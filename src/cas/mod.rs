@@ -62,7 +62,30 @@ pub struct StoredBlob {
     pub stored_at: std::time::SystemTime,
 }
 
+/// Something in the store that is not a blob: a file being written (or left
+/// by a crash), or the staged parts of an upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    pub kind: LeftoverKind,
+    /// The temp file's name, or the upload id.
+    pub name: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftoverKind {
+    Temp,
+    Staged,
+}
+
 pub trait BlobStore: Send + Sync {
+    /// Temp files and staged uploads, for garbage collection: it removes
+    /// temp files only while no write is under way (it holds the `blobs` job
+    /// lock exclusively, every write holds it shared), and staged parts only
+    /// of upload sessions that are gone.
+    fn leftovers(&self) -> Result<Vec<Leftover>>;
+    /// Removes a leftover; the bytes freed.
+    fn remove_leftover(&self, l: &Leftover) -> Result<u64>;
     /// Every blob stored, in no particular order, one at a time to `each`
     /// (which returns `false` to stop). A name in the store that is not a
     /// blob (a stray file) is skipped with a warning, never listed.

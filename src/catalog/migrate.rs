@@ -34,6 +34,7 @@ use std::sync::OnceLock;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../schema.sql"),
     include_str!("../../migrations/0002-guards.sql"),
+    include_str!("../../migrations/0003-lifecycle.sql"),
 ];
 
 /// Largest generation value the guards accept (2^53): far below overflow.

@@ -36,6 +36,10 @@ pub enum CatalogError {
     Precondition(String),
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The change conflicts with the current state of other rows (an alias
+    /// points at a version being retired): it works once that is changed.
+    #[error("{0}")]
+    Conflict(String),
     #[error("catalog backend error: {0}")]
     Backend(String),
     /// The catalog's storage is full: nothing was changed (a transaction is
@@ -158,6 +162,53 @@ pub struct BlobRef {
     pub version_id: String,
     /// Published (else a draft, or publishing).
     pub published: bool,
+}
+
+/// A published version taken out of service: append-only, never withdrawn.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Retirement {
+    #[serde(skip)]
+    pub version_id: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal_name: Option<String>,
+    pub retired_at: String,
+    /// When garbage collection stopped keeping its bytes (they answer 410
+    /// from then on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collected_at: Option<String>,
+}
+
+/// A retirement with the names of what it retired.
+#[derive(Debug, Clone)]
+pub struct RetiredVersion {
+    pub image: String,
+    pub version: String,
+    pub retirement: Retirement,
+}
+
+/// Something that keeps a blob from being collected
+/// ([`MaintCatalog::blob_claims`]); which claims keep it is decided in one
+/// place, `crate::maint::gc`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// An artifact or attachment of a version cites it.
+    Version {
+        version_id: String,
+        state: VersionState,
+        /// Retired and collected.
+        collected: bool,
+    },
+    /// An upload session expects it.
+    Upload {
+        id: String,
+        state: UploadState,
+        expires_at: String,
+    },
+    /// A job stored it and is about to cite it ([`MaintCatalog::pin_blob`]).
+    Pin { holder: String, expires_at: String },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -552,9 +603,54 @@ pub enum LockMode {
     Exclusive,
 }
 
+/// Taking versions out of service: deleting drafts, retiring published
+/// versions (append-only), and marking retired versions collected.
+pub trait LifecycleCatalog: Send + Sync {
+    /// Deletes a draft with its artifacts, attachments and metadata;
+    /// [`CatalogError::Precondition`] for a published version.
+    fn delete_draft(&self, image: &str, version: &str) -> Result<()>;
+    /// Retires a published version. [`CatalogError::Conflict`] while an
+    /// alias points at it; [`CatalogError::AlreadyExists`] if it is retired.
+    fn retire(
+        &self,
+        version_id: &str,
+        reason: &str,
+        principal_id: Option<&str>,
+        principal_name: Option<&str>,
+    ) -> Result<Retirement>;
+    fn retirement(&self, version_id: &str) -> Result<Option<Retirement>>;
+    /// Every retirement, oldest first.
+    fn retirements(&self) -> Result<Vec<RetiredVersion>>;
+    /// Stops keeping a retired version's bytes (idempotent).
+    fn collect_version(&self, version_id: &str) -> Result<()>;
+}
+
 /// What maintenance jobs (gc, scrub, backup) need from the catalog beyond
 /// the content and blob rows.
 pub trait MaintCatalog: Send + Sync {
+    /// Every blob row.
+    fn blob_rows(&self) -> Result<Vec<Blob>>;
+    /// The claims on `digest` (on every digest with `None`), read now.
+    fn blob_claims(&self, digest: Option<&Digest>) -> Result<Vec<(Digest, Claim)>>;
+    /// In one transaction: reads the row of `digest` and its claims, and
+    /// deletes the row unless `keep(row, claims)`. `true` if it was deleted.
+    /// Nothing can claim the digest between the check and the delete.
+    fn delete_blob_row(
+        &self,
+        digest: &Digest,
+        keep: &mut dyn FnMut(&Blob, &[Claim]) -> bool,
+    ) -> Result<bool>;
+    /// Keeps `digest` from being collected until `expires_at` or
+    /// [`MaintCatalog::release_pins`] (idempotent; a later expiry wins).
+    fn pin_blob(&self, digest: &Digest, holder: &str, expires_at: &str) -> Result<()>;
+    /// Removes the pins of `holder`, and every pin that has expired.
+    fn release_pins(&self, holder: &str) -> Result<()>;
+    /// Upload sessions that expired before `before` (any state).
+    fn expired_uploads(&self, before: &str) -> Result<Vec<UploadSession>>;
+    /// Deletes an upload session and its part rows if it expired before
+    /// `before`; `true` if it was deleted.
+    fn delete_upload(&self, id: &str, before: &str) -> Result<bool>;
+
     /// A lock named `job`, held by every process and every instance sharing
     /// this catalog (a file lock beside the SQLite file; an advisory lock in
     /// a shared database). `wait`: block until it can be had; else `None`
@@ -565,10 +661,13 @@ pub trait MaintCatalog: Send + Sync {
 
 /// Everything a server needs from its catalog.
 pub trait Catalog:
-    ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog + MaintCatalog
+    ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog + LifecycleCatalog + MaintCatalog
 {
 }
-impl<T: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog + MaintCatalog> Catalog for T {}
+impl<T> Catalog for T where
+    T: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog + LifecycleCatalog + MaintCatalog
+{
+}
 
 /// RFC 3339 UTC timestamp with nanoseconds.
 /// `imgsrv VERSION` plus the versions of the storage engines built in (for

@@ -16,6 +16,7 @@
 //!   reserve as free pages: see `space.rs`.
 
 mod audit;
+mod lifecycle;
 mod maint;
 
 use super::space;
@@ -85,6 +86,9 @@ fn map_err(e: rusqlite::Error, what: &str) -> CatalogError {
                 }
                 rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER if msg.starts_with("exists: ") => {
                     CatalogError::AlreadyExists(what.to_string())
+                }
+                rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER if msg.starts_with("conflict: ") => {
+                    CatalogError::Conflict(msg.trim_start_matches("conflict: ").to_string())
                 }
                 rusqlite::ffi::SQLITE_CONSTRAINT_TRIGGER => CatalogError::Precondition(
                     msg.trim_start_matches("precondition: ")
@@ -164,6 +168,10 @@ fn image_row(r: &Row, o: usize) -> rusqlite::Result<Image> {
     })
 }
 
+/// A condition on `v` (an `image_versions` row): not retired. Retired versions
+/// leave the listings and the projection; they stay readable by name.
+const NOT_RETIRED: &str = "NOT EXISTS (SELECT 1 FROM retirements rt WHERE rt.version_id = v.id)";
+
 const VERSION_COLS: &str =
     "v.id, v.image_id, i.name, v.version, v.state, v.published_at, v.created_at, v.updated_at";
 fn version_row(r: &Row, o: usize) -> rusqlite::Result<ImageVersion> {
@@ -225,6 +233,18 @@ fn alias_row(r: &Row, o: usize) -> rusqlite::Result<Alias> {
         version: text(r, o + 4)?,
         created_at: text(r, o + 5)?,
         updated_at: text(r, o + 6)?,
+    })
+}
+
+const BLOB_COLS: &str = "digest, size_bytes, storage_key, media_type, verified_at, created_at";
+fn blob_row(r: &Row) -> rusqlite::Result<Blob> {
+    Ok(Blob {
+        digest: digest_col(r, 0)?,
+        size_bytes: u64_col(r, 1)?,
+        storage_key: r.get(2)?,
+        media_type: r.get(3)?,
+        verified_at: r.get(4)?,
+        created_at: r.get(5)?,
     })
 }
 
@@ -378,6 +398,16 @@ impl SqliteCatalog {
             [image, version],
             &format!("version {image}@{version}"),
         )
+    }
+
+    fn blob_by_digest(c: &Connection, digest: &Digest) -> Result<Option<Blob>> {
+        c.query_row(
+            &format!("SELECT {BLOB_COLS} FROM cas_blobs WHERE digest = ?1"),
+            [digest.to_string()],
+            blob_row,
+        )
+        .optional()
+        .map_err(backend)
     }
 
     fn load_version_by_id(c: &Connection, id: &str) -> Result<ImageVersion> {
@@ -551,7 +581,7 @@ impl ContentCatalog for SqliteCatalog {
         } else {
             format!(
                 "SELECT {IMAGE_COLS} FROM images i WHERE EXISTS (SELECT 1 FROM image_versions v \
-                 WHERE v.image_id = i.id AND v.state = 'published') ORDER BY i.name"
+                 WHERE v.image_id = i.id AND v.state = 'published' AND {NOT_RETIRED}) ORDER BY i.name"
             )
         };
         let mut st = c.prepare(&sql).map_err(backend)?;
@@ -595,6 +625,7 @@ impl ContentCatalog for SqliteCatalog {
         } else {
             "AND v.state = 'published'"
         };
+        let filter = format!("{filter} AND {NOT_RETIRED}");
         let mut st = c
             .prepare(&format!(
                 "SELECT {VERSION_COLS} FROM image_versions v JOIN images i ON i.id = v.image_id \
@@ -906,7 +937,7 @@ impl ContentCatalog for SqliteCatalog {
                  JOIN images i ON i.id = v.image_id \
                  JOIN release_artifacts a ON a.id = p.artifact_id \
                  JOIN artifact_attachments t ON t.id = p.metadata_attachment_id \
-                 WHERE v.state = 'published' \
+                 WHERE v.state = 'published' AND {NOT_RETIRED} \
                  ORDER BY i.name, v.version, a.variant, a.architecture, a.id"
             ))
             .map_err(backend)?;
@@ -984,23 +1015,7 @@ impl ContentCatalog for SqliteCatalog {
 
 impl BlobCatalog for SqliteCatalog {
     fn get_blob(&self, digest: &Digest) -> Result<Option<Blob>> {
-        self.conn()?
-            .query_row(
-                "SELECT digest, size_bytes, storage_key, media_type, verified_at, created_at FROM cas_blobs WHERE digest = ?1",
-                [digest.to_string()],
-                |r| {
-                    Ok(Blob {
-                        digest: digest_col(r, 0)?,
-                        size_bytes: u64_col(r, 1)?,
-                        storage_key: r.get(2)?,
-                        media_type: r.get(3)?,
-                        verified_at: r.get(4)?,
-                        created_at: r.get(5)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(backend)
+        Self::blob_by_digest(&*self.conn()?, digest)
     }
 
     fn insert_blob(&self, digest: &Digest, size: u64, media_type: Option<&str>) -> Result<Blob> {

@@ -92,6 +92,7 @@ impl From<CatalogError> for ApiError {
             CatalogError::NotFound(w) => ApiError::not_found(format!("{w} not found")),
             CatalogError::AlreadyExists(w) => ApiError::new(409, format!("{w} already exists")),
             CatalogError::Precondition(m) => ApiError::precondition(m),
+            CatalogError::Conflict(m) => ApiError::new(409, m),
             CatalogError::Invalid(m) => ApiError::bad_request(m),
             CatalogError::Full(ref m) => {
                 ApiError::insufficient_storage("the server's data disk", m, &e)

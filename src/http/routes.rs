@@ -473,10 +473,19 @@ fn version_routes(
     rest: &[&str],
 ) -> Res {
     match rest {
-        [] => methods!(m; "GET" => {
-            let view = readable_view(app, ctx, name, ver)?;
-            view_response(app, view)
-        }),
+        [] => methods!(m;
+            "GET" => {
+                let view = readable_view(app, ctx, name, ver)?;
+                view_response(app, view)
+            },
+            "DELETE" => {
+                ctx.op("version.delete", format!("{name}@{ver}"));
+                ctx.write(name)?;
+                app.delete_draft(name, ver)?;
+                Ok(Response::new(204))
+            },
+        ),
+        ["retire"] => methods!(m; "POST" => retire(app, req, ctx, name, ver)),
         ["manifest"] => methods!(m; "GET" => manifest(app, ctx, name, ver)),
         ["manifest.minisig"] => methods!(m; "GET" => signature(app, ctx, name, ver)),
         ["publish"] => methods!(m; "POST" => publish(app, req, ctx, name, ver)),
@@ -924,11 +933,33 @@ fn publish_record_json(
 
 fn view_response(app: &App, view: VersionView) -> Res {
     let publication = publication_json(app, &view)?;
+    let retirement = app.catalog.retirement(&view.version.id)?;
     let mut v = serde_json::to_value(&view).map_err(|e| ApiError::internal("serializing", e))?;
     if let Some(p) = publication {
         v["publication"] = p;
     }
+    if let Some(t) = retirement {
+        v["retirement"] =
+            serde_json::to_value(&t).map_err(|e| ApiError::internal("serializing", e))?;
+    }
     Ok(json(200, &v))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetireBody {
+    reason: String,
+}
+
+/// `POST .../versions/{ver}/retire {"reason": "..."}`: 200 with the retirement.
+fn retire(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, name: &str, ver: &str) -> Res {
+    ctx.op("version.retire", format!("{name}@{ver}"));
+    let c = ctx.write(name)?;
+    let (id, who) = (c.principal_id.clone(), c.principal_name.clone());
+    let b: RetireBody = read_json(req)?;
+    ctx.note("reason", b.reason.clone());
+    let t = app.retire(name, ver, &b.reason, Some(&id), Some(&who))?;
+    Ok(json(200, &t))
 }
 
 fn manifest(app: &App, ctx: &mut Ctx, name: &str, ver: &str) -> Res {
