@@ -6,33 +6,10 @@
 
 mod support;
 
-use std::process::Command;
-
 use serde_json::Value;
 use support::*;
 
 const VER: &str = "20260101_0000";
-
-/// One download: (status, body).
-fn curl(server: &TestServer, url: &str, token: Option<&str>, extra: &[&str]) -> (u16, Vec<u8>) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let body = dir.path().join("body");
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--http1.1", "-o"])
-        .arg(&body)
-        .args(["-w", "%{http_code}", "--cacert"])
-        .arg(server.cert())
-        .args(extra);
-    if let Some(t) = token {
-        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
-    }
-    let out = run_any(cmd.arg(url));
-    let code = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    (code, std::fs::read(&body).unwrap_or_default())
-}
 
 /// Every download path of `image`@VER: its artifacts, their attachments, and the blob
 /// route for each of their digests, with the sha256 of the bytes each must give.

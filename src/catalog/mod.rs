@@ -200,12 +200,17 @@ pub enum Claim {
         state: VersionState,
         /// Retired and collected.
         collected: bool,
+        /// When the artifact or attachment citing it was added.
+        cited_at: String,
     },
     /// An upload session expects it.
     Upload {
         id: String,
         state: UploadState,
         expires_at: String,
+        /// When the session last changed (for a `ready` one: when its blob
+        /// was stored).
+        updated_at: String,
     },
     /// A job stored it and is about to cite it ([`MaintCatalog::pin_blob`]).
     Pin { holder: String, expires_at: String },

@@ -10,8 +10,8 @@
 //! * a published version cites it that is not collected: a retired version
 //!   keeps its bytes until garbage collection collects it, `grace` after its
 //!   retirement; every other published version keeps them forever;
-//! * an upload session that has not expired expects it (created, uploading,
-//!   or ready and about to be cited by a draft);
+//! * an upload session that has not expired expects it: one still uploading,
+//!   or one that is ready and whose blob no version has cited since;
 //! * a job pinned it and the pin has not expired ([`crate::app::Lease`]: a
 //!   mirror run or a bundle import between the ingest and the draft).
 //!
@@ -74,15 +74,29 @@ pub fn keeps(claims: &[Claim], now: &str, collecting: &HashSet<String>) -> bool 
             version_id,
             state,
             collected,
+            ..
         } => *state != VersionState::Published || !(*collected || collecting.contains(version_id)),
         Claim::Upload {
-            state, expires_at, ..
+            state: UploadState::Created | UploadState::Uploading,
+            expires_at,
+            ..
+        } => expires_at.as_str() > now,
+        // A finished upload bridges the time from its blob's arrival to the
+        // draft that cites it: once a version cited the blob after that, the
+        // version's claim is what counts (a retired version's bytes are not
+        // kept for a day by the session that uploaded them).
+        Claim::Upload {
+            state: UploadState::Ready,
+            expires_at,
+            updated_at,
+            ..
         } => {
-            matches!(
-                state,
-                UploadState::Created | UploadState::Uploading | UploadState::Ready
-            ) && expires_at.as_str() > now
+            expires_at.as_str() > now
+                && !claims.iter().any(|c| {
+                    matches!(c, Claim::Version { cited_at, .. } if cited_at >= updated_at)
+                })
         }
+        Claim::Upload { .. } => false,
         Claim::Pin { expires_at, .. } => expires_at.as_str() > now,
     })
 }
@@ -580,6 +594,7 @@ mod tests {
             version_id: "v".into(),
             state,
             collected,
+            cited_at: "2026-12-01T11:30:00.000000000Z".into(),
         }
     }
 
@@ -592,28 +607,33 @@ mod tests {
         let collecting: HashSet<String> = ["v".to_string()].into();
         assert!(!keeps(&[], now, &none), "nothing claims it");
         assert!(keeps(&[v(VersionState::Draft, false)], now, &collecting));
-        assert!(keeps(
-            &[v(VersionState::Publishing, false)],
-            now,
-            &collecting
-        ));
+        assert!(keeps(&[v(VersionState::Publishing, false)], now, &collecting));
         assert!(keeps(&[v(VersionState::Published, false)], now, &none));
         assert!(!keeps(&[v(VersionState::Published, true)], now, &none));
-        assert!(!keeps(
-            &[v(VersionState::Published, false)],
-            now,
-            &collecting
-        ));
-        let up = |state, expires_at: &str| Claim::Upload {
+        assert!(!keeps(&[v(VersionState::Published, false)], now, &collecting));
+        let up = |state, expires_at: &str, updated_at: &str| Claim::Upload {
             id: "u".into(),
             state,
             expires_at: expires_at.into(),
+            updated_at: updated_at.into(),
         };
-        assert!(keeps(&[up(UploadState::Ready, later)], now, &none));
-        assert!(keeps(&[up(UploadState::Uploading, later)], now, &none));
-        assert!(!keeps(&[up(UploadState::Ready, earlier)], now, &none));
-        assert!(!keeps(&[up(UploadState::Aborted, later)], now, &none));
-        assert!(!keeps(&[up(UploadState::Failed, later)], now, &none));
+        assert!(keeps(&[up(UploadState::Ready, later, earlier)], now, &none));
+        assert!(keeps(&[up(UploadState::Uploading, later, earlier)], now, &none));
+        assert!(!keeps(&[up(UploadState::Ready, earlier, earlier)], now, &none));
+        assert!(!keeps(&[up(UploadState::Aborted, later, earlier)], now, &none));
+        assert!(!keeps(&[up(UploadState::Failed, later, earlier)], now, &none));
+        // a ready upload cited since by a version that is now collected: nothing keeps it
+        assert!(!keeps(
+            &[v(VersionState::Published, true), up(UploadState::Ready, later, earlier)],
+            now,
+            &none
+        ));
+        // ready after the (collected) citation: the upload is for a new draft, kept
+        assert!(keeps(
+            &[v(VersionState::Published, true), up(UploadState::Ready, later, now)],
+            now,
+            &none
+        ));
         let pin = |expires_at: &str| Claim::Pin {
             holder: "h".into(),
             expires_at: expires_at.into(),

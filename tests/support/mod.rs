@@ -625,6 +625,29 @@ impl Drop for TestServer {
     }
 }
 
+/// One request with the real `curl` over TLS (trusting `server`'s certificate), with a
+/// bearer `token` if given and `extra` curl arguments (`-X DELETE`, `-d BODY`, `-r 0-9`,
+/// ...): (status, body).
+pub fn curl(server: &TestServer, url: &str, token: Option<&str>, extra: &[&str]) -> (u16, Vec<u8>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = dir.path().join("body");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--http1.1", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_code}", "--cacert"])
+        .arg(server.cert())
+        .args(extra);
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    let out = run_any(cmd.arg(url));
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (code, fs::read(&body).unwrap_or_default())
+}
+
 /// Stops a child process: SIGTERM, then SIGKILL after `grace`.
 pub fn stop_child(child: &mut Child, grace: Duration) {
     if let Ok(Some(_)) = child.try_wait() {

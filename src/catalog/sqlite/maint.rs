@@ -4,24 +4,24 @@
 use super::*;
 use std::os::unix::io::AsRawFd;
 
-/// The claims on blobs, as (digest, kind, id, state, collected, expires_at);
+/// The claims on blobs, as (digest, kind, id, state, collected, expires_at, at);
 /// `{cond}` is replaced by a condition on each part's digest column.
 const CLAIMS: &str = "\
     SELECT a.primary_blob_digest, 'v', v.id, v.state, \
-           EXISTS (SELECT 1 FROM collections c WHERE c.version_id = v.id), NULL \
+           EXISTS (SELECT 1 FROM collections c WHERE c.version_id = v.id), NULL, a.created_at \
       FROM release_artifacts a JOIN image_versions v ON v.id = a.version_id \
      WHERE {cond:a.primary_blob_digest} \
     UNION ALL \
     SELECT t.blob_digest, 'v', v.id, v.state, \
-           EXISTS (SELECT 1 FROM collections c WHERE c.version_id = v.id), NULL \
+           EXISTS (SELECT 1 FROM collections c WHERE c.version_id = v.id), NULL, t.created_at \
       FROM artifact_attachments t JOIN release_artifacts a ON a.id = t.artifact_id \
       JOIN image_versions v ON v.id = a.version_id \
      WHERE {cond:t.blob_digest} \
     UNION ALL \
-    SELECT expected_digest, 'u', id, state, 0, expires_at FROM upload_sessions \
+    SELECT expected_digest, 'u', id, state, 0, expires_at, updated_at FROM upload_sessions \
      WHERE {cond:expected_digest} \
     UNION ALL \
-    SELECT digest, 'p', holder, NULL, 0, expires_at FROM blob_pins WHERE {cond:digest}";
+    SELECT digest, 'p', holder, NULL, 0, expires_at, NULL FROM blob_pins WHERE {cond:digest}";
 
 fn claims_sql(one: bool) -> String {
     let mut sql = CLAIMS.to_string();
@@ -54,16 +54,19 @@ fn read_claims(c: &Connection, digest: Option<&Digest>) -> Result<Vec<(Digest, C
         let id = opt_text(r, 2)?.unwrap_or_default();
         let state = opt_text(r, 3)?.unwrap_or_default();
         let expires_at = opt_text(r, 5)?.unwrap_or_default();
+        let at = opt_text(r, 6)?.unwrap_or_default();
         let claim = match opt_text(r, 1)?.as_deref() {
             Some("v") => Claim::Version {
                 version_id: id,
                 state: VersionState::parse(&state).unwrap_or(VersionState::Draft),
                 collected: r.get::<_, Option<bool>>(4)?.unwrap_or(false),
+                cited_at: at,
             },
             Some("u") => Claim::Upload {
                 id,
                 state: UploadState::parse(&state).unwrap_or(UploadState::Uploading),
                 expires_at,
+                updated_at: at,
             },
             _ => Claim::Pin {
                 holder: id,
