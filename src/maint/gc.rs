@@ -92,9 +92,9 @@ pub fn keeps(claims: &[Claim], now: &str, collecting: &HashSet<String>) -> bool 
             ..
         } => {
             expires_at.as_str() > now
-                && !claims.iter().any(|c| {
-                    matches!(c, Claim::Version { cited_at, .. } if cited_at >= updated_at)
-                })
+                && !claims
+                    .iter()
+                    .any(|c| matches!(c, Claim::Version { cited_at, .. } if cited_at >= updated_at))
         }
         Claim::Upload { .. } => false,
         Claim::Pin { expires_at, .. } => expires_at.as_str() > now,
@@ -262,8 +262,9 @@ pub fn plan(app: &App, opts: &GcOptions) -> anyhow::Result<Plan> {
     for l in app.blobs.leftovers()? {
         let orphan = match l.kind {
             LeftoverKind::Temp => true,
+            // the parts of an expired session go with it
             LeftoverKind::Staged => {
-                !gone.contains(l.name.as_str()) && !session_exists(app, &l.name)?
+                gone.contains(l.name.as_str()) || !session_exists(app, &l.name)?
             }
         };
         if orphan {
@@ -423,15 +424,8 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
         }
     }
     for u in &plan.uploads {
-        let gone = app
-            .catalog
-            .delete_upload(&u.id, &plan.now)
-            .map_err(anyhow::Error::from)
-            .and_then(|deleted| {
-                app.blobs.discard_upload(&u.id)?;
-                Ok(deleted)
-            });
-        match gone {
+        // the row only: its staged parts are a leftover of the plan
+        match app.catalog.delete_upload(&u.id, &plan.now) {
             Ok(true) => report.uploads_removed += 1,
             Ok(false) => {}
             Err(e) => fail(&mut report, format!("removing upload {}", u.id), &e),
@@ -607,10 +601,18 @@ mod tests {
         let collecting: HashSet<String> = ["v".to_string()].into();
         assert!(!keeps(&[], now, &none), "nothing claims it");
         assert!(keeps(&[v(VersionState::Draft, false)], now, &collecting));
-        assert!(keeps(&[v(VersionState::Publishing, false)], now, &collecting));
+        assert!(keeps(
+            &[v(VersionState::Publishing, false)],
+            now,
+            &collecting
+        ));
         assert!(keeps(&[v(VersionState::Published, false)], now, &none));
         assert!(!keeps(&[v(VersionState::Published, true)], now, &none));
-        assert!(!keeps(&[v(VersionState::Published, false)], now, &collecting));
+        assert!(!keeps(
+            &[v(VersionState::Published, false)],
+            now,
+            &collecting
+        ));
         let up = |state, expires_at: &str, updated_at: &str| Claim::Upload {
             id: "u".into(),
             state,
@@ -618,19 +620,41 @@ mod tests {
             updated_at: updated_at.into(),
         };
         assert!(keeps(&[up(UploadState::Ready, later, earlier)], now, &none));
-        assert!(keeps(&[up(UploadState::Uploading, later, earlier)], now, &none));
-        assert!(!keeps(&[up(UploadState::Ready, earlier, earlier)], now, &none));
-        assert!(!keeps(&[up(UploadState::Aborted, later, earlier)], now, &none));
-        assert!(!keeps(&[up(UploadState::Failed, later, earlier)], now, &none));
+        assert!(keeps(
+            &[up(UploadState::Uploading, later, earlier)],
+            now,
+            &none
+        ));
+        assert!(!keeps(
+            &[up(UploadState::Ready, earlier, earlier)],
+            now,
+            &none
+        ));
+        assert!(!keeps(
+            &[up(UploadState::Aborted, later, earlier)],
+            now,
+            &none
+        ));
+        assert!(!keeps(
+            &[up(UploadState::Failed, later, earlier)],
+            now,
+            &none
+        ));
         // a ready upload cited since by a version that is now collected: nothing keeps it
         assert!(!keeps(
-            &[v(VersionState::Published, true), up(UploadState::Ready, later, earlier)],
+            &[
+                v(VersionState::Published, true),
+                up(UploadState::Ready, later, earlier)
+            ],
             now,
             &none
         ));
         // ready after the (collected) citation: the upload is for a new draft, kept
         assert!(keeps(
-            &[v(VersionState::Published, true), up(UploadState::Ready, later, now)],
+            &[
+                v(VersionState::Published, true),
+                up(UploadState::Ready, later, now)
+            ],
             now,
             &none
         ));
