@@ -181,8 +181,8 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The periodic garbage collection (`[gc] interval`, first a minute after the
-/// start, at most): beside uploads and publishes, as `imgsrv gc` is.
+/// The periodic garbage collection (`[gc] interval`, the first run 10 s after
+/// the start): beside uploads and publishes, as `imgsrv gc` is.
 fn start_gc(app: &Arc<App>, stop: &crate::maint::periodic::Stop) {
     let Some(interval) = app.config.gc.interval else {
         log::info!("gc: periodic garbage collection is off ([gc] interval = \"off\")");
@@ -200,7 +200,7 @@ fn start_gc(app: &Arc<App>, stop: &crate::maint::periodic::Stop) {
         opts.retention.len()
     );
     let app = app.clone();
-    let first = interval.min(std::time::Duration::from_secs(60));
+    let first = interval.min(std::time::Duration::from_secs(10));
     crate::maint::periodic::spawn("gc", first, interval, stop, move || {
         // the summary and the report; the items of the plan only at debug level
         let mut say = |line: &str| match line.starts_with("  ") {

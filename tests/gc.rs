@@ -521,3 +521,71 @@ fn soak_publishes_mirrors_and_retention_against_gc_with_no_grace_lose_nothing() 
     assert!(runs >= 3, "gc ran beside the publishes: {runs}");
     assert!(removed >= 1, "retired versions' own blobs were removed");
 }
+
+#[test]
+fn serve_collects_on_its_interval_and_retention_spares_aliases_and_young_versions() {
+    let tmp = temp_dir("gc-serve");
+    let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
+    let mut server = TestServer::start_with(
+        "[gc]\ninterval = \"1m\"\ngrace = \"0\"\n\
+         [[retention]]\nimages = \"debian-*\"\nkeep_latest = 1\n\
+         [[retention]]\nimages = \"*\"\nkeep_latest = 1\nmin_age = \"30d\"\n",
+    );
+    trust_key(server.data_dir(), Some("release"), &public);
+    let data = server.data_dir().to_path_buf();
+    let serials = ["20260101_0000", "20260102_0000", "20260103_0000"];
+    for (i, serial) in serials.iter().enumerate() {
+        let img = make_test_image(tmp.path().join(format!("d{i}")), &["--serial", serial]);
+        // the oldest carries an alias: the policy never retires it
+        let alias: &[&str] = if i == 0 { &["--alias", "pinned"] } else { &[] };
+        publish_image(&server, &secret, &img, alias);
+        let img = make_test_image(
+            tmp.path().join(format!("u{i}")),
+            &["--serial", serial, "--os", "Ubuntu"],
+        );
+        publish_image(&server, &secret, &img, &[]);
+    }
+    fs::write(data.join("tmp").join("ingest-crashed"), b"left by a crash").unwrap();
+    // the first periodic run comes 10 s after the start: restart, so that it sees all
+    server.kill();
+    server.spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while data.join("tmp").join("ingest-crashed").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no periodic gc: {}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log_text().contains("gc: retired") {
+        assert!(Instant::now() < deadline, "{}", server.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let versions = |image: &str| -> Vec<String> {
+        let (_, body) = curl(
+            &server,
+            &format!("{}/v1/images/{image}/versions", server.url()),
+            None,
+            &[],
+        );
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["version"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // debian: the newest, and the aliased oldest; the middle one was retired by "gc"
+    assert_eq!(versions("debian-bookworm"), vec![serials[2], serials[0]]);
+    // ubuntu: all younger than min_age, all kept
+    assert_eq!(versions("ubuntu-bookworm").len(), 3);
+    let who = catalog_sql(
+        &data,
+        "SELECT r.principal_name || ' ' || r.reason FROM retirements r",
+    );
+    assert!(who.starts_with("gc retention policy"), "{who}");
+    assert_eq!(who.lines().count(), 1, "{who}");
+}

@@ -478,13 +478,10 @@ impl BlobStore for FsStore {
 
     fn delete(&self, digest: &Digest) -> Result<bool> {
         let p = self.blob_path(digest);
+        // no fsync of the directory: a removal lost to a power cut brings
+        // back a file with no row, which the next collection removes again
         match fs::remove_file(&p) {
-            Ok(()) => {
-                if let Some(dir) = p.parent() {
-                    fsync_dir(dir)?;
-                }
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io_err("remove", &p)(e)),
         }

@@ -637,14 +637,15 @@ pub trait MaintCatalog: Send + Sync {
     fn blob_rows(&self) -> Result<Vec<Blob>>;
     /// The claims on `digest` (on every digest with `None`), read now.
     fn blob_claims(&self, digest: Option<&Digest>) -> Result<Vec<(Digest, Claim)>>;
-    /// In one transaction: reads the row of `digest` and its claims, and
-    /// deletes the row unless `keep(row, claims)`. `true` if it was deleted.
-    /// Nothing can claim the digest between the check and the delete.
-    fn delete_blob_row(
+    /// In one transaction: reads the row of each of `digests` and its
+    /// claims, and deletes the row unless `keep(row, claims)`; returns the
+    /// rows deleted. Nothing can claim a digest between the check and the
+    /// delete.
+    fn delete_blob_rows(
         &self,
-        digest: &Digest,
+        digests: &[Digest],
         keep: &mut dyn FnMut(&Blob, &[Claim]) -> bool,
-    ) -> Result<bool>;
+    ) -> Result<Vec<Blob>>;
     /// Keeps `digest` from being collected until `expires_at` or
     /// [`MaintCatalog::release_pins`] (idempotent; a later expiry wins).
     fn pin_blob(&self, digest: &Digest, holder: &str, expires_at: &str) -> Result<()>;

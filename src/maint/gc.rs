@@ -20,7 +20,7 @@
 //! never takes a blob something still needs, because the claim and the
 //! deletion cannot interleave:
 //! * the row is deleted in one catalog transaction that reads the claims
-//!   again ([`crate::catalog::MaintCatalog::delete_blob_row`]): a draft, session or pin
+//!   again ([`crate::catalog::MaintCatalog::delete_blob_rows`]): a draft, session or pin
 //!   committed before it keeps the blob, one committed after it finds no row
 //!   (and the writer stores the bytes again);
 //! * every write to the store checks what is stored, stores, records and
@@ -53,6 +53,8 @@ use std::time::{Duration, Instant, SystemTime};
 pub const BLOBS_LOCK: &str = "blobs";
 /// One garbage collection at a time (per catalog: across processes).
 const GC_LOCK: &str = "gc";
+/// Blob rows deleted per catalog transaction.
+const BATCH: usize = 256;
 /// The collector gives writers a turn this often.
 const LOCK_SLICE: Duration = Duration::from_millis(200);
 
@@ -446,22 +448,33 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
         }
     }
     let now = rfc3339(chrono::Utc::now());
-    for b in &plan.blobs {
+    for batch in plan.blobs.chunks(BATCH) {
         slice.turn(app)?;
         let mut keep = |row: &Blob, claims: &[Claim]| {
             row.created_at > plan.cutoff || keeps(claims, &now, &collecting)
         };
-        match app.catalog.delete_blob_row(&b.digest, &mut keep) {
-            Ok(true) => match app.blobs.delete(&b.digest) {
+        let digests: Vec<Digest> = batch.iter().map(|b| b.digest).collect();
+        let deleted = match app.catalog.delete_blob_rows(&digests, &mut keep) {
+            Ok(d) => d,
+            Err(e) => {
+                fail(
+                    &mut report,
+                    format!("removing {} blob row(s)", batch.len()),
+                    &e,
+                );
+                continue;
+            }
+        };
+        report.kept += batch.len() - deleted.len();
+        for b in deleted {
+            match app.blobs.delete(&b.digest) {
                 Ok(_) => {
                     report.blobs_removed += 1;
                     report.bytes_freed += b.size_bytes;
                 }
                 // the row is gone: the file is a stray one for the next run
                 Err(e) => fail(&mut report, format!("removing blob file {}", b.digest), &e),
-            },
-            Ok(false) => report.kept += 1,
-            Err(e) => fail(&mut report, format!("removing blob {}", b.digest), &e),
+            }
         }
     }
     for (d, size) in &plan.files {

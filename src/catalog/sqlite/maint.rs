@@ -113,28 +113,32 @@ impl MaintCatalog for SqliteCatalog {
         read_claims(&*self.conn()?, digest)
     }
 
-    fn delete_blob_row(
+    fn delete_blob_rows(
         &self,
-        digest: &Digest,
+        digests: &[Digest],
         keep: &mut dyn FnMut(&Blob, &[Claim]) -> bool,
-    ) -> Result<bool> {
+    ) -> Result<Vec<Blob>> {
         self.write(|tx| {
-            let Some(row) = Self::blob_by_digest(tx, digest)? else {
-                return Ok(false);
-            };
-            let claims: Vec<Claim> = read_claims(tx, Some(digest))?
-                .into_iter()
-                .map(|(_, c)| c)
-                .collect();
-            if keep(&row, &claims) {
-                return Ok(false);
+            let mut deleted = Vec::new();
+            for digest in digests {
+                let Some(row) = Self::blob_by_digest(tx, digest)? else {
+                    continue;
+                };
+                let claims: Vec<Claim> = read_claims(tx, Some(digest))?
+                    .into_iter()
+                    .map(|(_, c)| c)
+                    .collect();
+                if keep(&row, &claims) {
+                    continue;
+                }
+                tx.execute(
+                    "DELETE FROM cas_blobs WHERE digest = ?1",
+                    [digest.to_string()],
+                )
+                .ctx(&format!("blob {digest}"))?;
+                deleted.push(row);
             }
-            tx.execute(
-                "DELETE FROM cas_blobs WHERE digest = ?1",
-                [digest.to_string()],
-            )
-            .ctx(&format!("blob {digest}"))?;
-            Ok(true)
+            Ok(deleted)
         })
     }
 
