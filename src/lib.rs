@@ -27,6 +27,7 @@ pub mod http;
 pub mod image;
 pub mod maint;
 pub mod manifest;
+pub mod metrics;
 pub mod mirror;
 pub mod names;
 pub mod publish;

@@ -284,6 +284,8 @@ impl Scheduler {
                 }
             }
         });
+        let ok = matches!(&result, Ok(r) if r.failed.is_empty());
+        crate::metrics::job_finished(crate::metrics::JOB_MIRROR, ok);
         match &result {
             Ok(r) if r.failed.is_empty() => log::info!(
                 "mirror {}: ok, {} mirrored, {} already present, {} bytes",
