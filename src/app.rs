@@ -147,7 +147,9 @@ impl App {
                 reasons.push(format!("the blob store is full: {reason}"));
             }
             Err(CasError::Io { op, source, .. }) => {
-                reasons.push(format!("the blob store cannot be written: {op}: {source}"));
+                let why = os_words(&source);
+                reasons.push(format!("the blob store cannot be written: {op}: {why}"));
+                errors.push(format!("blob store: {op}: {source}"));
             }
             Err(e) => {
                 reasons.push("the blob store cannot be written (the server log says why)".into());
@@ -199,6 +201,23 @@ impl App {
             .filter(|k| k.policy.state == crate::sign::KeyState::Revoked)
             .collect())
     }
+}
+
+/// The operating system's words for `e` ("Read-only file system (os error 30)"),
+/// without the path an error may carry along: from the first error in its chain that
+/// has an OS error code, else its kind.
+fn os_words(e: &std::io::Error) -> String {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(code) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return std::io::Error::from_raw_os_error(code).to_string();
+        }
+        next = err.source();
+    }
+    e.kind().to_string()
 }
 
 /// Why a version was not published.

@@ -60,6 +60,8 @@ fn check_grant(role: &str, scope: &str) -> Result<(), ApiError> {
 
 pub fn auth_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[&str]) -> Res {
     ctx.op_name(&format!("auth.{}", m.to_ascii_lowercase()), segs.join("/"));
+    // (refused before a route is matched: still labelled as an auth route)
+    req.route = "/v1/auth/*";
     ctx.require_manage()?;
     let cat = app.catalog.as_ref();
     match segs {
