@@ -58,7 +58,8 @@ fi
 step "checking tools"
 missing=
 for t in cargo script incus incus-simplestreams minisign mksquashfs unsquashfs qemu-img busybox xz \
-  tar nginx openssl curl sqlite3 sstream-query shellcheck setsid findmnt sha256sum mount umount; do
+  tar nginx openssl curl sqlite3 sstream-query shellcheck setsid findmnt sha256sum mount umount \
+  promtool systemd-analyze; do
   command -v "$t" >/dev/null 2>&1 || missing="$missing $t"
 done
 [ -x /usr/libexec/incus/incusd ] || missing="$missing /usr/libexec/incus/incusd"

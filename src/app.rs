@@ -116,6 +116,62 @@ impl App {
         self.catalog.room_for_change()
     }
 
+    /// What stops this server from taking changes now, for `/readyz`: empty when the
+    /// catalog answers and both it and the blob store can be written (a probe of
+    /// each, [`crate::catalog::MaintCatalog::probe_writable`] and
+    /// [`BlobStore::probe_writable`]: a full disk, a read-only filesystem). Each reason
+    /// is a sentence for an anonymous client, without paths; the errors in full go to
+    /// the log (when readiness changes, not at every probe).
+    pub fn unready_reasons(&self) -> Vec<String> {
+        use crate::cas::CasError;
+        use crate::catalog::CatalogError;
+        let mut reasons = Vec::new();
+        let mut errors = Vec::new();
+        let catalog = match self.catalog.generation() {
+            Ok(_) => self.catalog.probe_writable(),
+            Err(e) => Err(e),
+        };
+        match catalog {
+            Ok(()) => {}
+            Err(CatalogError::Full(m)) => {
+                reasons.push(format!("the catalog's disk is full: {m}"));
+            }
+            Err(e) => {
+                reasons.push("the catalog cannot be written (the server log says why)".into());
+                errors.push(format!("catalog: {e}"));
+            }
+        }
+        match self.blobs.probe_writable() {
+            Ok(()) => {}
+            Err(CasError::Full { reason, .. }) => {
+                reasons.push(format!("the blob store is full: {reason}"));
+            }
+            Err(CasError::Io { op, source, .. }) => {
+                let why = os_words(&source);
+                reasons.push(format!("the blob store cannot be written: {op}: {why}"));
+                errors.push(format!("blob store: {op}: {source}"));
+            }
+            Err(e) => {
+                reasons.push("the blob store cannot be written (the server log says why)".into());
+                errors.push(format!("blob store: {e}"));
+            }
+        }
+        static WAS_READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+        let ready = reasons.is_empty();
+        if WAS_READY.swap(ready, std::sync::atomic::Ordering::Relaxed) != ready {
+            if ready {
+                log::info!("ready again: the catalog and the blob store can be written");
+            } else {
+                log::warn!(
+                    "NOT READY (/readyz answers 503): {}{}",
+                    reasons.join("; "),
+                    errors.iter().map(|e| format!("; {e}")).collect::<String>()
+                );
+            }
+        }
+        reasons
+    }
+
     pub fn verification(&self) -> VerificationMode {
         self.config.verification
     }
@@ -145,6 +201,23 @@ impl App {
             .filter(|k| k.policy.state == crate::sign::KeyState::Revoked)
             .collect())
     }
+}
+
+/// The operating system's words for `e` ("Read-only file system (os error 30)"),
+/// without the path an error may carry along: from the first error in its chain that
+/// has an OS error code, else its kind.
+fn os_words(e: &std::io::Error) -> String {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        if let Some(code) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return std::io::Error::from_raw_os_error(code).to_string();
+        }
+        next = err.source();
+    }
+    e.kind().to_string()
 }
 
 /// Why a version was not published.
@@ -200,6 +273,25 @@ impl App {
     /// both their inputs (the mirror): those are not read from the blob
     /// store again. Every other check is the same.
     pub fn publish_version_with(
+        &self,
+        name: &str,
+        ver: &str,
+        signature: Option<String>,
+        principal_id: Option<&str>,
+        known: &crate::fingerprint::Known,
+    ) -> Result<Published, PublishError> {
+        use crate::metrics::PublishOutcome;
+        let result = self.publish_checked(name, ver, signature, principal_id, known);
+        crate::metrics::publish_finished(match &result {
+            Ok(_) => PublishOutcome::Published,
+            Err(PublishError::Refused { .. }) => PublishOutcome::Refused,
+            Err(_) => PublishOutcome::Error,
+        });
+        result
+    }
+
+    /// [`App::publish_version_with`] but for the metrics.
+    fn publish_checked(
         &self,
         name: &str,
         ver: &str,

@@ -35,6 +35,10 @@ pub enum Command {
         /// Listen address, e.g. 0.0.0.0:8443 (default: the config file's, else 0.0.0.0:8443).
         #[arg(long, value_name = "ADDR", env = "IMGSRV_LISTEN")]
         listen: Option<String>,
+        /// Metrics listen address, e.g. 127.0.0.1:9464, or "" for none (default: the
+        /// config file's metrics_listen, else 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR", env = "IMGSRV_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
     },
     /// Manage trusted publisher keys (minisign public keys) on the server's filesystem.
     #[command(subcommand)]
@@ -442,7 +446,11 @@ pub fn run(cli: Cli) -> Result<()> {
             print_init(&data.dir, &report);
             Ok(())
         }
-        Command::Serve { data, listen } => crate::serve::serve(&data.dir, listen.as_deref()),
+        Command::Serve {
+            data,
+            listen,
+            metrics_listen,
+        } => crate::serve::serve(&data.dir, listen.as_deref(), metrics_listen.as_deref()),
         Command::Key(k) => key_command(k),
         Command::Publish(p) => {
             let token = p.server.require_token()?;

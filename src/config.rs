@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "imgsrv.toml";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+/// Where the Prometheus metrics are served by default (plain HTTP, loopback only).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerificationMode {
@@ -84,6 +86,8 @@ pub fn verification_mode(doc: &toml::Table) -> (VerificationMode, Option<String>
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
+    /// `""` turns the metrics listener off.
+    metrics_listen: Option<String>,
     #[serde(default)]
     tls: RawTls,
     /// Parsed separately by [`verification_mode`]; kept loose here.
@@ -231,6 +235,8 @@ struct RawLimits {
 pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// `metrics_listen`: where `GET /metrics` is served; `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
     /// True when cert/key come from the config (never generated).
@@ -277,6 +283,11 @@ impl Config {
         let listen: SocketAddr = listen_s.parse().with_context(|| {
             format!("listen address {listen_s:?} is not IP:PORT (e.g. 0.0.0.0:8443 or [::]:8443)")
         })?;
+        let metrics_listen = parse_metrics_listen(
+            raw.metrics_listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
+        )?;
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { data_dir.join(p) };
         let tls_configured = raw.tls.cert.is_some() || raw.tls.key.is_some();
         if raw.tls.cert.is_some() != raw.tls.key.is_some() {
@@ -299,6 +310,7 @@ impl Config {
         Ok(Config {
             data_dir: data_dir.to_path_buf(),
             listen,
+            metrics_listen,
             tls_cert,
             tls_key,
             tls_configured,
@@ -314,6 +326,20 @@ impl Config {
     }
 }
 
+/// A `metrics_listen` value (the file's, or `serve --metrics-listen`): `IP:PORT`, or
+/// `""` for no metrics listener (`None`).
+pub fn parse_metrics_listen(s: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).with_context(|| {
+        format!(
+            "metrics_listen {s:?} is not IP:PORT (e.g. {DEFAULT_METRICS_LISTEN}), nor \"\" to \
+             turn the metrics listener off"
+        )
+    })
+}
+
 /// The default configuration file written by `imgsrv init`.
 pub fn default_file() -> String {
     format!(
@@ -322,6 +348,12 @@ pub fn default_file() -> String {
 # Address to serve HTTPS on (plain HTTP on the same port is answered for
 # artifact downloads only, which Incus clients try first).
 listen = "{DEFAULT_LISTEN}"
+
+# Prometheus metrics (plain HTTP, GET /metrics; see the README) on a listener of
+# their own; "" turns it off. Not authenticated: keep it on loopback or a
+# network only your monitoring reaches. A port already taken is logged and the
+# server serves without metrics.
+metrics_listen = "{DEFAULT_METRICS_LISTEN}"
 
 [tls]
 # A certificate of your own; without these, imgsrv generates a self-signed
@@ -457,6 +489,16 @@ mod tests {
         ] {
             assert!(Config::parse(d, bad, None).is_err(), "{bad}");
         }
+        assert_eq!(
+            c.metrics_listen.map(|a| a.to_string()).as_deref(),
+            Some(DEFAULT_METRICS_LISTEN)
+        );
+        let c = Config::parse(d, "metrics_listen = \"\"", None).unwrap();
+        assert_eq!(c.metrics_listen, None);
+        let c = Config::parse(d, "metrics_listen = \"[::1]:0\"", None).unwrap();
+        assert_eq!(c.metrics_listen.unwrap().to_string(), "[::1]:0");
+        let e = Config::parse(d, "metrics_listen = \"9464\"", None).unwrap_err();
+        assert!(format!("{e:#}").contains("metrics_listen"), "{e:#}");
         let c = Config::parse(d, "[image_verification]\nmode = 3", None).unwrap();
         assert_eq!(c.verification, VerificationMode::Enforce);
         assert_eq!(c.warnings.len(), 1);

@@ -28,6 +28,7 @@ pub mod image;
 pub mod lifecycle;
 pub mod maint;
 pub mod manifest;
+pub mod metrics;
 pub mod mirror;
 pub mod names;
 pub mod publish;

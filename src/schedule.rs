@@ -251,6 +251,9 @@ impl Scheduler {
         {
             log::info!("mirror {}: {line}", job.name);
         }
+        // (before the status says the run is over: who reads one sees the other)
+        let ok = matches!(&result, Ok(r) if r.failed.is_empty());
+        crate::metrics::job_finished(crate::metrics::JOB_MIRROR, ok);
         let next =
             chrono::Utc::now() + chrono::Duration::from_std(job.interval).unwrap_or_default();
         self.update(&job.name, |s| {

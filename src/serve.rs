@@ -95,7 +95,12 @@ impl ServeLock {
     }
 }
 
-pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
+/// `metrics_listen` overrides the file's `metrics_listen` (`""`: none).
+pub fn serve(
+    data_dir: &Path,
+    listen: Option<&str>,
+    metrics_listen: Option<&str>,
+) -> anyhow::Result<()> {
     log::info!("imgsrv {}", crate::catalog::versions());
     // held until this function returns: one server per data directory
     let _lock = ServeLock::acquire(data_dir)?;
@@ -109,7 +114,10 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
             data_dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
         );
     }
-    let config = Config::load(data_dir, listen)?;
+    let mut config = Config::load(data_dir, listen)?;
+    if let Some(m) = metrics_listen {
+        config.metrics_listen = crate::config::parse_metrics_listen(m)?;
+    }
     for w in &config.warnings {
         log::error!("CONFIGURATION: {w}");
     }
@@ -125,13 +133,22 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
         tls: Some(tls),
         max_connections: config.max_connections.unwrap_or(engine.max_connections),
         max_workers: config.max_workers.unwrap_or(engine.max_workers),
+        observer: Some(Arc::new(crate::metrics::EngineObserver)),
         ..engine
     })
     .with_context(|| format!("listening on {}", config.listen))?;
     let addr = server.local_addr();
     let verification = config.verification;
     let jobs = crate::schedule::parse_jobs(&config.mirrors, data_dir)?;
+    let metrics_addr = config.metrics_listen;
     let app = Arc::new(App::open(config)?);
+    let metrics = match metrics_addr {
+        Some(a) => crate::metrics::start_listener(a, app.clone()),
+        None => {
+            log::info!("metrics listener off (metrics_listen = \"\")");
+            None
+        }
+    };
     // warm the projection so the first client does not pay for it
     if let Err(e) = app.streams(&[]) {
         log::error!("building the simplestreams projection: {e:#}");
@@ -166,6 +183,9 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
                 break;
             }
         })?;
+    if let Some(m) = &metrics {
+        println!("imgsrv metrics on http://{}/metrics", m.addr);
+    }
     println!(
         "imgsrv serving https://{addr} (data {}, image verification {verification})",
         data_dir.display()
@@ -177,6 +197,9 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
         s.stop();
     }
     maintenance.stop();
+    if let Some(m) = metrics {
+        m.stop();
+    }
     log::info!("stopped");
     Ok(())
 }
@@ -207,9 +230,13 @@ fn start_gc(app: &Arc<App>, stop: &crate::maint::periodic::Stop) {
             true => log::debug!("gc:{line}"),
             false => log::info!("{line}"),
         };
-        match crate::maint::gc::run(&app, &opts, false, &mut say) {
-            Ok(_) => {}
-            Err(e) => log::error!("gc: {e:#}"),
-        }
+        let ok = match crate::maint::gc::run(&app, &opts, false, &mut say) {
+            Ok(r) => r.is_some_and(|r| r.failures.is_empty()),
+            Err(e) => {
+                log::error!("gc: {e:#}");
+                false
+            }
+        };
+        crate::metrics::job_finished(crate::metrics::JOB_GC, ok);
     });
 }

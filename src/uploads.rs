@@ -22,6 +22,7 @@ use crate::app::App;
 use crate::cas::{CasError, StagedPart};
 use crate::catalog::{self, CatalogError, UploadPart, UploadSession, UploadState};
 use crate::digest::Digest;
+use crate::metrics::UploadOutcome;
 use std::io::Read;
 
 /// The largest part.
@@ -133,6 +134,9 @@ impl App {
             self.blobs.ensure_room(u.size)?;
         }
         self.catalog.create_upload(&s)?;
+        if ready {
+            crate::metrics::upload_finished(UploadOutcome::AlreadyStored);
+        }
         Ok((s, ready))
     }
 
@@ -196,6 +200,25 @@ impl App {
         }
         let s = writable(s)?;
         let parts = self.listed_parts(id, listed)?;
+        // (a refused request above leaves the session as it was: no outcome yet)
+        let result = self.store_upload(id, s, &parts);
+        crate::metrics::upload_finished(match &result {
+            Ok(_) => UploadOutcome::Stored,
+            Err(UploadError::Refused(_)) => UploadOutcome::Failed,
+            Err(_) => UploadOutcome::Error,
+        });
+        result
+    }
+
+    /// The part of [`App::complete_upload`] that joins the parts and stores the blob:
+    /// [`UploadError::Refused`] when they do not make the declared digest and size (the
+    /// session has failed then).
+    fn store_upload(
+        &self,
+        id: &str,
+        s: UploadSession,
+        parts: &[(u32, StagedPart)],
+    ) -> Result<UploadSession, UploadError> {
         let total: u64 = parts.iter().map(|(_, p)| p.size).sum();
         if total != s.expected_size_bytes {
             return Err(self.fail_upload(
@@ -208,7 +231,7 @@ impl App {
         }
         match self
             .blobs
-            .commit_upload(id, &parts, &s.expected_digest, s.expected_size_bytes)
+            .commit_upload(id, parts, &s.expected_digest, s.expected_size_bytes)
         {
             Ok(()) => {}
             Err(e @ (CasError::Mismatch { .. } | CasError::Truncated { .. })) => {
@@ -311,8 +334,10 @@ impl App {
             }
         }
         self.blobs.discard_upload(id)?;
-        Ok(self
+        let s = self
             .catalog
-            .set_upload_state(id, UploadState::Aborted, None)?)
+            .set_upload_state(id, UploadState::Aborted, None)?;
+        crate::metrics::upload_finished(UploadOutcome::Aborted);
+        Ok(s)
     }
 }

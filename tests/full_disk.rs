@@ -10,87 +10,14 @@ mod support;
 
 use serde_json::{json, Value};
 use std::cell::RefCell;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Read;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
+use support::tmpfs::Tmpfs;
 use support::*;
 
 const MIB: u64 = 1 << 20;
-
-/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop. Declare it before
-/// the server using it, so that the server stops first.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::Builder::new()
-            .prefix("imgsrv-full-disk-")
-            .tempdir()
-            .expect("create the mount point");
-        run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o"])
-                .arg(format!("size={size},mode=0755"))
-                .arg("tmpfs")
-                .arg(dir.path()),
-        );
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// What the filesystem reports available (statvfs: f_bavail × f_frsize).
-    fn available(&self) -> u64 {
-        let c = std::ffi::CString::new(s(self.path())).unwrap();
-        // SAFETY: a NUL-terminated path and a zeroed out-struct.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        st.f_bavail as u64 * st.f_frsize as u64
-    }
-
-    /// Another program's file, grown until at most `leave` bytes are available.
-    fn fill_to(&self, leave: u64) {
-        let avail = self.available();
-        if avail <= leave {
-            return;
-        }
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path().join("filler"))
-            .unwrap();
-        let len = f.metadata().unwrap().len();
-        // SAFETY: an open file descriptor and plain integers.
-        let rc =
-            unsafe { libc::posix_fallocate(f.as_raw_fd(), len as i64, (avail - leave) as i64) };
-        assert_eq!(rc, 0, "posix_fallocate of the filler");
-        assert!(self.available() <= leave);
-    }
-
-    fn remove_filler(&self) {
-        fs::remove_file(self.path().join("filler")).unwrap();
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(self.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            // something still holds a file open on it: detach it now anyway
-            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        }
-    }
-}
 
 /// An answer: status, Content-Type, body.
 struct Answer {

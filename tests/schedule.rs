@@ -76,6 +76,15 @@ fn serve_runs_mirror_jobs_and_reports_their_outcome() {
         down.log_text().contains("mirror upstream-a"),
         "the run is logged"
     );
+    let metrics = down.scrape();
+    for line in [
+        "imgsrv_background_job_attempts_total{job=\"mirror\",outcome=\"error\"} 1\n",
+        "imgsrv_publishes_total{outcome=\"refused\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    assert!(metrics.contains("imgsrv_background_job_last_error_timestamp_seconds{job=\"mirror\"} "));
+    assert!(!metrics.contains("imgsrv_background_job_last_success_timestamp_seconds{job="));
 
     // trust the mirror key; a restart runs the job again at once
     trust_key(&data, Some("mirror"), &mirror_pub);
@@ -85,6 +94,23 @@ fn serve_runs_mirror_jobs_and_reports_their_outcome() {
     assert_eq!(job["last_outcome"], "ok", "{job}");
     assert_eq!(job["last_summary"]["mirrored"], 1, "{job}");
     assert!(job["next_run"].is_string());
+    // (a new process: its counters start again)
+    let metrics = down.scrape();
+    let line = "imgsrv_background_job_attempts_total{job=\"mirror\",outcome=\"success\"} 1\n";
+    assert!(metrics.contains(line), "{line} in\n{metrics}");
+    let when: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("imgsrv_background_job_last_success_timestamp_seconds{job=\"mirror\"} ")
+        })
+        .expect("a last success")
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - 120.0..=now + 1.0).contains(&when), "{when} vs {now}");
     let images = down
         .agent()
         .get(format!("{}/v1/images", down.url()))

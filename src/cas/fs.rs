@@ -653,6 +653,19 @@ impl BlobStore for FsStore {
         }
     }
 
+    fn probe_writable(&self) -> Result<()> {
+        let dir = self.root.join("tmp");
+        // (a leftover after a crash is a temp file like any other in tmp/)
+        let mut f = tempfile::Builder::new()
+            .prefix("probe-")
+            .tempfile_in(&dir)
+            .map_err(io_err("create temp in", &dir))?;
+        let path = f.path().to_path_buf();
+        f.write_all(b"probe").map_err(io_err("write", &path))?;
+        f.close().map_err(io_err("remove", &path))?;
+        self.ensure_room(0)
+    }
+
     fn ensure_room(&self, bytes: u64) -> Result<()> {
         let available = available_bytes(&self.root).map_err(io_err("statvfs", &self.root))?;
         if bytes.saturating_add(KEEP_FREE) <= available {

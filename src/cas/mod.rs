@@ -158,6 +158,12 @@ pub trait BlobStore: Send + Sync {
     /// Every write of a known size ([`BlobStore::put`],
     /// [`BlobStore::stage_part`], a commit that copies) checks this itself.
     fn ensure_room(&self, bytes: u64) -> Result<()>;
+
+    /// Ok when a blob could be written now (`/readyz`): a small file is written and
+    /// removed where the store stages its writes (a read-only filesystem fails here),
+    /// and the minimum free space is there ([`BlobStore::ensure_room`] of 0 bytes:
+    /// [`CasError::Full`] otherwise). Stores nothing.
+    fn probe_writable(&self) -> Result<()>;
 }
 
 /// Copies the file at `path` into `store` through [`BlobStore::put`] (which

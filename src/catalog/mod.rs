@@ -663,6 +663,14 @@ pub trait MaintCatalog: Send + Sync {
     /// when another holder has it. Locks named alike exclude each other by
     /// mode (shared holders together, an exclusive one alone).
     fn job_lock(&self, job: &str, mode: LockMode, wait: bool) -> Result<Option<JobLock>>;
+    /// Blobs recorded and the sum of their sizes (the metrics read it at each scrape,
+    /// so it must stay cheap).
+    fn blob_totals(&self) -> Result<(u64, u64)>;
+    /// Ok when the catalog can be written now (`/readyz`): its storage is writable (a
+    /// read-only filesystem or database fails here) and has room for a change
+    /// ([`AuditCatalog::room_for_change`], [`CatalogError::Full`] otherwise). Changes
+    /// nothing.
+    fn probe_writable(&self) -> Result<()>;
 }
 
 /// Everything a server needs from its catalog.

@@ -52,6 +52,12 @@ impl std::ops::DerefMut for Pooled<'_> {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(c) = self.conn.take() {
+            // A connection opened while the file or its filesystem could not be written
+            // is read-only for good (SQLite's fallback): not kept, so that writes work
+            // again once the filesystem does.
+            if c.is_readonly(rusqlite::MAIN_DB).unwrap_or(true) {
+                return;
+            }
             if let Ok(mut p) = self.cat.pool.lock() {
                 if p.len() < 16 {
                     p.push(c);

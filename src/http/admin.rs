@@ -60,11 +60,15 @@ fn check_grant(role: &str, scope: &str) -> Result<(), ApiError> {
 
 pub fn auth_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[&str]) -> Res {
     ctx.op_name(&format!("auth.{}", m.to_ascii_lowercase()), segs.join("/"));
+    // (refused before a route is matched: still labelled as an auth route)
+    req.route = "/v1/auth/*";
     ctx.require_manage()?;
     let cat = app.catalog.as_ref();
     match segs {
-        ["roles"] => methods!(m; "GET" => Ok(json(200, &j!({ "roles": cat.roles()? })))),
-        ["matrix"] => methods!(m; "GET" => {
+        ["roles"] => {
+            methods!(req, "/v1/auth/roles", m; "GET" => Ok(json(200, &j!({ "roles": cat.roles()? }))))
+        }
+        ["matrix"] => methods!(req, "/v1/auth/matrix", m; "GET" => {
             let mut rows = Vec::new();
             for p in cat.list_principals()? {
                 let tokens = cat.list_tokens(&p.id)?;
@@ -73,11 +77,11 @@ pub fn auth_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, seg
             }
             Ok(json(200, &j!({ "matrix": rows })))
         }),
-        ["principals"] => methods!(m;
+        ["principals"] => methods!(req, "/v1/auth/principals", m;
             "GET" => Ok(json(200, &j!({ "principals": cat.list_principals()? }))),
             "POST" => create_principal(req, ctx, cat),
         ),
-        ["principals", p] => methods!(m;
+        ["principals", p] => methods!(req, "/v1/auth/principals/{principal}", m;
             "GET" => Ok(json(200, &cat.get_principal(p)?)),
             "DELETE" => {
                 ctx.op_name("principal.remove", p.to_string());
@@ -86,17 +90,21 @@ pub fn auth_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, seg
             },
         ),
         ["principals", p, "grants"] => {
-            methods!(m; "GET" => Ok(json(200, &j!({ "grants": cat.get_principal(p)?.grants }))))
+            methods!(req, "/v1/auth/principals/{principal}/grants", m; "GET" => Ok(json(200, &j!({ "grants": cat.get_principal(p)?.grants }))))
         }
-        ["principals", p, "grants", _, _] | ["principals", p, "roles", _] => methods!(m;
-            "PUT" => grant_change(ctx, cat, p, segs, true),
-            "DELETE" => grant_change(ctx, cat, p, segs, false),
-        ),
-        ["principals", p, "api-tokens"] => methods!(m;
-            "GET" => Ok(json(200, &j!({ "api_tokens": cat.list_tokens(p)? }))),
-            "POST" => issue_token(req, ctx, cat, p),
-        ),
-        ["api-tokens", id] => methods!(m; "DELETE" => {
+        ["principals", p, "grants", _, _] | ["principals", p, "roles", _] => {
+            methods!(req, if segs[2] == "grants" { "/v1/auth/principals/{principal}/grants/{role}/{scope}" } else { "/v1/auth/principals/{principal}/roles/{role}" }, m;
+                "PUT" => grant_change(ctx, cat, p, segs, true),
+                "DELETE" => grant_change(ctx, cat, p, segs, false),
+            )
+        }
+        ["principals", p, "api-tokens"] => {
+            methods!(req, "/v1/auth/principals/{principal}/api-tokens", m;
+                "GET" => Ok(json(200, &j!({ "api_tokens": cat.list_tokens(p)? }))),
+                "POST" => issue_token(req, ctx, cat, p),
+            )
+        }
+        ["api-tokens", id] => methods!(req, "/v1/auth/api-tokens/{token}", m; "DELETE" => {
             ctx.op_name("token.revoke", id.to_string());
             cat.revoke_token(id)?;
             Ok(Response::new(204))

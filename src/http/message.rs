@@ -25,6 +25,9 @@ pub struct Request<'a> {
     /// `Content-Length` when declared; `None` for chunked or no body.
     pub content_length: Option<u64>,
     pub body: Box<dyn Read + 'a>,
+    /// The pattern of the route that took the request (`/v1/images/{name}`), set by the
+    /// dispatcher for metrics labels; [`super::server::OTHER_ROUTE`] until then.
+    pub route: &'static str,
 }
 
 impl<'a> Request<'a> {
@@ -59,6 +62,7 @@ impl<'a> Request<'a> {
             peer: "127.0.0.1:1".parse().expect("static addr"),
             content_length: Some(body.len() as u64),
             body: Box::new(io::Cursor::new(body)),
+            route: super::server::OTHER_ROUTE,
         }
     }
 }

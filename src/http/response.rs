@@ -134,12 +134,16 @@ impl From<UploadError> for ApiError {
     }
 }
 
-/// Dispatches a route on the request method: `methods!(m; "GET" => a, "PUT" => b)`.
+/// Dispatches a route on the request method:
+/// `methods!(req, "/v1/images/{name}", m; "GET" => a, "PUT" => b)`.
+/// The second argument names the route's pattern on the request ([`Request::route`]:
+/// the bounded label of its metrics), written as docs/api.md writes the path.
 /// `HEAD` runs the `GET` handler (the engine sends no body); a method the route does
 /// not take is `405 Method Not Allowed` with `Allow` (RFC 9110 section 15.5.6). (The
 /// engine answers `501` to methods it does not know at all.)
 macro_rules! methods {
-    ($m:expr; $($meth:literal => $handler:expr),+ $(,)?) => {{
+    ($req:expr, $route:expr, $m:expr; $($meth:literal => $handler:expr),+ $(,)?) => {{
+        $req.route = $route;
         let m: &str = $m;
         match if m == "HEAD" { "GET" } else { m } {
             $($meth => $handler,)+

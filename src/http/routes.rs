@@ -339,32 +339,42 @@ fn no_route(m: &str, req: &Request<'_>) -> ApiError {
 /// Everything but `/v1/images/{name}/...` and `/v1/auth/...`.
 fn top_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[&str]) -> Res {
     match segs {
-        ["healthz"] => methods!(m; "GET" => Ok(Response::new(204))),
-        ["readyz"] => methods!(m; "GET" => match app.catalog.generation() {
-            Ok(_) => Ok(Response::new(204)),
-            Err(e) => Err(ApiError::new(503, format!("catalog unavailable: {e}"))),
+        ["healthz"] => methods!(req, "/healthz", m; "GET" => Ok(Response::new(204))),
+        ["readyz"] => methods!(req, "/readyz", m; "GET" => {
+            let reasons = app.unready_reasons();
+            if reasons.is_empty() {
+                return Ok(Response::new(204));
+            }
+            Err(ApiError::new(503, format!("not ready: {}", reasons.join("; ")))
+                .with_header("Retry-After", "10"))
         }),
         ["streams", "v1", doc @ ("index.json" | "images.json")] => {
-            methods!(m; "GET" => streams(app, req, ctx, doc))
+            methods!(req, if *doc == "index.json" { "/streams/v1/index.json" } else { "/streams/v1/images.json" }, m; "GET" => streams(app, req, ctx, doc))
         }
-        ["v1", "uploads"] => methods!(m; "POST" => begin_upload(app, req, ctx)),
-        ["v1", "uploads", id] => methods!(m; "GET" => {
+        ["v1", "uploads"] => methods!(req, "/v1/uploads", m; "POST" => begin_upload(app, req, ctx)),
+        ["v1", "uploads", id] => methods!(req, "/v1/uploads/{upload}", m; "GET" => {
             ctx.write_anywhere()?;
             Ok(json(200, &app.catalog.get_upload(id)?))
         }),
-        ["v1", "uploads", id, "parts", n] => methods!(m; "PUT" => put_part(app, req, ctx, id, n)),
-        ["v1", "uploads", id, "complete"] => {
-            methods!(m; "POST" => complete_upload(app, req, ctx, id))
+        ["v1", "uploads", id, "parts", n] => {
+            methods!(req, "/v1/uploads/{upload}/parts/{part}", m; "PUT" => put_part(app, req, ctx, id, n))
         }
-        ["v1", "uploads", id, "abort"] => methods!(m; "POST" => abort_upload(app, ctx, id)),
-        ["v1", "blobs", digest] => methods!(m; "GET" => get_blob(app, req, ctx, digest)),
-        ["v1", "images"] => methods!(m;
+        ["v1", "uploads", id, "complete"] => {
+            methods!(req, "/v1/uploads/{upload}/complete", m; "POST" => complete_upload(app, req, ctx, id))
+        }
+        ["v1", "uploads", id, "abort"] => {
+            methods!(req, "/v1/uploads/{upload}/abort", m; "POST" => abort_upload(app, ctx, id))
+        }
+        ["v1", "blobs", digest] => {
+            methods!(req, "/v1/blobs/{digest}", m; "GET" => get_blob(app, req, ctx, digest))
+        }
+        ["v1", "images"] => methods!(req, "/v1/images", m;
             "GET" => list_images(app, ctx),
             "POST" => create_image(app, req, ctx),
         ),
-        ["v1", "keys"] => methods!(m; "GET" => trusted_keys(app)),
-        ["v1", "mirrors"] => methods!(m; "GET" => mirrors(app, ctx)),
-        ["v1", "audit"] => methods!(m; "GET" => audit_log(app, req, ctx)),
+        ["v1", "keys"] => methods!(req, "/v1/keys", m; "GET" => trusted_keys(app)),
+        ["v1", "mirrors"] => methods!(req, "/v1/mirrors", m; "GET" => mirrors(app, ctx)),
+        ["v1", "audit"] => methods!(req, "/v1/audit", m; "GET" => audit_log(app, req, ctx)),
         _ => Err(no_route(m, req)),
     }
 }
@@ -410,15 +420,17 @@ fn image_routes(
     rest: &[&str],
 ) -> Res {
     match rest {
-        [] => methods!(m; "GET" => {
+        [] => methods!(req, "/v1/images/{name}", m; "GET" => {
             let img = ctx.readable_image(app, name)?;
             if !ctx.can_write(name) && app.catalog.list_versions(name, false)?.is_empty() {
                 return Err(ApiError::not_found(format!("image {name} not found")));
             }
             Ok(json(200, &img))
         }),
-        ["visibility"] => methods!(m; "PUT" => set_visibility(app, req, ctx, name)),
-        ["versions"] => methods!(m;
+        ["visibility"] => {
+            methods!(req, "/v1/images/{name}/visibility", m; "PUT" => set_visibility(app, req, ctx, name))
+        }
+        ["versions"] => methods!(req, "/v1/images/{name}/versions", m;
             "GET" => {
                 ctx.readable_image(app, name)?;
                 let w = ctx.can_write(name);
@@ -431,11 +443,11 @@ fn image_routes(
             "POST" => create_version(app, req, ctx, name),
         ),
         ["versions", ver, rest @ ..] => version_routes(app, req, ctx, m, name, ver, rest),
-        ["aliases"] => methods!(m; "GET" => {
+        ["aliases"] => methods!(req, "/v1/images/{name}/aliases", m; "GET" => {
             ctx.readable_image(app, name)?;
             Ok(json(200, &j!({ "aliases": app.catalog.list_aliases(name)? })))
         }),
-        ["aliases", alias] => methods!(m;
+        ["aliases", alias] => methods!(req, "/v1/images/{name}/aliases/{alias}", m;
             "GET" => {
                 ctx.readable_image(app, name)?;
                 Ok(json(200, &app.catalog.get_alias(name, alias)?))
@@ -448,7 +460,7 @@ fn image_routes(
                 Ok(Response::new(204))
             },
         ),
-        ["refs", r] => methods!(m; "GET" => {
+        ["refs", r] => methods!(req, "/v1/images/{name}/refs/{ref}", m; "GET" => {
             ctx.readable_image(app, name)?;
             let ver = match app.catalog.get_version(name, r) {
                 Ok(v) if v.state == VersionState::Published => v.version,
@@ -473,7 +485,7 @@ fn version_routes(
     rest: &[&str],
 ) -> Res {
     match rest {
-        [] => methods!(m;
+        [] => methods!(req, "/v1/images/{name}/versions/{version}", m;
             "GET" => {
                 let view = readable_view(app, ctx, name, ver)?;
                 view_response(app, view)
@@ -485,11 +497,19 @@ fn version_routes(
                 Ok(Response::new(204))
             },
         ),
-        ["retire"] => methods!(m; "POST" => retire(app, req, ctx, name, ver)),
-        ["manifest"] => methods!(m; "GET" => manifest(app, ctx, name, ver)),
-        ["manifest.minisig"] => methods!(m; "GET" => signature(app, ctx, name, ver)),
-        ["publish"] => methods!(m; "POST" => publish(app, req, ctx, name, ver)),
-        ["artifacts"] => methods!(m;
+        ["retire"] => {
+            methods!(req, "/v1/images/{name}/versions/{version}/retire", m; "POST" => retire(app, req, ctx, name, ver))
+        }
+        ["manifest"] => {
+            methods!(req, "/v1/images/{name}/versions/{version}/manifest", m; "GET" => manifest(app, ctx, name, ver))
+        }
+        ["manifest.minisig"] => {
+            methods!(req, "/v1/images/{name}/versions/{version}/manifest.minisig", m; "GET" => signature(app, ctx, name, ver))
+        }
+        ["publish"] => {
+            methods!(req, "/v1/images/{name}/versions/{version}/publish", m; "POST" => publish(app, req, ctx, name, ver))
+        }
+        ["artifacts"] => methods!(req, "/v1/images/{name}/versions/{version}/artifacts", m;
             "GET" => {
                 let view = readable_view(app, ctx, name, ver)?;
                 let arts: Vec<&Artifact> = view.artifacts.iter().map(|a| &a.artifact).collect();
@@ -497,39 +517,43 @@ fn version_routes(
             },
             "POST" => add_artifact(app, req, ctx, name, ver),
         ),
-        ["artifacts", id] => methods!(m;
-            "GET" => {
-                let view = readable_view(app, ctx, name, ver)?;
-                let a = view
-                    .artifacts
-                    .iter()
-                    .find(|a| a.artifact.id == *id)
-                    .ok_or_else(|| ApiError::not_found(format!("artifact {id} not found")))?;
-                Ok(json(200, &a.artifact))
-            },
-            "DELETE" => {
-                ctx.op("artifact.delete", format!("{name}@{ver}/{id}"));
-                ctx.write(name)?;
-                let v = app.catalog.get_version(name, ver)?;
-                app.catalog.delete_artifact(&v.id, id)?;
-                Ok(Response::new(204))
-            },
-        ),
+        ["artifacts", id] => {
+            methods!(req, "/v1/images/{name}/versions/{version}/artifacts/{artifact}", m;
+                "GET" => {
+                    let view = readable_view(app, ctx, name, ver)?;
+                    let a = view
+                        .artifacts
+                        .iter()
+                        .find(|a| a.artifact.id == *id)
+                        .ok_or_else(|| ApiError::not_found(format!("artifact {id} not found")))?;
+                    Ok(json(200, &a.artifact))
+                },
+                "DELETE" => {
+                    ctx.op("artifact.delete", format!("{name}@{ver}/{id}"));
+                    ctx.write(name)?;
+                    let v = app.catalog.get_version(name, ver)?;
+                    app.catalog.delete_artifact(&v.id, id)?;
+                    Ok(Response::new(204))
+                },
+            )
+        }
         ["artifacts", id, "download"] => {
-            methods!(m; "GET" => download(app, req, ctx, name, ver, id, None))
+            methods!(req, "/v1/images/{name}/versions/{version}/artifacts/{artifact}/download", m; "GET" => download(app, req, ctx, name, ver, id, None))
         }
         ["artifacts", id, "attachments"] => {
-            methods!(m; "POST" => add_attachment(app, req, ctx, name, ver, id))
+            methods!(req, "/v1/images/{name}/versions/{version}/artifacts/{artifact}/attachments", m; "POST" => add_attachment(app, req, ctx, name, ver, id))
         }
-        ["artifacts", id, "attachments", att] => methods!(m; "DELETE" => {
-            ctx.op("attachment.delete", format!("{name}@{ver}/{id}/{att}"));
-            ctx.write(name)?;
-            let v = app.catalog.get_version(name, ver)?;
-            app.catalog.delete_attachment(&v.id, id, att)?;
-            Ok(Response::new(204))
-        }),
+        ["artifacts", id, "attachments", att] => {
+            methods!(req, "/v1/images/{name}/versions/{version}/artifacts/{artifact}/attachments/{attachment}", m; "DELETE" => {
+                ctx.op("attachment.delete", format!("{name}@{ver}/{id}/{att}"));
+                ctx.write(name)?;
+                let v = app.catalog.get_version(name, ver)?;
+                app.catalog.delete_attachment(&v.id, id, att)?;
+                Ok(Response::new(204))
+            })
+        }
         ["artifacts", id, "attachments", att, "download"] => {
-            methods!(m; "GET" => download(app, req, ctx, name, ver, id, Some(att)))
+            methods!(req, "/v1/images/{name}/versions/{version}/artifacts/{artifact}/attachments/{attachment}/download", m; "GET" => download(app, req, ctx, name, ver, id, Some(att)))
         }
         _ => Err(no_route(m, req)),
     }

@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod inproc;
+pub mod tmpfs;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -391,6 +392,10 @@ pub struct TestServer {
     data: PathBuf,
     log: PathBuf,
     port: u16,
+    /// The metrics listener's port, from the `imgsrv metrics on http://ADDR` line.
+    metrics_port: Option<u16>,
+    /// Pass `--metrics-listen 127.0.0.1:0` (unless the test's config sets `metrics_listen`).
+    metrics_flag: bool,
     child: Option<Child>,
     agent: ureq::Agent,
 }
@@ -402,7 +407,9 @@ impl TestServer {
     }
 
     /// Like [`TestServer::start`], but after `imgsrv init` replaces `DATA/imgsrv.toml` with
-    /// `config_toml`, in which `{data}` stands for the data directory's path.
+    /// `config_toml`, in which `{data}` stands for the data directory's path. The metrics
+    /// listener is on port 0 (`--metrics-listen 127.0.0.1:0`, as for every test server)
+    /// unless `config_toml` sets `metrics_listen`: then the file decides.
     pub fn start_with(config_toml: &str) -> TestServer {
         Self::start_inner(Some(config_toml), None)
     }
@@ -431,6 +438,8 @@ impl TestServer {
             root,
             data,
             port: 0,
+            metrics_port: None,
+            metrics_flag: !config.is_some_and(|c| c.contains("metrics_listen")),
             child: None,
             agent,
         };
@@ -448,12 +457,17 @@ impl TestServer {
             .open(&self.log)
             .expect("open server log");
         let offset = fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
-        let child = Command::new(IMGSRV)
-            .arg("serve")
+        let mut cmd = Command::new(IMGSRV);
+        cmd.arg("serve")
             .arg("--data")
             .arg(&self.data)
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg("127.0.0.1:0");
+        if self.metrics_flag {
+            // never the default 9464, which every test server would contend for
+            cmd.arg("--metrics-listen").arg("127.0.0.1:0");
+        }
+        let child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -478,20 +492,24 @@ impl TestServer {
         }
     }
 
-    /// Waits for `imgsrv serving https://ADDR` in the log after `offset`; sets the port.
+    /// Waits for `imgsrv serving https://ADDR` in the log after `offset`; sets the port,
+    /// and the metrics port from `imgsrv metrics on http://ADDR/metrics` (printed before
+    /// it, when there is a metrics listener).
     fn wait_port(&mut self, offset: u64, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
+        let port_after = |text: &str, prefix: &str| {
+            text.lines()
+                .find_map(|l| l.split_once(prefix))
+                .and_then(|(_, rest)| rest.split(|c: char| c.is_whitespace() || c == '/').next())
+                .and_then(|addr| addr.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+        };
         while Instant::now() < deadline {
             let log = fs::read(&self.log).unwrap_or_default();
             let new = String::from_utf8_lossy(log.get(offset as usize..).unwrap_or(&[]));
-            let port = new
-                .lines()
-                .find_map(|l| l.split_once("imgsrv serving https://"))
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .and_then(|addr| addr.rsplit_once(':'))
-                .and_then(|(_, p)| p.parse::<u16>().ok());
-            if let Some(p) = port {
+            if let Some(p) = port_after(&new, "imgsrv serving https://") {
                 self.port = p;
+                self.metrics_port = port_after(&new, "imgsrv metrics on http://");
                 return Ok(());
             }
             if let Some(status) = self
@@ -536,6 +554,27 @@ impl TestServer {
     }
     pub fn port(&self) -> u16 {
         self.port
+    }
+    /// `http://127.0.0.1:PORT/metrics`, if the server has a metrics listener.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_port
+            .map(|p| format!("http://127.0.0.1:{p}/metrics"))
+    }
+    /// `GET /metrics` on the metrics listener (asserting 200): the exposition as text.
+    #[track_caller]
+    pub fn scrape(&self) -> String {
+        let url = self
+            .metrics_url()
+            .expect("this server has no metrics listener");
+        let mut resp = self
+            .agent
+            .get(&url)
+            .call()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        assert_eq!(resp.status().as_u16(), 200, "GET {url}");
+        resp.body_mut()
+            .read_to_string()
+            .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"))
     }
     pub fn data_dir(&self) -> &Path {
         &self.data

@@ -1,5 +1,6 @@
-//! The SQLite catalog's side of the maintenance jobs: job locks, blob rows
-//! and their claims, pins, expired upload sessions.
+//! The SQLite catalog's side of the maintenance jobs and of operations: job
+//! locks, blob rows and their claims, pins, expired upload sessions, blob totals
+//! (metrics), the write probe (`/readyz`).
 
 use super::*;
 use std::os::unix::io::AsRawFd;
@@ -242,6 +243,67 @@ impl MaintCatalog for SqliteCatalog {
                 }
             }
         }
+    }
+
+    fn blob_totals(&self) -> Result<(u64, u64)> {
+        self.blob_totals_sql()
+    }
+
+    fn probe_writable(&self) -> Result<()> {
+        self.probe_files()?;
+        self.room_for_change()
+    }
+}
+
+impl SqliteCatalog {
+    /// Part of [`MaintCatalog::blob_totals`]: one aggregate over `cas_blobs`.
+    fn blob_totals_sql(&self) -> Result<(u64, u64)> {
+        let (count, bytes): (i64, i64) = self
+            .conn()?
+            .query_row(
+                "SELECT count(*), coalesce(sum(size_bytes), 0) FROM cas_blobs",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(backend)?;
+        Ok((
+            u64::try_from(count).unwrap_or(0),
+            u64::try_from(bytes).unwrap_or(0),
+        ))
+    }
+
+    /// Part of [`MaintCatalog::probe_writable`]: the database is not open read-only
+    /// (SQLite falls back to read-only when the file or its filesystem cannot be
+    /// written), and a file can be made and removed beside it, where SQLite writes its
+    /// WAL and index.
+    fn probe_files(&self) -> Result<()> {
+        if self
+            .conn()?
+            .is_readonly(rusqlite::MAIN_DB)
+            .map_err(backend)?
+        {
+            return Err(CatalogError::Backend(format!(
+                "{} is open read-only (the file or its filesystem cannot be written)",
+                self.path.display()
+            )));
+        }
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let failed = |what: &str, e: std::io::Error| match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => {
+                CatalogError::Full(format!("{what} a file beside the catalog: {e}"))
+            }
+            _ => CatalogError::Backend(format!("{what} a file in {}: {e}", dir.display())),
+        };
+        use std::io::Write;
+        let mut f = tempfile::Builder::new()
+            .prefix(".catalog-write-probe-")
+            .tempfile_in(dir)
+            .map_err(|e| failed("creating", e))?;
+        f.write_all(b"probe").map_err(|e| failed("writing", e))?;
+        f.close().map_err(|e| failed("removing", e))
     }
 }
 

@@ -135,7 +135,10 @@ fn one_request(
     let head_only = head.method == "HEAD";
     let (path, query) = split_target(&head.target);
     let method = head.method;
-    let response = {
+    if let Some(o) = &cfg.observer {
+        o.request_started();
+    }
+    let (response, route) = {
         let body = BodyReader {
             bio: &mut c.bio,
             state: &mut body_state,
@@ -150,15 +153,17 @@ fn one_request(
             peer,
             content_length,
             body: Box::new(body),
+            route: super::OTHER_ROUTE,
         };
-        match panic::catch_unwind(AssertUnwindSafe(|| handler(&mut req))) {
+        let response = match panic::catch_unwind(AssertUnwindSafe(|| handler(&mut req))) {
             Ok(r) => r,
             Err(_) => {
                 log::error!("{peer}: handler panicked on {method} {path}");
                 keep_alive = false;
                 error_response(500)
             }
-        }
+        };
+        (response, req.route)
     };
 
     // Decide whether the connection can be reused.
@@ -181,6 +186,10 @@ fn one_request(
     let status = response.status;
     let written = write_response(&mut c.bio.io, scratch, response, head_only, keep_alive);
     let bytes = *written.as_ref().unwrap_or(&0);
+    if let Some(o) = &cfg.observer {
+        o.request_ended();
+    }
+    cfg.tell_answered(&method, route, status, bytes, started);
     access_log(peer, &method, &path, status, bytes, started, secure);
     match written {
         Ok(_) => {}
@@ -292,15 +301,11 @@ impl Conn {
             .set_limit(Limit::PerOp(Duration::from_secs(5)));
         let ok = write_response(&mut self.bio.io, scratch, resp, false, false).is_ok();
         let secure = self.bio.io.is_secure();
-        access_log(
-            self.peer,
-            "-",
-            "-",
-            status,
-            if ok { len } else { 0 },
-            started,
-            secure,
-        );
+        let sent = if ok { len } else { 0 };
+        shared
+            .cfg
+            .tell_answered("-", super::OTHER_ROUTE, status, sent, started);
+        access_log(self.peer, "-", "-", status, sent, started, secure);
         self.close(shared, ok, false)
     }
 }

@@ -30,7 +30,7 @@ use super::head::{has_complete_head, leading_blank};
 use super::pool::Pool;
 use super::sock::{RecordSniffer, SniffingReader};
 use super::wire::{error_response, response_head};
-use super::{Parked, Shared, Slot, LINGER, LINGER_MAX_BYTES, TLS_SEND_LIMIT};
+use super::{HandshakeFailure, Parked, Shared, Slot, LINGER, LINGER_MAX_BYTES, TLS_SEND_LIMIT};
 
 const LISTENER: Token = Token(0);
 pub(super) const WAKER: Token = Token(1);
@@ -245,6 +245,11 @@ impl Front {
         };
         if let Some(e) = self.remove(token) {
             log::debug!("{}: closed to make room for a new connection", e.peer);
+            if matches!(e.phase, Phase::Handshake(_)) {
+                self.shared
+                    .cfg
+                    .tell_handshake_failed(HandshakeFailure::Evicted);
+            }
             close_quietly(e);
         }
         true
@@ -349,12 +354,16 @@ impl Front {
             None => matches!(e.stream.write(&bytes), Ok(n) if n == bytes.len()),
         };
         let started = Instant::now();
+        let body_bytes = if sent { len } else { 0 };
+        self.shared
+            .cfg
+            .tell_answered("-", super::OTHER_ROUTE, status, body_bytes, started);
         access_log(
             e.peer,
             "-",
             "-",
             status,
-            if sent { len } else { 0 },
+            body_bytes,
             started,
             e.tls.is_some(),
         );
@@ -385,6 +394,11 @@ impl Front {
                 }
                 self.reject(token, 408);
             } else if let Some(e) = self.remove(token) {
+                if matches!(e.phase, Phase::Handshake(_)) {
+                    self.shared
+                        .cfg
+                        .tell_handshake_failed(HandshakeFailure::Timeout);
+                }
                 close_quietly(e);
             } else {
                 self.deadlines.remove(&(t, token));
@@ -469,6 +483,7 @@ impl Entry {
                     Ok(false) => return Step::Wait,
                     Err(e) => {
                         log::debug!("{}: TLS handshake failed: {e}", self.peer);
+                        cfg.tell_handshake_failed(HandshakeFailure::Error);
                         let _ = self.stream.shutdown(Shutdown::Both);
                         return Step::Close;
                     }

@@ -84,7 +84,54 @@ pub struct ServerConfig {
     /// many bytes per second of waiting (measured over the window), else the
     /// connection closes: a trickle cannot hold a worker.
     pub min_rate: MinRate,
+    /// Told about every request answered and every failed TLS handshake (metrics);
+    /// `None`: nobody is.
+    pub observer: Option<Arc<dyn Observer>>,
 }
+
+/// What the engine reports as it works, for metrics. Called on the engine's threads: keep
+/// it cheap (counters, no I/O).
+pub trait Observer: Send + Sync + std::fmt::Debug {
+    /// A handler starts on a request (a worker runs it).
+    fn request_started(&self);
+    /// That request's response was written (or writing it failed).
+    fn request_ended(&self);
+    /// A response went out: a handler's (after [`Observer::request_ended`]) or one the
+    /// engine made itself before any handler ran (400, 408, 431, 501, a queue's 503...:
+    /// route [`OTHER_ROUTE`]).
+    fn answered(&self, a: &Answered<'_>);
+    /// A TLS handshake did not complete.
+    fn handshake_failed(&self, why: HandshakeFailure);
+}
+
+/// One answered request, as [`Observer::answered`] hears it.
+#[derive(Debug)]
+pub struct Answered<'a> {
+    /// As sent (`-` when the engine answered before reading a method).
+    pub method: &'a str,
+    /// The route pattern the handler named ([`Request::route`]).
+    pub route: &'static str,
+    pub status: u16,
+    /// Body bytes of a response written whole (0 when writing it failed).
+    pub body_bytes: u64,
+    /// From the request head's arrival at a worker to the end of the response.
+    pub elapsed: Duration,
+}
+
+/// Why a TLS handshake did not complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// A protocol error, an alert from the client (e.g. it refused our certificate), or
+    /// the client closing mid-handshake.
+    Error,
+    /// Not complete within `handshake_timeout`.
+    Timeout,
+    /// Closed to make room for a new connection (at `max_connections`).
+    Evicted,
+}
+
+/// The route of requests no route matched, or that were answered before routing.
+pub const OTHER_ROUTE: &str = "other";
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -102,6 +149,35 @@ impl Default for ServerConfig {
                 bytes_per_sec: 1024,
                 window: Duration::from_secs(30),
             },
+            observer: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Tells the observer (if any) about a response that went out.
+    fn tell_answered(
+        &self,
+        method: &str,
+        route: &'static str,
+        status: u16,
+        body_bytes: u64,
+        started: Instant,
+    ) {
+        if let Some(o) = &self.observer {
+            o.answered(&Answered {
+                method,
+                route,
+                status,
+                body_bytes,
+                elapsed: started.elapsed(),
+            });
+        }
+    }
+
+    fn tell_handshake_failed(&self, why: HandshakeFailure) {
+        if let Some(o) = &self.observer {
+            o.handshake_failed(why);
         }
     }
 }
