@@ -986,18 +986,12 @@ impl BlobCatalog for SqliteCatalog {
     fn get_blob(&self, digest: &Digest) -> Result<Option<Blob>> {
         self.conn()?
             .query_row(
-                "SELECT digest, size_bytes, storage_key, media_type, verified_at, created_at FROM cas_blobs WHERE digest = ?1",
+                &format!(
+                    "SELECT {} FROM cas_blobs WHERE digest = ?1",
+                    maint::BLOB_COLS
+                ),
                 [digest.to_string()],
-                |r| {
-                    Ok(Blob {
-                        digest: digest_col(r, 0)?,
-                        size_bytes: u64_col(r, 1)?,
-                        storage_key: r.get(2)?,
-                        media_type: r.get(3)?,
-                        verified_at: r.get(4)?,
-                        created_at: r.get(5)?,
-                    })
-                },
+                maint::blob_row,
             )
             .optional()
             .map_err(backend)
