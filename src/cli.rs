@@ -94,7 +94,7 @@ pub enum Command {
     Import(crate::bundle::ImportArgs),
     /// Back up a data directory into DEST while it is served: a catalog snapshot,
     /// the blobs it cites (only new ones into an earlier backup), config, keys, TLS.
-    /// Exit 0 complete, 1 failed (DEST is then not a complete backup).
+    /// Exit 0 complete, 1 failed (nothing in DEST says it is a newer backup than before).
     Backup(BackupArgs),
     /// Restore a backup into a new data directory, checking the catalog, every
     /// blob and every signature before the directory is usable.

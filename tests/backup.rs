@@ -253,6 +253,8 @@ fn a_backup_during_a_publish_loop_restores_to_the_same_images() {
     for secret in ["admin.token", "tls/key.pem"] {
         assert_eq!(mode(&restored.join(secret)), 0o600, "{secret}");
     }
+    let audit = imgsrv(&["audit", "--data", s(&restored), "--action", "restore"]);
+    assert!(text(&audit).contains(s(&dest)), "{}", text(&audit));
     let server = TestServer::start_in(&restored);
     let incus = Incus::new(server.cert());
     incus.remote_add("r", &server.url());
@@ -385,6 +387,31 @@ fn restore_checks_every_blob_and_refuses_what_it_must_not_write() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, vec!["notes.txt"]);
+
+    // a damaged blob in the source: the backup names it and what it affects, and is
+    // not a backup
+    let source_blob = blob_path(&data, img.rootfs());
+    fs::set_permissions(&source_blob, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&source_blob, &flipped).unwrap();
+    let fresh = f.path("backup-of-damaged");
+    let b = backup(&data, &fresh, &[]);
+    expect(&b, 1);
+    let line = text(&b)
+        .lines()
+        .find(|l| l.starts_with("FAILED") && l.contains(&sha256_file(img.rootfs())))
+        .unwrap_or_else(|| panic!("not reported:\n{}", text(&b)))
+        .to_string();
+    assert!(
+        line.contains(&name) && line.contains("does not match"),
+        "{line}"
+    );
+    assert!(!fresh.join("backup.json").exists());
+    let audit = imgsrv(&["audit", "--data", s(&data), "--action", "backup", "--json"]);
+    let audit = String::from_utf8_lossy(&audit.stdout).into_owned();
+    assert!(
+        audit.contains("\"outcome\":\"failed\"") && audit.contains("\"outcome\":\"ok\""),
+        "{audit}"
+    );
 
     // a backup without its manifest is not a backup
     fs::rename(dest.join("backup.json"), f.path("backup.json")).unwrap();

@@ -506,7 +506,8 @@ pub(crate) fn open_source(data_dir: &Path) -> Result<App> {
 
 /// Runs a backup (see the module doc), printing the plan and the outcome to
 /// `out`. Blobs that could not be copied are listed with the versions they
-/// affect, and make it an error (no `backup.json` is written then).
+/// affect, and make it an error (no `backup.json` is written then). The
+/// outcome goes into the source's audit log (`backup`).
 pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport> {
     let src = open_source(&opts.data_dir)?;
     check_apart(&opts.data_dir, &opts.out, "--out")?;
@@ -522,7 +523,55 @@ pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport>
     if opts.dry_run {
         return dry_run(&src, opts, earlier, &files, out);
     }
+    let done = run(&src, opts, earlier, &files, out);
+    let (outcome, detail) = match &done {
+        Ok((r, m)) => (
+            "ok",
+            serde_json::json!({
+                "blobs": r.blobs, "copied": r.copied, "skipped": r.skipped,
+                "files": r.files, "catalog_sha256": m.catalog.sha256,
+            }),
+        ),
+        Err(e) => ("failed", serde_json::json!({ "error": format!("{e:#}") })),
+    };
+    let audited = src.catalog.append_audit(&crate::catalog::AuditEntry {
+        principal_name: Some(crate::admin_cli::local_actor()),
+        action: "backup".into(),
+        target: std::path::absolute(&opts.out)?.display().to_string(),
+        outcome: outcome.into(),
+        detail: detail.to_string(),
+        ..Default::default()
+    });
+    if let Err(e) = audited {
+        writeln!(
+            out,
+            "warning: the backup could not be recorded in the audit log: {e}"
+        )?;
+    }
+    let (report, manifest) = done?;
+    writeln!(
+        out,
+        "backup complete: copied {} blobs ({} bytes), skipped {} ({} bytes), {} files; \
+         catalog {}; {}",
+        report.copied.count,
+        report.copied.bytes,
+        report.skipped.count,
+        report.skipped.bytes,
+        report.files,
+        manifest.catalog.sha256,
+        opts.out.join(MANIFEST_FILE).display()
+    )?;
+    Ok(report)
+}
 
+/// The backup proper, once the source and DEST were checked.
+fn run(
+    src: &App,
+    opts: &BackupOptions,
+    earlier: bool,
+    files: &[DataFile],
+    out: &mut dyn Write,
+) -> Result<(BackupReport, Manifest)> {
     // DEST: made 0700 (it holds secrets), locked against a server or a second
     // backup, marked as a backup directory before anything else is written
     if !opts.out.exists() {
@@ -545,6 +594,7 @@ pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport>
         .tempdir_in(&tmp)
         .with_context(|| format!("creating a staging directory in {}", tmp.display()))?;
 
+    // the lock before the snapshot: no GC deletes what it cites until copied
     let blobs_lock = blobs_lock(src.catalog.as_ref(), out)?;
     let snap_path = staging.path().join(CATALOG_FILE);
     src.catalog
@@ -557,7 +607,7 @@ pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport>
         "catalog snapshot: {}",
         describe(snapshot.as_ref(), p.total)?
     )?;
-    print_plan(&p, &files, out)?;
+    print_plan(&p, files, out)?;
     dest_store.ensure_room(p.copy.bytes).with_context(|| {
         format!(
             "{} has no room for the {} this backup copies; nothing was copied",
@@ -565,24 +615,15 @@ pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport>
             HumanBytes(p.copy.bytes)
         )
     })?;
-
     let mut report = BackupReport {
         blobs: p.total,
         skipped: p.skip,
         files: files.len(),
         ..Default::default()
     };
-    let mut bad: Vec<(Digest, String)> = Vec::new();
-    for b in &p.to_copy {
-        match copy_blob(src.blobs.as_ref(), &dest_store, b) {
-            Ok(()) => report.copied.add(b.size_bytes),
-            Err(e @ CasError::Full { .. }) => {
-                return Err(e).context("the backup's disk filled up; no backup.json was written")
-            }
-            Err(e) => bad.push((b.digest, e.to_string())),
-        }
-    }
+    let copied = copy_blobs(src.blobs.as_ref(), &dest_store, &p, &mut report);
     drop(blobs_lock);
+    let bad = copied?;
     if !bad.is_empty() {
         let map = citing_versions(snapshot.as_ref())?;
         for (d, why) in &bad {
@@ -593,7 +634,7 @@ pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport>
         bail!(
             "{} of {} blobs could not be copied (listed above): this is not a complete backup \
              and no {MANIFEST_FILE} was written{}; `imgsrv scrub --data {}` checks the source's blobs",
-            bad.len(),
+            report.failed.len(),
             p.total.count,
             if earlier {
                 " (the earlier backup in it is as it was)"
@@ -604,12 +645,42 @@ pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport>
         );
     }
     drop(snapshot);
+    let manifest = finish(opts, staging.path(), files, &report)?;
+    Ok((report, manifest))
+}
 
-    let staged = stage_files(&files, staging.path())?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&snap_path, fs::Permissions::from_mode(0o600))?;
+/// Copies the planned blobs, counting them into `report`; returns those
+/// that failed, with why. A full DEST stops it.
+fn copy_blobs(
+    src: &dyn BlobStore,
+    dest: &dyn BlobStore,
+    p: &Plan,
+    report: &mut BackupReport,
+) -> Result<Vec<(Digest, String)>> {
+    let mut bad = Vec::new();
+    for b in &p.to_copy {
+        match copy_blob(src, dest, b) {
+            Ok(()) => report.copied.add(b.size_bytes),
+            Err(e @ CasError::Full { .. }) => {
+                return Err(e).context("the backup's disk filled up; no backup.json was written")
+            }
+            Err(e) => bad.push((b.digest, e.to_string())),
+        }
     }
+    Ok(bad)
+}
+
+/// Stages the files, writes the manifest and commits DEST.
+fn finish(
+    opts: &BackupOptions,
+    staging: &Path,
+    files: &[DataFile],
+    report: &BackupReport,
+) -> Result<Manifest> {
+    use std::os::unix::fs::PermissionsExt;
+    let staged = stage_files(files, staging)?;
+    let snap_path = staging.join(CATALOG_FILE);
+    fs::set_permissions(&snap_path, fs::Permissions::from_mode(0o600))?;
     let (sha, size) = file_digest(&snap_path)?;
     let manifest = Manifest {
         format: FORMAT,
@@ -629,20 +700,8 @@ pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport>
         skipped: report.skipped,
         files: staged.iter().map(|(e, _)| e.clone()).collect(),
     };
-    commit(&opts.out, staging.path(), &staged, &manifest)?;
-    writeln!(
-        out,
-        "backup complete: copied {} blobs ({} bytes), skipped {} ({} bytes), {} files; \
-         catalog {}; {}",
-        report.copied.count,
-        report.copied.bytes,
-        report.skipped.count,
-        report.skipped.bytes,
-        report.files,
-        manifest.catalog.sha256,
-        opts.out.join(MANIFEST_FILE).display()
-    )?;
-    Ok(report)
+    commit(&opts.out, staging, &staged, &manifest)?;
+    Ok(manifest)
 }
 
 /// The shared `blobs` lock, waiting (and saying so) while a GC holds it.

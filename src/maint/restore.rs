@@ -191,6 +191,22 @@ pub fn restore(opts: &RestoreOptions, out: &mut dyn Write) -> Result<RestoreRepo
     )?;
     check_versions(&app, &mut report)?;
     report.files = manifest.files.len();
+    if report.failed.is_empty() {
+        app.catalog.append_audit(&crate::catalog::AuditEntry {
+            principal_name: Some(crate::admin_cli::local_actor()),
+            action: "restore".into(),
+            target: std::path::absolute(from)?.display().to_string(),
+            outcome: "ok".into(),
+            detail: serde_json::json!({
+                "backup_created_at": manifest.created_at,
+                "backup_of": manifest.source,
+                "blobs": report.blobs,
+                "signatures_verified": report.signatures_verified,
+            })
+            .to_string(),
+            ..Default::default()
+        })?;
+    }
     drop(app);
 
     for n in &report.notes {
@@ -260,7 +276,7 @@ fn restore_file(from: &Path, data: &Path, f: &FileEntry, report: &mut RestoreRep
                 kept.display()
             )),
             Err(_) => report.notes.push(format!(
-                "{} is outside the data directory and not in place: copy {} there (mode {:o})",
+                "{} is outside the data directory and not in place: copy {} there (mode {:04o})",
                 original.display(),
                 kept.display(),
                 f.mode
@@ -290,7 +306,7 @@ fn check_tls(config: &Config, report: &mut RestoreReport) {
         if config.tls_configured {
             report.notes.push(format!(
                 "the configured TLS certificate {} or key {} is not in place: `imgsrv serve` \
-                 needs them",
+                 does not start until both are",
                 config.tls_cert.display(),
                 config.tls_key.display()
             ));
