@@ -365,10 +365,12 @@ pub(crate) fn affected(map: &BTreeMap<Digest, Vec<String>>, digest: &Digest) -> 
     }
 }
 
-/// Refuses a DEST that is the data directory, inside it, or holds it.
-pub(crate) fn check_apart(data: &Path, dest: &Path, what: &str) -> Result<()> {
+/// Refuses two directories (named by their options) of which one is, or
+/// is inside, the other: a backup into its own data directory, a restore
+/// into its backup.
+pub(crate) fn check_apart(a: (&str, &Path), b: (&str, &Path)) -> Result<()> {
     let canon = |p: &Path| -> Result<PathBuf> {
-        // DEST may not exist yet: its nearest existing ancestor, then the rest
+        // it may not exist yet: its nearest existing ancestor, then the rest
         let mut existing = std::path::absolute(p)?;
         let mut rest = Vec::new();
         while !existing.exists() {
@@ -384,12 +386,14 @@ pub(crate) fn check_apart(data: &Path, dest: &Path, what: &str) -> Result<()> {
         c.extend(rest.iter().rev());
         Ok(c)
     };
-    let (d, o) = (canon(data)?, canon(dest)?);
-    if d.starts_with(&o) || o.starts_with(&d) {
+    let (ca, cb) = (canon(a.1)?, canon(b.1)?);
+    if ca.starts_with(&cb) || cb.starts_with(&ca) {
         bail!(
-            "{what} {} and the data directory {} overlap: give a directory outside the data directory",
-            dest.display(),
-            data.display()
+            "{} {} and {} {} overlap: give directories apart from each other",
+            a.0,
+            a.1.display(),
+            b.0,
+            b.1.display()
         );
     }
     Ok(())
@@ -510,7 +514,7 @@ pub(crate) fn open_source(data_dir: &Path) -> Result<App> {
 /// outcome goes into the source's audit log (`backup`).
 pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport> {
     let src = open_source(&opts.data_dir)?;
-    check_apart(&opts.data_dir, &opts.out, "--out")?;
+    check_apart(("--data", &opts.data_dir), ("--out", &opts.out))?;
     let earlier = dest_state(&opts.out)?;
     let files = data_files(&src.config)?;
     writeln!(
@@ -888,10 +892,15 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let data = t.path().join("data");
         fs::create_dir_all(&data).unwrap();
-        assert!(check_apart(&data, &data, "--out").is_err());
-        assert!(check_apart(&data, &data.join("backup/new"), "--out").is_err());
-        assert!(check_apart(&data, t.path(), "--out").is_err());
-        assert!(check_apart(&data, &t.path().join("backup"), "--out").is_ok());
+        let apart = |out: &Path| check_apart(("--data", &data), ("--out", out));
+        assert!(apart(&data).is_err());
+        assert!(apart(&data.join("backup/new")).is_err());
+        assert!(apart(t.path()).is_err());
+        assert!(apart(&t.path().join("backup")).is_ok());
+        assert!(
+            apart(&t.path().join("data2")).is_ok(),
+            "a sibling named alike"
+        );
     }
 
     #[test]

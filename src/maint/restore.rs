@@ -126,7 +126,7 @@ pub fn restore(opts: &RestoreOptions, out: &mut dyn Write) -> Result<RestoreRepo
             from.display()
         )
     })?;
-    super::backup::check_apart(from, data, "--data")?;
+    super::backup::check_apart(("--from", from), ("--data", data))?;
     // before the lock makes the directory (and its lock file): refuse a
     // non-empty one untouched; a server's directory has its lock already,
     // and taking it is what says a server holds it
