@@ -10,6 +10,7 @@ use std::path::Path;
 
 /// Opens the catalog of an initialised data directory.
 pub fn open_catalog(data_dir: &Path) -> Result<SqliteCatalog> {
+    crate::maint::restore::refuse_incomplete(data_dir)?;
     let db = data_dir.join(crate::app::CATALOG_FILE);
     if !db.exists() {
         bail!(

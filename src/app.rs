@@ -33,6 +33,7 @@ pub struct InitReport {
 pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<InitReport> {
     use std::os::unix::fs::PermissionsExt;
     let mut report = InitReport::default();
+    crate::maint::restore::refuse_incomplete(data_dir)?;
     if !data_dir.exists() {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;

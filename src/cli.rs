@@ -104,6 +104,36 @@ pub enum Command {
     /// Verify a bundle completely, then publish its versions.
     /// Exit 0 imported, 1 refused (nothing published) or failed, 2 could not run.
     Import(crate::bundle::ImportArgs),
+    /// Back up a data directory into DEST while it is served: a catalog snapshot,
+    /// the blobs it cites (only new ones into an earlier backup), config, keys, TLS.
+    /// Exit 0 complete, 1 failed (nothing in DEST says it is a newer backup than before).
+    Backup(BackupArgs),
+    /// Restore a backup into a new data directory, checking the catalog, every
+    /// blob and every signature before the directory is usable.
+    /// Exit 0 restored, 1 refused or failed (the directory is then not usable).
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub data: DataArg,
+    /// The backup directory: new, empty, or an earlier backup's (then only new blobs are copied).
+    #[arg(long, value_name = "DEST")]
+    pub out: PathBuf,
+    /// Print the plan (blobs to copy, bytes, skipped) and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The backup directory (made by `imgsrv backup`).
+    #[arg(long, value_name = "DEST")]
+    pub from: PathBuf,
+    /// The data directory to restore into: new or empty, and not used by a server.
+    #[arg(long = "data", value_name = "NEWDIR")]
+    pub data: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -615,6 +645,23 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MirrorImgsrv(a) => crate::replicate::mirror_command(a),
         Command::Export(a) => crate::bundle::export_command(a),
         Command::Import(a) => crate::bundle::import_command(a),
+        Command::Backup(a) => {
+            let opts = crate::maint::backup::BackupOptions {
+                data_dir: a.data.dir,
+                out: a.out,
+                dry_run: a.dry_run,
+            };
+            crate::maint::backup::backup(&opts, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Restore(a) => {
+            let opts = crate::maint::restore::RestoreOptions {
+                from: a.from,
+                data_dir: a.data,
+            };
+            crate::maint::restore::restore(&opts, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
     }
 }
 

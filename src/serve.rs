@@ -16,7 +16,9 @@ pub const LOCK_FILE: &str = "serve.lock";
 
 /// What makes a server the only one on its data directory.
 ///
-/// Only `serve` takes it. Every other command that writes a data directory
+/// `serve` takes it, and so do `restore` (on the directory it fills) and
+/// `backup` (on its destination), which must not have a server on the
+/// directory they write. Every other command that writes a data directory
 /// (`init`, `key`, `principal`, `grant`, `token`, `import`, `mirror --data`)
 /// changes it through catalog transactions (SQLite in WAL mode: one writer
 /// at a time, the others wait up to 10 s) and blob files written under a
@@ -40,6 +42,15 @@ pub struct ServeLock {
 impl ServeLock {
     /// Takes the lock of `data_dir` (made if missing), or says who holds it.
     pub fn acquire(data_dir: &Path) -> anyhow::Result<ServeLock> {
+        Self::acquire_for(data_dir, "serve")
+    }
+
+    /// [`ServeLock::acquire`] for another command that must have the data
+    /// directory to itself while it writes it (`restore`, a `backup` into
+    /// its destination): no server starts on it meanwhile. `command` is
+    /// written after the PID, so that whoever finds the lock taken is told
+    /// which command holds it (a server writes its PID alone).
+    pub fn acquire_for(data_dir: &Path, command: &str) -> anyhow::Result<ServeLock> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         use std::os::unix::io::AsRawFd;
         std::fs::DirBuilder::new()
@@ -65,33 +76,55 @@ impl ServeLock {
             match err.kind() {
                 std::io::ErrorKind::Interrupted => continue,
                 std::io::ErrorKind::WouldBlock => {
-                    let mut pid = String::new();
-                    let _ = file.read_to_string(&mut pid);
-                    let (holder, stop) = match pid.trim().parse::<u32>() {
-                        Ok(pid) => (
-                            format!("another imgsrv serve (PID {pid})"),
-                            format!("`kill {pid}`"),
-                        ),
-                        Err(_) => (
-                            "another imgsrv serve (its PID is not written yet)".to_string(),
-                            format!("`fuser -v {}` names it", path.display()),
-                        ),
-                    };
-                    anyhow::bail!(
-                        "{holder} is already serving the data directory {} (it holds the lock {}); \
-                         stop that server first ({stop}, or `systemctl stop` its service), or give \
-                         this one another --data directory",
-                        data_dir.display(),
-                        path.display()
-                    );
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    return Err(held(data_dir, &path, &holder));
                 }
                 _ => return Err(err).with_context(|| format!("locking {}", path.display())),
             }
         }
+        let line = match command {
+            "serve" => format!("{}", std::process::id()),
+            other => format!("{} {other}", std::process::id()),
+        };
         file.set_len(0)
-            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| writeln!(file, "{line}"))
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(ServeLock { _file: file })
+    }
+}
+
+/// Who holds the lock at `path`, from its text (`PID` for a server, `PID
+/// COMMAND` for another command), and what to do about it.
+fn held(data_dir: &Path, path: &Path, text: &str) -> anyhow::Error {
+    let mut words = text.split_whitespace();
+    let pid = words.next().and_then(|p| p.parse::<u32>().ok());
+    let command = words.next().unwrap_or("serve");
+    let (holder, stop) = match pid {
+        Some(pid) => (
+            format!("another imgsrv {command} (PID {pid})"),
+            format!("`kill {pid}`"),
+        ),
+        None => (
+            "another imgsrv serve (its PID is not written yet)".to_string(),
+            format!("`fuser -v {}` names it", path.display()),
+        ),
+    };
+    if command == "serve" {
+        anyhow::anyhow!(
+            "{holder} is already serving the data directory {} (it holds the lock {}); \
+             stop that server first ({stop}, or `systemctl stop` its service), or give \
+             this one another --data directory",
+            data_dir.display(),
+            path.display()
+        )
+    } else {
+        anyhow::anyhow!(
+            "{holder} is using the data directory {} (it holds the lock {}); wait until \
+             it is done, or stop it ({stop})",
+            data_dir.display(),
+            path.display()
+        )
     }
 }
 

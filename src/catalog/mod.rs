@@ -19,6 +19,7 @@ pub mod sqlite;
 use crate::digest::Digest;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 pub use sqlite::SqliteCatalog;
 
@@ -671,6 +672,29 @@ pub trait MaintCatalog: Send + Sync {
     /// ([`AuditCatalog::room_for_change`], [`CatalogError::Full`] otherwise). Changes
     /// nothing.
     fn probe_writable(&self) -> Result<()>;
+
+    /// Writes a consistent copy of the whole catalog, as it was at one
+    /// moment, to the new file `dest` (which must not exist), while others
+    /// go on reading and writing: the catalog half of an online backup.
+    /// [`open_file`] opens the copy as a catalog. The file is durable when
+    /// this returns.
+    fn snapshot_to(&self, dest: &Path) -> Result<()>;
+
+    /// Checks the catalog's storage for damage (SQLite: `PRAGMA
+    /// integrity_check`): the problems found, none when it is sound.
+    fn check_integrity(&self) -> Result<Vec<String>>;
+
+    /// Every blob row, in digest order, one at a time to `each` (which
+    /// returns `false` to stop). No read stays open while `each` runs, so a
+    /// slow `each` (a backup copying the blob) holds nothing up.
+    fn each_blob(&self, each: &mut dyn FnMut(Blob) -> bool) -> Result<()>;
+}
+
+/// Opens the catalog file at `path` (a data directory's `catalog.db`, or a
+/// copy written by [`MaintCatalog::snapshot_to`]), applying pending
+/// migrations and repairs.
+pub fn open_file(path: &Path) -> Result<Box<dyn Catalog>> {
+    Ok(Box::new(SqliteCatalog::open(path)?))
 }
 
 /// Everything a server needs from its catalog.

@@ -12,5 +12,7 @@
 //! `blobs` is held exclusive by a GC while it deletes and shared by a backup
 //! while it copies, so a GC never deletes a blob a running backup still needs.
 
+pub mod backup;
 pub mod gc;
 pub mod periodic;
+pub mod restore;
