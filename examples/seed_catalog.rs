@@ -2,7 +2,11 @@
 //! versions, fast, for measuring `/streams/v1/images.json` at scale
 //! (contrib/bench/bench.sh sets `BENCH_SEED_CMD` to this).
 //!
-//!     cargo run --release --example seed_catalog -- DATA_DIR N [IMAGES]
+//!     cargo run --release --example seed_catalog -- DATA_DIR N [IMAGES] [--files] [--garbage M]
+//!
+//! `--files` also writes each blob's file into the store (for garbage collection
+//! and scrub benchmarks, contrib/bench/gc.sh); `--garbage M` adds M blobs (rows
+//! and files) that no version cites.
 //!
 //! It writes catalog rows in one transaction through the same triggers as the
 //! server (draft -> publishing -> published, publish record, projection rows).
@@ -16,8 +20,21 @@ use rusqlite::params;
 use std::path::PathBuf;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() >= 3, "usage: seed_catalog DATA_DIR N [IMAGES]");
+    let mut args: Vec<String> = std::env::args().collect();
+    let files = take_flag(&mut args, "--files");
+    let garbage: usize = match args.iter().position(|a| a == "--garbage") {
+        Some(i) => {
+            anyhow::ensure!(i + 1 < args.len(), "--garbage needs a count");
+            let m = args[i + 1].parse()?;
+            args.drain(i..i + 2);
+            m
+        }
+        None => 0,
+    };
+    anyhow::ensure!(
+        args.len() >= 3,
+        "usage: seed_catalog DATA_DIR N [IMAGES] [--files] [--garbage M]"
+    );
     let data = PathBuf::from(&args[1]);
     let n: usize = args[2].parse()?;
     let images: usize = args
@@ -48,12 +65,8 @@ fn main() -> anyhow::Result<()> {
         let meta = format!("metadata {v}");
         let root = format!("rootfs {v}");
         let (md, rd) = (Digest::of(meta.as_bytes()), Digest::of(root.as_bytes()));
-        for (d, len) in [(md, meta.len()), (rd, root.len())] {
-            tx.execute(
-                "INSERT OR IGNORE INTO cas_blobs (digest, size_bytes, storage_key, verified_at, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?4)",
-                params![d.to_string(), len as i64, d.cas_path(), now],
-            )?;
+        for (d, body) in [(md, &meta), (rd, &root)] {
+            blob(&tx, &data, d, body.as_bytes(), files, &now)?;
         }
         tx.execute(
             "INSERT INTO image_versions (id, image_id, version, state, created_at, updated_at) \
@@ -99,12 +112,44 @@ fn main() -> anyhow::Result<()> {
             params![vid, now],
         )?;
     }
+    for g in 0..garbage {
+        let body = format!("garbage {g}");
+        blob(&tx, &data, Digest::of(body.as_bytes()), body.as_bytes(), true, &now)?;
+    }
     tx.commit()?;
     let cat = SqliteCatalog::open(&db)?;
     let entries = cat.projection_entries()?;
     println!(
-        "seeded {n} versions over {images} images; {} projected artifacts",
+        "seeded {n} versions over {images} images; {} projected artifacts; {garbage} unreferenced blob(s)",
         entries.len()
     );
+    Ok(())
+}
+
+fn take_flag(args: &mut Vec<String>, flag: &str) -> bool {
+    let had = args.iter().any(|a| a == flag);
+    args.retain(|a| a != flag);
+    had
+}
+
+/// A blob row, and its file when `file` (read-only, as the store leaves it).
+fn blob(
+    tx: &rusqlite::Transaction,
+    data: &std::path::Path,
+    d: Digest,
+    body: &[u8],
+    file: bool,
+    now: &str,
+) -> anyhow::Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO cas_blobs (digest, size_bytes, storage_key, verified_at, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?4)",
+        params![d.to_string(), body.len() as i64, d.cas_path(), now],
+    )?;
+    if file {
+        let p = data.join(d.cas_path());
+        std::fs::create_dir_all(p.parent().expect("sharded path"))?;
+        std::fs::write(&p, body)?;
+    }
     Ok(())
 }
