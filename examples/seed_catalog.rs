@@ -114,7 +114,14 @@ fn main() -> anyhow::Result<()> {
     }
     for g in 0..garbage {
         let body = format!("garbage {g}");
-        blob(&tx, &data, Digest::of(body.as_bytes()), body.as_bytes(), true, &now)?;
+        blob(
+            &tx,
+            &data,
+            Digest::of(body.as_bytes()),
+            body.as_bytes(),
+            true,
+            &now,
+        )?;
     }
     tx.commit()?;
     let cat = SqliteCatalog::open(&db)?;

@@ -836,7 +836,9 @@ fn gc_command(a: GcArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let report = crate::maint::gc::apply(&app, &plan, &opts)?;
+    let report = crate::maint::gc::apply(&app, &plan, &opts);
+    crate::maint::record_run(&app, crate::metrics::JOB_GC, &report);
+    let report = report?;
     if a.json {
         println!(
             "{}",

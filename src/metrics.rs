@@ -383,6 +383,32 @@ pub fn job_finished(job: &'static str, ok: bool) {
     last.get_or_create(&JobLabel { job }).set(now);
 }
 
+/// The last runs the catalog records (`imgsrv gc|scrub|backup` from cron as well
+/// as inside this server), read when a scrape comes in: the last success and error
+/// timestamps of those jobs are the catalog's, wherever they ran.
+pub fn set_job_runs(runs: &[crate::catalog::JobRun]) {
+    let m = metrics();
+    let secs = |t: &Option<String>| {
+        t.as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp_millis() as f64 / 1000.0)
+    };
+    for r in runs {
+        let Some(job) = [JOB_GC, JOB_SCRUB, JOB_BACKUP]
+            .into_iter()
+            .find(|j| *j == r.job)
+        else {
+            continue;
+        };
+        if let Some(t) = secs(&r.last_success_at) {
+            m.job_last_success.get_or_create(&JobLabel { job }).set(t);
+        }
+        if let Some(t) = secs(&r.last_error_at) {
+            m.job_last_error.get_or_create(&JobLabel { job }).set(t);
+        }
+    }
+}
+
 /// The catalog's blob count and bytes, read when a scrape comes in.
 pub fn set_blob_totals(count: u64, bytes: u64) {
     let m = metrics();
@@ -450,6 +476,10 @@ pub fn handle(app: &App, req: &Request<'_>) -> Response {
     match app.catalog.blob_totals() {
         Ok((count, bytes)) => set_blob_totals(count, bytes),
         Err(e) => log::warn!("metrics: reading the blob totals from the catalog: {e}"),
+    }
+    match app.catalog.job_runs() {
+        Ok(runs) => set_job_runs(&runs),
+        Err(e) => log::warn!("metrics: reading the maintenance jobs' last runs: {e}"),
     }
     let openmetrics = req.header("accept").is_some_and(|a| {
         a.split(',').any(|t| {

@@ -283,6 +283,18 @@ fn gc_reclaims_a_refused_mirror_an_abandoned_upload_and_crash_leftovers_exactly_
     assert_eq!(served(&down), served_before);
     assert_eq!(served_before.len(), 1, "{served_before:?}");
     assert_eq!(served_before["debian-bookworm@20260101_0000"], expected(&a));
+    // the server's /metrics tell when the command-line run last succeeded
+    let metrics = down.scrape();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("imgsrv_background_job_last_success_timestamp_seconds{job=\"gc\"}"))
+        .unwrap_or_else(|| panic!("no gc success timestamp:\n{metrics}"));
+    let at: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - at).abs() < 120.0, "{line}");
     // a second run finds nothing
     let again = gc(&data, &["--grace", "0", "--dry-run"]);
     assert_eq!(again["blobs"], 0, "{again}");

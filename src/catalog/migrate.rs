@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../schema.sql"),
     include_str!("../../migrations/0002-guards.sql"),
     include_str!("../../migrations/0003-lifecycle.sql"),
+    include_str!("../../migrations/0004-job-runs.sql"),
 ];
 
 /// Largest generation value the guards accept (2^53): far below overflow.

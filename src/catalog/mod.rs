@@ -631,9 +631,26 @@ pub trait LifecycleCatalog: Send + Sync {
     fn collect_version(&self, version_id: &str) -> Result<()>;
 }
 
+/// The last run of a maintenance job ([`MaintCatalog::record_job_run`]).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct JobRun {
+    pub job: String,
+    pub last_attempt_at: String,
+    /// `success` or `error`.
+    pub last_outcome: String,
+    pub last_success_at: Option<String>,
+    pub last_error_at: Option<String>,
+    pub detail: String,
+}
+
 /// What maintenance jobs (gc, scrub, backup) need from the catalog beyond
 /// the content and blob rows.
 pub trait MaintCatalog: Send + Sync {
+    /// Records the outcome of a run of `job` (wherever it ran: inside a
+    /// server or from the command line), replacing the previous one.
+    fn record_job_run(&self, job: &str, ok: bool, detail: &str) -> Result<()>;
+    /// The last run of every job that has run.
+    fn job_runs(&self) -> Result<Vec<JobRun>>;
     /// Every blob row.
     fn blob_rows(&self) -> Result<Vec<Blob>>;
     /// The claims on `digest` (on every digest with `None`), read now.

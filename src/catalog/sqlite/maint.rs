@@ -105,6 +105,50 @@ fn sync_path(path: &Path) -> Result<()> {
 }
 
 impl MaintCatalog for SqliteCatalog {
+    fn record_job_run(&self, job: &str, ok: bool, detail: &str) -> Result<()> {
+        let now = now();
+        let outcome = if ok { "success" } else { "error" };
+        let detail: String = detail.chars().take(1000).collect();
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO job_runs (job, last_attempt_at, last_outcome, last_success_at, \
+                 last_error_at, detail) VALUES (?1, ?2, ?3, CASE WHEN ?3 = 'success' THEN ?2 END, \
+                 CASE WHEN ?3 = 'error' THEN ?2 END, ?4) \
+                 ON CONFLICT (job) DO UPDATE SET last_attempt_at = excluded.last_attempt_at, \
+                 last_outcome = excluded.last_outcome, \
+                 last_success_at = coalesce(excluded.last_success_at, last_success_at), \
+                 last_error_at = coalesce(excluded.last_error_at, last_error_at), \
+                 detail = excluded.detail",
+                params![job, now, outcome, detail],
+            )
+            .ctx("job run")?;
+            Ok(())
+        })
+    }
+
+    fn job_runs(&self) -> Result<Vec<JobRun>> {
+        let c = self.conn()?;
+        let mut st = c
+            .prepare(
+                "SELECT job, last_attempt_at, last_outcome, last_success_at, last_error_at, detail \
+                 FROM job_runs ORDER BY job",
+            )
+            .map_err(backend)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(JobRun {
+                    job: text(r, 0)?,
+                    last_attempt_at: text(r, 1)?,
+                    last_outcome: text(r, 2)?,
+                    last_success_at: opt_text(r, 3)?,
+                    last_error_at: opt_text(r, 4)?,
+                    detail: opt_text(r, 5)?.unwrap_or_default(),
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)
+    }
+
     fn blob_rows(&self) -> Result<Vec<Blob>> {
         let c = self.conn()?;
         let mut st = c
