@@ -173,11 +173,17 @@ impl Destination {
     }
 
     /// Whether the blob is stored there with this size (asks a server with
-    /// `HEAD /v1/blobs/{digest}`, which the writer token may see).
+    /// `HEAD /v1/blobs/{digest}`, which the writer token may see). A server
+    /// answering 503 (the blob is quarantined, missing or damaged there)
+    /// does not have it: storing it repairs it.
     pub fn has_blob(&self, digest: &Digest, size: u64) -> Result<bool> {
         match self {
             Destination::Local(t) => t.has_blob(digest, size),
-            Destination::Remote(t) => Ok(t.client.blob_size(digest)? == Some(size)),
+            Destination::Remote(t) => match t.client.blob_size(digest) {
+                Ok(s) => Ok(s == Some(size)),
+                Err(e) if e.status() == Some(503) => Ok(false),
+                Err(e) => Err(e.into()),
+            },
         }
     }
 
