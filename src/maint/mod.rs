@@ -11,3 +11,5 @@
 //! Jobs that must not overlap take a [`crate::catalog::MaintCatalog::job_lock`]:
 //! `blobs` is held exclusive by a GC while it deletes and shared by a backup
 //! while it copies, so a GC never deletes a blob a running backup still needs.
+
+pub mod scrub;
