@@ -140,6 +140,7 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
         log::info!("{} mirror job(s) configured", jobs.len());
         crate::schedule::Scheduler::start(app.clone(), jobs)
     });
+    let scrub = crate::schedule::spawn_scrub(app.clone());
     let shutdown = server.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -172,6 +173,9 @@ pub fn serve(data_dir: &Path, listen: Option<&str>) -> anyhow::Result<()> {
     let handler: Handler = Arc::new(move |req| crate::http::routes::handle(&handler_app, req));
     server.run(handler).context("serving")?;
     if let Some(s) = scheduler {
+        s.stop();
+    }
+    if let Some(s) = scrub {
         s.stop();
     }
     log::info!("stopped");

@@ -520,13 +520,25 @@ fn print_summary(out: &mut dyn Write, r: &ScrubReport) -> Result<()> {
     }
     if r.ok() {
         writeln!(out, "scrub: no problem found")?;
-    } else {
+        return Ok(());
+    }
+    writeln!(out, "scrub: {} problem(s)", r.problems.len())?;
+    let any = |kinds: &[ProblemKind]| r.problems.iter().any(|p| kinds.contains(&p.kind));
+    use ProblemKind::*;
+    if any(&[Damaged, Quarantined, Missing, Unreadable]) {
         writeln!(
             out,
-            "scrub: {} problem(s). Put the right bytes back to repair a blob: `imgsrv import` \
-             a bundle that carries it, run the mirror again, or upload the same file again \
-             (e.g. `imgsrv publish` it as a new version); then scrub again",
-            r.problems.len()
+            "scrub: to repair a blob, put its right bytes back: `imgsrv import` a bundle that \
+             carries it, run the mirror again, or upload the same file again (e.g. `imgsrv \
+             publish` it as a new version); then scrub again"
+        )?;
+    }
+    if any(&[WrongSize, Manifest, Signature]) {
+        writeln!(
+            out,
+            "scrub: catalog rows disagree with what was published and signed: the catalog was \
+             changed outside imgsrv; restore it from a backup (clients that verify signatures \
+             refuse what it serves now)"
         )?;
     }
     Ok(())
@@ -920,8 +932,8 @@ impl Scrubber<'_> {
         let view = self.app.catalog.version_view(image, version)?;
         if crate::manifest::canonical(&view) != record.manifest {
             wrong.push(
-                "the version's catalog rows no longer give the manifest that was published \
-                 (rows edited outside imgsrv?)"
+                "the stored manifest differs from the one the version's catalog rows give \
+                 (the record or the rows were edited outside imgsrv)"
                     .to_string(),
             );
         }
@@ -992,6 +1004,7 @@ impl Scrubber<'_> {
                 "signed by key {id}, which is not in the trusted keys any more (`imgsrv key \
                  add` it back, retired, to keep verifying what it signed)"
             ),
+            Err(e @ crate::sign::SignError::BadSignature { .. }) => e.to_string(),
             Err(e) => format!("the signature does not verify: {e}"),
         };
         self.report.counts.signatures_failed += 1;
