@@ -355,7 +355,7 @@ impl Inventory {
                 (h.finish(), b)
             })
             .collect();
-        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        keyed.sort_by_key(|k| k.0);
         let mut chosen: BTreeMap<Digest, StoredBlob> = keyed
             .iter()
             .take(n)
