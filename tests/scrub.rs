@@ -21,6 +21,7 @@ const V2: &str = "20260102_0000";
 /// A server whose data directory trusts a publisher key.
 struct Site {
     server: TestServer,
+    public: PathBuf,
     secret: PathBuf,
     tmp: tempfile::TempDir,
 }
@@ -35,6 +36,7 @@ fn site_with(config: Option<&str>) -> Site {
     trust_key(server.data_dir(), Some("publisher"), &public);
     Site {
         server,
+        public,
         secret,
         tmp,
     }
@@ -490,6 +492,48 @@ fn serve_scrubs_on_its_own_schedule_and_logs_the_outcome() {
     // the command line finds it still quarantined, until the bytes come back
     let t = expect(&scrub(site.data(), &[]), 1);
     problem(&t, "quarantined", &format!("sha256:{root}"));
+}
+
+/// (The Simple Streams mirror's repair is in tests/mirror.rs, beside its upstream tree.)
+#[test]
+fn a_mirror_imgsrv_run_fetches_again_what_a_scrub_quarantined() {
+    let up = site_with(None);
+    let a = up.publish(V1);
+    let root = sha256_file(a.rootfs());
+    let tmp = temp_dir("scrub-mirror");
+    let data = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&data)]);
+    trust_key(&data, Some("publisher"), &up.public);
+    let mirror = || {
+        run_any(
+            Command::new(IMGSRV)
+                .args(["mirror-imgsrv", "--data", s(&data)])
+                .arg("--upstream-ca")
+                .arg(up.server.cert())
+                .arg(up.server.url())
+                .env_remove("IMGSRV_TOKEN"),
+        )
+    };
+    expect(&mirror(), 0);
+    let t = expect(&mirror(), 0);
+    assert!(!t.contains("restored"), "nothing to repair yet: {t}");
+    damage(&blob_file(&data, &root), |b| b[10] ^= 0x01);
+    problem(
+        &expect(&scrub(&data, &[]), 1),
+        "damaged",
+        &format!("sha256:{root}"),
+    );
+    assert!(!blob_file(&data, &root).exists());
+    let t = expect(&mirror(), 0);
+    assert!(
+        t.contains(&format!(
+            "{IMAGE}@{V1} is already published on the target: skipped; restored 1 missing blob(s)"
+        )),
+        "{t}"
+    );
+    let t = expect(&scrub(&data, &[]), 0);
+    assert!(t.contains("1 repaired since quarantined"), "{t}");
+    assert_eq!(sha256_file(blob_file(&data, &root)), root);
 }
 
 #[track_caller]
