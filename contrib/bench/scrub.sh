@@ -25,7 +25,7 @@
 #   SCRUB_BENCH_BLOBS=16          number of blobs (each TOTAL/BLOBS MiB)
 #   SCRUB_BENCH_REPEAT=2          timed runs per side (the best counts)
 #   SCRUB_BENCH_VERSIONS=2000     published versions seeded for (2)
-#   SCRUB_BENCH_LAT_REQUESTS=300  images.json requests per latency measurement
+#   SCRUB_BENCH_LAT_REQUESTS=3000 images.json requests per latency measurement (a few seconds)
 #   SCRUB_BENCH_RATE=50MB/s       --rate of the first scrub beside the server
 #   BENCH_IMGSRV=                 imgsrv binary (default: cargo build --release, then use it)
 #   BENCH_SEED_CMD=               seeder, run as `$BENCH_SEED_CMD DATA_DIR N` with the server
@@ -56,7 +56,7 @@ TOTAL_MIB=${SCRUB_BENCH_TOTAL_MIB:-2048}
 BLOBS=${SCRUB_BENCH_BLOBS:-16}
 REPEAT=${SCRUB_BENCH_REPEAT:-2}
 VERSIONS=${SCRUB_BENCH_VERSIONS:-2000}
-LAT_N=${SCRUB_BENCH_LAT_REQUESTS:-300}
+LAT_N=${SCRUB_BENCH_LAT_REQUESTS:-3000}
 RATE=${SCRUB_BENCH_RATE:-50MB/s}
 for v in TOTAL_MIB BLOBS REPEAT VERSIONS LAT_N; do
   eval "val=\$$v"
@@ -74,6 +74,7 @@ bench_work_dir imgsrv-scrub-bench
 bench_traps
 CURL="curl --http1.1 -sS"
 SCRUB_LOOP_PID=''
+stop_loop() { [ -z "$SCRUB_LOOP_PID" ] || { stop_pid "$SCRUB_LOOP_PID"; SCRUB_LOOP_PID=''; }; }
 # shellcheck disable=SC2317 # invoked by the EXIT trap
 scrub_cleanup() { rc=$?; stop_loop; (exit "$rc"); bench_cleanup; }
 trap scrub_cleanup EXIT
@@ -97,7 +98,7 @@ fi
 DATA=$work/data
 "$IMGSRV" init --data "$DATA" >/dev/null || die "imgsrv init failed"
 # the server's own periodic scrub stays out of the measurements
-printf '[scrub]\ninterval = "off"\n' >> "$DATA/imgsrv.toml"
+printf '[scrub]\ninterval = "off"\n' > "$DATA/imgsrv.toml"
 CERT=$DATA/tls/cert.pem
 TOKEN=$(cat "$DATA/admin.token")
 CPU_MODEL=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo 2>/dev/null | head -n 1)
@@ -209,8 +210,6 @@ scrub_loop() {
   SCRUB_LOOP_PID=$!
   sleep 1 # past the scrub's start-up, into its reads
 }
-stop_loop() { [ -z "$SCRUB_LOOP_PID" ] || { stop_pid "$SCRUB_LOOP_PID"; SCRUB_LOOP_PID=''; }; }
-
 latency; ALONE=$RESULT
 say "  alone: p50/p99 $ALONE ms"
 scrub_loop --rate "$RATE"; latency; RATED=$RESULT; stop_loop
