@@ -772,6 +772,9 @@ pub struct ImportReport {
     pub already_present: Vec<String>,
     pub blobs_stored: u64,
     pub bytes_stored: u64,
+    /// Of those, blobs of versions already published on the target, which
+    /// it had lost (a scrub had quarantined them): repaired.
+    pub blobs_restored: u64,
     /// Blobs in the bundle that the target already had (not stored again).
     pub blobs_present: u64,
     pub aliases_set: Vec<String>,
@@ -864,14 +867,23 @@ pub fn import(
     }
     let carried: HashMap<Digest, &IndexBlob> = index.blobs.iter().map(|b| (b.digest, b)).collect();
     // blobs a version still to publish needs
-    let needed: BTreeSet<Digest> = index
+    let to_publish: BTreeSet<Digest> = index
         .versions
         .iter()
         .zip(&pending)
         .filter(|(_, p)| p.to_publish)
         .flat_map(|(v, _)| v.blobs.iter().map(|b| b.digest))
         .collect();
+    // and those of the versions already published there (with the same
+    // manifest, which the preflight checks): the target lacks one only when
+    // it lost it (a scrub quarantined it), and storing it repairs it
+    let needed: BTreeSet<Digest> = index
+        .versions
+        .iter()
+        .flat_map(|v| v.blobs.iter().map(|b| b.digest))
+        .collect();
     let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut restored: Vec<(Digest, u64)> = Vec::new();
     let mut sums: Option<Vec<u8>> = None;
     let mut index_signature: Option<String> = None;
     // set by the preflight, once the manifests and signatures are in
@@ -970,6 +982,9 @@ pub fn import(
                     })?;
                 report.blobs_stored += 1;
                 report.bytes_stored += b.size;
+                if !to_publish.contains(&digest) {
+                    restored.push((digest, b.size));
+                }
             } else {
                 let mut r = HashingReader::new(&mut entry);
                 io::copy(&mut r, &mut io::sink()).map_err(tar_error)?;
@@ -998,6 +1013,16 @@ pub fn import(
         None => run_preflight(index_signature.as_deref(), &pending)?,
     };
     let trusted_index = index_trust == IndexTrust::Trusted;
+    for (digest, size) in &restored {
+        writeln!(
+            out,
+            "restored blob {digest} ({size} bytes): a version already published on {} cites it \
+             and it was missing there",
+            dest.describe()
+        )
+        .map_err(|e| failed(&name, e.into(), &[]))?;
+    }
+    report.blobs_restored = restored.len() as u64;
     for b in &index.blobs {
         if !seen.contains(&blob_member(&b.digest)) {
             return Err(refused(format!(
@@ -1030,6 +1055,32 @@ pub fn import(
                     b.size,
                     dest.describe()
                 )));
+            }
+        }
+    }
+
+    // a version already published there that still lacks a blob (which an
+    // earlier bundle carried): said, not refused; that bundle restores it
+    for (v, p) in index.versions.iter().zip(&pending) {
+        if p.to_publish {
+            continue;
+        }
+        for b in &v.blobs {
+            let there = dest
+                .has_blob(&b.digest, b.size)
+                .map_err(|e| failed(&name, e, &[]))?;
+            if !there {
+                writeln!(
+                    out,
+                    "WARNING: {}@{} is published on {} but lacks blob {} ({} bytes), which this \
+                     bundle does not carry: import the bundle that does (or re-upload it)",
+                    v.image,
+                    v.version,
+                    dest.describe(),
+                    b.digest,
+                    b.size
+                )
+                .map_err(|e| failed(&name, e.into(), &[]))?;
             }
         }
     }
@@ -1107,8 +1158,15 @@ pub fn import(
         }
     }
     let summary = if report.imported.is_empty() && report.aliases_set.is_empty() {
+        let restored = match report.blobs_restored {
+            0 => String::new(),
+            n => format!(
+                "; restored {n} missing blob(s) of them ({} bytes)",
+                report.bytes_stored
+            ),
+        };
         format!(
-            "nothing to import: all {} version(s) of {name} are already published on {}",
+            "nothing to import: all {} version(s) of {name} are already published on {}{restored}",
             report.already_present.len(),
             dest.describe()
         )

@@ -102,6 +102,7 @@ struct RawConfig {
     gc: RawGc,
     #[serde(default)]
     retention: Vec<RawRetention>,
+    scrub: RawScrub,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +217,62 @@ fn retention_rules(raw: Vec<RawRetention>) -> anyhow::Result<Vec<RetentionRule>>
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawScrub {
+    interval: Option<String>,
+    rate: Option<String>,
+    sample: Option<toml::Value>,
+}
+
+/// How often `serve` scrubs by default: weekly (see [`ScrubSchedule`]).
+pub const DEFAULT_SCRUB_INTERVAL: &str = "7d";
+/// How fast a periodic scrub reads by default.
+pub const DEFAULT_SCRUB_RATE: &str = "50MB/s";
+
+/// `[scrub]`: the periodic scrub inside `serve` (`crate::maint::scrub`).
+///
+/// On by default, weekly, at most 50 MB/s, every blob: a flipped bit is
+/// silent (the bytes are served as if nothing happened) until a client's
+/// install fails, and only reading everything back finds it; 50 MB/s covers
+/// 30 TB a week, far more than a store of this kind holds, while leaving
+/// the disk to the downloads. `interval = "off"` turns it off (run `imgsrv
+/// scrub` from cron instead); `rate = "unlimited"` lifts the limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScrubSchedule {
+    /// `None`: off.
+    pub interval: Option<std::time::Duration>,
+    /// Bytes per second; `None`: unlimited.
+    pub rate: Option<u64>,
+    /// Percent of the blobs re-hashed each run, in (0, 100].
+    pub sample_percent: f64,
+}
+
+impl ScrubSchedule {
+    fn parse(raw: RawScrub) -> anyhow::Result<ScrubSchedule> {
+        let interval = match raw.interval.as_deref().unwrap_or(DEFAULT_SCRUB_INTERVAL) {
+            "off" => None,
+            s => Some(crate::schedule::parse_interval(s).context("scrub.interval")?),
+        };
+        let rate = match raw.rate.as_deref().unwrap_or(DEFAULT_SCRUB_RATE) {
+            "unlimited" => None,
+            s => Some(crate::maint::scrub::parse_rate(s).context("scrub.rate")?),
+        };
+        let sample_percent = match raw.sample {
+            None => 100.0,
+            Some(toml::Value::Integer(n)) => n as f64,
+            Some(toml::Value::Float(f)) => f,
+            Some(v) => bail!("scrub.sample = {v}: a percentage such as 100 or 10"),
+        };
+        crate::maint::scrub::parse_sample(&sample_percent.to_string()).context("scrub.sample")?;
+        Ok(ScrubSchedule {
+            interval,
+            rate,
+            sample_percent,
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -251,6 +308,8 @@ pub struct Config {
     pub mirrors: Vec<toml::Table>,
     pub gc: GcConfig,
     pub retention: Vec<RetentionRule>,
+    /// `[scrub]`.
+    pub scrub: ScrubSchedule,
     /// Problems that did not stop loading (printed loudly at start).
     pub warnings: Vec<String>,
 }
@@ -321,6 +380,7 @@ impl Config {
             mirrors: raw.mirror,
             gc: gc_config(raw.gc)?,
             retention: retention_rules(raw.retention)?,
+            scrub: ScrubSchedule::parse(raw.scrub)?,
             warnings: warning.into_iter().collect(),
         })
     }
@@ -404,6 +464,15 @@ mode = "enforce"
 # images = "debian-*"
 # keep_latest = 3
 # min_age = "30d"
+[scrub]
+# `imgsrv serve` re-reads every blob and re-checks every signature this
+# often (first at start when it never ran), quarantining damaged blobs; see
+# `imgsrv scrub`. "off" turns it off.
+# interval = "{DEFAULT_SCRUB_INTERVAL}"
+# At most this read rate, so that downloads keep the disk ("unlimited": none).
+# rate = "{DEFAULT_SCRUB_RATE}"
+# Percent of the blobs re-hashed each run.
+# sample = 100
 "#
     )
 }
@@ -502,5 +571,39 @@ mod tests {
         let c = Config::parse(d, "[image_verification]\nmode = 3", None).unwrap();
         assert_eq!(c.verification, VerificationMode::Enforce);
         assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
+    fn scrub_is_weekly_and_rate_limited_unless_configured() {
+        let d = Path::new("/data");
+        let c = Config::parse(d, "", None).unwrap();
+        assert_eq!(
+            c.scrub,
+            ScrubSchedule {
+                interval: Some(std::time::Duration::from_secs(7 * 86400)),
+                rate: Some(50_000_000),
+                sample_percent: 100.0,
+            }
+        );
+        let c = Config::parse(
+            d,
+            "[scrub]\ninterval = \"off\"\nrate = \"unlimited\"\nsample = 12.5",
+            None,
+        )
+        .unwrap();
+        assert_eq!((c.scrub.interval, c.scrub.rate), (None, None));
+        assert_eq!(c.scrub.sample_percent, 12.5);
+        let c = Config::parse(d, "[scrub]\ninterval = \"1d\"\nsample = 10", None).unwrap();
+        assert_eq!(c.scrub.sample_percent, 10.0);
+        for bad in [
+            "[scrub]\ninterval = \"sometimes\"",
+            "[scrub]\ninterval = \"10s\"",
+            "[scrub]\nrate = \"fast\"",
+            "[scrub]\nsample = 0",
+            "[scrub]\nsample = \"all\"",
+            "[scrub]\nevery = \"1d\"",
+        ] {
+            assert!(Config::parse(d, bad, None).is_err(), "{bad}");
+        }
     }
 }

@@ -19,11 +19,22 @@
 //!
 //! A blob cited by several versions is served if any one of them allows it (the bytes
 //! are the same). What the caller may not see is `404`, never a hint that it exists.
+//!
+//! Once the rule allows it, the bytes are opened through [`App::open_download`], which
+//! checks that the store has the blob with the size the catalog gives (one `stat`).
+//! A blob a scrub quarantined, or one missing or of the wrong size, answers `503` with
+//! what repairs it ([`ServeError::Unavailable`]): never wrong bytes, never a bare
+//! `500`. A flipped byte in a blob of the right size is not caught here: that would
+//! mean hashing every download, which costs as much as the download itself; `imgsrv
+//! scrub` (and its periodic run in `serve`) is what finds it and quarantines the blob.
 
 use crate::app::App;
 use crate::auth::{Caller, ACTION_CONTENT_READ, ACTION_CONTENT_WRITE};
+use crate::cas::CasError;
 use crate::catalog::BlobRef;
+use crate::digest::Digest;
 use crate::sign::TrustedKey;
+use std::io::Read;
 
 /// What to answer a download.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,6 +46,17 @@ pub enum Verdict {
     Hidden,
     /// Visible, but every version that would serve it is withheld: `410`, and why.
     Withheld(String),
+}
+
+/// Why bytes the rule allows cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store does not have the blob as the catalog says (quarantined by a scrub,
+    /// missing, or of the wrong size): `503`, and what repairs it.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Store(#[from] CasError),
 }
 
 /// What the caller may do with the images, for the rule.
@@ -118,5 +140,55 @@ impl App {
                 k.name, k.key_id
             )
         }))
+    }
+}
+
+impl App {
+    /// Ok when the store has blob `digest` with the `size` the catalog gives, so that a
+    /// download the rule allowed can be served (for `HEAD`, all there is to check).
+    pub fn stored_for_download(&self, digest: &Digest, size: u64) -> Result<(), ServeError> {
+        match self.blobs.stat(digest)? {
+            Some(s) if s == size => Ok(()),
+            Some(s) => Err(ServeError::Unavailable(format!(
+                "blob {digest} is damaged on this server ({s} bytes stored, {size} expected) \
+                 and is not served; `imgsrv scrub` quarantines it, and re-uploading, \
+                 re-mirroring or re-importing it repairs it"
+            ))),
+            None => Err(self.not_stored(digest)),
+        }
+    }
+
+    /// Opens `len` bytes from `start` of blob `digest` (`size` bytes, as the catalog
+    /// says) for a download the rule allowed.
+    pub fn open_download(
+        &self,
+        digest: &Digest,
+        size: u64,
+        start: u64,
+        len: u64,
+    ) -> Result<Box<dyn Read + Send>, ServeError> {
+        self.stored_for_download(digest, size)?;
+        match self.blobs.open_range(digest, start, len) {
+            Ok(r) => Ok(r),
+            // quarantined (or removed) since the check
+            Err(CasError::NotFound(_)) => Err(self.not_stored(digest)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Why a blob the catalog has is not in the store.
+    fn not_stored(&self, digest: &Digest) -> ServeError {
+        match self.blobs.quarantined(digest) {
+            Ok(Some(q)) => ServeError::Unavailable(format!(
+                "blob {digest} failed a scrub ({}) and is quarantined; it is not served until \
+                 the right bytes are put back: re-upload, re-mirror or re-import it",
+                q.reason
+            )),
+            Ok(None) => ServeError::Unavailable(format!(
+                "blob {digest} is missing from this server's blob store and cannot be served; \
+                 re-upload, re-mirror or re-import it (`imgsrv scrub` lists what it affects)"
+            )),
+            Err(e) => e.into(),
+        }
     }
 }

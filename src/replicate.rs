@@ -173,11 +173,17 @@ impl Destination {
     }
 
     /// Whether the blob is stored there with this size (asks a server with
-    /// `HEAD /v1/blobs/{digest}`, which the writer token may see).
+    /// `HEAD /v1/blobs/{digest}`, which the writer token may see). A server
+    /// answering 503 (the blob is quarantined, missing or damaged there)
+    /// does not have it: storing it repairs it.
     pub fn has_blob(&self, digest: &Digest, size: u64) -> Result<bool> {
         match self {
             Destination::Local(t) => t.has_blob(digest, size),
-            Destination::Remote(t) => Ok(t.client.blob_size(digest)? == Some(size)),
+            Destination::Remote(t) => match t.client.blob_size(digest) {
+                Ok(s) => Ok(s == Some(size)),
+                Err(e) if e.status() == Some(503) => Ok(false),
+                Err(e) => Err(e.into()),
+            },
         }
     }
 
@@ -538,8 +544,17 @@ pub fn mirror_imgsrv(
                     report.copied.push(label);
                     on_target.insert(version.clone());
                 }
-                Ok(Outcome::AlreadyPresent) => {
-                    writeln!(out, "{label} is already published on the target: skipped")?;
+                Ok(Outcome::AlreadyPresent { restored, bytes }) => {
+                    let note = match restored {
+                        0 => String::new(),
+                        n => format!("; restored {n} missing blob(s), {bytes} bytes"),
+                    };
+                    writeln!(
+                        out,
+                        "{label} is already published on the target: skipped{note}"
+                    )?;
+                    report.blobs_stored += restored;
+                    report.bytes_stored += bytes;
                     report.already_present.push(label);
                     on_target.insert(version.clone());
                 }
@@ -603,8 +618,41 @@ enum Outcome {
         bytes: u64,
         present: u64,
     },
-    AlreadyPresent,
+    /// Published there already; `restored` blobs it had lost (a scrub
+    /// quarantined them) were fetched again.
+    AlreadyPresent {
+        restored: u64,
+        bytes: u64,
+    },
     Unsigned,
+}
+
+/// Fetches again the blobs of `image@version`, published on the target
+/// with the same manifest, that the target has lost (a scrub quarantined
+/// them, or they went missing): the repair a mirror run makes.
+fn restore_missing(
+    up: &ApiClient,
+    target: &Destination,
+    manifest_bytes: &[u8],
+    image: &str,
+    version: &str,
+) -> Result<(u64, u64)> {
+    let manifest = parse_manifest_for(manifest_bytes, image, version)
+        .map_err(|e| anyhow::anyhow!("upstream manifest: {e}"))?;
+    let (mut restored, mut bytes) = (0, 0);
+    for (digest, size, media_type) in manifest.blobs() {
+        if target.has_blob(&digest, size)? {
+            continue;
+        }
+        let what = format!("{}/v1/blobs/{digest}", up.server());
+        let mut body = up.open_blob(&digest)?;
+        target
+            .store_blob(&digest, size, &media_type, &mut body, &what)
+            .map_err(anyhow::Error::new)?;
+        restored += 1;
+        bytes += size;
+    }
+    Ok((restored, bytes))
 }
 
 fn mirror_version(
@@ -624,7 +672,8 @@ fn mirror_version(
                 Digest::of(&manifest_bytes)
             );
         }
-        return Ok(Outcome::AlreadyPresent);
+        let (restored, bytes) = restore_missing(up, target, &manifest_bytes, image, version)?;
+        return Ok(Outcome::AlreadyPresent { restored, bytes });
     }
     let Some(signature) = up.get_manifest_signature(image, version)? else {
         return Ok(Outcome::Unsigned);

@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod scrub;
+pub use scrub::{read_scrub_status, spawn_scrub, PeriodicScrub, ScrubStatus, SCRUB_STATUS_FILE};
+
 pub const STATUS_FILE: &str = "mirror-status.json";
 const DEFAULT_INTERVAL: &str = "6h";
 

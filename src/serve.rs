@@ -192,6 +192,7 @@ pub fn serve(
     });
     let maintenance = crate::maint::periodic::Stop::default();
     start_gc(&app, &maintenance);
+    let scrub = crate::schedule::spawn_scrub(app.clone());
     let shutdown = server.shutdown_handle();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -232,6 +233,9 @@ pub fn serve(
     maintenance.stop();
     if let Some(m) = metrics {
         m.stop();
+    }
+    if let Some(s) = scrub {
+        s.stop();
     }
     log::info!("stopped");
     Ok(())

@@ -32,6 +32,13 @@ pub trait Target {
     fn describe(&self) -> String;
     /// Whether the blob is stored there with this size.
     fn has_blob(&self, digest: &Digest, size: u64) -> Result<bool>;
+    /// Whether [`Target::has_blob`] really asks (a data directory) rather
+    /// than leaving it to the upload (a server): only then does a mirror run
+    /// check the versions published there already for files lost since (a
+    /// scrub quarantined them) and fetch those again.
+    fn checks_blobs(&self) -> bool {
+        false
+    }
     /// Stores a file whose digest and size were already checked; the target
     /// checks them again while storing.
     fn put_blob(&self, digest: &Digest, size: u64, media_type: &str, file: &Path) -> Result<()>;
@@ -221,6 +228,10 @@ impl LocalTarget {
 impl Target for LocalTarget {
     fn describe(&self) -> String {
         self.app.config.data_dir.display().to_string()
+    }
+
+    fn checks_blobs(&self) -> bool {
+        true
     }
 
     fn has_blob(&self, digest: &Digest, size: u64) -> Result<bool> {

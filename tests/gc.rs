@@ -417,7 +417,7 @@ fn soak_publishes_mirrors_and_retention_against_gc_with_no_grace_lose_nothing() 
     // images: the serial changes the metadata; every third one also changes the rootfs,
     // so retired versions share blobs with live ones
     let image = |dir: &str, serial: String, os: &str, i: usize| {
-        let pad = if i % 3 == 0 { "1" } else { "0" };
+        let pad = if i.is_multiple_of(3) { "1" } else { "0" };
         make_test_image(
             tmp.path().join(dir),
             &["--serial", &serial, "--os", os, "--pad-mib", pad],

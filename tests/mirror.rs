@@ -769,6 +769,61 @@ fn latest_one_keeps_only_the_newest_version_and_plain_http_is_flagged() {
 }
 
 #[test]
+fn a_file_a_scrub_quarantined_is_fetched_again_by_the_next_run() {
+    let t = tree(false);
+    let ngx = Nginx::start(&t.root);
+    let d = data_dir(&t, "data");
+    let run = || mirror_into(&t, &ngx, &d, &["--os", "Debian", "--latest", "1"]);
+    let out = run();
+    assert!(out.status.success(), "{}", show(&out));
+    let root = sha256_file(t.deb2.rootfs());
+    let blob = d
+        .join("sha256")
+        .join(&root[..2])
+        .join(&root[2..4])
+        .join(&root);
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&blob, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[4096] ^= 0x01;
+    fs::write(&blob, bytes).unwrap();
+    let scrub = || run_any(Command::new(IMGSRV).args(["scrub", "--data", d.to_str().unwrap()]));
+    let s = scrub();
+    assert_eq!(s.status.code(), Some(1), "{}", show(&s));
+    assert!(
+        stdout(&s).contains(&format!("PROBLEM damaged sha256:{root}")),
+        "{}",
+        show(&s)
+    );
+    assert!(!blob.exists(), "quarantined");
+
+    let out = run();
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("repair   debian-bookworm 202601020000: 1 of its files"),
+        "{text}"
+    );
+    assert!(
+        text.contains("repaired debian-bookworm 202601020000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("repaired: 1 version already published"),
+        "{text}"
+    );
+    assert_eq!(sha256_file(&blob), root);
+    let s = scrub();
+    assert_eq!(s.status.code(), Some(0), "{}", show(&s));
+    let again = stdout(&run());
+    assert!(!again.contains("repair"), "{again}");
+    assert!(
+        again.contains("present  debian-bookworm 202601020000"),
+        "{again}"
+    );
+}
+
+#[test]
 fn bad_arguments_and_an_unreachable_upstream_exit_2() {
     let t = temp_dir("mirror-args");
     let d = t.path().join("data");

@@ -3,7 +3,11 @@
 //! Layout under the data directory:
 //! * `sha256/ab/cd/<hex>`: blobs, read-only (0444) once in place;
 //! * `uploads/<upload id>/<n>.part`: staged upload parts;
-//! * `tmp/`: files being written; anything here after a crash is garbage.
+//! * `tmp/`: files being written; anything here after a crash is garbage;
+//! * `quarantine/<hex>` and `quarantine/<hex>.reason`: blobs that failed a
+//!   scrub, moved out of `sha256/` by rename, with a note saying why. Never
+//!   served, never read by the store again; the operator inspects and
+//!   removes them.
 //!
 //! A blob is written to `tmp/`, fsynced, then hard-linked into place (link
 //! fails if the name exists, so an existing blob is never replaced), and the
@@ -12,7 +16,7 @@
 //! adopted instead of copied: linked into `tmp/`, hashed in place, fsynced
 //! and linked into place the same way.
 
-use super::{BlobStore, CasError, Result, StagedPart};
+use super::{BlobStore, CasError, Quarantined, Result, StagedPart};
 use crate::digest::{Digest, Hasher};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -93,6 +97,9 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     #[cfg(not(target_os = "linux"))]
     let _ = (f, offset, len);
 }
+
+mod quarantine;
+pub use quarantine::QUARANTINE_DIR;
 
 pub struct FsStore {
     root: PathBuf,
@@ -487,6 +494,18 @@ impl BlobStore for FsStore {
         }
     }
 
+    fn quarantine(&self, digest: &Digest, reason: &str) -> Result<bool> {
+        self.quarantine_blob(digest, reason)
+    }
+
+    fn quarantined(&self, digest: &Digest) -> Result<Option<Quarantined>> {
+        self.read_quarantined(digest)
+    }
+
+    fn list_quarantined(&self, each: &mut dyn FnMut(Quarantined) -> bool) -> Result<()> {
+        self.list_quarantine(each)
+    }
+
     fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
         let p = self.blob_path(digest);
         match fs::metadata(&p) {
@@ -691,13 +710,13 @@ fn _assert_object_safe(_: &dyn BlobStore) {}
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, FsStore) {
+    pub(super) fn store() -> (tempfile::TempDir, FsStore) {
         let d = tempfile::tempdir().unwrap();
         let s = FsStore::open(d.path()).unwrap();
         (d, s)
     }
 
-    fn read_all(s: &FsStore, d: &Digest) -> Vec<u8> {
+    pub(super) fn read_all(s: &FsStore, d: &Digest) -> Vec<u8> {
         let len = s.stat(d).unwrap().unwrap();
         let mut v = Vec::new();
         s.open_range(d, 0, len)
@@ -707,7 +726,7 @@ mod tests {
         v
     }
 
-    fn tmp_is_empty(dir: &Path) -> bool {
+    pub(super) fn tmp_is_empty(dir: &Path) -> bool {
         fs::read_dir(dir.join("tmp")).unwrap().next().is_none()
     }
 

@@ -78,6 +78,22 @@ pub enum LeftoverKind {
     Staged,
 }
 
+/// A blob [`BlobStore::quarantine`] moved out of the served store: its
+/// damaged bytes are kept for the operator to inspect, never served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub digest: Digest,
+    /// Size of the damaged copy kept; `None` when the operator removed it
+    /// (the record stays until they remove it too).
+    pub size: Option<u64>,
+    /// Why it failed (what the check found).
+    pub reason: String,
+    /// When it was quarantined (RFC 3339).
+    pub at: String,
+    /// Where an operator finds it (a path, an object key).
+    pub location: String,
+}
+
 pub trait BlobStore: Send + Sync {
     /// Temp files and staged uploads, for garbage collection: it removes
     /// temp files only while no write is under way (it holds the `blobs` job
@@ -93,6 +109,20 @@ pub trait BlobStore: Send + Sync {
     /// Removes a blob; `false` if it was not there. Only garbage
     /// collection calls this, after the catalog says nothing needs it.
     fn delete(&self, digest: &Digest) -> Result<bool>;
+    /// Moves a stored blob that failed a check (its bytes do not hash to
+    /// its name) out of the store, atomically: afterwards the store has no
+    /// blob of that name ([`BlobStore::stat`] is `None`) and putting the
+    /// right bytes back stores them as for any missing blob. The damaged
+    /// copy is kept with `reason` ([`BlobStore::quarantined`]) until the
+    /// operator removes it; a later quarantine of the same digest replaces
+    /// it. `false` if the blob was not there.
+    fn quarantine(&self, digest: &Digest, reason: &str) -> Result<bool>;
+    /// The quarantine record of `digest`, if it was ever quarantined (and
+    /// the record not removed): also after the right bytes were put back.
+    fn quarantined(&self, digest: &Digest) -> Result<Option<Quarantined>>;
+    /// Every quarantine record, in no particular order, one at a time to
+    /// `each` (which returns `false` to stop).
+    fn list_quarantined(&self, each: &mut dyn FnMut(Quarantined) -> bool) -> Result<()>;
 
     /// Size of a stored blob, `None` if absent.
     fn stat(&self, digest: &Digest) -> Result<Option<u64>>;

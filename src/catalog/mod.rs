@@ -643,6 +643,25 @@ pub struct JobRun {
     pub detail: String,
 }
 
+/// One blob as one version cites it (see [`MaintCatalog::cited_blobs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CitedBlob {
+    pub image: String,
+    pub version: String,
+    pub version_id: String,
+    /// Published (else a draft, or being published).
+    pub published: bool,
+    pub digest: Digest,
+    /// The size the version declares.
+    pub size: u64,
+    /// The citing artifact: `variant architecture format`.
+    pub artifact: String,
+    /// The attachment's name when an attachment cites it (else the
+    /// artifact's primary blob).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<String>,
+}
+
 /// What maintenance jobs (gc, scrub, backup) need from the catalog beyond
 /// the content and blob rows.
 pub trait MaintCatalog: Send + Sync {
@@ -674,6 +693,10 @@ pub trait MaintCatalog: Send + Sync {
     /// Deletes an upload session and its part rows if it expired before
     /// `before`; `true` if it was deleted.
     fn delete_upload(&self, id: &str, before: &str) -> Result<bool>;
+    /// Every blob every version cites (artifacts' primary blobs and
+    /// attachments), drafts included, one entry per citation, ordered by
+    /// image and version: what a scrub checks the store against.
+    fn cited_blobs(&self) -> Result<Vec<CitedBlob>>;
 
     /// A lock named `job`, held by every process and every instance sharing
     /// this catalog (a file lock beside the SQLite file; an advisory lock in

@@ -119,6 +119,18 @@ impl From<CasError> for ApiError {
     }
 }
 
+impl From<crate::download::ServeError> for ApiError {
+    fn from(e: crate::download::ServeError) -> Self {
+        match e {
+            crate::download::ServeError::Unavailable(m) => {
+                log::warn!("download refused (503): {m}");
+                ApiError::new(503, m)
+            }
+            crate::download::ServeError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<UploadError> for ApiError {
     fn from(e: UploadError) -> Self {
         match e {
@@ -302,9 +314,10 @@ pub fn serve_blob(
         ),
     };
     let reader: Box<dyn Read + Send> = if req.method == "HEAD" {
+        app.stored_for_download(digest, size)?;
         Box::new(std::io::empty())
     } else {
-        app.blobs.open_range(digest, start, len)?
+        app.open_download(digest, size, start, len)?
     };
     let mut r = base(status).with_header("Content-Type", media_type);
     if let Some(cr) = content_range {

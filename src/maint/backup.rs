@@ -552,6 +552,17 @@ pub fn backup(opts: &BackupOptions, out: &mut dyn Write) -> Result<BackupReport>
             "warning: the backup could not be recorded in the audit log: {e}"
         )?;
     }
+    // for /metrics: the last successful backup, wherever it ran
+    if let Err(e) = src.catalog.record_job_run(
+        crate::metrics::JOB_BACKUP,
+        done.is_ok(),
+        &detail.to_string(),
+    ) {
+        writeln!(
+            out,
+            "warning: the backup's outcome could not be recorded: {e}"
+        )?;
+    }
     let (report, manifest) = done?;
     writeln!(
         out,

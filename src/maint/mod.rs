@@ -43,3 +43,4 @@ pub fn record_run<R: RunSummary>(app: &crate::app::App, job: &str, outcome: &any
 pub mod gc;
 pub mod periodic;
 pub mod restore;
+pub mod scrub;

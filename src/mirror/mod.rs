@@ -246,6 +246,9 @@ pub struct MirrorReport {
     pub insecure_upstream: bool,
     pub mirrored: Vec<MirroredVersion>,
     pub already_present: Vec<VersionRef>,
+    /// Published on the target already, but some of their files were lost
+    /// there (a scrub quarantined them): fetched and stored again.
+    pub repaired: Vec<VersionRef>,
     /// Upstream (product, version)s left out by the filters (and `latest`).
     pub skipped_by_filter: usize,
     /// Upstream (product, version)s with no image imgsrv can hold.
@@ -374,20 +377,45 @@ pub fn run(
         });
     }
 
-    // 3. what the target has: published versions are skipped without a download
+    // 3. what the target has: published versions are skipped without a
+    // download, unless the target lost some of their files (then those are
+    // fetched again: a repair)
     let mut todo: Vec<VersionPlan> = Vec::new();
+    let mut repair: Vec<bool> = Vec::new();
     for v in plan.versions {
         let st = target
             .status(&v.image, &v.version)
             .with_context(|| format!("asking {} about {}", report.target, v.label()))?;
-        if st == VersionStatus::Published {
+        if st != VersionStatus::Published {
+            todo.push(v);
+            repair.push(false);
+            continue;
+        }
+        let mut lost = 0;
+        if target.checks_blobs() {
+            for f in v.files() {
+                if !target
+                    .has_blob(&f.sha256, f.size)
+                    .with_context(|| format!("asking {} for {}", report.target, f.sha256))?
+                {
+                    lost += 1;
+                }
+            }
+        }
+        if lost > 0 {
+            writeln!(
+                out,
+                "repair   {}: {lost} of its files are missing on the target",
+                v.label()
+            )?;
+            todo.push(v);
+            repair.push(true);
+        } else {
             writeln!(out, "present  {}", v.label())?;
             report.already_present.push(VersionRef {
                 image: v.image,
                 version: v.version,
             });
-        } else {
-            todo.push(v);
         }
     }
 
@@ -410,7 +438,7 @@ pub fn run(
             &upstream,
             &staging,
             &sk,
-            todo,
+            (todo, &repair),
             &mut report,
             out,
         )?;
@@ -435,6 +463,13 @@ fn write_summary(r: &MirrorReport, out: &mut dyn Write) -> Result<()> {
         r.seconds,
         bytes(r.bytes_per_second as u64),
     )?;
+    if !r.repaired.is_empty() {
+        writeln!(
+            out,
+            "repaired: {} already published, whose files the target had lost, stored again",
+            plural(r.repaired.len(), "version", "versions")
+        )?;
+    }
     if r.files_reused + r.files_resumed + r.files_on_target > 0 {
         writeln!(
             out,
@@ -466,7 +501,8 @@ enum FileState {
 }
 
 /// Downloads what `todo` needs (in parallel) and publishes each version as
-/// soon as its files are in, in order.
+/// soon as its files are in, in order; a version marked in `repair` is
+/// published already, and only its lost files are stored again.
 #[allow(clippy::too_many_arguments)]
 fn mirror_versions(
     opts: &MirrorOptions,
@@ -474,7 +510,7 @@ fn mirror_versions(
     upstream: &Upstream,
     staging: &Staging,
     sk: &minisign::SecretKey,
-    todo: Vec<VersionPlan>,
+    (todo, repair): (Vec<VersionPlan>, &[bool]),
     report: &mut MirrorReport,
     out: &mut dyn Write,
 ) -> Result<()> {
@@ -594,6 +630,36 @@ fn mirror_versions(
                     }
                     continue;
                 }
+                if repair[next] {
+                    let lost: Vec<String> = v
+                        .files()
+                        .iter()
+                        .filter_map(|f| match files.get(&f.sha256) {
+                            Some(FileState::Failed(e)) => Some(e.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    if lost.is_empty() {
+                        say(out, pb.as_ref(), &format!("repaired {}", v.label()));
+                        release_staged(v, &mut users, &files);
+                        report.repaired.push(VersionRef {
+                            image: v.image.clone(),
+                            version: v.version.clone(),
+                        });
+                    } else {
+                        say(
+                            out,
+                            pb.as_ref(),
+                            &format!("FAILED   {}: {}", v.label(), lost.join("; ")),
+                        );
+                        report.failed.push(Failure {
+                            what: v.label(),
+                            error: lost.join("; "),
+                        });
+                    }
+                    next += 1;
+                    continue;
+                }
                 let outcome = mirror_one(v, &files, target, sk, report, pb.as_ref(), out);
                 match outcome {
                     Ok(m) => {
@@ -615,16 +681,7 @@ fn mirror_versions(
                             &format!("mirrored {}: {}", v.label(), imgs.join(", ")),
                         );
                         report.mirrored.push(m);
-                        // its staged files are not needed any more
-                        for f in v.files() {
-                            let n = users.entry(f.sha256).or_default();
-                            *n = n.saturating_sub(1);
-                            if *n == 0 {
-                                if let Some(FileState::Ready(x)) = files.get(&f.sha256) {
-                                    let _ = std::fs::remove_file(&x.path);
-                                }
-                            }
-                        }
+                        release_staged(v, &mut users, &files);
                     }
                     Err(e) => {
                         say(out, pb.as_ref(), &format!("FAILED   {}: {e}", v.label()));
@@ -650,6 +707,24 @@ fn mirror_versions(
         pb.finish_and_clear();
     }
     result
+}
+
+/// Removes the staged files of `v` (stored on the target now) that no
+/// version still to come needs.
+fn release_staged(
+    v: &VersionPlan,
+    users: &mut HashMap<Digest, usize>,
+    files: &HashMap<Digest, FileState>,
+) {
+    for f in v.files() {
+        let n = users.entry(f.sha256).or_default();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            if let Some(FileState::Ready(x)) = files.get(&f.sha256) {
+                let _ = std::fs::remove_file(&x.path);
+            }
+        }
+    }
 }
 
 /// Media type of a metadata tarball that was on the target already (not

@@ -1,7 +1,7 @@
 //! The SQLite catalog's side of the maintenance jobs and of operations: job
 //! locks, blob rows and their claims, pins, expired upload sessions, online
 //! snapshots (the backup API), integrity checks, blob totals (metrics), the
-//! write probe (`/readyz`).
+//! write probe (`/readyz`), the listings a scrub checks the store against.
 
 use super::*;
 use std::os::unix::io::AsRawFd;
@@ -105,6 +105,43 @@ fn sync_path(path: &Path) -> Result<()> {
 }
 
 impl MaintCatalog for SqliteCatalog {
+    fn cited_blobs(&self) -> Result<Vec<CitedBlob>> {
+        let c = self.conn()?;
+        let mut st = c
+            .prepare(
+                "SELECT i.name, v.version, v.id, v.state = 'published', \
+                        a.variant || ' ' || a.architecture || ' ' || a.format, NULL, \
+                        a.primary_blob_digest, a.primary_blob_size_bytes \
+                 FROM release_artifacts a JOIN image_versions v ON v.id = a.version_id \
+                 JOIN images i ON i.id = v.image_id \
+                 WHERE NOT EXISTS (SELECT 1 FROM collections c WHERE c.version_id = v.id) \
+                 UNION ALL \
+                 SELECT i.name, v.version, v.id, v.state = 'published', \
+                        a.variant || ' ' || a.architecture || ' ' || a.format, t.name, \
+                        t.blob_digest, t.blob_size_bytes \
+                 FROM artifact_attachments t JOIN release_artifacts a ON a.id = t.artifact_id \
+                 JOIN image_versions v ON v.id = a.version_id JOIN images i ON i.id = v.image_id \
+                 WHERE NOT EXISTS (SELECT 1 FROM collections c WHERE c.version_id = v.id) \
+                 ORDER BY 1, 2, 5, 6",
+            )
+            .map_err(backend)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(CitedBlob {
+                    image: text(r, 0)?,
+                    version: text(r, 1)?,
+                    version_id: text(r, 2)?,
+                    published: r.get(3)?,
+                    artifact: text(r, 4)?,
+                    attachment: opt_text(r, 5)?,
+                    digest: digest_col(r, 6)?,
+                    size: u64_col(r, 7)?,
+                })
+            })
+            .map_err(backend)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(backend)
+    }
+
     fn record_job_run(&self, job: &str, ok: bool, detail: &str) -> Result<()> {
         let now = now();
         let outcome = if ok { "success" } else { "error" };
@@ -583,5 +620,67 @@ mod tests {
             Ok(problems) => assert!(!problems.is_empty(), "damage not found"),
             Err(e) => assert!(e.contains("malformed") || e.contains("corrupt"), "{e}"),
         }
+    }
+
+    #[test]
+    fn cited_blobs_lists_every_citation_with_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = SqliteCatalog::open(&dir.path().join("catalog.db")).unwrap();
+        let (root, meta, loose) = (Digest::of(b"root"), Digest::of(b"meta"), Digest::of(b"x"));
+        for (d, n) in [(root, 4), (meta, 4), (loose, 1)] {
+            c.insert_blob(&d, n, None).unwrap();
+        }
+        c.create_image("deb", None, None, "public").unwrap();
+        let v = c.create_version("deb", "1", &BTreeMap::new()).unwrap();
+        let a = c
+            .add_artifact(
+                &v.id,
+                &NewArtifact {
+                    variant: "default".into(),
+                    operating_system: "debian".into(),
+                    architecture: "amd64".into(),
+                    format: "squashfs".into(),
+                    primary_blob_digest: root,
+                    primary_blob_size_bytes: 4,
+                    primary_media_type: "application/octet-stream".into(),
+                },
+            )
+            .unwrap();
+        c.add_attachment(
+            &v.id,
+            &a.id,
+            &NewAttachment {
+                name: "incus.tar.xz".into(),
+                media_type: "application/x-xz".into(),
+                blob_digest: meta,
+                blob_size_bytes: 4,
+            },
+        )
+        .unwrap();
+        let cited = c.cited_blobs().unwrap();
+        assert_eq!(cited.len(), 2, "{cited:?}");
+        assert!(cited.iter().all(|b| b.image == "deb"
+            && b.version == "1"
+            && b.version_id == v.id
+            && !b.published
+            && b.artifact == "default amd64 squashfs"));
+        assert_eq!(
+            (cited[0].digest, cited[0].attachment.as_deref()),
+            (root, None)
+        );
+        assert_eq!(
+            (cited[1].digest, cited[1].attachment.as_deref()),
+            (meta, Some("incus.tar.xz"))
+        );
+        let mut rows: Vec<Digest> = c
+            .blob_rows()
+            .unwrap()
+            .into_iter()
+            .map(|b| b.digest)
+            .collect();
+        rows.sort();
+        let mut want = vec![root, meta, loose];
+        want.sort();
+        assert_eq!(rows, want);
     }
 }
