@@ -90,7 +90,9 @@ t0=$(now)
 "$IMGSRV" gc --data "$dead" --grace 0 >"$work/dead.out"
 t1=$(now)
 collect=$(elapsed "$t0" "$t1")
-[ "$(rows "$dead")" = 0 ] && [ "$(files "$dead")" = 0 ] || die "gc left blobs: $(tail -3 "$work/dead.out")"
+if [ "$(rows "$dead")" != 0 ] || [ "$(files "$dead")" != 0 ]; then
+  die "gc left blobs: $(tail -3 "$work/dead.out")"
+fi
 
 t0=$(now)
 find "$work/floor/sha256" -type f -delete
