@@ -102,6 +102,7 @@ struct RawConfig {
     gc: RawGc,
     #[serde(default)]
     retention: Vec<RawRetention>,
+    #[serde(default)]
     scrub: RawScrub,
 }
 

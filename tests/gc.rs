@@ -364,7 +364,12 @@ fn kill_9_in_the_middle_of_gc_leaves_no_row_without_its_blob() {
         assert_rows_have_blobs(&data, &format!("after kill -9 at {delay_ms} ms"));
     }
     let left = rows(&data).len();
-    eprintln!("gc kill -9: {kills} kills; {total} rows before, {left} after");
+    // written past the test harness's capture, so that CI logs show it
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "gc kill -9: {kills} kills; {total} rows before, {left} after"
+    );
     assert!(
         kills >= 1,
         "gc was never caught in the middle: make more garbage"
@@ -520,7 +525,9 @@ fn soak_publishes_mirrors_and_retention_against_gc_with_no_grace_lose_nothing() 
         want.insert(name.clone(), expected(img));
     }
     assert_eq!(now, want);
-    eprintln!(
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "gc soak: {} publishes + {} mirror runs in {:.0?}; {runs} gc runs beside them \
          (grace 0): {retired} retired by the policy, {collected} collected, {removed} blobs \
          removed, 0 lost",
