@@ -84,7 +84,9 @@ fn serve_runs_mirror_jobs_and_reports_their_outcome() {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
     assert!(metrics.contains("imgsrv_background_job_last_error_timestamp_seconds{job=\"mirror\"} "));
-    assert!(!metrics.contains("imgsrv_background_job_last_success_timestamp_seconds{job="));
+    assert!(
+        !metrics.contains("imgsrv_background_job_last_success_timestamp_seconds{job=\"mirror\"}")
+    );
 
     // trust the mirror key; a restart runs the job again at once
     trust_key(&data, Some("mirror"), &mirror_pub);

@@ -99,6 +99,7 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
 }
 
 mod quarantine;
+mod sweep;
 pub use quarantine::QUARANTINE_DIR;
 
 pub struct FsStore {
@@ -383,115 +384,19 @@ impl FsStore {
 
 impl BlobStore for FsStore {
     fn list(&self, each: &mut dyn FnMut(super::StoredBlob) -> bool) -> Result<()> {
-        let top = self.root.join("sha256");
-        for entry in walkdir::WalkDir::new(&top).min_depth(3).max_depth(3) {
-            let entry = entry.map_err(|e| {
-                let path = e.path().unwrap_or(&top).to_path_buf();
-                io_err("walk", &path)(e.into())
-            })?;
-            if !entry.file_type().is_file() {
-                continue;
-            }
-            let name = entry.file_name().to_string_lossy();
-            let digest = match Digest::from_hex(&name) {
-                Ok(d) if self.blob_path(&d) == entry.path() => d,
-                _ => {
-                    log::warn!(
-                        "blob store: {} is not a blob; left alone",
-                        entry.path().display()
-                    );
-                    continue;
-                }
-            };
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                // removed while walking (a GC): not there any more
-                Err(e) if e.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound) => {
-                    continue
-                }
-                Err(e) => return Err(io_err("stat", entry.path())(e.into())),
-            };
-            let stored_at = meta.modified().map_err(io_err("stat", entry.path()))?;
-            if !each(super::StoredBlob {
-                digest,
-                size: meta.len(),
-                stored_at,
-            }) {
-                break;
-            }
-        }
-        Ok(())
+        self.list_blobs(each)
     }
 
     fn leftovers(&self) -> Result<Vec<super::Leftover>> {
-        use super::{Leftover, LeftoverKind};
-        let mut out = Vec::new();
-        for (dir, kind) in [
-            ("tmp", LeftoverKind::Temp),
-            ("uploads", LeftoverKind::Staged),
-        ] {
-            let top = self.root.join(dir);
-            let entries = match fs::read_dir(&top) {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("list", &top)(e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(io_err("list", &top))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if kind == LeftoverKind::Staged && valid_upload_id(&name).is_err() {
-                    log::warn!(
-                        "blob store: {} is not an upload; left alone",
-                        entry.path().display()
-                    );
-                    continue;
-                }
-                let bytes = walkdir::WalkDir::new(entry.path())
-                    .into_iter()
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| e.metadata().ok())
-                    .filter(|m| m.is_file())
-                    .map(|m| m.len())
-                    .sum();
-                out.push(Leftover { kind, name, bytes });
-            }
-        }
-        Ok(out)
+        self.list_leftovers()
     }
 
     fn remove_leftover(&self, l: &super::Leftover) -> Result<u64> {
-        use super::LeftoverKind;
-        match l.kind {
-            LeftoverKind::Staged => self.discard_upload(&l.name)?,
-            LeftoverKind::Temp => {
-                if l.name.contains('/') || l.name.starts_with('.') {
-                    return Err(CasError::Invalid(format!("temp file name {:?}", l.name)));
-                }
-                let p = self.root.join("tmp").join(&l.name);
-                let r = match fs::symlink_metadata(&p) {
-                    Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
-                    Ok(_) => fs::remove_file(&p),
-                    Err(e) => Err(e),
-                };
-                match r {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-                    Err(e) => return Err(io_err("remove", &p)(e)),
-                }
-            }
-        }
-        Ok(l.bytes)
+        self.remove_leftover_at(l)
     }
 
     fn delete(&self, digest: &Digest) -> Result<bool> {
-        let p = self.blob_path(digest);
-        // no fsync of the directory: a removal lost to a power cut brings
-        // back a file with no row, which the next collection removes again
-        match fs::remove_file(&p) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(io_err("remove", &p)(e)),
-        }
+        self.delete_blob(digest)
     }
 
     fn quarantine(&self, digest: &Digest, reason: &str) -> Result<bool> {
