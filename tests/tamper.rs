@@ -311,6 +311,52 @@ fn sqlite_shell_tamper_on_every_table_leaves_published_versions_served() {
     imgsrv(&["grant", "add", "--data", &d, "lab2", "reader", "*"]);
 }
 
+#[test]
+fn replace_from_the_shell_cannot_rewrite_append_only_rows() {
+    let server = TestServer::start();
+    let data = server.data_dir().to_path_buf();
+    let db = data.join("catalog.db");
+    let tmp = temp_dir("tamper-replace");
+    let (public, secret) = minisign_keypair(tmp.path().join("keys"));
+    trust_key(&data, Some("release"), &public);
+    let old = make_test_image(tmp.path().join("old"), &["--serial", OLD]);
+    let new = make_test_image(tmp.path().join("new"), &["--serial", NEW]);
+    publish_image(&server, &secret, &old, &[]);
+    publish_image(&server, &secret, &new, &[]);
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args(["version", "retire", IMAGE, OLD, "--reason", "superseded"])
+            .args(["--server", &server.url(), "--ca"])
+            .arg(server.cert())
+            .arg("--token-file")
+            .arg(server.admin_token_file()),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let audit = sqlite(&db, "SELECT group_concat(id || action, ',') FROM audit_log");
+    let retired = sqlite(&db, "SELECT reason FROM retirements");
+    for sql in [
+        "INSERT OR REPLACE INTO audit_log (id, at, action, target, outcome, detail) \
+         SELECT id, at, 'nothing', '', 'ok', '{}' FROM audit_log",
+        "REPLACE INTO audit_log (id, at, action, target, outcome, detail) \
+         SELECT min(id), '2000-01-01', 'nothing', '', 'ok', '{}' FROM audit_log",
+        "UPDATE OR REPLACE audit_log SET id = id + 1",
+        "INSERT OR REPLACE INTO retirements SELECT version_id, 'nothing', NULL, NULL, retired_at \
+         FROM retirements",
+        "REPLACE INTO publish_records SELECT * FROM publish_records",
+    ] {
+        let out = run_any(Command::new("sqlite3").arg(&db).arg(sql));
+        assert!(!out.status.success(), "allowed: {sql}");
+    }
+    assert_eq!(
+        sqlite(&db, "SELECT group_concat(id || action, ',') FROM audit_log"),
+        audit
+    );
+    assert_eq!(sqlite(&db, "SELECT reason FROM retirements"), retired);
+    // appending still works (the server's own rows)
+    let _ = server.get("/v1/audit");
+    assert!(count(&db, "audit_log") as usize >= audit.split(',').count());
+}
+
 /// Which version the alias `stable` of `demo` is on in the anonymous projection.
 fn stable_on(e: &support::inproc::Env) -> String {
     let images = e.images_json();
