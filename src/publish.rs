@@ -128,17 +128,14 @@ fn hash_root(
     pb: Option<&ProgressBar>,
 ) -> anyhow::Result<(Digest, u64, String)> {
     let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut own = Hasher::new();
-    let mut fp = meta_state.clone();
-    crate::digest::read_chunks(&mut f, |c| {
-        own.update(c);
-        fp.update(c);
-        if let Some(pb) = pb {
-            pb.inc(c.len() as u64);
-        }
-    })
-    .with_context(|| format!("cannot read {}", path.display()))?;
-    let size = own.len();
+    // the fingerprint on a second thread: both hashes in the time of one
+    let (own, fp, size) =
+        crate::digest::hash_twice(&mut f, Hasher::new(), meta_state.clone(), |n| {
+            if let Some(pb) = pb {
+                pb.inc(n);
+            }
+        })
+        .with_context(|| format!("cannot read {}", path.display()))?;
     Ok((own.finish(), size, fp.finish().hex()))
 }
 
