@@ -287,11 +287,13 @@ fn meta<'a>(e: &'a ProjectionEntry, key: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
-fn os_of(e: &ProjectionEntry) -> &str {
+/// The product's `os`: the version metadata's, else the artifact's operating system.
+pub(crate) fn os_of(e: &ProjectionEntry) -> &str {
     meta(e, "os").unwrap_or(&e.artifact.operating_system)
 }
 
-fn release_of(e: &ProjectionEntry) -> &str {
+/// The product's `release`: the version metadata's, else the version name.
+pub(crate) fn release_of(e: &ProjectionEntry) -> &str {
     meta(e, "release").unwrap_or(&e.version.version)
 }
 
