@@ -584,13 +584,13 @@ fn render(products: &[Product]) -> (Vec<u8>, Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::catalog::{Artifact, Attachment, Image, ImageVersion, VersionState};
 
     /// A published artifact of `image`@`version` (published at `day`) whose
     /// root is `ftype`, with version metadata `meta`.
-    fn entry(
+    pub(crate) fn entry(
         image: &str,
         version: &str,
         day: u32,

@@ -589,3 +589,54 @@ fn a_daemon_copies_auto_updates_and_launches_over_the_incus_protocol() {
         );
     }
 }
+
+#[test]
+fn the_short_alias_follows_the_clients_architecture() {
+    let f = fixture(false);
+    let s = &f.server;
+    // a newer build, for arm64 only
+    let arm = make_test_image(
+        f.tmp.path().join("arm"),
+        &["--serial", NEW, "--arch", "aarch64"],
+    );
+    publish_image(s, &f.secret, &arm, &[]);
+
+    // this (x86_64) client: its own architecture, though the arm64 build is newer
+    let incus = Incus::system_trust();
+    incus.remote_add_incus("imgsrv", &s.url());
+    assert_eq!(
+        incus.info_fingerprint(&["imgsrv:debian/bookworm"]),
+        f.old.container_fingerprint()
+    );
+    assert_eq!(
+        incus.info_fingerprint(&["imgsrv:debian/bookworm/aarch64"]),
+        arm.container_fingerprint()
+    );
+    let list = incus.json(&["image", "list", "imgsrv:"]);
+    let arches: BTreeSet<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(arches, ["aarch64", "x86_64"].into_iter().collect());
+
+    // an arm64 client (its User-Agent says so) gets the arm64 build; one that does not
+    // say gets x86_64
+    let alias = |agent: &[&str]| -> String {
+        let (status, body) = curl(
+            s,
+            &format!("{}/1.0/images/aliases/debian%2Fbookworm", s.url()),
+            None,
+            agent,
+        );
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["metadata"]["target"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        alias(&["-A", "Incus 6.0.4 (Linux; aarch64; 6.1.0; Debian; 12)"]),
+        arm.container_fingerprint()
+    );
+    assert_eq!(alias(&[]), f.old.container_fingerprint());
+}

@@ -274,6 +274,114 @@ pub fn cached(streams: &Arc<crate::simplestreams::Streams>) -> Arc<Model> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::Alias;
+    use crate::digest::Digest;
+    use crate::simplestreams::tests::entry;
+
+    /// `e` for architecture `arch`, with a fingerprint of its own.
+    fn on(arch: &str, mut e: ProjectionEntry) -> ProjectionEntry {
+        e.artifact.architecture = arch.into();
+        e.artifact.id = format!("{}-{arch}", e.artifact.id);
+        e.combined_sha256 = Digest::of(format!("{}{arch}", e.combined_sha256).as_bytes());
+        e
+    }
+
+    fn movable(image: &str, alias: &str, version: &str) -> (String, Alias) {
+        let t = "2026-01-01T00:00:00Z".to_string();
+        (
+            image.to_string(),
+            Alias {
+                id: alias.into(),
+                image_id: image.into(),
+                alias: alias.into(),
+                version_id: format!("{image}@{version}"),
+                version: version.into(),
+                created_at: t.clone(),
+                updated_at: t,
+            },
+        )
+    }
+
+    #[test]
+    fn one_alias_names_one_image_per_architecture_and_type() {
+        let m = |e: ProjectionEntry| on("amd64", e);
+        let a = |e: ProjectionEntry| on("arm64", e);
+        let entries = vec![
+            // v1: amd64 container and VM; v2: amd64 container only, arm64 both
+            m(entry("deb", "20260101_0000", 1, "squashfs", &[])),
+            m(entry("deb", "20260101_0000", 1, "disk-kvm.img", &[])),
+            m(entry("deb", "20260102_0000", 2, "squashfs", &[])),
+            a(entry("deb", "20260102_0000", 2, "squashfs", &[])),
+            a(entry("deb", "20260102_0000", 2, "disk-kvm.img", &[])),
+        ];
+        let fp = |e: &ProjectionEntry| e.combined_sha256.hex();
+        let (v1_ct, v1_vm, v2_ct, arm_ct, arm_vm) = (
+            fp(&entries[0]),
+            fp(&entries[1]),
+            fp(&entries[2]),
+            fp(&entries[3]),
+            fp(&entries[4]),
+        );
+        // a movable alias named like a derived name: the projected one wins
+        let aliases = [movable("deb", "vm", "20260101_0000")];
+        let model = Model::new(&crate::simplestreams::project(&entries, &aliases));
+        assert_eq!(model.images.len(), 5);
+        let target = |names: &Names, name: &str| {
+            names
+                .by_name
+                .get(name)
+                .map(|i| model.images[*i].fingerprint.clone())
+                .unwrap_or_else(|| panic!("no alias {name}: {:?}", names.by_name.keys()))
+        };
+        let any = model.names(None);
+        assert_eq!(target(&any, "deb"), v2_ct, "x86_64 first, container first");
+        assert_eq!(target(&any, "deb/amd64"), v2_ct);
+        assert_eq!(target(&any, "deb/amd64/vm"), v1_vm, "the newest amd64 VM");
+        assert_eq!(target(&any, "deb/arm64"), arm_ct);
+        assert_eq!(target(&any, "deb/arm64/vm"), arm_vm);
+        assert_eq!(target(&any, "deb/20260101_0000"), v1_ct);
+        assert_eq!(target(&any, "deb/20260101_0000/vm"), v1_vm);
+        assert!(!any.by_name.contains_key("deb/20260101_0000/arm64"));
+        assert_eq!(
+            target(&any, "deb/vm"),
+            v1_ct,
+            "the movable alias deb/vm (on v1) is not replaced by the derived name"
+        );
+        // a client on arm64 gets arm64 for the short names it has there
+        let arm = model.names(Some("aarch64"));
+        assert_eq!(target(&arm, "deb"), arm_ct);
+        assert_eq!(
+            target(&arm, "deb/20260101_0000"),
+            v1_ct,
+            "only amd64 has v1"
+        );
+        assert_eq!(target(&arm, "deb/amd64"), v2_ct);
+        // every name once; the per-image lists agree with the table
+        for (name, i) in &any.by_name {
+            assert!(any.of_image[*i].contains(name));
+        }
+        let total: usize = any.of_image.iter().map(Vec::len).sum();
+        assert_eq!(total, any.by_name.len());
+        assert!(Arc::ptr_eq(&any, &model.names(None)), "built once");
+    }
+
+    #[test]
+    fn fingerprints_match_by_prefix() {
+        let mut a = entry("x", "20260101_0000", 1, "squashfs", &[]);
+        let mut b = entry("y", "20260101_0000", 1, "squashfs", &[]);
+        a.combined_sha256 = Digest::from_hex(&format!("aa0{}", "1".repeat(61))).unwrap();
+        b.combined_sha256 = Digest::from_hex(&format!("aa1{}", "2".repeat(61))).unwrap();
+        let model = Model::new(&crate::simplestreams::project(&[a, b], &[]));
+        assert!(matches!(model.find("aa"), Found::Several));
+        let Found::One(i) = model.find("aa1") else {
+            panic!("aa1 names one image")
+        };
+        assert_eq!(model.images[i].entry.image.name, "y");
+        assert!(matches!(model.find("ab"), Found::None));
+        assert!(matches!(model.find(""), Found::None));
+        let full = model.images[i].fingerprint.clone();
+        assert!(matches!(model.find(&full), Found::One(j) if j == i));
+    }
 
     #[test]
     fn architectures_and_user_agents() {
