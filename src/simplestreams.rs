@@ -48,6 +48,9 @@ pub struct Streams {
     pub generation: Option<i64>,
     pub index: Doc,
     pub images: Doc,
+    /// The products the documents were rendered from, newest first (what the
+    /// Incus REST API serves, `crate::http::incus_api`).
+    pub products: Vec<Product>,
 }
 
 /// Documents of one catalog generation, by (visibility set, revoked signers).
@@ -130,11 +133,13 @@ impl StreamsCache {
             })
             .collect();
         let aliases = cat.all_aliases()?;
-        let (index, images) = build(&entries, &aliases);
+        let products = project(&entries, &aliases);
+        let (index, images) = render(&products);
         let s = Arc::new(Streams {
             generation,
             index: Doc::new(index),
             images: Doc::new(images),
+            products,
         });
         if let (Some(g), Ok(mut c)) = (generation, self.current.write()) {
             if c.0 != g || c.1.len() >= MAX_VISIBILITY_SETS {
@@ -251,13 +256,22 @@ pub fn attachment_path(
     )
 }
 
-struct Product<'a> {
-    key: String,
-    serial: String,
-    published_at: &'a str,
-    first: &'a ProjectionEntry,
-    roots: Vec<&'a ProjectionEntry>,
-    aliases: BTreeSet<String>,
+/// One Simple Streams product: one version of one image for one os, architecture
+/// and variant, with its roots (a container and/or a VM) and its aliases. The Simple
+/// Streams documents are rendered from these, and the Incus REST API
+/// (`crate::http::incus_api`) derives its images and aliases from the same list, so
+/// the rules (what is visible, withheld, deduplicated, which version is newest) are
+/// applied once.
+#[derive(Debug, Clone)]
+pub struct Product {
+    /// `{image}:{version}:{os}:{arch}:{variant}`
+    pub key: String,
+    pub serial: String,
+    pub published_at: String,
+    /// Never empty: the roots whose fingerprint no newer product already lists.
+    /// Every root shares the product's image, version, os, architecture and variant.
+    pub roots: Vec<ProjectionEntry>,
+    pub aliases: BTreeSet<String>,
 }
 
 fn lc(s: &str) -> String {
@@ -273,11 +287,13 @@ fn meta<'a>(e: &'a ProjectionEntry, key: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
-fn os_of(e: &ProjectionEntry) -> &str {
+/// The product's `os`: the version metadata's, else the artifact's operating system.
+pub(crate) fn os_of(e: &ProjectionEntry) -> &str {
     meta(e, "os").unwrap_or(&e.artifact.operating_system)
 }
 
-fn release_of(e: &ProjectionEntry) -> &str {
+/// The product's `release`: the version metadata's, else the version name.
+pub(crate) fn release_of(e: &ProjectionEntry) -> &str {
     meta(e, "release").unwrap_or(&e.version.version)
 }
 
@@ -304,6 +320,12 @@ fn upstream_aliases(e: &ProjectionEntry) -> Vec<&str> {
 
 /// Builds `(index.json, images.json)`.
 pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u8>, Vec<u8>) {
+    render(&project(entries, aliases))
+}
+
+/// The products of `entries` (already filtered to what the caller may see), newest
+/// first, each fingerprint in one product only, with their aliases.
+pub fn project(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> Vec<Product> {
     // group artifacts into products: one per (image, version, os, arch, variant)
     let mut products: BTreeMap<(String, String, String, String, String), Product> = BTreeMap::new();
     for e in entries {
@@ -324,18 +346,17 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
                 e.artifact.variant
             ),
             serial: serial(&e.version.version, &e.published_at),
-            published_at: &e.published_at,
-            first: e,
+            published_at: e.published_at.clone(),
             roots: Vec::new(),
             aliases: BTreeSet::new(),
         });
-        p.roots.push(e);
+        p.roots.push(e.clone());
     }
     let mut products: Vec<Product> = products.into_values().collect();
     // newest first: what Incus would prefer, and the order in which
     // duplicate fingerprints are resolved (the newest keeps it)
     products.sort_by(|a, b| {
-        (&b.serial, b.published_at, &a.key).cmp(&(&a.serial, a.published_at, &b.key))
+        (&b.serial, &b.published_at, &a.key).cmp(&(&a.serial, &a.published_at, &b.key))
     });
 
     // every fingerprint appears once in the whole stream
@@ -373,7 +394,7 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
     // of another image has it (for one image, Incus itself prefers the newest)
     let mut claimed: HashMap<(String, String, &str), String> = HashMap::new();
     for p in &mut products {
-        let e = p.first;
+        let e = &p.roots[0];
         let image = &e.image.name;
         p.aliases.insert(format!("{image}/{}", e.version.version));
         for a in by_version.get(e.version.id.as_str()).into_iter().flatten() {
@@ -434,17 +455,21 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
             p.aliases.insert(a.to_string());
         }
     }
+    products
+}
 
+/// Renders `(index.json, images.json)` from the products.
+fn render(products: &[Product]) -> (Vec<u8>, Vec<u8>) {
     let mut out_products = Map::new();
-    for p in &products {
-        let e = p.first;
+    for p in products {
+        let e = &p.roots[0];
         let mut items = Map::new();
         // one metadata item per distinct metadata tarball, for Incus and LXD
         let mut metas: BTreeMap<Digest, (&ProjectionEntry, Map<String, Value>)> = BTreeMap::new();
         for r in &p.roots {
             let m = metas
                 .entry(r.metadata.blob_digest)
-                .or_insert_with(|| (*r, Map::new()));
+                .or_insert_with(|| (r, Map::new()));
             for f in combined_fields(&r.ftype) {
                 m.1.insert((*f).to_string(), Value::String(r.combined_sha256.hex()));
             }
@@ -526,7 +551,7 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
 
     let updated = products
         .iter()
-        .map(|p| p.published_at)
+        .map(|p| p.published_at.as_str())
         .max()
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.to_rfc2822())
@@ -559,13 +584,13 @@ pub fn build(entries: &[ProjectionEntry], aliases: &[(String, Alias)]) -> (Vec<u
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::catalog::{Artifact, Attachment, Image, ImageVersion, VersionState};
 
     /// A published artifact of `image`@`version` (published at `day`) whose
     /// root is `ftype`, with version metadata `meta`.
-    fn entry(
+    pub(crate) fn entry(
         image: &str,
         version: &str,
         day: u32,

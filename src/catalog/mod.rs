@@ -523,6 +523,12 @@ pub trait ContentCatalog: Send + Sync {
     /// that found the counter unreadable or behind what it had seen.
     fn renew_generation(&self, above: i64) -> Result<i64>;
     fn projection_entries(&self) -> Result<Vec<ProjectionEntry>>;
+    /// The projection entries of every published version (retired or not, of any
+    /// image, whoever signed it) whose Incus fingerprint starts with `prefix` (1 to
+    /// 64 lowercase hex digits, else [`CatalogError::Invalid`]): what an Incus client
+    /// asks for by fingerprint may be one the projection no longer lists, and the
+    /// download rule ([`crate::download`]) says why it is not served.
+    fn projection_by_fingerprint(&self, prefix: &str) -> Result<Vec<ProjectionEntry>>;
     /// The versions citing this digest (as an artifact or an attachment), with
     /// their images: who may download a blob follows from these
     /// ([`crate::download`]).

@@ -18,6 +18,7 @@
 mod audit;
 mod lifecycle;
 mod maint;
+mod projection;
 
 use super::space;
 use super::*;
@@ -932,68 +933,11 @@ impl ContentCatalog for SqliteCatalog {
     }
 
     fn projection_entries(&self) -> Result<Vec<ProjectionEntry>> {
-        let c = self.conn()?;
-        let mut st = c
-            .prepare(&format!(
-                "SELECT {IMAGE_COLS}, {VERSION_COLS}, {ARTIFACT_COLS}, {ATTACHMENT_COLS}, p.ftype, p.combined_sha256, \
-                 r.signer_key_id \
-                 FROM incus_projection p \
-                 JOIN image_versions v ON v.id = p.version_id \
-                 LEFT JOIN publish_records r ON r.version_id = v.id \
-                 JOIN images i ON i.id = v.image_id \
-                 JOIN release_artifacts a ON a.id = p.artifact_id \
-                 JOIN artifact_attachments t ON t.id = p.metadata_attachment_id \
-                 WHERE v.state = 'published' AND {NOT_RETIRED} \
-                 ORDER BY i.name, v.version, a.variant, a.architecture, a.id"
-            ))
-            .map_err(backend)?;
-        let rows = st
-            .query_map([], |r| {
-                // columns: image 0..7, version 7..15, artifact 15..26, attachment 26..34,
-                // ftype 34, combined 35, signer 36
-                let version = version_row(r, 7)?;
-                Ok(ProjectionEntry {
-                    image: image_row(r, 0)?,
-                    published_at: version.published_at.clone().unwrap_or_default(),
-                    version,
-                    artifact: artifact_row(r, 15)?,
-                    metadata: attachment_row(r, 26)?,
-                    ftype: r.get(34)?,
-                    combined_sha256: hex_digest_col(r, 35)?,
-                    signer_key_id: r.get(36)?,
-                })
-            })
-            .map_err(backend)?;
-        let mut out: Vec<ProjectionEntry> =
-            rows.collect::<rusqlite::Result<_>>().map_err(backend)?;
-        // metadata of all published versions in one query
-        let mut st = c
-            .prepare(
-                "SELECT m.version_id, m.key, m.value FROM version_metadata m \
-                 JOIN image_versions v ON v.id = m.version_id WHERE v.state = 'published'",
-            )
-            .map_err(backend)?;
-        let mut meta: std::collections::HashMap<String, BTreeMap<String, String>> =
-            Default::default();
-        let rows = st
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
-            .map_err(backend)?;
-        for row in rows {
-            let (vid, k, v) = row.map_err(backend)?;
-            meta.entry(vid).or_default().insert(k, v);
-        }
-        for e in &mut out {
-            if let Some(m) = meta.get(&e.version.id) {
-                e.version.metadata = m.clone();
-            }
-        }
-        Ok(out)
+        self.projection_where(&format!("v.state = 'published' AND {NOT_RETIRED}"), None)
+    }
+
+    fn projection_by_fingerprint(&self, prefix: &str) -> Result<Vec<ProjectionEntry>> {
+        self.projection_matching(prefix)
     }
 
     fn blob_references(&self, digest: &Digest) -> Result<Vec<BlobRef>> {

@@ -293,7 +293,13 @@ fn plain_http_allowed(method: &str, segs: &[&str], has_auth: bool) -> bool {
 }
 
 fn dispatch(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
-    let mut owned = segments(&req.path)?;
+    // the Incus REST API (`/1.0/...`) matches on the raw path (`%2F` in alias names)
+    let incus = crate::http::incus_api::claims(&req.path);
+    let mut owned = if incus {
+        Vec::new()
+    } else {
+        segments(&req.path)?
+    };
     strip_download_name(&mut owned);
     let segs: Vec<&str> = owned.iter().map(String::as_str).collect();
     let method = req.method.clone();
@@ -324,6 +330,9 @@ fn dispatch(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
             ctx.note("refused", e.detail.clone());
             return Err(e);
         }
+    }
+    if incus {
+        return crate::http::incus_api::dispatch(app, req, ctx);
     }
     match segs.as_slice() {
         ["v1", "images", name, rest @ ..] => image_routes(app, req, ctx, m, name, rest),
@@ -774,7 +783,7 @@ fn get_blob(app: &App, req: &Request<'_>, ctx: &mut Ctx, digest: &str) -> Res {
 }
 
 /// Applies the download rule; `Ok(public)` when the bytes may be served.
-fn download_allowed(
+pub(crate) fn download_allowed(
     app: &App,
     ctx: &mut Ctx,
     citing: &[catalog::BlobRef],

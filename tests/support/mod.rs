@@ -743,22 +743,28 @@ pub fn https_agent(cert: &Path) -> ureq::Agent {
 // The incus client
 
 /// The `incus` command-line client with its own config dir (`INCUS_CONF`) and `HOME` (so
-/// remotes and caches start empty), trusting `cert` for HTTPS via `SSL_CERT_FILE`. It talks
-/// to the local daemon (if any) over /var/lib/incus/unix.socket.
+/// remotes and caches start empty), trusting `cert` for HTTPS via `SSL_CERT_FILE` (or, made
+/// with [`Incus::system_trust`], only the system CAs). It talks to the local daemon (if any)
+/// over /var/lib/incus/unix.socket.
 pub struct Incus {
     dir: TempDir,
-    cert: PathBuf,
+    cert: Option<PathBuf>,
 }
 
 impl Incus {
     pub fn new(cert: impl AsRef<Path>) -> Incus {
+        let mut i = Incus::system_trust();
+        i.cert = Some(cert.as_ref().to_path_buf());
+        i
+    }
+
+    /// A client with no `SSL_CERT_FILE`: it trusts the system CAs and what `incus remote
+    /// add` pins (`INCUS_CONF/servercerts/NAME.crt`), as a user's client does.
+    pub fn system_trust() -> Incus {
         let dir = temp_dir("incus-client");
         fs::create_dir_all(dir.path().join("conf")).expect("mkdir conf");
         fs::create_dir_all(dir.path().join("home")).expect("mkdir home");
-        Incus {
-            dir,
-            cert: cert.as_ref().to_path_buf(),
-        }
+        Incus { dir, cert: None }
     }
 
     /// The client's config dir (`INCUS_CONF`).
@@ -769,9 +775,12 @@ impl Incus {
     /// A `Command` for `incus` with this client's environment (add args yourself).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new("incus");
+        match &self.cert {
+            Some(cert) => cmd.env("SSL_CERT_FILE", cert),
+            None => cmd.env_remove("SSL_CERT_FILE"),
+        };
         cmd.env("INCUS_CONF", self.conf_dir())
             .env("HOME", self.dir.path().join("home"))
-            .env("SSL_CERT_FILE", &self.cert)
             .env("SSL_CERT_DIR", "/etc/ssl/certs")
             .env_remove("INCUS_REMOTE")
             .env_remove("INCUS_PROJECT")
@@ -784,6 +793,12 @@ impl Incus {
     /// `incus remote add NAME URL --protocol=simplestreams`
     pub fn remote_add(&self, name: &str, url: &str) {
         self.run(&["remote", "add", name, url, "--protocol=simplestreams"]);
+    }
+
+    /// `incus remote add NAME URL --accept-certificate`: the Incus protocol, the server's
+    /// certificate fetched, accepted and pinned (what answering `y` does).
+    pub fn remote_add_incus(&self, name: &str, url: &str) -> Output {
+        self.run(&["remote", "add", name, url, "--accept-certificate"])
     }
 
     /// `incus ARGS...`, asserting success (the panic message has stdout and stderr).
@@ -902,16 +917,29 @@ pub struct IncusDaemon {
 
 impl IncusDaemon {
     pub fn up(cert: impl AsRef<Path>) -> IncusDaemon {
+        Self::start(Some(cert.as_ref()))
+    }
+
+    /// A daemon trusting only the system CAs (and what a client hands it, such as the
+    /// certificate `incus remote add` pinned).
+    pub fn up_system_trust() -> IncusDaemon {
+        Self::start(None)
+    }
+
+    fn start(cert: Option<&Path>) -> IncusDaemon {
         let lock = incus_lock();
         let state = incusd_state_dir();
         let harness = || {
             let mut c = Command::new(fixture("incusd-harness"));
-            c.env("IMGSRV_INCUSD_DIR", &state);
+            // the daemon trusts `cert` (the harness sets SSL_CERT_FILE to it), or nothing
+            // but the system CAs and what clients hand it: never this process's setting
+            c.env("IMGSRV_INCUSD_DIR", &state)
+                .env_remove("SSL_CERT_FILE");
             c
         };
         // A crashed earlier run may have left a daemon behind: start clean.
         run_any(harness().arg("down"));
-        let out = run_any(harness().arg("up").arg(cert.as_ref()));
+        let out = run_any(harness().arg("up").args(cert));
         if !out.status.success() {
             panic!(
                 "incusd-harness up failed ({}):\n{}{}\n--- daemon log:\n{}",
