@@ -106,7 +106,7 @@ impl Ctx {
     }
 
     /// Public images are readable by anyone; private ones need content.read.
-    fn can_read(&self, img: &Image) -> bool {
+    pub(crate) fn can_read(&self, img: &Image) -> bool {
         !img.is_private()
             || self
                 .caller
@@ -116,7 +116,7 @@ impl Ctx {
 
     /// The image, if the caller may see it; 404 otherwise (a private image
     /// is not revealed, and that refusal is audited).
-    fn readable_image(&mut self, app: &App, name: &str) -> Result<Image, ApiError> {
+    pub(crate) fn readable_image(&mut self, app: &App, name: &str) -> Result<Image, ApiError> {
         let img = app.catalog.get_image(name)?;
         if !self.can_read(&img) {
             return Err(self.deny(ApiError::not_found(format!("image {name} not found"))));
@@ -339,6 +339,9 @@ fn no_route(m: &str, req: &Request<'_>) -> ApiError {
 /// Everything but `/v1/images/{name}/...` and `/v1/auth/...`.
 fn top_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[&str]) -> Res {
     match segs {
+        [] | ["images", _] | ["signed-in", ..] | ["tls", "cert.pem"] | ["static", _] => {
+            crate::http::web::routes(app, req, ctx, m, segs)
+        }
         ["healthz"] => methods!(req, "/healthz", m; "GET" => Ok(Response::new(204))),
         ["readyz"] => methods!(req, "/readyz", m; "GET" => {
             let reasons = app.unready_reasons();
