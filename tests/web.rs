@@ -371,6 +371,32 @@ fn the_catalog_in_a_browser_shows_what_the_catalog_holds_to_whom_may_see_it() {
         &[],
     );
     assert_eq!(status, 401);
+    // asking a browser for credentials is no refusal: not in the audit log; a wrong token is
+    let audit = text(&imgsrv(&[
+        "audit",
+        "--data",
+        s(server.data_dir()),
+        "--json",
+    ]));
+    let rows: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let on_signed_in = |r: &&Value| {
+        r["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("/signed-in"))
+    };
+    let audited: Vec<&Value> = rows.iter().filter(on_signed_in).collect();
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0]["action"], "auth.failed");
+    assert_eq!(audited[0]["outcome"], "denied");
+    // a private image's page asked for anonymously is, as on the API
+    assert!(
+        rows.iter()
+            .any(|r| r["path"] == "/images/hush" && r["outcome"] == "denied"),
+        "{audit}"
+    );
 
     // ---- screenshots: phone and desktop
     let shots = screenshot_dir();

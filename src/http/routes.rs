@@ -29,6 +29,9 @@ pub struct Ctx {
     detail: serde_json::Map<String, serde_json::Value>,
     /// Access was refused (401/403, or a 404 hiding something private).
     denied: bool,
+    /// An anonymous read answered with a basic challenge (the web catalog's
+    /// signed-in pages): how a browser is asked for credentials, not a refusal.
+    challenged: bool,
 }
 
 impl Ctx {
@@ -39,7 +42,13 @@ impl Ctx {
             target: String::new(),
             detail: Default::default(),
             denied: false,
+            challenged: false,
         }
+    }
+
+    /// Marks the answer as a basic challenge to an anonymous read (not audited).
+    pub(crate) fn challenge(&mut self) {
+        self.challenged = true;
     }
 
     pub(crate) fn op_name(&mut self, action: &str, target: impl Into<String>) {
@@ -148,6 +157,9 @@ pub fn handle(app: &App, req: &mut Request<'_>) -> Response {
 /// not audited (the access log has them).
 fn audit(app: &App, req: &Request<'_>, ctx: &Ctx, status: u16) {
     let write = !matches!(req.method.as_str(), "GET" | "HEAD");
+    if ctx.challenged && ctx.caller.is_none() && !write {
+        return;
+    }
     let denied = ctx.denied || status == 401 || status == 403;
     if !write && !denied {
         return;

@@ -83,10 +83,12 @@ const BASE_SIGNED_IN: &str = "/signed-in";
 /// and an API token) once, then answers each later challenge of the realm with
 /// them by itself. (A browser does not reliably send them unasked: Chromium
 /// does not, so the pages that need them ask every time.)
-fn signed_in(ctx: &Ctx) -> Result<(), ApiError> {
+fn signed_in(ctx: &mut Ctx) -> Result<(), ApiError> {
     if ctx.caller.is_some() {
         return Ok(());
     }
+    // how a browser is asked, not a refusal: not in the audit log
+    ctx.challenge();
     Err(ApiError::new(
         401,
         "sign in with your principal's name as the user name and an API token as the password",
