@@ -16,7 +16,8 @@ if ! grep -qs 'bookworm' /etc/os-release; then
 fi
 
 PKGS="minisign squashfs-tools qemu-utils busybox-static xz-utils tar nginx sqlite3 openssl
-  ca-certificates curl python3 python3-pip procps iproute2 util-linux shellcheck prometheus systemd"
+  ca-certificates curl python3 python3-pip procps iproute2 util-linux shellcheck prometheus systemd
+  chromium"
 BPO_PKGS="incus-client incus-extra incus-base"
 
 installed() { # PKG...: all installed?

@@ -19,6 +19,9 @@ pub struct App {
     pub blobs: Arc<dyn BlobStore>,
     pub streams: StreamsCache,
     pub auth_failures: crate::auth::FailureThrottle,
+    /// The TLS certificate as read at start (the web catalog shows its fingerprint);
+    /// `None` when it cannot be read.
+    pub served_cert: Option<Arc<crate::tls::ServedCert>>,
 }
 
 /// What `init` made (for printing).
@@ -94,7 +97,12 @@ impl App {
         if let Err(e) = catalog.room_for_change() {
             log::warn!("{e}: changes are refused (507) until space is freed");
         }
+        let served_cert = crate::tls::ServedCert::load(&config.tls_cert)
+            .map_err(|e| log::debug!("web catalog: no certificate to show: {e:#}"))
+            .ok()
+            .map(Arc::new);
         Ok(App {
+            served_cert,
             config,
             catalog: Arc::new(catalog),
             blobs: Arc::new(blobs),

@@ -78,12 +78,18 @@ pub enum Command {
     /// Change an image on a server.
     #[command(subcommand)]
     Image(ImageCommand),
-    /// List images, or the versions and aliases of one image.
+    /// List the published images, one row per artifact: image, version, os, release,
+    /// variant, architecture, type, fingerprint, size, date, aliases (drafts too, for a
+    /// writer of the image).
     List {
         #[command(flatten)]
         server: ServerArgs,
-        /// Show the versions and aliases of this image.
+        /// Only this image.
         image: Option<String>,
+        /// table (the Incus tools' layout; fingerprints cut to 12 digits), json or csv
+        /// (full fingerprints, sizes in bytes, RFC 3339 times).
+        #[arg(long, value_enum, default_value_t = FormatArg::Table)]
+        format: FormatArg,
     },
     /// Check a published image against the public keys you trust (nothing is kept).
     /// Exit 0 verified, 1 verification failed, 2 could not run.
@@ -265,6 +271,17 @@ pub enum TokenCommand {
         name: Option<String>,
         principal: String,
     },
+    /// List API tokens (every principal's, or PRINCIPAL's): id, principal, name, state,
+    /// creation, expiry, last use, revocation. Never a secret: only hashes are kept.
+    List {
+        #[command(flatten)]
+        data: DataArg,
+        /// table, json or csv.
+        #[arg(long, value_enum, default_value_t = FormatArg::Table)]
+        format: FormatArg,
+        /// Only this principal's tokens (name or id).
+        principal: Option<String>,
+    },
     /// Revoke a token by its id.
     Revoke {
         #[command(flatten)]
@@ -321,6 +338,24 @@ pub enum ImageCommand {
         #[arg(value_parser = ["public", "private"])]
         visibility: String,
     },
+}
+
+/// `--format` of the listing commands.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatArg {
+    Table,
+    Json,
+    Csv,
+}
+
+impl From<FormatArg> for crate::listing::Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Table => crate::listing::Format::Table,
+            FormatArg::Json => crate::listing::Format::Json,
+            FormatArg::Csv => crate::listing::Format::Csv,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -564,6 +599,15 @@ pub fn run(cli: Cli) -> Result<()> {
             name,
             principal,
         }) => crate::admin_cli::token_issue(&data.dir, &principal, &expires, name.as_deref()),
+        Command::Token(TokenCommand::List {
+            data,
+            format,
+            principal,
+        }) => {
+            let cat = crate::admin_cli::open_catalog(&data.dir)?;
+            let rows = crate::listing::token_rows(&cat, principal.as_deref())?;
+            print_rows(|out| crate::listing::print_tokens(&rows, format.into(), out))
+        }
         Command::Token(TokenCommand::Revoke { data, token_id }) => {
             crate::admin_cli::token_revoke(&data.dir, &token_id)
         }
@@ -651,27 +695,14 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::List { server, image } => {
+        Command::List {
+            server,
+            image,
+            format,
+        } => {
             let c = server.client(server.token()?)?;
-            match image {
-                None => {
-                    for i in c.list_images()? {
-                        println!("{}", i.name);
-                    }
-                }
-                Some(image) => {
-                    let aliases = c.list_aliases(&image)?;
-                    for v in c.list_versions(&image)? {
-                        let names: Vec<&str> = aliases
-                            .iter()
-                            .filter(|a| a.version == v.version)
-                            .map(|a| a.alias.as_str())
-                            .collect();
-                        println!("{}\t{}\t{}", v.version, v.state, names.join(","));
-                    }
-                }
-            }
-            Ok(())
+            let rows = crate::listing::image_rows(&c, image.as_deref())?;
+            print_rows(|out| crate::listing::print_images(&rows, format.into(), out))
         }
         Command::Verify(v) => verify_command(v, None),
         Command::Pull(p) => verify_command(p.verify, Some(p.out)),
@@ -697,6 +728,14 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Scrub(a) => scrub_command(a),
+    }
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error.
+fn print_rows(print: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    match print(&mut std::io::stdout().lock()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }
 

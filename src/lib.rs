@@ -26,6 +26,7 @@ pub mod fingerprint;
 pub mod http;
 pub mod image;
 pub mod lifecycle;
+pub mod listing;
 pub mod maint;
 pub mod manifest;
 pub mod metrics;

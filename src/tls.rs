@@ -226,3 +226,48 @@ pub fn client_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConf
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
+
+/// The certificate a server presents, as loaded at its start: what the web catalog
+/// shows and offers for download (`/tls/cert.pem`).
+#[derive(Debug, Clone)]
+pub struct ServedCert {
+    /// The `CERTIFICATE` blocks of the file, re-encoded: never anything else the file
+    /// may hold (a private key kept in the same file).
+    pub pem: String,
+    /// SHA-256 of the leaf certificate's DER bytes.
+    pub sha256: [u8; 32],
+}
+
+impl ServedCert {
+    /// Reads the certificates of the PEM file `path` (the leaf first, as served).
+    pub fn load(path: &Path) -> anyhow::Result<ServedCert> {
+        use sha2::Digest as _;
+        let data = fs::read(path)
+            .with_context(|| format!("reading certificate file {}", path.display()))?;
+        let certs: Vec<pem::Pem> = pem::parse_many(&data)
+            .with_context(|| format!("parsing PEM in {}", path.display()))?
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .collect();
+        let leaf = certs
+            .first()
+            .ok_or_else(|| anyhow!("{} contains no PEM certificate", path.display()))?;
+        let sha256 = sha2::Sha256::digest(leaf.contents()).into();
+        let lf = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+        Ok(ServedCert {
+            pem: pem::encode_many_config(&certs, lf),
+            sha256,
+        })
+    }
+
+    /// `AB:CD:…`, as `openssl x509 -noout -fingerprint -sha256` prints it.
+    pub fn fingerprint_colons(&self) -> String {
+        let hex: Vec<String> = self.sha256.iter().map(|b| format!("{b:02X}")).collect();
+        hex.join(":")
+    }
+
+    /// Lower-case hex without separators, as `incus remote add` shows it.
+    pub fn fingerprint_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}

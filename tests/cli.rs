@@ -192,13 +192,18 @@ fn publish_alias_and_list_through_the_cli() {
         text(&again)
     );
 
-    let list = text(&run_ok(client(&server).arg("list")));
-    assert_eq!(list.trim(), "debian-bookworm");
-    let versions = text(&run_ok(client(&server).args(["list", "debian-bookworm"])));
-    assert!(
-        versions.contains("20260301_1200\tpublished\tstable"),
-        "{versions}"
-    );
+    // one row per artifact (tests/listing.rs checks the formats)
+    let list = text(&run_ok(client(&server).args(["list", "--format", "csv"])));
+    let rows: Vec<&str> = list.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    for r in rows {
+        let cells: Vec<&str> = r.split(',').collect();
+        assert_eq!(
+            (cells[0], cells[1], cells[10], cells[11]),
+            ("debian-bookworm", "20260301_1200", "stable", "published"),
+            "{list}"
+        );
+    }
 
     run_ok(client(&server).args(["alias", "set", "debian-bookworm", "lts", "20260301_1200"]));
     assert!(text(&run_ok(client(&server).args(["list", "debian-bookworm"]))).contains("lts"));

@@ -6,3 +6,4 @@ pub mod message;
 pub mod response;
 pub mod routes;
 pub mod server;
+pub mod web;

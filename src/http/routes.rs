@@ -29,6 +29,9 @@ pub struct Ctx {
     detail: serde_json::Map<String, serde_json::Value>,
     /// Access was refused (401/403, or a 404 hiding something private).
     denied: bool,
+    /// An anonymous read answered with a basic challenge (the web catalog's
+    /// signed-in pages): how a browser is asked for credentials, not a refusal.
+    challenged: bool,
 }
 
 impl Ctx {
@@ -39,7 +42,13 @@ impl Ctx {
             target: String::new(),
             detail: Default::default(),
             denied: false,
+            challenged: false,
         }
+    }
+
+    /// Marks the answer as a basic challenge to an anonymous read (not audited).
+    pub(crate) fn challenge(&mut self) {
+        self.challenged = true;
     }
 
     pub(crate) fn op_name(&mut self, action: &str, target: impl Into<String>) {
@@ -106,7 +115,7 @@ impl Ctx {
     }
 
     /// Public images are readable by anyone; private ones need content.read.
-    fn can_read(&self, img: &Image) -> bool {
+    pub(crate) fn can_read(&self, img: &Image) -> bool {
         !img.is_private()
             || self
                 .caller
@@ -116,7 +125,7 @@ impl Ctx {
 
     /// The image, if the caller may see it; 404 otherwise (a private image
     /// is not revealed, and that refusal is audited).
-    fn readable_image(&mut self, app: &App, name: &str) -> Result<Image, ApiError> {
+    pub(crate) fn readable_image(&mut self, app: &App, name: &str) -> Result<Image, ApiError> {
         let img = app.catalog.get_image(name)?;
         if !self.can_read(&img) {
             return Err(self.deny(ApiError::not_found(format!("image {name} not found"))));
@@ -148,6 +157,9 @@ pub fn handle(app: &App, req: &mut Request<'_>) -> Response {
 /// not audited (the access log has them).
 fn audit(app: &App, req: &Request<'_>, ctx: &Ctx, status: u16) {
     let write = !matches!(req.method.as_str(), "GET" | "HEAD");
+    if ctx.challenged && ctx.caller.is_none() && !write {
+        return;
+    }
     let denied = ctx.denied || status == 401 || status == 403;
     if !write && !denied {
         return;
@@ -348,6 +360,9 @@ fn no_route(m: &str, req: &Request<'_>) -> ApiError {
 /// Everything but `/v1/images/{name}/...` and `/v1/auth/...`.
 fn top_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[&str]) -> Res {
     match segs {
+        [] | ["images", _] | ["signed-in", ..] | ["tls", "cert.pem"] | ["static", _] => {
+            crate::http::web::routes(app, req, ctx, m, segs)
+        }
         ["healthz"] => methods!(req, "/healthz", m; "GET" => Ok(Response::new(204))),
         ["readyz"] => methods!(req, "/readyz", m; "GET" => {
             let reasons = app.unready_reasons();
