@@ -6,6 +6,8 @@
 //!   engine ([`crate::http::server`]) terminates TLS with.
 //! * [`client_config`] builds a `rustls::ClientConfig` trusting given PEM certificates
 //!   (tests and the CLI's `--ca`) or the system bundle.
+//! * [`pinned`]: the client commands' `--ca CERT`: a certificate given explicitly is
+//!   trusted as that certificate (a self-signed CA:TRUE one too).
 
 use std::fs;
 use std::io::{self, Write};
@@ -16,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
+
+pub mod pinned;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Name of the certificate file inside the directory given to [`ensure_self_signed`].

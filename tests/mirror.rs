@@ -31,12 +31,21 @@ struct Nginx {
 
 impl Nginx {
     fn start(root: &Path) -> Nginx {
+        Self::start_with(root, None)
+    }
+
+    /// With this certificate and key (default: the ones `imgsrv init` generates).
+    fn start_with(root: &Path, tls: Option<(PathBuf, PathBuf)>) -> Nginx {
         let dir = temp_dir("nginx");
-        // a certificate for 127.0.0.1: the one `imgsrv init` generates
-        let tls = dir.path().join("certs");
-        imgsrv(&["init", "--data", tls.to_str().unwrap()]);
-        let cert = tls.join("tls").join("cert.pem");
-        let key = tls.join("tls").join("key.pem");
+        let (cert, key) = tls.unwrap_or_else(|| {
+            // a certificate for 127.0.0.1: the one `imgsrv init` generates
+            let tls = dir.path().join("certs");
+            imgsrv(&["init", "--data", tls.to_str().unwrap()]);
+            (
+                tls.join("tls").join("cert.pem"),
+                tls.join("tls").join("key.pem"),
+            )
+        });
         let mut n = Nginx {
             dir,
             child: None,
@@ -899,4 +908,71 @@ fn mirror_shows_a_progress_bar_on_a_terminal_only() {
     let out = mirror_into(&t, &ngx, &piped, &["--latest", "1"]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(!text(&out).contains("mirror ["), "{}", show(&out));
+}
+
+/// Issue 9: an upstream whose certificate was made by the stock `openssl req
+/// -x509` recipe (self-signed, basicConstraints CA:TRUE) is trusted when that
+/// certificate is given with --upstream-ca (pinned, as curl --cacert does);
+/// another certificate, or the right one for another host name, is not.
+#[test]
+fn a_self_signed_openssl_upstream_certificate_given_with_upstream_ca_is_trusted() {
+    let t = tree(false);
+    let certs = temp_dir("openssl-certs");
+    let (cert, key) = openssl_self_signed(certs.path(), "ngx", "127.0.0.1");
+    let ngx = Nginx::start_with(&t.root, Some((cert.clone(), key)));
+    // curl accepts it too (what a user compares with)
+    let curl = run_any(
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--cacert"])
+            .arg(&cert)
+            .arg(format!("{}streams/v1/index.json", ngx.url())),
+    );
+    assert!(curl.status.success(), "curl: {}", show(&curl));
+
+    let data = data_dir(&t, "pinned");
+    let out = mirror_into(&t, &ngx, &data, &["--latest", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(stdout(&out).contains("summary:"), "{}", show(&out));
+    assert_eq!(
+        status(&data, "alpine-3.19", "202601010000"),
+        imgsrv::target::VersionStatus::Published
+    );
+
+    // another self-signed certificate is not this server's: refused, exit 2
+    let (other, _) = openssl_self_signed(certs.path(), "other", "127.0.0.1");
+    let url = ngx.url();
+    let refused = mirror(
+        &t,
+        &[
+            "--data",
+            s(&data),
+            "--key",
+            t.secret(),
+            "--upstream-ca",
+            s(&other),
+            &url,
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", show(&refused));
+    assert!(text(&refused).contains("certificate"), "{}", show(&refused));
+    // the pinned certificate names 127.0.0.1, not localhost: refused too
+    let by_name = format!("https://localhost:{}/", ngx.port);
+    let refused = mirror(
+        &t,
+        &[
+            "--data",
+            s(&data),
+            "--key",
+            t.secret(),
+            "--upstream-ca",
+            s(&cert),
+            &by_name,
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", show(&refused));
+    assert!(
+        text(&refused).contains("not valid for name"),
+        "{}",
+        show(&refused)
+    );
 }
