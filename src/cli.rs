@@ -137,7 +137,7 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "DEST")]
     pub from: PathBuf,
     /// The data directory to restore into: new or empty, and not used by a server.
-    #[arg(long = "data", value_name = "NEWDIR")]
+    #[arg(long = "data", value_name = "NEWDIR", env = "IMGSRV_DATA")]
     pub data: PathBuf,
 }
 
@@ -160,6 +160,10 @@ pub struct ScrubArgs {
     /// Print the report as one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+fn audit_time_arg(s: &str) -> Result<String, String> {
+    crate::admin_cli::parse_audit_time(s).map_err(|e| format!("{e:#}"))
 }
 
 fn sample_arg(s: &str) -> Result<f64, String> {
@@ -298,13 +302,15 @@ pub struct AuditArgs {
     /// Only rows whose target contains this (e.g. an image name).
     #[arg(long)]
     pub target: Option<String>,
-    /// From this time (RFC 3339, e.g. 2026-11-01 or 2026-11-01T12:00:00Z).
-    #[arg(long)]
+    /// From this time: a date (2026-11-01, midnight UTC), an RFC 3339 time
+    /// (2026-11-01T12:00:00Z) or a duration ago (90m, 24h, 7d).
+    #[arg(long, value_name = "TIME", value_parser = audit_time_arg)]
     pub since: Option<String>,
-    /// Before this time.
-    #[arg(long)]
+    /// Before this time (same forms as --since).
+    #[arg(long, value_name = "TIME", value_parser = audit_time_arg)]
     pub until: Option<String>,
-    #[arg(long)]
+    /// At most this many rows (the oldest first).
+    #[arg(long, value_name = "N")]
     pub limit: Option<u32>,
     /// Print JSON lines (for export) instead of a table.
     #[arg(long)]
@@ -340,10 +346,11 @@ pub struct ServerArgs {
     /// Server URL, e.g. https://images.example.org:8443
     #[arg(long, value_name = "URL", env = "IMGSRV_SERVER")]
     pub server: String,
-    /// PEM certificate to trust for the server (e.g. DATA/tls/cert.pem).
+    /// PEM certificate to trust for the server (e.g. DATA/tls/cert.pem; pinned:
+    /// a self-signed one too).
     #[arg(long, value_name = "CERT", env = "IMGSRV_CA")]
     pub ca: Option<PathBuf>,
-    /// File holding the API token (else IMGSRV_TOKEN).
+    /// File holding the API token (else the token in IMGSRV_TOKEN).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 }
@@ -574,22 +581,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mirrors { data } => crate::schedule::print_status(&data.dir),
         Command::Gc(a) => gc_command(a),
         Command::Audit(a) => {
-            let time = |s: Option<String>| {
-                s.map(|t| {
-                    if t.len() == 10 {
-                        format!("{t}T00:00:00Z")
-                    } else {
-                        t
-                    }
-                })
-            };
             let q = crate::catalog::AuditQuery {
                 principal: a.principal,
                 action: a.action,
                 outcome: a.outcome,
                 target: a.target,
-                since: time(a.since),
-                until: time(a.until),
+                since: a.since,
+                until: a.until,
                 after_id: None,
                 limit: a.limit,
             };

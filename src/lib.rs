@@ -37,6 +37,7 @@ pub mod schedule;
 pub mod serve;
 pub mod sign;
 pub mod simplestreams;
+pub mod site;
 pub mod target;
 pub mod tls;
 pub mod uploads;

@@ -63,3 +63,165 @@ fn client_ca_pins_a_self_signed_openssl_certificate() {
         show(&refused)
     );
 }
+
+/// Every subcommand, with its path (`imgsrv key add`).
+fn subcommands(c: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+    for sub in c.get_subcommands() {
+        let p = format!("{path} {}", sub.get_name());
+        out.push((p.clone(), sub.clone()));
+        subcommands(sub, &p, out);
+    }
+}
+
+fn all_commands() -> Vec<(String, clap::Command)> {
+    use clap::CommandFactory;
+    let mut cmd = imgsrv::cli::Cli::command();
+    cmd.build();
+    let mut out = Vec::new();
+    subcommands(&cmd, "imgsrv", &mut out);
+    out
+}
+
+/// Every command taking --server, --ca or --data reads IMGSRV_SERVER,
+/// IMGSRV_CA, IMGSRV_DATA (and `--help` says so); --token-file names
+/// IMGSRV_TOKEN, which every such command reads.
+#[test]
+fn every_site_flag_reads_its_variable_and_help_says_so() {
+    let mut checked = 0;
+    for (path, c) in all_commands() {
+        for a in c.get_arguments() {
+            let want = match a.get_long() {
+                Some("server") => "IMGSRV_SERVER",
+                Some("ca") => "IMGSRV_CA",
+                Some("data") => "IMGSRV_DATA",
+                Some("token-file") => {
+                    let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    assert!(
+                        help.contains("IMGSRV_TOKEN"),
+                        "{path} --token-file: {help:?}"
+                    );
+                    continue;
+                }
+                _ => continue,
+            };
+            let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(env.as_deref(), Some(want), "{path} --{}", a.get_id());
+            checked += 1;
+        }
+    }
+    // export, import, mirror-imgsrv, mirror, publish, ... and the admin commands
+    assert!(checked > 40, "only {checked} flags found");
+    // and `--help` shows it
+    for sub in ["export", "import", "mirror-imgsrv"] {
+        let help = text(&imgsrv(&[sub, "--help"]));
+        for v in [
+            "[env: IMGSRV_SERVER",
+            "[env: IMGSRV_CA",
+            "[env: IMGSRV_DATA",
+            "IMGSRV_TOKEN",
+        ] {
+            assert!(help.contains(v), "imgsrv {sub} --help lacks {v}:\n{help}");
+        }
+    }
+}
+
+/// export, import and mirror-imgsrv work from the variables alone, and a
+/// flag typed wins over the other site's variable.
+#[test]
+fn export_import_and_mirror_imgsrv_read_the_variables() {
+    let server = TestServer::start();
+    let keys = temp_dir("env-keys");
+    let (public, secret) = minisign_keypair(keys.path());
+    trust_key(server.data_dir(), Some("pub"), &public);
+    let img = make_test_image(keys.path().join("img"), &["--serial", "20260101_0000"]);
+    publish_image(&server, &secret, &img, &["--image", "envtest"]);
+    let token = server.admin_token();
+    let with_env = |c: &mut Command| {
+        c.env("IMGSRV_SERVER", server.url())
+            .env("IMGSRV_CA", server.cert())
+            .env("IMGSRV_TOKEN", &token);
+    };
+    // export: the source from IMGSRV_SERVER/CA/TOKEN
+    let bundle = keys.path().join("b.tar");
+    let mut c = clean(&["export", "-o", s(&bundle)]);
+    with_env(&mut c);
+    let out = run_any(&mut c);
+    assert!(out.status.success(), "{}", show(&out));
+    // import with IMGSRV_DATA and IMGSRV_SERVER both set and no flag: ambiguous
+    let target = keys.path().join("target");
+    imgsrv(&["init", "--data", s(&target)]);
+    trust_key(&target, Some("pub"), &public);
+    let mut c = clean(&["import", s(&bundle)]);
+    with_env(&mut c);
+    c.env("IMGSRV_DATA", &target);
+    let ambiguous = run_any(&mut c);
+    assert_eq!(ambiguous.status.code(), Some(2), "{}", show(&ambiguous));
+    assert!(
+        text(&ambiguous).contains("both set"),
+        "{}",
+        show(&ambiguous)
+    );
+    // IMGSRV_DATA alone
+    let out = run_any(clean(&["import", s(&bundle)]).env("IMGSRV_DATA", &target));
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(
+        catalog_sql(&target, "SELECT name FROM images").contains("envtest"),
+        "not imported"
+    );
+    // mirror-imgsrv: --data typed wins over IMGSRV_SERVER
+    let target2 = keys.path().join("target2");
+    imgsrv(&["init", "--data", s(&target2)]);
+    trust_key(&target2, Some("pub"), &public);
+    let mut c = clean(&[
+        "mirror-imgsrv",
+        "--data",
+        s(&target2),
+        "--upstream-ca",
+        s(&server.cert()),
+        &server.url(),
+    ]);
+    with_env(&mut c);
+    let out = run_any(&mut c);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(catalog_sql(&target2, "SELECT name FROM images").contains("envtest"));
+    // and --server typed wins over IMGSRV_DATA (export from the server, not the dir)
+    let bundle2 = keys.path().join("b2.tar");
+    let mut c = clean(&["export", "--server", &server.url(), "-o", s(&bundle2)]);
+    c.env("IMGSRV_CA", server.cert())
+        .env("IMGSRV_TOKEN", &token)
+        .env("IMGSRV_DATA", keys.path().join("no-such-dir"));
+    let out = run_any(&mut c);
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+/// `audit --since/--until` take a date, an RFC 3339 time or a duration ago,
+/// and refuse anything else (before: printed nothing and exit 0).
+#[test]
+fn audit_since_refuses_what_is_not_a_time() {
+    let t = temp_dir("audit-since");
+    let data = t.path().join("data");
+    imgsrv(&["init", "--data", s(&data)]);
+    imgsrv(&["principal", "add", "--data", s(&data), "ci"]);
+    for bad in ["yesterday", "2026-13-45"] {
+        let out = run_any(&mut clean(&["audit", "--data", s(&data), "--since", bad]));
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", show(&out));
+        let msg = text(&out);
+        assert!(msg.contains(bad) && msg.contains("24h"), "{bad}: {msg}");
+    }
+    // a duration ago: the principal just added is there; an hour ahead: nothing
+    let recent = text(&imgsrv(&["audit", "--data", s(&data), "--since", "1h"]));
+    assert!(recent.contains("principal.add"), "{recent}");
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let none = imgsrv(&["audit", "--data", s(&data), "--since", &tomorrow]);
+    assert_eq!(text(&none), "", "rows from tomorrow on");
+    let before = imgsrv(&["audit", "--data", s(&data), "--until", &tomorrow]);
+    assert!(text(&before).contains("principal.add"));
+    // an offset is converted to UTC before comparing
+    let later = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .with_timezone(&chrono::FixedOffset::east_opt(5 * 3600).unwrap())
+        .to_rfc3339();
+    let none = imgsrv(&["audit", "--data", s(&data), "--since", &later]);
+    assert_eq!(text(&none), "", "--since {later}");
+}
