@@ -440,14 +440,13 @@ pub struct PublishArgs {
     /// Alias to point at the new version (repeatable).
     #[arg(long = "alias", value_name = "ALIAS")]
     pub aliases: Vec<String>,
-    /// Incus metadata tarball (incus.tar.xz).
-    pub metadata: PathBuf,
     /// Make the image private: only principals with reader (or more) on it see it.
     #[arg(long)]
     pub private: bool,
-    /// Root file(s): rootfs.squashfs and/or disk.qcow2.
-    #[arg(required = true)]
-    pub roots: Vec<PathBuf>,
+    /// The image files, in any order (recognised by their content): the metadata
+    /// tarball (incus.tar.xz) and rootfs.squashfs and/or disk.qcow2.
+    #[arg(value_name = "FILE", required = true, num_args = 2..=3)]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -524,6 +523,8 @@ pub fn run(cli: Cli) -> Result<()> {
         } => crate::serve::serve(&data.dir, listen.as_deref(), metrics_listen.as_deref()),
         Command::Key(k) => key_command(k),
         Command::Publish(p) => {
+            let (metadata, roots) =
+                crate::image::sort_files(&p.files).map_err(crate::replicate::cannot_run)?;
             let token = p.server.require_token()?;
             let opts = crate::publish::PublishOptions {
                 server: p.server.server.clone(),
@@ -533,8 +534,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 image: p.image,
                 version: p.version,
                 aliases: p.aliases,
-                metadata_tarball: p.metadata,
-                roots: p.roots,
+                metadata_tarball: metadata,
+                roots,
                 private: p.private,
                 progress: std::io::stderr().is_terminal(),
             };

@@ -225,3 +225,56 @@ fn audit_since_refuses_what_is_not_a_time() {
     let none = imgsrv(&["audit", "--data", s(&data), "--since", &later]);
     assert_eq!(text(&none), "", "--since {later}");
 }
+
+/// `imgsrv publish` recognises its files by content, in any order; a file
+/// that is none of them is named, with what was expected, and nothing is
+/// published.
+#[test]
+fn publish_takes_its_files_in_any_order() {
+    let server = TestServer::start();
+    let keys = temp_dir("order-keys");
+    let (public, secret) = minisign_keypair(keys.path());
+    trust_key(server.data_dir(), Some("pub"), &public);
+    let img = make_test_image(
+        keys.path().join("img"),
+        &["--serial", "20260101_0000", "--type", "both"],
+    );
+    // disk, rootfs, then the metadata tarball (the helper puts its third
+    // argument first)
+    let out = publish_files(
+        &server,
+        &secret,
+        img.disk(),
+        &[img.rootfs(), &img.metadata],
+        &["--image", "ordered"],
+    );
+    assert!(out.contains(&img.container_fingerprint()), "{out}");
+    assert!(out.contains(&img.vm_fingerprint()), "{out}");
+
+    let junk = keys.path().join("README.txt");
+    fs::write(&junk, "not an image\n".repeat(100)).unwrap();
+    let mut c = clean(&[
+        "publish",
+        "--server",
+        &server.url(),
+        "--ca",
+        s(&server.cert()),
+        "--token-file",
+        s(&server.admin_token_file()),
+        "--key",
+        s(&secret),
+        "--image",
+        "junk",
+        s(img.rootfs()),
+        s(&junk),
+    ]);
+    let out = run_any(&mut c);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        msg.contains("README.txt: not an Incus image file") && msg.contains("incus.tar.xz"),
+        "{msg}"
+    );
+    assert!(msg.lines().count() <= 2, "garbage printed: {msg}");
+    assert!(!catalog_sql(server.data_dir(), "SELECT name FROM images").contains("junk"));
+}
