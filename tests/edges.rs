@@ -278,3 +278,61 @@ fn publish_takes_its_files_in_any_order() {
     assert!(msg.lines().count() <= 2, "garbage printed: {msg}");
     assert!(!catalog_sql(server.data_dir(), "SELECT name FROM images").contains("junk"));
 }
+
+/// A publish refused because the key's scope does not cover the image says
+/// so, and how to widen it (before: "is key ... trusted there?").
+#[test]
+fn a_publish_out_of_the_keys_scope_says_the_scope_is_why() {
+    let server = TestServer::start();
+    let keys = temp_dir("scope-keys");
+    let (public, secret) = minisign_keypair(keys.path());
+    imgsrv(&[
+        "key",
+        "add",
+        "--data",
+        s(server.data_dir()),
+        "--name",
+        "deb",
+        "--scope",
+        "debian-*",
+        s(&public),
+    ]);
+    let img = make_test_image(keys.path().join("img"), &["--serial", "20260101_0000"]);
+    let mut c = clean(&[
+        "publish",
+        "--server",
+        &server.url(),
+        "--ca",
+        s(&server.cert()),
+        "--token-file",
+        s(&server.admin_token_file()),
+        "--key",
+        s(&secret),
+        "--image",
+        "alpine-edge",
+        s(&img.metadata),
+        s(img.rootfs()),
+    ]);
+    let out = run_any(&mut c);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let msg = text(&out);
+    assert!(!msg.contains("trusted there"), "{msg}");
+    assert!(
+        msg.contains("is trusted, but its scope (debian-*) does not cover image \"alpine-edge\""),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("keys/deb.toml") && msg.contains("imgsrv key add --name deb --scope"),
+        "{msg}"
+    );
+    // and doing what it says works: widen the policy, publish again
+    let policy = server.data_dir().join("keys/deb.toml");
+    let text_ = fs::read_to_string(&policy).unwrap();
+    fs::write(
+        &policy,
+        text_.replace("\"debian-*\"", "\"debian-*\", \"alpine-*\""),
+    )
+    .unwrap();
+    let out = run_any(&mut c);
+    assert!(out.status.success(), "{}", show(&out));
+}

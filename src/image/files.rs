@@ -127,7 +127,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("both look like metadata"), "{e}");
-        let e = sort_files(std::slice::from_ref(&meta)).unwrap_err().to_string();
+        let e = sort_files(std::slice::from_ref(&meta))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no root file"), "{e}");
         let e = sort_files(&[meta, sq.clone(), sq]).unwrap_err().to_string();
         assert!(e.contains("both squashfs"), "{e}");
