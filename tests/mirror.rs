@@ -837,7 +837,9 @@ fn bad_arguments_and_an_unreachable_upstream_exit_2() {
     let t = temp_dir("mirror-args");
     let d = t.path().join("data");
     imgsrv(&["init", "--data", d.to_str().unwrap()]);
-    let (_, sk) = minisign_keypair(t.path().join("keys"));
+    let (pk, sk) = minisign_keypair(t.path().join("keys"));
+    // trusted: an untrusted key would stop the run before the upstream is read
+    trust_key(&d, None, &pk);
     let run = |extra: &[&str], url: &str| {
         let mut c = Command::new(IMGSRV);
         c.args([
@@ -975,4 +977,61 @@ fn a_self_signed_openssl_upstream_certificate_given_with_upstream_ca_is_trusted(
         "{}",
         show(&refused)
     );
+}
+
+/// What was read from the tree (not the `GET /v1/keys` asking whether the
+/// upstream is an imgsrv).
+fn downloads(ngx: &Nginx) -> Vec<String> {
+    ngx.log()
+        .into_iter()
+        .filter(|l| !l.starts_with("GET /v1/keys "))
+        .collect()
+}
+
+/// Issue 9: a mirror key the target does not trust is found before anything
+/// is downloaded (exit 2, with how to trust it), for a data directory and a
+/// server (`GET /v1/keys`) alike; a retired one too.
+#[test]
+fn a_mirror_key_the_target_does_not_trust_stops_the_run_before_any_download() {
+    let t = tree(false);
+    let ngx = Nginx::start(&t.root);
+    let d = t._tmp.path().join("untrusting");
+    imgsrv(&["init", "--data", s(&d)]);
+    let out = mirror_into(&t, &ngx, &d, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let msg = text(&out);
+    assert!(msg.contains("does not trust the signing key"), "{msg}");
+    assert!(msg.contains("imgsrv key add --data"), "{msg}");
+    assert!(downloads(&ngx).is_empty(), "downloaded: {:?}", ngx.log());
+
+    // a server: through GET /v1/keys
+    let server = TestServer::start();
+    let url = ngx.url();
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args(["mirror", "--server", &server.url(), "--ca"])
+            .arg(server.cert())
+            .arg("--token-file")
+            .arg(server.admin_token_file())
+            .args(["--key", t.secret(), "--upstream-ca", s(&ngx.cert), &url])
+            .env("XDG_CACHE_HOME", &t.cache)
+            .env_remove("IMGSRV_DATA"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        text(&out).contains("does not trust the signing key"),
+        "{}",
+        show(&out)
+    );
+    assert!(downloads(&ngx).is_empty(), "downloaded: {:?}", ngx.log());
+
+    // retired there: refused too; trusted and active: mirrored
+    trust(&d, &t);
+    imgsrv(&["key", "retire", "--data", s(&d), "mirror"]);
+    let out = mirror_into(&t, &ngx, &d, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(text(&out).contains("is retired on"), "{}", show(&out));
+    let d2 = data_dir(&t, "trusting");
+    let out = mirror_into(&t, &ngx, &d2, &["--latest", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
 }
