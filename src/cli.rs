@@ -32,8 +32,9 @@ pub enum Command {
     Serve {
         #[command(flatten)]
         data: DataArg,
-        /// Listen address, e.g. 0.0.0.0:8443 (default: the config file's, else 0.0.0.0:8443).
-        #[arg(long, value_name = "ADDR", env = "IMGSRV_LISTEN")]
+        /// Listen address IP:PORT, e.g. 0.0.0.0:8443 or [::]:8443 (default: the config
+        /// file's, else 0.0.0.0:8443).
+        #[arg(long, value_name = "ADDR", env = "IMGSRV_LISTEN", value_parser = listen_arg)]
         listen: Option<String>,
         /// Metrics listen address, e.g. 127.0.0.1:9464, or "" for none (default: the
         /// config file's metrics_listen, else 127.0.0.1:9464).
@@ -160,6 +161,20 @@ pub struct ScrubArgs {
     /// Print the report as one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `serve --listen`: IP:PORT, said so when only a port is given.
+fn listen_arg(s: &str) -> Result<String, String> {
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(_) => Ok(s.to_string()),
+        Err(_) if s.parse::<u16>().is_ok() => Err(format!(
+            "--listen wants IP:PORT, not a port alone: 0.0.0.0:{s} (every IPv4 address), \
+             [::]:{s} (IPv6 too) or 127.0.0.1:{s} (this machine only)"
+        )),
+        Err(e) => Err(format!(
+            "--listen wants IP:PORT, e.g. 0.0.0.0:8443 or [::]:8443 ({e})"
+        )),
+    }
 }
 
 fn audit_time_arg(s: &str) -> Result<String, String> {

@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod digest;
 pub mod download;
+pub mod errors;
 pub mod fingerprint;
 pub mod http;
 pub mod image;

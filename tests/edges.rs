@@ -336,3 +336,47 @@ fn a_publish_out_of_the_keys_scope_says_the_scope_is_why() {
     let out = run_any(&mut c);
     assert!(out.status.success(), "{}", show(&out));
 }
+
+/// Errors say each cause once and hint at what to do: nothing listening, a
+/// certificate not trusted (--ca / IMGSRV_CA), `--listen` given a port alone.
+#[test]
+fn errors_say_each_cause_once_with_a_hint() {
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let out = run_any(&mut clean(&["list", "--server", &url]));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(msg.matches("os error 111").count(), 1, "{msg}");
+    assert!(msg.contains("hint: nothing listens there"), "{msg}");
+
+    // a server whose certificate this machine does not trust
+    let server = TestServer::start();
+    let out = run_any(&mut clean(&["list", "--server", &server.url()]));
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("UnknownIssuer"), "{msg}");
+    assert!(
+        msg.contains("hint:") && msg.contains("--ca CERT") && msg.contains("IMGSRV_CA"),
+        "{msg}"
+    );
+    assert!(msg.contains("DATA/tls/cert.pem"), "{msg}");
+
+    // serve --listen 8443: the flag, not the config file, and nothing created
+    let t = temp_dir("listen");
+    let data = t.path().join("data");
+    let out = run_any(
+        clean(&["serve", "--data", s(&data), "--listen", "8443"]).env_remove("IMGSRV_LISTEN"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains("--listen wants IP:PORT") && msg.contains("0.0.0.0:8443"),
+        "{msg}"
+    );
+    assert!(!msg.contains("imgsrv.toml"), "{msg}");
+    assert!(
+        !data.exists(),
+        "serve made {} before refusing",
+        data.display()
+    );
+}
