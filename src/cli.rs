@@ -231,10 +231,13 @@ pub enum PrincipalCommand {
     Add {
         #[command(flatten)]
         data: DataArg,
+        /// A person (user) or a machine (service: CI, a mirror job).
         #[arg(long, default_value = "user", value_parser = ["user", "service"])]
         kind: String,
+        /// A longer name to show (default: NAME).
         #[arg(long)]
         display_name: Option<String>,
+        /// The principal's name: 1 to 64 of [a-z0-9._-], e.g. ci or alice.
         name: String,
     },
     /// List principals and their grants.
@@ -246,6 +249,7 @@ pub enum PrincipalCommand {
     Remove {
         #[command(flatten)]
         data: DataArg,
+        /// The principal's name (as `imgsrv principal list` shows it).
         name: String,
     },
 }
@@ -256,16 +260,22 @@ pub enum GrantCommand {
     Add {
         #[command(flatten)]
         data: DataArg,
+        /// The principal's name (`imgsrv principal list`).
         principal: String,
+        /// auth-manager, content-writer or reader.
         role: String,
+        /// Image-name glob the role applies to, e.g. debian-* or * (quote it in the shell).
         glob: String,
     },
     /// Remove a grant.
     Rm {
         #[command(flatten)]
         data: DataArg,
+        /// The principal's name (`imgsrv principal list`).
         principal: String,
+        /// auth-manager, content-writer or reader.
         role: String,
+        /// Image-name glob the role applies to, e.g. debian-* or * (quote it in the shell).
         glob: String,
     },
 }
@@ -282,12 +292,14 @@ pub enum TokenCommand {
         /// A label for the token.
         #[arg(long)]
         name: Option<String>,
+        /// The principal the token authenticates as.
         principal: String,
     },
     /// Revoke a token by its id.
     Revoke {
         #[command(flatten)]
         data: DataArg,
+        /// The token's id (printed when it was issued).
         token_id: String,
     },
 }
@@ -338,7 +350,9 @@ pub enum ImageCommand {
     SetVisibility {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// public (anyone may read it) or private (readers only).
         #[arg(value_parser = ["public", "private"])]
         visibility: String,
     },
@@ -412,18 +426,21 @@ pub enum KeyCommand {
         /// Image-name glob this key may sign for (repeatable; default: every image).
         #[arg(long = "scope", value_name = "GLOB")]
         scopes: Vec<String>,
+        /// The public key file (`minisign -G` writes it, e.g. minisign.pub).
         pubkey_file: PathBuf,
     },
     /// Retire a key: it signs no new publications; what it signed still verifies.
     Retire {
         #[command(flatten)]
         data: DataArg,
+        /// The key's name or key id (as `imgsrv key list` shows them).
         name: String,
     },
     /// Revoke a compromised key: nothing signed with it verifies any more.
     Revoke {
         #[command(flatten)]
         data: DataArg,
+        /// The key's name or key id (as `imgsrv key list` shows them).
         name: String,
     },
     /// List trusted publisher keys.
@@ -435,6 +452,7 @@ pub enum KeyCommand {
     Remove {
         #[command(flatten)]
         data: DataArg,
+        /// The key's name or key id (as `imgsrv key list` shows them).
         name: String,
     },
 }
@@ -470,15 +488,20 @@ pub enum AliasCommand {
     Set {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// The alias, e.g. stable (Incus sees IMAGE/ALIAS).
         alias: String,
+        /// The published version it points at.
         version: String,
     },
     /// Remove an alias.
     Rm {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// The alias to remove.
         alias: String,
     },
 }
@@ -505,7 +528,9 @@ pub enum VersionCommand {
     Delete {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// The draft version to delete.
         version: String,
     },
     /// Take a published version out of service: it leaves the Simple Streams
@@ -515,7 +540,9 @@ pub enum VersionCommand {
     Retire {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// The published version to retire.
         version: String,
         /// Why (kept forever in the retirement record and the audit log).
         #[arg(long)]

@@ -380,3 +380,53 @@ fn errors_say_each_cause_once_with_a_hint() {
         data.display()
     );
 }
+
+/// Every argument of every command has a help text, and none points into
+/// this repository (a user has the binary, not the source tree).
+#[test]
+fn every_argument_has_help() {
+    let mut missing = Vec::new();
+    for (path, c) in all_commands() {
+        if c.get_about().is_none() {
+            missing.push(format!("{path} (the command)"));
+        }
+        for a in c.get_arguments() {
+            use clap::ArgAction::{Help, HelpLong, HelpShort, Version};
+            if matches!(a.get_action(), Help | HelpLong | HelpShort | Version) {
+                continue;
+            }
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            if help.trim().is_empty() {
+                missing.push(format!("{path} {}", a.get_id()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "no help text: {missing:#?}");
+    for (path, c) in all_commands() {
+        let mut c = c.clone();
+        let help = c.render_long_help().to_string();
+        for inside in ["data/trusted-keys", "contrib/", "tests/", "docs/", "src/"] {
+            assert!(
+                !help.contains(inside),
+                "{path} --help names {inside}:\n{help}"
+            );
+        }
+    }
+}
+
+/// `imgsrv verify` without --trusted-keys says what to give, without
+/// pointing into the source tree.
+#[test]
+fn verify_without_trusted_keys_says_what_they_are() {
+    let out = run_any(
+        clean(&["verify", "--server", "https://127.0.0.1:1", "debian"])
+            .env("IMGSRV_CLIENT_CONFIG", "/nonexistent/client.toml"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains("minisign -G") && msg.contains("NAME.pub"),
+        "{msg}"
+    );
+    assert!(!msg.contains("data/trusted-keys"), "{msg}");
+}
