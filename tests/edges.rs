@@ -430,3 +430,59 @@ fn verify_without_trusted_keys_says_what_they_are() {
     );
     assert!(!msg.contains("data/trusted-keys"), "{msg}");
 }
+
+/// contrib/install-test-deps.sh asks apt for the missing packages only (an
+/// `apt-get install` of installed ones upgrades them), and for nothing when
+/// all are there: run with fake apt-get, dpkg-query and id on PATH.
+#[test]
+fn install_test_deps_installs_only_what_is_missing() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = temp_dir("deps");
+    let bin = t.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let log = t.path().join("apt.log");
+    let tool = |name: &str, body: &str| {
+        let p = bin.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    tool("apt-get", &format!("echo \"$*\" >> '{}'", log.display()));
+    // every package is installed but those in FAKE_MISSING
+    tool(
+        "dpkg-query",
+        "for p; do :; done\ncase \" $FAKE_MISSING \" in *\" $p \"*) exit 1 ;; esac\necho 'install ok installed'",
+    );
+    tool("id", "echo 0");
+    tool("sstream-query", "exit 0");
+    let policy = t.path().join("policy-rc.d");
+    let run = |missing: &str| {
+        let _ = fs::remove_file(&log);
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        let out = run_any(
+            Command::new("sh")
+                .arg(repo_root().join("contrib/install-test-deps.sh"))
+                .env("PATH", path)
+                .env("FAKE_MISSING", missing)
+                .env("IMGSRV_DEPS_POLICY_RC", &policy)
+                .env_remove("IMGSRV_DEPS_FORCE"),
+        );
+        assert!(out.status.success(), "{}", show(&out));
+        (text(&out), fs::read_to_string(&log).unwrap_or_default())
+    };
+    let (out, apt) = run("");
+    assert!(out.contains("everything already installed"), "{out}");
+    assert_eq!(apt, "", "apt-get asked with everything installed");
+
+    let (out, apt) = run("nginx curl");
+    assert!(out.contains("installing: nginx curl\n"), "{out}");
+    let calls: Vec<&str> = apt.lines().collect();
+    assert_eq!(
+        calls,
+        [
+            "update -q",
+            "install -y -q --no-install-recommends nginx curl"
+        ],
+        "{out}"
+    );
+    assert!(!policy.exists(), "policy-rc.d left behind");
+}
