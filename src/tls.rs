@@ -128,7 +128,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 }
 
 /// The machine's host name (gethostname, falling back to /proc/sys/kernel/hostname).
-fn host_name() -> Option<String> {
+pub(crate) fn host_name() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success
     // unless truncated, which we handle by searching for NUL within the buffer.
