@@ -96,7 +96,7 @@ impl SiteArgs {
 pub struct MirrorImgsrvArgs {
     #[command(flatten)]
     pub target: SiteArgs,
-    /// PEM certificate to trust for the upstream server.
+    /// PEM certificate to trust for the upstream server (pinned: a self-signed one too).
     #[arg(long, value_name = "CERT")]
     pub upstream_ca: Option<PathBuf>,
     /// File holding an API token for the upstream (to see private images).

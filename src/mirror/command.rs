@@ -33,7 +33,8 @@ pub struct MirrorArgs {
     /// must be trusted by the destination: `imgsrv key add`).
     #[arg(long, value_name = "SECRET_KEY")]
     pub key: PathBuf,
-    /// PEM certificate(s) to trust for an https upstream (default: the system store).
+    /// PEM certificate(s) to trust for an https upstream (pinned: a self-signed one
+    /// too; default: the system store).
     #[arg(long, value_name = "CERT")]
     pub upstream_ca: Option<PathBuf>,
     /// Only this operating system (case-insensitive).
