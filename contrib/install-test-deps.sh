@@ -3,8 +3,11 @@
 # Debian 12 (bookworm), as root, non-interactively. Works on a fresh system whose only apt
 # source is Debian's main archive (deb822 debian.sources or one-line sources.list): it adds
 # bookworm-backports from the same mirror for Incus 6.0.
-# Idempotent: when everything is already installed it does nothing (no apt-get update).
-# Usage: contrib/install-test-deps.sh        (IMGSRV_DEPS_FORCE=1 to reinstall anyway)
+# Installs only what is missing (dpkg-query per package; apt-get is asked for the missing
+# ones alone, so nothing already installed is upgraded); when everything is there it does
+# nothing (no apt-get update).
+# Usage: contrib/install-test-deps.sh        (IMGSRV_DEPS_FORCE=1 to ask apt for every package)
+# IMGSRV_DEPS_POLICY_RC: the policy-rc.d path (default /usr/sbin/policy-rc.d; for its test).
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 if [ "$(id -u)" != 0 ]; then
@@ -20,17 +23,27 @@ PKGS="minisign squashfs-tools qemu-utils busybox-static xz-utils tar nginx sqlit
   chromium"
 BPO_PKGS="incus-client incus-extra incus-base"
 
-installed() { # PKG...: all installed?
+missing() { # PKG...: prints those not installed, one a line
   for p in "$@"; do
-    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || return 1
+    if [ "${IMGSRV_DEPS_FORCE:-0}" != 0 ] ||
+      ! dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+      printf '%s\n' "$p"
+    fi
   done
 }
 
 # shellcheck disable=SC2086 # word splitting of the package lists is intended
-if [ "${IMGSRV_DEPS_FORCE:-0}" = 0 ] && installed $PKGS $BPO_PKGS &&
-  [ -x /usr/libexec/incus/incusd ] && command -v sstream-query >/dev/null 2>&1; then
+need=$(missing $PKGS | tr '\n' ' ')
+# shellcheck disable=SC2086
+need_bpo=$(missing $BPO_PKGS | tr '\n' ' ')
+need=${need% } need_bpo=${need_bpo% }
+if [ -z "$need$need_bpo" ] && command -v sstream-query >/dev/null 2>&1; then
   echo "install-test-deps: everything already installed"
   exit 0
+fi
+if [ -n "$need$need_bpo" ]; then
+  # shellcheck disable=SC2086 # one space between the names
+  echo "install-test-deps: installing:" $need $need_bpo
 fi
 
 # --- bookworm-backports, same mirror and keyring as the existing Debian source ---------
@@ -47,7 +60,7 @@ elif [ -f /etc/apt/sources.list ]; then
   m=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\//) { if ($(i+1) == "bookworm") { print $i; exit } } }' /etc/apt/sources.list)
   [ -n "$m" ] && mirror=$m
 fi
-if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+if [ -n "$need_bpo" ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
   cat > /etc/apt/sources.list.d/bookworm-backports.sources <<SRC
 Types: deb
 URIs: $mirror
@@ -60,9 +73,9 @@ fi
 # --- packages, without starting their services ------------------------------------------
 # Without systemd, package scripts would start nginx on :80 and a real incusd owning
 # /var/lib/incus. The tests start their own instances, so forbid service starts meanwhile.
-policy=/usr/sbin/policy-rc.d
+policy=${IMGSRV_DEPS_POLICY_RC:-/usr/sbin/policy-rc.d}
 own_policy=
-if [ ! -e "$policy" ]; then
+if [ -n "$need$need_bpo" ] && [ ! -e "$policy" ]; then
   printf '#!/bin/sh\nexit 101\n' > "$policy"
   chmod 0755 "$policy"
   own_policy=1
@@ -71,11 +84,17 @@ cleanup() { [ -n "$own_policy" ] && rm -f "$policy"; return 0; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-apt-get update -q
-# shellcheck disable=SC2086
-apt-get install -y -q --no-install-recommends $PKGS
-# shellcheck disable=SC2086
-apt-get install -y -q --no-install-recommends -t bookworm-backports $BPO_PKGS
+if [ -n "$need$need_bpo" ]; then
+  apt-get update -q
+fi
+if [ -n "$need" ]; then
+  # shellcheck disable=SC2086
+  apt-get install -y -q --no-install-recommends $need
+fi
+if [ -n "$need_bpo" ]; then
+  # shellcheck disable=SC2086
+  apt-get install -y -q --no-install-recommends -t bookworm-backports $need_bpo
+fi
 
 # --- Canonical's simplestreams reader (sstream-query); not packaged in Debian -----------
 if ! command -v sstream-query >/dev/null 2>&1; then

@@ -322,6 +322,36 @@ pub fn matrix(data_dir: &Path) -> Result<String> {
     Ok(out)
 }
 
+/// An `imgsrv audit --since/--until` time as the audit log stores it (UTC,
+/// RFC 3339 with nanoseconds, so that it compares as text): an RFC 3339 time
+/// (any offset), a date `YYYY-MM-DD` (midnight UTC), or a duration ago (`90m`,
+/// `24h`, `7d`). Anything else is refused, saying what is accepted.
+pub fn parse_audit_time(s: &str) -> Result<String> {
+    let s = s.trim();
+    let at = if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        t.with_timezone(&chrono::Utc)
+    } else if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
+    } else if s.ends_with(|c: char| c.is_ascii_alphabetic())
+        && s.starts_with(|c: char| c.is_ascii_digit())
+    {
+        let ago = crate::config::parse_duration(s)
+            .ok()
+            .and_then(|d| chrono::Duration::from_std(d).ok())
+            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+            .with_context(|| {
+                format!("{s:?} is not a duration: use e.g. 90m, 24h or 7d (that long ago)")
+            })?;
+        ago
+    } else {
+        bail!(
+            "{s:?} is not a time: use a date (2026-11-01), an RFC 3339 time \
+             (2026-11-01T12:00:00Z) or a duration ago (24h, 7d)"
+        );
+    };
+    Ok(at.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+}
+
 /// Prints audit rows, as a table or as JSON lines (`json`).
 pub fn audit(data_dir: &Path, q: &AuditQuery, json: bool) -> Result<()> {
     let rows = open_catalog(data_dir)?.query_audit(q)?;
@@ -364,6 +394,35 @@ pub fn audit(data_dir: &Path, q: &AuditQuery, json: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_times() {
+        assert_eq!(
+            parse_audit_time("2026-11-01").unwrap(),
+            "2026-11-01T00:00:00.000000000Z"
+        );
+        assert_eq!(
+            parse_audit_time("2026-11-01T14:00:00+02:00").unwrap(),
+            "2026-11-01T12:00:00.000000000Z"
+        );
+        let day_ago = parse_audit_time("24h").unwrap();
+        let t = chrono::DateTime::parse_from_rfc3339(&day_ago).unwrap();
+        let hours = (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_minutes();
+        assert!((24 * 60 - 1..=24 * 60 + 1).contains(&hours), "{hours}");
+        assert!(parse_audit_time("7d").is_ok());
+        for bad in [
+            "yesterday",
+            "2026-13-45",
+            "2026-02-30",
+            "24y",
+            "",
+            "7 d",
+            "-1d",
+        ] {
+            let e = parse_audit_time(bad).unwrap_err().to_string();
+            assert!(e.contains("24h") || e.contains("7d"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn expiry_parsing() {

@@ -270,8 +270,8 @@ pub fn export_command(a: ExportArgs) -> Result<()> {
             output: a.output.clone(),
             key,
         };
-        let source = match (&a.source.data, a.source.client(false)?) {
-            (Some(dir), _) => Source::open_data(dir)?,
+        let source = match (a.source.data_dir()?, a.source.client(false)?) {
+            (Some(dir), _) => Source::open_data(&dir)?,
             (None, Some(client)) => Source::Remote(client),
             (None, None) => bail!("give --server URL or --data DIR"),
         };

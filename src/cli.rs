@@ -32,8 +32,9 @@ pub enum Command {
     Serve {
         #[command(flatten)]
         data: DataArg,
-        /// Listen address, e.g. 0.0.0.0:8443 (default: the config file's, else 0.0.0.0:8443).
-        #[arg(long, value_name = "ADDR", env = "IMGSRV_LISTEN")]
+        /// Listen address IP:PORT, e.g. 0.0.0.0:8443 or [::]:8443 (default: the config
+        /// file's, else 0.0.0.0:8443).
+        #[arg(long, value_name = "ADDR", env = "IMGSRV_LISTEN", value_parser = listen_arg)]
         listen: Option<String>,
         /// Metrics listen address, e.g. 127.0.0.1:9464, or "" for none (default: the
         /// config file's metrics_listen, else 127.0.0.1:9464).
@@ -143,7 +144,7 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "DEST")]
     pub from: PathBuf,
     /// The data directory to restore into: new or empty, and not used by a server.
-    #[arg(long = "data", value_name = "NEWDIR")]
+    #[arg(long = "data", value_name = "NEWDIR", env = "IMGSRV_DATA")]
     pub data: PathBuf,
 }
 
@@ -166,6 +167,24 @@ pub struct ScrubArgs {
     /// Print the report as one JSON document instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `serve --listen`: IP:PORT, said so when only a port is given.
+fn listen_arg(s: &str) -> Result<String, String> {
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(_) => Ok(s.to_string()),
+        Err(_) if s.parse::<u16>().is_ok() => Err(format!(
+            "--listen wants IP:PORT, not a port alone: 0.0.0.0:{s} (every IPv4 address), \
+             [::]:{s} (IPv6 too) or 127.0.0.1:{s} (this machine only)"
+        )),
+        Err(e) => Err(format!(
+            "--listen wants IP:PORT, e.g. 0.0.0.0:8443 or [::]:8443 ({e})"
+        )),
+    }
+}
+
+fn audit_time_arg(s: &str) -> Result<String, String> {
+    crate::admin_cli::parse_audit_time(s).map_err(|e| format!("{e:#}"))
 }
 
 fn sample_arg(s: &str) -> Result<f64, String> {
@@ -218,10 +237,13 @@ pub enum PrincipalCommand {
     Add {
         #[command(flatten)]
         data: DataArg,
+        /// A person (user) or a machine (service: CI, a mirror job).
         #[arg(long, default_value = "user", value_parser = ["user", "service"])]
         kind: String,
+        /// A longer name to show (default: NAME).
         #[arg(long)]
         display_name: Option<String>,
+        /// The principal's name: 1 to 64 of [a-z0-9._-], e.g. ci or alice.
         name: String,
     },
     /// List principals and their grants.
@@ -233,6 +255,7 @@ pub enum PrincipalCommand {
     Remove {
         #[command(flatten)]
         data: DataArg,
+        /// The principal's name (as `imgsrv principal list` shows it).
         name: String,
     },
 }
@@ -243,16 +266,22 @@ pub enum GrantCommand {
     Add {
         #[command(flatten)]
         data: DataArg,
+        /// The principal's name (`imgsrv principal list`).
         principal: String,
+        /// auth-manager, content-writer or reader.
         role: String,
+        /// Image-name glob the role applies to, e.g. debian-* or * (quote it in the shell).
         glob: String,
     },
     /// Remove a grant.
     Rm {
         #[command(flatten)]
         data: DataArg,
+        /// The principal's name (`imgsrv principal list`).
         principal: String,
+        /// auth-manager, content-writer or reader.
         role: String,
+        /// Image-name glob the role applies to, e.g. debian-* or * (quote it in the shell).
         glob: String,
     },
 }
@@ -269,6 +298,7 @@ pub enum TokenCommand {
         /// A label for the token.
         #[arg(long)]
         name: Option<String>,
+        /// The principal the token authenticates as.
         principal: String,
     },
     /// List API tokens (every principal's, or PRINCIPAL's): id, principal, name, state,
@@ -286,6 +316,7 @@ pub enum TokenCommand {
     Revoke {
         #[command(flatten)]
         data: DataArg,
+        /// The token's id (printed when it was issued).
         token_id: String,
     },
 }
@@ -315,13 +346,15 @@ pub struct AuditArgs {
     /// Only rows whose target contains this (e.g. an image name).
     #[arg(long)]
     pub target: Option<String>,
-    /// From this time (RFC 3339, e.g. 2026-11-01 or 2026-11-01T12:00:00Z).
-    #[arg(long)]
+    /// From this time: a date (2026-11-01, midnight UTC), an RFC 3339 time
+    /// (2026-11-01T12:00:00Z) or a duration ago (90m, 24h, 7d).
+    #[arg(long, value_name = "TIME", value_parser = audit_time_arg)]
     pub since: Option<String>,
-    /// Before this time.
-    #[arg(long)]
+    /// Before this time (same forms as --since).
+    #[arg(long, value_name = "TIME", value_parser = audit_time_arg)]
     pub until: Option<String>,
-    #[arg(long)]
+    /// At most this many rows (the oldest first).
+    #[arg(long, value_name = "N")]
     pub limit: Option<u32>,
     /// Print JSON lines (for export) instead of a table.
     #[arg(long)]
@@ -334,7 +367,9 @@ pub enum ImageCommand {
     SetVisibility {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// public (anyone may read it) or private (readers only).
         #[arg(value_parser = ["public", "private"])]
         visibility: String,
     },
@@ -375,10 +410,11 @@ pub struct ServerArgs {
     /// Server URL, e.g. https://images.example.org:8443
     #[arg(long, value_name = "URL", env = "IMGSRV_SERVER")]
     pub server: String,
-    /// PEM certificate to trust for the server (e.g. DATA/tls/cert.pem).
+    /// PEM certificate to trust for the server (e.g. DATA/tls/cert.pem; pinned:
+    /// a self-signed one too).
     #[arg(long, value_name = "CERT", env = "IMGSRV_CA")]
     pub ca: Option<PathBuf>,
-    /// File holding the API token (else IMGSRV_TOKEN).
+    /// File holding the API token (else the token in IMGSRV_TOKEN).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 }
@@ -425,18 +461,21 @@ pub enum KeyCommand {
         /// Image-name glob this key may sign for (repeatable; default: every image).
         #[arg(long = "scope", value_name = "GLOB")]
         scopes: Vec<String>,
+        /// The public key file (`minisign -G` writes it, e.g. minisign.pub).
         pubkey_file: PathBuf,
     },
     /// Retire a key: it signs no new publications; what it signed still verifies.
     Retire {
         #[command(flatten)]
         data: DataArg,
+        /// The key's name or key id (as `imgsrv key list` shows them).
         name: String,
     },
     /// Revoke a compromised key: nothing signed with it verifies any more.
     Revoke {
         #[command(flatten)]
         data: DataArg,
+        /// The key's name or key id (as `imgsrv key list` shows them).
         name: String,
     },
     /// List trusted publisher keys.
@@ -448,6 +487,7 @@ pub enum KeyCommand {
     Remove {
         #[command(flatten)]
         data: DataArg,
+        /// The key's name or key id (as `imgsrv key list` shows them).
         name: String,
     },
 }
@@ -468,14 +508,13 @@ pub struct PublishArgs {
     /// Alias to point at the new version (repeatable).
     #[arg(long = "alias", value_name = "ALIAS")]
     pub aliases: Vec<String>,
-    /// Incus metadata tarball (incus.tar.xz).
-    pub metadata: PathBuf,
     /// Make the image private: only principals with reader (or more) on it see it.
     #[arg(long)]
     pub private: bool,
-    /// Root file(s): rootfs.squashfs and/or disk.qcow2.
-    #[arg(required = true)]
-    pub roots: Vec<PathBuf>,
+    /// The image files, in any order (recognised by their content): the metadata
+    /// tarball (incus.tar.xz) and rootfs.squashfs and/or disk.qcow2.
+    #[arg(value_name = "FILE", required = true, num_args = 2..=3)]
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -484,15 +523,20 @@ pub enum AliasCommand {
     Set {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// The alias, e.g. stable (Incus sees IMAGE/ALIAS).
         alias: String,
+        /// The published version it points at.
         version: String,
     },
     /// Remove an alias.
     Rm {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// The alias to remove.
         alias: String,
     },
 }
@@ -519,7 +563,9 @@ pub enum VersionCommand {
     Delete {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// The draft version to delete.
         version: String,
     },
     /// Take a published version out of service: it leaves the Simple Streams
@@ -529,7 +575,9 @@ pub enum VersionCommand {
     Retire {
         #[command(flatten)]
         server: ServerArgs,
+        /// The image, e.g. debian-bookworm.
         image: String,
+        /// The published version to retire.
         version: String,
         /// Why (kept forever in the retirement record and the audit log).
         #[arg(long)]
@@ -552,6 +600,8 @@ pub fn run(cli: Cli) -> Result<()> {
         } => crate::serve::serve(&data.dir, listen.as_deref(), metrics_listen.as_deref()),
         Command::Key(k) => key_command(k),
         Command::Publish(p) => {
+            let (metadata, roots) =
+                crate::image::sort_files(&p.files).map_err(crate::replicate::cannot_run)?;
             let token = p.server.require_token()?;
             let opts = crate::publish::PublishOptions {
                 server: p.server.server.clone(),
@@ -561,8 +611,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 image: p.image,
                 version: p.version,
                 aliases: p.aliases,
-                metadata_tarball: p.metadata,
-                roots: p.roots,
+                metadata_tarball: metadata,
+                roots,
                 private: p.private,
                 progress: std::io::stderr().is_terminal(),
             };
@@ -618,22 +668,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mirrors { data } => crate::schedule::print_status(&data.dir),
         Command::Gc(a) => gc_command(a),
         Command::Audit(a) => {
-            let time = |s: Option<String>| {
-                s.map(|t| {
-                    if t.len() == 10 {
-                        format!("{t}T00:00:00Z")
-                    } else {
-                        t
-                    }
-                })
-            };
             let q = crate::catalog::AuditQuery {
                 principal: a.principal,
                 action: a.action,
                 outcome: a.outcome,
                 target: a.target,
-                since: time(a.since),
-                until: time(a.until),
+                since: a.since,
+                until: a.until,
                 after_id: None,
                 limit: a.limit,
             };

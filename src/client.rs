@@ -406,6 +406,30 @@ pub(crate) fn load_ca(path: &Path) -> Result<RootCerts, ClientError> {
     Ok(RootCerts::Specific(Arc::new(certs)))
 }
 
+/// An agent with `config`, trusting `ca` (pinned: [`crate::tls::pinned`])
+/// when given, else the system store ([`system_roots`]).
+pub(crate) fn https_agent(
+    config: ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
+    ca: Option<&Path>,
+) -> Result<ureq::Agent, ClientError> {
+    match ca {
+        Some(p) => {
+            load_ca(p)?;
+            crate::tls::pinned::agent(config.build(), p).map_err(|e| ClientError::Ca {
+                path: p.to_path_buf(),
+                reason: format!("{e:#}"),
+            })
+        }
+        None => {
+            let roots = system_roots()?;
+            Ok(config
+                .tls_config(TlsConfig::builder().root_certs(roots).build())
+                .build()
+                .new_agent())
+        }
+    }
+}
+
 /// The system trust store: `SSL_CERT_FILE`, else the first distribution CA
 /// bundle found, else the bundled Mozilla roots.
 pub(crate) fn system_roots() -> Result<RootCerts, ClientError> {
@@ -516,19 +540,13 @@ impl ApiClient {
                 ));
             }
         }
-        let roots = match ca {
-            Some(p) => load_ca(p)?,
-            None => system_roots()?,
-        };
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .https_only(true)
             .max_redirects(0)
             .user_agent(concat!("imgsrv/", env!("CARGO_PKG_VERSION")))
-            .timeout_connect(Some(Duration::from_secs(30)))
-            .tls_config(TlsConfig::builder().root_certs(roots).build())
-            .build()
-            .new_agent();
+            .timeout_connect(Some(Duration::from_secs(30)));
+        let agent = https_agent(config, ca)?;
         Ok(ApiClient { base, agent, token })
     }
 

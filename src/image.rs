@@ -34,6 +34,9 @@ pub enum ImageError {
     UnknownRootFormat { path: PathBuf },
 }
 
+mod files;
+pub use files::{classify, sort_files, ImageFile};
+
 /// Compression of a metadata tarball, by magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {

@@ -17,7 +17,7 @@ fn main() {
         .format_timestamp_millis()
         .init();
     if let Err(e) = imgsrv::cli::run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", imgsrv::errors::render(&e));
         // verify/pull: 1 verification failed, 2 could not run; others: 1.
         let code = e
             .downcast_ref::<imgsrv::verify::VerifyError>()

@@ -389,7 +389,8 @@ pub fn publish(opts: &PublishOptions, out: &mut dyn Write) -> anyhow::Result<Pub
         .publish(&image_name, &version, Some(&signature))
         .map_err(|e| match e.status() {
             Some(412) => anyhow::Error::new(e).context(format!(
-                "the server refused to publish {image_name} {version} (is key {key_id} trusted there? `imgsrv key add`); the version stays a draft"
+                "the server refused to publish {image_name} {version} signed with key {key_id} \
+                 (the version stays a draft)"
             )),
             _ => e.into(),
         })?;

@@ -23,36 +23,54 @@ use std::path::{Path, PathBuf};
 // ------------------------------------------------------------ command line
 
 /// A site: a running server (`--server`, through the API) or a data
-/// directory (`--data`, directly). Exactly one.
+/// directory (`--data`, directly). Exactly one; a flag typed wins over the
+/// other's variable ([`crate::site::choose`]).
 #[derive(Args, Debug, Clone)]
-#[command(group(clap::ArgGroup::new("site").required(true).args(["server", "data"])))]
+#[command(group(clap::ArgGroup::new("site").required(true).multiple(true).args(["server", "data"])))]
 pub struct SiteArgs {
     /// Server URL, e.g. https://images.example.org:8443 (writing needs a content-writer token).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "IMGSRV_SERVER")]
     pub server: Option<String>,
-    /// PEM certificate to trust for --server.
-    #[arg(long, value_name = "CERT", requires = "server")]
+    /// PEM certificate to trust for --server (pinned: a self-signed one too).
+    #[arg(long, value_name = "CERT", env = "IMGSRV_CA")]
     pub ca: Option<PathBuf>,
-    /// File holding the API token for --server (else IMGSRV_TOKEN).
-    #[arg(long, value_name = "FILE", requires = "server")]
+    /// File holding the API token for --server (else the token in IMGSRV_TOKEN).
+    #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Data directory, used directly (its own verification mode and trusted keys apply).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "IMGSRV_DATA")]
     pub data: Option<PathBuf>,
 }
 
 impl SiteArgs {
-    fn server_args(&self) -> Option<crate::cli::ServerArgs> {
-        self.server.as_ref().map(|s| crate::cli::ServerArgs {
-            server: s.clone(),
-            ca: self.ca.clone(),
-            token_file: self.token_file.clone(),
+    /// The site named: `--data` or `--server` (see [`crate::site::choose`]).
+    pub fn site(&self) -> Result<crate::site::Site> {
+        crate::site::choose(self.server.as_deref(), self.data.as_deref())?
+            .context("give --server URL (or IMGSRV_SERVER) or --data DIR (or IMGSRV_DATA)")
+    }
+
+    /// The data directory, when the site is one.
+    pub fn data_dir(&self) -> Result<Option<PathBuf>> {
+        Ok(match self.site()? {
+            crate::site::Site::Data(d) => Some(d),
+            crate::site::Site::Server(_) => None,
+        })
+    }
+
+    fn server_args(&self) -> Result<Option<crate::cli::ServerArgs>> {
+        Ok(match self.site()? {
+            crate::site::Site::Server(s) => Some(crate::cli::ServerArgs {
+                server: s,
+                ca: self.ca.clone(),
+                token_file: self.token_file.clone(),
+            }),
+            crate::site::Site::Data(_) => None,
         })
     }
 
     /// An API client for `--server` (with the token when there is one).
     pub fn client(&self, token_required: bool) -> Result<Option<ApiClient>> {
-        let Some(s) = self.server_args() else {
+        let Some(s) = self.server_args()? else {
             return Ok(None);
         };
         let token = if token_required {
@@ -65,8 +83,8 @@ impl SiteArgs {
 
     /// Opens the site as a destination to write into.
     pub fn destination(&self) -> Result<Destination> {
-        match (&self.data, self.client(true)?) {
-            (Some(dir), _) => Destination::open_data(dir),
+        match (self.data_dir()?, self.client(true)?) {
+            (Some(dir), _) => Destination::open_data(&dir),
             (None, Some(client)) => Ok(Destination::Remote(RemoteTarget { client })),
             (None, None) => bail!("give --server URL or --data DIR"),
         }
@@ -78,7 +96,7 @@ impl SiteArgs {
 pub struct MirrorImgsrvArgs {
     #[command(flatten)]
     pub target: SiteArgs,
-    /// PEM certificate to trust for the upstream server.
+    /// PEM certificate to trust for the upstream server (pinned: a self-signed one too).
     #[arg(long, value_name = "CERT")]
     pub upstream_ca: Option<PathBuf>,
     /// File holding an API token for the upstream (to see private images).

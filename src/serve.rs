@@ -10,6 +10,8 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod next_steps;
+
 /// `DATA/serve.lock`: locked by the one `imgsrv serve` of a data directory
 /// for as long as it runs, with its PID written in it.
 pub const LOCK_FILE: &str = "serve.lock";
@@ -172,6 +174,7 @@ pub fn serve(
     .with_context(|| format!("listening on {}", config.listen))?;
     let addr = server.local_addr();
     let verification = config.verification;
+    let tls_cert = config.tls_cert.clone();
     let jobs = crate::schedule::parse_jobs(&config.mirrors, data_dir)?;
     let metrics_addr = config.metrics_listen;
     let app = Arc::new(App::open(config)?);
@@ -224,6 +227,7 @@ pub fn serve(
         "imgsrv serving https://{addr} (data {}, image verification {verification})",
         data_dir.display()
     );
+    next_steps::print(&mut std::io::stdout().lock(), data_dir, addr, &tls_cert)?;
     let handler_app = app.clone();
     let handler: Handler = Arc::new(move |req| crate::http::routes::handle(&handler_app, req));
     server.run(handler).context("serving")?;

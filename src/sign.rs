@@ -66,7 +66,13 @@ pub enum SignError {
         key_id: String,
         state: KeyState,
     },
-    #[error("key {name:?} ({key_id}) may sign only images matching {scopes}, not {image:?}")]
+    #[error(
+        "key {name:?} ({key_id}) is trusted, but its scope ({scopes}) does not cover image \
+         {image:?}: to let it sign {image}, add a glob to `scopes` in keys/{name}.toml of the \
+         server's data directory (read at each request), or re-add the key with the scopes \
+         it needs: `imgsrv key remove {name}`, then `imgsrv key add --name {name} --scope \
+         GLOB ... {name}.pub`"
+    )]
     OutOfScope {
         name: String,
         key_id: String,

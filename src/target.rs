@@ -77,6 +77,37 @@ pub trait Target {
         self.publish(image, version, signature)
     }
     fn set_alias(&self, image: &str, alias: &str, version: &str) -> Result<()>;
+    /// Why publications signed with the key `key_id` would be refused there
+    /// (not trusted, or not active), saying what to do; `None` when they
+    /// would not be (or the target does not require signatures). A mirror
+    /// asks before it downloads anything.
+    fn signer_refused(&self, key_id: &str) -> Result<Option<String>> {
+        let _ = key_id;
+        Ok(None)
+    }
+}
+
+/// [`Target::signer_refused`] from what the target lists: `found` is the
+/// (name, state) of the key with that id there, if any; `trust` the command
+/// that trusts a public key there.
+fn signer_refusal(
+    target: &str,
+    key_id: &str,
+    found: Option<(&str, &str)>,
+    trust: &str,
+) -> Option<String> {
+    match found {
+        Some((_, "active")) => None,
+        None => Some(format!(
+            "{target} does not trust the signing key {key_id} (--key): it would refuse every \
+             version, so nothing was downloaded; trust the key's public half there first: \
+             {trust}"
+        )),
+        Some((name, state)) => Some(format!(
+            "the signing key {key_id} is {state} on {target} (trusted as {name:?}): it signs no \
+             new publications, so nothing was downloaded; mirror with an active key"
+        )),
+    }
 }
 
 impl Manifest {
@@ -228,6 +259,24 @@ impl LocalTarget {
 impl Target for LocalTarget {
     fn describe(&self) -> String {
         self.app.config.data_dir.display().to_string()
+    }
+
+    fn signer_refused(&self, key_id: &str) -> Result<Option<String>> {
+        if self.app.verification() != crate::config::VerificationMode::Enforce {
+            return Ok(None);
+        }
+        let keys = crate::sign::load_trusted_keys(&self.app.config.data_dir)?;
+        let found = keys.iter().find(|k| k.key_id == key_id);
+        Ok(signer_refusal(
+            &self.describe(),
+            key_id,
+            found.map(|k| (k.name.as_str(), k.policy.state.as_str())),
+            &format!(
+                "`imgsrv key add --data {} --name mirror MIRROR.pub` (the .pub that `minisign \
+                 -G` wrote beside the secret key)",
+                self.describe()
+            ),
+        ))
     }
 
     fn checks_blobs(&self) -> bool {
@@ -415,6 +464,18 @@ pub struct RemoteTarget {
 impl Target for RemoteTarget {
     fn describe(&self) -> String {
         self.client.server().to_string()
+    }
+
+    fn signer_refused(&self, key_id: &str) -> Result<Option<String>> {
+        let keys = self.client.get_keys()?;
+        let found = keys.iter().find(|k| k.key_id == key_id);
+        Ok(signer_refusal(
+            &self.describe(),
+            key_id,
+            found.map(|k| (k.name.as_str(), k.state.as_str())),
+            "`imgsrv key add --data DATA --name mirror MIRROR.pub` on the server's machine (the \
+             .pub that `minisign -G` wrote beside the secret key)",
+        ))
     }
 
     fn has_blob(&self, _digest: &Digest, _size: u64) -> Result<bool> {

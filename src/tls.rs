@@ -6,6 +6,8 @@
 //!   engine ([`crate::http::server`]) terminates TLS with.
 //! * [`client_config`] builds a `rustls::ClientConfig` trusting given PEM certificates
 //!   (tests and the CLI's `--ca`) or the system bundle.
+//! * [`pinned`]: the client commands' `--ca CERT`: a certificate given explicitly is
+//!   trusted as that certificate (a self-signed CA:TRUE one too).
 
 use std::fs;
 use std::io::{self, Write};
@@ -16,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
+
+pub mod pinned;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Name of the certificate file inside the directory given to [`ensure_self_signed`].
@@ -124,7 +128,7 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 }
 
 /// The machine's host name (gethostname, falling back to /proc/sys/kernel/hostname).
-fn host_name() -> Option<String> {
+pub(crate) fn host_name() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success
     // unless truncated, which we handle by searching for NUL within the buffer.

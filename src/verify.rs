@@ -890,7 +890,9 @@ pub fn run(
     } else {
         let p = opts.trusted_keys.clone().ok_or_else(|| {
             VerifyError::CannotRun(anyhow!(
-                "--trusted-keys FILE_OR_DIR is required: the minisign public keys you trust (see data/trusted-keys/README.md)"
+                "--trusted-keys FILE_OR_DIR is required: the minisign public keys you trust, \
+                 a publisher's .pub file (made by `minisign -G`) or a directory of NAME.pub \
+                 files with optional NAME.toml policies (see `imgsrv verify --help`)"
             ))
         })?;
         let keys = crate::sign::load_keys_from(&p)

@@ -632,3 +632,50 @@ fn version_names_the_bundled_sqlite() {
         "{line}"
     );
 }
+
+/// Issue 9: `imgsrv serve` says what to do next when it starts: the URL, the
+/// certificate's SHA-256 fingerprint (what openssl computes, and the form
+/// incus shows), the two `incus remote add` lines and where the admin token is.
+#[test]
+fn serve_prints_the_next_steps_with_the_certificate_fingerprint() {
+    let server = TestServer::start();
+    let log = server.log_text();
+    let openssl = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(server.cert()),
+    );
+    let expected = String::from_utf8_lossy(&openssl.stdout)
+        .trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(expected.len(), 95, "{expected}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("SHA-256 fingerprint"))
+        .unwrap_or_else(|| panic!("no fingerprint line in\n{log}"));
+    let shown = line
+        .split("SHA-256 fingerprint ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap();
+    assert_eq!(shown, expected, "{line}");
+    let incus_form = expected.replace(':', "").to_lowercase();
+    assert!(line.contains(&incus_form), "{line}");
+    let url = server.url();
+    assert!(
+        log.contains(&format!("incus remote add imgsrv {url} ")),
+        "no Incus protocol line for {url}:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("{url} --protocol=simplestreams")),
+        "no Simple Streams line:\n{log}"
+    );
+    let token = server.admin_token_file();
+    assert!(
+        log.contains(&format!("the admin API token is in {}", token.display())),
+        "{log}"
+    );
+}

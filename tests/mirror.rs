@@ -31,12 +31,21 @@ struct Nginx {
 
 impl Nginx {
     fn start(root: &Path) -> Nginx {
+        Self::start_with(root, None)
+    }
+
+    /// With this certificate and key (default: the ones `imgsrv init` generates).
+    fn start_with(root: &Path, tls: Option<(PathBuf, PathBuf)>) -> Nginx {
         let dir = temp_dir("nginx");
-        // a certificate for 127.0.0.1: the one `imgsrv init` generates
-        let tls = dir.path().join("certs");
-        imgsrv(&["init", "--data", tls.to_str().unwrap()]);
-        let cert = tls.join("tls").join("cert.pem");
-        let key = tls.join("tls").join("key.pem");
+        let (cert, key) = tls.unwrap_or_else(|| {
+            // a certificate for 127.0.0.1: the one `imgsrv init` generates
+            let tls = dir.path().join("certs");
+            imgsrv(&["init", "--data", tls.to_str().unwrap()]);
+            (
+                tls.join("tls").join("cert.pem"),
+                tls.join("tls").join("key.pem"),
+            )
+        });
         let mut n = Nginx {
             dir,
             child: None,
@@ -828,7 +837,9 @@ fn bad_arguments_and_an_unreachable_upstream_exit_2() {
     let t = temp_dir("mirror-args");
     let d = t.path().join("data");
     imgsrv(&["init", "--data", d.to_str().unwrap()]);
-    let (_, sk) = minisign_keypair(t.path().join("keys"));
+    let (pk, sk) = minisign_keypair(t.path().join("keys"));
+    // trusted: an untrusted key would stop the run before the upstream is read
+    trust_key(&d, None, &pk);
     let run = |extra: &[&str], url: &str| {
         let mut c = Command::new(IMGSRV);
         c.args([
@@ -899,4 +910,128 @@ fn mirror_shows_a_progress_bar_on_a_terminal_only() {
     let out = mirror_into(&t, &ngx, &piped, &["--latest", "1"]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(!text(&out).contains("mirror ["), "{}", show(&out));
+}
+
+/// Issue 9: an upstream whose certificate was made by the stock `openssl req
+/// -x509` recipe (self-signed, basicConstraints CA:TRUE) is trusted when that
+/// certificate is given with --upstream-ca (pinned, as curl --cacert does);
+/// another certificate, or the right one for another host name, is not.
+#[test]
+fn a_self_signed_openssl_upstream_certificate_given_with_upstream_ca_is_trusted() {
+    let t = tree(false);
+    let certs = temp_dir("openssl-certs");
+    let (cert, key) = openssl_self_signed(certs.path(), "ngx", "127.0.0.1");
+    let ngx = Nginx::start_with(&t.root, Some((cert.clone(), key)));
+    // curl accepts it too (what a user compares with)
+    let curl = run_any(
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--cacert"])
+            .arg(&cert)
+            .arg(format!("{}streams/v1/index.json", ngx.url())),
+    );
+    assert!(curl.status.success(), "curl: {}", show(&curl));
+
+    let data = data_dir(&t, "pinned");
+    let out = mirror_into(&t, &ngx, &data, &["--latest", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(stdout(&out).contains("summary:"), "{}", show(&out));
+    assert_eq!(
+        status(&data, "alpine-3.19", "202601010000"),
+        imgsrv::target::VersionStatus::Published
+    );
+
+    // another self-signed certificate is not this server's: refused, exit 2
+    let (other, _) = openssl_self_signed(certs.path(), "other", "127.0.0.1");
+    let url = ngx.url();
+    let refused = mirror(
+        &t,
+        &[
+            "--data",
+            s(&data),
+            "--key",
+            t.secret(),
+            "--upstream-ca",
+            s(&other),
+            &url,
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", show(&refused));
+    assert!(text(&refused).contains("certificate"), "{}", show(&refused));
+    // the pinned certificate names 127.0.0.1, not localhost: refused too
+    let by_name = format!("https://localhost:{}/", ngx.port);
+    let refused = mirror(
+        &t,
+        &[
+            "--data",
+            s(&data),
+            "--key",
+            t.secret(),
+            "--upstream-ca",
+            s(&cert),
+            &by_name,
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", show(&refused));
+    assert!(
+        text(&refused).contains("not valid for name"),
+        "{}",
+        show(&refused)
+    );
+}
+
+/// What was read from the tree (not the `GET /v1/keys` asking whether the
+/// upstream is an imgsrv).
+fn downloads(ngx: &Nginx) -> Vec<String> {
+    ngx.log()
+        .into_iter()
+        .filter(|l| !l.starts_with("GET /v1/keys "))
+        .collect()
+}
+
+/// Issue 9: a mirror key the target does not trust is found before anything
+/// is downloaded (exit 2, with how to trust it), for a data directory and a
+/// server (`GET /v1/keys`) alike; a retired one too.
+#[test]
+fn a_mirror_key_the_target_does_not_trust_stops_the_run_before_any_download() {
+    let t = tree(false);
+    let ngx = Nginx::start(&t.root);
+    let d = t._tmp.path().join("untrusting");
+    imgsrv(&["init", "--data", s(&d)]);
+    let out = mirror_into(&t, &ngx, &d, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    let msg = text(&out);
+    assert!(msg.contains("does not trust the signing key"), "{msg}");
+    assert!(msg.contains("imgsrv key add --data"), "{msg}");
+    assert!(downloads(&ngx).is_empty(), "downloaded: {:?}", ngx.log());
+
+    // a server: through GET /v1/keys
+    let server = TestServer::start();
+    let url = ngx.url();
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args(["mirror", "--server", &server.url(), "--ca"])
+            .arg(server.cert())
+            .arg("--token-file")
+            .arg(server.admin_token_file())
+            .args(["--key", t.secret(), "--upstream-ca", s(&ngx.cert), &url])
+            .env("XDG_CACHE_HOME", &t.cache)
+            .env_remove("IMGSRV_DATA"),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        text(&out).contains("does not trust the signing key"),
+        "{}",
+        show(&out)
+    );
+    assert!(downloads(&ngx).is_empty(), "downloaded: {:?}", ngx.log());
+
+    // retired there: refused too; trusted and active: mirrored
+    trust(&d, &t);
+    imgsrv(&["key", "retire", "--data", s(&d), "mirror"]);
+    let out = mirror_into(&t, &ngx, &d, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(text(&out).contains("is retired on"), "{}", show(&out));
+    let d2 = data_dir(&t, "trusting");
+    let out = mirror_into(&t, &ngx, &d2, &["--latest", "1"]);
+    assert!(out.status.success(), "{}", show(&out));
 }

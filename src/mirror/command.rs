@@ -18,22 +18,23 @@ pub struct MirrorArgs {
     /// content-writer token: --token-file or IMGSRV_TOKEN).
     #[arg(long, value_name = "URL", env = "IMGSRV_SERVER")]
     pub server: Option<String>,
-    /// PEM certificate to trust for the destination server.
+    /// PEM certificate to trust for the destination server (pinned: a self-signed one too).
     #[arg(long, value_name = "CERT", env = "IMGSRV_CA")]
     pub ca: Option<PathBuf>,
-    /// File holding the destination server's API token (else IMGSRV_TOKEN).
+    /// File holding the destination server's API token (else the token in IMGSRV_TOKEN).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Destination data directory, written through the server's own code
-    /// (its verification mode and trusted keys apply). Takes precedence over
-    /// --server.
-    #[arg(long, value_name = "DIR")]
+    /// (its verification mode and trusted keys apply). A flag typed wins over
+    /// the other's variable; --server and --data typed together are refused.
+    #[arg(long, value_name = "DIR", env = "IMGSRV_DATA")]
     pub data: Option<PathBuf>,
     /// minisign secret key that signs the mirrored manifests (its public key
     /// must be trusted by the destination: `imgsrv key add`).
     #[arg(long, value_name = "SECRET_KEY")]
     pub key: PathBuf,
-    /// PEM certificate(s) to trust for an https upstream (default: the system store).
+    /// PEM certificate(s) to trust for an https upstream (pinned: a self-signed one
+    /// too; default: the system store).
     #[arg(long, value_name = "CERT")]
     pub upstream_ca: Option<PathBuf>,
     /// Only this operating system (case-insensitive).
@@ -99,7 +100,7 @@ pub fn command(a: MirrorArgs) -> Result<()> {
         return imgsrv_upstream(&a);
     }
 
-    if let Some(dir) = &a.data {
+    if let Some(crate::site::Site::Data(dir)) = site(&a).map_err(cannot_run)? {
         opts.staging_dir = Some(dir.join("tmp").join("mirror"));
     }
     let dest = destination(&a).map_err(cannot_run)?;
@@ -128,13 +129,18 @@ fn upstream_is_imgsrv(upstream: &str, ca: Option<&std::path::Path>) -> bool {
     client.get_keys().is_ok()
 }
 
-/// The destination: `--data` (first) or `--server` with a token.
+/// The destination named: `--data` or `--server` ([`crate::site::choose`]).
+fn site(a: &MirrorArgs) -> Result<Option<crate::site::Site>> {
+    crate::site::choose(a.server.as_deref(), a.data.as_deref())
+}
+
+/// The destination: `--data`, or `--server` with a token.
 fn destination(a: &MirrorArgs) -> Result<Destination> {
-    match (&a.data, &a.server) {
-        (Some(dir), _) => Destination::open_data(dir),
-        (None, Some(server)) => {
+    match site(a)? {
+        Some(crate::site::Site::Data(dir)) => Destination::open_data(&dir),
+        Some(crate::site::Site::Server(server)) => {
             let server = crate::cli::ServerArgs {
-                server: server.clone(),
+                server,
                 ca: a.ca.clone(),
                 token_file: a.token_file.clone(),
             };
@@ -143,9 +149,9 @@ fn destination(a: &MirrorArgs) -> Result<Destination> {
                 client: server.client(Some(token))?,
             }))
         }
-        (None, None) => {
-            anyhow::bail!("no destination: --server URL (or IMGSRV_SERVER) or --data DIR")
-        }
+        None => anyhow::bail!(
+            "no destination: --server URL (or IMGSRV_SERVER) or --data DIR (or IMGSRV_DATA)"
+        ),
     }
 }
 

@@ -329,6 +329,13 @@ pub fn run(
     // the key first: a wrong password should fail before anything moves
     let sk = crate::sign::load_secret_key(&opts.key)
         .with_context(|| format!("loading the signing key {}", opts.key.display()))?;
+    // and whether the target trusts it, before anything is downloaded
+    if let Some(why) = target
+        .signer_refused(&crate::sign::secret_key_id(&sk))
+        .with_context(|| format!("reading the trusted keys of {}", target.describe()))?
+    {
+        bail!("{why}");
+    }
     writeln!(out, "mirror {} -> {}", report.upstream, report.target)?;
     if report.insecure_upstream {
         let w = format!(

@@ -13,7 +13,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{Map, Value};
-use ureq::tls::TlsConfig;
 
 /// The index every Simple Streams tree has, relative to its base.
 pub const INDEX_PATH: &str = "streams/v1/index.json";
@@ -147,24 +146,18 @@ impl Upstream {
     /// store for https.
     pub fn new(url: &str, ca: Option<&Path>) -> Result<Upstream> {
         let base = normalize_base(url)?;
-        let roots = match ca {
-            // the same trust store rules as the API client
-            Some(p) => crate::client::load_ca(p)?,
-            None => crate::client::system_roots()?,
-        };
         // an https upstream stays https (a redirect to http:// fails)
         let https = base.starts_with("https://");
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .https_only(https)
             .max_redirects(5)
             .user_agent(concat!("imgsrv-mirror/", env!("CARGO_PKG_VERSION")))
             .timeout_connect(Some(Duration::from_secs(30)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
-            .timeout_per_read(Some(Duration::from_secs(120)))
-            .tls_config(TlsConfig::builder().root_certs(roots).build())
-            .build()
-            .new_agent();
+            .timeout_per_read(Some(Duration::from_secs(120)));
+        // the same trust rules as the API client (a --upstream-ca is pinned)
+        let agent = crate::client::https_agent(config, ca)?;
         Ok(Upstream { base, agent })
     }
 

@@ -22,7 +22,6 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -308,6 +307,26 @@ pub fn minisign_keypair(dir: impl AsRef<Path>) -> (PathBuf, PathBuf) {
             .arg(&secret),
     );
     (public, secret)
+}
+
+/// A self-signed certificate and its key made by the stock openssl recipe
+/// (`openssl req -x509 -newkey rsa:2048 -nodes ... -addext subjectAltName=IP:HOST`,
+/// so with basicConstraints CA:TRUE): `DIR/NAME.crt`, `DIR/NAME.key`.
+pub fn openssl_self_signed(dir: &Path, name: &str, host: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .args(["-days", "30", "-subj", &format!("/CN={host}")])
+            .args(["-addext", &format!("subjectAltName=IP:{host}")]),
+    );
+    (cert, key)
 }
 
 /// Signs `file` with an unencrypted minisign secret key; returns the `.minisig` path
@@ -717,26 +736,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A ureq agent that trusts exactly the PEM certificate(s) in `cert` (if the file exists
-/// yet), with a 30 s overall timeout and HTTP error statuses returned as responses.
+/// A ureq agent that trusts the PEM certificate(s) in `cert` (if the file exists yet) as
+/// imgsrv's own `--ca` does (pinned: a self-signed CA:TRUE certificate too), with a 30 s
+/// overall timeout and HTTP error statuses returned as responses.
 pub fn https_agent(cert: &Path) -> ureq::Agent {
-    use ureq::tls::{parse_pem, PemItem, RootCerts, TlsConfig};
-    let pem = fs::read(cert).unwrap_or_default();
-    let certs: Vec<_> = parse_pem(&pem)
-        .filter_map(|item| match item {
-            Ok(PemItem::Certificate(c)) => Some(c),
-            _ => None,
-        })
-        .collect();
-    let tls = TlsConfig::builder()
-        .root_certs(RootCerts::Specific(Arc::new(certs)))
-        .build();
-    ureq::Agent::config_builder()
-        .tls_config(tls)
+    let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
+        .build();
+    if cert.is_file() {
+        if let Ok(agent) = imgsrv::tls::pinned::agent(config.clone(), cert) {
+            return agent;
+        }
+    }
+    config.into()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,326 @@
+//! The client side of `--ca CERT` (and `--upstream-ca`): a certificate given
+//! explicitly is trusted *as that certificate*.
+//!
+//! The file's certificates are trust anchors, as before: a server whose chain
+//! leads to one of them is accepted (a private CA). On top of that, a server
+//! presenting exactly one of the given certificates as its own (the same DER
+//! bytes) is accepted even when webpki alone would refuse it for not being a
+//! proper leaf: a self-signed certificate with `basicConstraints CA:TRUE` (what
+//! the stock `openssl req -x509 -newkey ...` recipe makes, refused with
+//! `CaUsedAsEndEntity`) or a leaf whose issuer is not in the file
+//! (`UnknownIssuer`). That is what curl's `--cacert` and the Incus client's
+//! pinned `servercerts/` accept.
+//!
+//! What is still checked for a pinned certificate, as curl does: its validity
+//! period (webpki checks it before the chain, so a chain error means the dates
+//! were fine; a unit test holds that), the host name (the URL's host must be in
+//! its subjectAltName), and the handshake signature (the server holds the
+//! private key). Only the "is it a proper leaf issued by a known CA" part is
+//! replaced by "is it byte for byte the certificate I was given".
+//!
+//! ureq 3 takes no custom verifier through its `TlsConfig`, so [`agent`]
+//! builds its connector chain with [`PinnedTlsConnector`] in place of ureq's
+//! rustls connector (the same few lines: handshake, then a buffered transport).
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, StreamOwned,
+};
+use ureq::unversioned::transport::{
+    Buffers, ConnectProxyConnector, ConnectionDetails, Connector, Either, LazyBuffers, NextTimeout,
+    TcpConnector, Transport, TransportAdapter,
+};
+
+/// Accepts what the webpki verifier accepts with the given certificates as
+/// anchors, and a server certificate equal to one of them (see the module).
+#[derive(Debug)]
+pub struct PinnedVerifier {
+    pinned: Vec<CertificateDer<'static>>,
+    webpki: Arc<WebPkiServerVerifier>,
+}
+
+/// Chain errors a pinned certificate overrides: it is not a proper leaf
+/// (`CaUsedAsEndEntity`) or its issuer is not among the anchors.
+fn pin_overrides(e: &rustls::Error) -> bool {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => true,
+        rustls::Error::InvalidCertificate(CertificateError::Other(o)) => matches!(
+            o.0.downcast_ref::<webpki::Error>(),
+            Some(webpki::Error::CaUsedAsEndEntity)
+        ),
+        _ => false,
+    }
+}
+
+impl PinnedVerifier {
+    /// `certs`: the PEM file's certificates (at least one).
+    pub fn new(certs: Vec<CertificateDer<'static>>) -> anyhow::Result<PinnedVerifier> {
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certs.iter().cloned());
+        anyhow::ensure!(added > 0, "no certificate usable as a trust anchor");
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(PinnedVerifier {
+            pinned: certs,
+            webpki,
+        })
+    }
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(e) if pin_overrides(&e) && self.pinned.iter().any(|p| p == end_entity) => {
+                // the dates passed (webpki checks them before the chain); the name:
+                let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&cert, server_name)?;
+                Ok(ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The rustls client configuration trusting `certs` as [`PinnedVerifier`] does.
+pub fn client_config(certs: Vec<CertificateDer<'static>>) -> anyhow::Result<Arc<ClientConfig>> {
+    let verifier = PinnedVerifier::new(certs)?;
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| anyhow::anyhow!("selecting TLS versions: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// The PEM certificates of `path` (at least one).
+pub fn load_pem(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(!certs.is_empty(), "no PEM certificate found");
+    Ok(certs)
+}
+
+/// A ureq agent with `config` whose TLS trusts the certificates of `ca` as
+/// [`PinnedVerifier`] does (the config's own TLS settings are not used).
+pub fn agent(config: ureq::config::Config, ca: &Path) -> anyhow::Result<ureq::Agent> {
+    let tls = client_config(load_pem(ca)?)?;
+    let connector =
+        ().chain(ConnectProxyConnector::default())
+            .chain(TcpConnector::default())
+            .chain(PinnedTlsConnector { config: tls });
+    Ok(ureq::Agent::with_parts(
+        config,
+        connector,
+        ureq::unversioned::resolver::DefaultResolver::default(),
+    ))
+}
+
+/// Wraps the TCP transport of an https URL in rustls with a fixed config.
+pub struct PinnedTlsConnector {
+    config: Arc<ClientConfig>,
+}
+
+impl fmt::Debug for PinnedTlsConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinnedTlsConnector").finish()
+    }
+}
+
+impl<In: Transport> Connector<In> for PinnedTlsConnector {
+    type Out = Either<In, PinnedTlsTransport>;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<In>,
+    ) -> Result<Option<Self::Out>, ureq::Error> {
+        let Some(transport) = chained else {
+            return Ok(None);
+        };
+        if !details.needs_tls() || transport.is_tls() {
+            return Ok(Some(Either::A(transport)));
+        }
+        let host = details
+            .uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| ureq::Error::Tls("invalid host name for TLS"))?;
+        let mut conn = ClientConnection::new(self.config.clone(), name)?;
+        let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
+        sock.set_timeout(details.timeout);
+        conn.complete_io(&mut sock)?;
+        let buffers = LazyBuffers::new(
+            details.config.input_buffer_size(),
+            details.config.output_buffer_size(),
+        );
+        Ok(Some(Either::B(PinnedTlsTransport {
+            buffers,
+            stream: StreamOwned { conn, sock },
+        })))
+    }
+}
+
+/// An established TLS connection (as ureq's own rustls transport).
+pub struct PinnedTlsTransport {
+    buffers: LazyBuffers,
+    stream: StreamOwned<ClientConnection, TransportAdapter>,
+}
+
+impl fmt::Debug for PinnedTlsTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PinnedTlsTransport").finish()
+    }
+}
+
+impl Transport for PinnedTlsTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        self.stream.get_mut().set_timeout(timeout);
+        let output = &self.buffers.output()[..amount];
+        self.stream.write_all(output)?;
+        Ok(())
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.stream.get_mut().set_timeout(timeout);
+        let input = self.buffers.input_append_buf();
+        let amount = self.stream.read(input)?;
+        self.buffers.input_appended(amount);
+        Ok(amount > 0)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.stream.get_mut().get_mut().is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `name` as the openssl recipe makes it
+    /// (CA:TRUE), valid from `from` to `to` days from now.
+    fn ca_cert(from: i64, to: i64, name: &str) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let at = |d: i64| {
+            let secs = u64::try_from(now + d * 86400).unwrap();
+            rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(secs)
+        };
+        p.not_before = at(from);
+        p.not_after = at(to);
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn verify(
+        pinned: &CertificateDer<'static>,
+        presented: &CertificateDer<'_>,
+        host: &str,
+    ) -> Result<(), rustls::Error> {
+        let v = PinnedVerifier::new(vec![pinned.clone()]).unwrap();
+        let name = ServerName::try_from(host.to_string()).unwrap();
+        v.verify_server_cert(presented, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn a_pinned_ca_certificate_is_accepted_for_its_names_and_dates_only() {
+        let good = ca_cert(-1, 30, "127.0.0.1");
+        // webpki alone refuses it as an end entity
+        let roots = {
+            let mut r = rustls::RootCertStore::empty();
+            r.add(good.clone()).unwrap();
+            Arc::new(r)
+        };
+        let plain = WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let e = plain
+            .verify_server_cert(&good, &[], &name, &[], UnixTime::now())
+            .unwrap_err();
+        assert!(pin_overrides(&e), "{e:?}");
+        // pinned, it is accepted
+        verify(&good, &good, "127.0.0.1").unwrap();
+        // not for another name
+        let e = verify(&good, &good, "127.0.0.2").unwrap_err();
+        assert!(format!("{e:?}").contains("NotValidForName"), "{e:?}");
+        // not another certificate
+        let other = ca_cert(-1, 30, "127.0.0.1");
+        let e = verify(&good, &other, "127.0.0.1").unwrap_err();
+        assert!(pin_overrides(&e), "{e:?}");
+        // not expired, not before its time (webpki checks dates before the chain)
+        let expired = ca_cert(-30, -1, "127.0.0.1");
+        let e = verify(&expired, &expired, "127.0.0.1").unwrap_err();
+        assert!(format!("{e:?}").contains("Expired"), "{e:?}");
+        let future = ca_cert(1, 30, "127.0.0.1");
+        let e = verify(&future, &future, "127.0.0.1").unwrap_err();
+        assert!(format!("{e:?}").contains("NotValidYet"), "{e:?}");
+    }
+}
