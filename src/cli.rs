@@ -494,8 +494,11 @@ pub enum KeyCommand {
 
 #[derive(Args, Debug)]
 pub struct PublishArgs {
+    /// A server (`--server`, through the API, with a content-writer token) or a data
+    /// directory on this machine (`--data`, through the server's own code: its
+    /// verification mode and trusted keys apply, audited as the local user).
     #[command(flatten)]
-    pub server: ServerArgs,
+    pub site: crate::replicate::SiteArgs,
     /// minisign secret key file (from `minisign -G`, encrypted or -W).
     #[arg(long, value_name = "SECRET_KEY_FILE")]
     pub key: PathBuf,
@@ -602,11 +605,23 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Publish(p) => {
             let (metadata, roots) =
                 crate::image::sort_files(&p.files).map_err(crate::replicate::cannot_run)?;
-            let token = p.server.require_token()?;
+            let destination = match p.site.site()? {
+                crate::site::Site::Data(dir) => crate::publish::Destination::Data(dir),
+                crate::site::Site::Server(server) => {
+                    let args = ServerArgs {
+                        server,
+                        ca: p.site.ca.clone(),
+                        token_file: p.site.token_file.clone(),
+                    };
+                    crate::publish::Destination::Server {
+                        token: args.require_token()?,
+                        server: args.server,
+                        ca: args.ca,
+                    }
+                }
+            };
             let opts = crate::publish::PublishOptions {
-                server: p.server.server.clone(),
-                ca: p.server.ca.clone(),
-                token,
+                destination,
                 key: p.key,
                 image: p.image,
                 version: p.version,
