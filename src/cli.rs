@@ -995,36 +995,19 @@ fn gc_command(a: GcArgs) -> Result<()> {
         actor: crate::admin_cli::local_actor(),
     };
     let app = crate::app::App::open(config)?;
-    let plan = crate::maint::gc::plan(&app, &opts)?;
-    if !a.json {
-        for line in plan.describe() {
-            println!("{line}");
-        }
-    }
-    if a.dry_run {
+    let mut print = |line: &str| println!("{line}");
+    let mut quiet = |_: &str| {};
+    let say: &mut dyn FnMut(&str) = if a.json { &mut quiet } else { &mut print };
+    let run = crate::maint::gc::run(&app, &opts, a.dry_run, say)?;
+    let plan = crate::maint::gc::plan_json(&run.plan);
+    let Some(report) = run.report else {
         if a.json {
-            println!("{}", crate::maint::gc::plan_json(&plan));
-        } else {
-            println!("dry run: nothing changed");
+            println!("{plan}");
         }
         return Ok(());
-    }
-    let report = crate::maint::gc::apply(&app, &plan, &opts);
-    crate::maint::record_run(&app, crate::metrics::JOB_GC, &report);
-    let report = report?;
+    };
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "plan": crate::maint::gc::plan_json(&plan),
-                "report": report,
-            })
-        );
-    } else {
-        println!("{}", report.describe());
-        for f in &report.failures {
-            println!("  failed: {f}");
-        }
+        println!("{}", serde_json::json!({ "plan": plan, "report": report }));
     }
     if !report.failures.is_empty() {
         anyhow::bail!(

@@ -271,16 +271,13 @@ fn start_gc(app: &Arc<App>, stop: &crate::maint::periodic::Stop) {
             true => log::debug!("gc:{line}"),
             false => log::info!("{line}"),
         };
-        let run = crate::maint::gc::run(&app, &opts, false, &mut say);
-        let ok = match &run {
-            Ok(r) => r.as_ref().is_some_and(|r| r.failures.is_empty()),
+        let ok = match crate::maint::gc::run(&app, &opts, false, &mut say) {
+            Ok(run) => run.report.is_some_and(|r| r.failures.is_empty()),
             Err(e) => {
                 log::error!("gc: {e:#}");
                 false
             }
         };
-        let report = run.map(|r| r.unwrap_or_default());
-        crate::maint::record_run(&app, crate::metrics::JOB_GC, &report);
         crate::metrics::job_finished(crate::metrics::JOB_GC, ok);
     });
 }

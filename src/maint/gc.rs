@@ -146,15 +146,6 @@ impl Plan {
     pub fn leftover_bytes(&self) -> u64 {
         self.leftovers.iter().map(|l| l.bytes).sum()
     }
-    pub fn is_empty(&self) -> bool {
-        self.retire.is_empty()
-            && self.collect.is_empty()
-            && self.uploads.is_empty()
-            && self.leftovers.is_empty()
-            && self.blobs.is_empty()
-            && self.files.is_empty()
-    }
-
     /// The plan as lines for a person (counts, bytes, names).
     pub fn describe(&self) -> Vec<String> {
         let mut out = vec![format!(
@@ -545,28 +536,64 @@ impl Slice {
     }
 }
 
+/// A run: its plan, and its report unless it was a dry run.
+pub struct Run {
+    pub plan: Plan,
+    pub report: Option<Report>,
+}
+
 /// Plans and, unless `dry_run`, applies; prints the plan and the report
-/// through `say`.
+/// through `say`, and records the outcome of a run that was not a dry run
+/// (failed too) in the catalog, for `/metrics` wherever it ran (the command
+/// line and `serve` alike).
 pub fn run(
     app: &App,
     opts: &GcOptions,
     dry_run: bool,
     say: &mut dyn FnMut(&str),
-) -> anyhow::Result<Option<Report>> {
+) -> anyhow::Result<Run> {
+    let done = plan_and_apply(app, opts, dry_run, say);
+    if !dry_run {
+        let (ok, detail) = match &done {
+            Ok(Run {
+                report: Some(r), ..
+            }) => (r.failures.is_empty(), r.describe()),
+            Ok(_) => (true, String::new()),
+            Err(e) => (false, format!("{e:#}")),
+        };
+        if let Err(e) = app
+            .catalog
+            .record_job_run(crate::metrics::JOB_GC, ok, &detail)
+        {
+            log::warn!("gc: recording the run's outcome: {e}");
+        }
+    }
+    done
+}
+
+fn plan_and_apply(
+    app: &App,
+    opts: &GcOptions,
+    dry_run: bool,
+    say: &mut dyn FnMut(&str),
+) -> anyhow::Result<Run> {
     let plan = plan(app, opts)?;
     for line in plan.describe() {
         say(&line);
     }
     if dry_run {
         say("dry run: nothing changed");
-        return Ok(None);
+        return Ok(Run { plan, report: None });
     }
     let report = apply(app, &plan, opts)?;
     say(&report.describe());
     for f in &report.failures {
         say(&format!("  failed: {f}"));
     }
-    Ok(Some(report))
+    Ok(Run {
+        plan,
+        report: Some(report),
+    })
 }
 
 /// Summaries for `imgsrv gc --json`.

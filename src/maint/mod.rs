@@ -13,33 +13,6 @@
 //! while it copies, so a GC never deletes a blob a running backup still needs.
 
 pub mod backup;
-/// A job's report, for [`record_run`]: failures make the run an error.
-pub trait RunSummary {
-    fn summary(&self) -> String;
-    fn failed(&self) -> usize;
-}
-
-impl RunSummary for gc::Report {
-    fn summary(&self) -> String {
-        self.describe()
-    }
-    fn failed(&self) -> usize {
-        self.failures.len()
-    }
-}
-
-/// Records the outcome of a run in the catalog (for `/metrics`, wherever the
-/// job ran); a catalog that cannot take it is logged, never fatal.
-pub fn record_run<R: RunSummary>(app: &crate::app::App, job: &str, outcome: &anyhow::Result<R>) {
-    let (ok, detail) = match outcome {
-        Ok(r) => (r.failed() == 0, r.summary()),
-        Err(e) => (false, format!("{e:#}")),
-    };
-    if let Err(e) = app.catalog.record_job_run(job, ok, &detail) {
-        log::warn!("{job}: recording the run's outcome: {e}");
-    }
-}
-
 pub mod gc;
 pub mod periodic;
 pub mod restore;
