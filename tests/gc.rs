@@ -2,7 +2,8 @@
 //! beside a running `imgsrv serve`): what a refused mirror, an abandoned upload and a
 //! crash left behind is reclaimed, exactly the bytes the dry run announced; `kill -9` in
 //! the middle of a run never leaves a catalog row without its blob; and a soak of
-//! publishes, mirror runs and retention against GC in a loop with no grace loses nothing.
+//! publishes, mirror runs, bundle imports and retention against GC in a loop with no
+//! grace loses nothing.
 
 mod support;
 
@@ -404,7 +405,7 @@ fn kill_9_in_the_middle_of_gc_leaves_no_row_without_its_blob() {
 }
 
 #[test]
-fn soak_publishes_mirrors_and_retention_against_gc_with_no_grace_lose_nothing() {
+fn soak_publishes_mirrors_imports_and_retention_against_gc_with_no_grace_lose_nothing() {
     let tmp = temp_dir("gc-soak");
     let (public, secret) = minisign_keypair(tmp.path().join("publisher"));
     let (_, mirror_key) = minisign_keypair(tmp.path().join("mirror"));
@@ -447,6 +448,20 @@ fn soak_publishes_mirrors_and_retention_against_gc_with_no_grace_lose_nothing() 
             )
         })
         .collect();
+    // bundle imports: versions published into a data directory of their own, exported
+    // and imported into the target, one per round beside the mirror runs
+    let imported: Vec<(String, TestImage)> = (0..ROUNDS)
+        .map(|i| {
+            let serial = format!("202603{:02}_0000", i + 1);
+            (
+                format!("ubuntu-bookworm@{serial}"),
+                image(&format!("b{i}"), serial, "Ubuntu", i),
+            )
+        })
+        .collect();
+    let source = tmp.path().join("bundle-source");
+    run_ok(Command::new(IMGSRV).args(["init", "--data", s(&source)]));
+    trust_key(&source, Some("release"), &public);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gc_loop = {
@@ -488,8 +503,19 @@ fn soak_publishes_mirrors_and_retention_against_gc_with_no_grace_lose_nothing() 
             }
         })
     };
-    // the mirror loop: a new upstream version, then a mirror run into the target
-    for (_, img) in &mirrored {
+    // the mirror loop: a new upstream version, then a mirror run into the target; and
+    // a bundle of a new version imported into it
+    for (i, ((_, img), (_, bundled))) in mirrored.iter().zip(&imported).enumerate() {
+        let roots = [bundled.rootfs()];
+        run_ok(
+            Command::new(IMGSRV)
+                .args(["publish", "--data", s(&source), "--key", s(&secret)])
+                .arg(&bundled.metadata)
+                .args(roots),
+        );
+        let bundle = tmp.path().join(format!("bundle{i}.tar"));
+        run_ok(Command::new(IMGSRV).args(["export", "--data", s(&source), "-o", s(&bundle)]));
+        run_ok(Command::new(IMGSRV).args(["import", "--data", s(&data), s(&bundle)]));
         publish_image(&up, &secret, img, &[]);
         run_ok(
             Command::new(IMGSRV)
@@ -521,18 +547,24 @@ fn soak_publishes_mirrors_and_retention_against_gc_with_no_grace_lose_nothing() 
     assert_rows_have_blobs(&data, "after the soak");
     let now = served(&server);
     let mut want: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    for (name, img) in published.iter().skip(ROUNDS - 3).chain(mirrored.iter()) {
+    for (name, img) in published
+        .iter()
+        .skip(ROUNDS - 3)
+        .chain(mirrored.iter())
+        .chain(imported.iter())
+    {
         want.insert(name.clone(), expected(img));
     }
     assert_eq!(now, want);
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),
-        "gc soak: {} publishes + {} mirror runs in {:.0?}; {runs} gc runs beside them \
+        "gc soak: {} publishes + {} mirror runs + {} bundle imports in {:.0?}; {runs} gc runs beside them \
          (grace 0): {retired} retired by the policy, {collected} collected, {removed} blobs \
          removed, 0 lost",
         published.len(),
         mirrored.len(),
+        imported.len(),
         started.elapsed()
     );
     assert_eq!(retired, (ROUNDS - 3) as u64);
