@@ -19,6 +19,8 @@ pub struct App {
     pub blobs: Arc<dyn BlobStore>,
     pub streams: StreamsCache,
     pub auth_failures: crate::auth::FailureThrottle,
+    /// Fingerprints taken while roots were uploaded.
+    pub seen_fingerprints: crate::fingerprint::Seen,
     /// The TLS certificate as read at start (the web catalog shows its fingerprint);
     /// `None` when it cannot be read.
     pub served_cert: Option<Arc<crate::tls::ServedCert>>,
@@ -108,6 +110,7 @@ impl App {
             blobs: Arc::new(blobs),
             streams: StreamsCache::default(),
             auth_failures: Default::default(),
+            seen_fingerprints: Default::default(),
         })
     }
 
@@ -348,7 +351,8 @@ impl App {
                 reason,
                 manifest_digest: Some(manifest_digest),
             })?;
-        let projection = crate::fingerprint::compute_with(self.blobs.as_ref(), &view, known)?;
+        let known = self.seen_fingerprints.with(known, &view);
+        let projection = crate::fingerprint::compute_with(self.blobs.as_ref(), &view, &known)?;
         let record = PublishRecord {
             version_id: view.version.id.clone(),
             manifest,
@@ -460,6 +464,26 @@ impl App {
         }
         self.catalog.insert_blob(digest, size, media_type)?;
         Ok(())
+    }
+
+    /// [`App::ingest`] of bytes whose digest the caller does not know yet: they are
+    /// hashed as they are stored ([`crate::cas::BlobStore::put_new`]), and the
+    /// digest they make is returned, recorded and pinned for `lease`. One read of
+    /// the source instead of two (hash, then store).
+    pub fn ingest_new(
+        &self,
+        lease: &Lease,
+        size: u64,
+        media_type: Option<&str>,
+        reader: &mut dyn std::io::Read,
+    ) -> Result<crate::digest::Digest, PublishError> {
+        self.room_for_change()?;
+        // held until the blob is pinned: a collection cannot come in between
+        let _writing = self.blob_write_lock()?;
+        let digest = self.blobs.put_new(size, reader)?;
+        lease.pin(&digest)?;
+        self.catalog.insert_blob(&digest, size, media_type)?;
+        Ok(digest)
     }
 
     /// [`App::ingest`] of a file the caller wrote and will not write again:

@@ -162,6 +162,10 @@ pub struct BeginUpload {
     pub media_type_hint: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub filename_hint: Option<String>,
+    /// For a root: the metadata tarball it is published with (the server takes
+    /// the Incus fingerprint while the root arrives).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub incus_metadata: Option<Digest>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -835,11 +839,27 @@ impl ApiClient {
         size: u64,
         progress: Option<&ProgressBar>,
     ) -> Result<bool, ClientError> {
+        self.upload_root(file, media_type, digest, size, progress, None)
+    }
+
+    /// [`ApiClient::upload_hashed`] of a root, naming the metadata tarball
+    /// (uploaded before) it is published with: the server then takes its Incus
+    /// fingerprint as it arrives rather than reading it again at publish.
+    pub fn upload_root(
+        &self,
+        file: &Path,
+        media_type: &str,
+        digest: Digest,
+        size: u64,
+        progress: Option<&ProgressBar>,
+        incus_metadata: Option<Digest>,
+    ) -> Result<bool, ClientError> {
         let begin = BeginUpload {
             expected_digest: digest,
             expected_size_bytes: size,
             media_type_hint: Some(media_type.to_string()),
             filename_hint: file.file_name().and_then(|n| n.to_str()).map(String::from),
+            incus_metadata,
         };
         let (session, ready) = self.begin_upload(&begin)?;
         if ready {

@@ -142,6 +142,58 @@ pub fn read_chunks(
 /// thread (both hashes in the time of one on a machine with two cores: a root
 /// file's own sha256 and its Incus fingerprint, the metadata's state continued).
 /// Calls `progress` with each chunk's length. Returns both and the byte count.
+/// Runs `f` over a reader of `reader` whose bytes are also hashed into `side`, on a
+/// second thread, as `f` reads them: `f`'s result and `side` over exactly the bytes
+/// `f` read. For a second hash of a stream another consumer reads anyway (an Incus
+/// fingerprint beside the blob store's own sha256), at the cost of one copy of
+/// each chunk and no second read.
+pub fn with_side_hash<T>(
+    reader: &mut dyn std::io::Read,
+    side: Hasher,
+    f: impl FnOnce(&mut dyn std::io::Read) -> T,
+) -> (T, Hasher) {
+    use std::sync::mpsc;
+    const BUFFERS: usize = 8;
+    struct Tee<'a> {
+        inner: &'a mut dyn std::io::Read,
+        full: mpsc::SyncSender<Vec<u8>>,
+        free: mpsc::Receiver<Vec<u8>>,
+    }
+    impl std::io::Read for Tee<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            if n > 0 {
+                let mut copy = self.free.try_recv().unwrap_or_default();
+                copy.clear();
+                copy.extend_from_slice(&buf[..n]);
+                // the hashing thread ends only when this sender is gone
+                let _ = self.full.send(copy);
+            }
+            Ok(n)
+        }
+    }
+    let (full, full_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+    let (free_tx, free) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            let mut side = side;
+            for chunk in full_rx {
+                side.update(&chunk);
+                let _ = free_tx.send(chunk);
+            }
+            side
+        });
+        let mut tee = Tee {
+            inner: reader,
+            full,
+            free,
+        };
+        let out = f(&mut tee);
+        drop(tee);
+        (out, worker.join().expect("the side hash does not panic"))
+    })
+}
+
 pub fn hash_twice(
     reader: &mut dyn std::io::Read,
     mut first: Hasher,
@@ -207,6 +259,21 @@ mod tests {
         let mut both = b"metadata".to_vec();
         both.extend_from_slice(&data);
         assert_eq!(b.finish(), Digest::of(&both));
+    }
+
+    #[test]
+    fn side_hash_sees_exactly_what_was_read() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 241) as u8).collect();
+        let mut prefix = Hasher::new();
+        prefix.update(b"metadata");
+        // the consumer stops early: the side hash covers what it read, no more
+        let ((), side) = with_side_hash(&mut &data[..], prefix, |r| {
+            let mut got = vec![0u8; 2_000_000];
+            r.read_exact(&mut got).unwrap();
+        });
+        let mut both = b"metadata".to_vec();
+        both.extend_from_slice(&data[..2_000_000]);
+        assert_eq!(side.finish(), Digest::of(&both));
     }
 
     #[test]

@@ -14,6 +14,74 @@ use std::collections::{BTreeMap, HashMap};
 /// Never built from data a client sent.
 pub type Known = BTreeMap<(crate::digest::Digest, crate::digest::Digest), crate::digest::Digest>;
 
+/// Fingerprints this server took while blobs came in, for the publish that
+/// cites them: an upload that names its metadata tarball at begin
+/// (`incus_metadata`) and arrives as one part has `sha256(metadata || root)`
+/// taken in the pass that hashes the part, instead of a second read of the
+/// root at publish. Memory only and bounded: what is not here (a restart, a
+/// part received by another instance, more than [`Seen::CAP`] pending) is
+/// read from the store at publish as before.
+#[derive(Default)]
+pub struct Seen {
+    /// Upload id → the metadata tarball its root follows.
+    hints: std::sync::Mutex<HashMap<String, crate::digest::Digest>>,
+    known: std::sync::Mutex<Known>,
+}
+
+impl Seen {
+    /// At most this many hints and this many fingerprints are kept.
+    pub const CAP: usize = 1024;
+
+    pub fn hint(&self, upload: &str, metadata: crate::digest::Digest) {
+        let mut h = self.hints.lock().unwrap_or_else(|e| e.into_inner());
+        if h.len() >= Self::CAP {
+            // (abandoned sessions): their fingerprints are read at publish
+            h.clear();
+        }
+        h.insert(upload.to_string(), metadata);
+    }
+
+    pub fn hinted(&self, upload: &str) -> Option<crate::digest::Digest> {
+        let h = self.hints.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(upload).copied()
+    }
+
+    pub fn forget_hint(&self, upload: &str) {
+        let mut h = self.hints.lock().unwrap_or_else(|e| e.into_inner());
+        h.remove(upload);
+    }
+
+    /// Records a fingerprint this process computed from stored metadata bytes
+    /// and the root bytes it hashed to `root`.
+    pub fn record(
+        &self,
+        metadata: crate::digest::Digest,
+        root: crate::digest::Digest,
+        fingerprint: crate::digest::Digest,
+    ) {
+        let mut k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        while k.len() >= Self::CAP {
+            k.pop_first();
+        }
+        k.insert((metadata, root), fingerprint);
+    }
+
+    /// `known` and what was seen for the artifacts of `view`.
+    pub fn with(&self, known: &Known, view: &VersionView) -> Known {
+        let k = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = known.clone();
+        for a in &view.artifacts {
+            for t in &a.attachments {
+                let key = (t.blob_digest, a.artifact.primary_blob_digest);
+                if let Some(fp) = k.get(&key) {
+                    out.entry(key).or_insert(*fp);
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The attachment name that marks an artifact's Incus metadata tarball.
 pub const INCUS_METADATA: &str = "incus.tar.xz";
 

@@ -371,13 +371,21 @@ fn publish_remote(
     let meta_size = meta_state.len();
     let meta_digest = meta_state.clone().finish();
     let meta_media = meta.compression.media_type();
-    upload(client, mpath, meta_media, meta_digest, meta_size, pb)?;
+    upload(
+        client,
+        mpath,
+        meta_media,
+        (meta_digest, meta_size),
+        None,
+        pb,
+    )?;
 
     let mut roots = Vec::new();
     for (path, format) in formats {
         let pb = progress_bar(opts.progress, &path, file_len(&path)?, "hashing");
         let (digest, size, fingerprint) = hash_root(&path, &meta_state, pb.as_ref())?;
-        upload(client, &path, format.media_type(), digest, size, pb)?;
+        let hint = Some(meta_digest);
+        upload(client, &path, format.media_type(), (digest, size), hint, pb)?;
         roots.push(Root {
             path,
             format,
@@ -539,19 +547,20 @@ fn publish_remote(
     Ok(outcome)
 }
 
+/// Uploads one input (`incus_metadata`: for a root, the metadata tarball's digest).
 fn upload(
     client: &ApiClient,
     path: &Path,
     media_type: &str,
-    digest: Digest,
-    size: u64,
+    (digest, size): (Digest, u64),
+    incus_metadata: Option<Digest>,
     pb: Option<ProgressBar>,
 ) -> Result<(), ClientError> {
     if let Some(pb) = &pb {
         pb.set_position(0);
         pb.set_message("uploading");
     }
-    let sent = client.upload_hashed(path, media_type, digest, size, pb.as_ref());
+    let sent = client.upload_root(path, media_type, digest, size, pb.as_ref(), incus_metadata);
     if let Some(pb) = &pb {
         match &sent {
             Ok(true) => pb.finish_with_message("uploaded"),

@@ -60,6 +60,10 @@ pub struct NewUpload {
     pub media_type_hint: Option<String>,
     pub filename_hint: Option<String>,
     pub principal_id: String,
+    /// The Incus metadata tarball this blob (a root) will be published with, when
+    /// the client says so: its fingerprint is then taken as the blob arrives
+    /// ([`crate::fingerprint::Seen`]).
+    pub incus_metadata: Option<Digest>,
 }
 
 /// A part as the client lists it at `complete`.
@@ -136,6 +140,8 @@ impl App {
         self.catalog.create_upload(&s)?;
         if ready {
             crate::metrics::upload_finished(UploadOutcome::AlreadyStored);
+        } else if let Some(meta) = u.incus_metadata {
+            self.seen_fingerprints.hint(&s.id, meta);
         }
         Ok((s, ready))
     }
@@ -161,8 +167,7 @@ impl App {
             ));
         }
         let staged = self
-            .blobs
-            .stage_part(&s.id, n, len, body)
+            .stage_part_fingerprinting(&s, n, len, body)
             .map_err(|e| match e {
                 CasError::Truncated { expected, actual } => {
                     UploadError::Truncated { expected, actual }
@@ -185,6 +190,48 @@ impl App {
         Ok(part)
     }
 
+    /// Stages a part; when it is the whole blob of a session that named its
+    /// metadata tarball (stored already), the Incus fingerprint
+    /// `sha256(metadata || root)` is taken from the same bytes on a second thread
+    /// and kept for the publish.
+    fn stage_part_fingerprinting(
+        &self,
+        s: &UploadSession,
+        n: u32,
+        len: u64,
+        body: &mut dyn Read,
+    ) -> Result<StagedPart, CasError> {
+        let meta = self
+            .seen_fingerprints
+            .hinted(&s.id)
+            .filter(|_| n == 1 && len == s.expected_size_bytes);
+        let Some((meta, state)) = meta.and_then(|m| Some((m, self.metadata_state(&m)?))) else {
+            return self.blobs.stage_part(&s.id, n, len, body);
+        };
+        let before = state.len();
+        let (staged, fp) =
+            crate::digest::with_side_hash(body, state, |r| self.blobs.stage_part(&s.id, n, len, r));
+        let staged = staged?;
+        if fp.len() == before + staged.size {
+            self.seen_fingerprints
+                .record(meta, staged.digest, fp.finish());
+        }
+        Ok(staged)
+    }
+
+    /// The hash state over a stored metadata tarball, `None` when it is not
+    /// stored (whole) or cannot be read: the fingerprint is then read at publish.
+    fn metadata_state(&self, meta: &Digest) -> Option<crate::digest::Hasher> {
+        let size = self.catalog.get_blob(meta).ok()??.size_bytes;
+        if self.blobs.stat(meta).ok()? != Some(size) || size > 64 << 20 {
+            return None;
+        }
+        let mut r = self.blobs.open_range(meta, 0, size).ok()?;
+        let mut h = crate::digest::Hasher::new();
+        crate::digest::read_chunks(&mut r, |c| h.update(c)).ok()?;
+        (h.len() == size && h.clone().finish() == *meta).then_some(h)
+    }
+
     /// Checks the listed parts against the staged ones, assembles and
     /// stores the blob, records it, and marks the session `ready`. A
     /// session already `ready` is returned as it is.
@@ -202,6 +249,7 @@ impl App {
         let parts = self.listed_parts(id, listed)?;
         // (a refused request above leaves the session as it was: no outcome yet)
         let result = self.store_upload(id, s, &parts);
+        self.seen_fingerprints.forget_hint(id);
         crate::metrics::upload_finished(match &result {
             Ok(_) => UploadOutcome::Stored,
             Err(UploadError::Refused(_)) => UploadOutcome::Failed,
@@ -334,6 +382,7 @@ impl App {
             }
         }
         self.blobs.discard_upload(id)?;
+        self.seen_fingerprints.forget_hint(id);
         let s = self
             .catalog
             .set_upload_state(id, UploadState::Aborted, None)?;

@@ -1130,3 +1130,114 @@ fn wrong_methods_get_405_with_allow() {
     // an unknown path is still 404, whatever the method
     assert_eq!(e.call("DELETE", "/v1/nothing", Value::Null).status, 404);
 }
+
+/// A root whose upload names its metadata tarball (`incus_metadata`) has its
+/// Incus fingerprint taken as it arrives, in the pass that hashes it: the publish
+/// then does not read it again. Shown by changing the stored root's bytes behind
+/// the server's back before the publish: the fingerprint published is the one of
+/// the bytes that arrived. A root uploaded without the hint, or with a hint that
+/// names other metadata than the draft attaches, is read at publish (its
+/// fingerprint follows the changed bytes), so the hint never yields a fingerprint
+/// of another pair.
+#[test]
+fn fingerprint_is_taken_while_a_hinted_root_arrives() {
+    let e = env_with("[image_verification]\nmode = \"off\"\n");
+    let meta = b"METADATA TARBALL".as_slice();
+    let other_meta = b"OTHER METADATA".as_slice();
+    let md = e.upload(meta);
+    let omd = e.upload(other_meta);
+    // (root bytes, the metadata its upload names, the metadata the draft attaches)
+    type Case<'a> = (&'a [u8], Option<&'a Digest>, &'a [u8], bool);
+    let cases: [Case; 3] = [
+        (b"ROOT-HINTED", Some(&md), meta, true),
+        (b"ROOT-PLAIN!", None, meta, false),
+        (b"ROOT-OTHERS", Some(&omd), meta, false),
+    ];
+    for (i, (root, hint, attached, taken)) in cases.into_iter().enumerate() {
+        let d = Digest::of(root);
+        let mut begin =
+            json!({"expected_digest": d.to_string(), "expected_size_bytes": root.len()});
+        if let Some(h) = hint {
+            begin["incus_metadata"] = json!(h.to_string());
+        }
+        let s = e.call("POST", "/v1/uploads", begin);
+        assert_eq!(s.status, 201, "{}", String::from_utf8_lossy(&s.body));
+        let id = s.json()["id"].as_str().unwrap().to_string();
+        let p = e.put_part(&id, 1, root);
+        assert_eq!(p.status, 200);
+        let etag = p.json()["etag"].as_str().unwrap().to_string();
+        let c = e.call(
+            "POST",
+            &format!("/v1/uploads/{id}/complete"),
+            json!({"parts": [{"number": 1, "etag": etag, "size_bytes": root.len()}]}),
+        );
+        assert_eq!(c.status, 200);
+        // the stored bytes change (same length) before the publish
+        let blob = e.dir.path().join(d.cas_path());
+        let mut changed = root.to_vec();
+        changed[0] ^= 0x20;
+        let mut perm = std::fs::metadata(&blob).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        std::fs::set_permissions(&blob, perm).unwrap();
+        std::fs::write(&blob, &changed).unwrap();
+        // an image each: a stream's version keys are publish times (to the second)
+        let (name, ver) = (format!("fp{i}"), "20250101_0000");
+        let r = e.call("POST", "/v1/images", json!({"name": name}));
+        assert!(r.status == 201 || r.status == 409);
+        let r = e.call(
+            "POST",
+            &format!("/v1/images/{name}/versions"),
+            json!({"version": ver, "metadata": {"os": "Debian", "release": "bookworm", "variant": "default", "serial": ver}}),
+        );
+        assert_eq!(r.status, 201);
+        let a = e.call(
+            "POST",
+            &format!("/v1/images/{name}/versions/{ver}/artifacts"),
+            json!({"operating_system": "debian", "architecture": "x86_64", "format": "squashfs",
+                   "primary_blob_digest": d.to_string(), "primary_blob_size_bytes": root.len(),
+                   "primary_media_type": "application/octet-stream"}),
+        );
+        assert_eq!(a.status, 201);
+        let aid = a.json()["id"].as_str().unwrap().to_string();
+        let t = e.call(
+            "POST",
+            &format!("/v1/images/{name}/versions/{ver}/artifacts/{aid}/attachments"),
+            json!({"name": "incus.tar.xz", "media_type": "application/x-xz",
+                   "blob_digest": Digest::of(attached).to_string(), "blob_size_bytes": attached.len()}),
+        );
+        assert_eq!(t.status, 201);
+        assert_eq!(e.publish(&name, ver, None).status, 200);
+        let ij = e.images_json();
+        let prod = ij["products"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.starts_with(&format!("{name}:")))
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("case {i}: no product {name}"));
+        let fp = prod["versions"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| &v["items"]["incus.tar.xz"])
+            .find(|it| {
+                it["path"]
+                    .as_str()
+                    .is_some_and(|p| p.contains(&format!("/versions/{ver}/")))
+            })
+            .and_then(|it| it["combined_squashfs_sha256"].as_str())
+            .unwrap_or_else(|| panic!("case {i}: no fingerprint in {prod:#}"))
+            .to_string();
+        let of = |m: &[u8], r: &[u8]| Digest::of(&[m, r].concat()).hex();
+        let expected = if taken {
+            of(attached, root)
+        } else {
+            of(attached, &changed)
+        };
+        assert_eq!(
+            fp, expected,
+            "case {i} (fingerprint taken on upload: {taken})"
+        );
+    }
+}

@@ -443,8 +443,7 @@ impl BlobStore for FsStore {
         let mut hasher = Hasher::new();
         Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, &path)?;
         // one more byte means the source was longer than declared
-        let mut extra = [0u8; 1];
-        if matches!(reader.read(&mut extra), Ok(n) if n > 0) {
+        if super::longer_than_declared(reader) {
             return Err(CasError::Truncated {
                 expected: size,
                 actual: size + 1,
@@ -452,6 +451,27 @@ impl BlobStore for FsStore {
         }
         check_digest(digest, size, hasher.finish(), size)?;
         self.install_tmp(tmp, digest)
+    }
+
+    fn put_new(&self, size: u64, reader: &mut dyn Read) -> Result<Digest> {
+        self.ensure_room(size)?;
+        let mut tmp = self.tmp_file()?;
+        let path = tmp.path().to_path_buf();
+        let mut hasher = Hasher::new();
+        Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, &path)?;
+        if super::longer_than_declared(reader) {
+            return Err(CasError::Truncated {
+                expected: size,
+                actual: size + 1,
+            });
+        }
+        let digest = hasher.finish();
+        if self.stat(&digest)? == Some(size) {
+            // stored already: keep those bytes (the temporary file goes)
+            return Ok(digest);
+        }
+        self.install_tmp(tmp, &digest)?;
+        Ok(digest)
     }
 
     fn adopt(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
@@ -669,6 +689,52 @@ mod tests {
         ));
         assert_eq!(s.stat(&d).unwrap(), None);
         assert!(tmp_is_empty(dir.path()));
+    }
+
+    /// Both ways of storing bytes of a digest not known beforehand: the fs store's
+    /// own (a temporary file) and the default (a one-part upload).
+    #[test]
+    fn put_new_stores_under_the_digest_the_bytes_make() {
+        type PutNew = fn(&FsStore, u64, &mut dyn Read) -> Result<Digest>;
+        let ways: [(&str, PutNew); 2] = [
+            ("fs", |s, n, r| s.put_new(n, r)),
+            ("staged", |s, n, r| crate::cas::put_new_staged(s, n, r)),
+        ];
+        for (way, put_new) in ways {
+            let (dir, s) = store();
+            let big: Vec<u8> = (0..(9u32 << 20)).map(|i| (i % 253) as u8).collect();
+            for bytes in [&b"ROOT"[..], &big[..]] {
+                let d = put_new(&s, bytes.len() as u64, &mut &bytes[..]).unwrap();
+                assert_eq!(d, Digest::of(bytes), "{way}");
+                assert_eq!(read_all(&s, &d), bytes, "{way}");
+            }
+            // again: the stored file is kept (same inode)
+            use std::os::unix::fs::MetadataExt;
+            let d = Digest::of(b"ROOT");
+            let ino = fs::metadata(s.blob_path(&d)).unwrap().ino();
+            assert_eq!(put_new(&s, 4, &mut &b"ROOT"[..]).unwrap(), d);
+            assert_eq!(fs::metadata(s.blob_path(&d)).unwrap().ino(), ino, "{way}");
+            // a short or long source stores nothing
+            for (bytes, n) in [(&b"MET"[..], 4), (&b"METAS"[..], 4)] {
+                assert!(
+                    matches!(
+                        put_new(&s, n, &mut &bytes[..]),
+                        Err(CasError::Truncated { .. })
+                    ),
+                    "{way}"
+                );
+                assert_eq!(
+                    s.stat(&Digest::of(&bytes[..4.min(bytes.len())])).unwrap(),
+                    None
+                );
+            }
+            assert!(tmp_is_empty(dir.path()), "{way}");
+            let uploads = dir.path().join("uploads");
+            assert!(
+                !uploads.exists() || fs::read_dir(&uploads).unwrap().next().is_none(),
+                "{way}: staged parts left"
+            );
+        }
     }
 
     #[test]

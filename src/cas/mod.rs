@@ -132,6 +132,17 @@ pub trait BlobStore: Send + Sync {
     /// to `digest`; otherwise nothing is stored.
     fn put(&self, digest: &Digest, size: u64, reader: &mut dyn Read) -> Result<()>;
 
+    /// Stores exactly `size` bytes from `reader` whose digest the caller does not
+    /// know yet, and returns it: the bytes are hashed as they are written, and the
+    /// blob is stored under the digest they make (an existing blob of that digest is
+    /// kept). A source shorter or longer than `size` stores nothing. For one who
+    /// would otherwise read a file twice: once to hash it, once to store it (a
+    /// publish on the server's own machine). The default stages the bytes as a
+    /// one-part upload and commits it.
+    fn put_new(&self, size: u64, reader: &mut dyn Read) -> Result<Digest> {
+        put_new_staged(self, size, reader)
+    }
+
     /// Stores the file at `path`, which must be exactly `size` bytes hashing
     /// to `digest`; otherwise nothing is stored. A store that can take the
     /// file in place (same filesystem) does so without copying it; the
@@ -194,6 +205,38 @@ pub trait BlobStore: Send + Sync {
     /// and the minimum free space is there ([`BlobStore::ensure_room`] of 0 bytes:
     /// [`CasError::Full`] otherwise). Stores nothing.
     fn probe_writable(&self) -> Result<()>;
+}
+
+/// [`BlobStore::put_new`] through a one-part upload: staged (hashed as it is
+/// written), then committed under the digest it made.
+pub(crate) fn put_new_staged<S: BlobStore + ?Sized>(
+    store: &S,
+    size: u64,
+    reader: &mut dyn Read,
+) -> Result<Digest> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let staged = store.stage_part(&id, 1, size, reader)?;
+    if longer_than_declared(reader) {
+        store.discard_upload(&id)?;
+        return Err(CasError::Truncated {
+            expected: size,
+            actual: size + 1,
+        });
+    }
+    let digest = staged.digest;
+    store.commit_upload(&id, &[(1, staged)], &digest, size)?;
+    Ok(digest)
+}
+
+/// True when `reader`, which gave the bytes a write declared, has one more.
+pub(crate) fn longer_than_declared(reader: &mut dyn Read) -> bool {
+    let mut extra = [0u8; 1];
+    loop {
+        match reader.read(&mut extra) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return matches!(r, Ok(n) if n > 0),
+        }
+    }
 }
 
 /// Copies the file at `path` into `store` through [`BlobStore::put`] (which

@@ -3,15 +3,15 @@
 //! host. Nothing is weaker than through the API: the manifest is staged and
 //! its canonical bytes signed with the publisher's key, the data directory's
 //! verification mode and trusted keys decide, and the publish is audited (as
-//! the local user). What is saved is the TLS round trip and one read of each
-//! file: the files are hashed once (a root's sha256 and its Incus
-//! fingerprint in the same pass, on two threads), then copied into the store,
-//! which checks every byte's sha256 again as it writes. A user's file is
+//! the local user). What is saved is the TLS round trip and every second read
+//! of a file: a root is stored as it is read (the store hashes it on its way
+//! in, and it is stored under the digest its bytes make), its Incus
+//! fingerprint taken from the same bytes on another thread. A user's file is
 //! always copied, never linked: the publisher may rebuild it in place later.
 
 use super::{
-    check_manifest, hash_root, print_outcome, Hashed, Prepared, PublishOptions, PublishOutcome,
-    PublishedRoot, Root, METADATA_ATTACHMENT,
+    check_manifest, print_outcome, Hashed, Prepared, PublishOptions, PublishOutcome, PublishedRoot,
+    Root, METADATA_ATTACHMENT,
 };
 use crate::digest::Digest;
 use crate::manifest::{Manifest, ManifestArtifact, ManifestAttachment};
@@ -28,26 +28,7 @@ pub(super) fn publish_local(
     out: &mut dyn Write,
 ) -> anyhow::Result<PublishOutcome> {
     let target = LocalTarget::open(dir)?;
-    let h = hash_inputs(opts, &p)?;
-    // copied through the store, which checks each sha256 as it writes
-    for (path, digest, size, media) in std::iter::once((
-        opts.metadata_tarball.as_path(),
-        h.meta_digest,
-        h.meta_size,
-        h.meta_media,
-    ))
-    .chain(
-        h.roots
-            .iter()
-            .map(|r| (r.path.as_path(), r.digest, r.size, r.format.media_type())),
-    ) {
-        let mut f =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        target
-            .app
-            .ingest(&target.lease, &digest, size, Some(media), &mut f)
-            .with_context(|| format!("storing {} in {}", path.display(), dir.display()))?;
-    }
+    let h = store_inputs(opts, &p, &target, dir)?;
     let mut metadata = p.meta.properties.clone();
     metadata.insert("architecture".into(), p.meta.architecture.clone());
     let manifest = Manifest {
@@ -115,28 +96,63 @@ pub(super) fn publish_local(
     Ok(outcome)
 }
 
-/// Step 3: the metadata once, each root once (its own sha256 and its
-/// fingerprint in the same pass).
-fn hash_inputs(opts: &PublishOptions, p: &Prepared) -> anyhow::Result<Hashed> {
+/// Steps 3-4: each input read once. The metadata (small) is hashed, then stored
+/// by that digest; each root is stored as it is read, the store hashing it on
+/// its way in, while its fingerprint (`sha256(metadata || root)`) is taken from
+/// the same bytes on another thread.
+fn store_inputs(
+    opts: &PublishOptions,
+    p: &Prepared,
+    target: &LocalTarget,
+    dir: &Path,
+) -> anyhow::Result<Hashed> {
+    let storing = |path: &Path| format!("storing {} in {}", path.display(), dir.display());
+    let open = |path: &Path| {
+        let f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let len = f
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        anyhow::Ok((f, len))
+    };
     let mpath = &opts.metadata_tarball;
     let meta_state = crate::client::hash_file_state(mpath, None)?;
     let meta_size = meta_state.len();
     let meta_digest = meta_state.clone().finish();
+    let meta_media = p.meta.compression.media_type();
+    let (mut f, _) = open(mpath)?;
+    target
+        .app
+        .ingest(
+            &target.lease,
+            &meta_digest,
+            meta_size,
+            Some(meta_media),
+            &mut f,
+        )
+        .with_context(|| storing(mpath))?;
     let mut roots = Vec::new();
     for (path, format) in &p.formats {
-        let (digest, size, fingerprint) = hash_root(path, &meta_state, None)?;
+        let (mut f, size) = open(path)?;
+        let (stored, fp) = crate::digest::with_side_hash(&mut f, meta_state.clone(), |r| {
+            target
+                .app
+                .ingest_new(&target.lease, size, Some(format.media_type()), r)
+        });
+        let digest = stored.with_context(|| storing(path))?;
         roots.push(Root {
             path: path.clone(),
             format: *format,
             digest,
             size,
-            fingerprint,
+            fingerprint: fp.finish().hex(),
         });
     }
     Ok(Hashed {
         meta_digest,
         meta_size,
-        meta_media: p.meta.compression.media_type(),
+        meta_media,
         roots,
     })
 }

@@ -11,6 +11,9 @@ struct BeginUpload {
     expected_size_bytes: u64,
     media_type_hint: Option<String>,
     filename_hint: Option<String>,
+    /// The Incus metadata tarball a root is published with: its fingerprint is
+    /// then taken while it arrives (docs/api.md).
+    incus_metadata: Option<String>,
 }
 
 pub(super) fn begin_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
@@ -26,6 +29,7 @@ pub(super) fn begin_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> R
         media_type_hint: b.media_type_hint,
         filename_hint: b.filename_hint,
         principal_id: who,
+        incus_metadata: b.incus_metadata.as_deref().map(parse_digest).transpose()?,
     })?;
     Ok(json(if ready { 200 } else { 201 }, &s))
 }
