@@ -101,6 +101,7 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
 mod quarantine;
 mod sweep;
 pub use quarantine::QUARANTINE_DIR;
+pub use sweep::IN_USE_LOCK;
 
 pub struct FsStore {
     root: PathBuf,

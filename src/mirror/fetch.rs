@@ -67,7 +67,7 @@ impl Staging {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating the staging directory {}", dir.display()))?;
-        let lock_path = dir.join(".lock");
+        let lock_path = dir.join(crate::cas::fs::IN_USE_LOCK);
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -7,6 +7,29 @@ use crate::digest::Digest;
 use std::fs;
 use std::io;
 
+/// Name of the lock a directory under `tmp/` holds while a job works in it (a
+/// mirror run's staging directory, `mirror::fetch::Staging`).
+pub const IN_USE_LOCK: &str = ".lock";
+
+/// `None` when `path` is a directory whose [`IN_USE_LOCK`] another holder has
+/// locked (a job at work there: not a leftover). Otherwise `Some`, holding that
+/// lock, if there is one, until dropped, so that the directory can be removed
+/// before any job takes it again.
+fn in_use(path: &std::path::Path) -> Option<Option<fs::File>> {
+    use std::os::fd::AsRawFd;
+    let lock = path.join(IN_USE_LOCK);
+    let Ok(f) = fs::OpenOptions::new().write(true).open(&lock) else {
+        return Some(None);
+    };
+    // SAFETY: flock(2) on a descriptor we own.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        Some(Some(f))
+    } else {
+        None
+    }
+}
+
 impl FsStore {
     pub(super) fn list_blobs(&self, each: &mut dyn FnMut(StoredBlob) -> bool) -> Result<()> {
         let top = self.root.join("sha256");
@@ -64,6 +87,13 @@ impl FsStore {
             for entry in entries {
                 let entry = entry.map_err(io_err("list", &top))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
+                if kind == LeftoverKind::Temp && in_use(&entry.path()).is_none() {
+                    log::debug!(
+                        "blob store: {} is in use; left alone",
+                        entry.path().display()
+                    );
+                    continue;
+                }
                 if kind == LeftoverKind::Staged && valid_upload_id(&name).is_err() {
                     log::warn!(
                         "blob store: {} is not an upload; left alone",
@@ -92,6 +122,10 @@ impl FsStore {
                     return Err(CasError::Invalid(format!("temp file name {:?}", l.name)));
                 }
                 let p = self.root.join("tmp").join(&l.name);
+                // held from here to the removal: a run that locks it now waits
+                let Some(_unused) = in_use(&p) else {
+                    return Ok(0);
+                };
                 let r = match fs::symlink_metadata(&p) {
                     Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
                     Ok(_) => fs::remove_file(&p),
@@ -116,5 +150,44 @@ impl FsStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io_err("remove", &p)(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::store;
+    use crate::cas::BlobStore;
+    use std::os::fd::AsRawFd;
+
+    /// A job's directory under `tmp/` (a mirror's staging directory, locked
+    /// while a run works in it) is not a leftover while the lock is held, and is
+    /// one, removable, once it is not.
+    #[test]
+    fn a_locked_work_directory_in_tmp_is_not_a_leftover() {
+        let (dir, s) = store();
+        let work = dir.path().join("tmp").join("mirror");
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join("partial"), b"half a download").unwrap();
+        let lock = std::fs::File::create(work.join(super::IN_USE_LOCK)).unwrap();
+        // SAFETY: flock(2) on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        std::fs::write(dir.path().join("tmp").join("ingest-crashed"), b"x").unwrap();
+        let names = |s: &crate::cas::FsStore| -> Vec<String> {
+            s.leftovers().unwrap().into_iter().map(|l| l.name).collect()
+        };
+        assert_eq!(names(&s), ["ingest-crashed"]);
+        // listed before the job took its lock: still not removed while it holds it
+        drop(lock);
+        let listed = s.leftovers().unwrap();
+        assert_eq!(listed.len(), 2);
+        let held = std::fs::File::open(work.join(super::IN_USE_LOCK)).unwrap();
+        // SAFETY: as above
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_SH) }, 0);
+        let m = listed.iter().find(|l| l.name == "mirror").unwrap();
+        assert_eq!(s.remove_leftover(m).unwrap(), 0);
+        assert!(work.join("partial").exists());
+        drop(held);
+        assert_eq!(s.remove_leftover(m).unwrap(), 15);
+        assert!(!work.exists());
     }
 }
