@@ -4,22 +4,23 @@
 //! the files; every change is written to the audit log as `local:<user>`.
 
 use crate::auth::{self, ROLE_AUTH_MANAGER};
-use crate::catalog::{AuditCatalog, AuditEntry, AuditQuery, AuthCatalog, SqliteCatalog};
+use crate::catalog::{AuditCatalog, AuditEntry, AuditQuery, AuthCatalog};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 /// Opens the catalog of an initialised data directory.
-pub fn open_catalog(data_dir: &Path) -> Result<SqliteCatalog> {
+pub fn open_catalog(data_dir: &Path) -> Result<std::sync::Arc<dyn crate::catalog::Catalog>> {
     crate::maint::restore::refuse_incomplete(data_dir)?;
+    let config = crate::config::Config::load(data_dir, None)?;
     let db = data_dir.join(crate::app::CATALOG_FILE);
-    if !db.exists() {
+    if config.storage.catalog == crate::config::CatalogBackend::Sqlite && !db.exists() {
         bail!(
             "{} has no catalog: run `imgsrv init --data {}` first",
             data_dir.display(),
             data_dir.display()
         );
     }
-    SqliteCatalog::open(&db).with_context(|| format!("opening {}", db.display()))
+    crate::catalog::open(&config.storage, data_dir)
 }
 
 /// The audit name of whoever runs a local command.
@@ -77,7 +78,7 @@ pub fn principal_add(
     let cat = open_catalog(data_dir)?;
     let p = cat.create_principal(name, kind, display_name.unwrap_or(name), "{}")?;
     record(
-        &cat,
+        cat.as_ref(),
         "principal.add",
         name,
         serde_json::json!({ "id": p.id, "kind": kind }),
@@ -113,13 +114,13 @@ pub fn principal_remove(data_dir: &Path, name: &str) -> Result<()> {
     let cat = open_catalog(data_dir)?;
     let p = cat.get_principal(name)?;
     refuse_last_manager(
-        &cat,
+        cat.as_ref(),
         &p.id,
         p.grants.iter().any(|g| g.role == ROLE_AUTH_MANAGER),
     )?;
     cat.delete_principal(&p.id)?;
     record(
-        &cat,
+        cat.as_ref(),
         "principal.remove",
         &p.name,
         serde_json::json!({ "id": p.id }),
@@ -162,11 +163,11 @@ fn check_grant(cat: &dyn AuthCatalog, role: &str, scope: &str) -> Result<()> {
 
 pub fn grant_add(data_dir: &Path, principal: &str, role: &str, scope: &str) -> Result<()> {
     let cat = open_catalog(data_dir)?;
-    check_grant(&cat, role, scope)?;
+    check_grant(cat.as_ref(), role, scope)?;
     let p = cat.get_principal(principal)?;
     cat.grant(&p.id, role, scope)?;
     record(
-        &cat,
+        cat.as_ref(),
         "grant.add",
         &p.name,
         serde_json::json!({ "role": role, "scope": scope }),
@@ -179,11 +180,11 @@ pub fn grant_rm(data_dir: &Path, principal: &str, role: &str, scope: &str) -> Re
     let cat = open_catalog(data_dir)?;
     let p = cat.get_principal(principal)?;
     if role == ROLE_AUTH_MANAGER {
-        refuse_last_manager(&cat, &p.id, true)?;
+        refuse_last_manager(cat.as_ref(), &p.id, true)?;
     }
     cat.revoke_grant(&p.id, role, scope)?;
     record(
-        &cat,
+        cat.as_ref(),
         "grant.remove",
         &p.name,
         serde_json::json!({ "role": role, "scope": scope }),
@@ -232,9 +233,14 @@ pub fn token_issue(
     let cat = open_catalog(data_dir)?;
     let p = cat.get_principal(principal)?;
     let expires_at = parse_expiry(expires)?;
-    let (t, plaintext) = auth::issue_token(&cat, &p.id, name.unwrap_or("cli"), expires_at.clone())?;
+    let (t, plaintext) = auth::issue_token(
+        cat.as_ref(),
+        &p.id,
+        name.unwrap_or("cli"),
+        expires_at.clone(),
+    )?;
     record(
-        &cat,
+        cat.as_ref(),
         "token.issue",
         &p.name,
         serde_json::json!({ "token_id": t.id, "expires_at": expires_at }),
@@ -257,7 +263,7 @@ pub fn token_revoke(data_dir: &Path, token_id: &str) -> Result<()> {
     cat.revoke_token(token_id)?;
     let p = cat.get_principal(&t.principal_id)?;
     record(
-        &cat,
+        cat.as_ref(),
         "token.revoke",
         &p.name,
         serde_json::json!({ "token_id": token_id }),

@@ -3,15 +3,15 @@
 //! operations that span the catalog and the store (ingest, publish) live here
 //! so that the HTTP layer stays a thin translation.
 
-use crate::cas::{BlobStore, FsStore};
-use crate::catalog::{AuditCatalog, Catalog, SqliteCatalog};
+use crate::cas::BlobStore;
+use crate::catalog::Catalog;
 use crate::config::{Config, VerificationMode};
 use crate::simplestreams::StreamsCache;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const CATALOG_FILE: &str = "catalog.db";
+pub const CATALOG_FILE: &str = crate::catalog::SQLITE_FILE;
 
 pub struct App {
     pub config: Config,
@@ -53,16 +53,15 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<InitRepor
     }
     let config = Config::load(data_dir, None)?;
     let db = data_dir.join(CATALOG_FILE);
-    if !db.exists() {
+    if config.storage.catalog == crate::config::CatalogBackend::Sqlite && !db.exists() {
         report.created.push(db.clone());
     }
-    let catalog =
-        SqliteCatalog::open(&db).with_context(|| format!("opening catalog {}", db.display()))?;
+    let catalog = crate::catalog::open(&config.storage, data_dir)?;
     let cas_dir = data_dir.join("sha256");
-    if !cas_dir.exists() {
+    if config.storage.blobs == crate::config::BlobBackend::Fs && !cas_dir.exists() {
         report.created.push(cas_dir);
     }
-    FsStore::open(data_dir).context("opening the blob store")?;
+    crate::cas::open(&config.storage, data_dir)?;
     let keys = data_dir.join("keys");
     if !keys.exists() {
         std::fs::create_dir_all(&keys)?;
@@ -78,7 +77,7 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<InitRepor
             report.created.push(key);
         }
     }
-    if let Some(p) = crate::auth::bootstrap(&catalog, data_dir)? {
+    if let Some(p) = crate::auth::bootstrap(catalog.as_ref(), data_dir)? {
         report
             .created
             .push(data_dir.join(crate::auth::ADMIN_TOKEN_FILE));
@@ -90,10 +89,8 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<InitRepor
 impl App {
     /// Opens an initialised data directory with `config`.
     pub fn open(config: Config) -> anyhow::Result<App> {
-        let db = config.data_dir.join(CATALOG_FILE);
-        let catalog = SqliteCatalog::open(&db)
-            .with_context(|| format!("opening catalog {}", db.display()))?;
-        let blobs = FsStore::open(&config.data_dir).context("opening the blob store")?;
+        let catalog = crate::catalog::open(&config.storage, &config.data_dir)?;
+        let blobs = crate::cas::open(&config.storage, &config.data_dir)?;
         // the audit log's reserve, before the first request; on a full disk
         // the server still starts and serves what is published
         if let Err(e) = catalog.room_for_change() {
@@ -106,8 +103,8 @@ impl App {
         Ok(App {
             served_cert,
             config,
-            catalog: Arc::new(catalog),
-            blobs: Arc::new(blobs),
+            catalog,
+            blobs,
             streams: StreamsCache::default(),
             auth_failures: Default::default(),
             seen_fingerprints: Default::default(),
@@ -432,6 +429,25 @@ impl App {
             .ok_or_else(|| crate::catalog::CatalogError::Backend("blob lock not granted".into()))
     }
 
+    /// The lock a write of blob `digest` holds when the store asks for one
+    /// ([`crate::cas::BlobStore::needs_write_lock`]): one of 256 catalog job locks
+    /// (`blob-XY`, by the digest's first byte), held exclusively, so that two
+    /// instances never write the same key at once; `None` for a store that needs
+    /// none.
+    pub fn digest_write_lock(
+        &self,
+        digest: &crate::digest::Digest,
+    ) -> Result<Option<crate::catalog::JobLock>, crate::catalog::CatalogError> {
+        if !self.blobs.needs_write_lock() {
+            return Ok(None);
+        }
+        let name = format!("blob-{}", &digest.hex()[..2]);
+        self.catalog
+            .job_lock(&name, crate::catalog::LockMode::Exclusive, true)?
+            .map(Some)
+            .ok_or_else(|| crate::catalog::CatalogError::Backend(format!("{name} not granted")))
+    }
+
     /// A lease for a job that stores blobs and then cites them in a draft
     /// (a mirror run, a bundle import): what it stores is pinned until the
     /// lease is dropped (or, after a crash, expires), so that garbage
@@ -459,6 +475,7 @@ impl App {
         self.room_for_change()?;
         let _writing = self.blob_write_lock()?;
         lease.pin(digest)?;
+        let _key = self.digest_write_lock(digest)?;
         if self.blobs.stat(digest)? != Some(size) {
             self.blobs.put(digest, size, reader)?;
         }
@@ -480,7 +497,26 @@ impl App {
         self.room_for_change()?;
         // held until the blob is pinned: a collection cannot come in between
         let _writing = self.blob_write_lock()?;
-        let digest = self.blobs.put_new(size, reader)?;
+        let digest = if self.blobs.needs_write_lock() {
+            // staged first: the key to lock is known once the bytes are
+            let id = uuid::Uuid::new_v4().to_string();
+            let staged = self.blobs.stage_part(&id, 1, size, reader)?;
+            if crate::cas::longer_than_declared(reader) {
+                self.blobs.discard_upload(&id)?;
+                return Err(crate::cas::CasError::Truncated {
+                    expected: size,
+                    actual: size + 1,
+                }
+                .into());
+            }
+            let _key = self.digest_write_lock(&staged.digest)?;
+            let digest = staged.digest;
+            self.blobs
+                .commit_upload(&id, &[(1, staged)], &digest, size)?;
+            digest
+        } else {
+            self.blobs.put_new(size, reader)?
+        };
         lease.pin(&digest)?;
         self.catalog.insert_blob(&digest, size, media_type)?;
         Ok(digest)
@@ -503,6 +539,7 @@ impl App {
         self.room_for_change()?;
         let _writing = self.blob_write_lock()?;
         lease.pin(digest)?;
+        let _key = self.digest_write_lock(digest)?;
         if self.blobs.stat(digest)? != Some(size) {
             match hashed {
                 true => self.blobs.adopt_hashed(path, digest, size)?,

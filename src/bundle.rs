@@ -300,8 +300,8 @@ pub enum Source {
     /// A data directory: the catalog and the blob store, directly.
     Local {
         dir: PathBuf,
-        catalog: crate::catalog::SqliteCatalog,
-        store: crate::cas::FsStore,
+        catalog: std::sync::Arc<dyn crate::catalog::Catalog>,
+        store: std::sync::Arc<dyn crate::cas::BlobStore>,
     },
     /// A server, through the API (a token shows private images too).
     Remote(crate::client::ApiClient),
@@ -318,7 +318,7 @@ impl Source {
         Ok(Source::Local {
             dir: dir.to_path_buf(),
             catalog: crate::admin_cli::open_catalog(dir)?,
-            store: crate::cas::FsStore::open(dir)?,
+            store: crate::cas::open(&crate::config::Config::load(dir, None)?.storage, dir)?,
         })
     }
 
@@ -334,7 +334,6 @@ impl Source {
 
     /// Images with a published version: (name, private).
     fn images(&self) -> Result<Vec<(String, bool)>> {
-        use crate::catalog::ContentCatalog;
         Ok(match self {
             Source::Local { catalog, .. } => catalog
                 .list_images(false)?
@@ -357,7 +356,7 @@ impl Source {
 
     /// Published versions, oldest first.
     fn versions(&self, image: &str) -> Result<Vec<SourceVersion>> {
-        use crate::catalog::{ContentCatalog, VersionState};
+        use crate::catalog::VersionState;
         let mut v: Vec<SourceVersion> = match self {
             Source::Local { catalog, .. } => catalog
                 .list_versions(image, false)?
@@ -384,7 +383,6 @@ impl Source {
 
     /// The published manifest bytes and signature.
     fn manifest(&self, image: &str, version: &str) -> Result<(Vec<u8>, Option<String>)> {
-        use crate::catalog::ContentCatalog;
         match self {
             Source::Local { catalog, .. } => {
                 let v = catalog.get_version(image, version)?;
@@ -400,7 +398,6 @@ impl Source {
 
     /// alias -> version.
     fn aliases(&self, image: &str) -> Result<Vec<(String, String)>> {
-        use crate::catalog::ContentCatalog;
         Ok(match self {
             Source::Local { catalog, .. } => catalog
                 .list_aliases(image)?
@@ -416,7 +413,6 @@ impl Source {
     }
 
     fn open_blob(&self, digest: &Digest, size: u64) -> Result<Box<dyn Read + Send>> {
-        use crate::cas::BlobStore;
         match self {
             Source::Local { store, .. } => Ok(store.open_range(digest, 0, size)?),
             Source::Remote(c) => Ok(c.open_blob(digest)?),

@@ -670,7 +670,7 @@ pub fn run(cli: Cli) -> Result<()> {
             principal,
         }) => {
             let cat = crate::admin_cli::open_catalog(&data.dir)?;
-            let rows = crate::listing::token_rows(&cat, principal.as_deref())?;
+            let rows = crate::listing::token_rows(cat.as_ref(), principal.as_deref())?;
             print_rows(|out| crate::listing::print_tokens(&rows, format.into(), out))
         }
         Command::Token(TokenCommand::Revoke { data, token_id }) => {
@@ -899,7 +899,7 @@ fn set_key_state(
     let cat = crate::admin_cli::open_catalog(data_dir)?;
     let key = crate::sign::set_key_state(data_dir, name, state)?;
     crate::admin_cli::record(
-        &cat,
+        cat.as_ref(),
         action,
         &key.name,
         serde_json::json!({ "key_id": key.key_id }),
@@ -926,7 +926,7 @@ fn key_command(k: KeyCommand) -> Result<()> {
             let key =
                 crate::sign::add_trusted_key(&data.dir, name.as_deref(), &pubkey_file, &scopes)?;
             crate::admin_cli::record(
-                &cat,
+                cat.as_ref(),
                 "key.add",
                 &key.name,
                 serde_json::json!({ "key_id": key.key_id, "scopes": key.policy.scopes }),
@@ -970,7 +970,7 @@ fn key_command(k: KeyCommand) -> Result<()> {
             let cat = crate::admin_cli::open_catalog(&data.dir)?;
             let key = crate::sign::remove_trusted_key(&data.dir, &name)?;
             crate::admin_cli::record(
-                &cat,
+                cat.as_ref(),
                 "key.remove",
                 &key.name,
                 serde_json::json!({ "key_id": key.key_id }),

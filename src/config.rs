@@ -14,6 +14,12 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+mod storage;
+pub use storage::{
+    redact_url, BlobBackend, CatalogBackend, S3Settings, StorageConfig, POSTGRES_URL_ENV,
+    S3_SECRET_ENV,
+};
+
 pub const CONFIG_FILE: &str = "imgsrv.toml";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 /// Where the Prometheus metrics are served by default (plain HTTP, loopback only).
@@ -104,6 +110,8 @@ struct RawConfig {
     retention: Vec<RawRetention>,
     #[serde(default)]
     scrub: RawScrub,
+    #[serde(default)]
+    storage: storage::RawStorage,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -311,6 +319,8 @@ pub struct Config {
     pub retention: Vec<RetentionRule>,
     /// `[scrub]`.
     pub scrub: ScrubSchedule,
+    /// `[storage]`: the catalog's and the blobs' backends.
+    pub storage: StorageConfig,
     /// Problems that did not stop loading (printed loudly at start).
     pub warnings: Vec<String>,
 }
@@ -382,6 +392,7 @@ impl Config {
             gc: gc_config(raw.gc)?,
             retention: retention_rules(raw.retention)?,
             scrub: ScrubSchedule::parse(raw.scrub)?,
+            storage: StorageConfig::parse(raw.storage, data_dir)?,
             warnings: warning.into_iter().collect(),
         })
     }
@@ -474,6 +485,22 @@ mode = "enforce"
 # rate = "{DEFAULT_SCRUB_RATE}"
 # Percent of the blobs re-hashed each run.
 # sample = 100
+
+# Where the catalog and the blobs live. The default is this directory
+# (catalog.db, sha256/). A full deployment (an imgsrv built with
+# `--features full`; several instances may share them) names a PostgreSQL
+# database and an S3 bucket (Garage, MinIO, AWS); see docs/deployment.md.
+# [storage]
+# catalog = "postgres"
+# postgres_url = "postgresql://imgsrv@127.0.0.1:5432/imgsrv"
+# blobs = "s3"
+# [storage.s3]
+# endpoint = "http://127.0.0.1:3900"
+# bucket = "imgsrv"
+# region = "garage"
+# access_key_id = "GK..."
+# secret_access_key_file = "/etc/imgsrv/s3.secret"
+# path_style = true
 "#
     )
 }

@@ -137,6 +137,10 @@ pub fn serve(
     metrics_listen: Option<&str>,
 ) -> anyhow::Result<()> {
     log::info!("imgsrv {}", crate::catalog::versions());
+    if Config::path(data_dir).exists() {
+        // a configuration mistake is told before anything is created or locked
+        Config::load(data_dir, listen)?;
+    }
     // held until this function returns: one server per data directory
     let _lock = ServeLock::acquire(data_dir)?;
     let report = crate::app::init(data_dir, &[])?;

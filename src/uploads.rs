@@ -277,10 +277,12 @@ impl App {
                 ),
             ));
         }
-        match self
-            .blobs
-            .commit_upload(id, parts, &s.expected_digest, s.expected_size_bytes)
-        {
+        let key = self.digest_write_lock(&s.expected_digest)?;
+        let committed =
+            self.blobs
+                .commit_upload(id, parts, &s.expected_digest, s.expected_size_bytes);
+        drop(key);
+        match committed {
             Ok(()) => {}
             Err(e @ (CasError::Mismatch { .. } | CasError::Truncated { .. })) => {
                 return Err(self.fail_upload(id, e.to_string()))

@@ -12,6 +12,45 @@ use std::path::Path;
 
 pub use fs::FsStore;
 
+/// Opens the blob store `storage` names: `DATA_DIR/sha256/...`, or the S3
+/// bucket. The one place that chooses a blob backend; the store alone maps a
+/// digest to where its bytes are (a path, an object key).
+pub fn open(
+    storage: &crate::config::StorageConfig,
+    data_dir: &Path,
+) -> anyhow::Result<std::sync::Arc<dyn BlobStore>> {
+    use anyhow::Context;
+    match &storage.blobs {
+        crate::config::BlobBackend::Fs => Ok(std::sync::Arc::new(
+            FsStore::open(data_dir).context("opening the blob store")?,
+        )),
+        #[cfg(feature = "s3")]
+        crate::config::BlobBackend::S3(c) => {
+            let opts = s3::S3Options {
+                endpoint: c.endpoint.clone(),
+                bucket: c.bucket.clone(),
+                region: c.region.clone(),
+                access_key_id: c.access_key_id.clone(),
+                secret_access_key: c.secret_access_key.clone(),
+                path_style: c.path_style,
+                ca_file: c.ca_file.clone(),
+            };
+            let s = s3::S3Store::open(&opts).with_context(|| {
+                format!(
+                    "opening the S3 blob store {} bucket {}",
+                    c.endpoint, c.bucket
+                )
+            })?;
+            Ok(std::sync::Arc::new(s))
+        }
+        #[cfg(not(feature = "s3"))]
+        crate::config::BlobBackend::S3(_) => anyhow::bail!(
+            "[storage] blobs = \"s3\", but this imgsrv was built without S3 support: build it \
+             with `cargo build --release --features full`"
+        ),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CasError {
     #[error("blob {0} not found")]
@@ -124,6 +163,18 @@ pub trait BlobStore: Send + Sync {
     /// `each` (which returns `false` to stop).
     fn list_quarantined(&self, each: &mut dyn FnMut(Quarantined) -> bool) -> Result<()>;
 
+    /// True when this store cannot refuse to overwrite an object by itself: then
+    /// every write of a blob ([`BlobStore::put`], [`BlobStore::adopt`],
+    /// [`BlobStore::commit_upload`]) must run under the digest's lock from the
+    /// catalog ([`crate::app::App`] takes it), and the store looks before it
+    /// writes. An S3 bucket is such a store: Garage ignores `If-None-Match` on
+    /// PUT (an existing key was overwritten when the project measured it), so a
+    /// conditional write would not keep a key from being written twice. The
+    /// local store links a finished file into place, which never replaces one.
+    fn needs_write_lock(&self) -> bool {
+        false
+    }
+
     /// Size of a stored blob, `None` if absent.
     fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
     /// Reads `len` bytes from `offset` (the caller checked the bounds).
@@ -229,7 +280,7 @@ pub(crate) fn put_new_staged<S: BlobStore + ?Sized>(
 }
 
 /// True when `reader`, which gave the bytes a write declared, has one more.
-pub(crate) fn longer_than_declared(reader: &mut dyn Read) -> bool {
+pub fn longer_than_declared(reader: &mut dyn Read) -> bool {
     let mut extra = [0u8; 1];
     loop {
         match reader.read(&mut extra) {

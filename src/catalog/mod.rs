@@ -16,6 +16,42 @@ mod migrate;
 mod space;
 pub mod sqlite;
 
+/// The embedded catalog's file in the data directory.
+pub const SQLITE_FILE: &str = "catalog.db";
+
+/// Opens the catalog `storage` names: `DATA_DIR/catalog.db` (created when
+/// missing), or the PostgreSQL database (its schema migrated). The one place
+/// that chooses a catalog backend; every command opens its catalog here.
+pub fn open(
+    storage: &crate::config::StorageConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<dyn Catalog>> {
+    use anyhow::Context;
+    match &storage.catalog {
+        crate::config::CatalogBackend::Sqlite => {
+            let db = data_dir.join(SQLITE_FILE);
+            let c = SqliteCatalog::open(&db)
+                .with_context(|| format!("opening catalog {}", db.display()))?;
+            Ok(std::sync::Arc::new(c))
+        }
+        #[cfg(feature = "postgres")]
+        crate::config::CatalogBackend::Postgres { url } => {
+            let c = postgres::PgCatalog::open(url).with_context(|| {
+                format!(
+                    "opening the PostgreSQL catalog {}",
+                    crate::config::redact_url(url)
+                )
+            })?;
+            Ok(std::sync::Arc::new(c))
+        }
+        #[cfg(not(feature = "postgres"))]
+        crate::config::CatalogBackend::Postgres { .. } => anyhow::bail!(
+            "[storage] catalog = \"postgres\", but this imgsrv was built without PostgreSQL \
+             support: build it with `cargo build --release --features full`"
+        ),
+    }
+}
+
 use crate::digest::Digest;
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -499,13 +499,25 @@ fn describe(cat: &dyn Catalog, blobs: Counts) -> Result<String> {
 /// Opens the data directory to back up (or to read a restore from).
 pub(crate) fn open_source(data_dir: &Path) -> Result<App> {
     restore::refuse_incomplete(data_dir)?;
+    let config = Config::load(data_dir, None)?;
+    if !config.storage.is_embedded() {
+        // A backup is a copy of the embedded stores (catalog.db and sha256/) that
+        // restores into a data directory. A database and a bucket are backed up
+        // with their own tools, consistently with each other: pg_dump (or the
+        // database's PITR) and the bucket's replication or versioning.
+        bail!(
+            "{} keeps its catalog or blobs outside the directory ([storage] in {}): back up              the PostgreSQL database with pg_dump and the S3 bucket with its own replication;              `imgsrv backup` copies the embedded stores only",
+            data_dir.display(),
+            Config::path(data_dir).display()
+        );
+    }
     if !data_dir.join(CATALOG_FILE).is_file() {
         bail!(
             "{} has no catalog: it is not an imgsrv data directory",
             data_dir.display()
         );
     }
-    App::open(Config::load(data_dir, None)?)
+    App::open(config)
 }
 
 /// Runs a backup (see the module doc), printing the plan and the outcome to
