@@ -97,6 +97,14 @@ impl From<CatalogError> for ApiError {
             CatalogError::Full(ref m) => {
                 ApiError::insufficient_storage("the server's data disk", m, &e)
             }
+            CatalogError::Unavailable(ref m) => {
+                log::warn!("catalog unavailable (503): {m}");
+                ApiError::new(
+                    503,
+                    "the catalog database is unavailable; retry in a few seconds",
+                )
+                .with_header("Retry-After", "5")
+            }
             e @ CatalogError::Backend(_) => ApiError::internal("catalog", e),
         }
     }
