@@ -19,11 +19,13 @@
 -- do not exist here (an insert over an existing key is a unique violation; ON CONFLICT DO
 -- UPDATE fires the update guards).
 --
+-- Every guard trigger is ENABLE ALWAYS: it fires in a replication session too
+-- (session_replication_role = replica skips ordinary triggers).
 -- Every statement is idempotent (CREATE OR REPLACE): opening a catalog re-runs this file
 -- when a guard is missing, disabled or was changed (src/catalog/postgres/migrate.rs), and
--- `imgsrv` check_integrity reports such a guard. A superuser or the tables' owner can
--- still drop or disable a trigger (ALTER TABLE ... DISABLE TRIGGER); run imgsrv as a role
--- that owns the schema and give other roles only what they need.
+-- check_integrity (`imgsrv` integrity checks) reports such a guard. A superuser or the
+-- tables' owner can still drop or disable a trigger (ALTER TABLE ... DISABLE TRIGGER):
+-- give the roles other than imgsrv's only the privileges they need.
 
 CREATE OR REPLACE FUNCTION imgsrv_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -334,3 +336,21 @@ CREATE OR REPLACE TRIGGER collections_no_truncate BEFORE TRUNCATE ON collections
 FOR EACH STATEMENT EXECUTE FUNCTION imgsrv_refuse('immutable: collections are append-only');
 CREATE OR REPLACE TRIGGER catalog_state_no_truncate BEFORE TRUNCATE ON catalog_state
 FOR EACH STATEMENT EXECUTE FUNCTION imgsrv_refuse('immutable: the generation counter is never deleted');
+
+-- ------------------------------------------------------------------ ENABLE ALWAYS
+
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT c.relname, tg.tgname FROM pg_trigger tg
+             JOIN pg_class c ON c.oid = tg.tgrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_proc p ON p.oid = tg.tgfoid
+             WHERE NOT tg.tgisinternal AND n.nspname = current_schema()
+               AND p.proname LIKE 'imgsrv\_%' AND tg.tgenabled <> 'A'
+    LOOP
+        EXECUTE format('ALTER TABLE %I ENABLE ALWAYS TRIGGER %I', t.relname, t.tgname);
+    END LOOP;
+END;
+$$;

@@ -206,9 +206,13 @@ fn guard_problems(c: &mut impl GenericClient) -> Result<Vec<String>> {
     for t in &triggers {
         match found.get(&(t.table.clone(), t.name.clone())) {
             None => problems.push(format!("trigger {} on {} is missing", t.name, t.table)),
-            Some((enabled, _)) if enabled != "O" && enabled != "A" => {
+            Some((enabled, _)) if enabled == "D" => {
                 problems.push(format!("trigger {} on {} is disabled", t.name, t.table))
             }
+            Some((enabled, _)) if enabled != "A" => problems.push(format!(
+                "trigger {} on {} is not ENABLE ALWAYS (a replication session would skip it)",
+                t.name, t.table
+            )),
             Some((_, function)) if *function != t.function => problems.push(format!(
                 "trigger {} on {} calls {function}, not {}",
                 t.name, t.table, t.function
@@ -226,7 +230,7 @@ fn guard_problems(c: &mut impl GenericClient) -> Result<Vec<String>> {
     Ok(problems)
 }
 
-/// Runs the guard files again and enables every guard trigger.
+/// Runs the guard files again and enables every guard trigger, always.
 fn rearm(tx: &mut impl GenericClient) -> Result<()> {
     for &g in GUARDS {
         let (name, sql) = MIGRATIONS[g];
@@ -235,7 +239,7 @@ fn rearm(tx: &mut impl GenericClient) -> Result<()> {
     }
     for t in guard_definitions().0 {
         tx.batch_execute(&format!(
-            "ALTER TABLE \"{}\" ENABLE TRIGGER \"{}\"",
+            "ALTER TABLE \"{}\" ENABLE ALWAYS TRIGGER \"{}\"",
             t.table, t.name
         ))
         .map_err(|e| backend(format!("enabling trigger {}: {}", t.name, pool::words(&e))))?;
