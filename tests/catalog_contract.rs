@@ -101,7 +101,8 @@ fn attachment(digest: Digest, size: u64) -> NewAttachment {
 /// blobs stored: (version, artifact id, metadata attachment id, root digest).
 fn draft(c: &dyn Catalog, image: &str, version: &str) -> (ImageVersion, String, String, Digest) {
     if c.get_image(image).is_err() {
-        c.create_image(image, Some("Debian"), None, "public").unwrap();
+        c.create_image(image, Some("Debian"), None, "public")
+            .unwrap();
     }
     let meta: BTreeMap<String, String> = [("release".to_string(), "bookworm".to_string())]
         .into_iter()
@@ -112,16 +113,14 @@ fn draft(c: &dyn Catalog, image: &str, version: &str) -> (ImageVersion, String, 
     let a = c
         .add_artifact(&v.id, &artifact(root, root_size, "amd64"))
         .unwrap();
-    let t = c.add_attachment(&v.id, &a.id, &attachment(m, m_size)).unwrap();
+    let t = c
+        .add_attachment(&v.id, &a.id, &attachment(m, m_size))
+        .unwrap();
     (v, a.id, t.id, root)
 }
 
 /// The record and projection rows that publish `image@version` as it is now.
-fn record_for(
-    c: &dyn Catalog,
-    image: &str,
-    version: &str,
-) -> (PublishRecord, Vec<ProjectionRow>) {
+fn record_for(c: &dyn Catalog, image: &str, version: &str) -> (PublishRecord, Vec<ProjectionRow>) {
     let view = c.version_view(image, version).unwrap();
     let manifest = imgsrv::manifest::canonical(&view);
     let projection = view
@@ -175,24 +174,44 @@ macro_rules! assert_err {
 
 fn drafts_are_composed_read_back_and_deleted(f: &Fixture) {
     let c = f.cat.as_ref();
-    let img = c.create_image("debian", Some("Debian"), Some("d"), "public").unwrap();
+    let img = c
+        .create_image("debian", Some("Debian"), Some("d"), "public")
+        .unwrap();
     assert_eq!(c.get_image("debian").unwrap(), img);
-    assert_err!(c.create_image("debian", None, None, "public"), CatalogError::AlreadyExists(_));
-    assert_err!(c.create_image("Bad Name", None, None, "public"), CatalogError::Invalid(_));
+    assert_err!(
+        c.create_image("debian", None, None, "public"),
+        CatalogError::AlreadyExists(_)
+    );
+    assert_err!(
+        c.create_image("Bad Name", None, None, "public"),
+        CatalogError::Invalid(_)
+    );
     assert_err!(c.get_image("nope"), CatalogError::NotFound(_));
-    assert_eq!(c.set_visibility("debian", "private").unwrap().visibility, "private");
+    assert_eq!(
+        c.set_visibility("debian", "private").unwrap().visibility,
+        "private"
+    );
     assert!(c.get_image("debian").unwrap().is_private());
-    assert_err!(c.set_visibility("nope", "public"), CatalogError::NotFound(_));
+    assert_err!(
+        c.set_visibility("nope", "public"),
+        CatalogError::NotFound(_)
+    );
     c.create_image("alpine", None, None, "public").unwrap();
 
     let (v, artifact_id, attachment_id, root) = draft(c, "debian", "20260101");
     assert_eq!(v.state, VersionState::Draft);
-    assert_eq!(v.metadata.get("release").map(String::as_str), Some("bookworm"));
+    assert_eq!(
+        v.metadata.get("release").map(String::as_str),
+        Some("bookworm")
+    );
     assert_err!(
         c.create_version("debian", "20260101", &BTreeMap::new()),
         CatalogError::AlreadyExists(_)
     );
-    assert_err!(c.create_version("nope", "1", &BTreeMap::new()), CatalogError::NotFound(_));
+    assert_err!(
+        c.create_version("nope", "1", &BTreeMap::new()),
+        CatalogError::NotFound(_)
+    );
     assert_err!(
         c.add_artifact(&v.id, &artifact(root, 4, "amd64")),
         CatalogError::AlreadyExists(_)
@@ -209,26 +228,48 @@ fn drafts_are_composed_read_back_and_deleted(f: &Fixture) {
     assert!(c.list_versions("debian", false).unwrap().is_empty());
     assert_eq!(c.list_versions("debian", true).unwrap().len(), 1);
     assert!(c.list_images(false).unwrap().is_empty());
-    let names: Vec<String> = c.list_images(true).unwrap().into_iter().map(|i| i.name).collect();
+    let names: Vec<String> = c
+        .list_images(true)
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
     assert_eq!(names, ["alpine", "debian"], "byte order on every backend");
 
     // a second artifact, then taken apart again
     let (d2, s2) = blob(c, "arm root");
     let a2 = c.add_artifact(&v.id, &artifact(d2, s2, "arm64")).unwrap();
-    let t2 = c.add_attachment(&v.id, &a2.id, &attachment(d2, s2)).unwrap();
+    let t2 = c
+        .add_attachment(&v.id, &a2.id, &attachment(d2, s2))
+        .unwrap();
     assert_err!(
         c.add_attachment(&v.id, &a2.id, &attachment(d2, s2)),
         CatalogError::AlreadyExists(_)
     );
-    assert_err!(c.delete_attachment(&v.id, &a2.id, "nope"), CatalogError::NotFound(_));
+    assert_err!(
+        c.delete_attachment(&v.id, &a2.id, "nope"),
+        CatalogError::NotFound(_)
+    );
     c.delete_attachment(&v.id, &a2.id, &t2.id).unwrap();
     c.delete_artifact(&v.id, &a2.id).unwrap();
     assert_err!(c.delete_artifact(&v.id, &a2.id), CatalogError::NotFound(_));
-    assert_eq!(c.version_view("debian", "20260101").unwrap().artifacts.len(), 1);
+    assert_eq!(
+        c.version_view("debian", "20260101")
+            .unwrap()
+            .artifacts
+            .len(),
+        1
+    );
 
     c.delete_draft("debian", "20260101").unwrap();
-    assert_err!(c.get_version("debian", "20260101"), CatalogError::NotFound(_));
-    assert_err!(c.delete_draft("debian", "20260101"), CatalogError::NotFound(_));
+    assert_err!(
+        c.get_version("debian", "20260101"),
+        CatalogError::NotFound(_)
+    );
+    assert_err!(
+        c.delete_draft("debian", "20260101"),
+        CatalogError::NotFound(_)
+    );
 }
 
 fn a_published_version_cannot_be_changed_through_the_trait(f: &Fixture) {
@@ -241,19 +282,38 @@ fn a_published_version_cannot_be_changed_through_the_trait(f: &Fixture) {
     let t = &view.artifacts[0].attachments[0];
     let (d, s) = blob(c, "late");
 
-    assert_err!(c.add_artifact(&v.id, &artifact(d, s, "riscv64")), CatalogError::Precondition(_));
-    assert_err!(c.add_attachment(&v.id, &a.id, &attachment(d, s)), CatalogError::Precondition(_));
-    assert_err!(c.delete_attachment(&v.id, &a.id, &t.id), CatalogError::Precondition(_));
-    assert_err!(c.delete_artifact(&v.id, &a.id), CatalogError::Precondition(_));
+    assert_err!(
+        c.add_artifact(&v.id, &artifact(d, s, "riscv64")),
+        CatalogError::Precondition(_)
+    );
+    assert_err!(
+        c.add_attachment(&v.id, &a.id, &attachment(d, s)),
+        CatalogError::Precondition(_)
+    );
+    assert_err!(
+        c.delete_attachment(&v.id, &a.id, &t.id),
+        CatalogError::Precondition(_)
+    );
+    assert_err!(
+        c.delete_artifact(&v.id, &a.id),
+        CatalogError::Precondition(_)
+    );
     assert_err!(c.delete_draft("debian", "1"), CatalogError::Precondition(_));
     let (again, projection) = record_for(c, "debian", "1");
-    assert_err!(c.publish(&again, &projection), CatalogError::Precondition(_));
+    assert_err!(
+        c.publish(&again, &projection),
+        CatalogError::Precondition(_)
+    );
     // a blob row a published version cites stays
     assert_err!(
         c.delete_blob_rows(&[a.primary_blob_digest], &mut |_, _| false),
         CatalogError::Precondition(_)
     );
-    assert_eq!(c.version_view("debian", "1").unwrap(), view, "nothing changed");
+    assert_eq!(
+        c.version_view("debian", "1").unwrap(),
+        view,
+        "nothing changed"
+    );
 
     // what the publish wrote
     let rec = c.publish_record(&v.id).unwrap();
@@ -269,10 +329,20 @@ fn a_published_version_cannot_be_changed_through_the_trait(f: &Fixture) {
     assert_eq!(c.list_images(false).unwrap()[0].name, "debian");
     let entries = c.projection_entries().unwrap();
     assert_eq!(entries.len(), 1);
-    assert_eq!(entries[0].version.metadata.get("release").map(String::as_str), Some("bookworm"));
+    assert_eq!(
+        entries[0]
+            .version
+            .metadata
+            .get("release")
+            .map(String::as_str),
+        Some("bookworm")
+    );
     let fp = rows[0].combined_sha256.hex();
     assert_eq!(c.projection_by_fingerprint(&fp[..12]).unwrap().len(), 1);
-    assert_eq!(c.projection_by_fingerprint(&fp).unwrap()[0].artifact.id, a.id);
+    assert_eq!(
+        c.projection_by_fingerprint(&fp).unwrap()[0].artifact.id,
+        a.id
+    );
     let other = if fp.starts_with('0') { "1" } else { "0" };
     assert!(c.projection_by_fingerprint(other).unwrap().is_empty());
     assert_err!(c.projection_by_fingerprint("XYZ"), CatalogError::Invalid(_));
@@ -291,23 +361,43 @@ fn publish_refuses_a_changed_draft_and_missing_blobs(f: &Fixture) {
     // the draft changes after its manifest was taken (and signed)
     let (d, s) = blob(c, "extra");
     c.add_artifact(&v.id, &artifact(d, s, "arm64")).unwrap();
-    assert_err!(c.publish(&record, &projection), CatalogError::Precondition(_));
-    assert_eq!(c.get_version("debian", "1").unwrap().state, VersionState::Draft);
+    assert_err!(
+        c.publish(&record, &projection),
+        CatalogError::Precondition(_)
+    );
+    assert_eq!(
+        c.get_version("debian", "1").unwrap().state,
+        VersionState::Draft
+    );
 
     // a cited blob that is not stored
     let v2 = c.create_version("debian", "2", &BTreeMap::new()).unwrap();
     let missing = Digest::of(b"never uploaded");
-    let a2 = c.add_artifact(&v2.id, &artifact(missing, 9, "amd64")).unwrap();
-    c.add_attachment(&v2.id, &a2.id, &attachment(missing, 9)).unwrap();
+    let a2 = c
+        .add_artifact(&v2.id, &artifact(missing, 9, "amd64"))
+        .unwrap();
+    c.add_attachment(&v2.id, &a2.id, &attachment(missing, 9))
+        .unwrap();
     let (record, projection) = record_for(c, "debian", "2");
-    assert_err!(c.publish(&record, &projection), CatalogError::Precondition(_));
-    assert_eq!(c.get_version("debian", "2").unwrap().state, VersionState::Draft);
+    assert_err!(
+        c.publish(&record, &projection),
+        CatalogError::Precondition(_)
+    );
+    assert_eq!(
+        c.get_version("debian", "2").unwrap().state,
+        VersionState::Draft
+    );
     // a version without artifacts
     c.create_version("debian", "3", &BTreeMap::new()).unwrap();
     let (record, _) = record_for(c, "debian", "3");
     assert_err!(c.publish(&record, &[]), CatalogError::Precondition(_));
     assert_err!(c.publish_record(&v.id), CatalogError::NotFound(_));
-    assert!(c.version_view("debian", "1").unwrap().artifacts.iter().any(|x| x.artifact.id == a));
+    assert!(c
+        .version_view("debian", "1")
+        .unwrap()
+        .artifacts
+        .iter()
+        .any(|x| x.artifact.id == a));
 }
 
 fn aliases_point_only_at_published_versions(f: &Fixture) {
@@ -316,18 +406,38 @@ fn aliases_point_only_at_published_versions(f: &Fixture) {
     let v2 = published(c, "debian", "2");
     draft(c, "debian", "3");
     published(c, "alpine", "1");
-    assert_err!(c.put_alias("debian", "stable", "3"), CatalogError::Precondition(_));
-    assert_err!(c.put_alias("debian", "stable", "9"), CatalogError::NotFound(_));
-    assert_err!(c.put_alias("nope", "stable", "1"), CatalogError::NotFound(_));
-    assert_err!(c.put_alias("debian", "bad alias", "1"), CatalogError::Invalid(_));
+    assert_err!(
+        c.put_alias("debian", "stable", "3"),
+        CatalogError::Precondition(_)
+    );
+    assert_err!(
+        c.put_alias("debian", "stable", "9"),
+        CatalogError::NotFound(_)
+    );
+    assert_err!(
+        c.put_alias("nope", "stable", "1"),
+        CatalogError::NotFound(_)
+    );
+    assert_err!(
+        c.put_alias("debian", "bad alias", "1"),
+        CatalogError::Invalid(_)
+    );
     let a = c.put_alias("debian", "stable", "1").unwrap();
-    assert_eq!((a.version_id.as_str(), a.version.as_str()), (v1.id.as_str(), "1"));
+    assert_eq!(
+        (a.version_id.as_str(), a.version.as_str()),
+        (v1.id.as_str(), "1")
+    );
     let moved = c.put_alias("debian", "stable", "2").unwrap();
     assert_eq!(moved.id, a.id, "moving keeps the alias");
     assert_eq!(moved.version_id, v2.id);
     c.put_alias("debian", "latest", "2").unwrap();
     c.put_alias("alpine", "latest", "1").unwrap();
-    let names: Vec<String> = c.list_aliases("debian").unwrap().into_iter().map(|a| a.alias).collect();
+    let names: Vec<String> = c
+        .list_aliases("debian")
+        .unwrap()
+        .into_iter()
+        .map(|a| a.alias)
+        .collect();
     assert_eq!(names, ["latest", "stable"]);
     let all: Vec<(String, String)> = c
         .all_aliases()
@@ -346,7 +456,10 @@ fn aliases_point_only_at_published_versions(f: &Fixture) {
     assert_eq!(c.get_alias("debian", "stable").unwrap().version, "2");
     c.delete_alias("debian", "stable").unwrap();
     assert_err!(c.get_alias("debian", "stable"), CatalogError::NotFound(_));
-    assert_err!(c.delete_alias("debian", "stable"), CatalogError::NotFound(_));
+    assert_err!(
+        c.delete_alias("debian", "stable"),
+        CatalogError::NotFound(_)
+    );
     assert_err!(c.list_aliases("nope"), CatalogError::NotFound(_));
 }
 
@@ -395,7 +508,11 @@ fn blob_rows_and_upload_sessions(f: &Fixture) {
         .into_iter()
         .map(|p| (p.part_number, p.etag))
         .collect();
-    assert_eq!(parts, [(1, "a".to_string()), (2, "c".to_string())], "a part sent again replaces it");
+    assert_eq!(
+        parts,
+        [(1, "a".to_string()), (2, "c".to_string())],
+        "a part sent again replaces it"
+    );
     assert_eq!(c.get_upload(&s.id).unwrap().state, UploadState::Uploading);
     assert_err!(
         c.put_upload_part(&UploadPart {
@@ -411,13 +528,23 @@ fn blob_rows_and_upload_sessions(f: &Fixture) {
         .unwrap();
     assert_eq!(failed.state, UploadState::Failed);
     assert_eq!(failed.failure_message.as_deref(), Some("digest mismatch"));
-    assert_err!(c.set_upload_state("nope", UploadState::Aborted, None), CatalogError::NotFound(_));
+    assert_err!(
+        c.set_upload_state("nope", UploadState::Aborted, None),
+        CatalogError::NotFound(_)
+    );
 
     // expiry (the session expired in 2000)
     let expired = c.expired_uploads(&imgsrv::catalog::now()).unwrap();
-    assert_eq!(expired.iter().map(|u| u.id.clone()).collect::<Vec<_>>(), [s.id.clone()]);
-    assert!(c.expired_uploads("1999-01-01T00:00:00Z").unwrap().is_empty());
-    assert!(!c.delete_upload(&s.id, "1999-01-01T00:00:00Z").unwrap(), "not expired then");
+    let expired: Vec<&str> = expired.iter().map(|u| u.id.as_str()).collect();
+    assert_eq!(expired, [s.id.as_str()]);
+    assert!(c
+        .expired_uploads("1999-01-01T00:00:00Z")
+        .unwrap()
+        .is_empty());
+    assert!(
+        !c.delete_upload(&s.id, "1999-01-01T00:00:00Z").unwrap(),
+        "not expired then"
+    );
     assert!(c.delete_upload(&s.id, &imgsrv::catalog::now()).unwrap());
     assert_err!(c.get_upload(&s.id), CatalogError::NotFound(_));
     assert!(c.upload_parts(&s.id).unwrap().is_empty());
@@ -435,9 +562,18 @@ fn principals_grants_and_tokens(f: &Fixture) {
 
     let alice = c.create_principal("alice", "user", "Alice", "{}").unwrap();
     assert!(alice.grants.is_empty());
-    assert_err!(c.create_principal("alice", "user", "Alice", "{}"), CatalogError::AlreadyExists(_));
-    assert_err!(c.create_principal("Bad Name", "user", "x", "{}"), CatalogError::Invalid(_));
-    assert_err!(c.create_principal("bob", "robot", "x", "{}"), CatalogError::Invalid(_));
+    assert_err!(
+        c.create_principal("alice", "user", "Alice", "{}"),
+        CatalogError::AlreadyExists(_)
+    );
+    assert_err!(
+        c.create_principal("Bad Name", "user", "x", "{}"),
+        CatalogError::Invalid(_)
+    );
+    assert_err!(
+        c.create_principal("bob", "robot", "x", "{}"),
+        CatalogError::Invalid(_)
+    );
     c.create_principal("ci", "service", "CI", "{}").unwrap();
     assert_eq!(c.get_principal("alice").unwrap().id, alice.id);
     assert_eq!(c.get_principal(&alice.id).unwrap().name, "alice");
@@ -447,22 +583,39 @@ fn principals_grants_and_tokens(f: &Fixture) {
     c.grant("alice", "reader", "debian-*").unwrap();
     c.grant("alice", "content-writer", "*").unwrap();
     assert_err!(c.grant("alice", "god", "*"), CatalogError::Invalid(_));
-    assert_err!(c.grant("alice", "reader", "BAD SCOPE"), CatalogError::Invalid(_));
+    assert_err!(
+        c.grant("alice", "reader", "BAD SCOPE"),
+        CatalogError::Invalid(_)
+    );
     assert_err!(c.grant("nobody", "reader", "*"), CatalogError::NotFound(_));
     let p = c.get_principal("alice").unwrap();
     assert_eq!(p.role_ids, ["content-writer", "reader"]);
     assert_eq!(
         p.grants,
         [
-            Grant { role: "content-writer".into(), scope: "*".into() },
-            Grant { role: "reader".into(), scope: "debian-*".into() }
+            Grant {
+                role: "content-writer".into(),
+                scope: "*".into()
+            },
+            Grant {
+                role: "reader".into(),
+                scope: "debian-*".into()
+            }
         ]
     );
     assert_eq!(c.count_principals_with_role("reader").unwrap(), 1);
     assert_eq!(c.count_principals_with_role("auth-manager").unwrap(), 0);
     c.revoke_grant("alice", "reader", "debian-*").unwrap();
-    assert_err!(c.revoke_grant("alice", "reader", "debian-*"), CatalogError::NotFound(_));
-    let names: Vec<String> = c.list_principals().unwrap().into_iter().map(|p| p.name).collect();
+    assert_err!(
+        c.revoke_grant("alice", "reader", "debian-*"),
+        CatalogError::NotFound(_)
+    );
+    let names: Vec<String> = c
+        .list_principals()
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
     assert_eq!(names, ["alice", "ci"]);
 
     let token = |name: &str| ApiToken {
@@ -481,19 +634,32 @@ fn principals_grants_and_tokens(f: &Fixture) {
     c.insert_token(&t2).unwrap();
     assert_err!(c.insert_token(&t1), CatalogError::AlreadyExists(_));
     assert_err!(
-        c.insert_token(&ApiToken { id: new_id(), principal_id: "nobody".into(), ..token("x") }),
+        c.insert_token(&ApiToken {
+            id: new_id(),
+            principal_id: "nobody".into(),
+            ..token("x")
+        }),
         CatalogError::NotFound(_)
     );
     assert_eq!(c.get_token(&t1.id).unwrap(), t1);
     assert_eq!(c.get_token(&t1.id).unwrap().secret_hash.len(), 32);
-    let listed: Vec<String> = c.list_tokens("alice").unwrap().into_iter().map(|t| t.id).collect();
+    let listed: Vec<String> = c
+        .list_tokens("alice")
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
     assert_eq!(listed, [t1.id.clone(), t2.id.clone()]);
     c.touch_token(&t1.id).unwrap();
     assert!(c.get_token(&t1.id).unwrap().last_used_at.is_some());
     c.revoke_token(&t1.id).unwrap();
     let revoked_at = c.get_token(&t1.id).unwrap().revoked_at.unwrap();
     c.revoke_token(&t1.id).unwrap();
-    assert_eq!(c.get_token(&t1.id).unwrap().revoked_at.unwrap(), revoked_at, "first revocation stays");
+    assert_eq!(
+        c.get_token(&t1.id).unwrap().revoked_at.unwrap(),
+        revoked_at,
+        "first revocation stays"
+    );
     assert_err!(c.revoke_token("nope"), CatalogError::NotFound(_));
 
     c.delete_principal("alice").unwrap();
@@ -519,34 +685,104 @@ fn the_audit_log_appends_and_filters(f: &Fixture) {
         remote: Some("127.0.0.1".into()),
         detail: String::new(),
     };
-    c.append_audit(&entry("alice", "grant.add", "bob", "ok")).unwrap();
-    c.append_audit(&entry("bob", "publish", "debian@1", "denied")).unwrap();
-    c.append_audit(&entry("alice", "grant.remove", "bob", "ok")).unwrap();
-    c.append_audit(&entry("alice", "publish", "debian@2", "ok")).unwrap();
-    assert_err!(c.append_audit(&entry("x", "y", "z", "maybe")), CatalogError::Invalid(_));
+    c.append_audit(&entry("alice", "grant.add", "bob", "ok"))
+        .unwrap();
+    c.append_audit(&entry("bob", "publish", "debian@1", "denied"))
+        .unwrap();
+    c.append_audit(&entry("alice", "grant.remove", "bob", "ok"))
+        .unwrap();
+    c.append_audit(&entry("alice", "publish", "debian@2", "ok"))
+        .unwrap();
+    assert_err!(
+        c.append_audit(&entry("x", "y", "z", "maybe")),
+        CatalogError::Invalid(_)
+    );
 
     let all = c.query_audit(&AuditQuery::default()).unwrap();
     assert_eq!(all.len(), 4);
     assert!(all.windows(2).all(|w| w[0].id < w[1].id), "in append order");
-    assert_eq!(all[0].entry.detail, "{}", "an empty detail is an empty object");
+    assert_eq!(
+        all[0].entry.detail, "{}",
+        "an empty detail is an empty object"
+    );
     assert_eq!(all[1].entry.status, Some(403));
     let q = |q: AuditQuery| -> Vec<String> {
-        c.query_audit(&q).unwrap().into_iter().map(|r| r.entry.target).collect()
+        c.query_audit(&q)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.entry.target)
+            .collect()
     };
-    assert_eq!(q(AuditQuery { principal: Some("alice".into()), ..Default::default() }).len(), 3);
-    assert_eq!(q(AuditQuery { principal: Some("id-bob".into()), ..Default::default() }), ["debian@1"]);
-    assert_eq!(q(AuditQuery { action: Some("grant.".into()), ..Default::default() }), ["bob", "bob"]);
-    assert_eq!(q(AuditQuery { action: Some("grant".into()), ..Default::default() }).len(), 0);
-    assert_eq!(q(AuditQuery { outcome: Some("denied".into()), ..Default::default() }), ["debian@1"]);
-    assert_eq!(q(AuditQuery { target: Some("debian".into()), ..Default::default() }), ["debian@1", "debian@2"]);
     assert_eq!(
-        q(AuditQuery { after_id: Some(all[1].id), limit: Some(1), ..Default::default() }),
+        q(AuditQuery {
+            principal: Some("alice".into()),
+            ..Default::default()
+        })
+        .len(),
+        3
+    );
+    assert_eq!(
+        q(AuditQuery {
+            principal: Some("id-bob".into()),
+            ..Default::default()
+        }),
+        ["debian@1"]
+    );
+    assert_eq!(
+        q(AuditQuery {
+            action: Some("grant.".into()),
+            ..Default::default()
+        }),
+        ["bob", "bob"]
+    );
+    assert_eq!(
+        q(AuditQuery {
+            action: Some("grant".into()),
+            ..Default::default()
+        })
+        .len(),
+        0
+    );
+    assert_eq!(
+        q(AuditQuery {
+            outcome: Some("denied".into()),
+            ..Default::default()
+        }),
+        ["debian@1"]
+    );
+    assert_eq!(
+        q(AuditQuery {
+            target: Some("debian".into()),
+            ..Default::default()
+        }),
+        ["debian@1", "debian@2"]
+    );
+    assert_eq!(
+        q(AuditQuery {
+            after_id: Some(all[1].id),
+            limit: Some(1),
+            ..Default::default()
+        }),
         ["bob"]
     );
-    assert_eq!(q(AuditQuery { since: Some(all[3].at.clone()), ..Default::default() }), ["debian@2"]);
-    assert_eq!(q(AuditQuery { until: Some(all[0].at.clone()), ..Default::default() }).len(), 0);
+    assert_eq!(
+        q(AuditQuery {
+            since: Some(all[3].at.clone()),
+            ..Default::default()
+        }),
+        ["debian@2"]
+    );
+    assert_eq!(
+        q(AuditQuery {
+            until: Some(all[0].at.clone()),
+            ..Default::default()
+        })
+        .len(),
+        0
+    );
     // appending leaves what was there as it was
-    c.append_audit(&entry("carol", "token.create", "carol", "ok")).unwrap();
+    c.append_audit(&entry("carol", "token.create", "carol", "ok"))
+        .unwrap();
     assert_eq!(c.query_audit(&AuditQuery::default()).unwrap()[..4], all[..]);
     c.room_for_change().unwrap();
 }
@@ -560,26 +796,68 @@ fn retire_and_collect_published_versions(f: &Fixture) {
     let (d3, ..) = draft(c, "debian", "3");
     c.put_alias("debian", "stable", "1").unwrap();
 
-    assert_err!(c.retire(&d3.id, "old", None, None), CatalogError::Precondition(_));
-    assert_err!(c.retire(&v1.id, "old", None, None), CatalogError::Conflict(_));
+    assert_err!(
+        c.retire(&d3.id, "old", None, None),
+        CatalogError::Precondition(_)
+    );
+    assert_err!(
+        c.retire(&v1.id, "old", None, None),
+        CatalogError::Conflict(_)
+    );
     c.put_alias("debian", "stable", "2").unwrap();
-    assert_err!(c.retire(&v1.id, "   ", None, None), CatalogError::Invalid(_));
-    let r = c.retire(&v1.id, "superseded", Some("id-alice"), Some("alice")).unwrap();
+    assert_err!(
+        c.retire(&v1.id, "   ", None, None),
+        CatalogError::Invalid(_)
+    );
+    let r = c
+        .retire(&v1.id, "superseded", Some("id-alice"), Some("alice"))
+        .unwrap();
     assert_eq!(c.retirement(&v1.id).unwrap(), Some(r.clone()));
     assert!(c.retirement(&v2.id).unwrap().is_none());
-    assert_err!(c.retire(&v1.id, "again", None, None), CatalogError::AlreadyExists(_));
-    assert_err!(c.put_alias("debian", "old", "1"), CatalogError::Precondition(_));
+    assert_err!(
+        c.retire(&v1.id, "again", None, None),
+        CatalogError::AlreadyExists(_)
+    );
+    assert_err!(
+        c.put_alias("debian", "old", "1"),
+        CatalogError::Precondition(_)
+    );
 
     // out of the listings and the projection, still readable by name
-    let listed: Vec<String> = c.list_versions("debian", true).unwrap().into_iter().map(|v| v.version).collect();
-    assert!(!listed.contains(&"1".to_string()) && listed.contains(&"2".to_string()), "{listed:?}");
-    assert_eq!(c.get_version("debian", "1").unwrap().state, VersionState::Published);
-    assert!(c.projection_entries().unwrap().iter().all(|e| e.version.id != v1.id));
+    let listed: Vec<String> = c
+        .list_versions("debian", true)
+        .unwrap()
+        .into_iter()
+        .map(|v| v.version)
+        .collect();
+    assert!(
+        !listed.contains(&"1".to_string()) && listed.contains(&"2".to_string()),
+        "{listed:?}"
+    );
+    assert_eq!(
+        c.get_version("debian", "1").unwrap().state,
+        VersionState::Published
+    );
+    assert!(c
+        .projection_entries()
+        .unwrap()
+        .iter()
+        .all(|e| e.version.id != v1.id));
     let fp = c.projection_rows(&v1.id).unwrap()[0].combined_sha256.hex();
-    assert_eq!(c.projection_by_fingerprint(&fp).unwrap().len(), 1, "found by fingerprint");
+    assert_eq!(
+        c.projection_by_fingerprint(&fp).unwrap().len(),
+        1,
+        "found by fingerprint"
+    );
 
     // collection: idempotent, only for retired versions; its blobs are no longer cited
-    let cited = |c: &dyn Catalog| c.cited_blobs().unwrap().iter().filter(|b| b.version_id == v1.id).count();
+    let cited = |c: &dyn Catalog| {
+        c.cited_blobs()
+            .unwrap()
+            .iter()
+            .filter(|b| b.version_id == v1.id)
+            .count()
+    };
     assert_eq!(cited(c), 2);
     assert_err!(c.collect_version(&v2.id), CatalogError::Precondition(_));
     c.collect_version(&v1.id).unwrap();
@@ -587,12 +865,17 @@ fn retire_and_collect_published_versions(f: &Fixture) {
     assert_eq!(cited(c), 0);
     let all = c.retirements().unwrap();
     assert_eq!(all.len(), 1);
-    assert_eq!((all[0].image.as_str(), all[0].version.as_str()), ("debian", "1"));
+    assert_eq!(
+        (all[0].image.as_str(), all[0].version.as_str()),
+        ("debian", "1")
+    );
     assert!(all[0].retirement.collected_at.is_some());
     assert_eq!(all[0].retirement.reason, "superseded");
     assert_eq!(all[0].retirement.principal_name.as_deref(), Some("alice"));
     // a collected version's blob rows may go now
-    let root = c.version_view("debian", "1").unwrap().artifacts[0].artifact.primary_blob_digest;
+    let root = c.version_view("debian", "1").unwrap().artifacts[0]
+        .artifact
+        .primary_blob_digest;
     let gone = c.delete_blob_rows(&[root], &mut |_, _| false).unwrap();
     assert_eq!(gone.len(), 1);
     assert!(c.get_blob(&root).unwrap().is_none());
@@ -621,15 +904,22 @@ fn claims_pins_and_guarded_blob_deletion(f: &Fixture) {
         updated_at: now,
     })
     .unwrap();
-    c.pin_blob(&pinned, "mirror:1", "2999-01-01T00:00:00Z").unwrap();
-    c.pin_blob(&pinned, "mirror:1", "2100-01-01T00:00:00Z").unwrap();
-    c.pin_blob(&pinned, "old:1", "2000-01-01T00:00:00Z").unwrap();
+    c.pin_blob(&pinned, "mirror:1", "2999-01-01T00:00:00Z")
+        .unwrap();
+    c.pin_blob(&pinned, "mirror:1", "2100-01-01T00:00:00Z")
+        .unwrap();
+    c.pin_blob(&pinned, "old:1", "2000-01-01T00:00:00Z")
+        .unwrap();
 
     let claims = c.blob_claims(Some(&root)).unwrap();
     assert_eq!(claims.len(), 1);
-    assert!(matches!(&claims[0].1, Claim::Version { version_id, state: VersionState::Draft, collected: false, .. } if *version_id == v.id));
+    assert!(
+        matches!(&claims[0].1, Claim::Version { version_id, state: VersionState::Draft, collected: false, .. } if *version_id == v.id)
+    );
     let claims = c.blob_claims(Some(&uploaded)).unwrap();
-    assert!(matches!(&claims[..], [(_, Claim::Upload { id, state: UploadState::Ready, .. })] if id == "up-1"));
+    assert!(
+        matches!(&claims[..], [(_, Claim::Upload { id, state: UploadState::Ready, .. })] if id == "up-1")
+    );
     let mut pins: Vec<(String, String)> = c
         .blob_claims(Some(&pinned))
         .unwrap()
@@ -654,25 +944,46 @@ fn claims_pins_and_guarded_blob_deletion(f: &Fixture) {
     // keep decides, with the claims read in the same transaction
     let mut seen = Vec::new();
     let deleted = c
-        .delete_blob_rows(&[root, loose, pinned, uploaded, Digest::of(b"absent")], &mut |b, claims| {
-            seen.push(b.digest);
-            !claims.is_empty()
-        })
+        .delete_blob_rows(
+            &[root, loose, pinned, uploaded, Digest::of(b"absent")],
+            &mut |b, claims| {
+                seen.push(b.digest);
+                !claims.is_empty()
+            },
+        )
         .unwrap();
-    assert_eq!(deleted.iter().map(|b| b.digest).collect::<Vec<_>>(), [loose]);
+    assert_eq!(
+        deleted.iter().map(|b| b.digest).collect::<Vec<_>>(),
+        [loose]
+    );
     assert_eq!(seen.len(), 4, "absent rows are skipped");
     assert!(c.get_blob(&loose).unwrap().is_none() && c.get_blob(&root).unwrap().is_some());
 
     c.release_pins("mirror:1").unwrap();
-    assert!(c.blob_claims(Some(&pinned)).unwrap().is_empty(), "the holder's and the expired pins go");
+    assert!(
+        c.blob_claims(Some(&pinned)).unwrap().is_empty(),
+        "the holder's and the expired pins go"
+    );
 
-    let rows: Vec<Digest> = c.blob_rows().unwrap().into_iter().map(|b| b.digest).collect();
+    let rows: Vec<Digest> = c
+        .blob_rows()
+        .unwrap()
+        .into_iter()
+        .map(|b| b.digest)
+        .collect();
     let mut sorted = rows.clone();
     sorted.sort_by_key(|d| d.to_string());
     assert_eq!(rows, sorted, "in digest order");
     let (n, bytes) = c.blob_totals().unwrap();
     assert_eq!(n as usize, rows.len());
-    assert_eq!(bytes, c.blob_rows().unwrap().iter().map(|b| b.size_bytes).sum::<u64>());
+    assert_eq!(
+        bytes,
+        c.blob_rows()
+            .unwrap()
+            .iter()
+            .map(|b| b.size_bytes)
+            .sum::<u64>()
+    );
     let mut walked = Vec::new();
     c.each_blob(&mut |b| {
         walked.push(b.digest);
@@ -689,9 +1000,15 @@ fn claims_pins_and_guarded_blob_deletion(f: &Fixture) {
     assert_eq!(first, 1, "false stops the walk");
     let cited = c.cited_blobs().unwrap();
     assert_eq!(cited.len(), 2);
-    assert_eq!((cited[0].digest, cited[0].attachment.as_deref()), (root, None), "the artifact's own blob first");
+    assert_eq!(
+        (cited[0].digest, cited[0].attachment.as_deref()),
+        (root, None),
+        "the artifact's own blob first"
+    );
     assert_eq!(cited[1].attachment.as_deref(), Some("incus.tar.xz"));
-    assert!(cited.iter().all(|b| !b.published && b.artifact == "default amd64 squashfs"));
+    assert!(cited
+        .iter()
+        .all(|b| !b.published && b.artifact == "default amd64 squashfs"));
 }
 
 fn job_locks_exclude_by_mode_across_two_holders(f: &Fixture) {
@@ -701,24 +1018,61 @@ fn job_locks_exclude_by_mode_across_two_holders(f: &Fixture) {
     assert!(s1.is_some());
     let s2 = b.job_lock("blobs", LockMode::Shared, false).unwrap();
     assert!(s2.is_some(), "shared holders together");
-    assert!(b.job_lock("blobs", LockMode::Exclusive, false).unwrap().is_none());
+    assert!(b
+        .job_lock("blobs", LockMode::Exclusive, false)
+        .unwrap()
+        .is_none());
     drop(s1);
-    assert!(a.job_lock("blobs", LockMode::Exclusive, false).unwrap().is_none(), "one shared holder left");
+    assert!(
+        a.job_lock("blobs", LockMode::Exclusive, false)
+            .unwrap()
+            .is_none(),
+        "one shared holder left"
+    );
     drop(s2);
     let x = b.job_lock("blobs", LockMode::Exclusive, false).unwrap();
     assert!(x.is_some());
-    assert!(a.job_lock("blobs", LockMode::Shared, false).unwrap().is_none());
-    assert!(a.job_lock("blobs", LockMode::Exclusive, false).unwrap().is_none());
-    assert!(b.job_lock("blobs", LockMode::Exclusive, false).unwrap().is_none(), "not reentrant");
-    assert!(a.job_lock("gc", LockMode::Exclusive, false).unwrap().is_some(), "names are apart");
+    assert!(a
+        .job_lock("blobs", LockMode::Shared, false)
+        .unwrap()
+        .is_none());
+    assert!(a
+        .job_lock("blobs", LockMode::Exclusive, false)
+        .unwrap()
+        .is_none());
+    assert!(
+        b.job_lock("blobs", LockMode::Exclusive, false)
+            .unwrap()
+            .is_none(),
+        "not reentrant"
+    );
+    assert!(
+        a.job_lock("gc", LockMode::Exclusive, false)
+            .unwrap()
+            .is_some(),
+        "names are apart"
+    );
     drop(x);
-    assert!(a.job_lock("blobs", LockMode::Exclusive, false).unwrap().is_some());
-    assert_err!(a.job_lock("../x", LockMode::Shared, false), CatalogError::Invalid(_));
-    assert_err!(a.job_lock("", LockMode::Shared, false), CatalogError::Invalid(_));
+    assert!(a
+        .job_lock("blobs", LockMode::Exclusive, false)
+        .unwrap()
+        .is_some());
+    assert_err!(
+        a.job_lock("../x", LockMode::Shared, false),
+        CatalogError::Invalid(_)
+    );
+    assert_err!(
+        a.job_lock("", LockMode::Shared, false),
+        CatalogError::Invalid(_)
+    );
 }
 
 fn a_waiting_job_lock_is_granted_when_the_holder_lets_go(f: &Fixture) {
-    let held = f.cat.job_lock("gc", LockMode::Shared, true).unwrap().unwrap();
+    let held = f
+        .cat
+        .job_lock("gc", LockMode::Shared, true)
+        .unwrap()
+        .unwrap();
     let other = (f.reopen)();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
@@ -726,11 +1080,20 @@ fn a_waiting_job_lock_is_granted_when_the_holder_lets_go(f: &Fixture) {
         tx.send(lock.is_some()).unwrap();
         drop(lock);
     });
-    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "granted while held");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "granted while held"
+    );
     drop(held);
     assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(true));
     waiter.join().unwrap();
-    assert!(f.cat.job_lock("gc", LockMode::Exclusive, false).unwrap().is_some(), "released");
+    assert!(
+        f.cat
+            .job_lock("gc", LockMode::Exclusive, false)
+            .unwrap()
+            .is_some(),
+        "released"
+    );
 }
 
 fn the_generation_moves_and_another_instance_sees_it(f: &Fixture) {
@@ -743,8 +1106,15 @@ fn the_generation_moves_and_another_instance_sees_it(f: &Fixture) {
     let (record, projection) = record_for(a, "debian", "1");
     a.publish(&record, &projection).unwrap();
     let g1 = b.generation().unwrap().unwrap();
-    assert!(g1 > g0, "a publish on one instance is seen by the next call on the other");
-    assert!(b.projection_entries().unwrap().iter().any(|e| e.version.version == "1"));
+    assert!(
+        g1 > g0,
+        "a publish on one instance is seen by the next call on the other"
+    );
+    assert!(b
+        .projection_entries()
+        .unwrap()
+        .iter()
+        .any(|e| e.version.version == "1"));
     b.put_alias("debian", "stable", "1").unwrap();
     let g2 = a.generation().unwrap().unwrap();
     assert!(g2 > g1);
@@ -754,7 +1124,11 @@ fn the_generation_moves_and_another_instance_sees_it(f: &Fixture) {
     let renewed = b.renew_generation(g3 + 1000).unwrap();
     assert!(renewed > g3 + 1000);
     assert_eq!(a.generation().unwrap(), Some(renewed));
-    assert_eq!(a.renew_generation(0).unwrap(), renewed, "already above: kept");
+    assert_eq!(
+        a.renew_generation(0).unwrap(),
+        renewed,
+        "already above: kept"
+    );
 }
 
 fn job_runs_probe_and_integrity(f: &Fixture) {
@@ -763,12 +1137,18 @@ fn job_runs_probe_and_integrity(f: &Fixture) {
     c.record_job_run("scrub", false, "2 damaged").unwrap();
     c.record_job_run("gc", false, &"x".repeat(5000)).unwrap();
     let runs = c.job_runs().unwrap();
-    assert_eq!(runs.iter().map(|r| r.job.as_str()).collect::<Vec<_>>(), ["gc", "scrub"]);
+    assert_eq!(
+        runs.iter().map(|r| r.job.as_str()).collect::<Vec<_>>(),
+        ["gc", "scrub"]
+    );
     assert_eq!(runs[0].last_outcome, "error");
     assert!(runs[0].last_success_at.is_some() && runs[0].last_error_at.is_some());
     assert_eq!(runs[0].detail.len(), 1000, "details are cut");
     assert!(runs[1].last_success_at.is_none());
-    assert_err!(c.record_job_run(&"j".repeat(40), true, ""), CatalogError::Invalid(_));
+    assert_err!(
+        c.record_job_run(&"j".repeat(40), true, ""),
+        CatalogError::Invalid(_)
+    );
     c.probe_writable().unwrap();
     assert_eq!(c.check_integrity().unwrap(), Vec::<String>::new());
 }
@@ -789,7 +1169,10 @@ mod pg {
 
     /// `pg-harness ARGS...`: its stdout, trimmed; panics with its stderr on failure.
     pub fn harness(args: &[&str]) -> String {
-        let out = Command::new(HARNESS).args(args).output().expect("running pg-harness");
+        let out = Command::new(HARNESS)
+            .args(args)
+            .output()
+            .expect("running pg-harness");
         assert!(
             out.status.success(),
             "pg-harness {args:?}: {}{}",
@@ -806,7 +1189,12 @@ mod pg {
             .tempdir_in("/tmp")
             .unwrap()
             .keep();
-        harness(&["up", dir.to_str().unwrap(), "--watch", &std::process::id().to_string()]);
+        harness(&[
+            "up",
+            dir.to_str().unwrap(),
+            "--watch",
+            &std::process::id().to_string(),
+        ]);
         dir
     }
 
@@ -848,7 +1236,11 @@ mod pg_only {
             .expect("running psql");
         (
             out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         )
     }
 
@@ -915,10 +1307,21 @@ mod pg_only {
         assert_eq!(c.version_view("debian", "1").unwrap(), before);
         assert_eq!(c.publish_record(&v.id).unwrap(), record);
         assert_eq!(c.query_audit(&AuditQuery::default()).unwrap(), audit);
-        assert!(c.retirement(&v2.id).unwrap().unwrap().collected_at.is_some());
+        assert!(c
+            .retirement(&v2.id)
+            .unwrap()
+            .unwrap()
+            .collected_at
+            .is_some());
         // drafts stay writable from psql
         let (d, ..) = draft(&c, "debian", "3");
-        let (ok, out) = psql(&url, &format!("UPDATE version_metadata SET value = 'trixie' WHERE version_id = '{}'", d.id));
+        let (ok, out) = psql(
+            &url,
+            &format!(
+                "UPDATE version_metadata SET value = 'trixie' WHERE version_id = '{}'",
+                d.id
+            ),
+        );
         assert!(ok, "{out}");
     }
 
@@ -948,15 +1351,28 @@ mod pg_only {
         let c = PgCatalog::open(&url).unwrap();
         assert_eq!(c.check_integrity().unwrap(), Vec::<String>::new());
         assert_eq!(c.roles().unwrap()[2].actions, ["content.read"]);
-        c.append_audit(&AuditEntry { action: "x".into(), outcome: "ok".into(), ..Default::default() })
-            .unwrap();
+        c.append_audit(&AuditEntry {
+            action: "x".into(),
+            outcome: "ok".into(),
+            ..Default::default()
+        })
+        .unwrap();
         let (ok, out) = psql(&url, "DELETE FROM audit_log");
         assert!(!ok && out.contains("append-only"), "{out}");
         // a schema from a newer imgsrv is refused, with what to do
-        let (ok, out) = psql(&url, "INSERT INTO schema_migrations VALUES (99, '0099-future', 't')");
+        let (ok, out) = psql(
+            &url,
+            "INSERT INTO schema_migrations VALUES (99, '0099-future', 't')",
+        );
         assert!(ok, "{out}");
-        let e = PgCatalog::open(&url).err().expect("a newer schema opened").to_string();
-        assert!(e.contains("newer than this imgsrv") && e.contains("upgrade imgsrv"), "{e}");
+        let e = PgCatalog::open(&url)
+            .err()
+            .expect("a newer schema opened")
+            .to_string();
+        assert!(
+            e.contains("newer than this imgsrv") && e.contains("upgrade imgsrv"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -965,7 +1381,9 @@ mod pg_only {
         let opened: Vec<_> = (0..6)
             .map(|_| {
                 let url = url.clone();
-                std::thread::spawn(move || PgCatalog::open(&url).map(|_| ()).map_err(|e| e.to_string()))
+                std::thread::spawn(move || {
+                    PgCatalog::open(&url).map(|_| ()).map_err(|e| e.to_string())
+                })
             })
             .collect();
         for t in opened {
@@ -973,7 +1391,14 @@ mod pg_only {
         }
         let (ok, out) = psql(&url, "SELECT string_agg(version || ' ' || name, ',' ORDER BY version) FROM schema_migrations");
         assert!(ok, "{out}");
-        assert_eq!(out.trim(), "1 0001-schema,2 0002-guards");
+        assert_eq!(out.trim(), "1 0001-schema,2 0002-guards,3 0003-isolation");
+        let (ok, out) = psql(&url, "SHOW transaction_isolation");
+        assert!(ok, "{out}");
+        assert_eq!(
+            out.trim(),
+            "serializable",
+            "other clients are serializable by default"
+        );
     }
 
     #[test]
@@ -988,7 +1413,8 @@ mod pg_only {
                     let c = PgCatalog::open(&url).unwrap();
                     for i in 0..5 {
                         published(&c, "debian", &format!("{w}.{i}"));
-                        c.put_alias("debian", "latest", &format!("{w}.{i}")).unwrap();
+                        c.put_alias("debian", "latest", &format!("{w}.{i}"))
+                            .unwrap();
                     }
                 })
             })
@@ -999,6 +1425,99 @@ mod pg_only {
         assert_eq!(a.list_versions("debian", false).unwrap().len(), 20);
         assert_eq!(a.projection_entries().unwrap().len(), 20);
         assert_eq!(a.list_aliases("debian").unwrap().len(), 1);
+    }
+
+    /// A psql-like client adds an artifact to a draft inside an open transaction while
+    /// imgsrv publishes the draft: one of the two fails, and a published version holds
+    /// exactly what its signed manifest lists. At the database's default isolation
+    /// (SERIALIZABLE for every client, migration 3) and at READ COMMITTED, which a
+    /// client may still ask for (the guards lock and write the version row).
+    #[test]
+    fn a_client_racing_a_publish_cannot_slip_an_artifact_in() {
+        use ::postgres::IsolationLevel::{ReadCommitted, Serializable};
+        for level in [Serializable, ReadCommitted] {
+            let url = database(shared());
+            let c = PgCatalog::open(&url).unwrap();
+            let (v, ..) = draft(&c, "debian", "1");
+            let (d, s) = blob(&c, "sneaked");
+            let (record, projection) = record_for(&c, "debian", "1");
+            let mut other = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+            let mut tx = other
+                .build_transaction()
+                .isolation_level(level)
+                .start()
+                .unwrap();
+            tx.execute(
+                "INSERT INTO release_artifacts VALUES ('sneaked', $1, 'default', 'debian', 'arm64', \
+                 'squashfs', $2, $3, 'x', 't', 't')",
+                &[&v.id, &d.to_string(), &(s as i64)],
+            )
+            .unwrap();
+            let (published, committed) = std::thread::scope(|scope| {
+                let publishing = scope.spawn(|| c.publish(&record, &projection));
+                std::thread::sleep(Duration::from_millis(300));
+                let committed = tx.commit();
+                (publishing.join().unwrap(), committed)
+            });
+            assert!(
+                published.is_ok() != committed.is_ok(),
+                "{level:?}: exactly one of the two goes through: {published:?} / {committed:?}"
+            );
+            let view = c.version_view("debian", "1").unwrap();
+            if published.is_ok() {
+                assert_eq!(
+                    imgsrv::manifest::canonical(&view),
+                    record.manifest,
+                    "{level:?}"
+                );
+                assert_eq!(view.artifacts.len(), 1);
+            } else {
+                assert_err!(published, CatalogError::Precondition(_));
+                assert_eq!(view.version.state, VersionState::Draft);
+                assert_eq!(view.artifacts.len(), 2);
+            }
+        }
+    }
+
+    /// A client deleting a blob row while imgsrv publishes a version citing it: the
+    /// version is never published without its blob row.
+    #[test]
+    fn a_client_racing_a_publish_cannot_delete_its_blob() {
+        use ::postgres::IsolationLevel::{ReadCommitted, Serializable};
+        for level in [Serializable, ReadCommitted] {
+            let url = database(shared());
+            let c = PgCatalog::open(&url).unwrap();
+            let (_, _, _, root) = draft(&c, "debian", "1");
+            let (record, projection) = record_for(&c, "debian", "1");
+            let mut other = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+            let mut tx = other
+                .build_transaction()
+                .isolation_level(level)
+                .start()
+                .unwrap();
+            let deleted = tx
+                .execute(
+                    "DELETE FROM cas_blobs WHERE digest = $1",
+                    &[&root.to_string()],
+                )
+                .unwrap();
+            assert_eq!(deleted, 1);
+            let (published, committed) = std::thread::scope(|scope| {
+                let publishing = scope.spawn(|| c.publish(&record, &projection));
+                std::thread::sleep(Duration::from_millis(300));
+                let committed = tx.commit();
+                (publishing.join().unwrap(), committed)
+            });
+            assert!(
+                published.is_ok() != committed.is_ok(),
+                "{level:?}: exactly one of the two goes through: {published:?} / {committed:?}"
+            );
+            assert_eq!(
+                c.get_blob(&root).unwrap().is_some(),
+                published.is_ok(),
+                "{level:?}"
+            );
+        }
     }
 
     #[test]
@@ -1020,8 +1539,14 @@ mod pg_only {
         harness(&["stop", d]);
         assert_err!(c.get_image("debian"), CatalogError::Unavailable(_));
         assert_err!(c.generation(), CatalogError::Unavailable(_));
-        assert_err!(c.create_image("alpine", None, None, "public"), CatalogError::Unavailable(_));
-        assert_err!(c.job_lock("scrub", LockMode::Shared, false), CatalogError::Unavailable(_));
+        assert_err!(
+            c.create_image("alpine", None, None, "public"),
+            CatalogError::Unavailable(_)
+        );
+        assert_err!(
+            c.job_lock("scrub", LockMode::Shared, false),
+            CatalogError::Unavailable(_)
+        );
         assert_err!(c.probe_writable(), CatalogError::Unavailable(_));
         let e = c.get_image("debian").unwrap_err().to_string();
         assert!(e.contains("unavailable"), "{e}");
@@ -1034,7 +1559,12 @@ mod pg_only {
             assert_eq!(c.list_versions("debian", false).unwrap().len(), 1);
         }
         c.create_image("alpine", None, None, "public").unwrap();
-        assert!(c.job_lock("gc", LockMode::Exclusive, false).unwrap().is_some(), "the lock went with the old session");
+        assert!(
+            c.job_lock("gc", LockMode::Exclusive, false)
+                .unwrap()
+                .is_some(),
+            "the lock went with the old session"
+        );
         c.probe_writable().unwrap();
 
         // restarted while idle: every pooled connection is stale, none is used
@@ -1045,13 +1575,43 @@ mod pg_only {
 
     #[test]
     fn a_bad_url_says_what_a_good_one_looks_like() {
-        let e = PgCatalog::open("postgresql://localhost:notaport/imgsrv").err().unwrap().to_string();
-        assert!(e.contains("postgres_url") && e.contains("postgresql://"), "{e}");
-        let missing = format!("{}/no_such_database", harness(&["url", shared().to_str().unwrap()]).rsplit_once('/').unwrap().0);
+        let e = PgCatalog::open("postgresql://localhost:notaport/imgsrv")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("postgres_url") && e.contains("postgresql://"),
+            "{e}"
+        );
+        let missing = format!(
+            "{}/no_such_database",
+            harness(&["url", shared().to_str().unwrap()])
+                .rsplit_once('/')
+                .unwrap()
+                .0
+        );
         match PgCatalog::open(&missing) {
             Err(CatalogError::Backend(m)) => assert!(m.contains("does not exist"), "{m}"),
             Err(e) => panic!("{e:?}"),
             Ok(_) => panic!("opened a database that does not exist"),
+        }
+        // a role that does not own the database cannot make the schema: told how to fix it
+        let url = database(shared());
+        let (ok, out) = psql(
+            &url,
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'visitor') \
+             THEN CREATE ROLE visitor LOGIN; END IF; END $$",
+        );
+        assert!(ok, "{out}");
+        match PgCatalog::open(&url.replacen("postgres@", "visitor@", 1)) {
+            Err(CatalogError::Backend(m)) => {
+                assert!(
+                    m.contains("permission denied") && m.contains("createdb --owner"),
+                    "{m}"
+                )
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("a role without rights made the schema"),
         }
         let nobody = "postgresql://postgres@%2Ftmp%2Fimgsrv-no-such-dir/imgsrv";
         assert_err!(PgCatalog::open(nobody), CatalogError::Unavailable(_));

@@ -118,6 +118,16 @@ BEGIN
             OR (OLD.state = 'publishing' AND NEW.state = 'published')) THEN
         RAISE EXCEPTION 'precondition: version state only moves draft -> publishing -> published';
     END IF;
+    IF OLD.state = 'draft' AND NEW.state = 'publishing' THEN
+        -- the cited blob rows are locked: a delete of one (by any client) waits for this
+        -- publish and then finds the blob referenced, or went first and is seen missing
+        PERFORM 1 FROM cas_blobs b
+         WHERE b.digest IN (SELECT a.primary_blob_digest FROM release_artifacts a WHERE a.version_id = OLD.id
+                            UNION
+                            SELECT t.blob_digest FROM artifact_attachments t
+                            JOIN release_artifacts a ON a.id = t.artifact_id WHERE a.version_id = OLD.id)
+           FOR SHARE;
+    END IF;
     IF OLD.state = 'draft' AND NEW.state = 'publishing' AND (
            NOT EXISTS (SELECT 1 FROM release_artifacts WHERE version_id = OLD.id)
         OR EXISTS (SELECT 1 FROM release_artifacts a
@@ -147,16 +157,29 @@ EXECUTE FUNCTION imgsrv_bump_generation();
 
 -- ------------------------------------------------------------------ draft contents
 
--- metadata and artifacts (by their version_id) change only while the version is a draft
-CREATE OR REPLACE FUNCTION imgsrv_require_draft() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Draft contents change only while the version is a draft. The change also locks the
+-- version row and writes it (a no-op update): a publish running meanwhile, in any client
+-- and at any isolation level, either waits for the change and then fails to publish what
+-- it did not read (a SERIALIZABLE or REPEATABLE READ publish gets a serialization failure
+-- and starts again; imgsrv's sees the changed draft and refuses), or publishes first, and
+-- then the change finds the version published.
+CREATE OR REPLACE FUNCTION imgsrv_lock_draft(vid text) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE')
-       AND (SELECT state FROM image_versions WHERE id = OLD.version_id) IS DISTINCT FROM 'draft' THEN
+    IF (SELECT state FROM image_versions WHERE id = vid FOR NO KEY UPDATE) IS DISTINCT FROM 'draft' THEN
         RAISE EXCEPTION 'precondition: version is not a draft';
     END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE')
-       AND (SELECT state FROM image_versions WHERE id = NEW.version_id) IS DISTINCT FROM 'draft' THEN
-        RAISE EXCEPTION 'precondition: version is not a draft';
+    UPDATE image_versions SET updated_at = updated_at WHERE id = vid;
+END;
+$$;
+
+-- metadata and artifacts: by their version_id
+CREATE OR REPLACE FUNCTION imgsrv_require_draft() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        PERFORM imgsrv_lock_draft(OLD.version_id);
+    END IF;
+    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.version_id IS DISTINCT FROM OLD.version_id) THEN
+        PERFORM imgsrv_lock_draft(NEW.version_id);
     END IF;
     IF TG_OP = 'DELETE' THEN
         RETURN OLD;
@@ -174,15 +197,11 @@ FOR EACH ROW EXECUTE FUNCTION imgsrv_require_draft();
 -- attachments: through their artifact
 CREATE OR REPLACE FUNCTION imgsrv_attachments_require_draft() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE')
-       AND (SELECT v.state FROM release_artifacts a JOIN image_versions v ON v.id = a.version_id
-            WHERE a.id = OLD.artifact_id) IS DISTINCT FROM 'draft' THEN
-        RAISE EXCEPTION 'precondition: version is not a draft';
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        PERFORM imgsrv_lock_draft((SELECT version_id FROM release_artifacts WHERE id = OLD.artifact_id));
     END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE')
-       AND (SELECT v.state FROM release_artifacts a JOIN image_versions v ON v.id = a.version_id
-            WHERE a.id = NEW.artifact_id) IS DISTINCT FROM 'draft' THEN
-        RAISE EXCEPTION 'precondition: version is not a draft';
+    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.artifact_id IS DISTINCT FROM OLD.artifact_id) THEN
+        PERFORM imgsrv_lock_draft((SELECT version_id FROM release_artifacts WHERE id = NEW.artifact_id));
     END IF;
     IF TG_OP = 'DELETE' THEN
         RETURN OLD;

@@ -339,6 +339,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unreachable_catalog_answers_503_with_retry_after() {
+        let e = ApiError::from(CatalogError::Unavailable(
+            "cannot connect: Connection refused (os error 111)".into(),
+        ));
+        assert_eq!(e.status, 503);
+        assert!(!e.detail.contains("os error"), "{}", e.detail);
+        assert!(e.headers.iter().any(|(k, _)| k == "Retry-After"));
+    }
+
+    #[test]
     fn ranges() {
         use RangeSpec::*;
         assert_eq!(parse_range(None, 10), Full);

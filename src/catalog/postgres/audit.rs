@@ -88,27 +88,24 @@ impl AuditCatalog for PgCatalog {
             sql.push_str(&format!(" LIMIT {l}"));
         }
         let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|b| b.as_ref()).collect();
-        rows(
-            self.conn()?.query(&sql, &params).ctx("audit log")?,
-            |r| {
-                let status: Option<i32> = get(r, 7)?;
-                Ok(AuditRecord {
-                    id: get(r, 0)?,
-                    at: get(r, 1)?,
-                    entry: AuditEntry {
-                        principal_id: get(r, 2)?,
-                        principal_name: get(r, 3)?,
-                        action: get(r, 4)?,
-                        target: get(r, 5)?,
-                        outcome: get(r, 6)?,
-                        status: status.and_then(|s| u16::try_from(s).ok()),
-                        method: get(r, 8)?,
-                        path: get(r, 9)?,
-                        remote: get(r, 10)?,
-                        detail: get(r, 11)?,
-                    },
-                })
-            },
-        )
+        rows(self.conn()?.query(&sql, &params).ctx("audit log")?, |r| {
+            let status: Option<i32> = get(r, 7)?;
+            Ok(AuditRecord {
+                id: get(r, 0)?,
+                at: get(r, 1)?,
+                entry: AuditEntry {
+                    principal_id: get(r, 2)?,
+                    principal_name: get(r, 3)?,
+                    action: get(r, 4)?,
+                    target: get(r, 5)?,
+                    outcome: get(r, 6)?,
+                    status: status.and_then(|s| u16::try_from(s).ok()),
+                    method: get(r, 8)?,
+                    path: get(r, 9)?,
+                    remote: get(r, 10)?,
+                    detail: get(r, 11)?,
+                },
+            })
+        })
     }
 }

@@ -174,7 +174,9 @@ impl AuthCatalog for PgCatalog {
     fn insert_token(&self, t: &ApiToken) -> Result<()> {
         self.write(|tx| {
             tx.execute(
-                &format!("INSERT INTO api_tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"),
+                &format!(
+                    "INSERT INTO api_tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                ),
                 &[
                     &t.id,
                     &t.principal_id,

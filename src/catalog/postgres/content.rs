@@ -181,8 +181,11 @@ impl ContentCatalog for PgCatalog {
                 &[&artifact_id],
             )
             .ctx("attachments")?;
-            tx.execute("DELETE FROM release_artifacts WHERE id = $1", &[&artifact_id])
-                .ctx("artifact")?;
+            tx.execute(
+                "DELETE FROM release_artifacts WHERE id = $1",
+                &[&artifact_id],
+            )
+            .ctx("artifact")?;
             Ok(())
         })
     }

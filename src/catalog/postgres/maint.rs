@@ -47,7 +47,10 @@ fn claims_sql(one: bool) -> String {
 /// Reads claims; a row whose digest does not parse cites no stored blob and is
 /// skipped. A state that does not parse keeps the blob (a draft's claim; an upload
 /// that counts as live).
-fn read_claims(c: &mut impl GenericClient, digest: Option<&Digest>) -> Result<Vec<(Digest, Claim)>> {
+fn read_claims(
+    c: &mut impl GenericClient,
+    digest: Option<&Digest>,
+) -> Result<Vec<(Digest, Claim)>> {
     let sql = claims_sql(digest.is_some());
     let found = match digest {
         Some(d) => c.query(&sql, &[&d.to_string()]),
@@ -325,7 +328,10 @@ impl MaintCatalog for PgCatalog {
         let what = format!("job lock {job}");
         let got = match (mode, wait) {
             (LockMode::Shared, true) => client
-                .execute("SELECT pg_advisory_lock_shared($1, $2)", &[&LOCK_NAMESPACE, &key])
+                .execute(
+                    "SELECT pg_advisory_lock_shared($1, $2)",
+                    &[&LOCK_NAMESPACE, &key],
+                )
                 .map(|_| true),
             (LockMode::Exclusive, true) => client
                 .execute("SELECT pg_advisory_lock($1, $2)", &[&LOCK_NAMESPACE, &key])
@@ -337,7 +343,10 @@ impl MaintCatalog for PgCatalog {
                 )
                 .and_then(|r| r.try_get(0)),
             (LockMode::Exclusive, false) => client
-                .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&LOCK_NAMESPACE, &key])
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, $2)",
+                    &[&LOCK_NAMESPACE, &key],
+                )
                 .and_then(|r| r.try_get(0)),
         }
         .ctx(&what)?;

@@ -27,6 +27,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002-guards",
         include_str!("../../../migrations/postgres/0002-guards.sql"),
     ),
+    (
+        "0003-isolation",
+        include_str!("../../../migrations/postgres/0003-isolation.sql"),
+    ),
 ];
 
 /// The migrations (by index) that define guards idempotently and are run again to
@@ -51,14 +55,14 @@ pub(super) fn migrate(c: &mut Client) -> Result<()> {
              name        TEXT NOT NULL, \
              applied_at  TEXT NOT NULL)",
     )
-    .ctx("schema_migrations")?;
+    .map_err(|e| schema_error("creating schema_migrations", &e))?;
     let applied = recorded(&mut tx)?;
     if let Some(problem) = version_problem(&applied) {
         return Err(CatalogError::Backend(problem));
     }
     for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(applied.len()) {
         tx.batch_execute(sql)
-            .map_err(|e| backend(format!("migration {name}: {}", pool::words(&e))))?;
+            .map_err(|e| schema_error(&format!("migration {name}"), &e))?;
         let version = i32::try_from(i + 1).map_err(backend)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
@@ -85,6 +89,26 @@ pub(super) fn migrate(c: &mut Client) -> Result<()> {
     repair_roles(&mut tx)?;
     ensure_generation(&mut tx, None)?;
     tx.commit().ctx("catalog")
+}
+
+/// A failure to change the schema, with what to do when the role may not.
+fn schema_error(what: &str, e: &::postgres::Error) -> CatalogError {
+    let hint = match e.as_db_error().map(|d| d.code().code()) {
+        Some("42501") => {
+            " (the role in postgres_url must own the database: create it with \
+             `createdb --owner=ROLE imgsrv`, or ALTER DATABASE imgsrv OWNER TO ROLE)"
+        }
+        _ => "",
+    };
+    match map_err_plain(e) {
+        Some(unavailable) => unavailable,
+        None => backend(format!("{what}: {}{hint}", pool::words(e))),
+    }
+}
+
+/// [`CatalogError::Unavailable`] when `e` is a lost connection.
+fn map_err_plain(e: &::postgres::Error) -> Option<CatalogError> {
+    pool::is_connection_error(e).then(|| CatalogError::Unavailable(pool::words(e)))
 }
 
 /// (version, name) of the migrations recorded, in order.
@@ -234,8 +258,12 @@ fn guard_problems(c: &mut impl GenericClient) -> Result<Vec<String>> {
 fn rearm(tx: &mut impl GenericClient) -> Result<()> {
     for &g in GUARDS {
         let (name, sql) = MIGRATIONS[g];
-        tx.batch_execute(sql)
-            .map_err(|e| backend(format!("re-arming the guards of {name}: {}", pool::words(&e))))?;
+        tx.batch_execute(sql).map_err(|e| {
+            backend(format!(
+                "re-arming the guards of {name}: {}",
+                pool::words(&e)
+            ))
+        })?;
     }
     for t in guard_definitions().0 {
         tx.batch_execute(&format!(
@@ -366,9 +394,8 @@ pub(super) fn ensure_generation(tx: &mut impl GenericClient, above: Option<i64>)
     if let Some(g) = current.filter(|g| above.is_none_or(|a| *g > a)) {
         return Ok(g);
     }
-    let fresh = crate::catalog::migrate::fresh_generation(
-        above.unwrap_or(0).max(current.unwrap_or(0)),
-    );
+    let fresh =
+        crate::catalog::migrate::fresh_generation(above.unwrap_or(0).max(current.unwrap_or(0)));
     match current {
         Some(_) => tx.execute(
             "UPDATE catalog_state SET generation = $1 WHERE id = 1",

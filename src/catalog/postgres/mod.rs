@@ -381,7 +381,11 @@ impl PgCatalog {
         Ok(v)
     }
 
-    fn load_version(c: &mut impl GenericClient, image: &str, version: &str) -> Result<ImageVersion> {
+    fn load_version(
+        c: &mut impl GenericClient,
+        image: &str,
+        version: &str,
+    ) -> Result<ImageVersion> {
         Self::version_where(
             c,
             "i.name = $1 AND v.version = $2",
@@ -401,10 +405,7 @@ impl PgCatalog {
                 &[&version_id],
             )
             .ctx("metadata")?;
-        found
-            .iter()
-            .map(|r| Ok((get(r, 0)?, get(r, 1)?)))
-            .collect()
+        found.iter().map(|r| Ok((get(r, 0)?, get(r, 1)?))).collect()
     }
 
     fn view(c: &mut impl GenericClient, image: &str, version: &str) -> Result<VersionView> {
@@ -435,7 +436,10 @@ impl PgCatalog {
             .ctx("attachments")?;
         for r in &found {
             let t = attachment_row(r, 0)?;
-            attachments.entry(t.artifact_id.clone()).or_default().push(t);
+            attachments
+                .entry(t.artifact_id.clone())
+                .or_default()
+                .push(t);
         }
         let artifacts = arts
             .into_iter()

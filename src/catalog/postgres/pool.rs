@@ -152,8 +152,15 @@ impl Pool {
         }
     }
 
+    /// A new session. Its default isolation is READ COMMITTED whatever the database's
+    /// (migration 3 makes that SERIALIZABLE for other clients): a change chooses
+    /// SERIALIZABLE itself and is retried on a serialization failure, a one-statement
+    /// read or append needs neither.
     pub(super) fn connect(&self) -> Result<Client> {
-        self.config.connect(NoTls).map_err(connect_error)
+        let mut c = self.config.connect(NoTls).map_err(connect_error)?;
+        c.batch_execute("SET default_transaction_isolation = 'read committed'")
+            .map_err(connect_error)?;
+        Ok(c)
     }
 
     /// A connection: an idle one that is still alive, else a new one.
