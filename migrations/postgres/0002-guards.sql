@@ -23,7 +23,7 @@
 -- (session_replication_role = replica skips ordinary triggers).
 -- Every statement is idempotent (CREATE OR REPLACE): opening a catalog re-runs this file
 -- when a guard is missing, disabled or was changed (src/catalog/postgres/migrate.rs), and
--- check_integrity (`imgsrv` integrity checks) reports such a guard. A superuser or the
+-- check_integrity (run by `imgsrv restore`) reports such a guard. A superuser or the
 -- tables' owner can still drop or disable a trigger (ALTER TABLE ... DISABLE TRIGGER):
 -- give the roles other than imgsrv's only the privileges they need.
 
