@@ -396,3 +396,55 @@ fn a_bad_url_says_what_a_good_one_looks_like() {
     let nobody = "postgresql://postgres@%2Ftmp%2Fimgsrv-no-such-dir/imgsrv";
     assert_err!(PgCatalog::open(nobody), CatalogError::Unavailable(_));
 }
+
+/// The HTTP side of an outage, in process (the real App and routes, the catalog swapped
+/// for a PostgreSQL one): `/readyz` says the catalog database cannot be reached and
+/// catalog-backed routes answer 503 with Retry-After while it is down; both recover by
+/// themselves once it is back.
+#[test]
+fn while_the_database_is_down_requests_answer_503_and_readyz_says_why() {
+    use imgsrv::app::{self, App};
+    use imgsrv::http::message::Request;
+    use imgsrv::http::routes::handle;
+    let dir = cluster();
+    let d = dir.to_str().unwrap();
+    let url = harness(&["url", d]);
+    let data = tempfile::tempdir().unwrap();
+    app::init(data.path(), &[]).unwrap();
+    let mut served = App::open(imgsrv::config::Config::load(data.path(), None).unwrap()).unwrap();
+    served.catalog = std::sync::Arc::new(PgCatalog::open(&url).unwrap());
+    published(served.catalog.as_ref(), "debian", "1");
+    let get = |path: &str| {
+        let mut req = Request::for_test("GET", path, &[], Vec::new());
+        req.secure = true;
+        let r = handle(&served, &mut req);
+        let retry = r.headers.iter().any(|(k, _)| k == "Retry-After");
+        (
+            r.status,
+            retry,
+            String::from_utf8_lossy(&r.body_bytes()).into_owned(),
+        )
+    };
+    assert_eq!(get("/readyz").0, 204);
+    let (status, _, body) = get("/v1/images");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("debian"), "{body}");
+
+    harness(&["stop", d]);
+    let (status, retry, body) = get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(retry);
+    assert!(
+        body.contains("the catalog database cannot be reached"),
+        "{body}"
+    );
+    let (status, retry, body) = get("/v1/images");
+    assert_eq!(status, 503, "{body}");
+    assert!(retry, "clients are told to retry");
+    assert!(!body.contains(d), "no paths for the client: {body}");
+
+    harness(&["start", d]);
+    assert_eq!(get("/readyz").0, 204);
+    assert_eq!(get("/v1/images").0, 200);
+    harness(&["purge", d]);
+}
