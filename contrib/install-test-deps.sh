@@ -20,7 +20,7 @@ fi
 
 PKGS="minisign squashfs-tools qemu-utils busybox-static xz-utils tar nginx sqlite3 openssl
   ca-certificates curl python3 python3-pip procps iproute2 util-linux shellcheck prometheus systemd
-  chromium"
+  chromium postgresql"
 BPO_PKGS="incus-client incus-extra incus-base"
 
 missing() { # PKG...: prints those not installed, one a line

@@ -145,6 +145,14 @@ impl App {
             Err(CatalogError::Full(m)) => {
                 reasons.push(format!("the catalog's disk is full: {m}"));
             }
+            Err(e @ CatalogError::Unavailable(_)) => {
+                reasons.push(
+                    "the catalog database cannot be reached (down or restarting; the server \
+                     log says why)"
+                        .into(),
+                );
+                errors.push(format!("catalog: {e}"));
+            }
             Err(e) => {
                 reasons.push("the catalog cannot be written (the server log says why)".into());
                 errors.push(format!("catalog: {e}"));

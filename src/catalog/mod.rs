@@ -13,6 +13,8 @@
 //! by this code.
 
 mod migrate;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod space;
 pub mod sqlite;
 
@@ -83,6 +85,13 @@ pub enum CatalogError {
     /// all or nothing), and the same change works once space is freed.
     #[error("the catalog's disk is full: {0}")]
     Full(String),
+    /// The catalog's database cannot be reached now (it is down, restarting,
+    /// or refuses connections): nothing was changed, or the change's outcome
+    /// is unknown when the connection broke at its commit; the same request
+    /// works once the database is back (connections are made again by
+    /// themselves).
+    #[error("the catalog database is unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;

@@ -97,6 +97,14 @@ impl From<CatalogError> for ApiError {
             CatalogError::Full(ref m) => {
                 ApiError::insufficient_storage("the server's data disk", m, &e)
             }
+            CatalogError::Unavailable(ref m) => {
+                log::warn!("catalog unavailable (503): {m}");
+                ApiError::new(
+                    503,
+                    "the catalog database is unavailable; retry in a few seconds",
+                )
+                .with_header("Retry-After", "5")
+            }
             e @ CatalogError::Backend(_) => ApiError::internal("catalog", e),
         }
     }
@@ -329,6 +337,16 @@ pub fn serve_blob(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_catalog_answers_503_with_retry_after() {
+        let e = ApiError::from(CatalogError::Unavailable(
+            "cannot connect: Connection refused (os error 111)".into(),
+        ));
+        assert_eq!(e.status, 503);
+        assert!(!e.detail.contains("os error"), "{}", e.detail);
+        assert!(e.headers.iter().any(|(k, _)| k == "Retry-After"));
+    }
 
     #[test]
     fn ranges() {

@@ -1,0 +1,254 @@
+//! Issue 10: one contract for the [`Catalog`] traits, run on every backend: SQLite (in a
+//! temp dir, always) and, with `--features postgres`, PostgreSQL 15 (a throwaway cluster
+//! started by `tests/fixtures/pg-harness`, one fresh database per test). Each test takes
+//! a `&dyn Catalog` and a way to open a second instance on the same storage (another
+//! process or imgsrv instance sharing it), and asserts what callers rely on: the
+//! results, the order of listings, and the [`CatalogError`] variant of each refusal.
+//!
+//! PostgreSQL only (module `pg_only`): published rows cannot be changed or deleted from
+//! the real `psql`, guards dropped by hand are reported and re-armed, instances starting
+//! at once migrate once, and a catalog reconnects by itself after the database restarted
+//! (failing with [`CatalogError::Unavailable`] while it is down).
+//!
+//! Run: `cargo test --features postgres --test catalog_contract` (as root: the harness
+//! runs initdb as the user postgres).
+
+use imgsrv::catalog::*;
+use imgsrv::digest::Digest;
+use std::collections::BTreeMap;
+
+/// A catalog under test, and how to open another instance on the same storage.
+struct Fixture {
+    cat: Box<dyn Catalog>,
+    reopen: Box<dyn Fn() -> Box<dyn Catalog>>,
+    /// What must live as long as the catalog (a temp dir).
+    _keep: Box<dyn std::any::Any>,
+}
+
+fn sqlite() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("catalog.db");
+    let cat = Box::new(SqliteCatalog::open(&path).unwrap());
+    Fixture {
+        cat,
+        reopen: Box::new(move || Box::new(SqliteCatalog::open(&path).unwrap())),
+        _keep: Box::new(dir),
+    }
+}
+
+/// Runs each named contract test on every backend.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $( #[test] fn $name() { super::$name(&super::sqlite()) } )*
+        }
+        #[cfg(feature = "postgres")]
+        mod on_postgres {
+            $( #[test] fn $name() { super::$name(&super::pg::fixture()) } )*
+        }
+    };
+}
+
+contract!(
+    drafts_are_composed_read_back_and_deleted,
+    a_published_version_cannot_be_changed_through_the_trait,
+    publish_refuses_a_changed_draft_and_missing_blobs,
+    aliases_point_only_at_published_versions,
+    blob_rows_and_upload_sessions,
+    principals_grants_and_tokens,
+    the_audit_log_appends_and_filters,
+    retire_and_collect_published_versions,
+    claims_pins_and_guarded_blob_deletion,
+    job_locks_exclude_by_mode_across_two_holders,
+    a_waiting_job_lock_is_granted_when_the_holder_lets_go,
+    the_generation_moves_and_another_instance_sees_it,
+    job_runs_probe_and_integrity,
+);
+
+// ------------------------------------------------------------------------ helpers
+
+fn blob(c: &dyn Catalog, tag: &str) -> (Digest, u64) {
+    let d = Digest::of(tag.as_bytes());
+    let size = tag.len() as u64;
+    c.insert_blob(&d, size, Some("application/octet-stream"))
+        .unwrap();
+    (d, size)
+}
+
+fn artifact(digest: Digest, size: u64, arch: &str) -> NewArtifact {
+    NewArtifact {
+        variant: "default".into(),
+        operating_system: "debian".into(),
+        architecture: arch.into(),
+        format: "squashfs".into(),
+        primary_blob_digest: digest,
+        primary_blob_size_bytes: size,
+        primary_media_type: "application/vnd.squashfs".into(),
+    }
+}
+
+fn attachment(digest: Digest, size: u64) -> NewAttachment {
+    NewAttachment {
+        name: "incus.tar.xz".into(),
+        media_type: "application/x-xz".into(),
+        blob_digest: digest,
+        blob_size_bytes: size,
+    }
+}
+
+/// A draft `image@version` with one artifact (root blob + metadata attachment), both
+/// blobs stored: (version, artifact id, metadata attachment id, root digest).
+fn draft(c: &dyn Catalog, image: &str, version: &str) -> (ImageVersion, String, String, Digest) {
+    if c.get_image(image).is_err() {
+        c.create_image(image, Some("Debian"), None, "public")
+            .unwrap();
+    }
+    let meta: BTreeMap<String, String> = [("release".to_string(), "bookworm".to_string())]
+        .into_iter()
+        .collect();
+    let v = c.create_version(image, version, &meta).unwrap();
+    let (root, root_size) = blob(c, &format!("root {image} {version}"));
+    let (m, m_size) = blob(c, &format!("meta {image} {version}"));
+    let a = c
+        .add_artifact(&v.id, &artifact(root, root_size, "amd64"))
+        .unwrap();
+    let t = c
+        .add_attachment(&v.id, &a.id, &attachment(m, m_size))
+        .unwrap();
+    (v, a.id, t.id, root)
+}
+
+/// The record and projection rows that publish `image@version` as it is now.
+fn record_for(c: &dyn Catalog, image: &str, version: &str) -> (PublishRecord, Vec<ProjectionRow>) {
+    let view = c.version_view(image, version).unwrap();
+    let manifest = imgsrv::manifest::canonical(&view);
+    let projection = view
+        .artifacts
+        .iter()
+        .map(|a| ProjectionRow {
+            artifact_id: a.artifact.id.clone(),
+            metadata_attachment_id: a.attachments[0].id.clone(),
+            ftype: "squashfs".into(),
+            combined_sha256: Digest::of(format!("fp {}", a.artifact.id).as_bytes()),
+        })
+        .collect();
+    (
+        PublishRecord {
+            version_id: view.version.id.clone(),
+            manifest_digest: Digest::of(&manifest),
+            manifest,
+            signature: None,
+            signer_key_id: None,
+            signer_key_name: None,
+            verification: Verification::Skipped,
+            principal_id: None,
+            published_at: now(),
+        },
+        projection,
+    )
+}
+
+/// Publishes a new version with one artifact: the published version.
+fn published(c: &dyn Catalog, image: &str, version: &str) -> ImageVersion {
+    draft(c, image, version);
+    let (record, projection) = record_for(c, image, version);
+    c.publish(&record, &projection).unwrap()
+}
+
+macro_rules! assert_err {
+    ($e:expr, $pat:pat) => {
+        match $e {
+            Err($pat) => {}
+            other => panic!(
+                "{}: expected {}, got {:?}",
+                stringify!($e),
+                stringify!($pat),
+                other.map(|_| "Ok(..)")
+            ),
+        }
+    };
+}
+
+// ------------------------------------------------------------------------ the suites
+
+// after the helpers and assert_err!, which they use (macros are in scope in textual order)
+#[path = "catalog_contract/content.rs"]
+mod content;
+#[path = "catalog_contract/maint.rs"]
+mod maint;
+#[cfg(feature = "postgres")]
+#[path = "catalog_contract/pg_only.rs"]
+mod pg_only;
+#[path = "catalog_contract/records.rs"]
+mod records;
+use content::*;
+use maint::*;
+use records::*;
+
+// ------------------------------------------------------------------------ PostgreSQL
+
+#[cfg(feature = "postgres")]
+mod pg {
+    //! The throwaway cluster (one per test binary, through tests/fixtures/pg-harness,
+    //! purged by the harness's watcher when this process ends) and its databases.
+    use super::*;
+    use imgsrv::catalog::postgres::PgCatalog;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::OnceLock;
+
+    pub const HARNESS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pg-harness");
+
+    /// `pg-harness ARGS...`: its stdout, trimmed; panics with its stderr on failure.
+    pub fn harness(args: &[&str]) -> String {
+        let out = Command::new(HARNESS)
+            .args(args)
+            .output()
+            .expect("running pg-harness");
+        assert!(
+            out.status.success(),
+            "pg-harness {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A new cluster in a fresh directory, purged when this process ends.
+    pub fn cluster() -> PathBuf {
+        let dir = tempfile::Builder::new()
+            .prefix("imgsrv-pg-")
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
+        harness(&[
+            "up",
+            dir.to_str().unwrap(),
+            "--watch",
+            &std::process::id().to_string(),
+        ]);
+        dir
+    }
+
+    /// The cluster shared by the tests that do not stop it.
+    pub fn shared() -> &'static Path {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        DIR.get_or_init(cluster)
+    }
+
+    /// A fresh database in `dir`'s cluster: its URL.
+    pub fn database(dir: &Path) -> String {
+        let name = format!("t_{}", new_id().replace('-', ""));
+        harness(&["createdb", dir.to_str().unwrap(), &name])
+    }
+
+    pub fn fixture() -> Fixture {
+        let url = database(shared());
+        let cat = Box::new(PgCatalog::open(&url).unwrap());
+        Fixture {
+            cat,
+            reopen: Box::new(move || Box::new(PgCatalog::open(&url).unwrap())),
+            _keep: Box::new(()),
+        }
+    }
+}
