@@ -6,7 +6,7 @@
 //! a refused one, never overwriting a key, virtual-host addressing, quotas.
 
 use imgsrv::cas::{BlobStore, CasError, FsStore, LeftoverKind, StagedPart};
-use imgsrv::digest::{Digest, Hasher};
+use imgsrv::digest::Digest;
 use std::io::{self, Read};
 
 const UPLOAD: &str = "0e3c4b9e-0000-4000-8000-00000000c0de";
@@ -381,39 +381,6 @@ contract!(
     adopt_copies_a_checked_file,
 );
 
-/// Deterministic bytes that do not repeat with any part size: byte `i`.
-fn byte_at(i: u64) -> u8 {
-    let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (x >> 56) as u8 ^ (i as u8)
-}
-
-/// `len` bytes of [`byte_at`] from `pos`, streamed (no large buffer).
-struct Pattern {
-    pos: u64,
-    end: u64,
-}
-
-impl Read for Pattern {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = buf.len().min((self.end - self.pos) as usize);
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = byte_at(self.pos + i as u64);
-        }
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-fn pattern(len: u64) -> Pattern {
-    Pattern { pos: 0, end: len }
-}
-
-fn pattern_digest(len: u64) -> Digest {
-    let mut h = Hasher::new();
-    imgsrv::digest::read_chunks(&mut pattern(len), |c| h.update(c)).unwrap();
-    h.finish()
-}
-
 #[cfg(feature = "s3")]
 #[path = "support/garage.rs"]
 mod garage;
@@ -423,8 +390,42 @@ mod s3_only {
     use super::garage;
     use super::*;
     use imgsrv::cas::s3::S3Store;
+    use imgsrv::digest::Hasher;
 
     const MIB: u64 = 1 << 20;
+
+    /// Deterministic bytes that do not repeat with any part size: byte `i`.
+    fn byte_at(i: u64) -> u8 {
+        let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (x >> 56) as u8 ^ (i as u8)
+    }
+
+    /// `len` bytes of [`byte_at`] from `pos`, streamed (no large buffer).
+    struct Pattern {
+        pos: u64,
+        end: u64,
+    }
+
+    impl Read for Pattern {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min((self.end - self.pos) as usize);
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = byte_at(self.pos + i as u64);
+            }
+            self.pos += n as u64;
+            Ok(n)
+        }
+    }
+
+    fn pattern(len: u64) -> Pattern {
+        Pattern { pos: 0, end: len }
+    }
+
+    fn pattern_digest(len: u64) -> Digest {
+        let mut h = Hasher::new();
+        imgsrv::digest::read_chunks(&mut pattern(len), |c| h.update(c)).unwrap();
+        h.finish()
+    }
 
     /// Hashes what `open_range` streams, without keeping it.
     fn digest_of_range(s: &dyn BlobStore, d: &Digest, offset: u64, len: u64) -> (Digest, u64) {
@@ -598,6 +599,44 @@ mod s3_only {
         assert_eq!(read_all(&s, &d), b"by host name");
         assert_eq!(listed(&s), vec![(d, 12)]);
         s.probe_writable().unwrap();
+    }
+
+    #[test]
+    fn an_https_endpoint_is_trusted_through_ca_file() {
+        let (_s, raw) = garage::store_and_raw("tls");
+        let proxy = garage::TlsProxy::start();
+        let mut opts = raw.options();
+        opts.endpoint = format!("https://127.0.0.1:{}", proxy.port);
+        opts.ca_file = Some(proxy.cert.clone());
+        let s = S3Store::open(&opts).unwrap();
+        s.probe_writable().unwrap();
+        let small = put(&s, b"over TLS");
+        assert_eq!(read_all(&s, &small), b"over TLS");
+        let len = 20 * MIB;
+        let d = pattern_digest(len);
+        s.put(&d, len, &mut pattern(len)).unwrap();
+        assert_eq!(digest_of_range(&s, &d, 0, len), (d, len));
+        assert_eq!(
+            read_range(&s, &d, 16 * MIB - 1, 2),
+            vec![byte_at(16 * MIB - 1), byte_at(16 * MIB)]
+        );
+        // without the CA file, the server's certificate is not trusted
+        opts.ca_file = None;
+        let untrusted = S3Store::open(&opts).unwrap();
+        let e = untrusted.stat(&small).unwrap_err();
+        assert!(matches!(e, CasError::Io { .. }), "{e:?}");
+        // nor with another one
+        let other = proxy.dir().join("other.pem");
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        std::fs::write(&other, ck.cert.pem()).unwrap();
+        opts.ca_file = Some(other);
+        let wrong = S3Store::open(&opts).unwrap();
+        assert!(wrong.stat(&small).is_err());
+        // a CA file that is no certificate is refused when opening
+        let junk = proxy.dir().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        opts.ca_file = Some(junk);
+        assert!(matches!(S3Store::open(&opts), Err(CasError::Invalid(m)) if m.contains("ca_file")));
     }
 
     #[test]

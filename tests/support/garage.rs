@@ -246,3 +246,121 @@ impl Raw {
         assert!(out.status.success(), "garage {args:?}: {}", show(&out));
     }
 }
+
+/// Debian's nginx terminating TLS in front of the Garage (a certificate for
+/// `127.0.0.1` and `localhost`, self-signed, made here). nginx cannot listen
+/// on port 0, so it gets a free port and is started again on another should
+/// it lose that port to someone else meanwhile. Stopped on drop.
+pub struct TlsProxy {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub cert: PathBuf,
+}
+
+impl TlsProxy {
+    pub fn start() -> TlsProxy {
+        use std::time::{Duration, Instant};
+        let g = garage();
+        let upstream = g.var("IMGSRV_S3_ENDPOINT").to_string();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap();
+        let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+                .port();
+            // SAFETY: geteuid(2) has no preconditions.
+            let user = if unsafe { libc::geteuid() } == 0 {
+                "user root;"
+            } else {
+                ""
+            };
+            let conf = format!(
+                r#"{user}
+daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp-body;
+  proxy_temp_path {d}/tmp-proxy;
+  fastcgi_temp_path {d}/tmp-fastcgi;
+  uwsgi_temp_path {d}/tmp-uwsgi;
+  scgi_temp_path {d}/tmp-scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    client_max_body_size 0;
+    location / {{
+      proxy_pass {upstream};
+      proxy_http_version 1.1;
+      proxy_set_header Host $http_host;
+      proxy_set_header Connection "";
+      proxy_request_buffering off;
+      proxy_buffering off;
+    }}
+  }}
+}}
+"#,
+                d = d.display(),
+                cert = cert.display(),
+                key = key.display(),
+            );
+            std::fs::write(d.join("nginx.conf"), conf).unwrap();
+            let _ = std::fs::remove_file(d.join("error.log"));
+            let mut child = Command::new("nginx")
+                .arg("-c")
+                .arg(d.join("nginx.conf"))
+                .arg("-e")
+                .arg(d.join("error.log"))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("run nginx (contrib/install-test-deps.sh installs it)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(st) = child.try_wait().unwrap() {
+                    let log = std::fs::read_to_string(d.join("error.log")).unwrap_or_default();
+                    if log.contains("in use") {
+                        break; // lost the port: again
+                    }
+                    panic!("nginx exited with {st}:\n{log}");
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return TlsProxy {
+                        dir,
+                        child: Some(child),
+                        port,
+                        cert,
+                    };
+                }
+                assert!(Instant::now() < deadline, "nginx did not start");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("nginx: no free port after 3 tries");
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
