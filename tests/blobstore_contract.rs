@@ -558,6 +558,88 @@ mod s3_only {
         assert_eq!(raw.unfinished_uploads(), Vec::<String>::new());
     }
 
+    /// Calls `hook` once, when `at` bytes were read.
+    struct Hook<R, F> {
+        inner: R,
+        read: u64,
+        at: u64,
+        hook: Option<F>,
+    }
+
+    impl<R: Read, F: FnOnce()> Read for Hook<R, F> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.read >= self.at {
+                if let Some(h) = self.hook.take() {
+                    h();
+                }
+            }
+            let n = self.inner.read(buf)?;
+            self.read += n as u64;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_key_taken_during_an_upload_is_kept() {
+        // (what the caller's per-digest lock prevents; the HEAD just before
+        // the upload is completed still keeps what is there)
+        let (s, raw) = garage::store_and_raw("race");
+        let len = 40 * MIB;
+        let d = pattern_digest(len);
+        let key = S3Store::key_of(&d);
+        // taken once every part is sent, before the upload is completed
+        let mut r = Hook {
+            inner: pattern(len),
+            read: 0,
+            at: len,
+            hook: Some(|| raw.put(&key, b"taken meanwhile")),
+        };
+        s.put(&d, len, &mut r).unwrap();
+        assert_eq!(raw.get(&key), b"taken meanwhile");
+        assert_eq!(raw.unfinished_uploads(), Vec::<String>::new());
+        // taken midway: Garage itself drops an unfinished multipart upload of
+        // a key that gets a new object, so the put fails (nothing replaced)
+        let d = pattern_digest(len - 1);
+        let key = S3Store::key_of(&d);
+        let mut r = Hook {
+            inner: pattern(len - 1),
+            read: 0,
+            at: 20 * MIB,
+            hook: Some(|| raw.put(&key, b"taken midway")),
+        };
+        let midway = s.put(&d, len - 1, &mut r);
+        assert!(
+            matches!(midway, Ok(()) | Err(CasError::Io { .. })),
+            "{midway:?}"
+        );
+        assert_eq!(raw.get(&key), b"taken midway");
+        assert_eq!(raw.unfinished_uploads(), Vec::<String>::new());
+        // a small one: checked in memory, HEAD, then one PUT
+        let d = Digest::of(b"ROOT");
+        let key = S3Store::key_of(&d);
+        let mut r = Hook {
+            inner: &b"ROOT"[..],
+            read: 0,
+            at: 2,
+            hook: Some(|| raw.put(&key, b"RooT")),
+        };
+        s.put(&d, 4, &mut r).unwrap();
+        assert_eq!(raw.get(&key), b"RooT");
+    }
+
+    #[test]
+    fn listing_follows_pages() {
+        let (s, _raw) = garage::store_and_raw("pages");
+        // more than one ListObjectsV2 page (1,000 keys)
+        let mut want: Vec<Digest> = (0..1003u32)
+            .map(|i| put(&s, format!("blob {i}").as_bytes()))
+            .collect();
+        want.sort();
+        let got: Vec<Digest> = listed(&s).into_iter().map(|(d, _)| d).collect();
+        assert_eq!(got.len(), 1003);
+        assert!(got == want, "every blob listed once");
+    }
+
     #[test]
     fn unfinished_multipart_uploads_are_leftovers() {
         let (s, raw) = garage::store_and_raw("mpu");
