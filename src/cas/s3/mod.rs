@@ -28,10 +28,17 @@
 //! lock the store HEADs the key: when an object is there it is kept as it is
 //! (the new bytes are still read and checked, so a wrong put fails as on the
 //! filesystem store); the HEAD is repeated just before an upload is made
-//! visible. Without the caller's lock two instances storing the same digest
-//! could both find it absent; both write the same checked bytes, but a blob
-//! damaged behind imgsrv's back and being re-stored could then race a
-//! quarantine, which the lock rules out.
+//! visible (Garage also drops an unfinished multipart upload of a key that
+//! gets a new object meanwhile: that upload then fails, and nothing is
+//! replaced). The HEAD-then-write is only safe under the lock: without it two
+//! writers could both find the key free, and the second would replace the
+//! first's object, say a re-stored blob racing a quarantine or a GC.
+//!
+//! # Credentials
+//! The secret key only ever goes into signatures; errors name the object
+//! (`s3://bucket/key`), never a signed URL. ureq itself logs request paths
+//! and queries (the signed URL, which carries the access key id but not the
+//! secret) only at trace level.
 //!
 //! # Free space
 //! S3 has no notion of free space. [`BlobStore::ensure_room`] refuses only
@@ -348,7 +355,8 @@ mod tests {
 
     #[test]
     fn bad_options_say_what_to_fix() {
-        let cases: Vec<(Box<dyn Fn(&mut S3Options)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut S3Options)>;
+        let cases: Vec<(Change, &str)> = vec![
             (
                 Box::new(|o| o.endpoint = "127.0.0.1:3900".into()),
                 "endpoint",
