@@ -544,6 +544,20 @@ mod s3_only {
         let b = s.stage_part(UPLOAD, 2, 2, &mut &b"OT"[..]).unwrap();
         s.commit_upload(UPLOAD, &[(1, a), (2, b)], &d, 4).unwrap();
         assert_eq!(raw.get(&key), b"RooT", "a multi-part commit kept it");
+        // (kept at another size too, and wrong parts are still refused)
+        raw.put(&key, b"RooT!");
+        let a = s.stage_part(UPLOAD, 1, 2, &mut &b"RO"[..]).unwrap();
+        let b = s.stage_part(UPLOAD, 2, 2, &mut &b"OX"[..]).unwrap();
+        assert!(matches!(
+            s.commit_upload(UPLOAD, &[(1, a), (2, b)], &d, 4),
+            Err(CasError::Mismatch { .. })
+        ));
+        let a = s.stage_part(UPLOAD, 1, 2, &mut &b"RO"[..]).unwrap();
+        let b = s.stage_part(UPLOAD, 2, 2, &mut &b"OT"[..]).unwrap();
+        s.commit_upload(UPLOAD, &[(1, a), (2, b)], &d, 4).unwrap();
+        assert_eq!(raw.get(&key), b"RooT!");
+        assert!(raw.keys("uploads/").is_empty());
+        raw.put(&key, b"RooT");
         // once quarantined, the right bytes go in
         assert!(s.quarantine(&d, "sha256 mismatch").unwrap());
         s.put(&d, 4, &mut &b"ROOT"[..]).unwrap();

@@ -272,7 +272,8 @@ impl S3Store {
             });
         }
         let key = Self::key_of(digest);
-        if self.client.head(&key)?.is_some_and(|o| o.size == size) {
+        let existing = self.client.head(&key)?;
+        if existing.as_ref().is_some_and(|o| o.size == size) {
             return Ok(());
         }
         for (n, p) in parts {
@@ -299,7 +300,6 @@ impl S3Store {
                 return Ok(());
             }
         }
-        self.ensure_room(size)?;
         let mut reader = PartsReader {
             store: self,
             upload,
@@ -308,13 +308,23 @@ impl S3Store {
             current: None,
             failed: None,
         };
-        let r = self.upload(&key, size, &mut reader, false, &mut |actual| {
-            self.check_and_claim(&key, digest, size, actual)
-        });
+        let r = if existing.is_some() {
+            // Never overwritten (another size: damaged behind imgsrv's back,
+            // for scrub to find). The parts are still read and checked, so a
+            // wrong commit fails whether or not the key is taken.
+            self.hash_only(&key, size, &mut reader)
+                .and_then(|actual| check_digest(digest, size, actual, size))
+        } else {
+            self.ensure_room(size)?;
+            self.upload(&key, size, &mut reader, false, &mut |actual| {
+                self.check_and_claim(&key, digest, size, actual)
+            })
+            .map(drop)
+        };
         if let Some(e) = reader.failed.take() {
             return Err(e);
         }
-        r.map(drop)
+        r
     }
 
     /// [`BlobStore::discard_upload`]: the staged parts and any unfinished
