@@ -21,6 +21,8 @@ use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 /// How long a signed request is valid. It is sent at once; the check is made
 /// when it arrives (a long download that started in time goes on).
 const SIGN_FOR: Duration = Duration::from_secs(15 * 60);
+/// The longest a read or write of a transfer may wait for the server.
+const IDLE_MAX: Duration = Duration::from_secs(60);
 /// The most of an error answer read (its XML names the S3 error code).
 const ERROR_BODY_MAX: u64 = 64 << 10;
 /// The most of an XML answer read (a listing page of 1,000 keys is ~300 KiB).
@@ -675,6 +677,11 @@ fn agent(opts: &S3Options) -> Result<ureq::Agent> {
         .timeout_connect(Some(Duration::from_secs(10)))
         // CompleteMultipartUpload and CopyObject of a large object take a while
         .timeout_recv_response(Some(Duration::from_secs(300)))
+        // a server that stops sending (or taking) bytes midway fails the
+        // request rather than holding a download or an upload forever; a
+        // long transfer that keeps moving is never cut
+        .timeout_per_read(Some(IDLE_MAX))
+        .timeout_per_write(Some(IDLE_MAX))
         .max_idle_connections_per_host(16)
         .user_agent(concat!("imgsrv/", env!("CARGO_PKG_VERSION")));
     match &opts.ca_file {
