@@ -15,7 +15,18 @@
 //! larger one goes up as a multipart upload to its CAS key; the upload is
 //! completed (the object appears) only after the last byte was hashed and
 //! the digest and size were right, and aborted otherwise: nothing is stored
-//! and no parts stay behind.
+//! and no parts stay behind. One thread reads and hashes while a second
+//! sends the previous part: at most three parts are in memory per upload.
+//!
+//! # Leftovers
+//! [`BlobStore::leftovers`] lists the objects under `tmp/`, the staged parts
+//! under `uploads/` (one [`Leftover`] per upload id) and every unfinished
+//! multipart upload: under `uploads/<id>/` it counts with that upload, on
+//! any other key of the store it is a temp leftover named
+//! `<key>?uploadId=<id>`. A put or commit under way has one of those, so
+//! garbage collection must remove temp leftovers only while no write is
+//! under way on ANY instance sharing the bucket (the `blobs` job lock must
+//! then be the catalog's, not a process's).
 //!
 //! # A CAS key is never overwritten: the caller's per-digest lock
 //! S3 has no "create only if absent" that every server honours: Garage
@@ -112,9 +123,9 @@ impl fmt::Debug for S3Options {
 /// The S3 blob store; see the module documentation.
 pub struct S3Store {
     client: Client,
-    /// [`PART_SIZE`] (a test may lower nothing else than [`COPY_MAX`])
+    /// [`PART_SIZE`]
     part_size: u64,
-    /// [`COPY_MAX`]
+    /// `COPY_MAX` (lowered by tests: [`S3Store::set_copy_max`])
     copy_max: u64,
 }
 
