@@ -37,7 +37,13 @@ need=$(missing $PKGS | tr '\n' ' ')
 # shellcheck disable=SC2086
 need_bpo=$(missing $BPO_PKGS | tr '\n' ' ')
 need=${need% } need_bpo=${need_bpo% }
-if [ -z "$need$need_bpo" ] && command -v sstream-query >/dev/null 2>&1; then
+# Garage (the S3 store of the `s3` feature's tests, tests/fixtures/garage-harness), built
+# from crates.io: a one-time 10-20 min build on 2 cores, skipped when `garage` is there.
+GARAGE_VERSION=2.5.0
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+need_garage=
+command -v garage >/dev/null 2>&1 || need_garage=1
+if [ -z "$need$need_bpo$need_garage" ] && command -v sstream-query >/dev/null 2>&1; then
   echo "install-test-deps: everything already installed"
   exit 0
 fi
@@ -103,5 +109,13 @@ if ! command -v sstream-query >/dev/null 2>&1; then
   hash -r 2>/dev/null || true
 fi
 command -v sstream-query >/dev/null 2>&1 || { echo "install-test-deps: sstream-query missing after install" >&2; exit 1; }
+
+# --- Garage, from crates.io (see GARAGE_VERSION above) ----------------------------------
+if [ -n "$need_garage" ]; then
+  command -v cargo >/dev/null 2>&1 || { echo "install-test-deps: cargo is needed to build Garage" >&2; exit 1; }
+  echo "install-test-deps: building garage $GARAGE_VERSION (cargo install; 10-20 min, once)"
+  CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} cargo install garage --version "$GARAGE_VERSION" --locked
+fi
+command -v garage >/dev/null 2>&1 || { echo "install-test-deps: garage missing after install" >&2; exit 1; }
 [ -x /usr/libexec/incus/incusd ] || { echo "install-test-deps: /usr/libexec/incus/incusd missing after install" >&2; exit 1; }
 echo "install-test-deps: done"

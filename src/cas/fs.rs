@@ -39,7 +39,7 @@ static ADOPT_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 /// Reads into `buf` until it is full or `left` bytes came; a short source
 /// is [`CasError::Truncated`].
-fn fill(
+pub(super) fn fill(
     reader: &mut dyn Read,
     buf: &mut [u8],
     left: u64,
@@ -138,7 +138,7 @@ pub fn available_bytes(dir: &Path) -> io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
-fn valid_upload_id(id: &str) -> Result<()> {
+pub(super) fn valid_upload_id(id: &str) -> Result<()> {
     // upload ids are server-made UUIDs; refuse anything that could walk the tree
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
         return Err(CasError::Invalid(format!("bad upload id {id:?}")));
@@ -147,7 +147,7 @@ fn valid_upload_id(id: &str) -> Result<()> {
 }
 
 /// [`CasError::Mismatch`] unless `actual` (over `actual_size` bytes) is `expected`.
-fn check_digest(
+pub(super) fn check_digest(
     expected: &Digest,
     expected_size: u64,
     actual: Digest,

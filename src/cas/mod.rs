@@ -1,10 +1,11 @@
 //! The content-addressed blob store. Blobs are named by their SHA-256 and are
 //! written once: ingest hashes while it stores, refuses a wrong digest or
 //! size, and never replaces an existing blob. The local implementation is
-//! [`FsStore`]; an S3-compatible store can implement [`BlobStore`] behind a
-//! cargo feature.
+//! [`FsStore`]; the S3-compatible one is `s3::S3Store` (cargo feature `s3`).
 
 pub mod fs;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use crate::digest::Digest;
 use std::io::Read;

@@ -154,16 +154,26 @@ pub fn load_pem(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 /// A ureq agent with `config` whose TLS trusts the certificates of `ca` as
 /// [`PinnedVerifier`] does (the config's own TLS settings are not used).
 pub fn agent(config: ureq::config::Config, ca: &Path) -> anyhow::Result<ureq::Agent> {
+    agent_with_resolver(
+        config,
+        ca,
+        ureq::unversioned::resolver::DefaultResolver::default(),
+    )
+}
+
+/// [`agent`] with its own name resolution (the S3 store's, which answers
+/// `*.localhost` itself: virtual-host bucket names under a local endpoint).
+pub fn agent_with_resolver(
+    config: ureq::config::Config,
+    ca: &Path,
+    resolver: impl ureq::unversioned::resolver::Resolver,
+) -> anyhow::Result<ureq::Agent> {
     let tls = client_config(load_pem(ca)?)?;
     let connector =
         ().chain(ConnectProxyConnector::default())
             .chain(TcpConnector::default())
             .chain(PinnedTlsConnector { config: tls });
-    Ok(ureq::Agent::with_parts(
-        config,
-        connector,
-        ureq::unversioned::resolver::DefaultResolver::default(),
-    ))
+    Ok(ureq::Agent::with_parts(config, connector, resolver))
 }
 
 /// Wraps the TCP transport of an https URL in rustls with a fixed config.

@@ -440,15 +440,34 @@ impl TestServer {
         Self::start_inner(None, Some(data))
     }
 
+    /// Like [`TestServer::start_with`], but the configuration is written before
+    /// `imgsrv init`, which then sets up the stores it names (a `[storage]` section:
+    /// the bootstrap token goes into that catalog).
+    pub fn start_configured(config_toml: &str) -> TestServer {
+        Self::start_full(Some(config_toml), None, true)
+    }
+
     fn start_inner(config: Option<&str>, data: Option<&Path>) -> TestServer {
+        Self::start_full(config, data, false)
+    }
+
+    fn start_full(config: Option<&str>, data: Option<&Path>, config_first: bool) -> TestServer {
         let root = temp_dir("server");
         let data = data.map_or_else(|| root.path().join("data"), Path::to_path_buf);
         fs::create_dir_all(&data).expect("create data dir");
         let data_s = data.to_str().expect("utf-8 temp path").to_owned();
+        let write_config = || {
+            if let Some(cfg) = config {
+                fs::write(data.join("imgsrv.toml"), cfg.replace("{data}", &data_s))
+                    .expect("write imgsrv.toml");
+            }
+        };
+        if config_first {
+            write_config();
+        }
         imgsrv(&["init", "--data", &data_s]);
-        if let Some(cfg) = config {
-            fs::write(data.join("imgsrv.toml"), cfg.replace("{data}", &data_s))
-                .expect("write imgsrv.toml");
+        if !config_first {
+            write_config();
         }
         let cert = data.join("tls").join("cert.pem");
         let agent = https_agent(&cert);
