@@ -114,7 +114,7 @@ command -v sstream-query >/dev/null 2>&1 || { echo "install-test-deps: sstream-q
 if [ -n "$need_garage" ]; then
   command -v cargo >/dev/null 2>&1 || { echo "install-test-deps: cargo is needed to build Garage" >&2; exit 1; }
   echo "install-test-deps: building garage $GARAGE_VERSION (cargo install; 10-20 min, once)"
-  CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} cargo install garage --version "$GARAGE_VERSION" --locked
+  cargo install garage --version "$GARAGE_VERSION" --locked
 fi
 command -v garage >/dev/null 2>&1 || { echo "install-test-deps: garage missing after install" >&2; exit 1; }
 [ -x /usr/libexec/incus/incusd ] || { echo "install-test-deps: /usr/libexec/incus/incusd missing after install" >&2; exit 1; }

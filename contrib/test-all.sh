@@ -8,9 +8,11 @@
 #      ever skipped for lack of one
 #   3. shellcheck on the project's shell scripts
 #   4. cargo fmt --all -- --check
-#   5. cargo clippy --all-targets --locked -- -D warnings
-#   6. the doc tests, then cargo test --all-targets --locked; the last line sums up
-#      every test binary's results ("tests: N passed, M failed")
+#   5. cargo clippy --all-targets --locked -- -D warnings, also with --features full
+#   6. the doc tests, the default build's tests/storage.rs, then cargo test --all-targets
+#      --locked --features full (PostgreSQL and Garage started by the tests' own
+#      harnesses); the last line sums up every test binary's results ("tests: N passed,
+#      M failed")
 #
 # Tests that share the machine's single Incus daemon serialise themselves (a file lock in
 # tests/support), so the default test threads are fine.
@@ -25,7 +27,7 @@ step() { printf '\n==> %s\n' "$*"; }
 die() { printf '\ntest-all: FAILED: %s\n' "$*" >&2; exit 1; }
 
 case ${1:-} in
-  -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   '') ;;
   *) echo "usage: contrib/test-all.sh" >&2; exit 2 ;;
 esac
@@ -59,10 +61,11 @@ step "checking tools"
 missing=
 for t in cargo script incus incus-simplestreams minisign mksquashfs unsquashfs qemu-img busybox xz \
   tar nginx openssl curl sqlite3 sstream-query shellcheck setsid findmnt sha256sum mount umount \
-  promtool systemd-analyze; do
+  promtool systemd-analyze garage psql ss; do
   command -v "$t" >/dev/null 2>&1 || missing="$missing $t"
 done
 [ -x /usr/libexec/incus/incusd ] || missing="$missing /usr/libexec/incus/incusd"
+[ -x /usr/lib/postgresql/15/bin/initdb ] || missing="$missing /usr/lib/postgresql/15/bin/initdb"
 [ -z "$missing" ] || die "missing tools:$missing (run contrib/install-test-deps.sh as root)"
 if file_out=$(file -L "$(command -v busybox)" 2>/dev/null); then
   case $file_out in *dynamically*) die "busybox is dynamically linked: install busybox-static" ;; esac
@@ -88,23 +91,35 @@ incus --version | sed 's/^/incus /'
 # --- 3. shell scripts -----------------------------------------------------------------------
 step "shellcheck"
 shellcheck -x contrib/*.sh contrib/bench/*.sh tests/fixtures/make-test-image \
-  tests/fixtures/incusd-harness .ci/run || die "shellcheck"
+  tests/fixtures/incusd-harness tests/fixtures/pg-harness tests/fixtures/garage-harness \
+  .ci/run || die "shellcheck"
 
 # --- 4-6. Rust ------------------------------------------------------------------------------
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check || die "cargo fmt: run 'cargo fmt --all'"
 
+# Both builds: the default one (the embedded appliance) and `--features full` (PostgreSQL
+# + S3). The tests run on the full build, which holds every test of the default one
+# except those about what a default build lacks (tests/storage.rs), run on their own.
 step "cargo clippy --all-targets --locked -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings || die "cargo clippy"
 
-step "cargo test --all-targets --locked (build)"
-cargo test --all-targets --locked --no-run || die "cargo test build"
+step "cargo clippy --all-targets --locked --features full -- -D warnings"
+cargo clippy --all-targets --locked --features full -- -D warnings || die "cargo clippy (full)"
 
-step "cargo test --doc --locked"
-timeout --kill-after=30 600 cargo test --doc --locked || die "doc tests"
+step "cargo test --all-targets --locked --features full (build)"
+cargo test --all-targets --locked --features full --no-run || die "cargo test build"
 
-step "cargo test --all-targets --locked"
-set -- --all-targets --locked
+step "cargo test --doc --locked --features full"
+timeout --kill-after=30 600 cargo test --doc --locked --features full || die "doc tests"
+
+step "cargo test --locked --test storage (the default build)"
+default_results=$(mktemp)
+{ timeout --kill-after=30 600 cargo test --locked --test storage 2>&1 || echo "cargo-test-exit $?"; } | tee "$default_results"
+grep -q '^cargo-test-exit ' "$default_results" && die "cargo test --test storage (default build)"
+
+step "cargo test --all-targets --locked --features full"
+set -- --all-targets --locked --features full
 threads=
 [ -n "${IMGSRV_TEST_THREADS:-}" ] && threads=--test-threads=$IMGSRV_TEST_THREADS
 limit=${IMGSRV_TEST_TIMEOUT:-1800}
@@ -112,6 +127,8 @@ results=$(mktemp)
 rc=0
 # shellcheck disable=SC2086 # $threads is empty or one word
 { timeout --kill-after=30 "$limit" cargo test "$@" -- $threads 2>&1 || echo "cargo-test-exit $?"; } | tee "$results"
+cat "$default_results" >> "$results"
+rm -f "$default_results"
 rc=$(awk '/^cargo-test-exit / { print $2 }' "$results")
 rc=${rc:-0}
 [ "$rc" = 124 ] && die "cargo test did not finish within ${limit}s"

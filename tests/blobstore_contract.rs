@@ -331,6 +331,31 @@ fn adopt_copies_a_checked_file(s: &dyn BlobStore) {
     assert_clean(s);
 }
 
+/// Bytes whose digest the caller does not know: stored under the digest they make
+/// (small and over the multipart threshold), an existing blob kept, a short or
+/// long source storing nothing.
+fn put_new_stores_under_the_digest_the_bytes_make(s: &dyn BlobStore) {
+    let big: Vec<u8> = (0..(17u32 << 20)).map(|i| (i % 253) as u8).collect();
+    for bytes in [&b"ROOT"[..], &big[..]] {
+        let d = s.put_new(bytes.len() as u64, &mut &bytes[..]).unwrap();
+        assert_eq!(d, Digest::of(bytes));
+        assert!(read_all(s, &d) == bytes);
+    }
+    assert_eq!(
+        s.put_new(4, &mut &b"ROOT"[..]).unwrap(),
+        Digest::of(b"ROOT")
+    );
+    for (bytes, n) in [(&b"MET"[..], 4), (&b"METAS"[..], 4)] {
+        assert!(matches!(
+            s.put_new(n, &mut &bytes[..]),
+            Err(CasError::Truncated { .. })
+        ));
+    }
+    assert_eq!(s.stat(&Digest::of(b"META")).unwrap(), None);
+    assert_eq!(listed(s).len(), 2);
+    assert_clean(s);
+}
+
 /// A reader that fails.
 struct Failing;
 impl Read for Failing {
@@ -379,6 +404,7 @@ contract!(
     quarantine_lifecycle,
     probe_writes_nothing,
     adopt_copies_a_checked_file,
+    put_new_stores_under_the_digest_the_bytes_make,
 );
 
 #[cfg(feature = "s3")]

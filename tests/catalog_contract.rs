@@ -188,59 +188,15 @@ use records::*;
 // ------------------------------------------------------------------------ PostgreSQL
 
 #[cfg(feature = "postgres")]
+#[path = "support/pg.rs"]
+mod pg_cluster;
+
+#[cfg(feature = "postgres")]
 mod pg {
-    //! The throwaway cluster (one per test binary, through tests/fixtures/pg-harness,
-    //! purged by the harness's watcher when this process ends) and its databases.
+    //! The catalog fixtures on the throwaway cluster of `support/pg.rs`.
+    pub use super::pg_cluster::*;
     use super::*;
     use imgsrv::catalog::postgres::PgCatalog;
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-    use std::sync::OnceLock;
-
-    pub const HARNESS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pg-harness");
-
-    /// `pg-harness ARGS...`: its stdout, trimmed; panics with its stderr on failure.
-    pub fn harness(args: &[&str]) -> String {
-        let out = Command::new(HARNESS)
-            .args(args)
-            .output()
-            .expect("running pg-harness");
-        assert!(
-            out.status.success(),
-            "pg-harness {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    }
-
-    /// A new cluster in a fresh directory, purged when this process ends.
-    pub fn cluster() -> PathBuf {
-        let dir = tempfile::Builder::new()
-            .prefix("imgsrv-pg-")
-            .tempdir_in("/tmp")
-            .unwrap()
-            .keep();
-        harness(&[
-            "up",
-            dir.to_str().unwrap(),
-            "--watch",
-            &std::process::id().to_string(),
-        ]);
-        dir
-    }
-
-    /// The cluster shared by the tests that do not stop it.
-    pub fn shared() -> &'static Path {
-        static DIR: OnceLock<PathBuf> = OnceLock::new();
-        DIR.get_or_init(cluster)
-    }
-
-    /// A fresh database in `dir`'s cluster: its URL.
-    pub fn database(dir: &Path) -> String {
-        let name = format!("t_{}", new_id().replace('-', ""));
-        harness(&["createdb", dir.to_str().unwrap(), &name])
-    }
 
     pub fn fixture() -> Fixture {
         let url = database(shared());

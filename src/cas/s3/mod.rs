@@ -203,6 +203,11 @@ impl<R: Read> Read for Exact<R> {
 }
 
 impl BlobStore for S3Store {
+    /// See "A CAS key is never overwritten" above.
+    fn needs_write_lock(&self) -> bool {
+        true
+    }
+
     fn leftovers(&self) -> Result<Vec<Leftover>> {
         self.list_leftovers()
     }
