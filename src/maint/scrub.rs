@@ -637,7 +637,7 @@ impl Scrubber<'_> {
 
     /// Each published version's manifest and signature.
     fn check_publications(&mut self) -> Result<()> {
-        let keys = match crate::sign::load_trusted_keys(&self.app.config.data_dir) {
+        let keys = match self.app.trusted_keys() {
             Ok(k) => Some(k),
             Err(e) => {
                 let dir = self.app.config.data_dir.join("keys");
