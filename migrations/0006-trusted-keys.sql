@@ -45,17 +45,17 @@ CREATE TABLE auth_failures (
 );
 CREATE INDEX auth_failures_last ON auth_failures (last_ms);
 
+-- (one trigger, so that the checks come in this order, as in PostgreSQL: a key id with
+-- states first; then INSERT OR REPLACE, which deletes the row it replaces without firing
+-- the delete guard, must not take a revoked key's name or key id, which PostgreSQL
+-- refuses as a unique violation)
 CREATE TRIGGER trusted_keys_guard_insert BEFORE INSERT ON trusted_keys
-WHEN EXISTS (SELECT 1 FROM key_states WHERE key_id = NEW.key_id)
 BEGIN
-    SELECT RAISE(ABORT, 'precondition: this key was retired or revoked: a key is never trusted again');
-END;
--- INSERT OR REPLACE deletes the row it replaces without firing the delete guard
-CREATE TRIGGER trusted_keys_no_replace_revoked BEFORE INSERT ON trusted_keys
-WHEN EXISTS (SELECT 1 FROM trusted_keys t JOIN key_states s ON s.key_id = t.key_id
-             WHERE s.state = 'revoked' AND (t.name = NEW.name OR t.key_id = NEW.key_id))
-BEGIN
-    SELECT RAISE(ABORT, 'immutable: a revoked key stays listed');
+    SELECT RAISE(ABORT, 'precondition: this key was retired or revoked: a key is never trusted again')
+    WHERE EXISTS (SELECT 1 FROM key_states WHERE key_id = NEW.key_id);
+    SELECT RAISE(ABORT, 'exists: a revoked key stays listed (its name and key id stay taken)')
+    WHERE EXISTS (SELECT 1 FROM trusted_keys t JOIN key_states s ON s.key_id = t.key_id
+                  WHERE s.state = 'revoked' AND (t.name = NEW.name OR t.key_id = NEW.key_id));
 END;
 CREATE TRIGGER trusted_keys_identity BEFORE UPDATE OF name, key_id, public_key, added_at
 ON trusted_keys

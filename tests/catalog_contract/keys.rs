@@ -115,8 +115,12 @@ pub fn trusted_keys_and_their_states(f: &Fixture) {
         ]
     );
 
-    // a revoked key stays listed
+    // a revoked key stays listed, its name taken
     assert_err!(c.remove_trusted_key("A1"), CatalogError::Precondition(_));
+    assert_err!(
+        c.add_trusted_key(&key("release", "C3")),
+        CatalogError::AlreadyExists(_)
+    );
     assert_err!(
         other.remove_trusted_key("B2"),
         CatalogError::Precondition(_)
