@@ -509,28 +509,41 @@ impl App {
         self.room_for_change()?;
         // held until the blob is pinned: a collection cannot come in between
         let _writing = self.blob_write_lock()?;
-        let digest = if self.blobs.needs_write_lock() {
-            // staged first: the key to lock is known once the bytes are
-            let id = uuid::Uuid::new_v4().to_string();
-            let staged = self.blobs.stage_part(&id, 1, size, reader)?;
-            if crate::cas::longer_than_declared(reader) {
-                self.blobs.discard_upload(&id)?;
-                return Err(crate::cas::CasError::Truncated {
-                    expected: size,
-                    actual: size + 1,
-                }
-                .into());
-            }
-            let _key = self.digest_write_lock(&staged.digest)?;
-            let digest = staged.digest;
-            self.blobs
-                .commit_upload(&id, &[(1, staged)], &digest, size)?;
-            digest
-        } else {
-            self.blobs.put_new(size, reader)?
-        };
+        let digest = self.store_new::<PublishError>(size, reader)?;
         lease.pin(&digest)?;
         self.catalog.insert_blob(&digest, size, media_type)?;
+        Ok(digest)
+    }
+
+    /// Stores bytes whose digest is not known yet and returns the digest they
+    /// make (not recorded, not claimed). The caller holds the shared blobs lock
+    /// ([`App::blob_write_lock`]) until it has claimed the blob.
+    pub(crate) fn store_new<E>(
+        &self,
+        size: u64,
+        reader: &mut dyn std::io::Read,
+    ) -> Result<crate::digest::Digest, E>
+    where
+        E: From<crate::cas::CasError> + From<crate::catalog::CatalogError>,
+    {
+        if !self.blobs.needs_write_lock() {
+            return Ok(self.blobs.put_new(size, reader)?);
+        }
+        // staged first: the key to lock is known once the bytes are
+        let id = uuid::Uuid::new_v4().to_string();
+        let staged = self.blobs.stage_part(&id, 1, size, reader)?;
+        if crate::cas::longer_than_declared(reader) {
+            self.blobs.discard_upload(&id)?;
+            return Err(crate::cas::CasError::Truncated {
+                expected: size,
+                actual: size + 1,
+            }
+            .into());
+        }
+        let _key = self.digest_write_lock(&staged.digest)?;
+        let digest = staged.digest;
+        self.blobs
+            .commit_upload(&id, &[(1, staged)], &digest, size)?;
         Ok(digest)
     }
 

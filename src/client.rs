@@ -469,6 +469,15 @@ impl<R: Read> Read for PartReader<'_, R> {
     }
 }
 
+/// What [`ApiClient::upload_whole`] sent.
+#[derive(Debug, Clone)]
+pub struct WholeUploaded {
+    pub digest: Digest,
+    pub size: u64,
+    /// The Incus fingerprint (hex), when metadata was named.
+    pub fingerprint: Option<String>,
+}
+
 /// Hashes a file, advancing `progress` (if any) by the bytes read.
 pub fn hash_file(
     path: &Path,
@@ -525,7 +534,8 @@ impl std::fmt::Debug for ApiClient {
 enum Body<'a> {
     Empty,
     Json(Vec<u8>),
-    Stream(&'a mut dyn Read, u64),
+    /// A raw body: reader, length, content type.
+    Stream(&'a mut dyn Read, u64, &'a str),
 }
 
 impl ApiClient {
@@ -641,9 +651,9 @@ impl ApiClient {
                     &url,
                 )?)
             }
-            Body::Stream(reader, len) => {
+            Body::Stream(reader, len, content_type) => {
                 let r = req
-                    .header("Content-Type", "application/octet-stream")
+                    .header("Content-Type", content_type)
                     .header("Content-Length", len);
                 self.agent
                     .run(built(r, ureq::SendBody::from_reader(reader), &url)?)
@@ -760,7 +770,12 @@ impl ApiClient {
             hasher: Hasher::new(),
             progress,
         };
-        let (_, bytes) = self.call("PUT", &path, Body::Stream(&mut reader, len), &[200])?;
+        let (_, bytes) = self.call(
+            "PUT",
+            &path,
+            Body::Stream(&mut reader, len, "application/octet-stream"),
+            &[200],
+        )?;
         if reader.hasher.len() != len {
             return Err(ClientError::FileChanged {
                 path: file.to_path_buf(),
@@ -905,6 +920,105 @@ impl ApiClient {
                 Err(e)
             }
         }
+    }
+
+    /// Sends `file` whole (`POST /v1/blobs`) without hashing it first: the file is
+    /// read once, its sha256 taken as it is sent and compared with the digest the
+    /// server stored it under. With `metadata` (the digest and hash state of the
+    /// Incus metadata tarball it is published with, uploaded before), its Incus
+    /// fingerprint `sha256(metadata || root)` is taken in the same pass on a
+    /// second thread, and the server takes it too. `Ok(None)` when the server has
+    /// no such route (an older imgsrv): nothing was stored, upload in parts.
+    pub fn upload_whole(
+        &self,
+        file: &Path,
+        media_type: &str,
+        metadata: Option<(Digest, &Hasher)>,
+        progress: Option<&ProgressBar>,
+    ) -> Result<Option<WholeUploaded>, ClientError> {
+        let mut f = File::open(file).map_err(io_err(file))?;
+        let size = f.metadata().map_err(io_err(file))?.len();
+        let mut path = String::from("/v1/blobs");
+        let mut query = Vec::new();
+        if let Some((m, _)) = metadata {
+            query.push(format!("incus_metadata={m}"));
+        }
+        if let Some(n) = file.file_name().and_then(|n| n.to_str()) {
+            query.push(format!("filename={}", utf8_percent_encode(n, SEGMENT)));
+        }
+        if !query.is_empty() {
+            path = format!("{path}?{}", query.join("&"));
+        }
+        let side = metadata.map_or_else(Hasher::new, |(_, h)| h.clone());
+        let before = side.len();
+        let mut cb = |n: u64| {
+            if let Some(pb) = progress {
+                pb.inc(n);
+            }
+        };
+        let ((sent, hasher), fp) = crate::digest::with_side_hash(&mut f, side, |r| {
+            let mut reader = PartReader {
+                inner: BufReader::with_capacity(1 << 20, r.take(size)),
+                hasher: Hasher::new(),
+                progress: Some(&mut cb),
+            };
+            let sent = self.call(
+                "POST",
+                &path,
+                Body::Stream(&mut reader, size, media_type),
+                &[200, 201],
+            );
+            (sent, reader.hasher)
+        });
+        let bytes = match sent {
+            Ok((_, bytes)) => bytes,
+            Err(e) if matches!(e.status(), Some(404 | 405)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if hasher.len() != size {
+            return Err(ClientError::FileChanged {
+                path: file.to_path_buf(),
+                reason: format!("read {} bytes, expected {size}", hasher.len()),
+            });
+        }
+        let digest = hasher.finish();
+        #[derive(Deserialize)]
+        struct Out {
+            #[serde(flatten)]
+            session: UploadSession,
+            #[serde(default)]
+            incus_fingerprint: Option<String>,
+        }
+        let out: Out = self.json("POST", "/v1/blobs", &bytes)?;
+        if out.session.expected_digest != digest
+            || out.session.expected_size_bytes != size
+            || out.session.state != "ready"
+        {
+            return Err(self.protocol(
+                "POST",
+                "/v1/blobs",
+                format!(
+                    "server stored {} ({} bytes, {}), the client sent {digest} ({size} bytes)",
+                    out.session.expected_digest, out.session.expected_size_bytes, out.session.state
+                ),
+            ));
+        }
+        let fingerprint = metadata.map(|_| fp).filter(|fp| fp.len() == before + size);
+        let fingerprint = fingerprint.map(|fp| fp.finish().hex().to_string());
+        if let (Some(ours), Some(theirs)) = (&fingerprint, &out.incus_fingerprint) {
+            if !ours.eq_ignore_ascii_case(theirs) {
+                return Err(self.protocol(
+                    "POST",
+                    "/v1/blobs",
+                    format!("server took Incus fingerprint {theirs}, the client {ours}"),
+                ));
+            }
+        }
+        Ok(Some(WholeUploaded {
+            digest,
+            size,
+            fingerprint,
+        }))
     }
 
     /// Hashes `file`, then uploads it unless the server already has it.

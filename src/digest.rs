@@ -138,10 +138,6 @@ pub fn read_chunks(
     }
 }
 
-/// Feeds every byte of `reader` to `first` and `second`, the second on its own
-/// thread (both hashes in the time of one on a machine with two cores: a root
-/// file's own sha256 and its Incus fingerprint, the metadata's state continued).
-/// Calls `progress` with each chunk's length. Returns both and the byte count.
 /// Runs `f` over a reader of `reader` whose bytes are also hashed into `side`, on a
 /// second thread, as `f` reads them: `f`'s result and `side` over exactly the bytes
 /// `f` read. For a second hash of a stream another consumer reads anyway (an Incus
@@ -194,6 +190,10 @@ pub fn with_side_hash<T>(
     })
 }
 
+/// Feeds every byte of `reader` to `first` and `second`, the second on its own
+/// thread (both hashes in the time of one on a machine with two cores: a root
+/// file's own sha256 and its Incus fingerprint, the metadata's state continued).
+/// Calls `progress` with each chunk's length. Returns both and the byte count.
 pub fn hash_twice(
     reader: &mut dyn std::io::Read,
     mut first: Hasher,

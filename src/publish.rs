@@ -382,10 +382,8 @@ fn publish_remote(
 
     let mut roots = Vec::new();
     for (path, format) in formats {
-        let pb = progress_bar(opts.progress, &path, file_len(&path)?, "hashing");
-        let (digest, size, fingerprint) = hash_root(&path, &meta_state, pb.as_ref())?;
-        let hint = Some(meta_digest);
-        upload(client, &path, format.media_type(), (digest, size), hint, pb)?;
+        let (digest, size, fingerprint) =
+            upload_root(opts, client, &path, format, (meta_digest, &meta_state))?;
         roots.push(Root {
             path,
             format,
@@ -545,6 +543,43 @@ fn publish_remote(
     };
     print_outcome(&outcome, out).context("cannot write the publish summary")?;
     Ok(outcome)
+}
+
+/// Sends a root and returns its digest, size and Incus fingerprint. One read of the
+/// file: sent whole while both hashes are taken ([`ApiClient::upload_whole`]); a
+/// root too large for one request, or a server without that route, is hashed
+/// first and sent in parts (and not at all when the server has it already).
+fn upload_root(
+    opts: &PublishOptions,
+    client: &ApiClient,
+    path: &Path,
+    format: RootFormat,
+    (meta_digest, meta_state): (Digest, &Hasher),
+) -> anyhow::Result<(Digest, u64, String)> {
+    let len = file_len(path)?;
+    if len <= crate::client::SINGLE_PART_MAX {
+        let pb = progress_bar(opts.progress, path, len, "uploading");
+        let meta = Some((meta_digest, meta_state));
+        let sent = client.upload_whole(path, format.media_type(), meta, pb.as_ref());
+        if let Some(pb) = &pb {
+            match &sent {
+                Ok(Some(_)) => pb.finish_with_message("uploaded"),
+                Ok(None) => pb.finish_and_clear(),
+                Err(_) => pb.abandon_with_message("failed"),
+            }
+        }
+        if let Some(w) = sent? {
+            let fp = w
+                .fingerprint
+                .context("no Incus fingerprint was taken while the root was sent")?;
+            return Ok((w.digest, w.size, fp));
+        }
+    }
+    let pb = progress_bar(opts.progress, path, len, "hashing");
+    let (digest, size, fingerprint) = hash_root(path, meta_state, pb.as_ref())?;
+    let hint = Some(meta_digest);
+    upload(client, path, format.media_type(), (digest, size), hint, pb)?;
+    Ok((digest, size, fingerprint))
 }
 
 /// Uploads one input (`incus_metadata`: for a root, the metadata tarball's digest).

@@ -66,6 +66,15 @@ pub struct NewUpload {
     pub incus_metadata: Option<Digest>,
 }
 
+/// What a client says of a blob it sends whole ([`App::upload_whole`]).
+pub struct WholeUpload {
+    pub size: u64,
+    pub media_type_hint: Option<String>,
+    pub filename_hint: Option<String>,
+    pub principal_id: String,
+    pub incus_metadata: Option<Digest>,
+}
+
 /// A part as the client lists it at `complete`.
 pub struct ListedPart {
     pub number: u32,
@@ -188,6 +197,82 @@ impl App {
             return Err(e.into());
         }
         Ok(part)
+    }
+
+    /// A blob sent whole in one request, its digest not declared: the bytes are
+    /// hashed as they are stored (one read on the client, one pass here), and a
+    /// `ready` session for the digest they make is recorded, the same claim a
+    /// completed upload leaves, so garbage collection keeps the blob until the
+    /// session expires or a draft cites it. With `incus_metadata` (a stored
+    /// metadata tarball) the Incus fingerprint `sha256(metadata || root)` is taken
+    /// from the same bytes on a second thread, kept for the publish and returned.
+    /// `true`: stored now; `false`: it was stored already.
+    pub fn upload_whole(
+        &self,
+        u: WholeUpload,
+        body: &mut dyn Read,
+    ) -> Result<(UploadSession, bool, Option<Digest>), UploadError> {
+        if u.size > MAX_PART {
+            return Err(UploadError::TooLarge(format!(
+                "a blob sent whole is at most {MAX_PART} bytes: send a larger one in parts (POST /v1/uploads)"
+            )));
+        }
+        self.room_for_change()?;
+        // held until the session claims the blob: a collection cannot come in between
+        let _writing = self.blob_write_lock()?;
+        self.blobs.ensure_room(u.size)?;
+        let meta = u
+            .incus_metadata
+            .and_then(|m| Some((m, self.metadata_state(&m)?)));
+        let truncated = |e| match e {
+            CasError::Truncated { expected, actual } => UploadError::Truncated { expected, actual },
+            e => e.into(),
+        };
+        let store = |r: &mut dyn Read| match self.store_new::<UploadError>(u.size, r) {
+            Err(UploadError::Store(e)) => Err(truncated(e)),
+            other => other,
+        };
+        let (digest, fingerprint) = match meta {
+            None => (store(body)?, None),
+            Some((meta, state)) => {
+                let before = state.len();
+                let (digest, fp) = crate::digest::with_side_hash(body, state, store);
+                let digest = digest?;
+                let fp = (fp.len() == before + u.size).then(|| fp.finish());
+                if let Some(fp) = fp {
+                    self.seen_fingerprints.record(meta, digest, fp);
+                }
+                (digest, fp)
+            }
+        };
+        let fresh = self.catalog.get_blob(&digest)?.is_none();
+        self.catalog
+            .insert_blob(&digest, u.size, u.media_type_hint.as_deref())?;
+        let now = chrono::Utc::now();
+        let ts = |t: chrono::DateTime<chrono::Utc>| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        };
+        let s = UploadSession {
+            id: catalog::new_id(),
+            expected_digest: digest,
+            expected_size_bytes: u.size,
+            state: UploadState::Ready,
+            expires_at: ts(now + chrono::Duration::hours(UPLOAD_TTL_HOURS)),
+            media_type_hint: u.media_type_hint,
+            filename_hint: u.filename_hint,
+            failure_message: None,
+            principal_id: Some(u.principal_id),
+            created_at: ts(now),
+            updated_at: ts(now),
+        };
+        self.catalog.create_upload(&s)?;
+        crate::metrics::upload_finished(if fresh {
+            UploadOutcome::Stored
+        } else {
+            UploadOutcome::AlreadyStored
+        });
+        log::info!("stored blob {digest} ({} bytes), sent whole", u.size);
+        Ok((s, fresh, fingerprint))
     }
 
     /// Stages a part; when it is the whole blob of a session that named its

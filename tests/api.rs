@@ -1258,3 +1258,86 @@ fn fingerprint_is_taken_while_a_hinted_root_arrives() {
         );
     }
 }
+
+#[test]
+fn a_blob_sent_whole_is_stored_under_the_digest_its_bytes_make() {
+    let e = env();
+    let whole = |query: &str, body: &[u8], token: Option<&str>| {
+        e.call_full(
+            "POST",
+            &format!("/v1/blobs{query}"),
+            token,
+            body,
+            &[("content-type", "application/vnd.squashfs")],
+            true,
+        )
+    };
+    let meta = b"METADATA TARBALL".as_slice();
+    let md = e.upload(meta);
+    let root = b"A ROOT SENT WHOLE".as_slice();
+    let d = Digest::of(root);
+
+    // refused, nothing stored: anonymous, an unknown parameter, a bad digest, a short body
+    assert_eq!(whole("", root, None).status, 401);
+    let r = whole("?digest=x", root, Some(&e.token));
+    assert_eq!(r.status, 400);
+    assert!(r.detail().contains("incus_metadata"), "{}", r.detail());
+    assert_eq!(
+        whole("?incus_metadata=sha256:zz", root, Some(&e.token)).status,
+        400
+    );
+    let mut req = Request::for_test(
+        "POST",
+        "/v1/blobs",
+        &[("authorization", &format!("Bearer {}", e.token))],
+        root[..5].to_vec(),
+    );
+    req.content_length = Some(root.len() as u64);
+    assert_eq!(handle(&e.app, &mut req).status, 400);
+    assert!(!e.dir.path().join(d.cas_path()).exists());
+    assert_eq!(e.begin_upload(&d, root.len()).json()["state"], "created");
+
+    // stored: a ready session for the digest the bytes make, the fingerprint taken
+    let r = whole(
+        &format!("?incus_metadata={md}&filename=rootfs.squashfs"),
+        root,
+        Some(&e.token),
+    );
+    assert_eq!(r.status, 201, "{}", r.detail());
+    let s = r.json();
+    assert_eq!(s["state"], "ready");
+    assert_eq!(s["expected_digest"], d.to_string());
+    assert_eq!(s["expected_size_bytes"], root.len());
+    assert_eq!(s["media_type_hint"], "application/vnd.squashfs");
+    assert_eq!(s["filename_hint"], "rootfs.squashfs");
+    assert_eq!(
+        s["incus_fingerprint"],
+        Digest::of(&[meta, root].concat()).hex().to_string()
+    );
+    assert_eq!(
+        std::fs::read(e.dir.path().join(d.cas_path())).unwrap(),
+        root
+    );
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(
+        e.call("GET", &format!("/v1/uploads/{id}"), Value::Null)
+            .json()["state"],
+        "ready"
+    );
+    // again: 200, the same bytes; no metadata named, no fingerprint
+    let r = whole("", root, Some(&e.token));
+    assert_eq!(r.status, 200, "{}", r.detail());
+    assert!(r.json().get("incus_fingerprint").is_none());
+
+    // the session's claim keeps the blob from a collection with no grace at all
+    let opts = imgsrv::maint::gc::GcOptions {
+        grace: std::time::Duration::ZERO,
+        retention: Vec::new(),
+        actor: "test".into(),
+    };
+    imgsrv::maint::gc::run(&e.app, &opts, false, &mut |_| {}).unwrap();
+    assert_eq!(
+        std::fs::read(e.dir.path().join(d.cas_path())).unwrap(),
+        root
+    );
+}

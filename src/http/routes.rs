@@ -11,7 +11,7 @@ use crate::catalog::{
     VersionState, VersionView,
 };
 use crate::digest::Digest;
-use crate::uploads::{ListedPart, NewUpload};
+use crate::uploads::{ListedPart, NewUpload, WholeUpload};
 use serde::Deserialize;
 use serde_json::json as j;
 use std::collections::BTreeMap;
@@ -398,6 +398,7 @@ fn top_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[
         ["v1", "uploads", id, "abort"] => {
             methods!(req, "/v1/uploads/{upload}/abort", m; "POST" => abort_upload(app, ctx, id))
         }
+        ["v1", "blobs"] => methods!(req, "/v1/blobs", m; "POST" => upload_whole(app, req, ctx)),
         ["v1", "blobs", digest] => {
             methods!(req, "/v1/blobs/{digest}", m; "GET" => get_blob(app, req, ctx, digest))
         }

@@ -34,6 +34,60 @@ pub(super) fn begin_upload(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> R
     Ok(json(if ready { 200 } else { 201 }, &s))
 }
 
+/// `POST /v1/blobs`: a blob sent whole, its digest not declared (docs/api.md).
+pub(super) fn upload_whole(app: &App, req: &mut Request<'_>, ctx: &mut Ctx) -> Res {
+    ctx.op("upload.whole", "");
+    let who = ctx.write_anywhere()?.principal_id.clone();
+    let size = req.content_length.ok_or_else(|| {
+        ApiError::new(
+            411,
+            "a blob sent whole needs a Content-Length (or send it in parts: POST /v1/uploads)",
+        )
+    })?;
+    let mut incus_metadata = None;
+    let mut filename_hint = None;
+    for (k, v) in query_pairs(req) {
+        match k.as_str() {
+            "incus_metadata" => incus_metadata = Some(parse_digest(&v)?),
+            "filename" => filename_hint = Some(v),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {k:?} (known: incus_metadata, filename)"
+                )))
+            }
+        }
+    }
+    let media_type_hint = req
+        .header("content-type")
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && *t != "application/octet-stream")
+        .map(String::from);
+    ctx.note("size", size);
+    let (s, fresh, fp) = app.upload_whole(
+        WholeUpload {
+            size,
+            media_type_hint,
+            filename_hint,
+            principal_id: who,
+            incus_metadata,
+        },
+        &mut req.body,
+    )?;
+    ctx.target = s.expected_digest.to_string();
+    #[derive(serde::Serialize)]
+    struct Out {
+        #[serde(flatten)]
+        session: catalog::UploadSession,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        incus_fingerprint: Option<String>,
+    }
+    let out = Out {
+        session: s,
+        incus_fingerprint: fp.map(|d| d.hex().to_string()),
+    };
+    Ok(json(if fresh { 201 } else { 200 }, &out))
+}
+
 pub(super) fn put_part(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, id: &str, n: &str) -> Res {
     ctx.op("upload.part", format!("{id}/{n}"));
     ctx.write_anywhere()?;
