@@ -474,7 +474,8 @@ impl<R: Read> Read for PartReader<'_, R> {
 pub struct WholeUploaded {
     pub digest: Digest,
     pub size: u64,
-    /// The Incus fingerprint (hex), when metadata was named.
+    /// The Incus fingerprint (hex) the server took, when metadata was named
+    /// and stored whole on the server.
     pub fingerprint: Option<String>,
 }
 
@@ -924,57 +925,56 @@ impl ApiClient {
 
     /// Sends `file` whole (`POST /v1/blobs`) without hashing it first: the file is
     /// read once, its sha256 taken as it is sent and compared with the digest the
-    /// server stored it under. With `metadata` (the digest and hash state of the
-    /// Incus metadata tarball it is published with, uploaded before), its Incus
-    /// fingerprint `sha256(metadata || root)` is taken in the same pass on a
-    /// second thread, and the server takes it too. `Ok(None)` when the server has
-    /// no such route (an older imgsrv): nothing was stored, upload in parts.
+    /// server stored it under (what the publisher signs is its own hash of its own
+    /// file). With `incus_metadata` (the digest of the Incus metadata tarball it is
+    /// published with, uploaded before) the server takes the Incus fingerprint
+    /// `sha256(metadata || root)` in the same pass and returns it; the client does
+    /// not hash it a second time (the publish record's fingerprint is checked
+    /// against it, and Incus checks it at every download). `Ok(None)` when the
+    /// server has no such route (an older imgsrv): nothing was stored.
     pub fn upload_whole(
         &self,
         file: &Path,
         media_type: &str,
-        metadata: Option<(Digest, &Hasher)>,
+        incus_metadata: Option<Digest>,
         progress: Option<&ProgressBar>,
     ) -> Result<Option<WholeUploaded>, ClientError> {
-        let mut f = File::open(file).map_err(io_err(file))?;
+        const PATH: &str = "/v1/blobs";
+        let f = File::open(file).map_err(io_err(file))?;
         let size = f.metadata().map_err(io_err(file))?.len();
-        let mut path = String::from("/v1/blobs");
         let mut query = Vec::new();
-        if let Some((m, _)) = metadata {
+        if let Some(m) = incus_metadata {
             query.push(format!("incus_metadata={m}"));
         }
         if let Some(n) = file.file_name().and_then(|n| n.to_str()) {
             query.push(format!("filename={}", utf8_percent_encode(n, SEGMENT)));
         }
-        if !query.is_empty() {
-            path = format!("{path}?{}", query.join("&"));
-        }
-        let side = metadata.map_or_else(Hasher::new, |(_, h)| h.clone());
-        let before = side.len();
+        let path = match query.is_empty() {
+            true => PATH.to_string(),
+            false => format!("{PATH}?{}", query.join("&")),
+        };
         let mut cb = |n: u64| {
             if let Some(pb) = progress {
                 pb.inc(n);
             }
         };
-        let ((sent, hasher), fp) = crate::digest::with_side_hash(&mut f, side, |r| {
-            let mut reader = PartReader {
-                inner: BufReader::with_capacity(1 << 20, r.take(size)),
-                hasher: Hasher::new(),
-                progress: Some(&mut cb),
-            };
-            let sent = self.call(
-                "POST",
-                &path,
-                Body::Stream(&mut reader, size, media_type),
-                &[200, 201],
-            );
-            (sent, reader.hasher)
-        });
+        let mut reader = PartReader {
+            inner: BufReader::with_capacity(1 << 20, f).take(size),
+            hasher: Hasher::new(),
+            progress: Some(&mut cb),
+        };
+        let sent = self.call(
+            "POST",
+            &path,
+            Body::Stream(&mut reader, size, media_type),
+            &[200, 201],
+        );
         let bytes = match sent {
             Ok((_, bytes)) => bytes,
             Err(e) if matches!(e.status(), Some(404 | 405)) => return Ok(None),
             Err(e) => return Err(e),
         };
+        let hasher = reader.hasher;
         if hasher.len() != size {
             return Err(ClientError::FileChanged {
                 path: file.to_path_buf(),
@@ -989,28 +989,25 @@ impl ApiClient {
             #[serde(default)]
             incus_fingerprint: Option<String>,
         }
-        let out: Out = self.json("POST", "/v1/blobs", &bytes)?;
-        if out.session.expected_digest != digest
-            || out.session.expected_size_bytes != size
-            || out.session.state != "ready"
-        {
+        let out: Out = self.json("POST", PATH, &bytes)?;
+        let s = &out.session;
+        if s.expected_digest != digest || s.expected_size_bytes != size || s.state != "ready" {
             return Err(self.protocol(
                 "POST",
-                "/v1/blobs",
+                PATH,
                 format!(
                     "server stored {} ({} bytes, {}), the client sent {digest} ({size} bytes)",
-                    out.session.expected_digest, out.session.expected_size_bytes, out.session.state
+                    s.expected_digest, s.expected_size_bytes, s.state
                 ),
             ));
         }
-        let fingerprint = metadata.map(|_| fp).filter(|fp| fp.len() == before + size);
-        let fingerprint = fingerprint.map(|fp| fp.finish().hex().to_string());
-        if let (Some(ours), Some(theirs)) = (&fingerprint, &out.incus_fingerprint) {
-            if !ours.eq_ignore_ascii_case(theirs) {
+        let fingerprint = out.incus_fingerprint.map(|fp| fp.to_ascii_lowercase());
+        if let Some(fp) = &fingerprint {
+            if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(self.protocol(
                     "POST",
-                    "/v1/blobs",
-                    format!("server took Incus fingerprint {theirs}, the client {ours}"),
+                    PATH,
+                    format!("invalid incus_fingerprint {fp:?}"),
                 ));
             }
         }

@@ -546,7 +546,8 @@ fn publish_remote(
 }
 
 /// Sends a root and returns its digest, size and Incus fingerprint. One read of the
-/// file: sent whole while both hashes are taken ([`ApiClient::upload_whole`]); a
+/// file: sent whole while it is hashed, the fingerprint taken by the server in its
+/// pass ([`ApiClient::upload_whole`]); a
 /// root too large for one request, or a server without that route, is hashed
 /// first and sent in parts (and not at all when the server has it already).
 fn upload_root(
@@ -559,7 +560,7 @@ fn upload_root(
     let len = file_len(path)?;
     if len <= crate::client::SINGLE_PART_MAX {
         let pb = progress_bar(opts.progress, path, len, "uploading");
-        let meta = Some((meta_digest, meta_state));
+        let meta = Some(meta_digest);
         let sent = client.upload_whole(path, format.media_type(), meta, pb.as_ref());
         if let Some(pb) = &pb {
             match &sent {
@@ -569,9 +570,12 @@ fn upload_root(
             }
         }
         if let Some(w) = sent? {
-            let fp = w
-                .fingerprint
-                .context("no Incus fingerprint was taken while the root was sent")?;
+            // (the server took none when it could not read the metadata whole: then
+            // the client takes it, from the file it has)
+            let fp = match w.fingerprint {
+                Some(fp) => fp,
+                None => hash_root(path, meta_state, None)?.2,
+            };
             return Ok((w.digest, w.size, fp));
         }
     }

@@ -98,6 +98,7 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     let _ = (f, offset, len);
 }
 
+mod direct;
 mod quarantine;
 mod sweep;
 pub use quarantine::QUARANTINE_DIR;
@@ -218,10 +219,11 @@ impl FsStore {
             }
             return Ok(());
         }
-        let (to_hash, hash_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(PIPELINE_BUFFERS);
-        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        use direct::AlignedBuf;
+        let (to_hash, hash_rx) = mpsc::sync_channel::<(AlignedBuf, usize)>(PIPELINE_BUFFERS);
+        let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
         for _ in 0..PIPELINE_BUFFERS + 1 {
-            free_tx.send(vec![0u8; BUF]).expect("receiver alive");
+            free_tx.send(AlignedBuf::new(BUF)).expect("receiver alive");
         }
         let mut local = std::mem::take(hasher);
         let result = std::thread::scope(|scope| {
@@ -245,13 +247,13 @@ impl FsStore {
             });
             let copied = (|| {
                 let mut done = 0u64;
-                let mut w = file;
+                let mut w = direct::Writer::new(file);
                 while done < len {
                     let mut buf = free_rx
                         .recv()
                         .expect("hasher returns buffers until the copy ends");
                     let n = fill(reader, &mut buf, len - done, len, done, path)?;
-                    w.write_all(&buf[..n]).map_err(io_err("write", path))?;
+                    w.write_chunk(&buf[..n]).map_err(io_err("write", path))?;
                     done += n as u64;
                     to_hash.send((buf, n)).expect("hasher alive");
                 }
