@@ -21,6 +21,8 @@ use std::collections::BTreeMap;
 struct Fixture {
     cat: Box<dyn Catalog>,
     reopen: Box<dyn Fn() -> Box<dyn Catalog>>,
+    /// A new, empty catalog on the same backend (with what must live as long as it).
+    fresh: Box<dyn Fn() -> (Box<dyn Catalog>, Box<dyn std::any::Any>)>,
     /// What must live as long as the catalog (a temp dir).
     _keep: Box<dyn std::any::Any>,
 }
@@ -32,6 +34,11 @@ fn sqlite() -> Fixture {
     Fixture {
         cat,
         reopen: Box::new(move || Box::new(SqliteCatalog::open(&path).unwrap())),
+        fresh: Box::new(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let cat = SqliteCatalog::open(&dir.path().join("catalog.db")).unwrap();
+            (Box::new(cat), Box::new(dir))
+        }),
         _keep: Box::new(dir),
     }
 }
@@ -63,6 +70,8 @@ contract!(
     a_waiting_job_lock_is_granted_when_the_holder_lets_go,
     the_generation_moves_and_another_instance_sees_it,
     job_runs_probe_and_integrity,
+    a_whole_catalog_is_loaded_as_it_was_through_the_guards,
+    loads_are_refused_where_the_guards_refuse,
 );
 
 // ------------------------------------------------------------------------ helpers
@@ -181,9 +190,12 @@ mod maint;
 mod pg_only;
 #[path = "catalog_contract/records.rs"]
 mod records;
+#[path = "catalog_contract/transfer.rs"]
+mod transfer;
 use content::*;
 use maint::*;
 use records::*;
+use transfer::*;
 
 // ------------------------------------------------------------------------ PostgreSQL
 
@@ -204,6 +216,10 @@ mod pg {
         Fixture {
             cat,
             reopen: Box::new(move || Box::new(PgCatalog::open(&url).unwrap())),
+            fresh: Box::new(|| {
+                let cat = PgCatalog::open(&database(shared())).unwrap();
+                (Box::new(cat), Box::new(()))
+            }),
             _keep: Box::new(()),
         }
     }

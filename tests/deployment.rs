@@ -129,7 +129,11 @@ fn two_instances_share_one_database_and_one_bucket() {
     let rootfs = fs::read(img.rootfs()).unwrap();
     let hex = sha256_file(img.rootfs());
     let key = format!("cas/sha256/{}/{}/{hex}", &hex[..2], &hex[2..4]);
-    assert_eq!(raw.keys(&key), std::slice::from_ref(&key), "not in the bucket");
+    assert_eq!(
+        raw.keys(&key),
+        std::slice::from_ref(&key),
+        "not in the bucket"
+    );
     let (st, got) = b.get(&format!("/v1/blobs/sha256:{hex}"));
     assert_eq!(st, 200);
     assert!(got == rootfs, "B served other bytes");

@@ -6,7 +6,9 @@
 //! * [`ContentCatalog`]: images, versions, artifacts, attachments, aliases,
 //!   publishing and the Incus projection rows;
 //! * [`BlobCatalog`]: CAS blob rows and upload sessions;
-//! * [`AuthCatalog`]: principals, roles and API tokens.
+//! * [`AuthCatalog`]: principals, roles and API tokens;
+//! * [`TransferCatalog`]: rows written as another catalog had them, through
+//!   the same guards (`imgsrv migrate`; see [`transfer`]).
 //!
 //! The invariants (published versions never change, forward-only states) are
 //! enforced by the backend itself (SQLite triggers in `schema.sql`), not only
@@ -17,6 +19,7 @@ mod migrate;
 pub mod postgres;
 mod space;
 pub mod sqlite;
+pub mod transfer;
 
 /// The embedded catalog's file in the data directory.
 pub const SQLITE_FILE: &str = "catalog.db";
@@ -60,6 +63,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use sqlite::SqliteCatalog;
+pub use transfer::TransferCatalog;
 
 /// What went wrong in a catalog operation. Variants name the failure, never
 /// the backend.
@@ -788,13 +792,26 @@ pub fn open_file(path: &Path) -> Result<Box<dyn Catalog>> {
     Ok(Box::new(SqliteCatalog::open(path)?))
 }
 
-/// Everything a server needs from its catalog.
+/// Everything a server needs from its catalog (and `imgsrv migrate`, the
+/// [`TransferCatalog`] loads).
 pub trait Catalog:
-    ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog + LifecycleCatalog + MaintCatalog
+    ContentCatalog
+    + BlobCatalog
+    + AuthCatalog
+    + AuditCatalog
+    + LifecycleCatalog
+    + MaintCatalog
+    + TransferCatalog
 {
 }
 impl<T> Catalog for T where
-    T: ContentCatalog + BlobCatalog + AuthCatalog + AuditCatalog + LifecycleCatalog + MaintCatalog
+    T: ContentCatalog
+        + BlobCatalog
+        + AuthCatalog
+        + AuditCatalog
+        + LifecycleCatalog
+        + MaintCatalog
+        + TransferCatalog
 {
 }
 

@@ -19,6 +19,7 @@ mod audit;
 mod lifecycle;
 mod maint;
 mod projection;
+mod transfer;
 
 use super::space;
 use super::*;

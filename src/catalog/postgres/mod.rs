@@ -33,6 +33,7 @@ mod maint;
 mod migrate;
 mod pool;
 mod projection;
+mod transfer;
 
 use super::*;
 use ::postgres::types::ToSql;

@@ -1,0 +1,656 @@
+//! What the appliance holds ([`Inventory`]), how the target compares with it
+//! item by item ([`assess`]), and the plan made from that ([`Plan`]): which
+//! target is accepted, what is copied, what an earlier run copied already.
+
+use super::{Marker, MigrateReport, Tally, Target};
+use crate::catalog::transfer::{all_versions, version_record, PrincipalRecord, VersionRecord};
+use crate::catalog::{
+    Alias, AuditQuery, AuditRecord, Blob, Catalog, CatalogError, Image, JobRun, VersionState,
+};
+use anyhow::{bail, Context, Result};
+use indicatif::HumanBytes;
+use std::collections::{BTreeSet, VecDeque};
+use std::io::Write;
+use std::path::Path;
+
+/// Everything of the appliance's catalog that is copied (the audit log is read
+/// in pages when it is copied).
+pub(in crate::maint) struct Inventory {
+    /// In digest order.
+    pub blobs: Vec<Blob>,
+    pub principals: Vec<PrincipalRecord>,
+    pub images: Vec<Image>,
+    /// By image, then creation: a version's image is loaded before it.
+    pub versions: Vec<VersionRecord>,
+    /// With their image's name.
+    pub aliases: Vec<(String, Alias)>,
+    pub audit_rows: u64,
+    pub job_runs: Vec<JobRun>,
+    /// Upload sessions, which are not copied.
+    pub uploads: u64,
+}
+
+impl Inventory {
+    pub fn read(cat: &dyn Catalog) -> Result<Inventory> {
+        let mut blobs = Vec::new();
+        cat.each_blob(&mut |b| {
+            blobs.push(b);
+            true
+        })?;
+        let principals = cat
+            .list_principals()?
+            .iter()
+            .map(|p| cat.principal_record(&p.id))
+            .collect::<Result<_, _>>()?;
+        let images = cat.list_images(true)?;
+        let versions = all_versions(cat)?
+            .iter()
+            .map(|(i, v)| version_record(cat, i, v))
+            .collect::<Result<_, _>>()?;
+        let mut audit_rows = 0;
+        let mut pages = AuditPages::new(cat, 0);
+        while pages.next()?.is_some() {
+            audit_rows += 1;
+        }
+        let job_runs = cat
+            .job_runs()?
+            .into_iter()
+            .filter(|j| j.job != super::MARKER_JOB)
+            .collect();
+        // every session expires before the year 9999
+        let uploads = cat.expired_uploads("9999")?.len() as u64;
+        Ok(Inventory {
+            blobs,
+            principals,
+            images,
+            versions,
+            aliases: cat.all_aliases()?,
+            audit_rows,
+            job_runs,
+            uploads,
+        })
+    }
+
+    /// Blob rows and their bytes.
+    pub fn blob_counts(&self) -> super::Counts {
+        let mut c = super::Counts::default();
+        for b in &self.blobs {
+            c.add(b.size_bytes);
+        }
+        c
+    }
+}
+
+/// The audit log read in id order, a page at a time.
+pub(super) struct AuditPages<'a> {
+    cat: &'a dyn Catalog,
+    after: i64,
+    buf: VecDeque<AuditRecord>,
+    done: bool,
+}
+
+const AUDIT_PAGE: u32 = 500;
+
+impl<'a> AuditPages<'a> {
+    /// The rows after id `after`.
+    pub fn new(cat: &'a dyn Catalog, after: i64) -> AuditPages<'a> {
+        AuditPages {
+            cat,
+            after,
+            buf: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    pub fn next(&mut self) -> Result<Option<AuditRecord>> {
+        if self.buf.is_empty() && !self.done {
+            let page = self.cat.query_audit(&AuditQuery {
+                after_id: Some(self.after),
+                limit: Some(AUDIT_PAGE),
+                ..Default::default()
+            })?;
+            self.done = page.len() < AUDIT_PAGE as usize;
+            if let Some(last) = page.last() {
+                self.after = last.id;
+            }
+            self.buf.extend(page);
+        }
+        Ok(self.buf.pop_front())
+    }
+
+    /// Up to a page of rows.
+    pub fn batch(&mut self) -> Result<Vec<AuditRecord>> {
+        let mut out = Vec::new();
+        while out.len() < AUDIT_PAGE as usize {
+            match self.next()? {
+                Some(r) => out.push(r),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// How the target has one item of the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(in crate::maint) enum Have {
+    Missing,
+    /// As the source has it (an earlier run copied it).
+    Same,
+    /// Under the same key, but not the same.
+    Differs,
+}
+
+/// The target's audit log against the source's.
+#[derive(Debug, Clone, Default)]
+pub(in crate::maint) struct AuditState {
+    /// The last id in the target's log (0: empty).
+    pub target_max: i64,
+    /// Source rows the target has, the same.
+    pub present: u64,
+    /// Source rows after the target's last one: to load.
+    pub to_load: u64,
+    /// Ids the target has otherwise than the source.
+    pub differs: Vec<i64>,
+    /// Source rows the target lacks although it has later ones.
+    pub gaps: Vec<i64>,
+    /// Target rows the source does not have.
+    pub extra: u64,
+}
+
+/// The target against the inventory, item by item (parallel to the inventory's
+/// lists), and what it holds that the source does not.
+pub(in crate::maint) struct Assessment {
+    pub blobs: Vec<Have>,
+    pub principals: Vec<Have>,
+    pub images: Vec<Have>,
+    pub versions: Vec<Have>,
+    pub aliases: Vec<Have>,
+    pub job_runs: Vec<Have>,
+    pub audit: AuditState,
+    /// Items only the target has, named.
+    pub extras: Vec<String>,
+    /// The target holds nothing at all (but a migrate marker).
+    pub empty: bool,
+}
+
+fn have<T: PartialEq>(found: Result<T, CatalogError>, want: &T) -> Result<Have> {
+    match found {
+        Ok(t) if &t == want => Ok(Have::Same),
+        Ok(_) => Ok(Have::Differs),
+        Err(CatalogError::NotFound(_)) => Ok(Have::Missing),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Compares the target catalog `dst` with the inventory `inv` read from `src`
+/// (whose audit log is read again, not kept in memory: it can be long).
+pub(in crate::maint) fn assess(
+    inv: &Inventory,
+    src: &dyn Catalog,
+    dst: &dyn Catalog,
+) -> Result<Assessment> {
+    let mut blobs = Vec::new();
+    for b in &inv.blobs {
+        blobs.push(match dst.get_blob(&b.digest)? {
+            None => Have::Missing,
+            Some(t) if &t == b => Have::Same,
+            Some(_) => Have::Differs,
+        });
+    }
+    let mut principals = Vec::new();
+    for p in &inv.principals {
+        let mut h = have(dst.principal_record(&p.id), p)?;
+        if h == Have::Missing && dst.get_principal(&p.name).is_ok() {
+            h = Have::Differs; // the name is another principal's
+        }
+        principals.push(h);
+    }
+    let images = inv
+        .images
+        .iter()
+        .map(|i| have(dst.get_image(&i.name), i))
+        .collect::<Result<_>>()?;
+    let mut versions = Vec::new();
+    for v in &inv.versions {
+        let (image, version) = (&v.version.image_name, &v.version.version);
+        versions.push(match dst.get_version(image, version) {
+            Ok(_) => have(version_record(dst, image, version), v)?,
+            Err(CatalogError::NotFound(_)) => Have::Missing,
+            Err(e) => return Err(e.into()),
+        });
+    }
+    let aliases = inv
+        .aliases
+        .iter()
+        .map(|(image, a)| have(dst.get_alias(image, &a.alias), a))
+        .collect::<Result<_>>()?;
+    let target_runs: Vec<JobRun> = dst
+        .job_runs()?
+        .into_iter()
+        .filter(|j| j.job != super::MARKER_JOB)
+        .collect();
+    let job_runs = inv
+        .job_runs
+        .iter()
+        .map(|j| match target_runs.iter().find(|t| t.job == j.job) {
+            None => Have::Missing,
+            Some(t) if t == j => Have::Same,
+            Some(_) => Have::Differs,
+        })
+        .collect();
+    let (extras, holds) = extras(inv, dst, &target_runs)?;
+    Ok(Assessment {
+        blobs,
+        principals,
+        images,
+        versions,
+        aliases,
+        job_runs,
+        audit: compare_audit(src, dst)?,
+        extras,
+        empty: !holds,
+    })
+}
+
+/// What the target holds that the source does not, and whether it holds anything.
+fn extras(inv: &Inventory, dst: &dyn Catalog, runs: &[JobRun]) -> Result<(Vec<String>, bool)> {
+    let mut out = Vec::new();
+    let mut holds = !runs.is_empty();
+    let names: BTreeSet<&str> = inv.images.iter().map(|i| i.name.as_str()).collect();
+    for i in dst.list_images(true)? {
+        holds = true;
+        if !names.contains(i.name.as_str()) {
+            out.push(format!("image {}", i.name));
+        }
+    }
+    let ids: BTreeSet<&str> = inv.principals.iter().map(|p| p.id.as_str()).collect();
+    for p in dst.list_principals()? {
+        holds = true;
+        if !ids.contains(p.id.as_str()) {
+            out.push(format!("principal {} ({})", p.name, p.id));
+        }
+    }
+    let digests: BTreeSet<_> = inv.blobs.iter().map(|b| b.digest).collect();
+    let mut blobs = Vec::new();
+    dst.each_blob(&mut |b| {
+        if !digests.contains(&b.digest) {
+            blobs.push(format!("blob row {}", b.digest));
+        }
+        true
+    })?;
+    holds |= dst.blob_totals()?.0 > 0;
+    out.extend(blobs);
+    let versions: BTreeSet<(&str, &str)> = inv
+        .versions
+        .iter()
+        .map(|v| (v.version.image_name.as_str(), v.version.version.as_str()))
+        .collect();
+    for (i, v) in all_versions(dst)? {
+        if !versions.contains(&(i.as_str(), v.as_str())) {
+            out.push(format!("version {i}@{v}"));
+        }
+    }
+    let aliases: BTreeSet<(&str, &str)> = inv
+        .aliases
+        .iter()
+        .map(|(i, a)| (i.as_str(), a.alias.as_str()))
+        .collect();
+    for (i, a) in dst.all_aliases()? {
+        if !aliases.contains(&(i.as_str(), a.alias.as_str())) {
+            out.push(format!("alias {i}:{}", a.alias));
+        }
+    }
+    for r in runs {
+        if !inv.job_runs.iter().any(|j| j.job == r.job) {
+            out.push(format!("job run {}", r.job));
+        }
+    }
+    holds |= !dst
+        .query_audit(&AuditQuery {
+            limit: Some(1),
+            ..Default::default()
+        })?
+        .is_empty();
+    Ok((out, holds))
+}
+
+/// The two audit logs side by side, in id order.
+pub(in crate::maint) fn compare_audit(src: &dyn Catalog, dst: &dyn Catalog) -> Result<AuditState> {
+    let mut st = AuditState::default();
+    let mut s = AuditPages::new(src, 0);
+    let mut t = AuditPages::new(dst, 0);
+    let mut s_row = s.next()?;
+    while let Some(tr) = t.next()? {
+        st.target_max = tr.id;
+        while let Some(r) = s_row.as_ref().filter(|r| r.id < tr.id) {
+            st.gaps.push(r.id);
+            s_row = s.next()?;
+        }
+        match &s_row {
+            Some(r) if r.id == tr.id => {
+                if *r == tr {
+                    st.present += 1;
+                } else {
+                    st.differs.push(tr.id);
+                }
+                s_row = s.next()?;
+            }
+            _ => st.extra += 1,
+        }
+    }
+    while s_row.is_some() {
+        st.to_load += 1;
+        s_row = s.next()?;
+    }
+    Ok(st)
+}
+
+/// What a run does: the assessment of an accepted target, and the store sizes of
+/// the blobs it lacks rows for.
+pub(in crate::maint) struct Plan {
+    pub a: Assessment,
+    /// For each blob: the size of what the target store holds under its digest
+    /// (`None`: nothing), read for the blobs whose row is missing.
+    pub stored: Vec<Option<u64>>,
+}
+
+fn count(h: &[Have], which: &Have) -> u64 {
+    h.iter().filter(|x| *x == which).count() as u64
+}
+
+fn tally(h: &[Have]) -> Tally {
+    Tally {
+        total: h.len() as u64,
+        loaded: count(h, &Have::Missing),
+        present: count(h, &Have::Same),
+    }
+}
+
+impl Plan {
+    /// Assesses the target and decides whether it may be written (see the module
+    /// doc of `migrate`): refused with what to do unless it is empty, a partial copy
+    /// of this source, or a completed one (then with nothing missing).
+    pub fn make(
+        inv: &Inventory,
+        snapshot: &dyn Catalog,
+        dst: &Target,
+        marker: Option<&Marker>,
+        src_dir: &Path,
+    ) -> Result<Plan> {
+        let a = assess(inv, snapshot, dst.catalog.as_ref())?;
+        match marker {
+            None if !a.empty => bail!(foreign(&a, dst, src_dir)),
+            Some(m) if m.complete() => {
+                let missing = missing(inv, &a);
+                if !missing.is_empty() {
+                    bail!(
+                        "the target holds a completed migration of {} (completed {}), and the \
+                         appliance has changed since: {} are not in the target ({}{}). The \
+                         deployment may have been serving since, and migrate does not add to \
+                         it: publish what is new on the deployment itself, or migrate into an \
+                         empty database and bucket again",
+                        m.source.display(),
+                        m.completed_at.as_deref().unwrap_or("?"),
+                        missing.len(),
+                        missing
+                            .iter()
+                            .take(8)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if missing.len() > 8 { ", ..." } else { "" }
+                    );
+                }
+            }
+            _ => {
+                let conflicts = conflicts(inv, &a);
+                if !conflicts.is_empty() {
+                    bail!(
+                        "the target is not a partial copy of {}: {} of its items are not the \
+                         appliance's ({}{}). migrate only fills an empty catalog or goes on with \
+                         a copy of the same appliance; give an empty database (and bucket), or \
+                         the --from of the migration that began this one{}",
+                        src_dir.display(),
+                        conflicts.len(),
+                        conflicts
+                            .iter()
+                            .take(8)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if conflicts.len() > 8 { ", ..." } else { "" },
+                        match marker {
+                            Some(m) =>
+                                format!(" ({} began it {})", m.source.display(), m.started_at),
+                            None => String::new(),
+                        }
+                    );
+                }
+            }
+        }
+        let mut stored = Vec::with_capacity(inv.blobs.len());
+        for (b, h) in inv.blobs.iter().zip(&a.blobs) {
+            stored.push(match h {
+                Have::Missing => dst.blobs.stat(&b.digest).with_context(|| {
+                    format!("looking for blob {} in the target store", b.digest)
+                })?,
+                _ => None,
+            });
+        }
+        Ok(Plan { a, stored })
+    }
+
+    /// The report before anything is applied: what the plan says.
+    pub fn report(&self, inv: &Inventory) -> MigrateReport {
+        let mut r = MigrateReport {
+            blobs: inv.blob_counts(),
+            principals: tally(&self.a.principals),
+            images: tally(&self.a.images),
+            versions: tally(&self.a.versions),
+            aliases: tally(&self.a.aliases),
+            job_runs: tally(&self.a.job_runs),
+            audit_rows: Tally {
+                total: inv.audit_rows,
+                loaded: self.a.audit.to_load,
+                present: self.a.audit.present,
+            },
+            uploads_skipped: inv.uploads,
+            ..Default::default()
+        };
+        for ((b, h), stored) in inv.blobs.iter().zip(&self.a.blobs).zip(&self.stored) {
+            match (h, stored) {
+                (Have::Same, _) => r.skipped.add(b.size_bytes),
+                (_, Some(n)) if *n == b.size_bytes => r.found.add(b.size_bytes),
+                _ => r.copied.add(b.size_bytes),
+            }
+        }
+        r
+    }
+
+    pub fn print(&self, inv: &Inventory, out: &mut dyn Write) -> Result<()> {
+        let r = self.report(inv);
+        let state = |s: VersionState| {
+            inv.versions
+                .iter()
+                .filter(|v| v.version.state == s && v.retirement.is_none())
+                .count()
+        };
+        let retired = inv
+            .versions
+            .iter()
+            .filter(|v| v.retirement.is_some())
+            .count();
+        writeln!(
+            out,
+            "source: {} images, {} versions ({} published, {} retired, {} drafts), {}, {} \
+             principals, {} tokens, {} audit rows, {} job runs",
+            inv.images.len(),
+            inv.versions.len(),
+            state(VersionState::Published),
+            retired,
+            state(VersionState::Draft) + state(VersionState::Publishing),
+            r.blobs,
+            inv.principals.len(),
+            inv.principals.iter().map(|p| p.tokens.len()).sum::<usize>(),
+            inv.audit_rows,
+            inv.job_runs.len()
+        )?;
+        if inv.uploads > 0 {
+            writeln!(
+                out,
+                "not copied: {} upload sessions (uploads in progress are not part of a \
+                 migration; their clients upload again to the deployment)",
+                inv.uploads
+            )?;
+        }
+        writeln!(
+            out,
+            "target: {}",
+            if self.a.empty {
+                "empty".to_string()
+            } else {
+                format!(
+                    "holds {} of the {} blob rows, {} of {} versions, {} of {} audit rows \
+                     (an earlier run's)",
+                    r.skipped.count,
+                    r.blobs.count,
+                    r.versions.present,
+                    r.versions.total,
+                    r.audit_rows.present,
+                    r.audit_rows.total
+                )
+            }
+        )?;
+        writeln!(
+            out,
+            "plan: copy {} blobs ({}), check {} already in the store ({}), skip {} recorded \
+             earlier; load {} principals, {} images, {} versions, {} aliases, {} audit rows, {} \
+             job runs; copy the trusted keys",
+            r.copied.count,
+            HumanBytes(r.copied.bytes),
+            r.found.count,
+            HumanBytes(r.found.bytes),
+            r.skipped.count,
+            r.principals.loaded,
+            r.images.loaded,
+            r.versions.loaded,
+            r.aliases.loaded,
+            r.audit_rows.loaded,
+            r.job_runs.loaded
+        )?;
+        Ok(())
+    }
+}
+
+/// Items of the source the target has otherwise than the source, or that only
+/// the target has: what makes it something else than a partial copy.
+fn conflicts(inv: &Inventory, a: &Assessment) -> Vec<String> {
+    let mut out = Vec::new();
+    let differs = |h: &Have| *h == Have::Differs;
+    for (b, h) in inv.blobs.iter().zip(&a.blobs) {
+        if differs(h) {
+            out.push(format!("blob row {}", b.digest));
+        }
+    }
+    for (p, h) in inv.principals.iter().zip(&a.principals) {
+        if differs(h) {
+            out.push(format!("principal {}", p.name));
+        }
+    }
+    for (i, h) in inv.images.iter().zip(&a.images) {
+        if differs(h) {
+            out.push(format!("image {}", i.name));
+        }
+    }
+    for (v, h) in inv.versions.iter().zip(&a.versions) {
+        if differs(h) {
+            out.push(format!("version {}", v.name()));
+        }
+    }
+    for ((i, al), h) in inv.aliases.iter().zip(&a.aliases) {
+        if differs(h) {
+            out.push(format!("alias {i}:{}", al.alias));
+        }
+    }
+    for (j, h) in inv.job_runs.iter().zip(&a.job_runs) {
+        if differs(h) {
+            out.push(format!("job run {}", j.job));
+        }
+    }
+    out.extend(a.audit.differs.iter().map(|id| format!("audit row {id}")));
+    out.extend(
+        a.audit
+            .gaps
+            .iter()
+            .map(|id| format!("audit row {id} (missing before later ones)")),
+    );
+    if a.audit.extra > 0 {
+        out.push(format!("{} audit rows of its own", a.audit.extra));
+    }
+    out.extend(a.extras.iter().map(|e| format!("{e} (not in the source)")));
+    out
+}
+
+/// Items of the source the target does not have at all.
+fn missing(inv: &Inventory, a: &Assessment) -> Vec<String> {
+    let mut out = Vec::new();
+    let gone = |h: &Have| *h == Have::Missing;
+    for (b, h) in inv.blobs.iter().zip(&a.blobs) {
+        if gone(h) {
+            out.push(format!("blob {}", b.digest));
+        }
+    }
+    for (p, h) in inv.principals.iter().zip(&a.principals) {
+        if gone(h) {
+            out.push(format!("principal {}", p.name));
+        }
+    }
+    for (i, h) in inv.images.iter().zip(&a.images) {
+        if gone(h) {
+            out.push(format!("image {}", i.name));
+        }
+    }
+    for (v, h) in inv.versions.iter().zip(&a.versions) {
+        if gone(h) {
+            out.push(format!("version {}", v.name()));
+        }
+    }
+    for ((i, al), h) in inv.aliases.iter().zip(&a.aliases) {
+        if gone(h) {
+            out.push(format!("alias {i}:{}", al.alias));
+        }
+    }
+    if a.audit.to_load > 0 || !a.audit.gaps.is_empty() {
+        out.push(format!(
+            "{} audit rows",
+            a.audit.to_load + a.audit.gaps.len() as u64
+        ));
+    }
+    out
+}
+
+/// Why a target that no migrate wrote into is refused.
+fn foreign(a: &Assessment, dst: &Target, src_dir: &Path) -> String {
+    let mut sample: Vec<String> = a.extras.iter().take(6).cloned().collect();
+    if a.audit.extra > 0 {
+        sample.push(format!("{} audit rows", a.audit.extra));
+    }
+    format!(
+        "the target catalog ({}) is not empty, and no `imgsrv migrate` wrote into it: it holds \
+         {}{}. migrate fills an empty catalog only (the appliance's rows keep their ids, which \
+         must not meet other rows). If this is a new deployment that `imgsrv init` or `imgsrv \
+         serve` set up already, drop and create its database again (e.g. `dropdb imgsrv && \
+         createdb --owner=imgsrv imgsrv`), then run `imgsrv migrate --from {} --to {}` before \
+         `imgsrv init`",
+        dst.describe(),
+        if sample.is_empty() {
+            "rows of its own".to_string()
+        } else {
+            sample.join(", ")
+        },
+        if a.extras.len() > 6 { ", ..." } else { "" },
+        src_dir.display(),
+        dst.config.display()
+    )
+}
