@@ -64,12 +64,6 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<InitRepor
         report.created.push(cas_dir);
     }
     crate::cas::open(&config.storage, data_dir)?;
-    let keys = data_dir.join("keys");
-    if !keys.exists() {
-        std::fs::create_dir_all(&keys)?;
-        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))?;
-        report.created.push(keys);
-    }
     if !config.tls_configured {
         let mut names = config.tls_names.clone();
         names.extend(extra_names.iter().cloned());
@@ -212,10 +206,19 @@ impl App {
             .get(self.catalog.as_ref(), readable_private, &revoked)?)
     }
 
+    /// The trusted publisher keys with their scopes and states, read from the
+    /// catalog now (shared by every instance on it: a key revoked on one is
+    /// revoked here at the next call). Fails closed: an unreadable catalog or an
+    /// unusable key is an error, never "no keys".
+    pub fn trusted_keys(&self) -> Result<Vec<crate::sign::TrustedKey>, crate::sign::SignError> {
+        crate::sign::load_trusted_keys(self.catalog.as_ref())
+    }
+
     /// The trusted keys the operator has revoked, read from the trust store
     /// now; an unreadable store is an error (never "none revoked").
     pub(crate) fn revoked_keys(&self) -> anyhow::Result<Vec<crate::sign::TrustedKey>> {
-        Ok(crate::sign::load_trusted_keys(&self.config.data_dir)
+        Ok(self
+            .trusted_keys()
             .context("reading the trusted keys (to withhold what revoked keys signed)")?
             .into_iter()
             .filter(|k| k.policy.state == crate::sign::KeyState::Revoked)
@@ -416,7 +419,8 @@ impl App {
         }
         let outcome = match signature {
             None => Err("no signature was supplied".to_string()),
-            Some(sig) => crate::sign::load_trusted_keys(&self.config.data_dir)
+            Some(sig) => self
+                .trusted_keys()
                 .map_err(|e| format!("trusted keys cannot be read: {e}"))
                 .and_then(|keys| {
                     let (k, v) = crate::sign::verify_signed_by(&keys, manifest, sig)

@@ -171,28 +171,55 @@ pub fn authenticate_basic(
     Ok(c)
 }
 
+/// How long a client address's failures are remembered without a new one.
+pub const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// The delay before answering the `n`th failure in a row (from 1): 100 ms,
+/// doubling with each failure, at most 5 s.
+pub fn failure_delay(n: u32) -> std::time::Duration {
+    use std::time::Duration;
+    Duration::from_millis(100u64.saturating_mul(1 << n.saturating_sub(1).min(6)))
+        .min(Duration::from_secs(5))
+}
+
 /// Slows down repeated failed authentications per client address: each
-/// failure doubles the delay before the 401 (from 100 ms, at most 5 s),
-/// forgotten after 15 minutes without failures. The delay runs on the
+/// failure doubles the delay before the 401 ([`failure_delay`]), forgotten
+/// after [`FAILURE_WINDOW`] without failures. The failures are counted in the
+/// catalog ([`AuthCatalog::note_auth_failure`]), so failures against one
+/// instance slow the next attempt on every other sharing it; while the catalog
+/// cannot count them, this process counts them alone. The delay runs on the
 /// failing connection's own thread, so other clients are not held up.
 #[derive(Default)]
 pub struct FailureThrottle {
-    failures:
-        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+    local: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
 }
 
 impl FailureThrottle {
     /// Records a failure from `ip` and returns how long to wait before answering.
-    pub fn failed(&self, ip: std::net::IpAddr) -> std::time::Duration {
-        use std::time::{Duration, Instant};
-        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn failed(&self, cat: &dyn AuthCatalog, ip: std::net::IpAddr) -> std::time::Duration {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let window_ms = i64::try_from(FAILURE_WINDOW.as_millis()).unwrap_or(i64::MAX);
+        match cat.note_auth_failure(&ip.to_string(), now_ms, window_ms) {
+            Ok(n) => failure_delay(n),
+            Err(e) => {
+                log::warn!(
+                    "counting a failed authentication in the catalog: {e}; counted here alone"
+                );
+                self.failed_here(ip)
+            }
+        }
+    }
+
+    /// The count of this process alone.
+    fn failed_here(&self, ip: std::net::IpAddr) -> std::time::Duration {
+        use std::time::Instant;
+        let mut m = self.local.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        m.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(900));
+        m.retain(|_, (_, t)| now.duration_since(*t) < FAILURE_WINDOW);
         let e = m.entry(ip).or_insert((0, now));
         e.0 = e.0.saturating_add(1);
         e.1 = now;
-        Duration::from_millis(100u64.saturating_mul(1 << (e.0 - 1).min(6)))
-            .min(Duration::from_secs(5))
+        failure_delay(e.0)
     }
 }
 
@@ -237,6 +264,28 @@ pub fn write_secret_file(path: &Path, contents: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::catalog::SqliteCatalog;
+
+    #[test]
+    fn failures_back_off_per_address_through_the_catalog() {
+        use std::time::Duration;
+        let ms = |n| failure_delay(n).as_millis();
+        assert_eq!(
+            [ms(1), ms(2), ms(3), ms(6), ms(7), ms(50)],
+            [100, 200, 400, 3200, 5000, 5000]
+        );
+        let d = tempfile::tempdir().unwrap();
+        let cat = SqliteCatalog::open(&d.path().join("c.db")).unwrap();
+        let t = FailureThrottle::default();
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(t.failed(&cat, a), Duration::from_millis(100));
+        assert_eq!(t.failed(&cat, a), Duration::from_millis(200));
+        assert_eq!(t.failed(&cat, b), Duration::from_millis(100));
+        // another process (instance) on the same catalog goes on counting
+        let other = FailureThrottle::default();
+        assert_eq!(other.failed(&cat, a), Duration::from_millis(400));
+        assert!(t.local.lock().unwrap().is_empty(), "counted in the catalog");
+    }
 
     #[test]
     fn tokens_are_checked_hashed_revocable_and_expire() {

@@ -41,7 +41,7 @@ pub enum Command {
         #[arg(long, value_name = "ADDR", env = "IMGSRV_METRICS_LISTEN")]
         metrics_listen: Option<String>,
     },
-    /// Manage trusted publisher keys (minisign public keys) on the server's filesystem.
+    /// Manage trusted publisher keys (minisign public keys) in the server's catalog.
     #[command(subcommand)]
     Key(KeyCommand),
     /// Upload, sign and publish an Incus image (metadata tarball + rootfs and/or disk).
@@ -487,6 +487,16 @@ pub enum KeyCommand {
         /// The public key file (`minisign -G` writes it, e.g. minisign.pub).
         pubkey_file: PathBuf,
     },
+    /// Replace the image globs a key may sign for (the whole new list).
+    Scope {
+        #[command(flatten)]
+        data: DataArg,
+        /// The key's name or key id (as `imgsrv key list` shows them).
+        name: String,
+        /// Image-name glob this key may sign for (repeatable; none: every image).
+        #[arg(long = "scope", value_name = "GLOB")]
+        scopes: Vec<String>,
+    },
     /// Retire a key: it signs no new publications; what it signed still verifies.
     Retire {
         #[command(flatten)]
@@ -506,7 +516,7 @@ pub enum KeyCommand {
         #[command(flatten)]
         data: DataArg,
     },
-    /// Stop trusting a key (by name or key id).
+    /// Stop trusting a key (by name or key id; a revoked key stays listed).
     Remove {
         #[command(flatten)]
         data: DataArg,
@@ -929,7 +939,7 @@ fn set_key_state(
     action: &str,
 ) -> Result<()> {
     let cat = crate::admin_cli::open_catalog(data_dir)?;
-    let key = crate::sign::set_key_state(data_dir, name, state)?;
+    let key = crate::sign::set_key_state(cat.as_ref(), name, state)?;
     crate::admin_cli::record(
         cat.as_ref(),
         action,
@@ -945,7 +955,8 @@ fn set_key_state(
     Ok(())
 }
 
-/// Key changes are audited: each opens the catalog before changing anything.
+/// Key changes go to the catalog, where every instance sharing it sees them at its
+/// next request, and are audited.
 fn key_command(k: KeyCommand) -> Result<()> {
     match k {
         KeyCommand::Add {
@@ -956,7 +967,7 @@ fn key_command(k: KeyCommand) -> Result<()> {
         } => {
             let cat = crate::admin_cli::open_catalog(&data.dir)?;
             let key =
-                crate::sign::add_trusted_key(&data.dir, name.as_deref(), &pubkey_file, &scopes)?;
+                crate::sign::add_trusted_key(cat.as_ref(), name.as_deref(), &pubkey_file, &scopes)?;
             crate::admin_cli::record(
                 cat.as_ref(),
                 "key.add",
@@ -964,11 +975,27 @@ fn key_command(k: KeyCommand) -> Result<()> {
                 serde_json::json!({ "key_id": key.key_id, "scopes": key.policy.scopes }),
             )?;
             println!(
-                "trusted key {} (key id {}) added for images {}: {}",
+                "trusted key {} (key id {}) added for images {}: in the catalog (every \
+                 instance sharing it trusts it from its next request)",
                 key.name,
                 key.key_id,
                 key.policy.scopes.join(", "),
-                key.path.display()
+            );
+        }
+        KeyCommand::Scope { data, name, scopes } => {
+            let cat = crate::admin_cli::open_catalog(&data.dir)?;
+            let key = crate::sign::set_key_scopes(cat.as_ref(), &name, &scopes)?;
+            crate::admin_cli::record(
+                cat.as_ref(),
+                "key.scope",
+                &key.name,
+                serde_json::json!({ "key_id": key.key_id, "scopes": key.policy.scopes }),
+            )?;
+            println!(
+                "key {} ({}) may sign images {}",
+                key.name,
+                key.key_id,
+                key.policy.scopes.join(", ")
             );
         }
         KeyCommand::Retire { data, name } => set_key_state(
@@ -984,9 +1011,13 @@ fn key_command(k: KeyCommand) -> Result<()> {
             "key.revoke",
         )?,
         KeyCommand::List { data } => {
-            let keys = crate::sign::load_trusted_keys(&data.dir)?;
+            let cat = crate::admin_cli::open_catalog(&data.dir)?;
+            let keys = crate::sign::load_trusted_keys(cat.as_ref())?;
             if keys.is_empty() {
-                println!("no trusted keys in {}", data.dir.join("keys").display());
+                println!(
+                    "no trusted keys in the catalog of {} (add one with `imgsrv key add`)",
+                    data.dir.display()
+                );
             }
             for k in keys {
                 println!(
@@ -1000,7 +1031,7 @@ fn key_command(k: KeyCommand) -> Result<()> {
         }
         KeyCommand::Remove { data, name } => {
             let cat = crate::admin_cli::open_catalog(&data.dir)?;
-            let key = crate::sign::remove_trusted_key(&data.dir, &name)?;
+            let key = crate::sign::remove_trusted_key(cat.as_ref(), &name)?;
             crate::admin_cli::record(
                 cat.as_ref(),
                 "key.remove",

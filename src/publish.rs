@@ -743,6 +743,13 @@ mod tests {
         .unwrap()
     }
 
+    impl FakeServer {
+        /// The fake trusts `pubkey` (a key file in its keys directory).
+        fn trust(&self, pubkey: &std::path::Path) {
+            std::fs::copy(pubkey, self.keys_dir.join(pubkey.file_name().unwrap())).unwrap();
+        }
+    }
+
     fn fake_server(corrupt_fingerprint: bool) -> FakeServer {
         let keys = tempfile::tempdir().unwrap();
         let keys_dir = keys.path().to_path_buf();
@@ -818,7 +825,7 @@ mod tests {
                 ("POST", [img, "versions", ver, "publish"]) => {
                     let v = s.versions.get_mut(&format!("{img} {ver}")).unwrap();
                     let m = manifest(img, ver, v);
-                    let keys = sign::load_trusted_keys(&kd).unwrap();
+                    let keys = sign::load_keys_from(&kd).unwrap();
                     let sig = body["signature"].as_str().unwrap_or("");
                     let verified = match sign::verify_signature(&keys, &m, sig) {
                         Ok(x) => x,
@@ -929,7 +936,7 @@ mod tests {
             "{e:#}"
         );
 
-        sign::add_trusted_key(&srv.keys_dir, None, &f.pubkey, &[]).unwrap();
+        srv.trust(&f.pubkey);
         let mut opts = options(&srv, &f);
         opts.version = Some("2".into());
         let o = publish(&opts, &mut out).unwrap();
@@ -991,7 +998,7 @@ mod tests {
     fn publish_detects_fingerprint_mismatch_and_bad_inputs() {
         let srv = fake_server(true);
         let f = files();
-        sign::add_trusted_key(&srv.keys_dir, None, &f.pubkey, &[]).unwrap();
+        srv.trust(&f.pubkey);
         let e = publish(&options(&srv, &f), &mut Vec::new()).unwrap_err();
         assert!(format!("{e:#}").contains("fingerprint mismatch"), "{e:#}");
 

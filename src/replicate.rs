@@ -245,7 +245,9 @@ impl Destination {
         match self {
             Destination::Local(t) => Ok(SignatureCheck {
                 mode: t.app.verification(),
-                keys: crate::sign::load_trusted_keys(&t.app.config.data_dir)
+                keys: t
+                    .app
+                    .trusted_keys()
                     .context("reading the target's trusted keys")?,
             }),
             Destination::Remote(t) => {

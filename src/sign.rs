@@ -1,8 +1,14 @@
 //! Minisign keys and signatures.
 //!
-//! Server side: the trust store of publisher **public** keys
-//! (`DATA_DIR/keys/<NAME>.pub`, exactly as `minisign -G` writes them) and
-//! [`verify_signature`]. The server never holds a private key.
+//! Server side: the trust store of publisher **public** keys, in the catalog
+//! ([`trust`]: every instance sharing a catalog trusts the same keys, and a
+//! revocation holds on all of them at their next request), and
+//! [`verify_signature`]. The server never holds a private key. Keys an
+//! appliance kept as files (`DATA_DIR/keys/<NAME>.pub`) are imported into the
+//! catalog once ([`files`]).
+//!
+//! Consumer side: [`load_keys_from`] reads the keys a consumer trusts from a
+//! directory of `.pub` files (with optional `.toml` policies) or one file.
 //!
 //! Publisher side: [`load_secret_key`] reads keys made by `minisign -G`
 //! (password-protected) and `minisign -G -W` (unencrypted), and [`sign`]
@@ -13,6 +19,14 @@ use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
+
+mod files;
+mod trust;
+pub use crate::catalog::KeyState;
+pub use files::{import_key_files, load_keys_from, MARKER_FILE};
+pub use trust::{
+    add_trusted_key, load_trusted_keys, remove_trusted_key, set_key_scopes, set_key_state,
+};
 
 /// Environment variable holding the password of an encrypted secret key.
 pub const PASSWORD_ENV: &str = "IMGSRV_KEY_PASSWORD";
@@ -38,6 +52,14 @@ pub enum SignError {
     InvalidName(String),
     #[error("{path}: not a minisign public key ({reason})")]
     MalformedKey { path: PathBuf, reason: String },
+    #[error("trusted key {name:?} in the catalog is unusable ({reason}): remove it with `imgsrv key remove {name}` and add it again from its .pub file")]
+    MalformedStoredKey { name: String, reason: String },
+    #[error("the trusted keys cannot be read from the catalog: {0}")]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error("key {key_id} was retired or revoked in this catalog before: a key is never trusted again (make a new key pair with `minisign -G`)")]
+    NeverAgain { key_id: String },
+    #[error("key {name:?} ({key_id}) is revoked: it stays in the trust store, listed as revoked (consumers learn of the revocation from GET /v1/keys), and nothing signed with it is trusted")]
+    RevokedStaysListed { name: String, key_id: String },
     #[error("{path}: not a usable minisign secret key ({reason})")]
     MalformedSecretKey { path: PathBuf, reason: String },
     #[error("malformed minisign signature: {0}")]
@@ -68,10 +90,10 @@ pub enum SignError {
     },
     #[error(
         "key {name:?} ({key_id}) is trusted, but its scope ({scopes}) does not cover image \
-         {image:?}: to let it sign {image}, add a glob to `scopes` in keys/{name}.toml of the \
-         server's data directory (read at each request), or re-add the key with the scopes \
-         it needs: `imgsrv key remove {name}`, then `imgsrv key add --name {name} --scope \
-         GLOB ... {name}.pub`"
+         {image:?}: to let it sign {image}, give it the globs it needs on the server, \
+         `imgsrv key scope --data DIR {name} --scope GLOB ...` (the whole new list; every \
+         instance sees it at its next request), or re-add it: `imgsrv key remove {name}`, \
+         then `imgsrv key add --name {name} --scope GLOB ... {name}.pub`"
     )]
     OutOfScope {
         name: String,
@@ -114,41 +136,26 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SignError + '_ {
     }
 }
 
-/// A trusted publisher public key from `DATA_DIR/keys/<name>.pub`.
+/// A trusted publisher public key: from the catalog (a server's trust store),
+/// or from a `<name>.pub` file (a consumer's).
 #[derive(Debug, Clone)]
 pub struct TrustedKey {
     pub name: String,
     /// Upper-case hex, as minisign prints it.
     pub key_id: String,
-    pub path: PathBuf,
-    /// Scopes and state, from `<name>.toml` beside the key file.
+    /// Where it was read: the `.pub` file's path, or `the catalog`.
+    pub origin: String,
+    /// Scopes and state (from the catalog, or `<name>.toml` beside a key file).
     pub policy: KeyPolicy,
+    /// The public key file's text, normalized.
+    text: String,
     key: minisign_verify::PublicKey,
     key_id_bytes: [u8; 8],
 }
 
-/// A trusted key's lifecycle. `retired`: no new publications, older ones
-/// still verify. `revoked` (compromised): nothing signed with it verifies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyState {
-    Active,
-    Retired,
-    Revoked,
-}
-
-impl KeyState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyState::Active => "active",
-            KeyState::Retired => "retired",
-            KeyState::Revoked => "revoked",
-        }
-    }
-}
-
-/// What a trusted key may sign (`DATA_DIR/keys/<name>.toml`). A key without
-/// this file is active for every image (`scopes = ["*"]`).
+/// What a trusted key may sign, and its state: a catalog key's, or a key file's
+/// `<name>.toml`. A key file without one is active for every image
+/// (`scopes = ["*"]`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyPolicy {
@@ -179,7 +186,26 @@ impl TrustedKey {
 
     /// The key file's text (`minisign -G` format), for publishing it.
     pub fn public_key_text(&self) -> String {
-        fs::read_to_string(&self.path).unwrap_or_default()
+        self.text.clone()
+    }
+
+    /// A key from the text of a `minisign -G` public key file.
+    fn from_text(
+        name: &str,
+        text: &str,
+        policy: KeyPolicy,
+        origin: String,
+    ) -> Result<TrustedKey, String> {
+        let (key, id, normalized) = parse_public_key(text)?;
+        Ok(TrustedKey {
+            name: name.to_string(),
+            key_id: key_id_hex(&id),
+            origin,
+            policy,
+            text: normalized,
+            key,
+            key_id_bytes: id,
+        })
     }
 
     /// Whether this key may sign a new publication of `image`: active, and
@@ -282,300 +308,6 @@ fn parse_public_key(text: &str) -> Result<(minisign_verify::PublicKey, [u8; 8], 
     id.copy_from_slice(&raw[2..10]);
     let key = minisign_verify::PublicKey::from_base64(b64).map_err(|e| e.to_string())?;
     Ok((key, id, format!("{}\n{}\n", lines[0].trim_end(), b64)))
-}
-
-fn keys_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("keys")
-}
-
-fn policy_path(key_path: &Path) -> PathBuf {
-    key_path.with_extension("toml")
-}
-
-/// Reads `<name>.toml` beside a key; absent means the default policy. An
-/// unreadable policy is an error (fail closed: it may hold a revocation).
-fn load_policy(key_path: &Path) -> Result<KeyPolicy, SignError> {
-    let path = policy_path(key_path);
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(KeyPolicy::default()),
-        Err(e) => return Err(io_err(&path)(e)),
-    };
-    let policy: KeyPolicy = toml::from_str(&text).map_err(|e| SignError::MalformedPolicy {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    if let Some(bad) = policy.scopes.iter().find(|g| !crate::names::scope(g)) {
-        return Err(SignError::MalformedPolicy {
-            path,
-            reason: format!("invalid scope {bad:?}"),
-        });
-    }
-    Ok(policy)
-}
-
-/// A new temporary file in `dir` (mode 0644) holding `text`, synced and
-/// ready to be persisted as `dest` (write errors name `dest`).
-fn staged_file(
-    dir: &Path,
-    prefix: &str,
-    dest: &Path,
-    text: &str,
-) -> Result<tempfile::NamedTempFile, SignError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(prefix)
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(io_err(dir))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(0o644))
-        .map_err(io_err(tmp.path()))?;
-    tmp.write_all(text.as_bytes())
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(io_err(dest))?;
-    Ok(tmp)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), SignError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
-}
-
-fn write_policy(key_path: &Path, policy: &KeyPolicy) -> Result<(), SignError> {
-    let path = policy_path(key_path);
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let text = format!(
-        "# imgsrv trusted key policy: which images this key may sign, and its state\n{}",
-        toml::to_string(policy).map_err(|e| SignError::MalformedPolicy {
-            path: path.clone(),
-            reason: e.to_string()
-        })?
-    );
-    let tmp = staged_file(dir, ".policy-", &path, &text)?;
-    tmp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
-    sync_dir(dir)
-}
-
-fn load_key_file(path: &Path, name: &str) -> Result<TrustedKey, SignError> {
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
-    let (key, id, _) = parse_public_key(&text).map_err(|reason| SignError::MalformedKey {
-        path: path.to_path_buf(),
-        reason,
-    })?;
-    Ok(TrustedKey {
-        name: name.to_string(),
-        key_id: key_id_hex(&id),
-        path: path.to_path_buf(),
-        policy: load_policy(path)?,
-        key,
-        key_id_bytes: id,
-    })
-}
-
-/// Loads trusted keys from a directory of `<name>.pub` files (with optional
-/// `<name>.toml` policies, as in `DATA_DIR/keys`), or from one `.pub` file.
-/// This is also how a consumer names the keys it trusts.
-pub fn load_keys_from(path: &Path) -> Result<Vec<TrustedKey>, SignError> {
-    let meta = fs::metadata(path).map_err(io_err(path))?;
-    if meta.is_dir() {
-        return load_key_dir(path);
-    }
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .filter(|n| valid_key_name(n))
-        .unwrap_or("key");
-    Ok(vec![load_key_file(path, name)?])
-}
-
-/// Reads every `DATA_DIR/keys/<NAME>.pub`, sorted by name. Called on each
-/// verification, so a running server sees keys added or removed since.
-/// Fails closed: a malformed key file, a `.pub` file with an invalid name or
-/// two files with the same key id are errors. A missing directory means no keys.
-pub fn load_trusted_keys(data_dir: &Path) -> Result<Vec<TrustedKey>, SignError> {
-    match load_key_dir(&keys_dir(data_dir)) {
-        Err(SignError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            Ok(Vec::new())
-        }
-        other => other,
-    }
-}
-
-fn load_key_dir(dir: &Path) -> Result<Vec<TrustedKey>, SignError> {
-    let entries = fs::read_dir(dir).map_err(io_err(dir))?;
-    let mut keys = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err(dir))?;
-        let path = entry.path();
-        let file_name = entry.file_name();
-        let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".pub")) else {
-            continue; // not a key file (e.g. a temporary file of an add in progress)
-        };
-        if name.starts_with('.') {
-            continue; // hidden files are never keys (invalid names)
-        }
-        if !valid_key_name(name) {
-            return Err(SignError::MalformedKey {
-                path,
-                reason: "the file name is not a valid key name".into(),
-            });
-        }
-        keys.push(load_key_file(&path, name)?);
-    }
-    keys.sort_by(|a, b| a.name.cmp(&b.name));
-    for (i, a) in keys.iter().enumerate() {
-        if let Some(b) = keys[i + 1..].iter().find(|b| b.key_id == a.key_id) {
-            return Err(SignError::ConflictingKeyId {
-                key_id: a.key_id.clone(),
-                first: a.path.clone(),
-                second: b.path.clone(),
-            });
-        }
-    }
-    Ok(keys)
-}
-
-/// Adds a trusted publisher key from a `minisign -G` public key file, as
-/// `DATA_DIR/keys/<name>.pub` (default name: the file stem). Refuses a
-/// duplicate name or key id. Written atomically; directory 0700, file 0644.
-pub fn add_trusted_key(
-    data_dir: &Path,
-    name: Option<&str>,
-    pubkey_file: &Path,
-    scopes: &[String],
-) -> Result<TrustedKey, SignError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-
-    let text = fs::read_to_string(pubkey_file).map_err(io_err(pubkey_file))?;
-    let (key, id, normalized) =
-        parse_public_key(&text).map_err(|reason| SignError::MalformedKey {
-            path: pubkey_file.to_path_buf(),
-            reason,
-        })?;
-    let name = match name {
-        Some(n) => n.to_string(),
-        None => pubkey_file
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_string(),
-    };
-    if !valid_key_name(&name) {
-        return Err(SignError::InvalidName(name));
-    }
-    if let Some(bad) = scopes.iter().find(|g| !crate::names::scope(g)) {
-        return Err(SignError::InvalidScope(bad.clone()));
-    }
-    let policy = KeyPolicy {
-        scopes: if scopes.is_empty() {
-            vec!["*".to_string()]
-        } else {
-            scopes.to_vec()
-        },
-        ..KeyPolicy::default()
-    };
-    let key_id = key_id_hex(&id);
-    let existing = load_trusted_keys(data_dir)?;
-    if existing.iter().any(|k| k.name == name) {
-        return Err(SignError::DuplicateName(name));
-    }
-    if let Some(k) = existing.iter().find(|k| k.key_id == key_id) {
-        return Err(SignError::DuplicateKeyId {
-            key_id,
-            name: k.name.clone(),
-        });
-    }
-
-    let dir = keys_dir(data_dir);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(io_err(&dir))?;
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
-
-    let path = dir.join(format!("{name}.pub"));
-    // the policy goes first: a key file never appears without its scopes
-    write_policy(&path, &policy)?;
-    let tmp = staged_file(&dir, ".add-", &path, &normalized)?;
-    // No-clobber: a concurrent add of the same name loses instead of overwriting.
-    tmp.persist_noclobber(&path).map_err(|e| {
-        if e.error.kind() == io::ErrorKind::AlreadyExists {
-            SignError::DuplicateName(name.clone())
-        } else {
-            io_err(&path)(e.error)
-        }
-    })?;
-    sync_dir(&dir)?;
-    Ok(TrustedKey {
-        name,
-        key_id,
-        path,
-        policy,
-        key,
-        key_id_bytes: id,
-    })
-}
-
-fn find_key(keys: &[TrustedKey], name_or_key_id: &str) -> Result<TrustedKey, SignError> {
-    keys.iter()
-        .find(|k| k.name == name_or_key_id)
-        .or_else(|| {
-            keys.iter()
-                .find(|k| k.key_id.eq_ignore_ascii_case(name_or_key_id))
-        })
-        .cloned()
-        .ok_or_else(|| SignError::NotFound(name_or_key_id.to_string()))
-}
-
-/// Retires (no new publications; older ones still verify) or revokes
-/// (compromised: nothing signed with it verifies) a trusted key. Only
-/// forward: active -> retired -> revoked, or active -> revoked.
-pub fn set_key_state(
-    data_dir: &Path,
-    name_or_key_id: &str,
-    to: KeyState,
-) -> Result<TrustedKey, SignError> {
-    let mut key = find_key(&load_trusted_keys(data_dir)?, name_or_key_id)?;
-    let from = key.policy.state;
-    let allowed = matches!(
-        (from, to),
-        (KeyState::Active, KeyState::Retired)
-            | (KeyState::Active, KeyState::Revoked)
-            | (KeyState::Retired, KeyState::Revoked)
-    );
-    if from == to {
-        return Ok(key);
-    }
-    if !allowed {
-        return Err(SignError::BadTransition {
-            name: key.name,
-            from,
-            to,
-        });
-    }
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    key.policy.state = to;
-    match to {
-        KeyState::Retired => key.policy.retired_at = Some(now),
-        KeyState::Revoked => key.policy.revoked_at = Some(now),
-        KeyState::Active => {}
-    }
-    write_policy(&key.path, &key.policy)?;
-    Ok(key)
-}
-
-/// Removes a trusted key by name, or by key id (case-insensitive hex).
-pub fn remove_trusted_key(data_dir: &Path, name_or_key_id: &str) -> Result<TrustedKey, SignError> {
-    let key = find_key(&load_trusted_keys(data_dir)?, name_or_key_id)?;
-    fs::remove_file(&key.path).map_err(io_err(&key.path))?;
-    let policy = policy_path(&key.path);
-    match fs::remove_file(&policy) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&policy)(e)),
-        _ => Ok(key),
-    }
 }
 
 /// Verifies a whole `.minisig` text over `message` against the trusted keys.
@@ -940,92 +672,11 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn trust_store_add_list_remove() {
-        use std::os::unix::fs::PermissionsExt;
-        let t = tempfile::tempdir().unwrap();
-        let data = t.path().join("data");
-        assert!(load_trusted_keys(&data).unwrap().is_empty());
-        let (pk, _) = minisign_keygen(t.path(), "alice", None);
-        let (pk2, _) = minisign_keygen(t.path(), "bob", None);
-
-        let k = add_trusted_key(&data, None, &pk, &[]).unwrap();
-        assert_eq!(k.name, "alice");
-        // The id minisign prints in the untrusted comment of the .pub file.
-        let pub_text = fs::read_to_string(&pk).unwrap();
-        assert!(
-            pub_text.lines().next().unwrap().ends_with(&k.key_id),
-            "{pub_text}"
-        );
-        // minisign prints the id without leading zeros (`%016` is not
-        // used), so one key in sixteen has a 15-digit id: only the upper
-        // bound is fixed.
-        assert!((1..=16).contains(&k.key_id.len()), "{}", k.key_id);
-        assert!(k
-            .key_id
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
-        assert_eq!(fs::read_to_string(&k.path).unwrap(), pub_text);
-        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&data.join("keys")), 0o700);
-        assert_eq!(mode(&k.path), 0o644);
-
-        assert!(matches!(
-            add_trusted_key(&data, None, &pk, &[]),
-            Err(SignError::DuplicateName(_))
-        ));
-        assert!(matches!(
-            add_trusted_key(&data, Some("other"), &pk, &[]),
-            Err(SignError::DuplicateKeyId { .. })
-        ));
-        assert!(matches!(
-            add_trusted_key(&data, Some("bad name"), &pk2, &[]),
-            Err(SignError::InvalidName(_))
-        ));
-        let k2 = add_trusted_key(&data, Some("bob2"), &pk2, &[]).unwrap();
-        let names: Vec<_> = load_trusted_keys(&data)
-            .unwrap()
-            .into_iter()
-            .map(|k| k.name)
-            .collect();
-        assert_eq!(names, ["alice", "bob2"]);
-
-        // Remove by key id (any case), then by name.
-        let r = remove_trusted_key(&data, &k2.key_id.to_lowercase()).unwrap();
-        assert_eq!(r.name, "bob2");
-        assert!(!k2.path.exists());
-        assert!(matches!(
-            remove_trusted_key(&data, "bob2"),
-            Err(SignError::NotFound(_))
-        ));
-        remove_trusted_key(&data, "alice").unwrap();
-        assert!(load_trusted_keys(&data).unwrap().is_empty());
-    }
-
-    #[test]
-    fn malformed_key_files_fail_closed() {
-        let t = tempfile::tempdir().unwrap();
-        let (pk, sk) = minisign_keygen(t.path(), "k", None);
-        // A secret key is not a public key.
-        let e = add_trusted_key(t.path(), Some("x"), &sk, &[]).unwrap_err();
-        assert!(matches!(e, SignError::MalformedKey { .. }), "{e}");
-        assert!(e.to_string().contains("k.key"), "{e}");
-
-        let keys = t.path().join("keys");
-        add_trusted_key(t.path(), None, &pk, &[]).unwrap();
-        assert_eq!(load_trusted_keys(t.path()).unwrap().len(), 1);
-        // Non-.pub files are ignored; a broken .pub file fails the whole load.
-        fs::write(keys.join("README"), "not a key").unwrap();
-        assert_eq!(load_trusted_keys(t.path()).unwrap().len(), 1);
-        fs::write(keys.join("broken.pub"), "untrusted comment: x\nRWQ=\n").unwrap();
-        let e = load_trusted_keys(t.path()).unwrap_err();
-        assert!(e.to_string().contains("broken.pub"), "{e}");
-        fs::write(keys.join("broken.pub"), "hello\n").unwrap();
-        assert!(load_trusted_keys(t.path()).is_err());
-        // Same key under two names: ambiguous, refused.
-        fs::copy(&pk, keys.join("broken.pub")).unwrap();
-        let e = load_trusted_keys(t.path()).unwrap_err();
-        assert!(matches!(e, SignError::ConflictingKeyId { .. }), "{e}");
+    /// A fresh catalog in `dir` trusting `pk`: its keys.
+    fn trusting(dir: &Path, pk: &Path) -> Vec<TrustedKey> {
+        let cat = crate::catalog::SqliteCatalog::open(&dir.join("catalog.db")).unwrap();
+        add_trusted_key(&cat, None, pk, &[]).unwrap();
+        load_trusted_keys(&cat).unwrap()
     }
 
     #[test]
@@ -1033,7 +684,8 @@ pub(crate) mod tests {
         let t = tempfile::tempdir().unwrap();
         let (pk, skp) = minisign_keygen(t.path(), "pub1", None);
         let sk = load_secret_key(&skp).unwrap();
-        let key = add_trusted_key(&t.path().join("d"), None, &pk, &[]).unwrap();
+        let keys = trusting(t.path(), &pk);
+        let key = keys[0].clone();
         assert_eq!(secret_key_id(&sk), key.key_id);
 
         let msg = br#"{"image":"debian","schema":"imgsrv.manifest.v1"}"#;
@@ -1050,7 +702,6 @@ pub(crate) mod tests {
         fs::write(&file, b"other").unwrap();
         assert!(!minisign_verify_cli(&pk, &file, &sigf, false));
 
-        let keys = load_trusted_keys(&t.path().join("d")).unwrap();
         let v = verify_signature(&keys, msg, &sig).unwrap();
         assert_eq!(v.key_name, "pub1");
         assert_eq!(v.key_id, key.key_id);
@@ -1081,9 +732,7 @@ pub(crate) mod tests {
     fn verify_accepts_cli_signatures_and_refuses_legacy_and_malformed() {
         let t = tempfile::tempdir().unwrap();
         let (pk, skp) = minisign_keygen(t.path(), "cli", None);
-        let data = t.path().join("d");
-        add_trusted_key(&data, None, &pk, &[]).unwrap();
-        let keys = load_trusted_keys(&data).unwrap();
+        let keys = trusting(t.path(), &pk);
         let file = t.path().join("m");
         fs::write(&file, b"manifest bytes").unwrap();
 
@@ -1136,10 +785,8 @@ pub(crate) mod tests {
         std::env::remove_var(PASSWORD_ENV);
         let sk = sk.unwrap();
 
-        let data = t.path().join("d");
-        add_trusted_key(&data, None, &pk, &[]).unwrap();
         let sig = sign(&sk, b"m", "c").unwrap();
-        let v = verify_signature(&load_trusted_keys(&data).unwrap(), b"m", &sig).unwrap();
+        let v = verify_signature(&trusting(t.path(), &pk), b"m", &sig).unwrap();
         assert_eq!(v.key_name, "enc");
     }
 

@@ -265,7 +265,7 @@ impl Target for LocalTarget {
         if self.app.verification() != crate::config::VerificationMode::Enforce {
             return Ok(None);
         }
-        let keys = crate::sign::load_trusted_keys(&self.app.config.data_dir)?;
+        let keys = self.app.trusted_keys()?;
         let found = keys.iter().find(|k| k.key_id == key_id);
         Ok(signer_refusal(
             &self.describe(),

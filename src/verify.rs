@@ -746,7 +746,7 @@ fn check_signer(
             "manifest signature",
             format!(
                 "{who} is revoked in your trusted keys{at} ({}): nothing signed with it is trusted",
-                key.path.display()
+                key.origin
             ),
         ))?;
     }

@@ -763,14 +763,16 @@ fn keys_are_scoped_retired_and_revoked() {
     let e = env();
     let debian = keypair();
     let other = keypair();
+    let cat = catalog_of(e.dir.path());
+    let cat = cat.as_ref();
     imgsrv::sign::add_trusted_key(
-        e.dir.path(),
+        cat,
         Some("debian"),
         &debian.public,
         &["debian-*".to_string()],
     )
     .unwrap();
-    imgsrv::sign::add_trusted_key(e.dir.path(), Some("other"), &other.public, &[]).unwrap();
+    imgsrv::sign::add_trusted_key(cat, Some("other"), &other.public, &[]).unwrap();
     e.draft("ubuntu-24", "20250101_0000", META, Some(ROOT), None);
     let m = e.manifest("ubuntu-24", "20250101_0000");
     let r = e.publish(
@@ -814,7 +816,7 @@ fn keys_are_scoped_retired_and_revoked() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
     // retired: no new publications, the old one is still verified and served
-    imgsrv::sign::set_key_state(e.dir.path(), "debian", imgsrv::sign::KeyState::Retired).unwrap();
+    imgsrv::sign::set_key_state(cat, "debian", imgsrv::sign::KeyState::Retired).unwrap();
     e.draft("debian-12", "20250102_0000", b"META2", Some(b"ROOT2"), None);
     let m = e.manifest("debian-12", "20250102_0000");
     let r = e.publish(
@@ -857,7 +859,7 @@ fn keys_are_scoped_retired_and_revoked() {
     assert!(before.contains_key("debian-12:20250101_0000"), "{before:?}");
     assert!(before["debian-13:20250102_0000"].contains("debian-13"));
     assert!(before["debian-13:20250102_0000"].contains("debian-13/stable"));
-    imgsrv::sign::set_key_state(e.dir.path(), "debian", imgsrv::sign::KeyState::Revoked).unwrap();
+    imgsrv::sign::set_key_state(cat, "debian", imgsrv::sign::KeyState::Revoked).unwrap();
     // Revoked: everything it signed leaves the Simple Streams projection at
     // once (the Incus client checks no signatures), for every caller; the
     // newest remaining version takes over the image's default aliases; the
@@ -913,13 +915,29 @@ fn keys_are_scoped_retired_and_revoked() {
         let m = e.anon("GET", &format!("{path}/manifest.minisig"));
         assert_eq!(m.status, 200);
     }
-    // a trust store the server cannot read serves no projection at all
-    let pubfile = e.dir.path().join("keys").join("other.pub");
-    let good = std::fs::read(&pubfile).unwrap();
-    std::fs::write(&pubfile, b"not a minisign key\n").unwrap();
+    // a trust store the server cannot read serves no projection at all (a key
+    // rewritten from the sqlite3 shell, its guard dropped first: the next open
+    // puts the guard back)
+    let db = e.dir.path().join("catalog.db");
+    let sql = |q: &str| {
+        let out = Command::new("sqlite3").arg(&db).arg(q).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{q}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let good = sql("SELECT public_key FROM trusted_keys WHERE name = 'other'");
+    sql("DROP TRIGGER trusted_keys_identity; \
+         UPDATE trusted_keys SET public_key = 'not a minisign key' WHERE name = 'other'");
     let r = e.anon("GET", "/streams/v1/images.json");
     assert_eq!(r.status, 500, "fails closed");
-    std::fs::write(&pubfile, good).unwrap();
+    assert_eq!(e.anon("GET", "/v1/keys").status, 500, "fails closed");
+    sql(&format!(
+        "UPDATE trusted_keys SET public_key = '{}\n' WHERE name = 'other'",
+        good.replace('\'', "''")
+    ));
     assert_eq!(keys_of(&projected(&e)), keys_of(&after));
     let keys = e.anon("GET", "/v1/keys").json();
     assert!(keys["keys"]
@@ -928,8 +946,7 @@ fn keys_are_scoped_retired_and_revoked() {
         .iter()
         .any(|k| k["name"] == "debian" && k["state"] == "revoked"));
     assert!(
-        imgsrv::sign::set_key_state(e.dir.path(), "debian", imgsrv::sign::KeyState::Retired)
-            .is_err(),
+        imgsrv::sign::set_key_state(cat, "debian", imgsrv::sign::KeyState::Retired).is_err(),
         "revocation is final"
     );
 }

@@ -72,6 +72,8 @@ contract!(
     job_runs_probe_and_integrity,
     a_whole_catalog_is_loaded_as_it_was_through_the_guards,
     loads_are_refused_where_the_guards_refuse,
+    trusted_keys_and_their_states,
+    failed_logins_are_counted_per_client_across_instances,
 );
 
 // ------------------------------------------------------------------------ helpers
@@ -183,6 +185,8 @@ macro_rules! assert_err {
 // after the helpers and assert_err!, which they use (macros are in scope in textual order)
 #[path = "catalog_contract/content.rs"]
 mod content;
+#[path = "catalog_contract/keys.rs"]
+mod keys;
 #[path = "catalog_contract/maint.rs"]
 mod maint;
 #[cfg(feature = "postgres")]
@@ -193,9 +197,77 @@ mod records;
 #[path = "catalog_contract/transfer.rs"]
 mod transfer;
 use content::*;
+use keys::*;
 use maint::*;
 use records::*;
 use transfer::*;
+
+// ------------------------------------------------------------------------ SQLite only
+
+mod sqlite_only {
+    use super::*;
+
+    /// What the real `sqlite3` shell cannot do to the trusted keys' records: a revoked
+    /// key never becomes active again and stays listed, retirements and revocations
+    /// are never changed or deleted (nor replaced: INSERT OR REPLACE deletes without
+    /// firing a delete guard).
+    #[test]
+    fn key_revocations_cannot_be_undone_from_sqlite3() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("catalog.db");
+        let c = SqliteCatalog::open(&db).unwrap();
+        c.add_trusted_key(&key("release", "A1")).unwrap();
+        c.record_key_state("A1", "release", KeyState::Revoked, "t")
+            .unwrap();
+        c.add_trusted_key(&key("old", "B2")).unwrap();
+        c.record_key_state("B2", "old", KeyState::Retired, "t")
+            .unwrap();
+        c.remove_trusted_key("B2").unwrap();
+        let pk = "untrusted comment: x\nRWQ\n";
+        for (sql, says) in [
+            ("DELETE FROM key_states".to_string(), "immutable: key retirements and revocations are append-only"),
+            ("UPDATE key_states SET state = 'retired'".into(), "immutable: key retirements and revocations are append-only"),
+            ("INSERT OR REPLACE INTO key_states VALUES ('A1', 'revoked', 'x', 'later')".into(), "exists"),
+            ("REPLACE INTO key_states VALUES ('A1', 'revoked', 'x', 'later')".into(), "exists"),
+            ("INSERT INTO key_states VALUES ('A1', 'retired', 'x', 't')".into(), "precondition: the key is revoked"),
+            ("DELETE FROM trusted_keys WHERE name = 'release'".into(), "immutable: a revoked key stays listed"),
+            (format!("INSERT OR REPLACE INTO trusted_keys VALUES ('release', 'C3', '{pk}', '[]', 't')"), "exists: a revoked key stays listed"),
+            (format!("INSERT OR REPLACE INTO trusted_keys VALUES ('new', 'A1', '{pk}', '[]', 't')"), "a key is never trusted again"),
+            ("UPDATE trusted_keys SET key_id = 'C3'".into(), "immutable: a trusted key's name, key id and public key never change"),
+            ("UPDATE OR REPLACE trusted_keys SET public_key = 'x'".into(), "immutable"),
+            (format!("INSERT INTO trusted_keys VALUES ('old', 'B2', '{pk}', '[]', 't')"), "precondition: this key was retired or revoked"),
+        ] {
+            let out = std::process::Command::new("sqlite3")
+                .arg(&db)
+                .arg(&sql)
+                .output()
+                .expect("the sqlite3 CLI");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "sqlite3 accepted {sql}");
+            assert!(err.contains(says), "{sql}: {err}");
+        }
+        let keys = c.trusted_keys().unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].key_id, "A1");
+        assert_eq!(keys[0].state(), KeyState::Revoked);
+        assert_eq!(keys[0].revoked_at.as_deref(), Some("t"));
+        // guards dropped by hand come back at the next open
+        let out = std::process::Command::new("sqlite3")
+            .arg(&db)
+            .arg("DROP TRIGGER key_states_no_delete")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let again = SqliteCatalog::open(&db).unwrap();
+        let out = std::process::Command::new("sqlite3")
+            .arg(&db)
+            .arg("DELETE FROM key_states")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the guard was not put back");
+        assert_eq!(again.trusted_keys().unwrap()[0].state(), KeyState::Revoked);
+    }
+}
 
 // ------------------------------------------------------------------------ PostgreSQL
 

@@ -71,7 +71,7 @@ fn init_is_idempotent_and_prints_what_it_made() {
 }
 
 #[test]
-fn trusted_keys_are_managed_on_the_filesystem() {
+fn trusted_keys_are_managed_in_the_catalog() {
     let tmp = temp_dir("cli-keys");
     let d = tmp.path().join("data");
     imgsrv(&["init", "--data", s(&d)]);
@@ -85,9 +85,20 @@ fn trusted_keys_are_managed_on_the_filesystem() {
         "release",
         s(&public),
     ]));
-    assert!(added.contains("release"), "{added}");
+    assert!(
+        added.contains("trusted key release") && added.contains("in the catalog"),
+        "{added}"
+    );
+    assert!(!d.join("keys").exists(), "no key files any more");
+    assert_eq!(
+        catalog_sql(&d, "SELECT name, scopes FROM trusted_keys").trim(),
+        "release|[\"*\"]"
+    );
     let list = text(&imgsrv(&["key", "list", "--data", s(&d)]));
-    assert!(list.contains("release"), "{list}");
+    assert!(
+        list.contains("release") && list.contains("active"),
+        "{list}"
+    );
     let again = run_any(Command::new(IMGSRV).args([
         "key",
         "add",
@@ -106,8 +117,121 @@ fn trusted_keys_are_managed_on_the_filesystem() {
     let bad = run_any(Command::new(IMGSRV).args(["key", "add", "--data", s(&d), s(&junk)]));
     assert!(!bad.status.success());
     assert!(text(&bad).contains("junk.pub"), "{}", text(&bad));
+    let scoped = text(&imgsrv(&[
+        "key",
+        "scope",
+        "--data",
+        s(&d),
+        "release",
+        "--scope",
+        "debian-*",
+    ]));
+    assert!(scoped.contains("may sign images debian-*"), "{scoped}");
     imgsrv(&["key", "remove", "--data", s(&d), "release"]);
     assert!(!text(&imgsrv(&["key", "list", "--data", s(&d)])).contains("release"));
+
+    // a revoked key stays listed, and never comes back
+    let (second, _) = minisign_keypair(tmp.path().join("k2"));
+    trust_key(&d, Some("ci"), &second);
+    imgsrv(&["key", "revoke", "--data", s(&d), "ci"]);
+    let rm = run_any(Command::new(IMGSRV).args(["key", "remove", "--data", s(&d), "ci"]));
+    assert_eq!(rm.status.code(), Some(1), "{}", text(&rm));
+    assert!(
+        text(&rm).contains("stays in the trust store"),
+        "{}",
+        text(&rm)
+    );
+    let list = text(&imgsrv(&["key", "list", "--data", s(&d)]));
+    assert!(list.contains("ci") && list.contains("revoked"), "{list}");
+    let back = run_any(Command::new(IMGSRV).args(["key", "retire", "--data", s(&d), "ci"]));
+    assert!(!back.status.success(), "{}", text(&back));
+    // every change is in the audit log
+    let audit = catalog_sql(
+        &d,
+        "SELECT action FROM audit_log WHERE action LIKE 'key.%' ORDER BY id",
+    );
+    assert_eq!(
+        audit.split_whitespace().collect::<Vec<_>>(),
+        [
+            "key.add",
+            "key.scope",
+            "key.remove",
+            "key.add",
+            "key.revoke"
+        ]
+    );
+}
+
+/// An appliance from before the keys moved into the catalog: its `DATA/keys/*.pub`
+/// files (with their policies) are imported when the catalog is next opened, once;
+/// a revoked file key is revoked in the catalog; the files stay as a record.
+#[test]
+fn the_key_files_of_an_older_appliance_are_imported_once() {
+    let tmp = temp_dir("cli-key-import");
+    let d = tmp.path().join("data");
+    imgsrv(&["init", "--data", s(&d)]);
+    let keys = d.join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let (release, _) = minisign_keypair(tmp.path().join("a"));
+    let (old, _) = minisign_keypair(tmp.path().join("b"));
+    let (later, _) = minisign_keypair(tmp.path().join("c"));
+    std::fs::copy(&release, keys.join("release.pub")).unwrap();
+    std::fs::write(
+        keys.join("release.toml"),
+        "scopes = [\"debian-*\"]\nstate = \"active\"\n",
+    )
+    .unwrap();
+    std::fs::copy(&old, keys.join("old.pub")).unwrap();
+    std::fs::write(
+        keys.join("old.toml"),
+        "scopes = [\"*\"]\nstate = \"revoked\"\nrevoked_at = \"2025-06-01T00:00:00Z\"\n",
+    )
+    .unwrap();
+    let list =
+        String::from_utf8_lossy(&imgsrv(&["key", "list", "--data", s(&d)]).stdout).into_owned();
+    let rows: Vec<&str> = list.lines().collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    assert!(
+        rows[0].starts_with("old\t") && rows[0].contains("\trevoked\t"),
+        "{list}"
+    );
+    assert!(
+        rows[1].starts_with("release\t") && rows[1].ends_with("\tactive\tdebian-*"),
+        "{list}"
+    );
+    assert!(keys.join(imgsrv::sign::MARKER_FILE).is_file());
+    assert_eq!(
+        catalog_sql(
+            &d,
+            "SELECT count(*) FROM audit_log WHERE action = 'key.import'"
+        )
+        .trim(),
+        "2"
+    );
+    // once: a key file added since is not trusted, and nothing is imported twice
+    std::fs::copy(&later, keys.join("later.pub")).unwrap();
+    let out = imgsrv(&["key", "list", "--data", s(&d)]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(list.lines().count(), 2, "{list}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("later.pub")
+            && said.contains("is not trusted")
+            && said.contains("imgsrv key add"),
+        "{said}"
+    );
+    assert_eq!(
+        catalog_sql(
+            &d,
+            "SELECT count(*) FROM audit_log WHERE action = 'key.import'"
+        )
+        .trim(),
+        "2"
+    );
+    // the files stay, as they were
+    assert!(std::fs::read_to_string(keys.join("old.toml"))
+        .unwrap()
+        .contains("revoked"));
 }
 
 #[test]

@@ -322,17 +322,26 @@ fn a_publish_out_of_the_keys_scope_says_the_scope_is_why() {
         "{msg}"
     );
     assert!(
-        msg.contains("keys/deb.toml") && msg.contains("imgsrv key add --name deb --scope"),
+        msg.contains("imgsrv key scope --data DIR deb --scope GLOB")
+            && msg.contains("imgsrv key add --name deb --scope"),
         "{msg}"
     );
-    // and doing what it says works: widen the policy, publish again
-    let policy = server.data_dir().join("keys/deb.toml");
-    let text_ = fs::read_to_string(&policy).unwrap();
-    fs::write(
-        &policy,
-        text_.replace("\"debian-*\"", "\"debian-*\", \"alpine-*\""),
-    )
-    .unwrap();
+    // and doing what it says works: widen the scopes, publish again
+    let widened = text(&imgsrv(&[
+        "key",
+        "scope",
+        "--data",
+        s(server.data_dir()),
+        "deb",
+        "--scope",
+        "debian-*",
+        "--scope",
+        "alpine-*",
+    ]));
+    assert!(
+        widened.contains("may sign images debian-*, alpine-*"),
+        "{widened}"
+    );
     let out = run_any(&mut c);
     assert!(out.status.success(), "{}", show(&out));
 }

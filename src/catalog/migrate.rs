@@ -37,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003-lifecycle.sql"),
     include_str!("../../migrations/0004-job-runs.sql"),
     include_str!("../../migrations/0005-audit-replace.sql"),
+    include_str!("../../migrations/0006-trusted-keys.sql"),
 ];
 
 /// Largest generation value the guards accept (2^53): far below overflow.

@@ -6,7 +6,10 @@
 //! * [`ContentCatalog`]: images, versions, artifacts, attachments, aliases,
 //!   publishing and the Incus projection rows;
 //! * [`BlobCatalog`]: CAS blob rows and upload sessions;
-//! * [`AuthCatalog`]: principals, roles and API tokens;
+//! * [`AuthCatalog`]: principals, roles and API tokens, and the failed-login
+//!   throttle's counts;
+//! * [`KeyCatalog`]: the trusted publisher keys and their retirements and
+//!   revocations (append-only).
 //! * [`TransferCatalog`]: rows written as another catalog had them, through
 //!   the same guards (`imgsrv migrate`; see [`transfer`]).
 //!
@@ -26,8 +29,20 @@ pub const SQLITE_FILE: &str = "catalog.db";
 
 /// Opens the catalog `storage` names: `DATA_DIR/catalog.db` (created when
 /// missing), or the PostgreSQL database (its schema migrated). The one place
-/// that chooses a catalog backend; every command opens its catalog here.
+/// that chooses a catalog backend; every command opens its catalog here. Key
+/// files an appliance kept in `DATA_DIR/keys/` are imported into it
+/// ([`crate::sign::import_key_files`]).
 pub fn open(
+    storage: &crate::config::StorageConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<dyn Catalog>> {
+    let cat = open_backend(storage, data_dir)?;
+    crate::sign::import_key_files(cat.as_ref(), data_dir)
+        .map_err(|e| e.context("importing the trusted keys of DATA/keys into the catalog"))?;
+    Ok(cat)
+}
+
+fn open_backend(
     storage: &crate::config::StorageConfig,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<std::sync::Arc<dyn Catalog>> {
@@ -630,6 +645,98 @@ pub trait AuthCatalog: Send + Sync {
     fn list_tokens(&self, principal_id: &str) -> Result<Vec<ApiToken>>;
     fn revoke_token(&self, id: &str) -> Result<()>;
     fn touch_token(&self, id: &str) -> Result<()>;
+
+    /// Records a failed authentication from `client` (an IP address) at `at_ms`
+    /// (milliseconds since 1970) and returns how many failures it has made in a row,
+    /// this one included: the count starts again at 1 after `forget_ms` without a
+    /// failure. The rows of every client quiet for longer than that are dropped. Shared
+    /// by every instance on this catalog, so failures on one slow the next attempt on
+    /// any other ([`crate::auth::FailureThrottle`]).
+    fn note_auth_failure(&self, client: &str, at_ms: i64, forget_ms: i64) -> Result<u32>;
+}
+
+/// A trusted publisher key's lifecycle. `retired`: no new publications, older ones
+/// still verify. `revoked` (compromised): nothing signed with it verifies. Only
+/// forward: active -> retired -> revoked, or active -> revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    Active,
+    Retired,
+    Revoked,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Retired => "retired",
+            KeyState::Revoked => "revoked",
+        }
+    }
+}
+
+/// A trusted publisher key as the catalog keeps it ([`KeyCatalog`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub name: String,
+    /// Upper-case hex, as minisign prints it.
+    pub key_id: String,
+    /// The text of the `minisign -G` public key file (two lines).
+    pub public_key: String,
+    /// Image-name globs this key may sign publications for.
+    pub scopes: Vec<String>,
+    pub added_at: String,
+    /// When it was retired (its first retirement record), if it was.
+    pub retired_at: Option<String>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<String>,
+}
+
+impl KeyRecord {
+    /// Revoked if a revocation is recorded, else retired if a retirement is.
+    pub fn state(&self) -> KeyState {
+        if self.revoked_at.is_some() {
+            KeyState::Revoked
+        } else if self.retired_at.is_some() {
+            KeyState::Retired
+        } else {
+            KeyState::Active
+        }
+    }
+}
+
+/// The trusted publisher keys, shared by every instance on the catalog: a
+/// revocation recorded by one holds on every other at its next read. Managed by
+/// operators only (`imgsrv key ... --data DIR`), never through the HTTP API.
+///
+/// Retirements and revocations are records of their own, append-only and keyed
+/// by key id (the backend's guards refuse changing or deleting them, also from
+/// `sqlite3`/`psql`): a key's state is the furthest one recorded, so a revoked
+/// key never becomes active again, not even removed and added back (refused),
+/// and a revoked key's row cannot be removed (it stays listed, so that
+/// consumers learn of the revocation from `GET /v1/keys`).
+pub trait KeyCatalog: Send + Sync {
+    /// Every trusted key, by name, with its state.
+    fn trusted_keys(&self) -> Result<Vec<KeyRecord>>;
+    /// Adds a key, with the retirement and revocation it carries (a revoked key
+    /// imported from files), in one transaction. [`CatalogError::AlreadyExists`]
+    /// when its name or key id is taken; [`CatalogError::Precondition`] when its key
+    /// id was retired or revoked before (a key is never trusted again).
+    fn add_trusted_key(&self, k: &KeyRecord) -> Result<()>;
+    /// Replaces a key's scopes ([`CatalogError::NotFound`] for an unknown key id).
+    fn set_key_scopes(&self, key_id: &str, scopes: &[String]) -> Result<()>;
+    /// Records that `key_id` (named `name` then) was retired or revoked at `at`:
+    /// `true` when recorded now, `false` when that state was recorded before (it
+    /// keeps its first time). Also for a key id the catalog does not trust: it can
+    /// then never be added. [`CatalogError::Precondition`] for retiring a revoked
+    /// key; [`CatalogError::Invalid`] for [`KeyState::Active`] (nothing goes back).
+    fn record_key_state(&self, key_id: &str, name: &str, state: KeyState, at: &str)
+        -> Result<bool>;
+    /// Stops trusting a key: its row goes, its retirement record stays (it is never
+    /// trusted again). [`CatalogError::NotFound`] for an unknown key id;
+    /// [`CatalogError::Precondition`] for a revoked key (it stays listed).
+    fn remove_trusted_key(&self, key_id: &str) -> Result<()>;
 }
 
 /// The append-only audit log.
@@ -802,6 +909,7 @@ pub trait Catalog:
     + LifecycleCatalog
     + MaintCatalog
     + TransferCatalog
+    + KeyCatalog
 {
 }
 impl<T> Catalog for T where
@@ -812,6 +920,7 @@ impl<T> Catalog for T where
         + LifecycleCatalog
         + MaintCatalog
         + TransferCatalog
+        + KeyCatalog
 {
 }
 

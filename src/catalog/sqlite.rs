@@ -16,6 +16,7 @@
 //!   reserve as free pages: see `space.rs`.
 
 mod audit;
+mod keys;
 mod lifecycle;
 mod maint;
 mod projection;
@@ -1301,6 +1302,10 @@ impl AuthCatalog for SqliteCatalog {
             )
             .ctx("api token")?;
         Ok(())
+    }
+
+    fn note_auth_failure(&self, client: &str, at_ms: i64, forget_ms: i64) -> Result<u32> {
+        keys::note_auth_failure(self, client, at_ms, forget_ms)
     }
 }
 

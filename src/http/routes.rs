@@ -235,7 +235,9 @@ fn authenticate(app: &App, req: &Request<'_>, ctx: &mut Ctx) -> Result<(), ApiEr
             Ok(())
         }
         Err(auth::AuthError::InvalidToken) => {
-            let delay = app.auth_failures.failed(req.peer.ip());
+            let delay = app
+                .auth_failures
+                .failed(app.catalog.as_ref(), req.peer.ip());
             log::warn!(
                 "authentication failed from {} for {} {} (answering in {delay:?})",
                 req.peer,

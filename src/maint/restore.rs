@@ -366,7 +366,8 @@ fn restore_blobs(
 /// restored trusted keys.
 fn check_versions(app: &App, report: &mut RestoreReport) -> Result<()> {
     let cat = app.catalog.as_ref();
-    let keys = crate::sign::load_trusted_keys(&app.config.data_dir)
+    let keys = app
+        .trusted_keys()
         .context("reading the restored trusted keys")?;
     let mut unsigned = Vec::new();
     for img in cat.list_images(true)? {

@@ -637,13 +637,12 @@ impl Scrubber<'_> {
 
     /// Each published version's manifest and signature.
     fn check_publications(&mut self) -> Result<()> {
-        let keys = match crate::sign::load_trusted_keys(&self.app.config.data_dir) {
+        let keys = match self.app.trusted_keys() {
             Ok(k) => Some(k),
             Err(e) => {
-                let dir = self.app.config.data_dir.join("keys");
                 self.problem(
                     ProblemKind::Keys,
-                    dir.display().to_string(),
+                    "trusted keys (in the catalog)".to_string(),
                     format!("the trusted keys cannot be read ({e}): no signature was checked"),
                     Vec::new(),
                 )?;

@@ -171,7 +171,10 @@ fn instances_starting_at_once_migrate_once() {
         "SELECT string_agg(version || ' ' || name, ',' ORDER BY version) FROM schema_migrations",
     );
     assert!(ok, "{out}");
-    assert_eq!(out.trim(), "1 0001-schema,2 0002-guards,3 0003-isolation");
+    assert_eq!(
+        out.trim(),
+        "1 0001-schema,2 0002-guards,3 0003-isolation,4 0004-trusted-keys"
+    );
     let (ok, out) = psql(&url, "SHOW transaction_isolation");
     assert!(ok, "{out}");
     assert_eq!(
@@ -447,4 +450,63 @@ fn while_the_database_is_down_requests_answer_503_and_readyz_says_why() {
     assert_eq!(get("/readyz").0, 204);
     assert_eq!(get("/v1/images").0, 200);
     harness(&["purge", d]);
+}
+
+/// What the real `psql` cannot do to the trusted keys' records: the same guards as
+/// SQLite's (a revoked key never becomes active again and stays listed; retirements
+/// and revocations are never changed, deleted or truncated, not even in a
+/// replication session), re-armed at open when dropped.
+#[test]
+fn key_revocations_cannot_be_undone_from_psql() {
+    let url = database(shared());
+    let c = PgCatalog::open(&url).unwrap();
+    c.add_trusted_key(&key("release", "A1")).unwrap();
+    c.record_key_state("A1", "release", KeyState::Revoked, "t")
+        .unwrap();
+    c.add_trusted_key(&key("old", "B2")).unwrap();
+    c.record_key_state("B2", "old", KeyState::Retired, "t")
+        .unwrap();
+    c.remove_trusted_key("B2").unwrap();
+    let pk = "untrusted comment: x\nRWQ\n";
+    for (sql, says) in [
+        ("DELETE FROM key_states".to_string(), "immutable: key retirements and revocations are append-only"),
+        ("UPDATE key_states SET state = 'retired'".into(), "immutable: key retirements and revocations are append-only"),
+        ("TRUNCATE key_states".into(), "immutable: key retirements and revocations are append-only"),
+        ("TRUNCATE trusted_keys CASCADE".into(), "immutable: trusted_keys is not truncated"),
+        ("INSERT INTO key_states VALUES ('A1', 'revoked', 'x', 'later')".into(), "exists"),
+        ("INSERT INTO key_states VALUES ('A1', 'retired', 'x', 't')".into(), "precondition: the key is revoked"),
+        ("DELETE FROM trusted_keys WHERE name = 'release'".into(), "immutable: a revoked key stays listed"),
+        ("UPDATE trusted_keys SET key_id = 'C3'".into(), "immutable: a trusted key's name, key id and public key never change"),
+        ("UPDATE trusted_keys SET public_key = 'x'".into(), "immutable"),
+        (format!("INSERT INTO trusted_keys VALUES ('old', 'B2', '{pk}', '[]', 't')"), "precondition: this key was retired or revoked"),
+        (format!("INSERT INTO trusted_keys VALUES ('new', 'A1', '{pk}', '[]', 't') ON CONFLICT (key_id) DO UPDATE SET name = 'new'"), "a key is never trusted again"),
+        ("BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM key_states; COMMIT".into(), "append-only"),
+    ] {
+        let (ok, out) = psql(&url, &sql);
+        assert!(!ok, "psql accepted {sql}: {out}");
+        assert!(out.contains(says), "{sql}: {out}");
+    }
+    let keys = c.trusted_keys().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        (keys[0].key_id.as_str(), keys[0].state()),
+        ("A1", KeyState::Revoked)
+    );
+    // scopes stay writable (`imgsrv key scope`)
+    let (ok, out) = psql(&url, "UPDATE trusted_keys SET scopes = '[\"debian-*\"]'");
+    assert!(ok, "{out}");
+    // a guard dropped by hand is reported, and back at the next open
+    let (ok, out) = psql(&url, "DROP TRIGGER key_states_no_change ON key_states");
+    assert!(ok, "{out}");
+    let problems = c.check_integrity().unwrap().join("\n");
+    assert!(
+        problems.contains("trigger key_states_no_change on key_states is missing"),
+        "{problems}"
+    );
+    drop(c);
+    let c = PgCatalog::open(&url).unwrap();
+    assert_eq!(c.check_integrity().unwrap(), Vec::<String>::new());
+    let (ok, out) = psql(&url, "DELETE FROM key_states");
+    assert!(!ok && out.contains("append-only"), "{out}");
+    assert_eq!(c.trusted_keys().unwrap()[0].scopes, ["debian-*"]);
 }

@@ -287,8 +287,14 @@ pub fn minisign_sign(key: &Key, data: &[u8]) -> String {
     std::fs::read_to_string(dir.path().join("manifest.json.minisig")).unwrap()
 }
 
+/// The catalog of the data directory `dir` (another handle on it, as `imgsrv key
+/// ... --data DIR` opens), for the trust store.
+pub fn catalog_of(dir: &Path) -> std::sync::Arc<dyn imgsrv::catalog::Catalog> {
+    imgsrv::admin_cli::open_catalog(dir).unwrap()
+}
+
 pub fn trust(dir: &Path, key: &Key, name: &str) {
-    imgsrv::sign::add_trusted_key(dir, Some(name), &key.public, &[]).unwrap();
+    imgsrv::sign::add_trusted_key(catalog_of(dir).as_ref(), Some(name), &key.public, &[]).unwrap();
 }
 
 pub const META: &[u8] = b"META";

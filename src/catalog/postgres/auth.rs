@@ -248,4 +248,28 @@ impl AuthCatalog for PgCatalog {
             .ctx("api token")?;
         Ok(())
     }
+
+    fn note_auth_failure(&self, client: &str, at_ms: i64, forget_ms: i64) -> Result<u32> {
+        // Single statements outside a serializable transaction (the upsert locks its
+        // row, so failures racing on several instances are all counted): a brute force
+        // from one address must not turn into serialization retries.
+        let since = at_ms.saturating_sub(forget_ms);
+        let mut c = self.conn()?;
+        c.execute("DELETE FROM auth_failures WHERE last_ms < $1", &[&since])
+            .ctx("auth failures")?;
+        let n: i32 = get(
+            &c.query_one(
+                "INSERT INTO auth_failures (client, failures, last_ms) VALUES ($1, 1, $2) \
+                 ON CONFLICT (client) DO UPDATE SET \
+                 failures = CASE WHEN auth_failures.last_ms < $3 THEN 1 \
+                                 ELSE auth_failures.failures + 1 END, \
+                 last_ms = greatest(auth_failures.last_ms, excluded.last_ms) \
+                 RETURNING failures",
+                &[&client, &at_ms, &since],
+            )
+            .ctx("auth failures")?,
+            0,
+        )?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
 }

@@ -31,11 +31,15 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003-isolation",
         include_str!("../../../migrations/postgres/0003-isolation.sql"),
     ),
+    (
+        "0004-trusted-keys",
+        include_str!("../../../migrations/postgres/0004-trusted-keys.sql"),
+    ),
 ];
 
 /// The migrations (by index) that define guards idempotently and are run again to
-/// re-arm them.
-const GUARDS: &[usize] = &[1];
+/// re-arm them (0004 creates its tables IF NOT EXISTS, so it can be run again whole).
+const GUARDS: &[usize] = &[1, 3];
 
 /// Second key of the advisory lock migrations take (the first is
 /// [`maint::LOCK_NAMESPACE`]); job locks hash their names into other keys.
@@ -298,13 +302,17 @@ pub(super) fn problems(c: &mut impl GenericClient) -> Result<Vec<String>> {
         .ctx("tables")?,
         |r| get(r, 0),
     )?;
-    let mut pos = 0;
-    let schema = MIGRATIONS[0].1;
-    while let Some((table, end)) = word_after(schema, "CREATE TABLE ", pos) {
-        if !tables.contains(&table) {
-            out.push(format!("table {table} is missing"));
+    for (_, schema) in MIGRATIONS {
+        let mut pos = 0;
+        while let Some((mut table, mut end)) = word_after(schema, "CREATE TABLE ", pos) {
+            if table == "IF" {
+                (table, end) = word_after(schema, "NOT EXISTS ", end).unwrap_or_default();
+            }
+            if !table.is_empty() && !tables.contains(&table) {
+                out.push(format!("table {table} is missing"));
+            }
+            pos = end.max(pos + 1);
         }
-        pos = end;
     }
     out.extend(guard_problems(c)?);
     let n: i64 = get(

@@ -28,6 +28,7 @@ mod audit;
 mod auth;
 mod blobs;
 mod content;
+mod keys;
 mod lifecycle;
 mod maint;
 mod migrate;

@@ -420,8 +420,13 @@ pub(super) fn publish(
 /// The trusted publisher keys with their scopes and states: public
 /// information that lets consumers notice a revoked key.
 pub(super) fn trusted_keys(app: &App) -> Res {
-    let keys = crate::sign::load_trusted_keys(&app.config.data_dir)
-        .map_err(|e| ApiError::internal("reading trusted keys", e))?;
+    let keys = app.trusted_keys().map_err(|e| match e {
+        // the database down: 503 with Retry-After, as for every catalog read
+        crate::sign::SignError::Catalog(e @ crate::catalog::CatalogError::Unavailable(_)) => {
+            ApiError::from(e)
+        }
+        e => ApiError::internal("reading trusted keys", e),
+    })?;
     let list: Vec<serde_json::Value> = keys
         .iter()
         .map(|k| {

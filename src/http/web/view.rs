@@ -164,12 +164,10 @@ pub struct Keys(Result<Vec<TrustedKey>, String>);
 
 impl Keys {
     pub fn load(app: &App) -> Keys {
-        Keys(
-            crate::sign::load_trusted_keys(&app.config.data_dir).map_err(|e| {
-                log::error!("web catalog: reading the trusted keys: {e}");
-                e.to_string()
-            }),
-        )
+        Keys(app.trusted_keys().map_err(|e| {
+            log::error!("web catalog: reading the trusted keys: {e}");
+            e.to_string()
+        }))
     }
 
     fn revoked(&self, key_id: &str) -> Option<&TrustedKey> {
