@@ -17,12 +17,15 @@ use imgsrv::catalog::*;
 use imgsrv::digest::Digest;
 use std::collections::BTreeMap;
 
+/// A new catalog, and what must live as long as it.
+type Fresh = (Box<dyn Catalog>, Box<dyn std::any::Any>);
+
 /// A catalog under test, and how to open another instance on the same storage.
 struct Fixture {
     cat: Box<dyn Catalog>,
     reopen: Box<dyn Fn() -> Box<dyn Catalog>>,
     /// A new, empty catalog on the same backend (with what must live as long as it).
-    fresh: Box<dyn Fn() -> (Box<dyn Catalog>, Box<dyn std::any::Any>)>,
+    fresh: Box<dyn Fn() -> Fresh>,
     /// What must live as long as the catalog (a temp dir).
     _keep: Box<dyn std::any::Any>,
 }

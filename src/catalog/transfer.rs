@@ -37,8 +37,16 @@
 //! appends), and `imgsrv migrate` uses them only on a target that is empty or holds
 //! a partial copy of the same source (see `crate::maint::migrate`).
 //!
-//! Upload sessions and blob pins are not part of a transfer: they are short-lived
-//! state of a running server, not content.
+//! Trusted publisher keys go the same way: [`TransferCatalog::load_trusted_key`]
+//! inserts a key's row, then its retirement and revocation records, in one
+//! transaction through the guards of migration 6 (PostgreSQL 4), so a revoked key
+//! is never, not even for a moment, an active key in the target; the records of
+//! keys no longer listed (a removed key's retirement, a revocation recorded for a
+//! key id never trusted) follow with [`TransferCatalog::load_key_state`], so that
+//! such a key can never be added to the target either.
+//!
+//! Upload sessions, blob pins and the failed-login throttle's counts are not part
+//! of a transfer: they are short-lived state of a running server, not content.
 
 use super::*;
 
@@ -85,6 +93,18 @@ pub struct Publication {
     pub projection: Vec<ProjectionRow>,
 }
 
+/// One retirement or revocation of a key (a row of `key_states`), as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStateRecord {
+    /// Upper-case hex.
+    pub key_id: String,
+    /// [`KeyState::Retired`] or [`KeyState::Revoked`].
+    pub state: KeyState,
+    /// The key's name when the state was recorded.
+    pub name: String,
+    pub at: String,
+}
+
 /// Writing rows as another catalog had them (see the module doc). Each load is
 /// one transaction: it is all there afterwards, or nothing of it.
 pub trait TransferCatalog: Send + Sync {
@@ -113,6 +133,63 @@ pub trait TransferCatalog: Send + Sync {
     fn load_audit(&self, rows: &[AuditRecord]) -> Result<()>;
     /// The last run of a job as it was (replacing the row of that job).
     fn load_job_run(&self, j: &JobRun) -> Result<()>;
+
+    /// Every retirement and revocation recorded, also of keys the catalog no
+    /// longer lists, by key id, then state (retired before revoked).
+    fn key_state_records(&self) -> Result<Vec<KeyStateRecord>>;
+    /// A trusted key as it was (name, key id, public key, scopes, `added_at`) with
+    /// its state records `states`, each as it was, in one transaction. The states
+    /// must be the key's and say what `k.retired_at` and `k.revoked_at` say
+    /// ([`CatalogError::Invalid`] otherwise). [`CatalogError::AlreadyExists`] when
+    /// the name or key id is taken, [`CatalogError::Precondition`] when the key id
+    /// has state records already (a key is never trusted again; said before a taken
+    /// key id).
+    fn load_trusted_key(&self, k: &KeyRecord, states: &[KeyStateRecord]) -> Result<()>;
+    /// A state record of a key the catalog does not list (load a listed key's with
+    /// [`TransferCatalog::load_trusted_key`]). [`CatalogError::AlreadyExists`] when
+    /// that state of the key id is recorded; [`CatalogError::Precondition`] for a
+    /// retirement after a revocation.
+    fn load_key_state(&self, s: &KeyStateRecord) -> Result<()>;
+}
+
+/// A `key_states.state` value.
+pub(super) fn key_state_of(s: &str) -> Option<KeyState> {
+    match s {
+        "retired" => Some(KeyState::Retired),
+        "revoked" => Some(KeyState::Revoked),
+        _ => None,
+    }
+}
+
+/// The states of `k` in the order they are inserted (retired before revoked),
+/// checked against what `k` says (see [`TransferCatalog::load_trusted_key`]).
+pub(super) fn key_states_of<'a>(
+    k: &KeyRecord,
+    states: &'a [KeyStateRecord],
+) -> Result<Vec<&'a KeyStateRecord>> {
+    let bad = |why: String| {
+        CatalogError::Invalid(format!("trusted key {} ({}): {why}", k.name, k.key_id))
+    };
+    let mut out: Vec<&KeyStateRecord> = states.iter().collect();
+    out.sort_by_key(|s| s.state);
+    for s in &out {
+        if s.key_id != k.key_id {
+            return Err(bad(format!("a state record of key {}", s.key_id)));
+        }
+        if s.state == KeyState::Active {
+            return Err(bad("a state record says active".into()));
+        }
+    }
+    let at = |st: KeyState| out.iter().find(|s| s.state == st).map(|s| s.at.clone());
+    if at(KeyState::Retired) != k.retired_at || at(KeyState::Revoked) != k.revoked_at {
+        return Err(bad(
+            "its state records do not say when it was retired and revoked".into(),
+        ));
+    }
+    if out.windows(2).any(|w| w[0].state == w[1].state) {
+        return Err(bad("one state recorded twice".into()));
+    }
+    Ok(out)
 }
 
 /// Every version of every image: drafts, published and retired ones, by image

@@ -4,11 +4,13 @@
 //! which stay armed for the loaded rows and refuse what they refuse for any change.
 
 use super::*;
-use imgsrv::catalog::transfer::{all_versions, version_record, VersionRecord};
+use imgsrv::catalog::transfer::{all_versions, version_record, KeyStateRecord, VersionRecord};
 
 /// A catalog with drafts, published, retired and collected versions (the latter's
 /// blob rows gone), a private image, aliases, principals with grants and tokens, audit
-/// rows and job runs. Returns the plaintext of a token and a collected version's root.
+/// rows, job runs, and trusted keys: a scoped active one, a retired one, a revoked
+/// one (retired first), one retired and removed, and a revocation of a key id
+/// never trusted. Returns the plaintext of a token and a collected version's root.
 fn populate(c: &dyn Catalog) -> (String, Digest) {
     published(c, "debian", "1");
     c.put_alias("debian", "stable", "1").unwrap();
@@ -68,6 +70,24 @@ fn populate(c: &dyn Catalog) -> (String, Digest) {
     }
     c.record_job_run("gc", true, "3 blobs").unwrap();
     c.record_job_run("scrub", false, "1 problem").unwrap();
+
+    let mut scoped = super::keys::key("release", "A1");
+    scoped.scopes = vec!["debian*".into(), "secret".into()];
+    c.add_trusted_key(&scoped).unwrap();
+    for (name, id) in [("old", "B2"), ("stolen", "C3"), ("gone", "D4")] {
+        c.add_trusted_key(&super::keys::key(name, id)).unwrap();
+    }
+    c.record_key_state("B2", "old", KeyState::Retired, "2025-01-01T00:00:00Z")
+        .unwrap();
+    c.record_key_state("C3", "stolen", KeyState::Retired, "2025-02-01T00:00:00Z")
+        .unwrap();
+    c.record_key_state("C3", "stolen", KeyState::Revoked, "2025-03-01T00:00:00Z")
+        .unwrap();
+    c.record_key_state("D4", "gone", KeyState::Retired, "2025-04-01T00:00:00Z")
+        .unwrap();
+    c.remove_trusted_key("D4").unwrap();
+    c.record_key_state("E5", "never", KeyState::Revoked, "2025-05-01T00:00:00Z")
+        .unwrap();
     (plaintext, root3)
 }
 
@@ -101,6 +121,22 @@ fn copy_all(src: &dyn Catalog, dst: &dyn Catalog) -> Vec<VersionRecord> {
     dst.load_audit(&[]).unwrap();
     for j in src.job_runs().unwrap() {
         dst.load_job_run(&j).unwrap();
+    }
+    let states = src.key_state_records().unwrap();
+    let keys = src.trusted_keys().unwrap();
+    for k in &keys {
+        let mine: Vec<KeyStateRecord> = states
+            .iter()
+            .filter(|s| s.key_id == k.key_id)
+            .cloned()
+            .collect();
+        dst.load_trusted_key(k, &mine).unwrap();
+    }
+    for s in states
+        .iter()
+        .filter(|s| !keys.iter().any(|k| k.key_id == s.key_id))
+    {
+        dst.load_key_state(s).unwrap();
     }
     records
 }
@@ -178,6 +214,38 @@ pub fn a_whole_catalog_is_loaded_as_it_was_through_the_guards(f: &Fixture) {
     assert_eq!(src.job_runs().unwrap(), dst.job_runs().unwrap());
     // the collected version's stand-in blob rows did not outlive its load
     assert_eq!(dst.get_blob(&collected_root).unwrap(), None);
+    // the trusted keys, their scopes and states, and the records of keys not listed
+    assert_eq!(src.trusted_keys().unwrap(), dst.trusted_keys().unwrap());
+    let states = dst.key_state_records().unwrap();
+    assert_eq!(src.key_state_records().unwrap(), states);
+    let summary: Vec<_> = states
+        .iter()
+        .map(|s| (s.key_id.as_str(), s.state, s.name.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("B2", KeyState::Retired, "old"),
+            ("C3", KeyState::Retired, "stolen"),
+            ("C3", KeyState::Revoked, "stolen"),
+            ("D4", KeyState::Retired, "gone"),
+            ("E5", KeyState::Revoked, "never"),
+        ]
+    );
+    let by_name = |n: &str| {
+        dst.trusted_keys()
+            .unwrap()
+            .into_iter()
+            .find(|k| k.name == n)
+            .unwrap()
+    };
+    assert_eq!(by_name("stolen").state(), KeyState::Revoked);
+    assert_eq!(
+        by_name("stolen").revoked_at.as_deref(),
+        Some("2025-03-01T00:00:00Z")
+    );
+    assert_eq!(by_name("old").state(), KeyState::Retired);
+    assert_eq!(by_name("release").scopes, ["debian*", "secret"]);
 
     // the guards stay armed for the loaded rows
     let v1 = dst.get_version("debian", "1").unwrap();
@@ -214,6 +282,26 @@ pub fn a_whole_catalog_is_loaded_as_it_was_through_the_guards(f: &Fixture) {
     let after = dst.query_audit(&all).unwrap();
     assert!(after.last().unwrap().id > last, "{after:?}");
     assert_eq!(after.last().unwrap().entry.action, "later");
+    // ... and for the loaded keys: a revoked key stays revoked and listed, a removed
+    // or revoked key id is never trusted again
+    assert_err!(dst.remove_trusted_key("C3"), CatalogError::Precondition(_));
+    assert!(
+        !dst.record_key_state("C3", "stolen", KeyState::Revoked, &now())
+            .unwrap(),
+        "recorded once, with its first time"
+    );
+    assert_err!(
+        dst.record_key_state("C3", "stolen", KeyState::Active, &now()),
+        CatalogError::Invalid(_)
+    );
+    assert_err!(
+        dst.add_trusted_key(&super::keys::key("gone", "D4")),
+        CatalogError::Precondition(_)
+    );
+    assert_err!(
+        dst.add_trusted_key(&super::keys::key("never", "E5")),
+        CatalogError::Precondition(_)
+    );
     // the draft is still a draft: it can be published on the copy
     let (record, projection) = record_for(dst, "debian", "4");
     dst.publish(&record, &projection).unwrap();
@@ -240,6 +328,75 @@ pub fn loads_are_refused_where_the_guards_refuse(f: &Fixture) {
         .principal_record(&src.get_principal("ci").unwrap().id)
         .unwrap();
     assert_err!(dst.load_principal(&p), CatalogError::AlreadyExists(_));
+    // keys and key states that are there are not loaded again; a key is loaded only
+    // with its own states, as they are recorded; no state of a listed key is loaded
+    // apart; nothing goes back to active
+    let states = src.key_state_records().unwrap();
+    let keys = src.trusted_keys().unwrap();
+    let of = |id: &str| -> Vec<KeyStateRecord> {
+        states.iter().filter(|s| s.key_id == id).cloned().collect()
+    };
+    let release = keys.iter().find(|k| k.key_id == "A1").unwrap();
+    assert_err!(
+        dst.load_trusted_key(release, &[]),
+        CatalogError::AlreadyExists(_)
+    );
+    // (a key id with records: the guard says never again before it finds the row)
+    let stolen = keys.iter().find(|k| k.key_id == "C3").unwrap();
+    assert_err!(
+        dst.load_trusted_key(stolen, &of("C3")),
+        CatalogError::Precondition(_)
+    );
+    let loose = states.iter().find(|s| s.key_id == "E5").unwrap();
+    assert_err!(dst.load_key_state(loose), CatalogError::AlreadyExists(_));
+    let (keyed, _keep3) = (f.fresh)();
+    let keyed = keyed.as_ref();
+    // (a revoked key without its revocation record, or with another key's)
+    assert_err!(
+        keyed.load_trusted_key(stolen, &of("C3")[..1]),
+        CatalogError::Invalid(_)
+    );
+    let mut other_states = of("C3");
+    other_states[1].key_id = "B2".into();
+    assert_err!(
+        keyed.load_trusted_key(stolen, &other_states),
+        CatalogError::Invalid(_)
+    );
+    let mut active = loose.clone();
+    active.state = KeyState::Active;
+    assert_err!(keyed.load_key_state(&active), CatalogError::Invalid(_));
+    // the guards: a key id with a record is never added again, not even by a load;
+    // a retirement does not follow a revocation
+    keyed.load_key_state(loose).unwrap();
+    let mut never = super::keys::key("never", "E5");
+    never.revoked_at = Some(loose.at.clone());
+    assert_err!(
+        keyed.load_trusted_key(&never, std::slice::from_ref(loose)),
+        CatalogError::Precondition(_)
+    );
+    let mut late = loose.clone();
+    late.state = KeyState::Retired;
+    assert_err!(keyed.load_key_state(&late), CatalogError::Precondition(_));
+    // a listed key's state is loaded with it, not apart
+    keyed.load_trusted_key(release, &[]).unwrap();
+    let mut of_listed = loose.clone();
+    of_listed.key_id = "A1".into();
+    assert_err!(keyed.load_key_state(&of_listed), CatalogError::Invalid(_));
+    // nothing of a refused key load stays
+    assert_eq!(
+        keyed
+            .trusted_keys()
+            .unwrap()
+            .iter()
+            .map(|k| k.key_id.as_str())
+            .collect::<Vec<_>>(),
+        ["A1"]
+    );
+    assert_eq!(
+        keyed.key_state_records().unwrap(),
+        std::slice::from_ref(loose)
+    );
+
     // audit rows only after the last one
     let audit = src.query_audit(&AuditQuery::default()).unwrap();
     assert_err!(

@@ -224,6 +224,85 @@ impl TransferCatalog for PgCatalog {
             Ok(())
         })
     }
+
+    fn key_state_records(&self) -> Result<Vec<KeyStateRecord>> {
+        let found = rows(
+            self.conn()?
+                .query(
+                    "SELECT key_id, state, name, at FROM key_states \
+                     ORDER BY key_id, CASE state WHEN 'retired' THEN 0 ELSE 1 END",
+                    &[],
+                )
+                .ctx("key states")?,
+            |r| {
+                let (key_id, state, name, at): (String, String, String, String) =
+                    (get(r, 0)?, get(r, 1)?, get(r, 2)?, get(r, 3)?);
+                let state = key_state_of(&state).ok_or_else(|| {
+                    CatalogError::Backend(format!("key {key_id}: unknown state {state:?}"))
+                })?;
+                Ok(KeyStateRecord {
+                    key_id,
+                    state,
+                    name,
+                    at,
+                })
+            },
+        )?;
+        Ok(found)
+    }
+
+    fn load_trusted_key(&self, k: &KeyRecord, states: &[KeyStateRecord]) -> Result<()> {
+        let states = key_states_of(k, states)?;
+        let scopes = serde_json::to_string(&k.scopes).map_err(backend)?;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO trusted_keys (name, key_id, public_key, scopes, added_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&k.name, &k.key_id, &k.public_key, &scopes, &k.added_at],
+            )
+            .ctx(&format!("trusted key {} ({})", k.name, k.key_id))?;
+            for s in &states {
+                insert_key_state(tx, s)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn load_key_state(&self, s: &KeyStateRecord) -> Result<()> {
+        self.write(|tx| {
+            let listed: bool = get(
+                &tx.query_one(
+                    "SELECT EXISTS (SELECT 1 FROM trusted_keys WHERE key_id = $1)",
+                    &[&s.key_id],
+                )
+                .ctx("trusted keys")?,
+                0,
+            )?;
+            if listed {
+                return Err(CatalogError::Invalid(format!(
+                    "key {} is listed: its states are loaded with it",
+                    s.key_id
+                )));
+            }
+            insert_key_state(tx, s)
+        })
+    }
+}
+
+/// One state record as it was (through the guards of migration 4).
+fn insert_key_state(tx: &mut Transaction, s: &KeyStateRecord) -> Result<()> {
+    if s.state == KeyState::Active {
+        return Err(CatalogError::Invalid(format!(
+            "key {}: a state record says active",
+            s.key_id
+        )));
+    }
+    tx.execute(
+        "INSERT INTO key_states (key_id, state, name, at) VALUES ($1, $2, $3, $4)",
+        &[&s.key_id, &s.state.as_str(), &s.name, &s.at],
+    )
+    .ctx(&format!("{} record of key {}", s.state.as_str(), s.key_id))?;
+    Ok(())
 }
 
 fn insert_blob_row(tx: &mut Transaction, b: &Blob) -> Result<()> {

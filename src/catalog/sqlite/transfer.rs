@@ -219,6 +219,87 @@ impl TransferCatalog for SqliteCatalog {
             Ok(())
         })
     }
+
+    fn key_state_records(&self) -> Result<Vec<KeyStateRecord>> {
+        let c = self.conn()?;
+        let mut st = c
+            .prepare(
+                "SELECT key_id, state, name, at FROM key_states \
+                 ORDER BY key_id, CASE state WHEN 'retired' THEN 0 ELSE 1 END",
+            )
+            .map_err(backend)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((text(r, 0)?, text(r, 1)?, text(r, 2)?, text(r, 3)?))
+            })
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key_id, state, name, at) = row.map_err(backend)?;
+            let state = key_state_of(&state).ok_or_else(|| {
+                CatalogError::Backend(format!("key {key_id}: unknown state {state:?}"))
+            })?;
+            out.push(KeyStateRecord {
+                key_id,
+                state,
+                name,
+                at,
+            });
+        }
+        Ok(out)
+    }
+
+    fn load_trusted_key(&self, k: &KeyRecord, states: &[KeyStateRecord]) -> Result<()> {
+        let states = key_states_of(k, states)?;
+        let scopes = serde_json::to_string(&k.scopes).map_err(backend)?;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO trusted_keys (name, key_id, public_key, scopes, added_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![k.name, k.key_id, k.public_key, scopes, k.added_at],
+            )
+            .ctx(&format!("trusted key {} ({})", k.name, k.key_id))?;
+            for s in states {
+                insert_key_state(tx, s)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn load_key_state(&self, s: &KeyStateRecord) -> Result<()> {
+        self.write(|tx| {
+            let listed: bool = tx
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM trusted_keys WHERE key_id = ?1)",
+                    [&s.key_id],
+                    |r| r.get(0),
+                )
+                .map_err(backend)?;
+            if listed {
+                return Err(CatalogError::Invalid(format!(
+                    "key {} is listed: its states are loaded with it",
+                    s.key_id
+                )));
+            }
+            insert_key_state(tx, s)
+        })
+    }
+}
+
+/// One state record as it was (through the triggers of migration 6).
+fn insert_key_state(tx: &Transaction, s: &KeyStateRecord) -> Result<()> {
+    if s.state == KeyState::Active {
+        return Err(CatalogError::Invalid(format!(
+            "key {}: a state record says active",
+            s.key_id
+        )));
+    }
+    tx.execute(
+        "INSERT INTO key_states (key_id, state, name, at) VALUES (?1, ?2, ?3, ?4)",
+        params![s.key_id, s.state.as_str(), s.name, s.at],
+    )
+    .ctx(&format!("{} record of key {}", s.state.as_str(), s.key_id))?;
+    Ok(())
 }
 
 fn insert_blob_row(tx: &Transaction, b: &Blob) -> Result<()> {

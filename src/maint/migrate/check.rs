@@ -4,7 +4,7 @@
 
 use super::plan::{assess, Have, Inventory};
 use super::{MigrateReport, Target};
-use crate::catalog::transfer::{PrincipalRecord, VersionRecord};
+use crate::catalog::transfer::{KeyStateRecord, PrincipalRecord, VersionRecord};
 use crate::catalog::{Alias, Catalog, Image, JobRun, Verification};
 use crate::digest::Digest;
 use anyhow::{Context, Result};
@@ -28,6 +28,12 @@ pub(super) fn key_alias(image: &str, a: &Alias) -> String {
 }
 pub(super) fn key_job(j: &JobRun) -> String {
     format!("job run {}", j.job)
+}
+pub(super) fn key_key(key_id: &str) -> String {
+    format!("trusted key {key_id}")
+}
+pub(super) fn key_key_state(s: &KeyStateRecord) -> String {
+    format!("{} record of key {}", s.state.as_str(), s.key_id)
 }
 pub(super) const KEY_AUDIT: &str = "audit log";
 
@@ -74,6 +80,20 @@ pub(super) fn after(
     }
     for (j, h) in inv.job_runs.iter().zip(&a.job_runs) {
         check(h, key_job(j), format!("job run {}", j.job));
+    }
+    for (k, h) in inv.keys.iter().zip(&a.keys) {
+        check(
+            h,
+            key_key(&k.key_id),
+            format!("trusted key {} ({})", k.name, k.key_id),
+        );
+    }
+    for (st, h) in inv.loose_states().into_iter().zip(&a.loose_states) {
+        check(
+            h,
+            key_key_state(st),
+            format!("{} record of key {}", st.state.as_str(), st.key_id),
+        );
     }
     let au = &a.audit;
     let audit_wrong = au.to_load > 0 || !au.differs.is_empty() || !au.gaps.is_empty();

@@ -1,5 +1,5 @@
-//! Applying the plan: the trusted keys, the blobs (copied, read back, checked,
-//! then their rows), then the catalog's rows in dependency order. An item that
+//! Applying the plan: the blobs (copied, read back, checked, then their rows),
+//! then the catalog's rows in dependency order (trusted keys first). An item that
 //! fails is counted and reported, and what depends on it is not loaded (said
 //! so); a catalog or store that cannot be used stops the run (it resumes).
 
@@ -102,9 +102,38 @@ impl<'a> Run<'a> {
         self.not_copied.clone()
     }
 
-    pub fn keys(&mut self) -> Result<()> {
-        self.report.key_files =
-            super::copy_trusted_keys(&self.src.dir, &self.dst.dir, &mut self.report.failed)?;
+    /// The trusted keys, each with its retirement and revocation in one load (a
+    /// revoked key is never an active one in the target), then the records of keys
+    /// no longer listed.
+    fn keys(&mut self) -> Result<()> {
+        let cat = self.dst.catalog.as_ref();
+        let (inv, a) = (self.inv, &self.plan.a);
+        self.report.keys.loaded = 0;
+        for (k, h) in inv.keys.iter().zip(&a.keys) {
+            if *h == Have::Missing {
+                let done = cat.load_trusted_key(k, &inv.states_of(&k.key_id));
+                if !self.count(
+                    done,
+                    |r| &mut r.keys.loaded,
+                    || format!("trusted key {} ({})", k.name, k.key_id),
+                )? {
+                    self.not_copied.insert(super::check::key_key(&k.key_id));
+                }
+            }
+        }
+        self.report.key_states.loaded = 0;
+        for (st, h) in inv.loose_states().into_iter().zip(&a.loose_states) {
+            if *h == Have::Missing {
+                let done = cat.load_key_state(st);
+                if !self.count(
+                    done,
+                    |r| &mut r.key_states.loaded,
+                    || format!("{} record of key {}", st.state.as_str(), st.key_id),
+                )? {
+                    self.not_copied.insert(super::check::key_key_state(st));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -253,6 +282,7 @@ impl<'a> Run<'a> {
 
     /// The catalog's rows, in dependency order.
     pub fn rows(&mut self) -> Result<()> {
+        self.keys()?;
         let cat = self.dst.catalog.as_ref();
         let (inv, a) = (self.inv, &self.plan.a);
         self.report.principals.loaded = 0;

@@ -10,10 +10,12 @@
 //! tokens (their hashes: the same tokens keep working), images, versions in every
 //! state with their artifacts, attachments, metadata, publish records (manifests,
 //! signatures), projection rows, retirements and collections, aliases, the audit
-//! log (same ids and times) and the last job runs; every blob the catalog has a
-//! row for; the trusted keys (today the files of `DATA_DIR/keys`, into the
-//! directory of CONFIG: see [`copy_trusted_keys`]). Not copied: upload sessions
-//! (uploads in progress start again on the deployment) and blob pins.
+//! log (same ids and times), the last job runs, and the trusted publisher keys
+//! with their scopes, retirements and revocations (also those of keys no longer
+//! listed: a removed or revoked key is never trusted on the deployment either);
+//! every blob the catalog has a row for. Not copied: upload sessions (uploads in
+//! progress start again on the deployment), blob pins, and the failed-login
+//! throttle's counts.
 //!
 //! # The source is stopped and only read
 //! The source's `serve.lock` is held for the whole run: `imgsrv serve` on it is
@@ -39,7 +41,8 @@
 //! deployment is never served and `init` makes no second admin. Then, in
 //! dependency order: blobs (each copied unless the bucket already has it, read back
 //! and its sha256 checked, then its row loaded: a row in the target means its bytes
-//! were verified, and a later run skips it), principals, images, versions, aliases,
+//! were verified, and a later run skips it), trusted keys, principals, images,
+//! versions, aliases,
 //! the audit log, job runs. One bad item (a blob damaged in the source, the versions
 //! citing it) is counted and reported, and the rest is copied. A catalog or store
 //! that cannot be reached stops the run (run it again).
@@ -108,8 +111,10 @@ pub struct MigrateReport {
     pub aliases: Tally,
     pub audit_rows: Tally,
     pub job_runs: Tally,
-    /// Trusted key files copied.
-    pub key_files: u64,
+    /// Trusted keys (with their retirements and revocations).
+    pub keys: Tally,
+    /// Retirements and revocations of keys no longer listed.
+    pub key_states: Tally,
     /// Published versions whose signature verified on the target.
     pub signatures_verified: u64,
     /// Upload sessions of the source, not copied.
@@ -367,7 +372,6 @@ pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateRepo
         &mut report,
         out,
     );
-    run.keys()?;
     run.blobs()?;
     drop(src_blobs_lock);
     run.rows()?;
@@ -451,55 +455,9 @@ fn blobs_lock(
         .context("the blobs lock was not granted")
 }
 
-/// The trusted keys the copy's signatures are checked against: the one place
-/// migrate reads them. Today they are the files of the target instance's
-/// `DIR/keys` (what [`copy_trusted_keys`] filled from the source's).
+/// The trusted keys the copy's signatures are checked against: the target
+/// catalog's, as migrated (with their scopes, retirements and revocations).
 pub(super) fn trusted_keys(dst: &Target) -> Result<Vec<crate::sign::TrustedKey>> {
-    crate::sign::load_trusted_keys(&dst.dir).context("reading the deployment's trusted keys")
-}
-
-/// Copies the source's trusted keys (`DATA_DIR/keys/*.pub` and their `.toml`
-/// policies, as they are) into the target instance's `DIR/keys`: a file already
-/// there with the same bytes is left, one with other bytes is a failure (a trusted
-/// key is never replaced behind the operator's back). Returns the files copied.
-pub(super) fn copy_trusted_keys(src: &Path, dst: &Path, failed: &mut Vec<String>) -> Result<u64> {
-    use std::os::unix::fs::PermissionsExt;
-    let from = src.join("keys");
-    let to = dst.join("keys");
-    let entries = match std::fs::read_dir(&from) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", from.display())),
-    };
-    let mut files: Vec<PathBuf> = Vec::new();
-    for e in entries {
-        let e = e.with_context(|| format!("reading {}", from.display()))?;
-        let hidden = e.file_name().to_string_lossy().starts_with('.');
-        if !hidden && e.file_type()?.is_file() {
-            files.push(e.path());
-        }
-    }
-    files.sort();
-    super::backup::make_dirs(&to, 0o700)?;
-    let mut copied = 0;
-    for f in files {
-        let name = f.file_name().unwrap_or_default();
-        let dest = to.join(name);
-        let (sha, _) = super::backup::file_digest(&f)?;
-        if dest.exists() {
-            if super::backup::file_digest(&dest)?.0 != sha {
-                failed.push(format!(
-                    "trusted key file {} differs from the source's {}: migrate does not replace a \
-                     trusted key; compare them, and remove or replace the target's by hand",
-                    dest.display(),
-                    f.display()
-                ));
-            }
-            continue;
-        }
-        let mode = std::fs::metadata(&f)?.permissions().mode() & 0o777;
-        super::backup::copy_file(&f, &dest, mode)?;
-        copied += 1;
-    }
-    Ok(copied)
+    crate::sign::load_trusted_keys(dst.catalog.as_ref())
+        .context("reading the deployment's trusted keys")
 }

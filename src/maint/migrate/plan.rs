@@ -3,9 +3,12 @@
 //! target is accepted, what is copied, what an earlier run copied already.
 
 use super::{Marker, MigrateReport, Tally, Target};
-use crate::catalog::transfer::{all_versions, version_record, PrincipalRecord, VersionRecord};
+use crate::catalog::transfer::{
+    all_versions, version_record, KeyStateRecord, PrincipalRecord, VersionRecord,
+};
 use crate::catalog::{
-    Alias, AuditQuery, AuditRecord, Blob, Catalog, CatalogError, Image, JobRun, VersionState,
+    Alias, AuditQuery, AuditRecord, Blob, Catalog, CatalogError, Image, JobRun, KeyRecord,
+    KeyState, VersionState,
 };
 use anyhow::{bail, Context, Result};
 use indicatif::HumanBytes;
@@ -26,6 +29,10 @@ pub(in crate::maint) struct Inventory {
     pub aliases: Vec<(String, Alias)>,
     pub audit_rows: u64,
     pub job_runs: Vec<JobRun>,
+    /// The trusted keys, by name.
+    pub keys: Vec<KeyRecord>,
+    /// Every retirement and revocation, by key id then state.
+    pub key_states: Vec<KeyStateRecord>,
     /// Upload sessions, which are not copied.
     pub uploads: u64,
 }
@@ -59,7 +66,11 @@ impl Inventory {
             .collect();
         // every session expires before the year 9999
         let uploads = cat.expired_uploads("9999")?.len() as u64;
+        let keys = cat.trusted_keys()?;
+        let key_states = cat.key_state_records()?;
         Ok(Inventory {
+            keys,
+            key_states,
             blobs,
             principals,
             images,
@@ -71,6 +82,19 @@ impl Inventory {
         })
     }
 
+    /// The state records of the key with this key id.
+    pub fn states_of(&self, key_id: &str) -> Vec<KeyStateRecord> {
+        states_of(&self.key_states, key_id)
+    }
+
+    /// The state records of keys no longer listed (removed, or never trusted).
+    pub fn loose_states(&self) -> Vec<&KeyStateRecord> {
+        self.key_states
+            .iter()
+            .filter(|s| !self.keys.iter().any(|k| k.key_id == s.key_id))
+            .collect()
+    }
+
     /// Blob rows and their bytes.
     pub fn blob_counts(&self) -> super::Counts {
         let mut c = super::Counts::default();
@@ -79,6 +103,10 @@ impl Inventory {
         }
         c
     }
+}
+
+fn states_of(all: &[KeyStateRecord], key_id: &str) -> Vec<KeyStateRecord> {
+    all.iter().filter(|s| s.key_id == key_id).cloned().collect()
 }
 
 /// The audit log read in id order, a page at a time.
@@ -167,6 +195,10 @@ pub(in crate::maint) struct Assessment {
     pub versions: Vec<Have>,
     pub aliases: Vec<Have>,
     pub job_runs: Vec<Have>,
+    /// Parallel to the inventory's keys.
+    pub keys: Vec<Have>,
+    /// Parallel to [`Inventory::loose_states`].
+    pub loose_states: Vec<Have>,
     pub audit: AuditState,
     /// Items only the target has, named.
     pub extras: Vec<String>,
@@ -239,8 +271,75 @@ pub(in crate::maint) fn assess(
             Some(_) => Have::Differs,
         })
         .collect();
-    let (extras, holds) = extras(inv, dst, &target_runs)?;
+    let target_keys = dst.trusted_keys()?;
+    let target_states = dst.key_state_records()?;
+    let keys = inv
+        .keys
+        .iter()
+        .map(
+            |k| match target_keys.iter().find(|t| t.key_id == k.key_id) {
+                Some(t)
+                    if t == k
+                        && states_of(&target_states, &k.key_id) == inv.states_of(&k.key_id) =>
+                {
+                    Have::Same
+                }
+                Some(_) => Have::Differs,
+                // the name another key's, or the key id retired or revoked there
+                None if target_keys.iter().any(|t| t.name == k.name)
+                    || target_states.iter().any(|s| s.key_id == k.key_id) =>
+                {
+                    Have::Differs
+                }
+                None => Have::Missing,
+            },
+        )
+        .collect();
+    let loose_states = inv
+        .loose_states()
+        .into_iter()
+        .map(|s| {
+            let found = target_states
+                .iter()
+                .find(|t| t.key_id == s.key_id && t.state == s.state);
+            match found {
+                Some(t) if t == s && !target_keys.iter().any(|k| k.key_id == s.key_id) => {
+                    Have::Same
+                }
+                Some(_) => Have::Differs,
+                None if target_keys.iter().any(|k| k.key_id == s.key_id) => Have::Differs,
+                // a retirement after the revocation would be refused
+                None if s.state == KeyState::Retired
+                    && target_states
+                        .iter()
+                        .any(|t| t.key_id == s.key_id && t.state == KeyState::Revoked) =>
+                {
+                    Have::Differs
+                }
+                None => Have::Missing,
+            }
+        })
+        .collect();
+    let (mut extras, mut holds) = extras(inv, dst, &target_runs)?;
+    for k in &target_keys {
+        holds = true;
+        if !inv.keys.iter().any(|s| s.key_id == k.key_id) {
+            extras.push(format!("trusted key {} ({})", k.name, k.key_id));
+        }
+    }
+    for t in &target_states {
+        holds = true;
+        if !inv
+            .key_states
+            .iter()
+            .any(|s| s.key_id == t.key_id && s.state == t.state)
+        {
+            extras.push(format!("{} record of key {}", t.state.as_str(), t.key_id));
+        }
+    }
     Ok(Assessment {
+        keys,
+        loose_states,
         blobs,
         principals,
         images,
@@ -359,7 +458,7 @@ fn count(h: &[Have], which: &Have) -> u64 {
     h.iter().filter(|x| *x == which).count() as u64
 }
 
-fn tally(h: &[Have]) -> Tally {
+pub(super) fn tally(h: &[Have]) -> Tally {
     Tally {
         total: h.len() as u64,
         loaded: count(h, &Have::Missing),
@@ -450,6 +549,8 @@ impl Plan {
             versions: tally(&self.a.versions),
             aliases: tally(&self.a.aliases),
             job_runs: tally(&self.a.job_runs),
+            keys: tally(&self.a.keys),
+            key_states: tally(&self.a.loose_states),
             audit_rows: Tally {
                 total: inv.audit_rows,
                 loaded: self.a.audit.to_load,
@@ -481,18 +582,27 @@ impl Plan {
             .iter()
             .filter(|v| v.retirement.is_some())
             .count();
+        let key_state = |s: KeyState| inv.keys.iter().filter(|k| k.state() == s).count();
         writeln!(
             out,
-            "source: {} images, {} versions ({} published, {} retired, {} drafts), {}, {} \
-             principals, {} tokens, {} audit rows, {} job runs",
+            "source: {} images, {} versions ({} published, {} retired, {} drafts), {} aliases, {}, \
+             {} principals with {} grants and {} tokens, {} trusted keys ({} active, {} retired, \
+             {} revoked; {} records of keys no longer listed), {} audit rows, {} job runs",
             inv.images.len(),
             inv.versions.len(),
             state(VersionState::Published),
             retired,
             state(VersionState::Draft) + state(VersionState::Publishing),
+            inv.aliases.len(),
             r.blobs,
             inv.principals.len(),
+            inv.principals.iter().map(|p| p.grants.len()).sum::<usize>(),
             inv.principals.iter().map(|p| p.tokens.len()).sum::<usize>(),
+            inv.keys.len(),
+            key_state(KeyState::Active),
+            key_state(KeyState::Retired),
+            key_state(KeyState::Revoked),
+            r.key_states.total,
             inv.audit_rows,
             inv.job_runs.len()
         )?;
@@ -511,12 +621,22 @@ impl Plan {
                 "empty".to_string()
             } else {
                 format!(
-                    "holds {} of the {} blob rows, {} of {} versions, {} of {} audit rows \
-                     (an earlier run's)",
+                    "holds (from an earlier run) {} of the {} blobs ({}), {} of {} trusted keys, \
+                     {} of {} principals, {} of {} images, {} of {} versions, {} of {} aliases, \
+                     {} of {} audit rows",
                     r.skipped.count,
                     r.blobs.count,
+                    HumanBytes(r.skipped.bytes),
+                    r.keys.present,
+                    r.keys.total,
+                    r.principals.present,
+                    r.principals.total,
+                    r.images.present,
+                    r.images.total,
                     r.versions.present,
                     r.versions.total,
+                    r.aliases.present,
+                    r.aliases.total,
                     r.audit_rows.present,
                     r.audit_rows.total
                 )
@@ -525,13 +645,16 @@ impl Plan {
         writeln!(
             out,
             "plan: copy {} blobs ({}), check {} already in the store ({}), skip {} recorded \
-             earlier; load {} principals, {} images, {} versions, {} aliases, {} audit rows, {} \
-             job runs; copy the trusted keys",
+             earlier; load {} trusted keys and {} key records, {} principals, {} images, {} \
+             versions, {} aliases, {} audit rows, {} job runs; then read everything back and \
+             verify every blob and signature on the target",
             r.copied.count,
             HumanBytes(r.copied.bytes),
             r.found.count,
             HumanBytes(r.found.bytes),
             r.skipped.count,
+            r.keys.loaded,
+            r.key_states.loaded,
             r.principals.loaded,
             r.images.loaded,
             r.versions.loaded,
@@ -578,6 +701,16 @@ fn conflicts(inv: &Inventory, a: &Assessment) -> Vec<String> {
             out.push(format!("job run {}", j.job));
         }
     }
+    for (k, h) in inv.keys.iter().zip(&a.keys) {
+        if differs(h) {
+            out.push(format!("trusted key {} ({})", k.name, k.key_id));
+        }
+    }
+    for (st, h) in inv.loose_states().into_iter().zip(&a.loose_states) {
+        if differs(h) {
+            out.push(format!("{} record of key {}", st.state.as_str(), st.key_id));
+        }
+    }
     out.extend(a.audit.differs.iter().map(|id| format!("audit row {id}")));
     out.extend(
         a.audit
@@ -619,6 +752,16 @@ fn missing(inv: &Inventory, a: &Assessment) -> Vec<String> {
     for ((i, al), h) in inv.aliases.iter().zip(&a.aliases) {
         if gone(h) {
             out.push(format!("alias {i}:{}", al.alias));
+        }
+    }
+    for (k, h) in inv.keys.iter().zip(&a.keys) {
+        if gone(h) {
+            out.push(format!("trusted key {} ({})", k.name, k.key_id));
+        }
+    }
+    for (st, h) in inv.loose_states().into_iter().zip(&a.loose_states) {
+        if gone(h) {
+            out.push(format!("{} record of key {}", st.state.as_str(), st.key_id));
         }
     }
     if a.audit.to_load > 0 || !a.audit.gaps.is_empty() {
