@@ -122,9 +122,10 @@ pub enum Command {
     /// Copy an appliance (a data directory's SQLite catalog and blob files) into the
     /// PostgreSQL + S3 deployment an imgsrv.toml names: the same ids, fingerprints,
     /// manifests and signatures, every blob and signature checked on the far side.
-    /// Resumable (run it again after an interruption); the appliance must not be
-    /// served meanwhile. Exit 0 complete (or nothing to do), 1 refused or failed
-    /// (the problems listed; run it again once they are repaired).
+    /// Prints the plan, then copies (--dry-run: stops after the plan). Resumable: run
+    /// it again after an interruption. The appliance must not be served meanwhile.
+    /// Exit 0 complete (or nothing to do), 1 refused or failed (the problems listed;
+    /// run it again once they are repaired).
     Migrate(MigrateArgs),
     /// Re-hash the blob store, check every version's blobs and every publication's
     /// manifest and signature; move damaged blobs to quarantine (never served again
@@ -161,8 +162,8 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "DATA_DIR")]
     pub from: PathBuf,
     /// The deployment's imgsrv.toml, with a [storage] section naming PostgreSQL and
-    /// S3; its directory is the instance's data directory (the trusted keys are
-    /// copied there).
+    /// S3 (an empty database and bucket, or those of an interrupted migrate of the
+    /// same appliance); its directory is the instance's data directory.
     #[arg(long, value_name = "CONFIG")]
     pub to: PathBuf,
     /// Print the plan (what would be copied, what an earlier run copied) and stop:

@@ -137,34 +137,40 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Every blob whose row the target lacks.
+    /// Every blob: one whose row the target lacks is copied (unless the store has
+    /// it already), read back from the target and hashed, then its row loaded; one
+    /// an earlier run recorded is read back from the target and hashed, and copied
+    /// again from the appliance if the target's bytes are missing or damaged.
     pub fn blobs(&mut self) -> Result<()> {
         self.report.copied = Default::default();
         self.report.found = Default::default();
-        let todo = self
-            .plan
-            .a
-            .blobs
-            .iter()
-            .filter(|h| **h == Have::Missing)
-            .count();
-        let mut done = 0;
-        for (b, h) in self.inv.blobs.iter().zip(&self.plan.a.blobs) {
-            if *h != Have::Missing {
-                continue;
-            }
-            match self.blob(b) {
-                Ok(true) => self.report.copied.add(b.size_bytes),
-                Ok(false) => self.report.found.add(b.size_bytes),
+        self.report.verified = Default::default();
+        let todo = self.inv.blobs.len();
+        for (done, (b, h)) in self.inv.blobs.iter().zip(&self.plan.a.blobs).enumerate() {
+            let recorded = *h == Have::Same;
+            match self.blob(b, recorded) {
+                Ok(sent) => {
+                    self.report.verified.add(b.size_bytes);
+                    match (sent, recorded) {
+                        (true, true) => self.report.notes.push(format!(
+                            "blob {}: recorded by an earlier run, but missing or damaged in the \
+                             target store: copied again from the appliance",
+                            b.digest
+                        )),
+                        (true, false) => self.report.copied.add(b.size_bytes),
+                        (false, false) => self.report.found.add(b.size_bytes),
+                        (false, true) => {}
+                    }
+                }
                 Err(Fail::Item(why)) => {
                     self.not_copied.insert(super::check::key_blob(&b.digest));
                     self.bad_blobs.insert(b.digest, why);
                 }
                 Err(Fail::Stop(e)) => return Err(e),
             }
-            done += 1;
-            if done % 100 == 0 && done < todo {
-                writeln!(self.out, "blobs: {done} of {todo}")?;
+            if (done + 1) % 100 == 0 && done + 1 < todo {
+                writeln!(self.out, "blobs: {} of {todo}", done + 1)?;
+                self.out.flush()?;
             }
         }
         if !self.bad_blobs.is_empty() {
@@ -179,9 +185,10 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// Copies one blob (unless the store has it), reads it back from the target,
-    /// checks it, and loads its row; `true` when it was sent.
-    fn blob(&mut self, b: &Blob) -> Result<bool, Fail> {
+    /// One blob (see [`Run::blobs`]): `true` when its bytes were sent now. The
+    /// store never replaces an object: bytes under the key that are not the blob's
+    /// are moved to the store's quarantine first.
+    fn blob(&mut self, b: &Blob, recorded: bool) -> Result<bool, Fail> {
         let (cat, store) = (self.dst.catalog.as_ref(), self.dst.blobs.as_ref());
         let _key = crate::app::digest_write_lock(cat, store, &b.digest).map_err(catalog_fail)?;
         let mut sent = false;
@@ -214,7 +221,9 @@ impl<'a> Run<'a> {
                 )));
             }
         }
-        cat.load_blob(b).map_err(catalog_fail)?;
+        if !recorded {
+            cat.load_blob(b).map_err(catalog_fail)?;
+        }
         Ok(sent)
     }
 

@@ -103,8 +103,11 @@ pub struct MigrateReport {
     pub copied: Counts,
     /// ... found there already (an interrupted run's), read back and checked...
     pub found: Counts,
-    /// ... and recorded in the target by an earlier run.
+    /// ... and recorded in the target by an earlier run (not copied again).
     pub skipped: Counts,
+    /// Read back from the target store and hashed by this run: every blob but
+    /// those that failed.
+    pub verified: Counts,
     pub principals: Tally,
     pub images: Tally,
     pub versions: Tally,
@@ -223,7 +226,9 @@ fn open_source(dir: &Path) -> Result<(Source, crate::serve::ServeLock)> {
     super::restore::refuse_incomplete(dir)?;
     if !dir.join(crate::catalog::SQLITE_FILE).is_file() {
         bail!(
-            "--from {} has no {}: it is not an imgsrv appliance's data directory",
+            "--from {} has no {}: it is not an imgsrv appliance's data directory; give the \
+             directory the appliance is served from (the --data of its `imgsrv serve`, e.g. \
+             /var/lib/imgsrv)",
             dir.display(),
             crate::catalog::SQLITE_FILE
         );
@@ -256,59 +261,105 @@ fn open_source(dir: &Path) -> Result<(Source, crate::serve::ServeLock)> {
     ))
 }
 
-/// Opens the deployment CONFIG names (its directory is the instance's data
-/// directory).
-fn open_target(config: &Path, source: &Path) -> Result<(Target, crate::serve::ServeLock)> {
-    let text = std::fs::read_to_string(config).with_context(|| {
-        format!(
-            "--to {}: reading the deployment's imgsrv.toml",
-            config.display()
-        )
-    })?;
-    let abs = std::path::absolute(config)?;
-    let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
-    super::backup::check_apart(("--from", source), ("--to's directory", &dir))?;
-    let parsed =
-        Config::parse(&dir, &text, None).with_context(|| format!("in {}", config.display()))?;
-    if parsed.storage.is_embedded() {
-        bail!(
-            "--to {} names the embedded stores (no [storage] section, or catalog = \"sqlite\" and \
-             blobs = \"fs\"): migrate moves an appliance onto PostgreSQL and S3 ([storage] \
-             catalog = \"postgres\", blobs = \"s3\"; see docs/deployment.md); a copy of an \
-             appliance is `imgsrv backup` then `imgsrv restore`",
-            config.display()
-        );
-    }
-    if abs.file_name() != Some(std::ffi::OsStr::new(crate::config::CONFIG_FILE)) {
-        log::warn!(
-            "{} is not named {}: `imgsrv serve --data {}` reads {}",
-            config.display(),
-            crate::config::CONFIG_FILE,
-            dir.display(),
-            Config::path(&dir).display()
-        );
-    }
-    let lock = crate::serve::ServeLock::acquire_for(&dir, "migrate")?;
-    let catalog = crate::catalog::open(&parsed.storage, &dir)?;
-    let blobs = crate::cas::open(&parsed.storage, &dir)?;
-    Ok((
-        Target {
+/// The deployment CONFIG names, read and checked before anything is opened: a
+/// `--to` that is refused changes nothing anywhere.
+struct TargetConfig {
+    /// The directory of CONFIG: the deployment instance's data directory.
+    dir: PathBuf,
+    config: PathBuf,
+    storage: StorageConfig,
+}
+
+impl TargetConfig {
+    fn read(config: &Path, source: &Path) -> Result<TargetConfig> {
+        let text = std::fs::read_to_string(config).with_context(|| {
+            format!(
+                "--to {}: reading the deployment's imgsrv.toml (give the path of the file: \
+                 an imgsrv.toml whose [storage] names PostgreSQL and S3, see docs/deployment.md)",
+                config.display()
+            )
+        })?;
+        let abs = std::path::absolute(config)?;
+        let dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+        super::backup::check_apart(("--from", source), ("--to's directory", &dir))?;
+        let parsed =
+            Config::parse(&dir, &text, None).with_context(|| format!("in {}", config.display()))?;
+        if parsed.storage.is_embedded() {
+            bail!(
+                "--to {} names the embedded stores (no [storage] section, or catalog = \
+                 \"sqlite\" and blobs = \"fs\"): migrate moves an appliance onto PostgreSQL and \
+                 S3: write [storage] catalog = \"postgres\", postgres_url = ..., blobs = \"s3\" \
+                 and [storage.s3] into it (see docs/deployment.md). A copy of an appliance onto \
+                 another box is `imgsrv backup` then `imgsrv restore`",
+                config.display()
+            );
+        }
+        let missing: Vec<&str> = [
+            (
+                "PostgreSQL",
+                !cfg!(feature = "postgres")
+                    && matches!(parsed.storage.catalog, CatalogBackend::Postgres { .. }),
+            ),
+            (
+                "S3",
+                !cfg!(feature = "s3") && matches!(parsed.storage.blobs, BlobBackend::S3(_)),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(what, lacking)| lacking.then_some(what))
+        .collect();
+        if !missing.is_empty() {
+            bail!(
+                "--to {} names {}, and this imgsrv was built without {} support: build the \
+                 deployment's imgsrv with `cargo build --release --locked --features full` and \
+                 run migrate with that binary (nothing was changed)",
+                config.display(),
+                missing.join(" and "),
+                missing.join(" and ")
+            );
+        }
+        if abs.file_name() != Some(std::ffi::OsStr::new(crate::config::CONFIG_FILE)) {
+            log::warn!(
+                "{} is not named {}: `imgsrv serve --data {}` reads {}",
+                config.display(),
+                crate::config::CONFIG_FILE,
+                dir.display(),
+                Config::path(&dir).display()
+            );
+        }
+        Ok(TargetConfig {
             dir,
             config: config.to_path_buf(),
             storage: parsed.storage,
-            catalog,
-            blobs,
-        },
-        lock,
-    ))
+        })
+    }
+
+    /// Opens the stores (its directory is the instance's data directory, locked
+    /// against `imgsrv serve` on it meanwhile).
+    fn open(self) -> Result<(Target, crate::serve::ServeLock)> {
+        let lock = crate::serve::ServeLock::acquire_for(&self.dir, "migrate")?;
+        let catalog = crate::catalog::open(&self.storage, &self.dir)?;
+        let blobs = crate::cas::open(&self.storage, &self.dir)?;
+        Ok((
+            Target {
+                dir: self.dir,
+                config: self.config,
+                storage: self.storage,
+                catalog,
+                blobs,
+            },
+            lock,
+        ))
+    }
 }
 
 /// Runs a migration (see the module doc), printing the plan and the outcome to
 /// `out`. Failures are listed, and make it an error once everything else was
 /// copied.
 pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateReport> {
+    let target = TargetConfig::read(&opts.to, &opts.from)?;
     let (src, _src_lock) = open_source(&opts.from)?;
-    let (dst, _dst_lock) = open_target(&opts.to, &opts.from)?;
+    let (dst, _dst_lock) = target.open()?;
     writeln!(
         out,
         "migrate of {} into {} ({}){}",
@@ -406,7 +457,8 @@ pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateRepo
         outcome: "ok".into(),
         detail: serde_json::json!({
             "blobs": report.blobs, "copied": report.copied, "found": report.found,
-            "skipped": report.skipped, "versions": report.versions.total,
+            "skipped": report.skipped, "verified": report.verified,
+            "keys": report.keys.total, "versions": report.versions.total,
             "signatures_verified": report.signatures_verified,
         })
         .to_string(),
@@ -420,17 +472,21 @@ pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateRepo
     }
     writeln!(
         out,
-        "migrate complete: {} blobs ({}), {} copied, {} found in the store and checked, {} \
-         copied earlier; {} versions, {} signatures verified, {} principals, {} audit rows; \
-         serve it with `imgsrv serve --data {}`",
+        "migrate complete: {} blobs ({}): {} copied, {} found in the store, {} copied by an \
+         earlier run; every one read back from the target and hashed. {} trusted keys, {} \
+         principals, {} images, {} versions ({} signatures verified with the migrated keys), \
+         {} aliases, {} audit rows. Serve it with `imgsrv serve --data {}`",
         report.blobs.count,
         HumanBytes(report.blobs.bytes),
         report.copied.count,
         report.found.count,
         report.skipped.count,
+        report.keys.total,
+        report.principals.total,
+        report.images.total,
         report.versions.total,
         report.signatures_verified,
-        report.principals.total,
+        report.aliases.total,
         report.audit_rows.total,
         dst.dir.display()
     )?;

@@ -202,6 +202,9 @@ pub(in crate::maint) struct Assessment {
     pub audit: AuditState,
     /// Items only the target has, named.
     pub extras: Vec<String>,
+    /// Items of the source whose name the target gives to another id (another
+    /// catalog's: ids are random), named.
+    pub other_ids: Vec<String>,
     /// The target holds nothing at all (but a migrate marker).
     pub empty: bool,
 }
@@ -320,6 +323,7 @@ pub(in crate::maint) fn assess(
             }
         })
         .collect();
+    let other_ids = other_ids(inv, dst, &target_keys)?;
     let (mut extras, mut holds) = extras(inv, dst, &target_runs)?;
     for k in &target_keys {
         holds = true;
@@ -338,6 +342,7 @@ pub(in crate::maint) fn assess(
         }
     }
     Ok(Assessment {
+        other_ids,
         keys,
         loose_states,
         blobs,
@@ -350,6 +355,45 @@ pub(in crate::maint) fn assess(
         extras,
         empty: !holds,
     })
+}
+
+/// The source's items the target has under their name with another id.
+fn other_ids(inv: &Inventory, dst: &dyn Catalog, keys: &[KeyRecord]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let other = |found: Result<String, CatalogError>, id: &str| -> Result<bool> {
+        match found {
+            Ok(t) => Ok(t != id),
+            Err(CatalogError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    };
+    for p in &inv.principals {
+        if other(dst.get_principal(&p.name).map(|t| t.id), &p.id)? {
+            out.push(format!("principal {} (another id)", p.name));
+        }
+    }
+    for i in &inv.images {
+        if other(dst.get_image(&i.name).map(|t| t.id), &i.id)? {
+            out.push(format!("image {} (another id)", i.name));
+        }
+    }
+    for v in &inv.versions {
+        let found = dst
+            .get_version(&v.version.image_name, &v.version.version)
+            .map(|t| t.id);
+        if other(found, &v.version.id)? {
+            out.push(format!("version {} (another id)", v.name()));
+        }
+    }
+    for k in &inv.keys {
+        if keys
+            .iter()
+            .any(|t| t.name == k.name && t.key_id != k.key_id)
+        {
+            out.push(format!("trusted key {} (another key)", k.name));
+        }
+    }
+    Ok(out)
 }
 
 /// What the target holds that the source does not, and whether it holds anything.
@@ -481,17 +525,19 @@ impl Plan {
         match marker {
             None if !a.empty => bail!(foreign(&a, dst, src_dir)),
             Some(m) if m.complete() => {
-                let missing = missing(inv, &a);
+                let mut missing = missing(inv, &a);
+                missing.extend(a.other_ids.iter().cloned());
                 if !missing.is_empty() {
                     bail!(
-                        "the target holds a completed migration of {} (completed {}), and the \
-                         appliance has changed since: {} are not in the target ({}{}). The \
-                         deployment may have been serving since, and migrate does not add to \
-                         it: publish what is new on the deployment itself, or migrate into an \
-                         empty database and bucket again",
+                        "the target holds a completed migration of {} (completed {}), and {} \
+                         items of --from {} are not in it ({}{}): it is another appliance, or \
+                         it has changed since. The deployment may have been serving since, and \
+                         migrate does not add to it: publish what is new on the deployment \
+                         itself, or migrate into an empty database and bucket",
                         m.source.display(),
                         m.completed_at.as_deref().unwrap_or("?"),
                         missing.len(),
+                        src_dir.display(),
                         missing
                             .iter()
                             .take(8)
@@ -644,8 +690,8 @@ impl Plan {
         )?;
         writeln!(
             out,
-            "plan: copy {} blobs ({}), check {} already in the store ({}), skip {} recorded \
-             earlier; load {} trusted keys and {} key records, {} principals, {} images, {} \
+            "plan: copy {} blobs ({}), check {} already in the store ({}), re-check {} an \
+             earlier run recorded; load {} trusted keys and {} key records, {} principals, {} images, {} \
              versions, {} aliases, {} audit rows, {} job runs; then read everything back and \
              verify every blob and signature on the target",
             r.copied.count,
