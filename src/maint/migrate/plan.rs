@@ -33,7 +33,7 @@ pub(in crate::maint) struct Inventory {
     pub keys: Vec<KeyRecord>,
     /// Every retirement and revocation, by key id then state.
     pub key_states: Vec<KeyStateRecord>,
-    /// Upload sessions, which are not copied.
+    /// Upload sessions in progress, which are not copied.
     pub uploads: u64,
 }
 
@@ -64,8 +64,19 @@ impl Inventory {
             .into_iter()
             .filter(|j| j.job != super::MARKER_JOB)
             .collect();
-        // every session expires before the year 9999
-        let uploads = cat.expired_uploads("9999")?.len() as u64;
+        // every session expires before the year 9999; those in progress (not
+        // completed, failed or aborted, not expired) are the ones lost
+        let now = crate::catalog::now();
+        let uploads = cat
+            .expired_uploads("9999")?
+            .iter()
+            .filter(|u| {
+                matches!(
+                    u.state,
+                    crate::catalog::UploadState::Created | crate::catalog::UploadState::Uploading
+                ) && u.expires_at > now
+            })
+            .count() as u64;
         let keys = cat.trusted_keys()?;
         let key_states = cat.key_state_records()?;
         Ok(Inventory {
