@@ -739,11 +739,15 @@ fn an_interrupted_migration_resumes_and_ends_identical() {
     );
     let etags: Vec<_> = before.iter().map(|k| t.raw.etag(k)).collect();
 
-    // the half-filled deployment is not served, nor initialised
+    // the half-filled deployment is not served, initialised, collected, scrubbed or
+    // administered
     t.write_config(&t.raw.options().endpoint);
     for args in [
         vec!["serve", "--data", s(&t.dir), "--listen", "127.0.0.1:0"],
         vec!["init", "--data", s(&t.dir)],
+        vec!["gc", "--data", s(&t.dir), "--dry-run"],
+        vec!["scrub", "--data", s(&t.dir), "--dry-run"],
+        vec!["key", "list", "--data", s(&t.dir)],
     ] {
         let o = run_any(Command::new(IMGSRV).args(&args));
         assert!(!o.status.success(), "{args:?}: {}", text(&o));

@@ -5,7 +5,7 @@
 //! serves the same Simple Streams index and every signature still verifies.
 //!
 //! # What is copied
-//! The whole catalog through [`TransferCatalog`] (which keeps the target's guards
+//! The whole catalog through [`TransferCatalog`](crate::catalog::transfer::TransferCatalog) (which keeps the target's guards
 //! armed, see `catalog/transfer.rs`): blob rows, principals with their grants and
 //! tokens (their hashes: the same tokens keep working), images, versions in every
 //! state with their artifacts, attachments, metadata, publish records (manifests,
@@ -41,16 +41,21 @@
 //! deployment is never served and `init` makes no second admin. Then, in
 //! dependency order: blobs (each copied unless the bucket already has it, read back
 //! and its sha256 checked, then its row loaded: a row in the target means its bytes
-//! were verified, and a later run skips it), trusted keys, principals, images,
-//! versions, aliases,
-//! the audit log, job runs. One bad item (a blob damaged in the source, the versions
-//! citing it) is counted and reported, and the rest is copied. A catalog or store
-//! that cannot be reached stops the run (run it again).
+//! were verified; a blob an earlier run recorded is read back and hashed again, and
+//! copied again if the target's bytes are missing or damaged), trusted keys (each
+//! with its retirement and revocation in one transaction), principals, images,
+//! versions, aliases, the audit log, job runs. One bad item (a blob damaged in the
+//! source, the versions citing it) is counted and reported, and the rest is copied.
+//! A catalog or store that cannot be reached stops the run (run it again).
+//!
+//! A target that holds a completed migration is left alone: of this appliance,
+//! unchanged, "nothing to do"; anything of the source it lacks (or gives to
+//! another id: another appliance's) is refused, as the deployment may be serving.
 //!
 //! # Verified on the far side
 //! Every item is read back from the target and compared with the source; every
 //! published version's stored manifest is checked against its digest, its
-//! signature verified with the trusted keys, and its blobs found in the target
+//! signature verified with the migrated trusted keys, and its blobs found in the target
 //! store with their sizes. Only then is the migration marked complete (and an
 //! audit row `migrate` appended to the target's log). With failures it stays
 //! incomplete and the command exits non-zero; a second run after success changes
