@@ -5,8 +5,9 @@
 //! serves the same Simple Streams index and every signature still verifies.
 //!
 //! # What is copied
-//! The whole catalog through [`TransferCatalog`](crate::catalog::transfer::TransferCatalog) (which keeps the target's guards
-//! armed, see `catalog/transfer.rs`): blob rows, principals with their grants and
+//! The whole catalog through
+//! [`TransferCatalog`](crate::catalog::transfer::TransferCatalog) (which keeps the
+//! target's guards armed, see `catalog/transfer.rs`): blob rows, principals with their grants and
 //! tokens (their hashes: the same tokens keep working), images, versions in every
 //! state with their artifacts, attachments, metadata, publish records (manifests,
 //! signatures), projection rows, retirements and collections, aliases, the audit
