@@ -914,6 +914,20 @@ fn bad_inputs_are_refused_and_change_nothing() {
     fs::copy(t.config(), inside.join("imgsrv.toml")).unwrap();
     migrate_refused(&a, &inside.join("imgsrv.toml"), &[], &["overlap"]);
     fs::remove_dir_all(&inside).unwrap();
+    // key files in --to's directory (an old appliance's keys/ copied along)
+    fs::create_dir(t.dir.join("keys")).unwrap();
+    fs::copy(&public, t.dir.join("keys/release.pub")).unwrap();
+    migrate_refused(
+        &a,
+        &t.config(),
+        &[],
+        &[
+            "keys exists",
+            "migrated from the appliance's catalog",
+            "Move it out",
+        ],
+    );
+    fs::remove_dir_all(t.dir.join("keys")).unwrap();
     // none of these touched the database or the bucket
     assert_eq!(
         t.psql("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"),

@@ -324,6 +324,19 @@ impl TargetConfig {
                 missing.join(" and ")
             );
         }
+        // opening the target would import key files found there (an older
+        // appliance's DATA/keys copied along): the keys come from the appliance's
+        // catalog
+        let keys = dir.join("keys");
+        if keys.exists() {
+            bail!(
+                "{} exists: the trusted keys are migrated from the appliance's catalog, and \
+                 key files there would be imported into the target first. Move it out of the \
+                 deployment's directory (copy only imgsrv.toml and tls/ from the appliance), \
+                 then run migrate again",
+                keys.display()
+            );
+        }
         if abs.file_name() != Some(std::ffi::OsStr::new(crate::config::CONFIG_FILE)) {
             log::warn!(
                 "{} is not named {}: `imgsrv serve --data {}` reads {}",
