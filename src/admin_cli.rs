@@ -20,7 +20,9 @@ pub fn open_catalog(data_dir: &Path) -> Result<std::sync::Arc<dyn crate::catalog
             data_dir.display()
         );
     }
-    crate::catalog::open(&config.storage, data_dir)
+    let catalog = crate::catalog::open(&config.storage, data_dir)?;
+    crate::maint::migrate::refuse_unfinished(catalog.as_ref())?;
+    Ok(catalog)
 }
 
 /// The audit name of whoever runs a local command.

@@ -57,6 +57,8 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<InitRepor
         report.created.push(db.clone());
     }
     let catalog = crate::catalog::open(&config.storage, data_dir)?;
+    // a database `imgsrv migrate` has not finished filling gets no bootstrap admin
+    crate::maint::migrate::refuse_unfinished(catalog.as_ref())?;
     let cas_dir = data_dir.join("sha256");
     if config.storage.blobs == crate::config::BlobBackend::Fs && !cas_dir.exists() {
         report.created.push(cas_dir);
@@ -84,6 +86,7 @@ impl App {
     /// Opens an initialised data directory with `config`.
     pub fn open(config: Config) -> anyhow::Result<App> {
         let catalog = crate::catalog::open(&config.storage, &config.data_dir)?;
+        crate::maint::migrate::refuse_unfinished(catalog.as_ref())?;
         let blobs = crate::cas::open(&config.storage, &config.data_dir)?;
         // the audit log's reserve, before the first request; on a full disk
         // the server still starts and serves what is published
@@ -221,6 +224,23 @@ impl App {
             .filter(|k| k.policy.state == crate::sign::KeyState::Revoked)
             .collect())
     }
+}
+
+/// [`App::digest_write_lock`] for a writer that has the stores but no `App`
+/// (`imgsrv migrate` filling a deployment's bucket).
+pub fn digest_write_lock(
+    catalog: &dyn Catalog,
+    blobs: &dyn BlobStore,
+    digest: &crate::digest::Digest,
+) -> Result<Option<crate::catalog::JobLock>, crate::catalog::CatalogError> {
+    if !blobs.needs_write_lock() {
+        return Ok(None);
+    }
+    let name = format!("blob-{}", &digest.hex()[..2]);
+    catalog
+        .job_lock(&name, crate::catalog::LockMode::Exclusive, true)?
+        .map(Some)
+        .ok_or_else(|| crate::catalog::CatalogError::Backend(format!("{name} not granted")))
 }
 
 /// The operating system's words for `e` ("Read-only file system (os error 30)"),
@@ -450,14 +470,7 @@ impl App {
         &self,
         digest: &crate::digest::Digest,
     ) -> Result<Option<crate::catalog::JobLock>, crate::catalog::CatalogError> {
-        if !self.blobs.needs_write_lock() {
-            return Ok(None);
-        }
-        let name = format!("blob-{}", &digest.hex()[..2]);
-        self.catalog
-            .job_lock(&name, crate::catalog::LockMode::Exclusive, true)?
-            .map(Some)
-            .ok_or_else(|| crate::catalog::CatalogError::Backend(format!("{name} not granted")))
+        digest_write_lock(self.catalog.as_ref(), self.blobs.as_ref(), digest)
     }
 
     /// A lease for a job that stores blobs and then cites them in a draft

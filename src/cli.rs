@@ -119,6 +119,14 @@ pub enum Command {
     /// blob and every signature before the directory is usable.
     /// Exit 0 restored, 1 refused or failed (the directory is then not usable).
     Restore(RestoreArgs),
+    /// Copy an appliance (a data directory's SQLite catalog and blob files) into the
+    /// PostgreSQL + S3 deployment an imgsrv.toml names: the same ids, fingerprints,
+    /// manifests and signatures, every blob and signature checked on the far side.
+    /// Prints the plan, then copies (--dry-run: stops after the plan). Resumable: run
+    /// it again after an interruption. The appliance must not be served meanwhile.
+    /// Exit 0 complete (or nothing to do), 1 refused or failed (the problems listed;
+    /// run it again once they are repaired).
+    Migrate(MigrateArgs),
     /// Re-hash the blob store, check every version's blobs and every publication's
     /// manifest and signature; move damaged blobs to quarantine (never served again
     /// until the right bytes are put back). Exit 0 no problem, 1 problems (listed),
@@ -146,6 +154,22 @@ pub struct RestoreArgs {
     /// The data directory to restore into: new or empty, and not used by a server.
     #[arg(long = "data", value_name = "NEWDIR", env = "IMGSRV_DATA")]
     pub data: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The appliance's data directory (not served while it is copied).
+    #[arg(long, value_name = "DATA_DIR")]
+    pub from: PathBuf,
+    /// The deployment's imgsrv.toml, with a [storage] section naming PostgreSQL and
+    /// S3 (an empty database and bucket, or those of an interrupted migrate of the
+    /// same appliance); its directory is the instance's data directory.
+    #[arg(long, value_name = "CONFIG")]
+    pub to: PathBuf,
+    /// Print the plan (what would be copied, what an earlier run copied) and stop:
+    /// nothing is written to the target.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]
@@ -791,6 +815,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 data_dir: a.data,
             };
             crate::maint::restore::restore(&opts, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Migrate(a) => {
+            let opts = crate::maint::migrate::MigrateOptions {
+                from: a.from,
+                to: a.to,
+                dry_run: a.dry_run,
+            };
+            crate::maint::migrate::migrate(&opts, &mut std::io::stdout().lock())?;
             Ok(())
         }
         Command::Scrub(a) => scrub_command(a),

@@ -17,10 +17,15 @@ use imgsrv::catalog::*;
 use imgsrv::digest::Digest;
 use std::collections::BTreeMap;
 
+/// A new catalog, and what must live as long as it.
+type Fresh = (Box<dyn Catalog>, Box<dyn std::any::Any>);
+
 /// A catalog under test, and how to open another instance on the same storage.
 struct Fixture {
     cat: Box<dyn Catalog>,
     reopen: Box<dyn Fn() -> Box<dyn Catalog>>,
+    /// A new, empty catalog on the same backend (with what must live as long as it).
+    fresh: Box<dyn Fn() -> Fresh>,
     /// What must live as long as the catalog (a temp dir).
     _keep: Box<dyn std::any::Any>,
 }
@@ -32,6 +37,11 @@ fn sqlite() -> Fixture {
     Fixture {
         cat,
         reopen: Box::new(move || Box::new(SqliteCatalog::open(&path).unwrap())),
+        fresh: Box::new(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let cat = SqliteCatalog::open(&dir.path().join("catalog.db")).unwrap();
+            (Box::new(cat), Box::new(dir))
+        }),
         _keep: Box::new(dir),
     }
 }
@@ -63,6 +73,8 @@ contract!(
     a_waiting_job_lock_is_granted_when_the_holder_lets_go,
     the_generation_moves_and_another_instance_sees_it,
     job_runs_probe_and_integrity,
+    a_whole_catalog_is_loaded_as_it_was_through_the_guards,
+    loads_are_refused_where_the_guards_refuse,
     trusted_keys_and_their_states,
     failed_logins_are_counted_per_client_across_instances,
 );
@@ -185,10 +197,13 @@ mod maint;
 mod pg_only;
 #[path = "catalog_contract/records.rs"]
 mod records;
+#[path = "catalog_contract/transfer.rs"]
+mod transfer;
 use content::*;
 use keys::*;
 use maint::*;
 use records::*;
+use transfer::*;
 
 // ------------------------------------------------------------------------ SQLite only
 
@@ -276,6 +291,10 @@ mod pg {
         Fixture {
             cat,
             reopen: Box::new(move || Box::new(PgCatalog::open(&url).unwrap())),
+            fresh: Box::new(|| {
+                let cat = PgCatalog::open(&database(shared())).unwrap();
+                (Box::new(cat), Box::new(()))
+            }),
             _keep: Box::new(()),
         }
     }

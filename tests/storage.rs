@@ -99,3 +99,51 @@ fn a_default_build_names_the_s3_feature_it_lacks() {
     assert!(t.contains("built without S3 support"), "{t}");
     assert!(!t.contains("not-shown-anywhere"), "{t}");
 }
+
+/// `imgsrv migrate` in the default build says which build moves an appliance onto
+/// PostgreSQL and S3, before it opens anything.
+#[cfg(not(all(feature = "postgres", feature = "s3")))]
+#[test]
+fn a_default_build_says_which_build_migrates() {
+    let root = temp_dir("storage-migrate");
+    let from = root.path().join("appliance");
+    run_ok(Command::new(IMGSRV).args(["init", "--data", s(&from)]));
+    let deploy = root.path().join("deploy");
+    fs::create_dir(&deploy).unwrap();
+    let to = deploy.join("imgsrv.toml");
+    fs::write(
+        &to,
+        "[storage]\ncatalog = \"postgres\"\npostgres_url = \"postgresql://imgsrv@127.0.0.1/imgsrv\"\n\
+         blobs = \"s3\"\n[storage.s3]\nendpoint = \"http://127.0.0.1:3900\"\nbucket = \"imgsrv\"\n\
+         access_key_id = \"GK1\"\n",
+    )
+    .unwrap();
+    let listing = |d: &std::path::Path| {
+        let mut v: Vec<_> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&from);
+    let o = Command::new(IMGSRV)
+        .args(["migrate", "--from", s(&from), "--to", s(&to)])
+        .env("IMGSRV_S3_SECRET_ACCESS_KEY", "not-shown-anywhere")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("built without")
+            && t.contains("--features full")
+            && t.contains("nothing was changed"),
+        "{t}"
+    );
+    assert_eq!(
+        fs::read_dir(&deploy).unwrap().count(),
+        1,
+        "nothing beside the config"
+    );
+    assert_eq!(listing(&from), before, "nothing new in the appliance");
+}

@@ -10,6 +10,8 @@
 //!   throttle's counts;
 //! * [`KeyCatalog`]: the trusted publisher keys and their retirements and
 //!   revocations (append-only).
+//! * [`TransferCatalog`]: rows written as another catalog had them, through
+//!   the same guards (`imgsrv migrate`; see [`transfer`]).
 //!
 //! The invariants (published versions never change, forward-only states) are
 //! enforced by the backend itself (SQLite triggers in `schema.sql`), not only
@@ -20,6 +22,7 @@ mod migrate;
 pub mod postgres;
 mod space;
 pub mod sqlite;
+pub mod transfer;
 
 /// The embedded catalog's file in the data directory.
 pub const SQLITE_FILE: &str = "catalog.db";
@@ -75,6 +78,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use sqlite::SqliteCatalog;
+pub use transfer::TransferCatalog;
 
 /// What went wrong in a catalog operation. Variants name the failure, never
 /// the backend.
@@ -895,7 +899,8 @@ pub fn open_file(path: &Path) -> Result<Box<dyn Catalog>> {
     Ok(Box::new(SqliteCatalog::open(path)?))
 }
 
-/// Everything a server needs from its catalog.
+/// Everything a server needs from its catalog (and `imgsrv migrate`, the
+/// [`TransferCatalog`] loads).
 pub trait Catalog:
     ContentCatalog
     + BlobCatalog
@@ -903,6 +908,7 @@ pub trait Catalog:
     + AuditCatalog
     + LifecycleCatalog
     + MaintCatalog
+    + TransferCatalog
     + KeyCatalog
 {
 }
@@ -913,6 +919,7 @@ impl<T> Catalog for T where
         + AuditCatalog
         + LifecycleCatalog
         + MaintCatalog
+        + TransferCatalog
         + KeyCatalog
 {
 }

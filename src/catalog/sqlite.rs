@@ -20,6 +20,7 @@ mod keys;
 mod lifecycle;
 mod maint;
 mod projection;
+mod transfer;
 
 use super::space;
 use super::*;

@@ -1,4 +1,5 @@
-//! Maintenance jobs: garbage collection, scrub, backup and restore.
+//! Maintenance jobs: garbage collection, scrub, backup, restore, and the
+//! migration of an appliance onto a full deployment.
 //!
 //! Every job is plan-then-apply: it first computes what it would do (counts,
 //! bytes, names) and prints that plan; with `--dry-run` it stops there. Then
@@ -14,6 +15,7 @@
 
 pub mod backup;
 pub mod gc;
+pub mod migrate;
 pub mod periodic;
 pub mod restore;
 pub mod scrub;

@@ -447,6 +447,13 @@ impl TestServer {
         Self::start_full(Some(config_toml), None, true)
     }
 
+    /// [`TestServer::start_configured`] with the data directory at `data`, which may
+    /// hold files already (the deployment instance `imgsrv migrate --to
+    /// DATA/imgsrv.toml` filled: `init` then makes no second admin).
+    pub fn start_configured_in(data: &Path, config_toml: &str) -> TestServer {
+        Self::start_full(Some(config_toml), Some(data), true)
+    }
+
     fn start_inner(config: Option<&str>, data: Option<&Path>) -> TestServer {
         Self::start_full(config, data, false)
     }

@@ -2,9 +2,9 @@
 
 use super::*;
 
-const TOKEN_COLS: &str =
+pub(super) const TOKEN_COLS: &str =
     "id, principal_id, name, secret_hash, expires_at, last_used_at, revoked_at, created_at";
-fn token_row(r: &Row) -> Result<ApiToken> {
+pub(super) fn token_row(r: &Row) -> Result<ApiToken> {
     Ok(ApiToken {
         id: get(r, 0)?,
         principal_id: get(r, 1)?,
