@@ -74,9 +74,7 @@ impl<'a> Writer<'a> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // refused after all, or the rest of a short write is unaligned:
                 // that write wrote nothing; the rest goes through the page cache
-                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.buffered()
-                }
+                Err(e) if self.direct && e.raw_os_error() == Some(libc::EINVAL) => self.buffered(),
                 Err(e) => return Err(e),
             }
         }
@@ -121,4 +119,53 @@ fn set_direct(f: &File, on: bool) -> bool {
 #[cfg(not(target_os = "linux"))]
 fn set_direct(_: &File, _: bool) -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek};
+
+    #[test]
+    fn chunks_written_directly_or_not_make_the_same_file() {
+        // beside the build (a disk filesystem, which takes direct writes) and in
+        // the temporary directory, whichever writes that one allows
+        let disk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        for (dir, on_disk) in [(disk, true), (std::env::temp_dir(), false)] {
+            let d = tempfile::tempdir_in(&dir).unwrap();
+            let path = d.path().join("blob");
+            let mut file = File::options()
+                .create_new(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let mut expected = Vec::new();
+            {
+                let mut w = Writer::new(&file);
+                assert!(w.direct || !on_disk, "direct writes in {}", dir.display());
+                let mut buf = AlignedBuf::new(1 << 16);
+                for round in 0..3u8 {
+                    buf.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, b)| *b = (i as u8) ^ round);
+                    w.write_chunk(&buf).unwrap();
+                    expected.extend_from_slice(&buf);
+                }
+                // an unaligned address, then a tail that is not whole blocks
+                w.write_chunk(&buf[1..4097]).unwrap();
+                w.write_chunk(&buf[..100]).unwrap();
+                expected.extend_from_slice(&buf[1..4097]);
+                expected.extend_from_slice(&buf[..100]);
+                assert!(!w.direct, "the tail goes through the page cache");
+            }
+            file.sync_all().unwrap();
+            // the same descriptor reads without alignment afterwards
+            file.seek(io::SeekFrom::Start(1)).unwrap();
+            let mut got = vec![0u8];
+            file.read_to_end(&mut got).unwrap();
+            got[0] = expected[0];
+            assert_eq!(got, expected, "in {}", dir.display());
+        }
+    }
 }
