@@ -149,21 +149,36 @@ pub fn with_side_hash<T>(
     f: impl FnOnce(&mut dyn std::io::Read) -> T,
 ) -> (T, Hasher) {
     use std::sync::mpsc;
-    const BUFFERS: usize = 8;
+    const BUFFERS: usize = 4;
+    /// Bytes gathered before they go to the hashing thread: a TLS stream reads
+    /// a record (16 KiB) at a time, and a hand-over per read costs more in
+    /// wake-ups than the hash.
+    const BATCH: usize = 1 << 20;
     struct Tee<'a> {
         inner: &'a mut dyn std::io::Read,
+        pending: Vec<u8>,
         full: mpsc::SyncSender<Vec<u8>>,
         free: mpsc::Receiver<Vec<u8>>,
+    }
+    impl Tee<'_> {
+        fn hand_over(&mut self) {
+            if self.pending.is_empty() {
+                return;
+            }
+            let mut next = self.free.try_recv().unwrap_or_default();
+            next.clear();
+            next.reserve(BATCH);
+            let full = std::mem::replace(&mut self.pending, next);
+            // the hashing thread ends only when this sender is gone
+            let _ = self.full.send(full);
+        }
     }
     impl std::io::Read for Tee<'_> {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
             let n = self.inner.read(buf)?;
-            if n > 0 {
-                let mut copy = self.free.try_recv().unwrap_or_default();
-                copy.clear();
-                copy.extend_from_slice(&buf[..n]);
-                // the hashing thread ends only when this sender is gone
-                let _ = self.full.send(copy);
+            self.pending.extend_from_slice(&buf[..n]);
+            if self.pending.len() >= BATCH {
+                self.hand_over();
             }
             Ok(n)
         }
@@ -181,10 +196,12 @@ pub fn with_side_hash<T>(
         });
         let mut tee = Tee {
             inner: reader,
+            pending: Vec::with_capacity(BATCH),
             full,
             free,
         };
         let out = f(&mut tee);
+        tee.hand_over();
         drop(tee);
         (out, worker.join().expect("the side hash does not panic"))
     })
