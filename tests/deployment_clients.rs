@@ -1,0 +1,711 @@
+//! Issue 10, point 6: the user-facing clients against the full deployment. Two
+//! `imgsrv serve` instances, A and B (the real binary built with `--features full`), on
+//! one PostgreSQL database (tests/fixtures/pg-harness) and one Garage bucket
+//! (tests/fixtures/garage-harness); what goes in through one comes out of the other:
+//!
+//! 1. `imgsrv publish` into A; the stock `incus` client lists, inspects and exports
+//!    through B over Simple Streams and over the Incus REST protocol, byte for byte, and
+//!    a real Incus daemon (tests/fixtures/incusd-harness) launches a container from B;
+//! 2. `imgsrv mirror` from an embedded imgsrv upstream into A (the upstream's own
+//!    signatures kept, through A's API) and from its Simple Streams into A's data
+//!    directory (re-signed); B serves the same fingerprints;
+//! 3. a bundle exported from B imports into a fresh embedded appliance, and a bundle
+//!    from an embedded site imported into A is served by B, same fingerprints;
+//! 4. the identity matrix across the two: a scoped writer publishes through B inside
+//!    its scope and not outside; a reader of private images sees them on both, an
+//!    anonymous caller on neither; tokens revoked on A are refused by B at once.
+//!
+//! One deployment, the steps in order in one test (each builds on what the earlier
+//! ones published).
+#![cfg(all(feature = "postgres", feature = "s3"))]
+
+#[path = "support/deployment.rs"]
+mod deployment;
+#[path = "support/garage.rs"]
+mod garage;
+#[path = "support/pg.rs"]
+mod pg;
+mod support;
+
+use deployment::*;
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+use support::*;
+
+const IMAGE: &str = "debian-bookworm";
+const OLD: &str = "20260101_0000";
+const NEW: &str = "20260102_0000";
+
+fn read(p: impl AsRef<Path>) -> Vec<u8> {
+    fs::read(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
+}
+
+fn set<I: IntoIterator<Item = String>>(v: I) -> BTreeSet<String> {
+    v.into_iter().collect()
+}
+
+/// A fresh directory under the test's work dir.
+fn dir(d: &Deployment, name: &str) -> PathBuf {
+    let p = d.work.path().join(name);
+    fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// The access-log lines of `server` that answered requests for `path_part` with 200.
+fn served(server: &TestServer, path_part: &str) -> usize {
+    server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("imgsrv::access") && l.contains(path_part) && l.contains(" 200 "))
+        .count()
+}
+
+/// [`served`], once it is at least `n` or after 10 s (a request's access line is
+/// written just after its answer, so it may lag behind the client by a moment).
+fn served_at_least(server: &TestServer, path_part: &str, n: usize) -> usize {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = served(server, path_part);
+        if got >= n || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Every fingerprint (containers and VMs) of `server`'s Simple Streams index as seen
+/// with `token` (anonymous with `None`).
+fn all_stream_fingerprints(server: &TestServer, token: Option<&str>) -> BTreeSet<String> {
+    let (status, body) = curl(
+        server,
+        &format!("{}/streams/v1/images.json", server.url()),
+        token,
+        &[],
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let ij = json_of(&body);
+    let mut out = BTreeSet::new();
+    for p in ij["products"].as_object().unwrap().values() {
+        for v in p["versions"].as_object().unwrap().values() {
+            for it in v["items"].as_object().unwrap().values() {
+                for (k, fp) in it.as_object().unwrap() {
+                    if k.starts_with("combined_") && k.ends_with("sha256") {
+                        out.insert(fp.as_str().unwrap().to_string());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The image names `GET /v1/images` lists with `token` (anonymous with `None`).
+fn listed_images(server: &TestServer, token: Option<&str>) -> BTreeSet<String> {
+    let (status, body) = curl(server, &format!("{}/v1/images", server.url()), token, &[]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    json_of(&body)["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The fingerprints the real `incus` client lists on a fresh Simple Streams remote.
+fn incus_fingerprints(server: &TestServer) -> BTreeSet<String> {
+    let incus = Incus::new(server.cert());
+    incus.remote_add("r", &server.url());
+    set(incus.fingerprints("r:"))
+}
+
+/// `imgsrv ARGS...` whatever its exit status, with no server, CA or token from the
+/// environment.
+fn imgsrv_any(args: &[&str]) -> Output {
+    run_any(
+        Command::new(IMGSRV)
+            .args(args)
+            .env_remove("IMGSRV_SERVER")
+            .env_remove("IMGSRV_CA")
+            .env_remove("IMGSRV_TOKEN")
+            .env_remove("IMGSRV_DATA")
+            .env_remove("IMGSRV_UPSTREAM_TOKEN"),
+    )
+}
+
+/// `--server URL --ca CERT --token-file FILE` for `server` with `token_file`.
+fn server_args(server: &TestServer, token_file: &Path) -> Vec<String> {
+    vec![
+        "--server".into(),
+        server.url(),
+        "--ca".into(),
+        s(&server.cert()).into(),
+        "--token-file".into(),
+        s(token_file).into(),
+    ]
+}
+
+/// `imgsrv principal add` + `grant add` + `token issue` on `data`: the token's id and
+/// the file holding it.
+fn principal_with_token(data: &Path, name: &str, grants: &[(&str, &str)]) -> (String, PathBuf) {
+    let d = s(data);
+    imgsrv(&["principal", "add", "--data", d, "--kind", "service", name]);
+    for (role, scope) in grants {
+        imgsrv(&["grant", "add", "--data", d, name, role, scope]);
+    }
+    let issued = imgsrv(&["token", "issue", "--data", d, name]);
+    let first = String::from_utf8_lossy(&issued.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let id = first
+        .strip_prefix("token ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no token id in: {}", text(&issued)))
+        .to_string();
+    let file = data.parent().unwrap().join(format!("{name}.token"));
+    fs::write(&file, format!("{}\n", last_line(&issued))).unwrap();
+    (id, file)
+}
+
+/// What the shared steps need.
+struct World {
+    d: Deployment,
+    public: PathBuf,
+    secret: PathBuf,
+    /// debian-bookworm OLD, container and VM, published through A (alias `stable`).
+    deb: TestImage,
+}
+
+#[test]
+fn the_user_facing_clients_work_across_two_instances_on_postgres_and_garage() {
+    let t0 = Instant::now();
+    let d = deployment("clients");
+    // the admin token works on both (one catalog); the CLIs read it from a file
+    fs::copy(d.a.admin_token_file(), d.b.admin_token_file()).unwrap();
+    let (public, secret) = minisign_keypair(dir(&d, "release"));
+    trust_key(d.a.data_dir(), Some("release"), &public);
+    let deb = make_test_image(dir(&d, "deb"), &["--serial", OLD, "--type", "both"]);
+    let w = World {
+        d,
+        public,
+        secret,
+        deb,
+    };
+    let step = |name: &str| eprintln!("[{:>5.1}s] {name}", t0.elapsed().as_secs_f64());
+
+    step("1. publish on A, incus through B");
+    publish_on_a_read_through_b(&w);
+    step("1b. incus launch from B");
+    launch_from_b(&w);
+    step("2. mirror into the deployment");
+    mirror_into_the_deployment(&w);
+    step("3. bundles out of B and into A");
+    bundles(&w);
+    step("4. the identity matrix across A and B");
+    identity_matrix(&w);
+    step("done");
+}
+
+/// Step 1: Published through A, read by the stock `incus` client through B.
+fn publish_on_a_read_through_b(w: &World) {
+    let (a, b, deb) = (&w.d.a, &w.d.b, &w.deb);
+    let (ct, vm) = (deb.container_fingerprint(), deb.vm_fingerprint());
+    let out = publish_image(a, &w.secret, deb, &["--alias", "stable"]);
+    assert!(out.contains(&ct) && out.contains(&vm), "{out}");
+
+    // Simple Streams
+    let incus = Incus::new(b.cert());
+    incus.remote_add("ss", &b.url());
+    let list = incus.json(&["image", "list", "ss:"]);
+    let fps = set(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["fingerprint"].as_str().unwrap().to_string()));
+    assert_eq!(fps, set([ct.clone(), vm.clone()]), "{list}");
+    for i in list.as_array().unwrap() {
+        let kind = if i["fingerprint"] == vm.as_str() {
+            "virtual-machine"
+        } else {
+            "container"
+        };
+        assert_eq!(i["type"], kind, "{i}");
+        assert_eq!(i["architecture"], "x86_64", "{i}");
+    }
+    assert_eq!(incus.info_fingerprint(&[&format!("ss:{IMAGE}")]), ct);
+    assert_eq!(incus.info_fingerprint(&[&format!("ss:{IMAGE}/stable")]), ct);
+    assert_eq!(
+        incus.info_fingerprint(&[&format!("ss:{IMAGE}"), "--vm"]),
+        vm
+    );
+    assert_eq!(incus.info_fingerprint(&["ss:debian/bookworm"]), ct);
+    let ex = dir(&w.d, "export-ss-ct");
+    incus.run(&["image", "export", &format!("ss:{IMAGE}/stable"), s(&ex)]);
+    assert_eq!(single_file(&ex, ".incus.tar.xz"), read(&deb.metadata));
+    assert_eq!(single_file(&ex, ".squashfs"), read(deb.rootfs()));
+    let ex = dir(&w.d, "export-ss-vm");
+    incus.run(&["image", "export", &format!("ss:{IMAGE}"), s(&ex), "--vm"]);
+    assert_eq!(single_file(&ex, ".incus.tar.xz"), read(&deb.metadata));
+    assert_eq!(single_file(&ex, ".qcow2"), read(deb.disk()));
+    // B served the downloads, A none
+    assert!(served_at_least(b, "/download/", 4) >= 4, "{}", b.log_text());
+    assert_eq!(served(a, "/download/"), 0, "{}", a.log_text());
+
+    // the Incus REST protocol (the certificate accepted and pinned, no SSL_CERT_FILE)
+    let api = Incus::system_trust();
+    api.remote_add_incus("api", &b.url());
+    let list = api.json(&["image", "list", "api:"]);
+    let fps = set(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["fingerprint"].as_str().unwrap().to_string()));
+    assert_eq!(fps, set([ct.clone(), vm.clone()]), "{list}");
+    for i in list.as_array().unwrap() {
+        assert_eq!(i["public"], true, "{i}");
+        assert_eq!(i["properties"]["os"], "Debian", "{i}");
+        assert_eq!(i["properties"]["release"], "bookworm", "{i}");
+    }
+    assert_eq!(api.info_fingerprint(&[&format!("api:{IMAGE}")]), ct);
+    assert_eq!(api.info_fingerprint(&[&format!("api:{IMAGE}/vm")]), vm);
+    assert_eq!(api.info_fingerprint(&[&format!("api:{IMAGE}/stable")]), ct);
+    assert_eq!(api.info_fingerprint(&[&format!("api:{}", &vm[..12])]), vm);
+    let ex = dir(&w.d, "export-api");
+    api.run(&["image", "export", "-q", &format!("api:{IMAGE}"), s(&ex)]);
+    assert_eq!(
+        read(ex.join(format!("meta-{ct}.tar.xz"))),
+        read(&deb.metadata)
+    );
+    assert_eq!(read(ex.join(format!("{ct}.squashfs"))), read(deb.rootfs()));
+    api.run(&["image", "export", "-q", &format!("api:{IMAGE}/vm"), s(&ex)]);
+    assert_eq!(
+        read(ex.join(format!("meta-{vm}.tar.xz"))),
+        read(&deb.metadata)
+    );
+    assert_eq!(read(ex.join(format!("{vm}.qcow2"))), read(deb.disk()));
+    for fp in [&ct, &vm] {
+        assert_eq!(
+            served_at_least(b, &format!("/1.0/images/{fp}/export"), 1),
+            1,
+            "{fp}"
+        );
+    }
+    assert_eq!(served(a, "/1.0/images/"), 0, "{}", a.log_text());
+}
+
+/// Step 1b: A real Incus daemon launches the container published through A from B (as
+/// tests/incus.rs does it: a Simple Streams remote, the daemon trusting B's certificate).
+fn launch_from_b(w: &World) {
+    let b = &w.d.b;
+    let _daemon = IncusDaemon::up(b.cert());
+    let incus = Incus::new(b.cert());
+    incus.remote_add("r", &b.url());
+    let before = served(b, "/download/");
+    incus.run(&["launch", &format!("r:{IMAGE}/stable"), "c1"]);
+    let list = incus.json(&["list"]);
+    let c = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "c1")
+        .unwrap_or_else(|| panic!("c1 missing: {list}"));
+    assert_eq!(c["status"], "Running", "{c}");
+    assert_eq!(
+        incus
+            .stdout(&["exec", "c1", "--", "cat", "/etc/imgsrv-test-marker"])
+            .trim(),
+        OLD
+    );
+    assert!(set(incus.fingerprints("local:")).contains(&w.deb.container_fingerprint()));
+    assert!(
+        served(b, "/download/") > before,
+        "the daemon did not download from B"
+    );
+}
+
+/// Step 2: `imgsrv mirror` from an embedded imgsrv upstream into the deployment: natively
+/// through A's API (the publisher's manifests and signatures kept) and from its Simple
+/// Streams into A's data directory (re-signed by the mirror key); B serves them.
+fn mirror_into_the_deployment(w: &World) {
+    let (a, b) = (&w.d.a, &w.d.b);
+    let up = TestServer::start();
+    let (up_pub, up_sk) = minisign_keypair(dir(&w.d, "upstream-publisher"));
+    trust_key(up.data_dir(), Some("origin"), &up_pub);
+    let alpine = |serial: &str, kind: &str| {
+        make_test_image(
+            dir(&w.d, &format!("alp-{serial}")),
+            &[
+                "--os",
+                "Alpine",
+                "--release",
+                "3.19",
+                "--serial",
+                serial,
+                "--type",
+                kind,
+            ],
+        )
+    };
+    let alp1 = alpine(OLD, "container");
+    let alp2 = alpine(NEW, "both");
+    let fed = make_test_image(
+        dir(&w.d, "fedora"),
+        &["--os", "Fedora", "--release", "40", "--serial", OLD],
+    );
+    publish_image(&up, &up_sk, &alp1, &[]);
+    publish_image(&up, &up_sk, &alp2, &["--alias", "edge"]);
+    publish_image(&up, &up_sk, &fed, &[]);
+    let alpine_fps = set([
+        alp1.container_fingerprint(),
+        alp2.container_fingerprint(),
+        alp2.vm_fingerprint(),
+    ]);
+    let (mirror_pub, mirror_sk) = minisign_keypair(dir(&w.d, "mirror-key"));
+
+    // natively, into A's API: the deployment trusts the upstream's publisher
+    trust_key(a.data_dir(), Some("origin"), &up_pub);
+    let native = || {
+        let mut args = vec!["mirror".to_string()];
+        args.extend(server_args(a, &a.admin_token_file()));
+        args.extend(
+            [
+                "--key",
+                s(&mirror_sk),
+                "--upstream-ca",
+                s(&up.cert()),
+                "--image",
+                "alpine-*",
+                &up.url(),
+            ]
+            .map(String::from),
+        );
+        imgsrv_any(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = native();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is an imgsrv server"), "{}", text(&out));
+    assert!(
+        text(&out).contains("mirrored 2 version(s)"),
+        "{}",
+        text(&out)
+    );
+    // B serves them, the manifests and signatures the upstream's bytes
+    let on_b = all_stream_fingerprints(b, None);
+    assert!(on_b.is_superset(&alpine_fps), "{on_b:?}");
+    for v in [OLD, NEW] {
+        let p = format!("/v1/images/alpine-3.19/versions/{v}");
+        for suffix in ["/manifest", "/manifest.minisig"] {
+            assert!(
+                b.get_ok(&format!("{p}{suffix}")) == up.get_ok(&format!("{p}{suffix}")),
+                "{p}{suffix} differs on B"
+            );
+        }
+    }
+    // a second run copies nothing
+    let again = native();
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("mirrored 0 version(s)")
+            && text(&again).contains("2 already published"),
+        "{}",
+        text(&again)
+    );
+
+    // its Simple Streams, into A's data directory (written through the PostgreSQL
+    // catalog and the bucket that directory's imgsrv.toml names)
+    trust_key(a.data_dir(), Some("mirror"), &mirror_pub);
+    let out = imgsrv_any(&[
+        "mirror",
+        "--data",
+        s(a.data_dir()),
+        "--key",
+        s(&mirror_sk),
+        "--upstream-ca",
+        s(&up.cert()),
+        "--simplestreams",
+        "--image",
+        "fedora-*",
+        &up.url(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("summary: 1 version mirrored, 0 already present"),
+        "{}",
+        text(&out)
+    );
+
+    // the stock client through B: the upstream's fingerprints, its bytes
+    let incus = Incus::new(b.cert());
+    incus.remote_add("r", &b.url());
+    let mut want = alpine_fps.clone();
+    want.extend([
+        fed.container_fingerprint(),
+        w.deb.container_fingerprint(),
+        w.deb.vm_fingerprint(),
+    ]);
+    assert_eq!(set(incus.fingerprints("r:")), want);
+    let upstream_fps = incus_fingerprints(&up);
+    assert!(want.is_superset(&upstream_fps), "{upstream_fps:?}");
+    assert_eq!(
+        incus.info_fingerprint(&["r:alpine-3.19/edge"]),
+        alp2.container_fingerprint()
+    );
+    assert_eq!(
+        incus.info_fingerprint(&["r:fedora/40"]),
+        fed.container_fingerprint()
+    );
+    let ex = dir(&w.d, "export-mirrored");
+    incus.run(&["image", "export", "r:fedora/40", s(&ex)]);
+    assert_eq!(single_file(&ex, ".squashfs"), read(fed.rootfs()));
+    let ex = dir(&w.d, "export-mirrored-vm");
+    incus.run(&["image", "export", "r:alpine-3.19/edge", s(&ex), "--vm"]);
+    assert_eq!(single_file(&ex, ".qcow2"), read(alp2.disk()));
+}
+
+/// Step 3: A bundle exported from B serves the same fingerprints on a fresh embedded
+/// appliance; a bundle from an embedded site imported into A is served by B.
+fn bundles(w: &World) {
+    let (a, b, deb) = (&w.d.a, &w.d.b, &w.deb);
+    let (ct, vm) = (deb.container_fingerprint(), deb.vm_fingerprint());
+
+    // out of B (its data directory: the deployment's catalog and bucket)
+    let bundle = w.d.work.path().join("from-b.tar");
+    let out = imgsrv_any(&[
+        "export",
+        "--data",
+        s(b.data_dir()),
+        "--key",
+        s(&w.secret),
+        "--image",
+        "debian-*",
+        "-o",
+        s(&bundle),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 version(s), 3 blob(s)"),
+        "{}",
+        text(&out)
+    );
+    let site = TestServer::start();
+    trust_key(site.data_dir(), Some("release"), &w.public);
+    let out = imgsrv_any(&["import", "--data", s(site.data_dir()), s(&bundle)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("imported 1 version(s)"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(incus_fingerprints(&site), set([ct.clone(), vm.clone()]));
+    let p = format!("/v1/images/{IMAGE}/versions/{OLD}");
+    for suffix in ["/manifest", "/manifest.minisig"] {
+        assert!(
+            site.get_ok(&format!("{p}{suffix}")) == b.get_ok(&format!("{p}{suffix}")),
+            "{p}{suffix} differs"
+        );
+    }
+    let incus = Incus::new(site.cert());
+    incus.remote_add("r", &site.url());
+    assert_eq!(incus.info_fingerprint(&[&format!("r:{IMAGE}/stable")]), ct);
+    let ex = dir(&w.d, "export-site");
+    incus.run(&["image", "export", &format!("r:{IMAGE}/stable"), s(&ex)]);
+    assert_eq!(single_file(&ex, ".squashfs"), read(deb.rootfs()));
+
+    // into A (its API) from an embedded site, served by B
+    let origin = TestServer::start();
+    trust_key(origin.data_dir(), Some("release"), &w.public);
+    let noble = make_test_image(
+        dir(&w.d, "noble"),
+        &["--os", "Ubuntu", "--release", "noble", "--serial", OLD],
+    );
+    publish_image(&origin, &w.secret, &noble, &["--alias", "lts"]);
+    let bundle = w.d.work.path().join("into-a.tar");
+    let out = imgsrv_any(&[
+        "export",
+        "--data",
+        s(origin.data_dir()),
+        "--key",
+        s(&w.secret),
+        "-o",
+        s(&bundle),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let fp = noble.container_fingerprint();
+    assert!(!all_stream_fingerprints(b, None).contains(&fp));
+    let mut args = vec!["import".to_string()];
+    args.extend(server_args(a, &a.admin_token_file()));
+    args.push(s(&bundle).into());
+    let out = imgsrv_any(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("imported 1 version(s)"),
+        "{}",
+        text(&out)
+    );
+    let incus = Incus::new(b.cert());
+    incus.remote_add("r", &b.url());
+    assert!(set(incus.fingerprints("r:")).contains(&fp));
+    assert_eq!(incus.info_fingerprint(&["r:ubuntu-noble/lts"]), fp);
+    let p = format!("/v1/images/ubuntu-noble/versions/{OLD}");
+    for suffix in ["/manifest", "/manifest.minisig"] {
+        assert!(
+            b.get_ok(&format!("{p}{suffix}")) == origin.get_ok(&format!("{p}{suffix}")),
+            "{p}{suffix} differs"
+        );
+    }
+    let ex = dir(&w.d, "export-imported");
+    incus.run(&["image", "export", "r:ubuntu-noble", s(&ex)]);
+    assert_eq!(single_file(&ex, ".incus.tar.xz"), read(&noble.metadata));
+    assert_eq!(single_file(&ex, ".squashfs"), read(noble.rootfs()));
+}
+
+/// Step 4: Principals, roles and scopes, made on A's data directory, honoured by both.
+fn identity_matrix(w: &World) {
+    let (a, b) = (&w.d.a, &w.d.b);
+    let admin = a.admin_token();
+    let version_count = |image: &str, version: &str| {
+        psql(
+            &w.d.url,
+            &format!(
+                "SELECT count(*) FROM image_versions v JOIN images i ON i.id = v.image_id \
+                 WHERE i.name = '{image}' AND v.version = '{version}'"
+            ),
+        )
+    };
+
+    // a content-writer on debian-* publishes through B inside its scope ...
+    let (ci_id, ci_token) =
+        principal_with_token(a.data_dir(), "ci", &[("content-writer", "debian-*")]);
+    let new = make_test_image(dir(&w.d, "deb-new"), &["--serial", NEW]);
+    let publish_as = |server: &TestServer, token: &Path, img: &TestImage, extra: &[&str]| {
+        let mut args = vec!["publish".to_string()];
+        args.extend(server_args(server, token));
+        args.extend(["--key".into(), s(&w.secret).into()]);
+        args.extend(extra.iter().map(|x| x.to_string()));
+        args.push(s(&img.metadata).into());
+        args.push(s(img.rootfs()).into());
+        imgsrv_any(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = publish_as(b, &ci_token, &new, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(all_stream_fingerprints(a, None).contains(&new.container_fingerprint()));
+    let on_a = Incus::new(a.cert());
+    on_a.remote_add("r", &a.url());
+    assert_eq!(
+        on_a.info_fingerprint(&[&format!("r:{IMAGE}")]),
+        new.container_fingerprint(),
+        "A's newest debian-bookworm"
+    );
+    // ... and not outside it: refused, nothing made
+    let outside = make_test_image(
+        dir(&w.d, "outside"),
+        &["--os", "Ubuntu", "--release", "jammy", "--serial", NEW],
+    );
+    let out = publish_as(b, &ci_token, &outside, &[]);
+    assert!(
+        !out.status.success(),
+        "published outside its scope: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("403"), "{}", text(&out));
+    let out = publish_as(b, &ci_token, &outside, &["--image", "ubuntu-noble"]);
+    assert!(
+        !out.status.success(),
+        "published outside its scope: {}",
+        text(&out)
+    );
+    assert_eq!(version_count("ubuntu-jammy", NEW), "0");
+    assert_eq!(version_count("ubuntu-noble", NEW), "0");
+    assert!(!all_stream_fingerprints(b, Some(&admin)).contains(&outside.container_fingerprint()));
+
+    // a private image, published through A; a reader of secret-* sees it on both
+    // instances, an anonymous caller on neither
+    let secret_img = make_test_image(
+        dir(&w.d, "secret"),
+        &["--os", "Secret", "--release", "one", "--serial", OLD],
+    );
+    publish_image(a, &w.secret, &secret_img, &["--private"]);
+    let sfp = secret_img.container_fingerprint();
+    let (lab_id, lab_file) = principal_with_token(a.data_dir(), "lab", &[("reader", "secret-*")]);
+    let lab = read_token(&lab_file);
+    let manifest = format!("/v1/images/secret-one/versions/{OLD}/manifest");
+    for server in [a, b] {
+        assert!(listed_images(server, Some(&lab)).contains("secret-one"));
+        assert!(!listed_images(server, None).contains("secret-one"));
+        assert!(all_stream_fingerprints(server, Some(&lab)).contains(&sfp));
+        assert!(!all_stream_fingerprints(server, None).contains(&sfp));
+        let url = format!("{}{manifest}", server.url());
+        assert_eq!(curl(server, &url, Some(&lab), &[]).0, 200);
+        assert_eq!(curl(server, &url, None, &[]).0, 404);
+    }
+    // and the stock client through B, the reader's token in the remote's URL
+    let reader = Incus::new(b.cert());
+    reader.remote_add(
+        "p",
+        &b.url().replace("https://", &format!("https://lab:{lab}@")),
+    );
+    assert!(set(reader.fingerprints("p:")).contains(&sfp));
+    let ex = dir(&w.d, "export-private");
+    reader.run(&["image", "export", "p:secret-one", s(&ex)]);
+    assert_eq!(single_file(&ex, ".squashfs"), read(secret_img.rootfs()));
+    let anon = Incus::new(b.cert());
+    anon.remote_add("r", &b.url());
+    assert!(!set(anon.fingerprints("r:")).contains(&sfp));
+    assert!(!anon
+        .try_run(&["image", "info", "r:secret-one"])
+        .status
+        .success());
+
+    // tokens revoked on A are refused by B at the very next request: the reader's by
+    // `imgsrv token revoke` on A's data directory, the writer's through A's API
+    let url = format!("{}{manifest}", b.url());
+    assert_eq!(curl(b, &url, Some(&lab), &[]).0, 200);
+    let out = imgsrv(&["token", "revoke", "--data", s(a.data_dir()), &lab_id]);
+    assert!(text(&out).contains("revoked"), "{}", text(&out));
+    assert_eq!(
+        curl(b, &url, Some(&lab), &[]).0,
+        401,
+        "B still takes a token revoked on A"
+    );
+    assert_eq!(
+        curl(a, &url.replace(&b.url(), &a.url()), Some(&lab), &[]).0,
+        401
+    );
+    assert!(!all_stream_fingerprints(b, None).contains(&sfp));
+
+    let ci = read_token(&ci_token);
+    assert_eq!(call(b, &ci, "GET", "/v1/images", b"").0, 200);
+    let (st, body) = call(
+        a,
+        &admin,
+        "DELETE",
+        &format!("/v1/auth/api-tokens/{ci_id}"),
+        b"",
+    );
+    assert!(
+        (200..300).contains(&st),
+        "{st}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        call(b, &ci, "GET", "/v1/images", b"").0,
+        401,
+        "B still takes a token revoked on A"
+    );
+    let newer = make_test_image(dir(&w.d, "deb-newer"), &["--serial", "20260103_0000"]);
+    let out = publish_as(b, &ci_token, &newer, &[]);
+    assert!(
+        !out.status.success(),
+        "published with a revoked token: {}",
+        text(&out)
+    );
+    assert_eq!(version_count(IMAGE, "20260103_0000"), "0");
+}
+
+fn read_token(file: &Path) -> String {
+    fs::read_to_string(file).unwrap().trim().to_string()
+}
