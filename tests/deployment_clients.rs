@@ -28,6 +28,7 @@ mod pg;
 mod support;
 
 use deployment::*;
+use serde_json::Value;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -178,6 +179,8 @@ struct World {
     secret: PathBuf,
     /// debian-bookworm OLD, container and VM, published through A (alias `stable`).
     deb: TestImage,
+    /// debian-bookworm NEW, a container, published through A in step 1b.
+    deb_new: TestImage,
 }
 
 #[test]
@@ -189,11 +192,13 @@ fn the_user_facing_clients_work_across_two_instances_on_postgres_and_garage() {
     let (public, secret) = minisign_keypair(dir(&d, "release"));
     trust_key(d.a.data_dir(), Some("release"), &public);
     let deb = make_test_image(dir(&d, "deb"), &["--serial", OLD, "--type", "both"]);
+    let deb_new = make_test_image(dir(&d, "deb-new"), &["--serial", NEW]);
     let w = World {
         d,
         public,
         secret,
         deb,
+        deb_new,
     };
     let step = |name: &str| eprintln!("[{:>5.1}s] {name}", t0.elapsed().as_secs_f64());
 
@@ -204,9 +209,9 @@ fn the_user_facing_clients_work_across_two_instances_on_postgres_and_garage() {
     step("2. mirror into the deployment");
     mirror_into_the_deployment(&w);
     step("3. bundles out of B and into A");
-    bundles(&w);
+    let noble_fp = bundles(&w);
     step("4. the identity matrix across A and B");
-    identity_matrix(&w);
+    identity_matrix(&w, &noble_fp);
     step("done");
 }
 
@@ -297,34 +302,105 @@ fn publish_on_a_read_through_b(w: &World) {
     assert_eq!(served(a, "/1.0/images/"), 0, "{}", a.log_text());
 }
 
-/// Step 1b: A real Incus daemon launches the container published through A from B (as
-/// tests/incus.rs does it: a Simple Streams remote, the daemon trusting B's certificate).
+/// Step 1b: A real Incus daemon copies the container published through A from B over
+/// the Incus protocol with `--auto-update` (as tests/incus_api.rs does); a newer build
+/// published through A is what `incus image refresh` then takes from B; the daemon
+/// launches both, the older one from B's Simple Streams (as tests/incus.rs does it, the
+/// daemon trusting B's certificate).
 fn launch_from_b(w: &World) {
-    let b = &w.d.b;
+    let (a, b) = (&w.d.a, &w.d.b);
+    let (old_ct, new_ct) = (
+        w.deb.container_fingerprint(),
+        w.deb_new.container_fingerprint(),
+    );
     let _daemon = IncusDaemon::up(b.cert());
     let incus = Incus::new(b.cert());
     incus.remote_add("r", &b.url());
-    let before = served(b, "/download/");
-    incus.run(&["launch", &format!("r:{IMAGE}/stable"), "c1"]);
-    let list = incus.json(&["list"]);
-    let c = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "c1")
-        .unwrap_or_else(|| panic!("c1 missing: {list}"));
-    assert_eq!(c["status"], "Running", "{c}");
+    incus.remote_add_incus("api", &b.url());
+    let exports = |fp: &str| served(b, &format!("/1.0/images/{fp}/export"));
+
+    // a copy following the alias, over the Incus protocol
+    let before = exports(&old_ct);
+    incus.run(&[
+        "image",
+        "copy",
+        "api:debian/bookworm",
+        "local:",
+        "--auto-update",
+        "--alias",
+        "mine",
+    ]);
+    let local = |alias: &str| -> Value {
+        let list = incus.json(&["image", "list", "local:"]);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| {
+                i["aliases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|a| a["name"] == alias)
+            })
+            .unwrap_or_else(|| panic!("no local image aliased {alias}: {list}"))
+            .clone()
+    };
+    let copied = local("mine");
+    assert_eq!(copied["fingerprint"], old_ct.as_str(), "{copied}");
+    assert_eq!(copied["update_source"]["protocol"], "incus", "{copied}");
     assert_eq!(
-        incus
-            .stdout(&["exec", "c1", "--", "cat", "/etc/imgsrv-test-marker"])
-            .trim(),
-        OLD
+        copied["update_source"]["server"],
+        b.url().as_str(),
+        "{copied}"
     );
-    assert!(set(incus.fingerprints("local:")).contains(&w.deb.container_fingerprint()));
+    assert_eq!(
+        served_at_least(b, &format!("/1.0/images/{old_ct}/export"), before + 1),
+        before + 1,
+        "the daemon did not take it from B"
+    );
+    let out = incus.stdout(&["image", "refresh", "mine"]);
+    assert!(out.contains("already up to date"), "{out}");
+
+    // a newer build through A: B's alias follows at once, the refresh takes it
+    let out = publish_image(a, &w.secret, &w.deb_new, &[]);
+    assert!(out.contains(&new_ct), "{out}");
+    let out = incus.stdout(&["image", "refresh", "mine"]);
+    assert!(out.contains("refreshed successfully"), "{out}");
+    assert_eq!(local("mine")["fingerprint"], new_ct.as_str());
+    assert_eq!(
+        served_at_least(b, &format!("/1.0/images/{new_ct}/export"), 1),
+        1
+    );
+    assert_eq!(exports(&new_ct), 1);
+
+    // launched: the older one from B's Simple Streams (no longer local), the newer by
+    // the local alias
+    let downloads = served(b, "/download/");
+    incus.run(&["launch", &format!("r:{IMAGE}/stable"), "c1"]);
+    incus.run(&["launch", "mine", "c2"]);
+    let list = incus.json(&["list"]);
+    for (name, marker) in [("c1", OLD), ("c2", NEW)] {
+        let c = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {list}"));
+        assert_eq!(c["status"], "Running", "{c}");
+        assert_eq!(
+            incus
+                .stdout(&["exec", name, "--", "cat", "/etc/imgsrv-test-marker"])
+                .trim(),
+            marker,
+            "{name}"
+        );
+    }
     assert!(
-        served(b, "/download/") > before,
-        "the daemon did not download from B"
+        served_at_least(b, "/download/", downloads + 1) > downloads,
+        "the daemon did not download from B's Simple Streams"
     );
+    assert!(set(incus.fingerprints("local:")).contains(&old_ct));
+    assert_eq!(served(a, "/1.0/images/"), 0, "{}", a.log_text());
 }
 
 /// Step 2: `imgsrv mirror` from an embedded imgsrv upstream into the deployment: natively
@@ -446,6 +522,7 @@ fn mirror_into_the_deployment(w: &World) {
         fed.container_fingerprint(),
         w.deb.container_fingerprint(),
         w.deb.vm_fingerprint(),
+        w.deb_new.container_fingerprint(),
     ]);
     assert_eq!(set(incus.fingerprints("r:")), want);
     let upstream_fps = incus_fingerprints(&up);
@@ -467,8 +544,9 @@ fn mirror_into_the_deployment(w: &World) {
 }
 
 /// Step 3: A bundle exported from B serves the same fingerprints on a fresh embedded
-/// appliance; a bundle from an embedded site imported into A is served by B.
-fn bundles(w: &World) {
+/// appliance; a bundle from an embedded site imported into A is served by B (its
+/// fingerprint returned: `ubuntu-noble`, alias `lts`).
+fn bundles(w: &World) -> String {
     let (a, b, deb) = (&w.d.a, &w.d.b, &w.deb);
     let (ct, vm) = (deb.container_fingerprint(), deb.vm_fingerprint());
 
@@ -487,7 +565,7 @@ fn bundles(w: &World) {
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("1 version(s), 3 blob(s)"),
+        text(&out).contains("2 version(s), 5 blob(s)"),
         "{}",
         text(&out)
     );
@@ -496,11 +574,14 @@ fn bundles(w: &World) {
     let out = imgsrv_any(&["import", "--data", s(site.data_dir()), s(&bundle)]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("imported 1 version(s)"),
+        text(&out).contains("imported 2 version(s)"),
         "{}",
         text(&out)
     );
-    assert_eq!(incus_fingerprints(&site), set([ct.clone(), vm.clone()]));
+    assert_eq!(
+        incus_fingerprints(&site),
+        set([ct.clone(), vm.clone(), w.deb_new.container_fingerprint()])
+    );
     let p = format!("/v1/images/{IMAGE}/versions/{OLD}");
     for suffix in ["/manifest", "/manifest.minisig"] {
         assert!(
@@ -561,10 +642,13 @@ fn bundles(w: &World) {
     incus.run(&["image", "export", "r:ubuntu-noble", s(&ex)]);
     assert_eq!(single_file(&ex, ".incus.tar.xz"), read(&noble.metadata));
     assert_eq!(single_file(&ex, ".squashfs"), read(noble.rootfs()));
+    fp
 }
 
 /// Step 4: Principals, roles and scopes, made on A's data directory, honoured by both.
-fn identity_matrix(w: &World) {
+fn identity_matrix(w: &World, noble_fp: &str) {
+    const V3: &str = "20260103_0000";
+    const V4: &str = "20260104_0000";
     let (a, b) = (&w.d.a, &w.d.b);
     let admin = a.admin_token();
     let version_count = |image: &str, version: &str| {
@@ -576,11 +660,6 @@ fn identity_matrix(w: &World) {
             ),
         )
     };
-
-    // a content-writer on debian-* publishes through B inside its scope ...
-    let (ci_id, ci_token) =
-        principal_with_token(a.data_dir(), "ci", &[("content-writer", "debian-*")]);
-    let new = make_test_image(dir(&w.d, "deb-new"), &["--serial", NEW]);
     let publish_as = |server: &TestServer, token: &Path, img: &TestImage, extra: &[&str]| {
         let mut args = vec!["publish".to_string()];
         args.extend(server_args(server, token));
@@ -590,37 +669,65 @@ fn identity_matrix(w: &World) {
         args.push(s(img.rootfs()).into());
         imgsrv_any(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    let out = publish_as(b, &ci_token, &new, &[]);
+    let anonymous_sees = |server: &TestServer, image: &str| {
+        let i = Incus::new(server.cert());
+        i.remote_add("r", &server.url());
+        i.info_fingerprint(&[&format!("r:{image}")])
+    };
+
+    // a content-writer on debian-* publishes through B inside its scope ...
+    let (ci_id, ci_file) =
+        principal_with_token(a.data_dir(), "ci", &[("content-writer", "debian-*")]);
+    let v3 = make_test_image(dir(&w.d, "deb-v3"), &["--serial", V3]);
+    let out = publish_as(b, &ci_file, &v3, &[]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(all_stream_fingerprints(a, None).contains(&new.container_fingerprint()));
-    let on_a = Incus::new(a.cert());
-    on_a.remote_add("r", &a.url());
     assert_eq!(
-        on_a.info_fingerprint(&[&format!("r:{IMAGE}")]),
-        new.container_fingerprint(),
-        "A's newest debian-bookworm"
+        anonymous_sees(a, IMAGE),
+        v3.container_fingerprint(),
+        "A's newest {IMAGE}"
     );
     // ... and not outside it: refused, nothing made
     let outside = make_test_image(
         dir(&w.d, "outside"),
-        &["--os", "Ubuntu", "--release", "jammy", "--serial", NEW],
+        &["--os", "Ubuntu", "--release", "jammy", "--serial", V3],
     );
-    let out = publish_as(b, &ci_token, &outside, &[]);
+    let out = publish_as(b, &ci_file, &outside, &[]);
     assert!(
         !out.status.success(),
         "published outside its scope: {}",
         text(&out)
     );
-    assert!(text(&out).contains("403"), "{}", text(&out));
-    let out = publish_as(b, &ci_token, &outside, &["--image", "ubuntu-noble"]);
+    assert!(
+        text(&out).contains("HTTP 403") && text(&out).contains("ubuntu-jammy"),
+        "{}",
+        text(&out)
+    );
+    let out = publish_as(b, &ci_file, &outside, &["--image", "ubuntu-noble"]);
     assert!(
         !out.status.success(),
         "published outside its scope: {}",
         text(&out)
     );
-    assert_eq!(version_count("ubuntu-jammy", NEW), "0");
-    assert_eq!(version_count("ubuntu-noble", NEW), "0");
+    assert!(text(&out).contains("HTTP 403"), "{}", text(&out));
+    assert_eq!(version_count("ubuntu-jammy", V3), "0");
+    assert_eq!(version_count("ubuntu-noble", V3), "0");
     assert!(!all_stream_fingerprints(b, Some(&admin)).contains(&outside.container_fingerprint()));
+    // nor may it retire what is outside (ubuntu-noble came in the bundle of step 3)
+    let retire = |token: &Path, image: &str, version: &str| {
+        let mut args = vec!["version".to_string(), "retire".into()];
+        args.extend(server_args(b, token));
+        args.extend([
+            "--reason".into(),
+            "test".into(),
+            image.into(),
+            version.into(),
+        ]);
+        imgsrv_any(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = retire(&ci_file, "ubuntu-noble", OLD);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("HTTP 403"), "{}", text(&out));
+    assert!(all_stream_fingerprints(a, None).contains(noble_fp));
 
     // a private image, published through A; a reader of secret-* sees it on both
     // instances, an anonymous caller on neither
@@ -633,14 +740,16 @@ fn identity_matrix(w: &World) {
     let (lab_id, lab_file) = principal_with_token(a.data_dir(), "lab", &[("reader", "secret-*")]);
     let lab = read_token(&lab_file);
     let manifest = format!("/v1/images/secret-one/versions/{OLD}/manifest");
+    let manifest_status = |server: &TestServer, token: Option<&str>| {
+        curl(server, &format!("{}{manifest}", server.url()), token, &[]).0
+    };
     for server in [a, b] {
         assert!(listed_images(server, Some(&lab)).contains("secret-one"));
         assert!(!listed_images(server, None).contains("secret-one"));
         assert!(all_stream_fingerprints(server, Some(&lab)).contains(&sfp));
         assert!(!all_stream_fingerprints(server, None).contains(&sfp));
-        let url = format!("{}{manifest}", server.url());
-        assert_eq!(curl(server, &url, Some(&lab), &[]).0, 200);
-        assert_eq!(curl(server, &url, None, &[]).0, 404);
+        assert_eq!(manifest_status(server, Some(&lab)), 200);
+        assert_eq!(manifest_status(server, None), 404);
     }
     // and the stock client through B, the reader's token in the remote's URL
     let reader = Incus::new(b.cert());
@@ -660,24 +769,47 @@ fn identity_matrix(w: &World) {
         .status
         .success());
 
+    // the grant removed on A: B hides the image from the reader at its next request
+    // (the token itself still authenticates)
+    imgsrv(&[
+        "grant",
+        "rm",
+        "--data",
+        s(a.data_dir()),
+        "lab",
+        "reader",
+        "secret-*",
+    ]);
+    assert_eq!(
+        manifest_status(b, Some(&lab)),
+        404,
+        "B still honours a removed grant"
+    );
+    assert!(!all_stream_fingerprints(b, Some(&lab)).contains(&sfp));
+    assert!(listed_images(b, Some(&lab)).contains(IMAGE));
+    imgsrv(&[
+        "grant",
+        "add",
+        "--data",
+        s(a.data_dir()),
+        "lab",
+        "reader",
+        "secret-*",
+    ]);
+    assert_eq!(manifest_status(b, Some(&lab)), 200);
+
     // tokens revoked on A are refused by B at the very next request: the reader's by
     // `imgsrv token revoke` on A's data directory, the writer's through A's API
-    let url = format!("{}{manifest}", b.url());
-    assert_eq!(curl(b, &url, Some(&lab), &[]).0, 200);
     let out = imgsrv(&["token", "revoke", "--data", s(a.data_dir()), &lab_id]);
     assert!(text(&out).contains("revoked"), "{}", text(&out));
     assert_eq!(
-        curl(b, &url, Some(&lab), &[]).0,
+        manifest_status(b, Some(&lab)),
         401,
         "B still takes a token revoked on A"
     );
-    assert_eq!(
-        curl(a, &url.replace(&b.url(), &a.url()), Some(&lab), &[]).0,
-        401
-    );
-    assert!(!all_stream_fingerprints(b, None).contains(&sfp));
+    assert_eq!(manifest_status(a, Some(&lab)), 401);
 
-    let ci = read_token(&ci_token);
+    let ci = read_token(&ci_file);
     assert_eq!(call(b, &ci, "GET", "/v1/images", b"").0, 200);
     let (st, body) = call(
         a,
@@ -696,14 +828,33 @@ fn identity_matrix(w: &World) {
         401,
         "B still takes a token revoked on A"
     );
-    let newer = make_test_image(dir(&w.d, "deb-newer"), &["--serial", "20260103_0000"]);
-    let out = publish_as(b, &ci_token, &newer, &[]);
+    let v4 = make_test_image(dir(&w.d, "deb-v4"), &["--serial", V4]);
+    let out = publish_as(b, &ci_file, &v4, &[]);
     assert!(
         !out.status.success(),
         "published with a revoked token: {}",
         text(&out)
     );
-    assert_eq!(version_count(IMAGE, "20260103_0000"), "0");
+    assert!(text(&out).contains("HTTP 401"), "{}", text(&out));
+    assert_eq!(version_count(IMAGE, V4), "0");
+
+    // what the admin changes through B, A serves on its next request: the private
+    // image made public, the scoped writer's version retired
+    let mut args = vec!["image".to_string(), "set-visibility".into()];
+    args.extend(server_args(b, &b.admin_token_file()));
+    args.extend(["secret-one".into(), "public".into()]);
+    let out = imgsrv_any(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(manifest_status(a, None), 200);
+    assert_eq!(anonymous_sees(a, "secret-one"), sfp);
+    let out = retire(&b.admin_token_file(), IMAGE, V3);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!all_stream_fingerprints(a, None).contains(&v3.container_fingerprint()));
+    assert_eq!(
+        anonymous_sees(a, IMAGE),
+        w.deb_new.container_fingerprint(),
+        "A's alias did not move back"
+    );
 }
 
 fn read_token(file: &Path) -> String {
