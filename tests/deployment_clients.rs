@@ -642,6 +642,43 @@ fn bundles(w: &World) -> String {
     incus.run(&["image", "export", "r:ubuntu-noble", s(&ex)]);
     assert_eq!(single_file(&ex, ".incus.tar.xz"), read(&noble.metadata));
     assert_eq!(single_file(&ex, ".squashfs"), read(noble.rootfs()));
+
+    // and on through B's API into the appliance: the same fingerprint and alias there
+    let bundle = w.d.work.path().join("through-b.tar");
+    let mut args = vec!["export".to_string()];
+    args.extend(server_args(b, &b.admin_token_file()));
+    args.extend(
+        [
+            "--key",
+            s(&w.secret),
+            "--image",
+            "ubuntu-*",
+            "-o",
+            s(&bundle),
+        ]
+        .map(String::from),
+    );
+    let out = imgsrv_any(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 version(s), 2 blob(s)"),
+        "{}",
+        text(&out)
+    );
+    let out = imgsrv_any(&["import", "--data", s(site.data_dir()), s(&bundle)]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("imported 1 version(s)"),
+        "{}",
+        text(&out)
+    );
+    let on_site = Incus::new(site.cert());
+    on_site.remote_add("r", &site.url());
+    assert_eq!(
+        set(on_site.fingerprints("r:")),
+        set([ct, vm, w.deb_new.container_fingerprint(), fp.clone()])
+    );
+    assert_eq!(on_site.info_fingerprint(&["r:ubuntu-noble/lts"]), fp);
     fp
 }
 
