@@ -4,16 +4,20 @@
 //! (tests/fixtures/garage-harness); what goes in through one comes out of the other:
 //!
 //! 1. `imgsrv publish` into A; the stock `incus` client lists, inspects and exports
-//!    through B over Simple Streams and over the Incus REST protocol, byte for byte, and
-//!    a real Incus daemon (tests/fixtures/incusd-harness) launches a container from B;
+//!    through B over Simple Streams and over the Incus REST protocol, byte for byte; a
+//!    real Incus daemon (tests/fixtures/incusd-harness) copies from B with
+//!    `--auto-update`, takes a newer build published through A at `incus image refresh`,
+//!    and launches containers from B (no VMs: no KVM here);
 //! 2. `imgsrv mirror` from an embedded imgsrv upstream into A (the upstream's own
 //!    signatures kept, through A's API) and from its Simple Streams into A's data
 //!    directory (re-signed); B serves the same fingerprints;
 //! 3. a bundle exported from B imports into a fresh embedded appliance, and a bundle
-//!    from an embedded site imported into A is served by B, same fingerprints;
+//!    from an embedded site imported into A is served by B (and exported again through
+//!    B's API), same fingerprints;
 //! 4. the identity matrix across the two: a scoped writer publishes through B inside
 //!    its scope and not outside; a reader of private images sees them on both, an
-//!    anonymous caller on neither; tokens revoked on A are refused by B at once.
+//!    anonymous caller on neither; a grant removed and tokens revoked on A are refused
+//!    by B at its next request; visibility and retirement set through B, served by A.
 //!
 //! One deployment, the steps in order in one test (each builds on what the earlier
 //! ones published).
