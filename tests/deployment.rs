@@ -8,133 +8,20 @@
 //! throttle, are the same for both (they are in the database).
 #![cfg(all(feature = "postgres", feature = "s3"))]
 
+#[path = "support/deployment.rs"]
+mod deployment;
 #[path = "support/garage.rs"]
 mod garage;
 #[path = "support/pg.rs"]
 mod pg;
 mod support;
 
+use deployment::*;
 use serde_json::{json, Value};
 use std::fs;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::*;
-
-/// The `imgsrv.toml` of an instance of the deployment.
-fn deployment_config(url: &str, raw: &garage::Raw, secret_file: &std::path::Path) -> String {
-    let o = raw.options();
-    format!(
-        "metrics_listen = \"\"\n\
-         [storage]\ncatalog = \"postgres\"\npostgres_url = \"{url}\"\nblobs = \"s3\"\n\
-         [storage.s3]\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\n\
-         access_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\npath_style = true\n",
-        o.endpoint,
-        o.bucket,
-        o.region,
-        o.access_key_id,
-        secret_file.display()
-    )
-}
-
-/// A JSON API call with `token` (curl: the real client side of the wire).
-fn call(server: &TestServer, token: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let auth = format!("Authorization: Bearer {token}");
-    let mut args = vec!["-X", method, "-H", auth.as_str(), "--data-binary", "@-"];
-    if body.first() == Some(&b'{') {
-        args.extend(["-H", "Content-Type: application/json"]);
-    }
-    curl_stdin(server, path, &args, body)
-}
-
-fn curl_stdin(server: &TestServer, path: &str, args: &[&str], body: &[u8]) -> (u16, Vec<u8>) {
-    use std::io::Write;
-    let mut child = Command::new("curl")
-        .args(["-sS", "--cacert"])
-        .arg(server.cert())
-        .args(["-w", "\n%{http_code}"])
-        .args(args)
-        .arg(format!("{}{path}", server.url()))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("curl");
-    child.stdin.take().unwrap().write_all(body).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "curl {path}");
-    let mut b = out.stdout;
-    let nl = b.iter().rposition(|&c| c == b'\n').unwrap();
-    let status = String::from_utf8_lossy(&b[nl + 1..])
-        .trim()
-        .parse()
-        .unwrap();
-    b.truncate(nl);
-    (status, b)
-}
-
-fn json_of(b: &[u8]) -> Value {
-    serde_json::from_slice(b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(b)))
-}
-
-/// The fingerprints of `server`'s Simple Streams index, sorted.
-fn stream_fingerprints(server: &TestServer) -> Vec<String> {
-    let ij: Value = serde_json::from_slice(&server.get_ok("/streams/v1/images.json")).unwrap();
-    let mut out = Vec::new();
-    for p in ij["products"].as_object().unwrap().values() {
-        for v in p["versions"].as_object().unwrap().values() {
-            for it in v["items"].as_object().unwrap().values() {
-                if let Some(fp) = it["combined_squashfs_sha256"].as_str() {
-                    out.push(fp.to_string());
-                }
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Two instances on one fresh database and one bucket.
-struct Deployment {
-    a: TestServer,
-    b: TestServer,
-    raw: garage::Raw,
-    /// The database's URL.
-    url: String,
-    work: tempfile::TempDir,
-}
-
-fn deployment(test: &str) -> Deployment {
-    let work = temp_dir(test);
-    let url = pg::database(pg::shared());
-    let (_store, raw) = garage::store_and_raw(test);
-    let secret = work.path().join("s3.secret");
-    fs::write(&secret, format!("{}\n", raw.options().secret_access_key)).unwrap();
-    let config = deployment_config(&url, &raw, &secret);
-    let a = TestServer::start_configured(&config);
-    let b = TestServer::start_configured(&config);
-    Deployment {
-        a,
-        b,
-        raw,
-        url,
-        work,
-    }
-}
-
-/// `psql -At URL -c SQL`: its stdout, trimmed.
-fn psql(url: &str, sql: &str) -> String {
-    let out = run_ok(Command::new("psql").args([
-        "-X",
-        "-q",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-At",
-        url,
-        "-c",
-        sql,
-    ]));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 #[test]
 fn two_instances_share_one_database_and_one_bucket() {
