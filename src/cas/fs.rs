@@ -197,10 +197,11 @@ impl FsStore {
 
     /// Copies exactly `len` bytes from `reader` into `out` while hashing.
     ///
-    /// Large copies hash on a second thread while this one reads and writes
-    /// (ingest is then bounded by the slower of the two, not their sum), and
-    /// start the kernel's writeback as they go so that the final fsync has
-    /// little left to wait for. No more than a few buffers are in memory.
+    /// Large copies read, write and hash on three threads (ingest is then
+    /// bounded by the slowest of the three, not their sum), write directly to the
+    /// device where the filesystem allows it ([`direct`]), and start the kernel's
+    /// writeback of anything else as they go so that the final fsync has little
+    /// left to wait for. No more than a few buffers are in memory.
     fn copy_hashing(
         reader: &mut dyn Read,
         out: &mut File,
@@ -220,50 +221,75 @@ impl FsStore {
             return Ok(());
         }
         use direct::AlignedBuf;
-        let (to_hash, hash_rx) = mpsc::sync_channel::<(AlignedBuf, usize)>(PIPELINE_BUFFERS);
+        // reader (this thread) -> writer -> hasher -> back to the reader
+        type Chunk = (AlignedBuf, usize);
+        let (to_write, write_rx) = mpsc::sync_channel::<Chunk>(PIPELINE_BUFFERS);
+        let (to_hash, hash_rx) = mpsc::sync_channel::<Chunk>(PIPELINE_BUFFERS);
         let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
         for _ in 0..PIPELINE_BUFFERS + 1 {
             free_tx.send(AlignedBuf::new(BUF)).expect("receiver alive");
         }
         let mut local = std::mem::take(hasher);
-        let result = std::thread::scope(|scope| {
-            let file: &File = out;
-            let worker = scope.spawn(move || {
-                let (mut done, mut synced) = (0u64, 0u64);
+        let file: &File = out;
+        let (read, wrote, hashed) = std::thread::scope(|scope| {
+            let hashing = scope.spawn(move || {
                 for (buf, n) in hash_rx {
                     local.update(&buf[..n]);
-                    // the copier may have stopped early; then nobody needs it back
+                    // the reader may have stopped early; then nobody needs it back
                     let _ = free_tx.send(buf);
-                    // Bytes handed over here are already written. Starting their
-                    // writeback from this thread keeps a full device queue from
-                    // stalling the copy.
+                }
+                local
+            });
+            // A writer of its own: a direct write waits for the device, and the
+            // reader should not (a socket's sender would stall meanwhile). It
+            // starts the kernel's writeback of what went through the page cache so
+            // that a full device queue does not stall the copy either. On an
+            // error it stops, and so does everything else.
+            let writing = scope.spawn(move || -> Result<()> {
+                let mut w = direct::Writer::new(file);
+                let (mut done, mut synced) = (0u64, 0u64);
+                for (buf, n) in write_rx {
+                    w.write_chunk(&buf[..n]).map_err(io_err("write", path))?;
                     done += n as u64;
                     if done - synced >= WRITEBACK_STEP {
                         start_writeback(file, synced, done - synced);
                         synced = done;
                     }
-                }
-                local
-            });
-            let copied = (|| {
-                let mut done = 0u64;
-                let mut w = direct::Writer::new(file);
-                while done < len {
-                    let mut buf = free_rx
-                        .recv()
-                        .expect("hasher returns buffers until the copy ends");
-                    let n = fill(reader, &mut buf, len - done, len, done, path)?;
-                    w.write_chunk(&buf[..n]).map_err(io_err("write", path))?;
-                    done += n as u64;
-                    to_hash.send((buf, n)).expect("hasher alive");
+                    if to_hash.send((buf, n)).is_err() {
+                        break;
+                    }
                 }
                 Ok(())
+            });
+            let read = (|| {
+                let mut done = 0u64;
+                while done < len {
+                    // none comes back once the writer or the hasher stopped
+                    let Ok(mut buf) = free_rx.recv() else {
+                        return Ok(false);
+                    };
+                    let n = fill(reader, &mut buf, len - done, len, done, path)?;
+                    done += n as u64;
+                    if to_write.send((buf, n)).is_err() {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
             })();
-            drop(to_hash);
-            let h = worker.join().expect("hashing thread does not panic");
-            copied.map(|()| h)
+            drop(to_write);
+            let wrote = writing.join().expect("writing thread does not panic");
+            let hashed = hashing.join().expect("hashing thread does not panic");
+            (read, wrote, hashed)
         });
-        *hasher = result?;
+        match (read?, wrote) {
+            (_, Err(e)) => return Err(e),
+            (true, Ok(())) => {}
+            // (the pipeline stops early only on an error, reported above)
+            (false, Ok(())) => {
+                return Err(io_err("write", path)(io::Error::other("the copy stopped early")))
+            }
+        }
+        *hasher = hashed;
         Ok(())
     }
 
