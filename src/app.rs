@@ -160,6 +160,14 @@ impl App {
             Err(CasError::Full { reason, .. }) => {
                 reasons.push(format!("the blob store is full: {reason}"));
             }
+            Err(e @ CasError::Unavailable { .. }) => {
+                reasons.push(
+                    "the blob store cannot be reached (down or restarting; the server log \
+                     says why)"
+                        .into(),
+                );
+                errors.push(format!("blob store: {e}"));
+            }
             Err(CasError::Io { op, source, .. }) => {
                 let why = os_words(&source);
                 reasons.push(format!("the blob store cannot be written: {op}: {why}"));

@@ -21,16 +21,19 @@
 //! are the same). What the caller may not see is `404`, never a hint that it exists.
 //!
 //! Once the rule allows it, the bytes are opened through [`App::open_download`], which
-//! checks that the store has the blob with the size the catalog gives (one `stat`).
-//! A blob a scrub quarantined, or one missing or of the wrong size, answers `503` with
-//! what repairs it ([`ServeError::Unavailable`]): never wrong bytes, never a bare
-//! `500`. A flipped byte in a blob of the right size is not caught here: that would
+//! checks that the store has the blob with the size the catalog gives (one
+//! [`crate::cas::BlobStore::stat_served`]). A blob a scrub quarantined, one missing or
+//! of the wrong size, and one the store can tell was replaced behind imgsrv's back
+//! (the S3 store's objects carry the digest they were checked against) answer `503`
+//! with what repairs it ([`ServeError::Unavailable`]): never wrong bytes, never a bare
+//! `500`. A blob store that cannot be reached answers `503` with Retry-After. A
+//! flipped byte in a local blob of the right size is not caught here: that would
 //! mean hashing every download, which costs as much as the download itself; `imgsrv
 //! scrub` (and its periodic run in `serve`) is what finds it and quarantines the blob.
 
 use crate::app::App;
 use crate::auth::{Caller, ACTION_CONTENT_READ, ACTION_CONTENT_WRITE};
-use crate::cas::CasError;
+use crate::cas::{CasError, Stored};
 use crate::catalog::BlobRef;
 use crate::digest::Digest;
 use crate::sign::TrustedKey;
@@ -147,14 +150,23 @@ impl App {
     /// Ok when the store has blob `digest` with the `size` the catalog gives, so that a
     /// download the rule allowed can be served (for `HEAD`, all there is to check).
     pub fn stored_for_download(&self, digest: &Digest, size: u64) -> Result<(), ServeError> {
-        match self.blobs.stat(digest)? {
-            Some(s) if s == size => Ok(()),
-            Some(s) => Err(ServeError::Unavailable(format!(
-                "blob {digest} is damaged on this server ({s} bytes stored, {size} expected) \
-                 and is not served; `imgsrv scrub` quarantines it, and re-uploading, \
-                 re-mirroring or re-importing it repairs it"
-            ))),
-            None => Err(self.not_stored(digest)),
+        let damaged = |what: String| {
+            ServeError::Unavailable(format!(
+                "blob {digest} is damaged on this server ({what}) and is not served; \
+                 `imgsrv scrub` quarantines it, and re-uploading, re-mirroring or \
+                 re-importing it repairs it"
+            ))
+        };
+        match self.blobs.stat_served(digest)? {
+            Stored::Blob(s) if s == size => Ok(()),
+            Stored::Blob(s) => Err(damaged(format!("{s} bytes stored, {size} expected"))),
+            Stored::Disowned { reason, .. } => {
+                log::warn!("blob {digest} not served: {reason}");
+                Err(damaged(
+                    "the object in the blob store is not the one imgsrv stored".into(),
+                ))
+            }
+            Stored::Absent => Err(self.not_stored(digest)),
         }
     }
 

@@ -620,6 +620,46 @@ mod s3_only {
     }
 
     #[test]
+    fn every_blob_written_is_stamped_and_a_replaced_one_is_disowned() {
+        use imgsrv::cas::Stored;
+        let (s, raw) = garage::store_and_raw("stamp");
+        let disowned = |d: &Digest| matches!(s.stat_served(d).unwrap(), Stored::Disowned { .. });
+        // each way a blob gets in: a PUT, a multipart upload, a one-part commit
+        // (a copy), a multi-part commit (read back and uploaded again)
+        let small = Digest::of(b"ROOT");
+        s.put(&small, 4, &mut &b"ROOT"[..]).unwrap();
+        let len = 20 * MIB;
+        let big = pattern_digest(len);
+        s.put(&big, len, &mut pattern(len)).unwrap();
+        let copied = Digest::of(b"COPIED");
+        let p = s.stage_part(UPLOAD, 1, 6, &mut &b"COPIED"[..]).unwrap();
+        s.commit_upload(UPLOAD, &[(1, p)], &copied, 6).unwrap();
+        let joined = Digest::of(b"JOINED");
+        let a = s.stage_part(UPLOAD, 1, 3, &mut &b"JOI"[..]).unwrap();
+        let b = s.stage_part(UPLOAD, 2, 3, &mut &b"NED"[..]).unwrap();
+        s.commit_upload(UPLOAD, &[(1, a), (2, b)], &joined, 6)
+            .unwrap();
+        for (d, size) in [(small, 4), (big, len), (copied, 6), (joined, 6)] {
+            assert_eq!(s.stat_served(&d).unwrap(), Stored::Blob(size), "{d}");
+            assert!(!s.vouch(&d).unwrap(), "{d} was stamped already");
+        }
+        assert_eq!(s.stat_served(&Digest::of(b"none")).unwrap(), Stored::Absent);
+        // replaced behind imgsrv's back, same size: disowned, yet still there
+        let key = S3Store::key_of(&small);
+        raw.put(&key, b"RooT");
+        assert!(disowned(&small));
+        assert_eq!(s.stat(&small).unwrap(), Some(4));
+        // the right bytes put back by another tool (no stamp): disowned until
+        // vouched for (a scrub does, once it read them right)
+        raw.put(&key, b"ROOT");
+        assert!(disowned(&small));
+        assert!(s.vouch(&small).unwrap());
+        assert_eq!(s.stat_served(&small).unwrap(), Stored::Blob(4));
+        assert_eq!(raw.get(&key), b"ROOT");
+        assert!(!s.vouch(&Digest::of(b"none")).unwrap());
+    }
+
+    #[test]
     fn a_key_taken_during_an_upload_is_kept() {
         // (what the caller's per-digest lock prevents; the HEAD just before
         // the upload is completed still keeps what is there)
@@ -649,7 +689,11 @@ mod s3_only {
         };
         let midway = s.put(&d, len - 1, &mut r);
         assert!(
-            matches!(midway, Ok(()) | Err(CasError::Io { .. })),
+            // (Garage may close the connection: unavailable, as a server gone away)
+            matches!(
+                midway,
+                Ok(()) | Err(CasError::Io { .. } | CasError::Unavailable { .. })
+            ),
             "{midway:?}"
         );
         assert_eq!(raw.get(&key), b"taken midway");
@@ -800,9 +844,14 @@ mod s3_only {
         });
         opts.endpoint = format!("http://127.0.0.1:{port}");
         let s = S3Store::open(&opts).unwrap();
-        assert!(matches!(
-            s.stat(&Digest::of(b"x")),
-            Err(CasError::Io { .. })
-        ));
+        let e = s.stat(&Digest::of(b"x"));
+        assert!(matches!(e, Err(CasError::Unavailable { .. })), "{e:?}");
+        // and one that refuses them (nothing listens)
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        opts.endpoint = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let s = S3Store::open(&opts).unwrap();
+        let e = s.probe_writable();
+        assert!(matches!(e, Err(CasError::Unavailable { .. })), "{e:?}");
     }
 }

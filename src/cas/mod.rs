@@ -75,6 +75,12 @@ pub enum CasError {
     /// stays; the same write succeeds once space is freed.
     #[error("the blob store is full ({path}): {reason}")]
     Full { path: String, reason: String },
+    /// The store cannot be reached now (a refused, reset or timed-out
+    /// connection; an S3 server answering 500/502/503/504): nothing was done,
+    /// and the same request may succeed once it answers again (HTTP 503 with
+    /// Retry-After).
+    #[error("the blob store cannot be reached ({path}): {reason}")]
+    Unavailable { path: String, reason: String },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -116,6 +122,21 @@ pub struct Leftover {
 pub enum LeftoverKind {
     Temp,
     Staged,
+}
+
+/// What is stored under a blob's name, as a download must see it
+/// ([`BlobStore::stat_served`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Absent,
+    /// The blob, of this size.
+    Blob(u64),
+    /// An object of `size` bytes the store can tell, without reading it, it did
+    /// not write (`reason` says how): never served.
+    Disowned {
+        size: u64,
+        reason: String,
+    },
 }
 
 /// A blob [`BlobStore::quarantine`] moved out of the served store: its
@@ -178,6 +199,26 @@ pub trait BlobStore: Send + Sync {
 
     /// Size of a stored blob, `None` if absent.
     fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// What a download checks before it serves blob `digest` (one request, as
+    /// [`BlobStore::stat`]): its size, or [`Stored::Disowned`] when the store can
+    /// tell without reading the bytes that the object under that name is not
+    /// one it wrote. The S3 store stamps every blob it writes with the digest
+    /// its bytes were checked against; an object put there behind imgsrv's back
+    /// has no stamp (or another one). The local store cannot tell: the default
+    /// is [`BlobStore::stat`], and a scrub is what finds bytes changed in place.
+    fn stat_served(&self, digest: &Digest) -> Result<Stored> {
+        Ok(match self.stat(digest)? {
+            Some(size) => Stored::Blob(size),
+            None => Stored::Absent,
+        })
+    }
+    /// Called by a scrub for a blob it has just read back whole and right: a
+    /// store that stamps its blobs ([`BlobStore::stat_served`]) stamps this one
+    /// if it is not (copied into the bucket by another tool), so that it is
+    /// served again. `true` when it did. Default: nothing to do.
+    fn vouch(&self, _digest: &Digest) -> Result<bool> {
+        Ok(false)
+    }
     /// Reads `len` bytes from `offset` (the caller checked the bounds).
     fn open_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Box<dyn Read + Send>>;
     /// Stores bytes from `reader`, which must be exactly `size` bytes hashing
@@ -230,8 +271,9 @@ pub trait BlobStore: Send + Sync {
     ) -> Result<StagedPart>;
     /// Concatenates the staged parts in order, checks size and digest, and
     /// stores the blob. A mismatch stores nothing. Staged parts are removed
-    /// either way, except when the store is full ([`CasError::Full`]): then
-    /// they stay, so that the same commit can succeed once space is freed.
+    /// either way, except when the store is full ([`CasError::Full`]) or
+    /// cannot be reached ([`CasError::Unavailable`]): then they stay, so that
+    /// the same commit can succeed once space is freed or the store is back.
     fn commit_upload(
         &self,
         upload: &str,

@@ -120,6 +120,17 @@ impl From<CasError> for ApiError {
             CasError::Full { ref reason, .. } => {
                 ApiError::insufficient_storage("the server's blob store", reason, &e)
             }
+            CasError::Unavailable {
+                ref path,
+                ref reason,
+            } => {
+                log::warn!("blob store unavailable (503): {path}: {reason}");
+                ApiError::new(
+                    503,
+                    "the blob store cannot be reached; retry in a few seconds",
+                )
+                .with_header("Retry-After", "5")
+            }
             e @ (CasError::NotFound(_) | CasError::Io { .. }) => {
                 ApiError::internal("blob store", e)
             }

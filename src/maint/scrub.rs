@@ -388,6 +388,7 @@ impl Scrubber<'_> {
             if actual == b.digest && len == b.size {
                 self.report.counts.blobs_ok += 1;
                 self.read_ok.insert(b.digest);
+                self.vouch(&b.digest)?;
                 continue;
             }
             let reason = format!(
@@ -400,6 +401,36 @@ impl Scrubber<'_> {
             self.damaged(&b.digest, reason)?;
         }
         Ok(())
+    }
+
+    /// Has the store stamp a blob read back right that it could not vouch for
+    /// (S3: no `x-amz-meta-sha256`, so not served): it is served again.
+    fn vouch(&mut self, digest: &Digest) -> Result<()> {
+        match self.app.blobs.vouch(digest) {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                self.report.counts.restamped += 1;
+                self.note(
+                    NoteKind::Restamped,
+                    digest.to_string(),
+                    "its bytes are right, but the store had not stamped the object (put \
+                     there by another tool): stamped now, and served again"
+                        .to_string(),
+                )
+            }
+            Err(e) => {
+                let affects = self.inv.affects(digest);
+                self.problem(
+                    ProblemKind::Unreadable,
+                    digest.to_string(),
+                    format!(
+                        "its bytes are right, but it is not stamped and could not be \
+                         stamped ({e}): it is not served until it is"
+                    ),
+                    affects,
+                )
+            }
+        }
     }
 
     /// sha256 and length of a stored blob as read now; `None` when it is

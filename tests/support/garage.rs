@@ -33,31 +33,62 @@ fn show(out: &Output) -> String {
 /// The server of this test binary.
 pub fn garage() -> &'static Garage {
     static GARAGE: OnceLock<Garage> = OnceLock::new();
-    GARAGE.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("imgsrv-garage-")
-            .tempdir()
-            .expect("a temp dir")
-            .keep();
-        let out = Command::new("sh")
-            .arg(harness())
-            .arg("up")
-            .arg(&dir)
-            .arg(std::process::id().to_string())
-            .output()
-            .expect("run tests/fixtures/garage-harness");
-        assert!(out.status.success(), "garage-harness up: {}", show(&out));
-        let text = std::fs::read_to_string(dir.join("env")).expect("the harness's env file");
-        let env = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Garage { dir, env }
-    })
+    GARAGE.get_or_init(up)
+}
+
+/// A server of its own, for a test that stops it ([`Garage::stop`]) while others
+/// run beside it; stopped and removed like the shared one when this process ends.
+pub fn private() -> &'static Garage {
+    Box::leak(Box::new(up()))
+}
+
+fn up() -> Garage {
+    let dir = tempfile::Builder::new()
+        .prefix("imgsrv-garage-")
+        .tempdir()
+        .expect("a temp dir")
+        .keep();
+    let out = Command::new("sh")
+        .arg(harness())
+        .arg("up")
+        .arg(&dir)
+        .arg(std::process::id().to_string())
+        .output()
+        .expect("run tests/fixtures/garage-harness");
+    assert!(out.status.success(), "garage-harness up: {}", show(&out));
+    let text = std::fs::read_to_string(dir.join("env")).expect("the harness's env file");
+    let env = text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Garage { dir, env }
 }
 
 impl Garage {
+    /// Stops the server (SIGTERM, as a service manager does), keeping its data, its
+    /// metadata and its ports for [`Garage::start`].
+    pub fn stop(&self) {
+        self.harness_ok("stop", &[]);
+    }
+
+    /// Starts the server stopped by [`Garage::stop`] again: same ports, same data;
+    /// returns once it answers S3 requests.
+    pub fn start(&self) {
+        self.harness_ok("start", &[]);
+    }
+
+    fn harness_ok(&self, cmd: &str, args: &[&str]) {
+        let out = Command::new("sh")
+            .arg(harness())
+            .arg(cmd)
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run garage-harness {cmd}: {e}"));
+        assert!(out.status.success(), "garage-harness {cmd}: {}", show(&out));
+    }
+
     fn var(&self, name: &str) -> &str {
         self.env
             .get(name)
@@ -73,7 +104,11 @@ pub struct Raw {
 
 /// A new bucket named after `test` (and random: tests may run twice).
 pub fn store_and_raw(test: &str) -> (S3Store, Raw) {
-    let g = garage();
+    store_and_raw_on(garage(), test)
+}
+
+/// [`store_and_raw`] on server `g` (e.g. one of [`private`]).
+pub fn store_and_raw_on(g: &'static Garage, test: &str) -> (S3Store, Raw) {
     let mut name: String = format!("t-{}", test.replace('_', "-"));
     name.truncate(40);
     let name = format!(
@@ -117,6 +152,21 @@ fn tags(xml: &str, tag: &str) -> Vec<String> {
 }
 
 impl Raw {
+    /// The server the bucket is on.
+    pub fn garage(&self) -> &'static Garage {
+        self.garage
+    }
+
+    /// Removes `key` (whether or not it is there).
+    pub fn delete(&self, key: &str) {
+        let (body, status) = self.curl(&["-X", "DELETE"], &self.url(key));
+        assert!(
+            status == 204 || status == 200,
+            "DELETE {key}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+
     pub fn bucket(&self) -> &str {
         &self.bucket
     }

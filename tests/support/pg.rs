@@ -52,3 +52,19 @@ pub fn database(dir: &Path) -> String {
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
     harness(&["createdb", dir.to_str().unwrap(), &name])
 }
+
+/// `pg_ctl stop -m fast` of `dir`'s cluster: every session ends, connections are refused
+/// until [`start`].
+pub fn stop(dir: &Path) {
+    harness(&["stop", dir.to_str().unwrap()]);
+}
+
+/// Starts `dir`'s cluster again after [`stop`] (same socket, same data).
+pub fn start(dir: &Path) {
+    harness(&["start", dir.to_str().unwrap()]);
+}
+
+/// Stops and starts `dir`'s cluster: what a database restart does to its clients.
+pub fn restart(dir: &Path) {
+    harness(&["restart", dir.to_str().unwrap()]);
+}

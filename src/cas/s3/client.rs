@@ -9,6 +9,7 @@
 
 use super::S3Options;
 use crate::cas::{CasError, Result};
+use crate::digest::Digest;
 use instant_xml::FromXml;
 use rusty_s3::actions::{CreateMultipartUpload, ListObjectsV2, ListParts};
 use rusty_s3::{Bucket, Credentials, Method, S3Action, UrlStyle};
@@ -38,7 +39,14 @@ pub(super) struct Object {
     pub size: u64,
     /// RFC 3339 (listing) or RFC 7231 (HEAD), as the server wrote it.
     pub last_modified: Option<String>,
+    /// Its [`STAMP`] (HEAD only; a listing does not show it).
+    pub stamp: Option<String>,
 }
+
+/// The user metadata the store puts on every blob it writes: the hex sha256 the
+/// bytes were checked against before the object became visible (see "A blob
+/// carries its digest" in [`super`]).
+pub(super) const STAMP: &str = "x-amz-meta-sha256";
 
 /// An unfinished multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +207,12 @@ impl Client {
     }
 
     fn transport_err(&self, op: &'static str, key: &str, e: ureq::Error) -> CasError {
+        if unreachable(&e) {
+            return CasError::Unavailable {
+                path: self.location(key),
+                reason: format!("{op}: S3 request failed: {e}"),
+            };
+        }
         let kind = match &e {
             ureq::Error::Io(io) => io.kind(),
             ureq::Error::Timeout(_) => io::ErrorKind::TimedOut,
@@ -233,6 +247,13 @@ impl Client {
             || (status == 403 && message.to_ascii_lowercase().contains("quota"))
         {
             return CasError::Full {
+                path: self.location(key),
+                reason: format!("{op}: {text}"),
+            };
+        }
+        if matches!(status, 500 | 502 | 503 | 504) {
+            // (S3's "retry later" answers: InternalError, SlowDown, a proxy's)
+            return CasError::Unavailable {
                 path: self.location(key),
                 reason: format!("{op}: {text}"),
             };
@@ -340,6 +361,7 @@ impl Client {
             key: key.to_string(),
             size,
             last_modified: header("last-modified"),
+            stamp: header(STAMP),
         }))
     }
 
@@ -382,21 +404,33 @@ impl Client {
     }
 
     /// PUT of `body`; with `sha256` the server checks it too
-    /// (`x-amz-checksum-sha256`, which Garage verifies).
-    pub(super) fn put(&self, key: &str, body: &[u8], sha256: Option<&[u8; 32]>) -> Result<()> {
+    /// (`x-amz-checksum-sha256`, which Garage verifies); with `stamp` the object
+    /// carries it as its [`STAMP`].
+    pub(super) fn put(
+        &self,
+        key: &str,
+        body: &[u8],
+        sha256: Option<&[u8; 32]>,
+        stamp: Option<&Digest>,
+    ) -> Result<()> {
         use base64::Engine as _;
-        let checksum = sha256.map(|d| base64::engine::general_purpose::STANDARD.encode(d));
+        let mut headers = Vec::new();
+        if let Some(d) = sha256 {
+            let c = base64::engine::general_purpose::STANDARD.encode(d);
+            headers.push(("x-amz-checksum-sha256", c));
+        }
+        if let Some(d) = stamp {
+            headers.push((STAMP, d.hex().to_string()));
+        }
         let mut action = self.bucket.put_object(Some(&self.creds), key);
-        if let Some(c) = &checksum {
-            action
-                .headers_mut()
-                .insert("x-amz-checksum-sha256", c.clone());
+        for (k, v) in &headers {
+            action.headers_mut().insert(*k, v.clone());
         }
         let url = action.sign(SIGN_FOR);
         let resp = self.send("put", key, true, || {
             let mut r = self.agent.put(url.as_str());
-            if let Some(c) = &checksum {
-                r = r.header("x-amz-checksum-sha256", c);
+            for (k, v) in &headers {
+                r = r.header(*k, v);
             }
             r.send(body)
         })?;
@@ -435,19 +469,26 @@ impl Client {
     }
 
     /// Server-side copy (CopyObject, a PUT with `x-amz-copy-source`): `false`
-    /// if `src` is not there. S3 copies up to 5 GiB this way.
-    pub(super) fn copy(&self, src: &str, dst: &str) -> Result<bool> {
-        let source = self.copy_source(src);
+    /// if `src` is not there. S3 copies up to 5 GiB this way. The copy keeps
+    /// the source's metadata, or with `stamp` carries that as its [`STAMP`]
+    /// instead (also onto itself: `src` == `dst`).
+    pub(super) fn copy(&self, src: &str, dst: &str, stamp: Option<&Digest>) -> Result<bool> {
+        let mut headers = vec![("x-amz-copy-source", self.copy_source(src))];
+        if let Some(d) = stamp {
+            headers.push(("x-amz-metadata-directive", "REPLACE".to_string()));
+            headers.push((STAMP, d.hex().to_string()));
+        }
         let mut action = self.bucket.put_object(Some(&self.creds), dst);
-        action
-            .headers_mut()
-            .insert("x-amz-copy-source", source.clone());
+        for (k, v) in &headers {
+            action.headers_mut().insert(*k, v.clone());
+        }
         let url = action.sign(SIGN_FOR);
         let resp = self.send("copy", dst, false, || {
-            self.agent
-                .put(url.as_str())
-                .header("x-amz-copy-source", &source)
-                .send_empty()
+            let mut r = self.agent.put(url.as_str());
+            for (k, v) in &headers {
+                r = r.header(*k, v);
+            }
+            r.send_empty()
         })?;
         if resp.status().as_u16() == 404 {
             return Ok(false);
@@ -493,6 +534,7 @@ impl Client {
                     size: c.size.unwrap_or(0),
                     key: c.key,
                     last_modified: c.last_modified,
+                    stamp: None,
                 };
                 if !each(o) {
                     return Ok(());
@@ -505,14 +547,21 @@ impl Client {
         }
     }
 
-    /// CreateMultipartUpload: the upload id.
-    pub(super) fn create_multipart(&self, key: &str) -> Result<String> {
-        let url = self
-            .bucket
-            .create_multipart_upload(Some(&self.creds), key)
-            .sign(SIGN_FOR);
+    /// CreateMultipartUpload: the upload id. With `stamp`, the object carries it
+    /// as its [`STAMP`] once completed.
+    pub(super) fn create_multipart(&self, key: &str, stamp: Option<&Digest>) -> Result<String> {
+        let stamp = stamp.map(|d| d.hex().to_string());
+        let mut action = self.bucket.create_multipart_upload(Some(&self.creds), key);
+        if let Some(v) = &stamp {
+            action.headers_mut().insert(STAMP, v.clone());
+        }
+        let url = action.sign(SIGN_FOR);
         let resp = self.send("create multipart upload", key, true, || {
-            self.agent.post(url.as_str()).send_empty()
+            let mut r = self.agent.post(url.as_str());
+            if let Some(v) = &stamp {
+                r = r.header(STAMP, v);
+            }
+            r.send_empty()
         })?;
         let resp = self.ok("create multipart upload", key, resp)?;
         let xml = self.read_xml("create multipart upload", key, resp)?;
@@ -665,6 +714,25 @@ impl Client {
             key_marker = next_key;
             id_marker = page.next_upload_id_marker.unwrap_or_default();
         }
+    }
+}
+
+/// True when `e` says the server could not be reached or went away (refused,
+/// reset or timed-out connections): the same request may succeed later.
+fn unreachable(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::ConnectionFailed | ureq::Error::Timeout(_) => true,
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::NotConnected
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
     }
 }
 

@@ -58,13 +58,15 @@ impl S3Store {
     /// gets their digest: [`Verdict::Store`] makes the object visible,
     /// [`Verdict::Skip`] or an error drops them. On every failure nothing is
     /// stored: a multipart upload is aborted. Returns the digest and whether
-    /// the object was stored.
+    /// the object was stored. A blob's object carries `stamp`, the digest
+    /// `decide` requires (see "A blob carries its digest" in [`super`]).
     pub(super) fn upload(
         &self,
         key: &str,
         size: u64,
         reader: &mut dyn Read,
         exact: bool,
+        stamp: Option<&Digest>,
         decide: &mut dyn FnMut(Digest) -> Result<Verdict>,
     ) -> Result<(Digest, bool)> {
         let location = self.client.location(key);
@@ -79,13 +81,13 @@ impl S3Store {
             let digest = Digest::of(&buf);
             return match decide(digest)? {
                 Verdict::Store => {
-                    self.client.put(key, &buf, Some(digest.as_bytes()))?;
+                    self.client.put(key, &buf, Some(digest.as_bytes()), stamp)?;
                     Ok((digest, true))
                 }
                 Verdict::Skip => Ok((digest, false)),
             };
         }
-        let upload_id = self.client.create_multipart(key)?;
+        let upload_id = self.client.create_multipart(key, stamp)?;
         let result = (|| {
             let (digest, etags) = self.send_parts(key, &upload_id, size, reader, path)?;
             if exact {
@@ -212,7 +214,7 @@ impl S3Store {
             let actual = self.hash_only(&key, size, reader)?;
             return check_digest(digest, size, actual, size);
         }
-        self.upload(&key, size, reader, true, &mut |actual| {
+        self.upload(&key, size, reader, true, Some(digest), &mut |actual| {
             self.check_and_claim(&key, digest, size, actual)
         })
         .map(drop)
@@ -230,7 +232,8 @@ impl S3Store {
         valid_upload_id(upload)?;
         self.ensure_room(len)?;
         let key = Self::part_key(upload, n);
-        let (digest, _) = self.upload(&key, len, reader, false, &mut |_| Ok(Verdict::Store))?;
+        let (digest, _) =
+            self.upload(&key, len, reader, false, None, &mut |_| Ok(Verdict::Store))?;
         Ok(StagedPart { digest, size: len })
     }
 
@@ -238,7 +241,8 @@ impl S3Store {
     /// copied server-side to its CAS key; several are read back in order
     /// and hashed on their way into a new upload, as the filesystem store
     /// does. The staged parts are removed either way, except when the
-    /// bucket is full (quota): the same commit can succeed later.
+    /// bucket is full (quota) or cannot be reached: the same commit can
+    /// succeed later.
     pub(super) fn commit(
         &self,
         upload: &str,
@@ -248,7 +252,10 @@ impl S3Store {
     ) -> Result<()> {
         valid_upload_id(upload)?;
         let result = self.commit_parts(upload, parts, digest, size);
-        if !matches!(result, Err(CasError::Full { .. })) {
+        if !matches!(
+            result,
+            Err(CasError::Full { .. } | CasError::Unavailable { .. })
+        ) {
             if let Err(e) = self.discard(upload) {
                 // (a leftover: garbage collection removes it)
                 log::warn!("blob store: removing the staged parts of upload {upload}: {e}");
@@ -294,7 +301,10 @@ impl S3Store {
                 if self.client.head(&key)?.is_some() {
                     return Ok(());
                 }
-                if !self.client.copy(&Self::part_key(upload, *n), &key)? {
+                if !self
+                    .client
+                    .copy(&Self::part_key(upload, *n), &key, Some(digest))?
+                {
                     return Err(CasError::MissingPart(*n));
                 }
                 return Ok(());
@@ -316,9 +326,14 @@ impl S3Store {
                 .and_then(|actual| check_digest(digest, size, actual, size))
         } else {
             self.ensure_room(size)?;
-            self.upload(&key, size, &mut reader, false, &mut |actual| {
-                self.check_and_claim(&key, digest, size, actual)
-            })
+            self.upload(
+                &key,
+                size,
+                &mut reader,
+                false,
+                Some(digest),
+                &mut |actual| self.check_and_claim(&key, digest, size, actual),
+            )
             .map(drop)
         };
         if let Some(e) = reader.failed.take() {

@@ -45,6 +45,25 @@
 //! writers could both find the key free, and the second would replace the
 //! first's object, say a re-stored blob racing a quarantine or a GC.
 //!
+//! # A blob carries its digest
+//! Every object the store writes under `cas/` carries the digest its bytes
+//! were checked against as user metadata (`x-amz-meta-sha256: <hex>`, set on
+//! the PUT, the CreateMultipartUpload or the CopyObject that makes it
+//! visible). An object replaced behind imgsrv's back (another client's PUT, a
+//! restore by a tool that drops metadata) has no stamp, or another one:
+//! [`BlobStore::stat_served`] says so from the HEAD a download makes anyway,
+//! and the download answers 503 instead of serving bytes that may be wrong
+//! (same size or not). `imgsrv scrub` reads it: wrong bytes are quarantined,
+//! right ones are stamped again ([`BlobStore::vouch`]). The stamp is checked
+//! at the HEAD before the GET; it is a claim, not a proof: someone who
+//! writes a forged stamp too is found by scrub alone.
+//!
+//! # An unreachable server
+//! A refused, reset or timed-out connection, and the answers S3 clients retry
+//! (500, 502, 503, 504), are [`CasError::Unavailable`] (HTTP 503 with
+//! Retry-After): nothing was done, and the request may be repeated once the
+//! server is back. A commit that meets one keeps the staged parts.
+//!
 //! # Credentials
 //! The secret key only ever goes into signatures; errors name the object
 //! (`s3://bucket/key`), never a signed URL. ureq itself logs request paths
@@ -65,7 +84,7 @@ mod quarantine;
 mod sweep;
 
 use self::client::Client;
-use super::{BlobStore, CasError, Leftover, Quarantined, Result, StagedPart, StoredBlob};
+use super::{BlobStore, CasError, Leftover, Quarantined, Result, StagedPart, Stored, StoredBlob};
 use crate::digest::Digest;
 use std::fmt;
 use std::io::{self, Read};
@@ -245,6 +264,58 @@ impl BlobStore for S3Store {
         Ok(self.client.head(&Self::key_of(digest))?.map(|o| o.size))
     }
 
+    /// See "A blob carries its digest" above.
+    fn stat_served(&self, digest: &Digest) -> Result<Stored> {
+        let key = Self::key_of(digest);
+        let Some(o) = self.client.head(&key)? else {
+            return Ok(Stored::Absent);
+        };
+        let at = self.client.location(&key);
+        Ok(match o.stamp {
+            Some(h) if h.eq_ignore_ascii_case(&digest.hex()) => Stored::Blob(o.size),
+            Some(h) => Stored::Disowned {
+                size: o.size,
+                reason: format!(
+                    "the object {at} is stamped with sha256 {h}, not with its name: it was \
+                     put there behind imgsrv's back"
+                ),
+            },
+            None => Stored::Disowned {
+                size: o.size,
+                reason: format!(
+                    "the object {at} lacks the {} stamp imgsrv puts on every blob it \
+                     stores: it was replaced behind imgsrv's back (or copied in by a tool \
+                     that drops metadata)",
+                    client::STAMP
+                ),
+            },
+        })
+    }
+
+    /// Stamps, with a copy onto itself, a blob a scrub read back right. (A
+    /// replacement between that read and this copy would be stamped too; the
+    /// next scrub reads it again.)
+    fn vouch(&self, digest: &Digest) -> Result<bool> {
+        let key = Self::key_of(digest);
+        let Some(o) = self.client.head(&key)? else {
+            return Ok(false);
+        };
+        if o.stamp
+            .is_some_and(|h| h.eq_ignore_ascii_case(&digest.hex()))
+        {
+            return Ok(false);
+        }
+        if o.size > self.copy_max {
+            log::warn!(
+                "blob store: {} has no stamp and is too large to stamp with a copy onto \
+                 itself; put it back through imgsrv (upload, mirror, import) after removing it",
+                self.client.location(&key)
+            );
+            return Ok(false);
+        }
+        self.client.copy(&key, &key, Some(digest))
+    }
+
     fn open_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
         let key = Self::key_of(digest);
         if len == 0 {
@@ -328,7 +399,7 @@ impl BlobStore for S3Store {
 
     fn probe_writable(&self) -> Result<()> {
         let key = format!("{TMP_PREFIX}probe-{}", uuid::Uuid::new_v4());
-        self.client.put(&key, b"probe", None)?;
+        self.client.put(&key, b"probe", None, None)?;
         self.client.delete(&key)?;
         self.ensure_room(0)
     }

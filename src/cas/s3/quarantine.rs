@@ -28,7 +28,7 @@ impl S3Store {
     /// limit, else read back and uploaded again. `false` if `src` is gone.
     pub(super) fn copy_object(&self, src: &str, dst: &str, size: u64) -> Result<bool> {
         if size <= self.copy_max {
-            return self.client.copy(src, dst);
+            return self.client.copy(src, dst, None);
         }
         let Some(resp) = self.client.get(src, None)? else {
             return Ok(false);
@@ -37,7 +37,9 @@ impl S3Store {
             inner: resp.into_body().into_reader(),
             left: size,
         };
-        self.upload(dst, size, &mut body, false, &mut |_| Ok(Verdict::Store))?;
+        self.upload(dst, size, &mut body, false, None, &mut |_| {
+            Ok(Verdict::Store)
+        })?;
         Ok(true)
     }
 
@@ -51,7 +53,8 @@ impl S3Store {
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             reason.replace(['\n', '\r'], " ")
         );
-        self.client.put(&note_key(digest), note.as_bytes(), None)?;
+        self.client
+            .put(&note_key(digest), note.as_bytes(), None, None)?;
         let dst = copy_key(digest);
         if !self.copy_object(&src, &dst, blob.size)? {
             // removed meanwhile (a GC): nothing was quarantined

@@ -127,6 +127,9 @@ pub enum NoteKind {
     /// Quarantined earlier; the right bytes are back. Its damaged copy is
     /// still kept for the operator.
     Repaired,
+    /// Read back right, but the store had not stamped it as its own (S3: no
+    /// `x-amz-meta-sha256`, so not served): stamped now.
+    Restamped,
 }
 
 /// What the scrub found.
@@ -147,6 +150,8 @@ pub struct Counts {
     pub withheld: u64,
     pub unreferenced: u64,
     pub repaired: u64,
+    /// Read back right and stamped by this run ([`NoteKind::Restamped`]).
+    pub restamped: u64,
     /// Listed, then removed before it was read (a GC beside it).
     pub gone: u64,
 }
@@ -210,7 +215,7 @@ pub(super) fn print_summary(out: &mut dyn Write, r: &ScrubReport) -> Result<()> 
         out,
         "scrub: read {} blob(s) ({}) in {:.1} s ({:.1} MB/s): {} ok, {} damaged and quarantined; \
          {} missing, {} of the wrong size; {} manifest(s) altered; signatures: {} verified, {} \
-         failed, {} unsigned, {} withheld; {} unreferenced, {} repaired since quarantined",
+         failed, {} unsigned, {} withheld; {} unreferenced, {} repaired since quarantined{}",
         c.blobs_read,
         HumanBytes(c.bytes_read),
         r.seconds,
@@ -225,7 +230,12 @@ pub(super) fn print_summary(out: &mut dyn Write, r: &ScrubReport) -> Result<()> 
         c.unsigned,
         c.withheld,
         c.unreferenced,
-        c.repaired
+        c.repaired,
+        if c.restamped > 0 {
+            format!(", {} stamped again", c.restamped)
+        } else {
+            String::new()
+        }
     )?;
     if r.stopped {
         writeln!(
