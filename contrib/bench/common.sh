@@ -55,15 +55,16 @@ ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 >= b + 0) }'; }
 # median: of the numbers on stdin, one a line (0 for none)
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else print v[int((NR + 1) / 2)] }'; }
 
+# (these functions name their counters _wait_n and _stop_n: the scripts loop over i)
 # wait_https URL EXPECTED_CODE PID LOG: waits (20 s at most) until URL answers EXPECTED_CODE
 # over HTTPS trusting $CERT; exits, showing the end of LOG, if PID exits or time runs out.
 wait_https() {
-  i=0
-  while [ $i -lt 200 ]; do
+  _wait_n=0
+  while [ $_wait_n -lt 200 ]; do
     kill -0 "$3" 2>/dev/null || { echo "$BENCH_TAG: server exited; log:" >&2; tail -n 40 "$4" >&2; exit 1; }
     code=$(curl --http1.1 -sS -o /dev/null -w '%{http_code}' --cacert "$CERT" "$1" 2>/dev/null) || code=000
     [ "$code" = "$2" ] && return 0
-    sleep 0.1; i=$((i + 1))
+    sleep 0.1; _wait_n=$((_wait_n + 1))
   done
   echo "$BENCH_TAG: $1 did not answer $2 in 20 s (last: $code); log:" >&2; tail -n 40 "$4" >&2; exit 1
 }
@@ -72,8 +73,8 @@ wait_https() {
 stop_pid() {
   [ -n "$1" ] || return 0
   kill -TERM "$1" 2>/dev/null || return 0
-  i=0
-  while kill -0 "$1" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  _stop_n=0
+  while kill -0 "$1" 2>/dev/null && [ $_stop_n -lt 100 ]; do sleep 0.1; _stop_n=$((_stop_n + 1)); done
   kill -KILL "$1" 2>/dev/null || true
   wait "$1" 2>/dev/null || true
 }
