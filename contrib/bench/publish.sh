@@ -8,8 +8,9 @@
 #   metadata tarball and squashfs rootfs, incompressible padding).
 #   Baseline: `incus-simplestreams add METADATA ROOTFS` into a fresh tree (it hashes the
 #   files and copies them into the tree).
-#   Measured: `imgsrv publish --server` to an `imgsrv serve` on 127.0.0.1 (hash, upload over
-#   TLS 1.3, durable write, fingerprint, sign, verify, publish), and, when this imgsrv has
+#   Measured: `imgsrv publish --server` to an `imgsrv serve` on 127.0.0.1 (each root read
+#   once, hashed as it is sent over TLS 1.3; on the server hashed, fingerprinted and
+#   durably written in one pass; sign, verify, publish), and, when this imgsrv has
 #   it, `imgsrv publish --data DIR` into the server's data directory on the same machine
 #   (no TLS round trip; signed and verified the same way). Each form runs
 #   PUBLISH_BENCH_REPEAT times, each into a fresh tree / server / data directory, page
