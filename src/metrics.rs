@@ -175,7 +175,7 @@ impl Metrics {
         r.register(
             "uploads",
             "Upload sessions finished, by outcome: stored (complete, digest checked), \
-             already_stored (the blob was there at begin), failed (parts did not add up to \
+             already_stored (the blob was there at begin or when it was sent whole), failed (parts did not add up to \
              the declared digest and size), aborted, error (could not be carried out)",
             self.uploads.clone(),
         );
