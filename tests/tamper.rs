@@ -269,6 +269,7 @@ fn sqlite_shell_tamper_on_every_table_leaves_published_versions_served() {
         "grants",
         "api_tokens",
         "upload_sessions",
+        "trusted_keys",
     ] {
         assert_eq!(count(&db, t), 0, "{t} rows not deleted");
     }
@@ -300,8 +301,12 @@ fn sqlite_shell_tamper_on_every_table_leaves_published_versions_served() {
                 .any(|l| l.starts_with("admin ") && l.contains('*')),
         "{matrix}"
     );
+    // (the trusted keys live in the catalog: the shell deleted the active one, as
+    // `imgsrv key remove` would, and the key that signs from now on is added anew)
+    let (public2, secret2) = minisign_keypair(tmp.path().join("keys2"));
+    trust_key(&data, Some("release2"), &public2);
     let newest = make_test_image(tmp.path().join("newest"), &["--serial", NEWEST]);
-    publish_image(&server, &secret, &newest, &["--alias", "stable"]);
+    publish_image(&server, &secret2, &newest, &["--alias", "stable"]);
     let images = json(&server, "/streams/v1/images.json").to_string();
     assert!(
         images.contains(NEWEST) && images.contains(&stable),
