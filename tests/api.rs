@@ -1277,8 +1277,11 @@ fn a_blob_sent_whole_is_stored_under_the_digest_its_bytes_make() {
     let root = b"A ROOT SENT WHOLE".as_slice();
     let d = Digest::of(root);
 
-    // refused, nothing stored: anonymous, an unknown parameter, a bad digest, a short body
+    // refused, nothing stored: anonymous, over plain HTTP, an unknown parameter, a bad
+    // digest, a short body
     assert_eq!(whole("", root, None).status, 401);
+    let plain = e.call_full("POST", "/v1/blobs", Some(&e.token), root, &[], false);
+    assert_eq!(plain.status, 400, "{}", plain.detail());
     let r = whole("?digest=x", root, Some(&e.token));
     assert_eq!(r.status, 400);
     assert!(r.detail().contains("incus_metadata"), "{}", r.detail());
