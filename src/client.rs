@@ -28,6 +28,8 @@ pub const PART_SIZE: u64 = 1 << 30;
 const MAX_JSON_RESPONSE: u64 = 64 << 20;
 /// Error bodies are read up to this size.
 const MAX_ERROR_BODY: u64 = 64 << 10;
+/// How long a request answered 503 is sent again ([`ApiClient::send`]).
+const RETRY_503_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// System CA bundles, first found wins (after `SSL_CERT_FILE`).
 const SYSTEM_CA_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Arch, Alpine
@@ -614,7 +616,50 @@ impl ApiClient {
         body: Body<'_>,
         ok: &[u16],
     ) -> Result<(String, http::Response<ureq::Body>), ClientError> {
+        // A server whose catalog or blob store is briefly unreachable (a database
+        // restart) answers 503 and changes nothing: a request that can be sent
+        // again is, after its Retry-After (1 s when none, at most 10 s), for up to
+        // a minute. A streamed body cannot be sent again: its 503 is the caller's.
+        let replay = match &body {
+            Body::Empty => Some(None),
+            Body::Json(v) => Some(Some(v.clone())),
+            Body::Stream(..) => None,
+        };
+        let Some(replay) = replay else {
+            return self.send_once(method, path, body, ok).map_err(|(e, _)| e);
+        };
+        let deadline = std::time::Instant::now() + RETRY_503_FOR;
+        let mut body = body;
+        loop {
+            let wait = match self.send_once(method, path, body, ok) {
+                Ok(r) => return Ok(r),
+                Err((_, Some(wait))) if std::time::Instant::now() + wait < deadline => wait,
+                Err((e, _)) => return Err(e),
+            };
+            eprintln!(
+                "{} answered 503 (unavailable) to {method} {path}: trying again in {} s",
+                self.base,
+                wait.as_secs()
+            );
+            std::thread::sleep(wait);
+            body = match &replay {
+                None => Body::Empty,
+                Some(v) => Body::Json(v.clone()),
+            };
+        }
+    }
+
+    /// [`ApiClient::send`] once; with a 503, how long the server asked to wait.
+    fn send_once(
+        &self,
+        method: &str,
+        path: &str,
+        body: Body<'_>,
+        ok: &[u16],
+    ) -> Result<(String, http::Response<ureq::Body>), (ClientError, Option<std::time::Duration>)>
+    {
         let url = format!("{}{}", self.base, path);
+        let plain = |e| (e, None);
         let transport = |source| ClientError::Transport {
             method: method.to_string(),
             url: url.clone(),
@@ -640,43 +685,55 @@ impl ApiClient {
                 if method == "POST" || method == "PUT" {
                     req = req.header("Content-Length", "0");
                 }
-                self.agent.run(built(req, ureq::SendBody::none(), &url)?)
+                self.agent
+                    .run(built(req, ureq::SendBody::none(), &url).map_err(plain)?)
             }
             Body::Json(v) => {
                 let r = req
                     .header("Content-Type", "application/json")
                     .header("Content-Length", v.len());
-                self.agent.run(built(
-                    r,
-                    ureq::SendBody::from_owned_reader(io::Cursor::new(v)),
-                    &url,
-                )?)
+                self.agent.run(
+                    built(
+                        r,
+                        ureq::SendBody::from_owned_reader(io::Cursor::new(v)),
+                        &url,
+                    )
+                    .map_err(plain)?,
+                )
             }
             Body::Stream(reader, len, content_type) => {
                 let r = req
                     .header("Content-Type", content_type)
                     .header("Content-Length", len);
                 self.agent
-                    .run(built(r, ureq::SendBody::from_reader(reader), &url)?)
+                    .run(built(r, ureq::SendBody::from_reader(reader), &url).map_err(plain)?)
             }
         };
-        let mut resp = resp.map_err(transport)?;
+        let mut resp = resp.map_err(transport).map_err(plain)?;
         let status = resp.status();
         if status.is_success() && (ok.is_empty() || ok.contains(&status.as_u16())) {
             return Ok((url, resp));
         }
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let bytes = resp
             .body_mut()
             .with_config()
             .limit(MAX_ERROR_BODY)
             .read_to_vec()
             .unwrap_or_default();
-        Err(ClientError::Api {
+        let error = ClientError::Api {
             method: method.to_string(),
             url,
             status: status.as_u16(),
             detail: problem_detail(status, &bytes),
-        })
+        };
+        let wait = (status.as_u16() == 503)
+            .then(|| std::time::Duration::from_secs(retry_after.unwrap_or(1).clamp(1, 10)));
+        Err((error, wait))
     }
 
     fn json<T: for<'de> Deserialize<'de>>(
@@ -1607,6 +1664,40 @@ pub(crate) mod tests {
             problem_detail(StatusCode::BAD_GATEWAY, b"<html>"),
             "Bad Gateway"
         );
+    }
+
+    #[test]
+    fn a_503_is_sent_again_unless_its_body_was_streamed() {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = n.clone();
+        let mock = Mock::start(move |r| {
+            let i = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match (r.method.as_str(), i) {
+                ("POST", 0) if r.path == "/v1/images" => {
+                    problem(503, "catalog database cannot be reached")
+                }
+                ("POST", 1) if r.path == "/v1/images" => json(
+                    201,
+                    serde_json::json!({"id": 1, "name": "debian", "created_at": "t", "updated_at": "t"}),
+                ),
+                _ => problem(503, "still down"),
+            }
+        });
+        let c = ApiClient::new(&mock.url(), Some(&mock.ca), Some("t".into())).unwrap();
+        let made = c.create_image("debian", None, None).unwrap();
+        assert_eq!(made.map(|i| i.name), Some("debian".to_string()));
+        let reqs = mock.requests();
+        assert_eq!(reqs.len(), 2, "sent again once");
+        assert_eq!(reqs[0].body, reqs[1].body, "the same body");
+        // a streamed body is not sent again: its 503 is the caller's
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("root");
+        std::fs::write(&f, b"ROOT").unwrap();
+        let e = c
+            .upload_whole(&f, "application/octet-stream", None, None)
+            .unwrap_err();
+        assert_eq!(e.status(), Some(503), "{e}");
+        assert_eq!(mock.requests().len(), 3);
     }
 
     #[test]
