@@ -286,7 +286,9 @@ impl FsStore {
             (true, Ok(())) => {}
             // (the pipeline stops early only on an error, reported above)
             (false, Ok(())) => {
-                return Err(io_err("write", path)(io::Error::other("the copy stopped early")))
+                return Err(io_err("write", path)(io::Error::other(
+                    "the copy stopped early",
+                )))
             }
         }
         *hasher = hashed;

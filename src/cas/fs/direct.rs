@@ -63,7 +63,9 @@ impl<'a> Writer<'a> {
     /// Writes all of `buf` (from an [`AlignedBuf`]) at the current end of the file.
     pub(super) fn write_chunk(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut f = self.file;
-        if self.direct && (buf.len() % ALIGN != 0 || buf.as_ptr().align_offset(ALIGN) != 0) {
+        if self.direct
+            && (!buf.len().is_multiple_of(ALIGN) || buf.as_ptr().align_offset(ALIGN) != 0)
+        {
             self.buffered(); // the tail of the file
         }
         let mut done = 0;
