@@ -70,10 +70,11 @@ VERSIONS=${FULL_BENCH_VERSIONS:-10000}
 IMAGES=${FULL_BENCH_IMAGES:-10}
 PUBLISHES=${FULL_BENCH_PUBLISHES:-20}
 LAT_N=${FULL_BENCH_LAT_REQUESTS:-200}
-for v in MIB REPEAT CONC PUB_REPEAT VERSIONS IMAGES PUBLISHES LAT_N; do
-  eval "val=\$$v"
+for v in MIB:MIB REPEAT:REPEAT CONC:CONCURRENCY PUB_REPEAT:PUBLISH_REPEAT VERSIONS:VERSIONS \
+  IMAGES:IMAGES PUBLISHES:PUBLISHES LAT_N:LAT_REQUESTS; do
+  eval "val=\$${v%%:*}"
   # shellcheck disable=SC2154 # val is set by the eval above
-  case $val in ''|*[!0-9]*|0) die "$v must be a positive whole number (got '$val'; see --help for the FULL_BENCH_ knob)" ;; esac
+  case $val in ''|*[!0-9]*|0) die "FULL_BENCH_${v#*:} must be a positive whole number (got '$val')" ;; esac
 done
 SMALL=10
 [ "$VERSIONS" -ge $((SMALL + PUBLISHES)) ] ||
