@@ -28,6 +28,8 @@ pub const PART_SIZE: u64 = 1 << 30;
 const MAX_JSON_RESPONSE: u64 = 64 << 20;
 /// Error bodies are read up to this size.
 const MAX_ERROR_BODY: u64 = 64 << 10;
+/// A request's error and, for a 503, how long the server asked to wait.
+type Refused = (ClientError, Option<std::time::Duration>);
 /// How long a request answered 503 is sent again ([`ApiClient::send`]).
 const RETRY_503_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 /// System CA bundles, first found wins (after `SSL_CERT_FILE`).
@@ -626,12 +628,12 @@ impl ApiClient {
             Body::Stream(..) => None,
         };
         let Some(replay) = replay else {
-            return self.send_once(method, path, body, ok).map_err(|(e, _)| e);
+            return self.send_once(method, path, body, ok).map_err(|b| b.0);
         };
         let deadline = std::time::Instant::now() + RETRY_503_FOR;
         let mut body = body;
         loop {
-            let wait = match self.send_once(method, path, body, ok) {
+            let wait = match self.send_once(method, path, body, ok).map_err(|b| *b) {
                 Ok(r) => return Ok(r),
                 Err((_, Some(wait))) if std::time::Instant::now() + wait < deadline => wait,
                 Err((e, _)) => return Err(e),
@@ -656,10 +658,9 @@ impl ApiClient {
         path: &str,
         body: Body<'_>,
         ok: &[u16],
-    ) -> Result<(String, http::Response<ureq::Body>), (ClientError, Option<std::time::Duration>)>
-    {
+    ) -> Result<(String, http::Response<ureq::Body>), Box<Refused>> {
         let url = format!("{}{}", self.base, path);
-        let plain = |e| (e, None);
+        let plain = |e| Box::new((e, None));
         let transport = |source| ClientError::Transport {
             method: method.to_string(),
             url: url.clone(),
@@ -733,7 +734,7 @@ impl ApiClient {
         };
         let wait = (status.as_u16() == 503)
             .then(|| std::time::Duration::from_secs(retry_after.unwrap_or(1).clamp(1, 10)));
-        Err((error, wait))
+        Err(Box::new((error, wait)))
     }
 
     fn json<T: for<'de> Deserialize<'de>>(
