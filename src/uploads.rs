@@ -103,6 +103,41 @@ fn writable(s: UploadSession) -> Result<UploadSession, UploadError> {
     Ok(s)
 }
 
+/// A new session's row: expiring [`UPLOAD_TTL_HOURS`] from now.
+fn new_session(
+    digest: Digest,
+    size: u64,
+    state: UploadState,
+    (media_type_hint, filename_hint): (Option<String>, Option<String>),
+    principal_id: String,
+) -> UploadSession {
+    let now = chrono::Utc::now();
+    let ts =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    UploadSession {
+        id: catalog::new_id(),
+        expected_digest: digest,
+        expected_size_bytes: size,
+        state,
+        expires_at: ts(now + chrono::Duration::hours(UPLOAD_TTL_HOURS)),
+        media_type_hint,
+        filename_hint,
+        failure_message: None,
+        principal_id: Some(principal_id),
+        created_at: ts(now),
+        updated_at: ts(now),
+    }
+}
+
+/// A store error met while a request body was read: a body shorter than declared
+/// is the request's fault ([`UploadError::Truncated`]).
+fn body_error(e: CasError) -> UploadError {
+    match e {
+        CasError::Truncated { expected, actual } => UploadError::Truncated { expected, actual },
+        e => e.into(),
+    }
+}
+
 impl App {
     /// Opens a session. `true`: the blob is already stored with that size,
     /// and the session is `ready` at once. Otherwise the store must have
@@ -112,23 +147,13 @@ impl App {
         if u.size > i64::MAX as u64 {
             return Err(UploadError::Invalid("expected_size_bytes too large".into()));
         }
-        let now = chrono::Utc::now();
-        let ts = |t: chrono::DateTime<chrono::Utc>| {
-            t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-        };
-        let mut s = UploadSession {
-            id: catalog::new_id(),
-            expected_digest: u.digest,
-            expected_size_bytes: u.size,
-            state: UploadState::Created,
-            expires_at: ts(now + chrono::Duration::hours(UPLOAD_TTL_HOURS)),
-            media_type_hint: u.media_type_hint,
-            filename_hint: u.filename_hint,
-            failure_message: None,
-            principal_id: Some(u.principal_id),
-            created_at: ts(now),
-            updated_at: ts(now),
-        };
+        let mut s = new_session(
+            u.digest,
+            u.size,
+            UploadState::Created,
+            (u.media_type_hint, u.filename_hint),
+            u.principal_id,
+        );
         let mut ready = false;
         // from the check of what is stored to the session that claims it
         let _writing = self.blob_write_lock()?;
@@ -177,12 +202,7 @@ impl App {
         }
         let staged = self
             .stage_part_fingerprinting(&s, n, len, body)
-            .map_err(|e| match e {
-                CasError::Truncated { expected, actual } => {
-                    UploadError::Truncated { expected, actual }
-                }
-                e => e.into(),
-            })?;
+            .map_err(body_error)?;
         let part = UploadPart {
             upload_id: s.id,
             part_number: n,
@@ -221,50 +241,22 @@ impl App {
         // held until the session claims the blob: a collection cannot come in between
         let _writing = self.blob_write_lock()?;
         self.blobs.ensure_room(u.size)?;
-        let meta = u
-            .incus_metadata
-            .and_then(|m| Some((m, self.metadata_state(&m)?)));
-        let truncated = |e| match e {
-            CasError::Truncated { expected, actual } => UploadError::Truncated { expected, actual },
-            e => e.into(),
-        };
         let store = |r: &mut dyn Read| match self.store_new::<UploadError>(u.size, r) {
-            Err(UploadError::Store(e)) => Err(truncated(e)),
+            Err(UploadError::Store(e)) => Err(body_error(e)),
             other => other,
         };
-        let (digest, fingerprint) = match meta {
-            None => (store(body)?, None),
-            Some((meta, state)) => {
-                let before = state.len();
-                let (digest, fp) = crate::digest::with_side_hash(body, state, store);
-                let digest = digest?;
-                let fp = (fp.len() == before + u.size).then(|| fp.finish());
-                if let Some(fp) = fp {
-                    self.seen_fingerprints.record(meta, digest, fp);
-                }
-                (digest, fp)
-            }
-        };
+        let (digest, fingerprint) =
+            self.fingerprinting(u.incus_metadata, body, store, |d| (*d, u.size))?;
         let fresh = self.catalog.get_blob(&digest)?.is_none();
         self.catalog
             .insert_blob(&digest, u.size, u.media_type_hint.as_deref())?;
-        let now = chrono::Utc::now();
-        let ts = |t: chrono::DateTime<chrono::Utc>| {
-            t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-        };
-        let s = UploadSession {
-            id: catalog::new_id(),
-            expected_digest: digest,
-            expected_size_bytes: u.size,
-            state: UploadState::Ready,
-            expires_at: ts(now + chrono::Duration::hours(UPLOAD_TTL_HOURS)),
-            media_type_hint: u.media_type_hint,
-            filename_hint: u.filename_hint,
-            failure_message: None,
-            principal_id: Some(u.principal_id),
-            created_at: ts(now),
-            updated_at: ts(now),
-        };
+        let s = new_session(
+            digest,
+            u.size,
+            UploadState::Ready,
+            (u.media_type_hint, u.filename_hint),
+            u.principal_id,
+        );
         self.catalog.create_upload(&s)?;
         crate::metrics::upload_finished(if fresh {
             UploadOutcome::Stored
@@ -290,18 +282,34 @@ impl App {
             .seen_fingerprints
             .hinted(&s.id)
             .filter(|_| n == 1 && len == s.expected_size_bytes);
+        let stage = |r: &mut dyn Read| self.blobs.stage_part(&s.id, n, len, r);
+        let (staged, _) = self.fingerprinting(meta, body, stage, |p| (p.digest, p.size))?;
+        Ok(staged)
+    }
+
+    /// Runs `store` over `body`. With `meta` (a metadata tarball stored whole) the
+    /// Incus fingerprint `sha256(meta || what store read)` is taken on a second
+    /// thread, recorded for the publish and returned, when `store` took all of it
+    /// (`stored`: the digest and size of what it stored).
+    fn fingerprinting<T, E>(
+        &self,
+        meta: Option<Digest>,
+        body: &mut dyn Read,
+        store: impl FnOnce(&mut dyn Read) -> Result<T, E>,
+        stored: impl FnOnce(&T) -> (Digest, u64),
+    ) -> Result<(T, Option<Digest>), E> {
         let Some((meta, state)) = meta.and_then(|m| Some((m, self.metadata_state(&m)?))) else {
-            return self.blobs.stage_part(&s.id, n, len, body);
+            return Ok((store(body)?, None));
         };
         let before = state.len();
-        let (staged, fp) =
-            crate::digest::with_side_hash(body, state, |r| self.blobs.stage_part(&s.id, n, len, r));
-        let staged = staged?;
-        if fp.len() == before + staged.size {
-            self.seen_fingerprints
-                .record(meta, staged.digest, fp.finish());
+        let (out, fp) = crate::digest::with_side_hash(body, state, store);
+        let out = out?;
+        let (digest, size) = stored(&out);
+        let fp = (fp.len() == before + size).then(|| fp.finish());
+        if let Some(fp) = fp {
+            self.seen_fingerprints.record(meta, digest, fp);
         }
-        Ok(staged)
+        Ok((out, fp))
     }
 
     /// The hash state over a stored metadata tarball, `None` when it is not
