@@ -530,7 +530,7 @@ impl App {
         self.room_for_change()?;
         // held until the blob is pinned: a collection cannot come in between
         let _writing = self.blob_write_lock()?;
-        let digest = self.store_new::<PublishError>(size, reader)?;
+        let digest = self.store_new::<PublishError>(size, reader, None)?;
         lease.pin(&digest)?;
         self.catalog.insert_blob(&digest, size, media_type)?;
         Ok(digest)
@@ -538,21 +538,29 @@ impl App {
 
     /// Stores bytes whose digest is not known yet and returns the digest they
     /// make (not recorded, not claimed). The caller holds the shared blobs lock
-    /// ([`App::blob_write_lock`]) until it has claimed the blob.
+    /// ([`App::blob_write_lock`]) until it has claimed the blob. With `side`,
+    /// the stored bytes are hashed into it too.
     pub(crate) fn store_new<E>(
         &self,
         size: u64,
         reader: &mut dyn std::io::Read,
+        side: Option<&mut crate::digest::Hasher>,
     ) -> Result<crate::digest::Digest, E>
     where
         E: From<crate::cas::CasError> + From<crate::catalog::CatalogError>,
     {
         if !self.blobs.needs_write_lock() {
-            return Ok(self.blobs.put_new(size, reader)?);
+            return Ok(match side {
+                Some(side) => self.blobs.put_new_hashing(size, reader, side)?,
+                None => self.blobs.put_new(size, reader)?,
+            });
         }
         // staged first: the key to lock is known once the bytes are
         let id = uuid::Uuid::new_v4().to_string();
-        let staged = self.blobs.stage_part(&id, 1, size, reader)?;
+        let staged = match side {
+            Some(side) => self.blobs.stage_part_hashing(&id, 1, size, reader, side)?,
+            None => self.blobs.stage_part(&id, 1, size, reader)?,
+        };
         if crate::cas::longer_than_declared(reader) {
             self.blobs.discard_upload(&id)?;
             return Err(crate::cas::CasError::Truncated {

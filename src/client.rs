@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use indicatif::ProgressBar;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Deserializer, Serialize};
 use ureq::http::{self, StatusCode};
-use ureq::tls::{RootCerts, TlsConfig};
+use ureq::tls::RootCerts;
 
 use crate::digest::{Digest, Hasher};
 
@@ -430,10 +430,17 @@ pub(crate) fn https_agent(
         }
         None => {
             let roots = system_roots()?;
-            Ok(config
-                .tls_config(TlsConfig::builder().root_certs(roots).build())
-                .build()
-                .new_agent())
+            crate::tls::pinned::agent_with_roots(
+                config.build(),
+                &roots,
+                ureq::unversioned::resolver::DefaultResolver::default(),
+            )
+            .map_err(|e| ClientError::Ca {
+                path: std::env::var_os("SSL_CERT_FILE")
+                    .filter(|p| !p.is_empty())
+                    .map_or_else(|| "(the system CA bundle)".into(), PathBuf::from),
+                reason: format!("{e:#}"),
+            })
         }
     }
 }
@@ -825,7 +832,8 @@ impl ApiClient {
         let mut f = File::open(file).map_err(io_err(file))?;
         f.seek(SeekFrom::Start(offset)).map_err(io_err(file))?;
         let mut reader = PartReader {
-            inner: BufReader::with_capacity(1 << 20, f).take(len),
+            // ureq reads it in chunks of its output buffer (128 KiB): no buffer between
+            inner: f.take(len),
             hasher: Hasher::new(),
             progress,
         };
@@ -1017,7 +1025,7 @@ impl ApiClient {
             }
         };
         let mut reader = PartReader {
-            inner: BufReader::with_capacity(1 << 20, f).take(size),
+            inner: f.take(size),
             hasher: Hasher::new(),
             progress: Some(&mut cb),
         };

@@ -21,7 +21,7 @@
 use crate::app::App;
 use crate::cas::{CasError, StagedPart};
 use crate::catalog::{self, CatalogError, UploadPart, UploadSession, UploadState};
-use crate::digest::Digest;
+use crate::digest::{Digest, Hasher};
 use crate::metrics::UploadOutcome;
 use std::io::Read;
 
@@ -241,7 +241,9 @@ impl App {
         // held until the session claims the blob: a collection cannot come in between
         let _writing = self.blob_write_lock()?;
         self.blobs.ensure_room(u.size)?;
-        let store = |r: &mut dyn Read| match self.store_new::<UploadError>(u.size, r) {
+        let store = |r: &mut dyn Read, side: Option<&mut Hasher>| match self
+            .store_new::<UploadError>(u.size, r, side)
+        {
             Err(UploadError::Store(e)) => Err(body_error(e)),
             other => other,
         };
@@ -282,28 +284,31 @@ impl App {
             .seen_fingerprints
             .hinted(&s.id)
             .filter(|_| n == 1 && len == s.expected_size_bytes);
-        let stage = |r: &mut dyn Read| self.blobs.stage_part(&s.id, n, len, r);
+        let stage = |r: &mut dyn Read, side: Option<&mut Hasher>| match side {
+            Some(side) => self.blobs.stage_part_hashing(&s.id, n, len, r, side),
+            None => self.blobs.stage_part(&s.id, n, len, r),
+        };
         let (staged, _) = self.fingerprinting(meta, body, stage, |p| (p.digest, p.size))?;
         Ok(staged)
     }
 
     /// Runs `store` over `body`. With `meta` (a metadata tarball stored whole) the
-    /// Incus fingerprint `sha256(meta || what store read)` is taken on a second
-    /// thread, recorded for the publish and returned, when `store` took all of it
+    /// Incus fingerprint `sha256(meta || what store stored)` is taken beside it
+    /// (`store` feeds the bytes to the hash it is given, on a thread of its
+    /// own), recorded for the publish and returned, when that was all of the blob
     /// (`stored`: the digest and size of what it stored).
     fn fingerprinting<T, E>(
         &self,
         meta: Option<Digest>,
         body: &mut dyn Read,
-        store: impl FnOnce(&mut dyn Read) -> Result<T, E>,
+        store: impl FnOnce(&mut dyn Read, Option<&mut Hasher>) -> Result<T, E>,
         stored: impl FnOnce(&T) -> (Digest, u64),
     ) -> Result<(T, Option<Digest>), E> {
-        let Some((meta, state)) = meta.and_then(|m| Some((m, self.metadata_state(&m)?))) else {
-            return Ok((store(body)?, None));
+        let Some((meta, mut fp)) = meta.and_then(|m| Some((m, self.metadata_state(&m)?))) else {
+            return Ok((store(body, None)?, None));
         };
-        let before = state.len();
-        let (out, fp) = crate::digest::with_side_hash(body, state, store);
-        let out = out?;
+        let before = fp.len();
+        let out = store(body, Some(&mut fp))?;
         let (digest, size) = stored(&out);
         let fp = (fp.len() == before + size).then(|| fp.finish());
         if let Some(fp) = fp {

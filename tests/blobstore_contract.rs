@@ -356,6 +356,52 @@ fn put_new_stores_under_the_digest_the_bytes_make(s: &dyn BlobStore) {
     assert_clean(s);
 }
 
+/// The side hash (the Incus fingerprint beside a blob's own sha256) sees exactly
+/// the bytes stored, after whatever state it brought, small or pipelined; a
+/// refused store leaves no blob whatever the side saw.
+fn a_side_hash_sees_exactly_the_stored_bytes(s: &dyn BlobStore) {
+    use imgsrv::digest::Hasher;
+    let big: Vec<u8> = (0..(19u32 << 20) + 4097).map(|i| (i % 251) as u8).collect();
+    let meta = b"METADATA TARBALL";
+    let fingerprint = |bytes: &[u8]| {
+        let mut h = Hasher::new();
+        h.update(meta);
+        h.update(bytes);
+        h.finish()
+    };
+    let prefixed = || {
+        let mut h = Hasher::new();
+        h.update(meta);
+        h
+    };
+    for bytes in [&b"ROOT"[..], &big[..]] {
+        let mut side = prefixed();
+        let d = s
+            .put_new_hashing(bytes.len() as u64, &mut &bytes[..], &mut side)
+            .unwrap();
+        assert_eq!(d, Digest::of(bytes));
+        assert_eq!(side.len(), (meta.len() + bytes.len()) as u64);
+        assert_eq!(side.finish(), fingerprint(bytes));
+        assert!(read_all(s, &d) == bytes);
+
+        let mut side = prefixed();
+        let p = s
+            .stage_part_hashing(UPLOAD, 1, bytes.len() as u64, &mut &bytes[..], &mut side)
+            .unwrap();
+        assert_eq!(p.digest, Digest::of(bytes));
+        assert_eq!(side.finish(), fingerprint(bytes));
+        s.discard_upload(UPLOAD).unwrap();
+    }
+    let mut side = prefixed();
+    assert!(matches!(
+        s.put_new_hashing(4, &mut &b"METAS"[..], &mut side),
+        Err(CasError::Truncated { .. })
+    ));
+    assert_eq!(s.stat(&Digest::of(b"META")).unwrap(), None);
+    assert_eq!(listed(s).len(), 2);
+    assert_clean(s);
+}
+
 /// A reader that fails.
 struct Failing;
 impl Read for Failing {
@@ -405,6 +451,7 @@ contract!(
     probe_writes_nothing,
     adopt_copies_a_checked_file,
     put_new_stores_under_the_digest_the_bytes_make,
+    a_side_hash_sees_exactly_the_stored_bytes,
 );
 
 #[cfg(feature = "s3")]

@@ -803,3 +803,59 @@ fn serve_prints_the_next_steps_with_the_certificate_fingerprint() {
         "{log}"
     );
 }
+
+/// Without `--ca` the client trusts the system store (`SSL_CERT_FILE` here), over
+/// the same TLS transport as with it: a root of several MiB goes up in batched TLS
+/// writes and the server takes the fingerprint Incus computes. With neither, the
+/// self-signed server is refused and nothing is published.
+#[test]
+fn publish_without_ca_trusts_the_system_store() {
+    let server = TestServer::start();
+    let tmp = temp_dir("cli-system-trust");
+    let (public, secret) = minisign_keypair(tmp.path().join("k"));
+    trust_key(server.data_dir(), None, &public);
+    let img = make_test_image(tmp.path().join("img"), &["--pad-mib", "5"]);
+    let publish = |cert: Option<&Path>| {
+        let mut c = client(&server);
+        c.env_remove("IMGSRV_CA").env_remove("SSL_CERT_FILE");
+        if let Some(cert) = cert {
+            c.env("SSL_CERT_FILE", cert);
+        }
+        run_any(
+            c.arg("publish")
+                .arg("--key")
+                .arg(&secret)
+                .arg(&img.metadata)
+                .arg(img.rootfs()),
+        )
+    };
+    let refused = publish(None);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).to_lowercase().contains("certificate"),
+        "{}",
+        text(&refused)
+    );
+    let listed = text(&run_ok(client(&server).args(["list", "--format", "csv"])));
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+
+    let ok = publish(Some(&server.cert()));
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(
+        text(&ok).contains(&img.container_fingerprint()),
+        "{}",
+        text(&ok)
+    );
+    // a consumer with no --ca either: the bytes it downloads are the ones signed
+    let verified = run_any(
+        Command::new(IMGSRV)
+            .env_remove("IMGSRV_CA")
+            .env_remove("IMGSRV_TOKEN")
+            .env("SSL_CERT_FILE", server.cert())
+            .env("HOME", tmp.path())
+            .args(["verify", "--server", &server.url(), "--trusted-keys"])
+            .arg(&public)
+            .arg("debian-bookworm"),
+    );
+    assert!(verified.status.success(), "{}", text(&verified));
+}

@@ -202,11 +202,14 @@ impl FsStore {
     /// device where the filesystem allows it ([`direct`]), and start the kernel's
     /// writeback of anything else as they go so that the final fsync has little
     /// left to wait for. No more than a few buffers are in memory.
+    /// With `side`, every byte also goes to that second hash, on a fourth
+    /// thread, from the same buffers.
     fn copy_hashing(
         reader: &mut dyn Read,
         out: &mut File,
         len: u64,
         hasher: &mut Hasher,
+        mut side: Option<&mut Hasher>,
         path: &Path,
     ) -> Result<()> {
         if len < PIPELINE_MIN {
@@ -215,31 +218,60 @@ impl FsStore {
             while done < len {
                 let n = fill(reader, &mut buf, len - done, len, done, path)?;
                 hasher.update(&buf[..n]);
+                if let Some(side) = side.as_deref_mut() {
+                    side.update(&buf[..n]);
+                }
                 out.write_all(&buf[..n]).map_err(io_err("write", path))?;
                 done += n as u64;
             }
             return Ok(());
         }
         use direct::AlignedBuf;
-        // reader (this thread) -> writer -> hasher -> back to the reader
+        // reader (this thread) -> writer -> hasher [-> side hasher] -> back to the reader
         type Chunk = (AlignedBuf, usize);
         let (to_write, write_rx) = mpsc::sync_channel::<Chunk>(PIPELINE_BUFFERS);
         let (to_hash, hash_rx) = mpsc::sync_channel::<Chunk>(PIPELINE_BUFFERS);
         let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
-        for _ in 0..PIPELINE_BUFFERS + 1 {
+        for _ in 0..PIPELINE_BUFFERS + 2 {
             free_tx.send(AlignedBuf::new(BUF)).expect("receiver alive");
         }
-        let mut local = std::mem::take(hasher);
-        let file: &File = out;
-        let (read, wrote, hashed) = std::thread::scope(|scope| {
-            let hashing = scope.spawn(move || {
-                for (buf, n) in hash_rx {
-                    local.update(&buf[..n]);
-                    // the reader may have stopped early; then nobody needs it back
-                    let _ = free_tx.send(buf);
+        /// Where a hashing stage passes a chunk on.
+        enum Next {
+            Free(mpsc::Sender<AlignedBuf>),
+            Stage(mpsc::SyncSender<Chunk>),
+        }
+        impl Next {
+            /// False once nobody takes chunks any more (the reader stopped early).
+            fn pass(&self, chunk: Chunk) -> bool {
+                match self {
+                    Next::Free(tx) => tx.send(chunk.0).is_ok(),
+                    Next::Stage(tx) => tx.send(chunk).is_ok(),
                 }
-                local
-            });
+            }
+        }
+        fn hash_stage(mut h: Hasher, rx: mpsc::Receiver<Chunk>, next: Next) -> Hasher {
+            for (buf, n) in rx {
+                h.update(&buf[..n]);
+                if !next.pass((buf, n)) {
+                    break;
+                }
+            }
+            h
+        }
+        let local = std::mem::take(hasher);
+        let side_local = side.as_deref_mut().map(std::mem::take);
+        let file: &File = out;
+        let (read, wrote, hashed, side_hashed) = std::thread::scope(|scope| {
+            let (next, side_hashing) = match side_local {
+                None => (Next::Free(free_tx), None),
+                Some(h) => {
+                    let (to_side, side_rx) = mpsc::sync_channel::<Chunk>(PIPELINE_BUFFERS);
+                    let free = Next::Free(free_tx);
+                    let t = scope.spawn(move || hash_stage(h, side_rx, free));
+                    (Next::Stage(to_side), Some(t))
+                }
+            };
+            let hashing = scope.spawn(move || hash_stage(local, hash_rx, next));
             // A writer of its own: a direct write waits for the device, and the
             // reader should not (a socket's sender would stall meanwhile). It
             // starts the kernel's writeback of what went through the page cache so
@@ -279,7 +311,9 @@ impl FsStore {
             drop(to_write);
             let wrote = writing.join().expect("writing thread does not panic");
             let hashed = hashing.join().expect("hashing thread does not panic");
-            (read, wrote, hashed)
+            let side_hashed =
+                side_hashing.map(|t| t.join().expect("hashing thread does not panic"));
+            (read, wrote, hashed, side_hashed)
         });
         match (read?, wrote) {
             (_, Err(e)) => return Err(e),
@@ -292,7 +326,75 @@ impl FsStore {
             }
         }
         *hasher = hashed;
+        if let (Some(side), Some(h)) = (side, side_hashed) {
+            *side = h;
+        }
         Ok(())
+    }
+
+    /// [`BlobStore::put_new`], the bytes also fed to `side`.
+    fn put_new_side(
+        &self,
+        size: u64,
+        reader: &mut dyn Read,
+        side: Option<&mut Hasher>,
+    ) -> Result<Digest> {
+        self.ensure_room(size)?;
+        let mut tmp = self.tmp_file()?;
+        let path = tmp.path().to_path_buf();
+        let mut hasher = Hasher::new();
+        Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, side, &path)?;
+        if super::longer_than_declared(reader) {
+            return Err(CasError::Truncated {
+                expected: size,
+                actual: size + 1,
+            });
+        }
+        let digest = hasher.finish();
+        if self.stat(&digest)? == Some(size) {
+            // stored already: keep those bytes (the temporary file goes)
+            return Ok(digest);
+        }
+        self.install_tmp(tmp, &digest)?;
+        Ok(digest)
+    }
+
+    /// [`BlobStore::stage_part`], the bytes also fed to `side`.
+    fn stage_part_side(
+        &self,
+        upload: &str,
+        n: u32,
+        len: u64,
+        reader: &mut dyn Read,
+        side: Option<&mut Hasher>,
+    ) -> Result<StagedPart> {
+        valid_upload_id(upload)?;
+        self.ensure_room(len)?;
+        let dir = self.part_dir(upload);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let staged = (|| {
+            // removed on every error path (dropped unpersisted)
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".part-")
+                .tempfile_in(&dir)
+                .map_err(io_err("create temp in", &dir))?;
+            let path = tmp.path().to_path_buf();
+            let mut hasher = Hasher::new();
+            Self::copy_hashing(reader, tmp.as_file_mut(), len, &mut hasher, side, &path)?;
+            let dst = dir.join(format!("{n}.part"));
+            tmp.persist(&dst)
+                .map_err(|e| io_err("rename", &dst)(e.error))?;
+            Ok(StagedPart {
+                digest: hasher.finish(),
+                size: len,
+            })
+        })();
+        if staged.is_err() {
+            // an upload whose first part failed leaves no empty directory
+            // (remove_dir leaves one holding other parts alone)
+            let _ = fs::remove_dir(&dir);
+        }
+        staged
     }
 
     /// Moves a fully written and fsynced file into its CAS place without
@@ -472,7 +574,7 @@ impl BlobStore for FsStore {
         let mut tmp = self.tmp_file()?;
         let path = tmp.path().to_path_buf();
         let mut hasher = Hasher::new();
-        Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, &path)?;
+        Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, None, &path)?;
         // one more byte means the source was longer than declared
         if super::longer_than_declared(reader) {
             return Err(CasError::Truncated {
@@ -485,26 +587,17 @@ impl BlobStore for FsStore {
     }
 
     fn put_new(&self, size: u64, reader: &mut dyn Read) -> Result<Digest> {
-        self.ensure_room(size)?;
-        let mut tmp = self.tmp_file()?;
-        let path = tmp.path().to_path_buf();
-        let mut hasher = Hasher::new();
-        Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, &path)?;
-        if super::longer_than_declared(reader) {
-            return Err(CasError::Truncated {
-                expected: size,
-                actual: size + 1,
-            });
-        }
-        let digest = hasher.finish();
-        if self.stat(&digest)? == Some(size) {
-            // stored already: keep those bytes (the temporary file goes)
-            return Ok(digest);
-        }
-        self.install_tmp(tmp, &digest)?;
-        Ok(digest)
+        self.put_new_side(size, reader, None)
     }
 
+    fn put_new_hashing(
+        &self,
+        size: u64,
+        reader: &mut dyn Read,
+        side: &mut Hasher,
+    ) -> Result<Digest> {
+        self.put_new_side(size, reader, Some(side))
+    }
     fn adopt(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
         self.adopt_file(path, digest, size, false)
     }
@@ -520,33 +613,18 @@ impl BlobStore for FsStore {
         len: u64,
         reader: &mut dyn Read,
     ) -> Result<StagedPart> {
-        valid_upload_id(upload)?;
-        self.ensure_room(len)?;
-        let dir = self.part_dir(upload);
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        let staged = (|| {
-            // removed on every error path (dropped unpersisted)
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".part-")
-                .tempfile_in(&dir)
-                .map_err(io_err("create temp in", &dir))?;
-            let path = tmp.path().to_path_buf();
-            let mut hasher = Hasher::new();
-            Self::copy_hashing(reader, tmp.as_file_mut(), len, &mut hasher, &path)?;
-            let dst = dir.join(format!("{n}.part"));
-            tmp.persist(&dst)
-                .map_err(|e| io_err("rename", &dst)(e.error))?;
-            Ok(StagedPart {
-                digest: hasher.finish(),
-                size: len,
-            })
-        })();
-        if staged.is_err() {
-            // an upload whose first part failed leaves no empty directory
-            // (remove_dir leaves one holding other parts alone)
-            let _ = fs::remove_dir(&dir);
-        }
-        staged
+        self.stage_part_side(upload, n, len, reader, None)
+    }
+
+    fn stage_part_hashing(
+        &self,
+        upload: &str,
+        n: u32,
+        len: u64,
+        reader: &mut dyn Read,
+        side: &mut Hasher,
+    ) -> Result<StagedPart> {
+        self.stage_part_side(upload, n, len, reader, Some(side))
     }
 
     fn commit_upload(
@@ -594,7 +672,7 @@ impl BlobStore for FsStore {
             for (n, p) in parts {
                 let path = dir.join(format!("{n}.part"));
                 let mut f = File::open(&path).map_err(|_| CasError::MissingPart(*n))?;
-                Self::copy_hashing(&mut f, tmp.as_file_mut(), p.size, &mut hasher, &path)?;
+                Self::copy_hashing(&mut f, tmp.as_file_mut(), p.size, &mut hasher, None, &path)?;
             }
             check_digest(digest, size, hasher.finish(), total)?;
             self.install_tmp(tmp, digest)

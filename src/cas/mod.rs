@@ -7,7 +7,7 @@ pub mod fs;
 #[cfg(feature = "s3")]
 pub mod s3;
 
-use crate::digest::Digest;
+use crate::digest::{Digest, Hasher};
 use std::io::Read;
 use std::path::Path;
 
@@ -236,6 +236,19 @@ pub trait BlobStore: Send + Sync {
         put_new_staged(self, size, reader)
     }
 
+    /// [`BlobStore::put_new`] that also feeds every byte it stores, in order, to
+    /// `side`: a second hash of the same bytes (an Incus fingerprint) from the
+    /// buffers the store reads into anyway. The default copies each chunk to a
+    /// hashing thread of its own ([`side_hashed`]).
+    fn put_new_hashing(
+        &self,
+        size: u64,
+        reader: &mut dyn Read,
+        side: &mut Hasher,
+    ) -> Result<Digest> {
+        side_hashed(reader, side, |r| self.put_new(size, r))
+    }
+
     /// Stores the file at `path`, which must be exactly `size` bytes hashing
     /// to `digest`; otherwise nothing is stored. A store that can take the
     /// file in place (same filesystem) does so without copying it; the
@@ -269,6 +282,18 @@ pub trait BlobStore: Send + Sync {
         len: u64,
         reader: &mut dyn Read,
     ) -> Result<StagedPart>;
+    /// [`BlobStore::stage_part`] feeding the bytes to `side` as well, as
+    /// [`BlobStore::put_new_hashing`] does.
+    fn stage_part_hashing(
+        &self,
+        upload: &str,
+        n: u32,
+        len: u64,
+        reader: &mut dyn Read,
+        side: &mut Hasher,
+    ) -> Result<StagedPart> {
+        side_hashed(reader, side, |r| self.stage_part(upload, n, len, r))
+    }
     /// Concatenates the staged parts in order, checks size and digest, and
     /// stores the blob. A mismatch stores nothing. Staged parts are removed
     /// either way, except when the store is full ([`CasError::Full`]) or
@@ -299,6 +324,18 @@ pub trait BlobStore: Send + Sync {
     /// and the minimum free space is there ([`BlobStore::ensure_room`] of 0 bytes:
     /// [`CasError::Full`] otherwise). Stores nothing.
     fn probe_writable(&self) -> Result<()>;
+}
+
+/// Runs `store` over `reader` with every byte it reads also hashed into `side`
+/// on a second thread (one copy of each chunk).
+pub(crate) fn side_hashed<T>(
+    reader: &mut dyn Read,
+    side: &mut Hasher,
+    store: impl FnOnce(&mut dyn Read) -> T,
+) -> T {
+    let (out, hashed) = crate::digest::with_side_hash(reader, std::mem::take(side), store);
+    *side = hashed;
+    out
 }
 
 /// [`BlobStore::put_new`] through a one-part upload: staged (hashed as it is

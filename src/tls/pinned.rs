@@ -21,6 +21,9 @@
 //! ureq 3 takes no custom verifier through its `TlsConfig`, so [`agent`]
 //! builds its connector chain with [`PinnedTlsConnector`] in place of ureq's
 //! rustls connector (the same few lines: handshake, then a buffered transport).
+//! Its transport also batches TLS records into large socket writes
+//! ([`PinnedTlsTransport`]), so every client of imgsrv uses it, with the system
+//! trust store when no `--ca` is given ([`agent_with_roots`]).
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -169,11 +172,48 @@ pub fn agent_with_resolver(
     resolver: impl ureq::unversioned::resolver::Resolver,
 ) -> anyhow::Result<ureq::Agent> {
     let tls = client_config(load_pem(ca)?)?;
+    Ok(agent_from(config, tls, resolver))
+}
+
+/// A ureq agent with `config` trusting `roots` the ordinary way (a chain to
+/// one of them), over this module's transport, whose batched TLS writes
+/// ([`PinnedTlsTransport`]) every client of imgsrv uses: the system trust
+/// store when no `--ca` is given.
+pub fn agent_with_roots(
+    config: ureq::config::Config,
+    roots: &ureq::tls::RootCerts,
+    resolver: impl ureq::unversioned::resolver::Resolver,
+) -> anyhow::Result<ureq::Agent> {
+    let mut store = rustls::RootCertStore::empty();
+    match roots {
+        ureq::tls::RootCerts::Specific(certs) => {
+            let ders = certs.iter().map(|c| CertificateDer::from(c.der().to_vec()));
+            let (added, _) = store.add_parsable_certificates(ders);
+            anyhow::ensure!(added > 0, "no certificate usable as a trust anchor");
+        }
+        ureq::tls::RootCerts::WebPki => {
+            store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned())
+        }
+        other => anyhow::bail!("unsupported root certificates {other:?}"),
+    }
+    let tls = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| anyhow::anyhow!("selecting TLS versions: {e}"))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    Ok(agent_from(config, Arc::new(tls), resolver))
+}
+
+fn agent_from(
+    config: ureq::config::Config,
+    tls: Arc<ClientConfig>,
+    resolver: impl ureq::unversioned::resolver::Resolver,
+) -> ureq::Agent {
     let connector =
         ().chain(ConnectProxyConnector::default())
             .chain(TcpConnector::default())
             .chain(PinnedTlsConnector { config: tls });
-    Ok(ureq::Agent::with_parts(config, connector, resolver))
+    ureq::Agent::with_parts(config, connector, resolver)
 }
 
 /// Wraps the TCP transport of an https URL in rustls with a fixed config.
@@ -213,6 +253,10 @@ impl<In: Transport> Connector<In> for PinnedTlsConnector {
         let mut sock = TransportAdapter::new(transport.boxed(), details.current_time.clone());
         sock.set_timeout(details.timeout);
         conn.complete_io(&mut sock)?;
+        // transmit_output queues one output buffer's plaintext at a time and
+        // sends it in batches (send_records): the bound is that buffer, not
+        // rustls's default 64 KiB, which would split every batch in two
+        conn.set_buffer_limit(None);
         let buffers = LazyBuffers::new(
             details.config.input_buffer_size(),
             details.config.output_buffer_size(),
@@ -222,6 +266,65 @@ impl<In: Transport> Connector<In> for PinnedTlsConnector {
             stream: StreamOwned { conn, sock },
         })))
     }
+}
+
+/// Writes the TLS records `conn` holds to `transport`, as many per socket write
+/// as its output buffer takes; with `all` false only while a full buffer's
+/// worth is queued.
+fn send_records(
+    conn: &mut ClientConnection,
+    transport: &mut dyn Transport,
+    timeout: NextTimeout,
+    all: bool,
+) -> Result<(), ureq::Error> {
+    /// Gathers the records rustls offers into the transport's output buffer.
+    struct Batch<'a> {
+        transport: &'a mut dyn Transport,
+        timeout: NextTimeout,
+        all: bool,
+    }
+    impl Write for Batch<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.write_vectored(&[std::io::IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+            let out = self.transport.buffers().output();
+            let queued: usize = bufs.iter().map(|b| b.len()).sum();
+            if !self.all && queued < out.len() {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(out.len() - n);
+                out[n..n + take].copy_from_slice(&b[..take]);
+                n += take;
+                if n == out.len() {
+                    break;
+                }
+            }
+            self.transport
+                .transmit_output(n, self.timeout)
+                .map_err(|e| e.into_io())?;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut batch = Batch {
+        transport,
+        timeout,
+        all,
+    };
+    while conn.wants_write() {
+        match conn.write_tls(&mut batch) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !all => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// An established TLS connection (as ureq's own rustls transport).
@@ -241,14 +344,31 @@ impl Transport for PinnedTlsTransport {
         &mut self.buffers
     }
 
+    /// Encrypts `amount` bytes and hands the records to the TCP transport in
+    /// batches as large as its buffer rather than a socket write per record (a
+    /// TLS record carries 16 KiB: a 1 GiB upload made 65,000 `sendto` calls,
+    /// and on loopback each also runs the receiving side's network stack).
+    /// What is left, less than one batch, goes with the next output or before
+    /// the next read ([`Self::await_input`]).
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
-        self.stream.get_mut().set_timeout(timeout);
-        let output = &self.buffers.output()[..amount];
-        self.stream.write_all(output)?;
+        let StreamOwned { conn, sock } = &mut self.stream;
+        sock.set_timeout(timeout);
+        let mut output = &self.buffers.output()[..amount];
+        while !output.is_empty() {
+            let n = conn.writer().write(output)?;
+            output = &output[n..];
+            // the writer takes no more once its buffer limit is queued
+            let all = n == 0;
+            send_records(conn, sock.get_mut(), timeout, all)?;
+        }
         Ok(())
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        {
+            let StreamOwned { conn, sock } = &mut self.stream;
+            send_records(conn, sock.get_mut(), timeout, true)?;
+        }
         self.stream.get_mut().set_timeout(timeout);
         let input = self.buffers.input_append_buf();
         let amount = self.stream.read(input)?;

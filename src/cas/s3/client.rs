@@ -17,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::NextTimeout;
 
 /// How long a signed request is valid. It is sent at once; the check is made
 /// when it arrives (a long download that started in time goes on).
@@ -762,14 +762,12 @@ fn agent(opts: &S3Options) -> Result<ureq::Agent> {
         None => {
             let roots = crate::client::system_roots()
                 .map_err(|e| invalid(format!("the system trust store: {e}")))?;
-            let config = config
-                .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
-                .build();
-            Ok(ureq::Agent::with_parts(
-                config,
-                DefaultConnector::default(),
+            crate::tls::pinned::agent_with_roots(
+                config.build(),
+                &roots,
                 LocalhostResolver::default(),
-            ))
+            )
+            .map_err(|e| invalid(format!("the system trust store: {e:#}")))
         }
     }
 }
