@@ -287,6 +287,8 @@ pub fn scrub(
         s.report.read_mb_per_second = s.report.counts.bytes_read as f64 / secs / 1e6;
         if !s.stopped() {
             s.check_catalog()?;
+        }
+        if !s.stopped() {
             s.check_publications()?;
         }
         s.report.stopped = s.stopped();
@@ -527,6 +529,11 @@ impl Scrubber<'_> {
         let mut digests: Vec<Digest> = self.inv.citations.keys().copied().collect();
         digests.sort();
         for d in &digests {
+            // each one may ask the store (an S3 HEAD): a server shutting down
+            // does not wait for all of them
+            if self.stopped() {
+                return Ok(());
+            }
             if self.handled.contains(d) {
                 continue;
             }
@@ -547,6 +554,9 @@ impl Scrubber<'_> {
             .map(|r| (r.digest, r.size_bytes))
             .collect();
         for (d, _) in rows {
+            if self.stopped() {
+                return Ok(());
+            }
             if self.handled.contains(&d) || self.inv.stored.contains_key(&d) {
                 continue;
             }
