@@ -9,6 +9,8 @@
 #       the same object straight from Garage (curl --aws-sigv4, plain HTTP on 127.0.0.1,
 #       the way imgsrv reaches it); 1 stream (median of FULL_BENCH_REPEAT), then
 #       FULL_BENCH_CONCURRENCY streams at once. Goal: >= 0.8x the direct throughput.
+#       Beside it the same download over plain HTTP on the same port, which is how
+#       the Incus daemon fetches public artifacts (it tries http:// first).
 #   (2) `imgsrv publish --server` of that image to the full deployment (a fresh database
 #       and bucket per run) vs to the embedded default (SQLite + files, a fresh data
 #       directory per run), alternating, median of FULL_BENCH_PUBLISH_REPEAT.
@@ -258,6 +260,9 @@ for prod in json.load(sys.stdin).get("products", {}).values():
                 print(item["path"]); sys.exit(0)
 sys.exit("no item with sha256 " + want + " in images.json")' "$ROOTFS_SHA") || die "the published rootfs is not in images.json"
 IMG_ART=$URL/$item
+# the same path over plain HTTP on the same port: how the Incus daemon fetches public
+# artifacts (it tries http:// first, docs in ../shared/docs/incus-protocol.md)
+PLAIN_ART=http://${URL#https://}/$item
 h1=$(printf '%s' "$ROOTFS_SHA" | cut -c1-2) h2=$(printf '%s' "$ROOTFS_SHA" | cut -c3-4)
 S3_ART=$IMGSRV_S3_ENDPOINT/$BIG_BUCKET/cas/sha256/$h1/$h2/$ROOTFS_SHA
 # get SIDE: one download to /dev/null, prints "BYTES SECONDS"
@@ -267,6 +272,8 @@ get() {
     $CURL -o /dev/null -w '%{http_code} %{size_download} %{time_total}\n' \
       -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' --aws-sigv4 "aws:amz:$IMGSRV_S3_REGION:s3" \
       --user "$IMGSRV_S3_ACCESS_KEY_ID:$IMGSRV_S3_SECRET_ACCESS_KEY" "$S3_ART"
+  elif [ "$1" = plain ]; then
+    $CURL -o /dev/null -w '%{http_code} %{size_download} %{time_total}\n' "$PLAIN_ART"
   else
     $CURL -o /dev/null -w '%{http_code} %{size_download} %{time_total}\n' --cacert "$CERT" "$IMG_ART"
   fi
@@ -276,12 +283,12 @@ check_get() { # FILE SIDE: every line 200 with the whole object
     die "$2 download: not 200 with $SIZE bytes: $(head -n 1 "$1")"
 }
 say "full-bench: (1) downloads of $SIZE bytes: 1 stream x $REPEAT (alternating), then $CONC at once"
-for side in direct imgsrv; do get "$side" > "$work/warm.$side" || die "$side download failed"; check_get "$work/warm.$side" "$side"; done
-: > "$work/dl.direct"; : > "$work/dl.imgsrv"
+for side in direct imgsrv plain; do get "$side" > "$work/warm.$side" || die "$side download failed"; check_get "$work/warm.$side" "$side"; done
+: > "$work/dl.direct"; : > "$work/dl.imgsrv"; : > "$work/dl.plain"
 run=0
 while [ "$run" -lt "$REPEAT" ]; do
   run=$((run + 1))
-  for side in direct imgsrv; do
+  for side in direct imgsrv plain; do
     get "$side" > "$work/one" || die "$side download failed"
     check_get "$work/one" "$side"
     awk '{ print $2, $3 }' "$work/one" | { read -r b s; mbps "$b" "$s"; echo; } >> "$work/dl.$side"
@@ -289,7 +296,8 @@ while [ "$run" -lt "$REPEAT" ]; do
 done
 DL_DIRECT=$(grep -v '^$' "$work/dl.direct" | median)
 DL_IMGSRV=$(grep -v '^$' "$work/dl.imgsrv" | median)
-say "  1 stream (MB/s): direct $(tr '\n' ' ' < "$work/dl.direct"); imgsrv $(tr '\n' ' ' < "$work/dl.imgsrv")"
+DL_PLAIN=$(grep -v '^$' "$work/dl.plain" | median)
+say "  1 stream (MB/s): direct $(tr '\n' ' ' < "$work/dl.direct"); imgsrv $(tr '\n' ' ' < "$work/dl.imgsrv"); plain HTTP $(tr '\n' ' ' < "$work/dl.plain")"
 parallel() { # SIDE -> RESULT: aggregate MB/s of CONC downloads at once
   rm -f "$work"/par.*
   pids='' n=0
@@ -305,7 +313,8 @@ parallel() { # SIDE -> RESULT: aggregate MB/s of CONC downloads at once
 }
 parallel direct; PAR_DIRECT=$RESULT
 parallel imgsrv; PAR_IMGSRV=$RESULT
-say "  $CONC streams (MB/s): direct $PAR_DIRECT, imgsrv $PAR_IMGSRV"
+parallel plain; PAR_PLAIN=$RESULT
+say "  $CONC streams (MB/s): direct $PAR_DIRECT, imgsrv $PAR_IMGSRV, plain HTTP $PAR_PLAIN"
 unserve
 
 # --- (3) and (4): the catalogs -------------------------------------------------------------
@@ -408,6 +417,10 @@ r=$(ratio "$DL_IMGSRV" "$DL_DIRECT")
 row "(1) download, 1 stream (MB/s)" "$DL_IMGSRV" "garage direct $DL_DIRECT" "$r" ">= 0.8x direct" "$(met ge "$r" 0.8)"
 r=$(ratio "$PAR_IMGSRV" "$PAR_DIRECT")
 row "(1) download, $CONC streams (MB/s)" "$PAR_IMGSRV" "garage direct $PAR_DIRECT" "$r" ">= 0.8x direct" "$(met ge "$r" 0.8)"
+r=$(ratio "$DL_PLAIN" "$DL_DIRECT")
+row "(1) plain HTTP, 1 stream (MB/s)" "$DL_PLAIN" "garage direct $DL_DIRECT" "$r" ">= 0.8x direct" "$(met ge "$r" 0.8)"
+r=$(ratio "$PAR_PLAIN" "$PAR_DIRECT")
+row "(1) plain HTTP, $CONC streams (MB/s)" "$PAR_PLAIN" "garage direct $PAR_DIRECT" "$r" ">= 0.8x direct" "$(met ge "$r" 0.8)"
 row "(2) publish --server, $MIB MiB (s)" "$PUB_FULL" "embedded $PUB_EMB" "$(ratio "$PUB_FULL" "$PUB_EMB")" "(reported)"
 row "(2) publish --server (MB/s)" "$(mbps "$BYTES" "$PUB_FULL")" "embedded $(mbps "$BYTES" "$PUB_EMB")" "$(ratio "$PUB_EMB" "$PUB_FULL")" "(reported)"
 row "(3) images.json gzip p50 (ms)" "$PG_P50" "sqlite $SQ_P50" "$(ratio "$PG_P50" "$SQ_P50")" "<= 5 ms" "$(met ge 5 "$PG_P50")"

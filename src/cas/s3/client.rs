@@ -751,6 +751,8 @@ fn agent(opts: &S3Options) -> Result<ureq::Agent> {
         .timeout_per_read(Some(IDLE_MAX))
         .timeout_per_write(Some(IDLE_MAX))
         .max_idle_connections_per_host(16)
+        // a download is relayed from here: larger reads from the socket
+        .input_buffer_size(1 << 20)
         .user_agent(concat!("imgsrv/", env!("CARGO_PKG_VERSION")));
     match &opts.ca_file {
         Some(ca) => crate::tls::pinned::agent_with_resolver(

@@ -43,7 +43,12 @@ pub(super) fn serve(p: Parked, shared: &Shared, handler: &Handler, scratch: &mut
         shared.cfg.min_rate,
     );
     let io = match tls {
-        Some(conn) => Io::Tls(Box::new(TlsIo { conn, sock })),
+        Some(mut conn) => {
+            // a streamed response is written a stream buffer (256 KiB) at a time:
+            // encrypted whole and sent in one writev, not in 64 KiB rounds
+            conn.set_buffer_limit(Some(2 * super::STREAM_BUF));
+            Io::Tls(Box::new(TlsIo { conn, sock }))
+        }
         None => Io::Plain(sock),
     };
     let cap = shared.cfg.max_header_bytes.max(16 * 1024);
