@@ -41,6 +41,7 @@ pub mod sign;
 pub mod simplestreams;
 pub mod site;
 pub mod target;
+pub mod tlog;
 pub mod tls;
 pub mod uploads;
 pub mod verify;

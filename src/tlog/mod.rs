@@ -1,0 +1,13 @@
+//! The transparency log (issue 11): every publication, retirement and
+//! publisher key change as an entry of an append-only Merkle tree whose
+//! signed checkpoints consumers, mirrors and witnesses remember, in the
+//! formats of C2SP (signed-note, tlog-checkpoint, tlog-tiles, tlog-proof) so
+//! that tools other than imgsrv can read it.
+//!
+//! Built so far: the tree itself ([`tree`]): RFC 6962 hashing, O(log n)
+//! appends over stored complete subtrees, tree hashes, inclusion and
+//! consistency proofs and their verification. Not yet: entries in the
+//! catalog, the log key and checkpoints, tiles over HTTP, witnesses, the
+//! consumers' checks.
+
+pub mod tree;
