@@ -6,8 +6,10 @@
 //!
 //! Built so far: the tree itself ([`tree`]): RFC 6962 hashing, O(log n)
 //! appends over stored complete subtrees, tree hashes, inclusion and
-//! consistency proofs and their verification. Not yet: entries in the
-//! catalog, the log key and checkpoints, tiles over HTTP, witnesses, the
-//! consumers' checks.
+//! consistency proofs and their verification; signed notes and checkpoints
+//! ([`note`]), Ed25519 keys in the signed-note `vkey` form. Not yet: entries
+//! in the catalog, the log key under `DATA/log/`, tiles over HTTP, witnesses,
+//! the consumers' checks.
 
+pub mod note;
 pub mod tree;
