@@ -7,9 +7,11 @@
 //! Built so far: the tree itself ([`tree`]): RFC 6962 hashing, O(log n)
 //! appends over stored complete subtrees, tree hashes, inclusion and
 //! consistency proofs and their verification; signed notes and checkpoints
-//! ([`note`]), Ed25519 keys in the signed-note `vkey` form. Not yet: entries
+//! ([`note`]), Ed25519 keys in the signed-note `vkey` form; tile paths, hash
+//! tiles and entry bundles ([`tiles`]). Not yet: entries
 //! in the catalog, the log key under `DATA/log/`, tiles over HTTP, witnesses,
 //! the consumers' checks.
 
 pub mod note;
+pub mod tiles;
 pub mod tree;
