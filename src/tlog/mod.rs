@@ -8,10 +8,12 @@
 //! appends over stored complete subtrees, tree hashes, inclusion and
 //! consistency proofs and their verification; signed notes and checkpoints
 //! ([`note`]), Ed25519 keys in the signed-note `vkey` form; tile paths, hash
-//! tiles and entry bundles ([`tiles`]). Not yet: entries
+//! tiles and entry bundles ([`tiles`]); offline proofs ([`proof`], C2SP
+//! tlog-proof). Not yet: entries
 //! in the catalog, the log key under `DATA/log/`, tiles over HTTP, witnesses,
 //! the consumers' checks.
 
 pub mod note;
+pub mod proof;
 pub mod tiles;
 pub mod tree;
