@@ -550,17 +550,11 @@ impl App {
         E: From<crate::cas::CasError> + From<crate::catalog::CatalogError>,
     {
         if !self.blobs.needs_write_lock() {
-            return Ok(match side {
-                Some(side) => self.blobs.put_new_hashing(size, reader, side)?,
-                None => self.blobs.put_new(size, reader)?,
-            });
+            return Ok(self.blobs.put_new_hashing(size, reader, side)?);
         }
         // staged first: the key to lock is known once the bytes are
         let id = uuid::Uuid::new_v4().to_string();
-        let staged = match side {
-            Some(side) => self.blobs.stage_part_hashing(&id, 1, size, reader, side)?,
-            None => self.blobs.stage_part(&id, 1, size, reader)?,
-        };
+        let staged = self.blobs.stage_part_hashing(&id, 1, size, reader, side)?;
         if crate::cas::longer_than_declared(reader) {
             self.blobs.discard_upload(&id)?;
             return Err(crate::cas::CasError::Truncated {

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -29,9 +29,9 @@ const MAX_JSON_RESPONSE: u64 = 64 << 20;
 /// Error bodies are read up to this size.
 const MAX_ERROR_BODY: u64 = 64 << 10;
 /// A request's error and, for a 503, how long the server asked to wait.
-type Refused = (ClientError, Option<std::time::Duration>);
+type Refused = (ClientError, Option<Duration>);
 /// How long a request answered 503 is sent again ([`ApiClient::send`]).
-const RETRY_503_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+const RETRY_503_FOR: Duration = Duration::from_secs(60);
 /// System CA bundles, first found wins (after `SSL_CERT_FILE`).
 const SYSTEM_CA_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt", // Debian, Ubuntu, Arch, Alpine
@@ -550,6 +550,17 @@ enum Body<'a> {
     Stream(&'a mut dyn Read, u64, &'a str),
 }
 
+impl<'a> Body<'a> {
+    /// The same body to send again; `None` for a stream, which is read once.
+    fn again(&self) -> Option<Body<'a>> {
+        match self {
+            Body::Empty => Some(Body::Empty),
+            Body::Json(v) => Some(Body::Json(v.clone())),
+            Body::Stream(..) => None,
+        }
+    }
+}
+
 impl ApiClient {
     /// `server`: `https://host[:port]`; `ca`: PEM file of the root(s) to trust
     /// instead of the system store (e.g. the server's self-signed certificate).
@@ -629,32 +640,26 @@ impl ApiClient {
         // restart) answers 503 and changes nothing: a request that can be sent
         // again is, after its Retry-After (1 s when none, at most 10 s), for up to
         // a minute. A streamed body cannot be sent again: its 503 is the caller's.
-        let replay = match &body {
-            Body::Empty => Some(None),
-            Body::Json(v) => Some(Some(v.clone())),
-            Body::Stream(..) => None,
-        };
-        let Some(replay) = replay else {
-            return self.send_once(method, path, body, ok).map_err(|b| b.0);
-        };
-        let deadline = std::time::Instant::now() + RETRY_503_FOR;
+        let deadline = Instant::now() + RETRY_503_FOR;
         let mut body = body;
         loop {
-            let wait = match self.send_once(method, path, body, ok).map_err(|b| *b) {
-                Ok(r) => return Ok(r),
-                Err((_, Some(wait))) if std::time::Instant::now() + wait < deadline => wait,
-                Err((e, _)) => return Err(e),
-            };
-            eprintln!(
-                "{} answered 503 (unavailable) to {method} {path}: trying again in {} s",
-                self.base,
-                wait.as_secs()
-            );
-            std::thread::sleep(wait);
-            body = match &replay {
-                None => Body::Empty,
-                Some(v) => Body::Json(v.clone()),
-            };
+            let again = body.again();
+            match (
+                self.send_once(method, path, body, ok).map_err(|b| *b),
+                again,
+            ) {
+                (Ok(r), _) => return Ok(r),
+                (Err((_, Some(wait))), Some(next)) if Instant::now() + wait < deadline => {
+                    eprintln!(
+                        "{} answered 503 (unavailable) to {method} {path}: trying again in {} s",
+                        self.base,
+                        wait.as_secs()
+                    );
+                    std::thread::sleep(wait);
+                    body = next;
+                }
+                (Err((e, _)), _) => return Err(e),
+            }
         }
     }
 
@@ -740,7 +745,7 @@ impl ApiClient {
             detail: problem_detail(status, &bytes),
         };
         let wait = (status.as_u16() == 503)
-            .then(|| std::time::Duration::from_secs(retry_after.unwrap_or(1).clamp(1, 10)));
+            .then(|| Duration::from_secs(retry_after.unwrap_or(1).clamp(1, 10)));
         Err(Box::new((error, wait)))
     }
 

@@ -284,9 +284,8 @@ impl App {
             .seen_fingerprints
             .hinted(&s.id)
             .filter(|_| n == 1 && len == s.expected_size_bytes);
-        let stage = |r: &mut dyn Read, side: Option<&mut Hasher>| match side {
-            Some(side) => self.blobs.stage_part_hashing(&s.id, n, len, r, side),
-            None => self.blobs.stage_part(&s.id, n, len, r),
+        let stage = |r: &mut dyn Read, side: Option<&mut Hasher>| {
+            self.blobs.stage_part_hashing(&s.id, n, len, r, side)
         };
         let (staged, _) = self.fingerprinting(meta, body, stage, |p| (p.digest, p.size))?;
         Ok(staged)

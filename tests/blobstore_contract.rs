@@ -377,7 +377,7 @@ fn a_side_hash_sees_exactly_the_stored_bytes(s: &dyn BlobStore) {
     for bytes in [&b"ROOT"[..], &big[..]] {
         let mut side = prefixed();
         let d = s
-            .put_new_hashing(bytes.len() as u64, &mut &bytes[..], &mut side)
+            .put_new_hashing(bytes.len() as u64, &mut &bytes[..], Some(&mut side))
             .unwrap();
         assert_eq!(d, Digest::of(bytes));
         assert_eq!(side.len(), (meta.len() + bytes.len()) as u64);
@@ -386,7 +386,13 @@ fn a_side_hash_sees_exactly_the_stored_bytes(s: &dyn BlobStore) {
 
         let mut side = prefixed();
         let p = s
-            .stage_part_hashing(UPLOAD, 1, bytes.len() as u64, &mut &bytes[..], &mut side)
+            .stage_part_hashing(
+                UPLOAD,
+                1,
+                bytes.len() as u64,
+                &mut &bytes[..],
+                Some(&mut side),
+            )
             .unwrap();
         assert_eq!(p.digest, Digest::of(bytes));
         assert_eq!(side.finish(), fingerprint(bytes));
@@ -394,7 +400,7 @@ fn a_side_hash_sees_exactly_the_stored_bytes(s: &dyn BlobStore) {
     }
     let mut side = prefixed();
     assert!(matches!(
-        s.put_new_hashing(4, &mut &b"METAS"[..], &mut side),
+        s.put_new_hashing(4, &mut &b"METAS"[..], Some(&mut side)),
         Err(CasError::Truncated { .. })
     ));
     assert_eq!(s.stat(&Digest::of(b"META")).unwrap(), None);

@@ -71,11 +71,7 @@ RSS_CONC=${BENCH_RSS_CONCURRENCY:-64}
 RSS_SECONDS=${BENCH_RSS_SECONDS:-20}
 RSS_FLAT_MIB=${BENCH_RSS_FLAT_MIB:-64}
 STRICT=${BENCH_STRICT:-0}
-for v in SIZE_MIB CONC REPEAT VERSIONS CAT_IMAGES LAT_N SEED_JOBS RSS_CONC RSS_SECONDS RSS_FLAT_MIB; do
-  eval "val=\$$v"
-  # shellcheck disable=SC2154 # val is set by the eval above
-  case $val in ''|*[!0-9]*|0) die "BENCH_$v must be a positive whole number (got '$val')" ;; esac
-done
+check_positive "BENCH_" SIZE_MIB CONC REPEAT VERSIONS CAT_IMAGES LAT_N SEED_JOBS RSS_CONC RSS_SECONDS RSS_FLAT_MIB
 
 tools="curl openssl nginx python3 ss shuf awk sort timeout dd"
 [ "$only" = all ] && tools="$tools minisign"
@@ -402,34 +398,6 @@ EOF
   xargs -P "$SEED_JOBS" -L 1 "$seed/publish-one" < "$seed/jobs" || die "seeding with imgsrv publish failed"
   say "  seeded in $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }') s"
 }
-latency() { # ENCODING(gzip|identity) -> RESULT: "p50 p99 bytes", LAT_N requests, one connection
-  cfg=$work/lat.cfg
-  : > "$cfg"
-  i=0
-  while [ $i -le "$LAT_N" ]; do
-    printf 'url = "%s/streams/v1/images.json"\noutput = "/dev/null"\n' "$IMG_URL" >> "$cfg"
-    i=$((i + 1))
-  done
-  # gzip: what Incus (Go's HTTP client) asks for; the body is received, not decoded (no
-  # --compressed). identity: no Accept-Encoding at all.
-  if [ "$1" = gzip ]; then set -- -H 'Accept-Encoding: gzip'; else set --; fi
-  $CURL --cacert "$CERT" "$@" -K "$cfg" \
-    -w '%{http_code} %{time_total} %{size_download} %{num_connects} [%header{content-encoding}]\n' \
-    > "$work/lat.out" || die "images.json requests failed"
-  awk '$1 != 200 { bad++ } END { exit bad > 0 }' "$work/lat.out" || die "images.json answered non-200"
-  # Every response in the expected encoding (the first one included), one connection in all.
-  want='[]'; [ $# -gt 0 ] && want='[gzip]'
-  awk -v w="$want" '$5 != w { bad++ } END { exit bad > 0 }' "$work/lat.out" ||
-    die "images.json: Content-Encoding is not ${want} on every response (first: $(head -n 1 "$work/lat.out"))"
-  conns=$(awk '{ s += $4 } END { print s }' "$work/lat.out")
-  [ "$conns" = 1 ] || say "  (note: $conns connections instead of 1 keep-alive connection)"
-  bytes=$(awk 'NR == 1 { print $3 }' "$work/lat.out")
-  # The first request pays for the TLS handshake: drop it.
-  RESULT=$(tail -n +2 "$work/lat.out" | awk '{ print $2 * 1000 }' | sort -n | awk -v b="$bytes" '
-    { v[NR] = $1 }
-    END { i50 = int(NR * 0.50 + 0.999999); i99 = int(NR * 0.99 + 0.999999)
-          printf "%.2f %.2f %s", v[i50], v[i99], b }')
-}
 if [ "$only" = all ]; then
   say "bench: (c) images.json with $VERSIONS versions"
   seed_versions "$VERSIONS"
@@ -449,10 +417,10 @@ import gzip, sys
 if gzip.decompress(open(sys.argv[1], "rb").read()) != open(sys.argv[2], "rb").read():
     sys.exit("the gzip images.json does not decode to the identity document")' \
     "$work/images.json.gz" "$work/images.json" || die "gzip images.json is not the identity document"
-  latency gzip
+  images_json_latency "$IMG_URL" gzip
   # shellcheck disable=SC2086 # split "P50 P99 BYTES"
   set -- $RESULT; P50=$1 P99=$2 GZ_BYTES=$3
-  latency identity
+  images_json_latency "$IMG_URL" identity
   # shellcheck disable=SC2086 # split "P50 P99 BYTES"
   set -- $RESULT; P50ID=$1 P99ID=$2
   [ "$3" = "$CAT_BYTES" ] || die "identity images.json was $3 bytes, then $CAT_BYTES"

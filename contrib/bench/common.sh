@@ -1,6 +1,6 @@
 # shellcheck shell=sh
 # Sourced by the benchmark scripts: the work directory and the exit trap, small
-# measuring helpers, stopping background servers, and Debian's nginx as a plain
+# measuring helpers (images.json latency too: the scripts define die and say), stopping background servers, and Debian's nginx as a plain
 # static file server over TLS 1.3, for comparisons run on the same machine.
 # The scripts set BENCH_TAG (their name in messages) before sourcing this file.
 
@@ -54,6 +54,49 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b <= 0) print "n/a"; else printf 
 ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a + 0 >= b + 0) }'; }
 # median: of the numbers on stdin, one a line (0 for none)
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else print v[int((NR + 1) / 2)] }'; }
+
+# check_positive PREFIX NAME[:SUFFIX]...: each shell variable NAME holds a positive whole
+# number; else die naming the setting PREFIX+SUFFIX (SUFFIX defaults to NAME).
+check_positive() {
+  _prefix=$1; shift
+  for _v in "$@"; do
+    eval "_val=\$${_v%%:*}"
+    # shellcheck disable=SC2154 # _val is set by the eval above
+    case $_val in ''|*[!0-9]*|0) die "$_prefix${_v#*:} must be a positive whole number (got '$_val')" ;; esac
+  done
+}
+
+# images_json_latency BASE_URL ENCODING(gzip|identity) -> RESULT: "p50 p99 bytes" in ms of
+# $LAT_N requests for BASE_URL/streams/v1/images.json on one keep-alive connection
+# (trusting $CERT, with $CURL; files in $work). gzip is what Incus (Go's HTTP client) asks
+# for: the body is received, not decoded (no --compressed); identity sends no
+# Accept-Encoding at all. Every response must be 200 in the expected encoding. The first
+# request pays for the TLS handshake (and a rebuilt projection) and is dropped.
+images_json_latency() {
+  _cfg=$work/lat.cfg
+  : > "$_cfg"
+  _lat_n=0
+  while [ $_lat_n -le "$LAT_N" ]; do
+    printf 'url = "%s/streams/v1/images.json"\noutput = "/dev/null"\n' "$1" >> "$_cfg"
+    _lat_n=$((_lat_n + 1))
+  done
+  _want='[]'
+  if [ "$2" = gzip ]; then set -- -H 'Accept-Encoding: gzip'; _want='[gzip]'; else set --; fi
+  $CURL --cacert "$CERT" "$@" -K "$_cfg" \
+    -w '%{http_code} %{time_total} %{size_download} %{num_connects} [%header{content-encoding}]\n' \
+    > "$work/lat.out" || die "images.json requests failed"
+  awk '$1 != 200 { bad++ } END { exit bad > 0 }' "$work/lat.out" || die "images.json answered non-200"
+  awk -v w="$_want" '$5 != w { bad++ } END { exit bad > 0 }' "$work/lat.out" ||
+    die "images.json: Content-Encoding is not ${_want} on every response (first: $(head -n 1 "$work/lat.out"))"
+  _conns=$(awk '{ s += $4 } END { print s }' "$work/lat.out")
+  [ "$_conns" = 1 ] || say "  (note: $_conns connections instead of 1 keep-alive connection)"
+  _bytes=$(awk 'NR == 1 { print $3 }' "$work/lat.out")
+  # shellcheck disable=SC2034 # the caller reads RESULT
+  RESULT=$(tail -n +2 "$work/lat.out" | awk '{ print $2 * 1000 }' | sort -n | awk -v b="$_bytes" '
+    { v[NR] = $1 }
+    END { i50 = int(NR * 0.50 + 0.999999); i99 = int(NR * 0.99 + 0.999999)
+          printf "%.2f %.2f %s", v[i50], v[i99], b }')
+}
 
 # (these functions name their counters _wait_n and _stop_n: the scripts loop over i)
 # wait_https URL EXPECTED_CODE PID LOG: waits (20 s at most) until URL answers EXPECTED_CODE

@@ -72,12 +72,8 @@ VERSIONS=${FULL_BENCH_VERSIONS:-10000}
 IMAGES=${FULL_BENCH_IMAGES:-10}
 PUBLISHES=${FULL_BENCH_PUBLISHES:-20}
 LAT_N=${FULL_BENCH_LAT_REQUESTS:-200}
-for v in MIB:MIB REPEAT:REPEAT CONC:CONCURRENCY PUB_REPEAT:PUBLISH_REPEAT VERSIONS:VERSIONS \
-  IMAGES:IMAGES PUBLISHES:PUBLISHES LAT_N:LAT_REQUESTS; do
-  eval "val=\$${v%%:*}"
-  # shellcheck disable=SC2154 # val is set by the eval above
-  case $val in ''|*[!0-9]*|0) die "FULL_BENCH_${v#*:} must be a positive whole number (got '$val')" ;; esac
-done
+check_positive FULL_BENCH_ MIB REPEAT CONC:CONCURRENCY PUB_REPEAT:PUBLISH_REPEAT VERSIONS \
+  IMAGES PUBLISHES LAT_N:LAT_REQUESTS
 SMALL=10
 [ "$VERSIONS" -ge $((SMALL + PUBLISHES)) ] ||
   die "FULL_BENCH_VERSIONS=$VERSIONS is below the $((SMALL + PUBLISHES)) versions the first half of (4) publishes ($SMALL + FULL_BENCH_PUBLISHES): raise it or lower FULL_BENCH_PUBLISHES"
@@ -338,31 +334,6 @@ count_versions() { # -> the versions the served images.json lists
 import json, sys
 print(sum(len(p.get("versions", {})) for p in json.load(sys.stdin).get("products", {}).values()))'
 }
-latency() { # ENCODING(gzip|identity) -> RESULT: "p50 p99 bytes", LAT_N requests, one connection
-  cfg=$work/lat.cfg
-  : > "$cfg"
-  n=0
-  while [ "$n" -le "$LAT_N" ]; do
-    printf 'url = "%s/streams/v1/images.json"\noutput = "/dev/null"\n' "$URL" >> "$cfg"
-    n=$((n + 1))
-  done
-  if [ "$1" = gzip ]; then set -- -H 'Accept-Encoding: gzip'; else set --; fi
-  $CURL --cacert "$CERT" "$@" -K "$cfg" \
-    -w '%{http_code} %{time_total} %{size_download} %{num_connects} [%header{content-encoding}]\n' \
-    > "$work/lat.out" || die "images.json requests failed"
-  awk '$1 != 200 { bad++ } END { exit bad > 0 }' "$work/lat.out" || die "images.json answered non-200"
-  want='[]'; [ $# -gt 0 ] && want='[gzip]'
-  awk -v w="$want" '$5 != w { bad++ } END { exit bad > 0 }' "$work/lat.out" ||
-    die "images.json: Content-Encoding is not ${want} on every response (first: $(head -n 1 "$work/lat.out"))"
-  conns=$(awk '{ s += $4 } END { print s }' "$work/lat.out")
-  [ "$conns" = 1 ] || say "  (note: $conns connections instead of 1 keep-alive connection)"
-  bytes=$(awk 'NR == 1 { print $3 }' "$work/lat.out")
-  # the first request pays for the TLS handshake (and a rebuilt projection): dropped
-  RESULT=$(tail -n +2 "$work/lat.out" | awk '{ print $2 * 1000 }' | sort -n | awk -v b="$bytes" '
-    { v[NR] = $1 }
-    END { i50 = int(NR * 0.50 + 0.999999); i99 = int(NR * 0.99 + 0.999999)
-          printf "%.2f %.2f %s", v[i50], v[i99], b }')
-}
 # catalog KIND DIR: (3) and (4) on one instance -> SMALL_MS BIG_MS P50 P99 P50ID P99ID GZ ID FOUND
 catalog() {
   kind=$1 dir=$2
@@ -385,10 +356,10 @@ catalog() {
   fi
   say "  $kind: seeded $fill versions in $(elapsed "$t0" "$(now)") s"
   found=$(count_versions)
-  latency gzip
+  images_json_latency "$URL" gzip
   # shellcheck disable=SC2086 # split "P50 P99 BYTES"
   set -- $RESULT; p50=$1 p99=$2 gz=$3
-  latency identity
+  images_json_latency "$URL" identity
   # shellcheck disable=SC2086 # split "P50 P99 BYTES"
   set -- $RESULT; p50id=$1 p99id=$2 id=$3
   say "  $kind: $found versions; images.json gzip p50 $p50 ms p99 $p99 ms ($gz bytes), identity p50 $p50id ms p99 $p99id ms ($id bytes)"

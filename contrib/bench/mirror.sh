@@ -50,11 +50,7 @@ JOBS=${MIRROR_BENCH_JOBS:-4}
 REPEAT=${MIRROR_BENCH_REPEAT:-3}
 WITH_SERVER=${MIRROR_BENCH_SERVER:-1}
 STRICT=${BENCH_STRICT:-0}
-for v in TOTAL_MIB IMAGES JOBS REPEAT; do
-  eval "val=\$$v"
-  # shellcheck disable=SC2154 # val is set by the eval above
-  case $val in ''|*[!0-9]*|0) die "MIRROR_BENCH_$v must be a positive whole number (got '$val')" ;; esac
-done
+check_positive "MIRROR_BENCH_" TOTAL_MIB IMAGES JOBS REPEAT
 [ "$IMAGES" -le 9 ] || die "MIRROR_BENCH_IMAGES is at most 9"
 PAD=$((TOTAL_MIB / IMAGES))
 [ "$PAD" -ge 1 ] || die "MIRROR_BENCH_TOTAL_MIB / MIRROR_BENCH_IMAGES must be at least 1"

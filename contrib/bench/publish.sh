@@ -43,11 +43,7 @@ esac
 
 MIB=${PUBLISH_BENCH_MIB:-1024}
 REPEAT=${PUBLISH_BENCH_REPEAT:-3}
-for v in MIB REPEAT; do
-  eval "val=\$$v"
-  # shellcheck disable=SC2154 # val is set by the eval above
-  case $val in ''|*[!0-9]*|0) die "PUBLISH_BENCH_$v must be a positive whole number (got '$val')" ;; esac
-done
+check_positive "PUBLISH_BENCH_" MIB REPEAT
 for t in incus-simplestreams minisign curl awk sort; do
   command -v "$t" >/dev/null 2>&1 || die "$t not found (run contrib/install-test-deps.sh)"
 done

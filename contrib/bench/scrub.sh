@@ -58,11 +58,7 @@ REPEAT=${SCRUB_BENCH_REPEAT:-2}
 VERSIONS=${SCRUB_BENCH_VERSIONS:-2000}
 LAT_N=${SCRUB_BENCH_LAT_REQUESTS:-3000}
 RATE=${SCRUB_BENCH_RATE:-50MB/s}
-for v in TOTAL_MIB BLOBS REPEAT VERSIONS LAT_N; do
-  eval "val=\$$v"
-  # shellcheck disable=SC2154 # val is set by the eval above
-  case $val in ''|*[!0-9]*|0) die "$v must be a positive whole number (got '$val')" ;; esac
-done
+check_positive "" TOTAL_MIB BLOBS REPEAT VERSIONS LAT_N
 BLOB_MIB=$((TOTAL_MIB / BLOBS))
 [ "$BLOB_MIB" -ge 1 ] || die "SCRUB_BENCH_TOTAL_MIB / SCRUB_BENCH_BLOBS must be at least 1"
 

@@ -332,71 +332,6 @@ impl FsStore {
         Ok(())
     }
 
-    /// [`BlobStore::put_new`], the bytes also fed to `side`.
-    fn put_new_side(
-        &self,
-        size: u64,
-        reader: &mut dyn Read,
-        side: Option<&mut Hasher>,
-    ) -> Result<Digest> {
-        self.ensure_room(size)?;
-        let mut tmp = self.tmp_file()?;
-        let path = tmp.path().to_path_buf();
-        let mut hasher = Hasher::new();
-        Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, side, &path)?;
-        if super::longer_than_declared(reader) {
-            return Err(CasError::Truncated {
-                expected: size,
-                actual: size + 1,
-            });
-        }
-        let digest = hasher.finish();
-        if self.stat(&digest)? == Some(size) {
-            // stored already: keep those bytes (the temporary file goes)
-            return Ok(digest);
-        }
-        self.install_tmp(tmp, &digest)?;
-        Ok(digest)
-    }
-
-    /// [`BlobStore::stage_part`], the bytes also fed to `side`.
-    fn stage_part_side(
-        &self,
-        upload: &str,
-        n: u32,
-        len: u64,
-        reader: &mut dyn Read,
-        side: Option<&mut Hasher>,
-    ) -> Result<StagedPart> {
-        valid_upload_id(upload)?;
-        self.ensure_room(len)?;
-        let dir = self.part_dir(upload);
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        let staged = (|| {
-            // removed on every error path (dropped unpersisted)
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".part-")
-                .tempfile_in(&dir)
-                .map_err(io_err("create temp in", &dir))?;
-            let path = tmp.path().to_path_buf();
-            let mut hasher = Hasher::new();
-            Self::copy_hashing(reader, tmp.as_file_mut(), len, &mut hasher, side, &path)?;
-            let dst = dir.join(format!("{n}.part"));
-            tmp.persist(&dst)
-                .map_err(|e| io_err("rename", &dst)(e.error))?;
-            Ok(StagedPart {
-                digest: hasher.finish(),
-                size: len,
-            })
-        })();
-        if staged.is_err() {
-            // an upload whose first part failed leaves no empty directory
-            // (remove_dir leaves one holding other parts alone)
-            let _ = fs::remove_dir(&dir);
-        }
-        staged
-    }
-
     /// Moves a fully written and fsynced file into its CAS place without
     /// replacing an existing blob.
     fn install(&self, src: &Path, digest: &Digest) -> Result<()> {
@@ -587,17 +522,35 @@ impl BlobStore for FsStore {
     }
 
     fn put_new(&self, size: u64, reader: &mut dyn Read) -> Result<Digest> {
-        self.put_new_side(size, reader, None)
+        self.put_new_hashing(size, reader, None)
     }
 
     fn put_new_hashing(
         &self,
         size: u64,
         reader: &mut dyn Read,
-        side: &mut Hasher,
+        side: Option<&mut Hasher>,
     ) -> Result<Digest> {
-        self.put_new_side(size, reader, Some(side))
+        self.ensure_room(size)?;
+        let mut tmp = self.tmp_file()?;
+        let path = tmp.path().to_path_buf();
+        let mut hasher = Hasher::new();
+        Self::copy_hashing(reader, tmp.as_file_mut(), size, &mut hasher, side, &path)?;
+        if super::longer_than_declared(reader) {
+            return Err(CasError::Truncated {
+                expected: size,
+                actual: size + 1,
+            });
+        }
+        let digest = hasher.finish();
+        if self.stat(&digest)? == Some(size) {
+            // stored already: keep those bytes (the temporary file goes)
+            return Ok(digest);
+        }
+        self.install_tmp(tmp, &digest)?;
+        Ok(digest)
     }
+
     fn adopt(&self, path: &Path, digest: &Digest, size: u64) -> Result<()> {
         self.adopt_file(path, digest, size, false)
     }
@@ -613,7 +566,7 @@ impl BlobStore for FsStore {
         len: u64,
         reader: &mut dyn Read,
     ) -> Result<StagedPart> {
-        self.stage_part_side(upload, n, len, reader, None)
+        self.stage_part_hashing(upload, n, len, reader, None)
     }
 
     fn stage_part_hashing(
@@ -622,9 +575,35 @@ impl BlobStore for FsStore {
         n: u32,
         len: u64,
         reader: &mut dyn Read,
-        side: &mut Hasher,
+        side: Option<&mut Hasher>,
     ) -> Result<StagedPart> {
-        self.stage_part_side(upload, n, len, reader, Some(side))
+        valid_upload_id(upload)?;
+        self.ensure_room(len)?;
+        let dir = self.part_dir(upload);
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let staged = (|| {
+            // removed on every error path (dropped unpersisted)
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".part-")
+                .tempfile_in(&dir)
+                .map_err(io_err("create temp in", &dir))?;
+            let path = tmp.path().to_path_buf();
+            let mut hasher = Hasher::new();
+            Self::copy_hashing(reader, tmp.as_file_mut(), len, &mut hasher, side, &path)?;
+            let dst = dir.join(format!("{n}.part"));
+            tmp.persist(&dst)
+                .map_err(|e| io_err("rename", &dst)(e.error))?;
+            Ok(StagedPart {
+                digest: hasher.finish(),
+                size: len,
+            })
+        })();
+        if staged.is_err() {
+            // an upload whose first part failed leaves no empty directory
+            // (remove_dir leaves one holding other parts alone)
+            let _ = fs::remove_dir(&dir);
+        }
+        staged
     }
 
     fn commit_upload(

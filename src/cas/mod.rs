@@ -236,17 +236,20 @@ pub trait BlobStore: Send + Sync {
         put_new_staged(self, size, reader)
     }
 
-    /// [`BlobStore::put_new`] that also feeds every byte it stores, in order, to
-    /// `side`: a second hash of the same bytes (an Incus fingerprint) from the
-    /// buffers the store reads into anyway. The default copies each chunk to a
-    /// hashing thread of its own ([`side_hashed`]).
+    /// [`BlobStore::put_new`] that, with `side`, also feeds every byte it stores,
+    /// in order, to that second hash of the same bytes (an Incus fingerprint),
+    /// from the buffers the store reads into anyway. The default copies each
+    /// chunk to a hashing thread of its own ([`side_hashed`]).
     fn put_new_hashing(
         &self,
         size: u64,
         reader: &mut dyn Read,
-        side: &mut Hasher,
+        side: Option<&mut Hasher>,
     ) -> Result<Digest> {
-        side_hashed(reader, side, |r| self.put_new(size, r))
+        match side {
+            None => self.put_new(size, reader),
+            Some(side) => side_hashed(reader, side, |r| self.put_new(size, r)),
+        }
     }
 
     /// Stores the file at `path`, which must be exactly `size` bytes hashing
@@ -290,9 +293,12 @@ pub trait BlobStore: Send + Sync {
         n: u32,
         len: u64,
         reader: &mut dyn Read,
-        side: &mut Hasher,
+        side: Option<&mut Hasher>,
     ) -> Result<StagedPart> {
-        side_hashed(reader, side, |r| self.stage_part(upload, n, len, r))
+        match side {
+            None => self.stage_part(upload, n, len, reader),
+            Some(side) => side_hashed(reader, side, |r| self.stage_part(upload, n, len, r)),
+        }
     }
     /// Concatenates the staged parts in order, checks size and digest, and
     /// stores the blob. A mismatch stores nothing. Staged parts are removed

@@ -111,15 +111,15 @@ impl Verifier {
 
 /// A private key that signs notes.
 pub struct Signer {
-    name: String,
     pair: Ed25519KeyPair,
+    /// its public half (name, key ID, key)
     verifier: Verifier,
 }
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Signer")
-            .field("name", &self.name)
+            .field("name", &self.verifier.name)
             .finish_non_exhaustive()
     }
 }
@@ -144,11 +144,7 @@ impl Signer {
             id: key_id(name, &public),
             public,
         };
-        Ok(Signer {
-            name: name.to_string(),
-            pair,
-            verifier,
-        })
+        Ok(Signer { pair, verifier })
     }
 
     /// A new key named `name` (its seed, to keep, and the key).
@@ -192,7 +188,7 @@ impl Signer {
         let sig = self.pair.sign(text.as_bytes());
         let mut blob = self.verifier.id.to_vec();
         blob.extend_from_slice(sig.as_ref());
-        format!("{SIG_PREFIX}{} {}\n", self.name, B64.encode(blob))
+        format!("{SIG_PREFIX}{} {}\n", self.verifier.name, B64.encode(blob))
     }
 
     /// `text` (ending in a newline) signed: the note.

@@ -76,35 +76,20 @@ impl Tile {
             _ => return None,
         };
         let (digits, width) = match rest.split_once(".p/") {
-            Some((d, w)) => {
-                if w.is_empty() || w.starts_with('0') || !w.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
-                }
-                let w: u16 = w.parse().ok()?;
-                if w == 0 || u64::from(w) >= WIDTH {
-                    return None;
-                }
-                (d, w)
-            }
+            Some((d, w)) => (d, w.parse().ok().filter(|w| (1..WIDTH as u16).contains(w))?),
             None => (rest, WIDTH as u16),
         };
         let groups: Vec<&str> = digits.split('/').collect();
         let mut index: u64 = 0;
         for (i, g) in groups.iter().enumerate() {
-            let last = i + 1 == groups.len();
-            let g = match last {
+            let g = match i + 1 == groups.len() {
                 true => *g,
                 false => g.strip_prefix('x')?,
             };
-            if g.len() != 3 || !g.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
             index = index.checked_mul(1000)?.checked_add(g.parse().ok()?)?;
         }
-        // one spelling per tile: no leading all-zero groups
-        if groups.len() > 1 && groups[0] == "x000" {
-            return None;
-        }
+        // any other spelling of the same numbers (leading zeros, a group of four
+        // digits, "+7") reads as a tile whose path is not this one
         let t = Tile {
             level,
             index,

@@ -215,6 +215,30 @@ pub fn consistency_proof(old: u64, new: u64, r: &impl HashReader) -> anyhow::Res
         .collect()
 }
 
+/// The RFC 9162 walk up the tree (sections 2.1.3.2 and 2.1.4.2) from node `f`
+/// of a tree whose last node is `s`, one proof hash per level: `step(p, true)`
+/// where `p` is the left sibling, `step(p, false)` where it is the right one.
+/// False when the proof is shorter or longer than the sizes make it.
+fn walk(mut f: u64, mut s: u64, proof: &[Hash], mut step: impl FnMut(&Hash, bool)) -> bool {
+    for p in proof {
+        if s == 0 {
+            return false;
+        }
+        if f & 1 == 1 || f == s {
+            step(p, true);
+            while f & 1 == 0 && f != 0 {
+                f >>= 1;
+                s >>= 1;
+            }
+        } else {
+            step(p, false);
+        }
+        f >>= 1;
+        s >>= 1;
+    }
+    s == 0
+}
+
 /// Checks that `leaf` is leaf `index` of the tree of `size` leaves whose hash
 /// is `root` (RFC 9162, section 2.1.3.2).
 pub fn verify_inclusion(
@@ -227,43 +251,25 @@ pub fn verify_inclusion(
     if index >= size {
         return Err(ProofError::NoSuchLeaf { index, size });
     }
-    let (mut f, mut s) = (index, size - 1);
     let mut h = *leaf;
-    for p in proof {
-        if s == 0 {
-            return Err(ProofError::WrongLength {
-                got: proof.len(),
-                want: proof_len(index, size),
-            });
+    let fits = walk(index, size - 1, proof, |p, left| {
+        h = match left {
+            true => node_hash(p, &h),
+            false => node_hash(&h, p),
         }
-        if f & 1 == 1 || f == s {
-            h = node_hash(p, &h);
-            while f & 1 == 0 && f != 0 {
-                f >>= 1;
-                s >>= 1;
-            }
-        } else {
-            h = node_hash(&h, p);
-        }
-        f >>= 1;
-        s >>= 1;
-    }
-    if s != 0 {
+    });
+    if !fits {
+        let mut want = Vec::new();
+        path_ranges(index, 0, size, &mut want);
         return Err(ProofError::WrongLength {
             got: proof.len(),
-            want: proof_len(index, size),
+            want: want.len(),
         });
     }
     match h == *root {
         true => Ok(()),
         false => Err(ProofError::Mismatch),
     }
-}
-
-fn proof_len(index: u64, size: u64) -> usize {
-    let mut v = Vec::new();
-    path_ranges(index, 0, size, &mut v);
-    v.len()
 }
 
 /// Checks that the tree of `old` leaves with hash `old_root` is a prefix of
@@ -278,34 +284,24 @@ pub fn verify_consistency(
     if old > new {
         return Err(ProofError::BadSizes { old, new });
     }
-    if old == new {
-        return match (proof.is_empty(), old_root == new_root) {
+    let bad_len = || {
+        let mut want = Vec::new();
+        if old != 0 && old != new {
+            subproof_ranges(old, 0, new, true, &mut want);
+        }
+        ProofError::WrongLength {
+            got: proof.len(),
+            want: want.len(),
+        }
+    };
+    // the empty tree is a prefix of every tree, and a tree of itself: no proof
+    if old == 0 || old == new {
+        return match (proof.is_empty(), old == 0 || old_root == new_root) {
+            (false, _) => Err(bad_len()),
             (true, true) => Ok(()),
-            (false, _) => Err(ProofError::WrongLength {
-                got: proof.len(),
-                want: 0,
-            }),
             (true, false) => Err(ProofError::Mismatch),
         };
     }
-    if old == 0 {
-        // the empty tree is a prefix of every tree
-        return match proof.is_empty() {
-            true => Ok(()),
-            false => Err(ProofError::WrongLength {
-                got: proof.len(),
-                want: 0,
-            }),
-        };
-    }
-    let bad_len = || ProofError::WrongLength {
-        got: proof.len(),
-        want: {
-            let mut v = Vec::new();
-            subproof_ranges(old, 0, new, true, &mut v);
-            v.len()
-        },
-    };
     // old a power of two: its root is the first hash, not sent
     let mut path: Vec<Hash> = Vec::with_capacity(proof.len() + 1);
     if old.is_power_of_two() {
@@ -321,24 +317,14 @@ pub fn verify_consistency(
         s >>= 1;
     }
     let (mut fr, mut sr) = (*first, *first);
-    for c in rest {
-        if s == 0 {
-            return Err(bad_len());
-        }
-        if f & 1 == 1 || f == s {
+    let fits = walk(f, s, rest, |c, left| match left {
+        true => {
             fr = node_hash(c, &fr);
             sr = node_hash(c, &sr);
-            while f & 1 == 0 && f != 0 {
-                f >>= 1;
-                s >>= 1;
-            }
-        } else {
-            sr = node_hash(&sr, c);
         }
-        f >>= 1;
-        s >>= 1;
-    }
-    if s != 0 {
+        false => sr = node_hash(&sr, c),
+    });
+    if !fits {
         return Err(bad_len());
     }
     match fr == *old_root && sr == *new_root {

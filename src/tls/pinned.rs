@@ -131,12 +131,18 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A client configuration of the ring provider, TLS 1.3 and 1.2, whose
+/// verifier is still to choose.
+fn config_builder() -> anyhow::Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier>> {
+    ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| anyhow::anyhow!("selecting TLS versions: {e}"))
+}
+
 /// The rustls client configuration trusting `certs` as [`PinnedVerifier`] does.
 pub fn client_config(certs: Vec<CertificateDer<'static>>) -> anyhow::Result<Arc<ClientConfig>> {
     let verifier = PinnedVerifier::new(certs)?;
-    let cfg = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| anyhow::anyhow!("selecting TLS versions: {e}"))?
+    let cfg = config_builder()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
@@ -196,9 +202,7 @@ pub fn agent_with_roots(
         }
         other => anyhow::bail!("unsupported root certificates {other:?}"),
     }
-    let tls = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| anyhow::anyhow!("selecting TLS versions: {e}"))?
+    let tls = config_builder()?
         .with_root_certificates(store)
         .with_no_client_auth();
     Ok(agent_from(config, Arc::new(tls), resolver))
@@ -353,15 +357,9 @@ impl Transport for PinnedTlsTransport {
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         let StreamOwned { conn, sock } = &mut self.stream;
         sock.set_timeout(timeout);
-        let mut output = &self.buffers.output()[..amount];
-        while !output.is_empty() {
-            let n = conn.writer().write(output)?;
-            output = &output[n..];
-            // the writer takes no more once its buffer limit is queued
-            let all = n == 0;
-            send_records(conn, sock.get_mut(), timeout, all)?;
-        }
-        Ok(())
+        // no buffer limit (set at the handshake): the writer takes it all at once
+        conn.writer().write_all(&self.buffers.output()[..amount])?;
+        send_records(conn, sock.get_mut(), timeout, false)
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
