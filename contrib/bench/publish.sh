@@ -43,7 +43,7 @@ esac
 
 MIB=${PUBLISH_BENCH_MIB:-1024}
 REPEAT=${PUBLISH_BENCH_REPEAT:-3}
-check_positive "PUBLISH_BENCH_" MIB REPEAT
+check_positive PUBLISH_BENCH_ MIB REPEAT
 for t in incus-simplestreams minisign curl awk sort; do
   command -v "$t" >/dev/null 2>&1 || die "$t not found (run contrib/install-test-deps.sh)"
 done
