@@ -458,7 +458,9 @@ impl App {
     /// takes to check what is stored, store and record it: garbage
     /// collection holds it exclusively while it deletes, so it never deletes
     /// a blob between a writer's check and the row that makes it needed
-    /// (see [`crate::maint::gc`]).
+    /// (see [`crate::maint::gc`]). A writer checks it is still held
+    /// ([`crate::catalog::JobLock::check`]) once its blob is claimed, and fails
+    /// (503, to be retried) when it was lost meanwhile.
     pub fn blob_write_lock(&self) -> Result<crate::catalog::JobLock, crate::catalog::CatalogError> {
         self.catalog
             .job_lock(
@@ -506,14 +508,14 @@ impl App {
         reader: &mut dyn std::io::Read,
     ) -> Result<(), PublishError> {
         self.room_for_change()?;
-        let _writing = self.blob_write_lock()?;
+        let writing = self.blob_write_lock()?;
         lease.pin(digest)?;
         let _key = self.digest_write_lock(digest)?;
         if self.blobs.stat(digest)? != Some(size) {
             self.blobs.put(digest, size, reader)?;
         }
         self.catalog.insert_blob(digest, size, media_type)?;
-        Ok(())
+        Ok(writing.check()?)
     }
 
     /// [`App::ingest`] of bytes whose digest the caller does not know yet: they are
@@ -529,10 +531,13 @@ impl App {
     ) -> Result<crate::digest::Digest, PublishError> {
         self.room_for_change()?;
         // held until the blob is pinned: a collection cannot come in between
-        let _writing = self.blob_write_lock()?;
+        let writing = self.blob_write_lock()?;
         let digest = self.store_new::<PublishError>(size, reader, None)?;
         lease.pin(&digest)?;
         self.catalog.insert_blob(&digest, size, media_type)?;
+        // the lock held throughout, or the blob may have been collected before its
+        // pin: a retry stores it again
+        writing.check()?;
         Ok(digest)
     }
 
@@ -585,7 +590,7 @@ impl App {
         hashed: bool,
     ) -> Result<(), PublishError> {
         self.room_for_change()?;
-        let _writing = self.blob_write_lock()?;
+        let writing = self.blob_write_lock()?;
         lease.pin(digest)?;
         let _key = self.digest_write_lock(digest)?;
         if self.blobs.stat(digest)? != Some(size) {
@@ -595,7 +600,7 @@ impl App {
             }
         }
         self.catalog.insert_blob(digest, size, media_type)?;
-        Ok(())
+        Ok(writing.check()?)
     }
 }
 

@@ -239,7 +239,7 @@ impl App {
         }
         self.room_for_change()?;
         // held until the session claims the blob: a collection cannot come in between
-        let _writing = self.blob_write_lock()?;
+        let writing = self.blob_write_lock()?;
         self.blobs.ensure_room(u.size)?;
         let store = |r: &mut dyn Read, side: Option<&mut Hasher>| match self
             .store_new::<UploadError>(u.size, r, side)
@@ -260,6 +260,7 @@ impl App {
             u.principal_id,
         );
         self.catalog.create_upload(&s)?;
+        writing.check()?;
         crate::metrics::upload_finished(if fresh {
             UploadOutcome::Stored
         } else {

@@ -938,3 +938,96 @@ fn an_upload_cut_by_kill_9_of_one_instance_is_finished_through_the_other() {
     assert_eq!(r.status, 200);
     assert!(r.body == whole, "A served other bytes");
 }
+
+/// A collection whose `blobs` lock is lost under it (its database session ended, as in a
+/// restart: writers may have come in between) says so: the run names what it deleted
+/// since it last knew it held the lock (for `imgsrv scrub` to confirm), takes the lock
+/// anew, and finishes the job under it. Without the check it went on believing it held
+/// the lock, and reported a clean run.
+#[test]
+fn a_gc_whose_lock_was_lost_mid_run_names_what_it_deleted_and_goes_on_under_a_new_one() {
+    use imgsrv::cas::hooked::{Call, Hooked};
+    use imgsrv::maint::gc;
+    use std::sync::Mutex;
+
+    let url = pg::database(pg::shared());
+    let work = temp_dir("gc-lock-lost");
+    let data = work.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(
+        data.join("imgsrv.toml"),
+        format!(
+            "metrics_listen = \"\"\n[storage]\ncatalog = \"postgres\"\npostgres_url = \"{url}\"\n"
+        ),
+    )
+    .unwrap();
+    imgsrv::app::init(&data, &[]).unwrap();
+    let mut app =
+        imgsrv::app::App::open(imgsrv::config::Config::load(&data, None).unwrap()).unwrap();
+    // 600 blobs nothing cites: three batches of the collection
+    let mut orphans = Vec::new();
+    for i in 0..600u32 {
+        let bytes = format!("orphan {i}");
+        let d = Digest::of(bytes.as_bytes());
+        app.blobs
+            .put(&d, bytes.len() as u64, &mut bytes.as_bytes())
+            .unwrap();
+        app.catalog
+            .insert_blob(&d, bytes.len() as u64, None)
+            .unwrap();
+        orphans.push(d);
+    }
+    // at the first deletion, the database ends every session holding an advisory lock
+    let admin = Mutex::new(::postgres::Client::connect(&url, ::postgres::NoTls).unwrap());
+    let first = Arc::new(Mutex::new(None::<Digest>));
+    let seen = first.clone();
+    app.blobs = Arc::new(Hooked {
+        inner: app.blobs.clone(),
+        hook: move |call| {
+            let Call::Delete(d) = call else { return };
+            let mut first = seen.lock().unwrap();
+            if first.is_some() {
+                return;
+            }
+            *first = Some(*d);
+            let ended: i64 = admin
+                .lock()
+                .unwrap()
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+                     WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid() \
+                     AND database = (SELECT oid FROM pg_database \
+                                     WHERE datname = current_database())",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            assert!(ended >= 1, "the collection holds its locks: {ended}");
+        },
+    });
+    let opts = gc::GcOptions {
+        grace: Duration::ZERO,
+        retention: Vec::new(),
+        actor: "test".into(),
+    };
+    let mut said = Vec::new();
+    let run = gc::run(&app, &opts, false, &mut |l| said.push(l.to_string())).unwrap();
+    let report = run.report.unwrap();
+    let first = first.lock().unwrap().expect("gc deleted something");
+    assert_eq!(report.failures.len(), 1, "{:#?}", report.failures);
+    let f = &report.failures[0];
+    assert!(
+        f.contains("job lock blobs was lost")
+            && f.contains("item(s) deleted since it was last checked")
+            && f.contains(&format!("blob {first}"))
+            && f.contains("imgsrv scrub"),
+        "{f}"
+    );
+    // the rest was deleted under the lock taken anew
+    assert_eq!(report.blobs_removed, 600, "{}", said.join("\n"));
+    for d in &orphans {
+        assert!(app.catalog.get_blob(d).unwrap().is_none(), "{d}");
+        assert_eq!(app.blobs.stat(d).unwrap(), None, "{d}");
+    }
+    assert!(said.iter().any(|l| l.contains("1 failure(s)")), "{said:?}");
+}

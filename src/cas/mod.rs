@@ -4,6 +4,7 @@
 //! [`FsStore`]; the S3-compatible one is `s3::S3Store` (cargo feature `s3`).
 
 pub mod fs;
+pub mod hooked;
 #[cfg(feature = "s3")]
 pub mod s3;
 

@@ -754,11 +754,35 @@ pub trait AuditCatalog: Send + Sync {
 }
 
 /// Held while a maintenance job runs; released when dropped.
-pub struct JobLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+pub struct JobLock(Box<dyn HeldLock>);
 
 impl JobLock {
-    pub fn new(held: impl Send + Sync + 'static) -> JobLock {
+    pub fn new(held: impl HeldLock + 'static) -> JobLock {
         JobLock(Box::new(held))
+    }
+
+    /// Ok while the lock is still held. A lock can be lost under its holder when
+    /// the backend keeps it in a session (PostgreSQL: a restart of the database, or
+    /// an administrator's `pg_terminate_backend`, ends the session and releases it,
+    /// and another holder may then have it): a job that must not overlap with
+    /// another asks here after each step it took under the lock. A passing check
+    /// proves the lock was held without a break from the moment it was granted.
+    pub fn check(&self) -> Result<()> {
+        self.0.check()
+    }
+}
+
+/// What a backend keeps for a [`JobLock`] (released when dropped).
+pub trait HeldLock: Send + Sync {
+    /// [`JobLock::check`].
+    fn check(&self) -> Result<()>;
+}
+
+/// A flock(2) lock: the kernel keeps it for as long as the descriptor is open, so it
+/// is never lost under its holder.
+impl HeldLock for std::fs::File {
+    fn check(&self) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -426,12 +426,13 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
     }
     let mut slice = Slice::new(app)?;
     for l in &plan.leftovers {
-        slice.turn(app)?;
+        slice.turn(app, &mut report)?;
         if l.kind == LeftoverKind::Staged && session_exists(app, &l.name)? {
             continue;
         }
         match app.blobs.remove_leftover(l) {
             Ok(n) => {
+                slice.removed(format!("leftover {}", l.name));
                 report.leftovers_removed += 1;
                 report.bytes_freed += n;
             }
@@ -440,7 +441,7 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
     }
     let now = rfc3339(chrono::Utc::now());
     for batch in plan.blobs.chunks(BATCH) {
-        slice.turn(app)?;
+        slice.turn(app, &mut report)?;
         let mut keep = |row: &Blob, claims: &[Claim]| {
             row.created_at > plan.cutoff || keeps(claims, &now, &collecting)
         };
@@ -460,6 +461,7 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
         for b in deleted {
             match app.blobs.delete(&b.digest) {
                 Ok(_) => {
+                    slice.removed(format!("blob {}", b.digest));
                     report.blobs_removed += 1;
                     report.bytes_freed += b.size_bytes;
                 }
@@ -469,7 +471,7 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
         }
     }
     for (d, size) in &plan.files {
-        slice.turn(app)?;
+        slice.turn(app, &mut report)?;
         let claimed = app.catalog.get_blob(d)?.is_some()
             || keeps(
                 &app.catalog
@@ -486,6 +488,7 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
         }
         match app.blobs.delete(d) {
             Ok(true) => {
+                slice.removed(format!("stray file {d}"));
                 report.files_removed += 1;
                 report.bytes_freed += size;
             }
@@ -493,6 +496,7 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
             Err(e) => fail(&mut report, format!("removing stray file {d}"), &e),
         }
     }
+    slice.check(&mut report);
     drop(slice);
     if let Err(e) = app.catalog.release_pins("") {
         fail(&mut report, "removing expired pins".into(), &e);
@@ -502,9 +506,18 @@ pub fn apply(app: &App, plan: &Plan, opts: &GcOptions) -> anyhow::Result<Report>
 
 /// The `blobs` lock held exclusively, given back to writers every
 /// [`LOCK_SLICE`] so that uploads and mirrors are only ever held up briefly.
+///
+/// A lock kept in a database session is lost when the database restarts, and a writer
+/// may then check for a blob, find it, and record it while it is being deleted. So the
+/// lock is checked after every step ([`crate::catalog::JobLock::check`]): a check that
+/// passes proves no writer came in between, and one that fails names what was deleted
+/// since the last good check (for `imgsrv scrub` to confirm), then the lock is taken
+/// anew and the run goes on (every deletion after that is judged again under it).
 struct Slice {
     held: Option<crate::catalog::JobLock>,
     since: Instant,
+    /// Deleted since the lock was last checked.
+    unconfirmed: Vec<String>,
 }
 
 impl Slice {
@@ -512,9 +525,47 @@ impl Slice {
         let mut s = Slice {
             held: None,
             since: Instant::now(),
+            unconfirmed: Vec::new(),
         };
         s.take(app)?;
         Ok(s)
+    }
+
+    fn removed(&mut self, what: String) {
+        self.unconfirmed.push(what);
+    }
+
+    /// Checks the lock: `false`, and a failure in `report`, if it was lost.
+    fn check(&mut self, report: &mut Report) -> bool {
+        let Some(Err(e)) = self.held.as_ref().map(|l| l.check()) else {
+            self.unconfirmed.clear();
+            return true;
+        };
+        let n = self.unconfirmed.len();
+        let mut named: Vec<&str> = self
+            .unconfirmed
+            .iter()
+            .take(10)
+            .map(String::as_str)
+            .collect();
+        let more = format!("and {} more", n.saturating_sub(10));
+        if n > 10 {
+            named.push(&more);
+        }
+        let what = match n {
+            0 => "nothing was deleted since it was last checked".to_string(),
+            _ => format!(
+                "{n} item(s) deleted since it was last checked may have been stored and \
+                 recorded again by a writer meanwhile ({}): run `imgsrv scrub` to find a \
+                 catalog row whose bytes are gone",
+                named.join(", ")
+            ),
+        };
+        log::warn!("gc: {e}; {what}");
+        report.failures.push(format!("{e}; {what}"));
+        self.unconfirmed.clear();
+        self.held = None;
+        false
     }
 
     fn take(&mut self, app: &App) -> anyhow::Result<()> {
@@ -527,7 +578,10 @@ impl Slice {
         Ok(())
     }
 
-    fn turn(&mut self, app: &App) -> anyhow::Result<()> {
+    fn turn(&mut self, app: &App, report: &mut Report) -> anyhow::Result<()> {
+        if !self.check(report) {
+            return self.take(app);
+        }
         if self.since.elapsed() >= LOCK_SLICE {
             self.held = None;
             self.take(app)?;

@@ -822,94 +822,8 @@ impl Scrubber<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cas::{BlobStore, Leftover, Quarantined, StagedPart, StoredBlob};
-    use std::io::Read;
-    use std::path::Path;
+    use crate::cas::hooked::{Call, Hooked};
     use std::sync::atomic::AtomicUsize;
-
-    /// A store that raises the stop flag at its first `stat` (as a server
-    /// shutting down would while a scrub asks the store about a missing blob)
-    /// and counts its `stat`s; everything else goes to the real store.
-    struct StopsAtFirstStat {
-        inner: Arc<dyn BlobStore>,
-        stop: Arc<AtomicBool>,
-        stats: AtomicUsize,
-    }
-    impl BlobStore for StopsAtFirstStat {
-        fn leftovers(&self) -> crate::cas::Result<Vec<Leftover>> {
-            self.inner.leftovers()
-        }
-        fn remove_leftover(&self, l: &Leftover) -> crate::cas::Result<u64> {
-            self.inner.remove_leftover(l)
-        }
-        fn list(&self, each: &mut dyn FnMut(StoredBlob) -> bool) -> crate::cas::Result<()> {
-            self.inner.list(each)
-        }
-        fn delete(&self, d: &Digest) -> crate::cas::Result<bool> {
-            self.inner.delete(d)
-        }
-        fn quarantine(&self, d: &Digest, reason: &str) -> crate::cas::Result<bool> {
-            self.inner.quarantine(d, reason)
-        }
-        fn quarantined(&self, d: &Digest) -> crate::cas::Result<Option<Quarantined>> {
-            self.inner.quarantined(d)
-        }
-        fn list_quarantined(
-            &self,
-            each: &mut dyn FnMut(Quarantined) -> bool,
-        ) -> crate::cas::Result<()> {
-            self.inner.list_quarantined(each)
-        }
-        fn stat(&self, d: &Digest) -> crate::cas::Result<Option<u64>> {
-            self.stats.fetch_add(1, Ordering::SeqCst);
-            self.stop.store(true, Ordering::SeqCst);
-            self.inner.stat(d)
-        }
-        fn open_range(
-            &self,
-            d: &Digest,
-            offset: u64,
-            len: u64,
-        ) -> crate::cas::Result<Box<dyn Read + Send>> {
-            self.inner.open_range(d, offset, len)
-        }
-        fn put(&self, d: &Digest, size: u64, r: &mut dyn Read) -> crate::cas::Result<()> {
-            self.inner.put(d, size, r)
-        }
-        fn stage_part(
-            &self,
-            upload: &str,
-            n: u32,
-            len: u64,
-            r: &mut dyn Read,
-        ) -> crate::cas::Result<StagedPart> {
-            self.inner.stage_part(upload, n, len, r)
-        }
-        fn commit_upload(
-            &self,
-            upload: &str,
-            parts: &[(u32, StagedPart)],
-            d: &Digest,
-            size: u64,
-        ) -> crate::cas::Result<()> {
-            self.inner.commit_upload(upload, parts, d, size)
-        }
-        fn discard_upload(&self, upload: &str) -> crate::cas::Result<()> {
-            self.inner.discard_upload(upload)
-        }
-        fn discard_part(&self, upload: &str, n: u32) -> crate::cas::Result<()> {
-            self.inner.discard_part(upload, n)
-        }
-        fn ensure_room(&self, bytes: u64) -> crate::cas::Result<()> {
-            self.inner.ensure_room(bytes)
-        }
-        fn probe_writable(&self) -> crate::cas::Result<()> {
-            self.inner.probe_writable()
-        }
-        fn adopt(&self, path: &Path, d: &Digest, size: u64) -> crate::cas::Result<()> {
-            self.inner.adopt(path, d, size)
-        }
-    }
 
     /// A scrub told to stop while it checks the catalog against the store
     /// stops there: one question to the store, not one per blob row (each an
@@ -925,20 +839,27 @@ mod tests {
             let d = Digest::of(&i.to_be_bytes());
             app.catalog.insert_blob(&d, 4, None).unwrap();
         }
+        // the store raises the stop flag at its first `stat` (as a server shutting
+        // down would while a scrub asks the store about a missing blob), and counts
         let stop = Arc::new(AtomicBool::new(false));
-        let store = Arc::new(StopsAtFirstStat {
+        let stats = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (stop.clone(), stats.clone());
+        app.blobs = Arc::new(Hooked {
             inner: app.blobs.clone(),
-            stop: stop.clone(),
-            stats: AtomicUsize::new(0),
+            hook: move |call| {
+                if let Call::Stat(_) = call {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    flag.store(true, Ordering::SeqCst);
+                }
+            },
         });
-        app.blobs = store.clone();
         let opts = ScrubOptions {
             stop: Some(stop),
             ..ScrubOptions::default()
         };
         let report = scrub(&app, &opts, &mut Vec::new()).unwrap();
         assert!(report.stopped);
-        assert_eq!(store.stats.load(Ordering::SeqCst), 1);
+        assert_eq!(stats.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -235,6 +235,9 @@ pub fn job_locks_exclude_by_mode_across_two_holders(f: &Fixture) {
     assert!(s1.is_some());
     let s2 = b.job_lock("blobs", LockMode::Shared, false).unwrap();
     assert!(s2.is_some(), "shared holders together");
+    for held in [&s1, &s2] {
+        held.as_ref().unwrap().check().unwrap();
+    }
     assert!(b
         .job_lock("blobs", LockMode::Exclusive, false)
         .unwrap()
@@ -249,6 +252,7 @@ pub fn job_locks_exclude_by_mode_across_two_holders(f: &Fixture) {
     drop(s2);
     let x = b.job_lock("blobs", LockMode::Exclusive, false).unwrap();
     assert!(x.is_some());
+    x.as_ref().unwrap().check().unwrap();
     assert!(a
         .job_lock("blobs", LockMode::Shared, false)
         .unwrap()

@@ -310,8 +310,11 @@ fn a_catalog_reconnects_by_itself_after_the_database_restarted() {
     let url = harness(&["url", d]);
     let c = PgCatalog::open(&url).unwrap();
     published(&c, "debian", "1");
-    let lock = c.job_lock("gc", LockMode::Exclusive, false).unwrap();
-    assert!(lock.is_some());
+    let lock = c
+        .job_lock("gc", LockMode::Exclusive, false)
+        .unwrap()
+        .unwrap();
+    lock.check().unwrap();
     // several pooled connections, all broken by the restart
     std::thread::scope(|s| {
         for _ in 0..4 {
@@ -333,7 +336,7 @@ fn a_catalog_reconnects_by_itself_after_the_database_restarted() {
     assert_err!(c.probe_writable(), CatalogError::Unavailable(_));
     let e = c.get_image("debian").unwrap_err().to_string();
     assert!(e.contains("unavailable"), "{e}");
-    drop(lock);
+    assert_err!(lock.check(), CatalogError::Unavailable(_));
 
     harness(&["start", d]);
     // the first call after the restart answers: no broken connection is handed out
@@ -342,18 +345,59 @@ fn a_catalog_reconnects_by_itself_after_the_database_restarted() {
         assert_eq!(c.list_versions("debian", false).unwrap().len(), 1);
     }
     c.create_image("alpine", None, None, "public").unwrap();
-    assert!(
-        c.job_lock("gc", LockMode::Exclusive, false)
-            .unwrap()
-            .is_some(),
-        "the lock went with the old session"
-    );
+    let again = c.job_lock("gc", LockMode::Exclusive, false).unwrap();
+    assert!(again.is_some(), "the lock went with the old session");
+    again.unwrap().check().unwrap();
+    // the holder of the old one is told, also once the database is back
+    let e = lock.check().unwrap_err().to_string();
+    assert!(e.contains("job lock gc was lost"), "{e}");
+    drop(lock);
     c.probe_writable().unwrap();
 
     // restarted while idle: every pooled connection is stale, none is used
     harness(&["restart", d]);
     assert_eq!(c.list_images(true).unwrap().len(), 2);
     harness(&["purge", d]);
+}
+
+#[test]
+fn a_job_lock_whose_session_was_ended_says_so_and_another_holder_gets_it() {
+    let url = database(shared());
+    let a = PgCatalog::open(&url).unwrap();
+    let b = PgCatalog::open(&url).unwrap();
+    let held = a
+        .job_lock("blobs", LockMode::Exclusive, false)
+        .unwrap()
+        .unwrap();
+    held.check().unwrap();
+    assert!(b
+        .job_lock("blobs", LockMode::Shared, false)
+        .unwrap()
+        .is_none());
+    // what an administrator's pg_terminate_backend does to the session holding it
+    let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let ended = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid() \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0);
+    assert!(ended >= 1, "{ended}");
+    let e = held.check().unwrap_err().to_string();
+    assert!(
+        e.contains("was lost") && e.contains("another process"),
+        "{e}"
+    );
+    assert!(
+        b.job_lock("blobs", LockMode::Exclusive, false)
+            .unwrap()
+            .is_some(),
+        "the lost lock is free for another holder"
+    );
+    drop(held);
 }
 
 #[test]

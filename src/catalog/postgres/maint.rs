@@ -109,6 +109,46 @@ fn lock_key(job: &str) -> i32 {
 struct PgJobLock {
     client: Mutex<Option<::postgres::Client>>,
     pool: Arc<pool::Pool>,
+    job: String,
+    key: i32,
+}
+
+impl super::super::HeldLock for PgJobLock {
+    /// Asks the lock's own session whether it still holds the lock. A session that
+    /// ended (a restart, `pg_terminate_backend`) fails the question: its lock went
+    /// with it, and a new session can never inherit it, so an answer of yes means
+    /// the lock was held without a break since it was granted.
+    fn check(&self) -> Result<()> {
+        let lost = |why: String| {
+            CatalogError::Unavailable(format!(
+                "the job lock {} was lost ({why}): the database ended the session that \
+                 held it (a restart?), so another process may have taken it since",
+                self.job
+            ))
+        };
+        let mut guard = self
+            .client
+            .lock()
+            .map_err(|_| CatalogError::Backend("a job lock's mutex was poisoned".into()))?;
+        let Some(client) = guard.as_mut() else {
+            return Err(lost("released".into()));
+        };
+        // objsubid 2: the two-key form of the advisory lock functions
+        let held: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                 AND pid = pg_backend_pid() AND granted AND classid = $1::int::oid \
+                 AND objid = $2::int::oid AND objsubid = 2)",
+                &[&LOCK_NAMESPACE, &self.key],
+            )
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| lost(e.to_string()))?;
+        if held {
+            Ok(())
+        } else {
+            Err(lost("its session no longer holds it".into()))
+        }
+    }
 }
 
 impl Drop for PgJobLock {
@@ -316,9 +356,9 @@ impl MaintCatalog for PgCatalog {
     /// held on a connection of its own for the life of the returned lock: every
     /// instance and every command on this database sees it, and the server releases it
     /// however the holder ends (its connection closes). A restart of the database ends
-    /// the session and with it the lock, unknown to the holder: a job that must not
-    /// overlap with another is short next to how rarely that happens, and the guards
-    /// keep the rows right whatever the locks.
+    /// the session and with it the lock, unknown to the holder until it asks
+    /// ([`JobLock::check`]): a job that must not overlap with another checks after each
+    /// step it took under the lock.
     fn job_lock(&self, job: &str, mode: LockMode, wait: bool) -> Result<Option<JobLock>> {
         if job.is_empty() || !job.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err(CatalogError::Invalid(format!("job lock name {job:?}")));
@@ -357,6 +397,8 @@ impl MaintCatalog for PgCatalog {
         Ok(Some(JobLock::new(PgJobLock {
             client: Mutex::new(Some(client)),
             pool: self.pool.clone(),
+            job: job.to_string(),
+            key,
         })))
     }
 
