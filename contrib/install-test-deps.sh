@@ -19,7 +19,7 @@ if ! grep -qs 'bookworm' /etc/os-release; then
 fi
 
 PKGS="minisign squashfs-tools qemu-utils busybox-static xz-utils tar nginx sqlite3 openssl
-  ca-certificates curl python3 python3-pip procps iproute2 util-linux shellcheck prometheus systemd
+  ca-certificates curl python3 python3-pip python3-cryptography procps iproute2 util-linux shellcheck prometheus systemd
   chromium postgresql"
 BPO_PKGS="incus-client incus-extra incus-base"
 

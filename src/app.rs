@@ -24,6 +24,9 @@ pub struct App {
     /// The TLS certificate as read at start (the web catalog shows its fingerprint);
     /// `None` when it cannot be read.
     pub served_cert: Option<Arc<crate::tls::ServedCert>>,
+    /// The transparency log's key and checkpoints; `None` for a data directory
+    /// `imgsrv init` has not seen since imgsrv had a log.
+    pub ledger: Option<Arc<crate::ledger::Ledger>>,
 }
 
 /// What `init` made (for printing).
@@ -73,6 +76,18 @@ pub fn init(data_dir: &Path, extra_names: &[String]) -> anyhow::Result<InitRepor
             report.created.push(key);
         }
     }
+    let host = config
+        .tls_names
+        .iter()
+        .chain(extra_names)
+        .map(|n| n.trim())
+        .find(|n| !n.is_empty() && n.parse::<std::net::IpAddr>().is_err())
+        .map(str::to_string)
+        .or_else(crate::tls::host_name)
+        .unwrap_or_else(|| "localhost".into());
+    if let Some(key) = crate::ledger::init(data_dir, catalog.as_ref(), &host)? {
+        report.created.push(key);
+    }
     if let Some(p) = crate::auth::bootstrap(catalog.as_ref(), data_dir)? {
         report
             .created
@@ -97,7 +112,9 @@ impl App {
             .map_err(|e| log::debug!("web catalog: no certificate to show: {e:#}"))
             .ok()
             .map(Arc::new);
+        let ledger = crate::ledger::Ledger::open(&config.data_dir, catalog.as_ref())?.map(Arc::new);
         Ok(App {
+            ledger,
             served_cert,
             config,
             catalog,

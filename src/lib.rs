@@ -26,6 +26,7 @@ pub mod errors;
 pub mod fingerprint;
 pub mod http;
 pub mod image;
+pub mod ledger;
 pub mod lifecycle;
 pub mod listing;
 pub mod maint;

@@ -38,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004-job-runs.sql"),
     include_str!("../../migrations/0005-audit-replace.sql"),
     include_str!("../../migrations/0006-trusted-keys.sql"),
+    include_str!("../../migrations/0007-log.sql"),
 ];
 
 /// Largest generation value the guards accept (2^53): far below overflow.

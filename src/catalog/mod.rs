@@ -37,9 +37,29 @@ pub fn open(
     data_dir: &std::path::Path,
 ) -> anyhow::Result<std::sync::Arc<dyn Catalog>> {
     let cat = open_backend(storage, data_dir)?;
+    anyhow::Context::context(
+        backfill_log(cat.as_ref()),
+        "writing the transparency log of what the catalog holds",
+    )?;
     crate::sign::import_key_files(cat.as_ref(), data_dir)
         .map_err(|e| e.context("importing the trusted keys of DATA/keys into the catalog"))?;
     Ok(cat)
+}
+
+/// Fills the log of a catalog written before imgsrv had one ([`LogCatalog::backfill_log`]),
+/// once: a catalog whose log has entries, or that holds nothing to log, is left as it is.
+fn backfill_log(cat: &dyn Catalog) -> Result<()> {
+    if cat.log_size()? > 0 {
+        return Ok(());
+    }
+    let entries = log_entry::existing(cat)?;
+    if !entries.is_empty() && cat.backfill_log(&entries)? {
+        log::info!(
+            "transparency log: wrote {} entries for what the catalog held",
+            entries.len()
+        );
+    }
+    Ok(())
 }
 
 fn open_backend(
@@ -739,6 +759,188 @@ pub trait KeyCatalog: Send + Sync {
     fn remove_trusted_key(&self, key_id: &str) -> Result<()>;
 }
 
+/// The transparency log's rows (migrations/0007-log.sql, [`crate::tlog`]). Entries are
+/// appended by the catalog itself, in the transaction of the event they record
+/// ([`ContentCatalog::publish`], [`LifecycleCatalog::retire`], [`KeyCatalog`]'s changes),
+/// never through this trait; the log's key signs checkpoints outside the catalog
+/// ([`crate::tlog::Log`]).
+pub trait LogCatalog: Send + Sync {
+    /// Entries in the log.
+    fn log_size(&self) -> Result<u64>;
+    /// The texts of entries `[start, end)` (`end` beyond the log: up to its end).
+    fn log_entries(&self, start: u64, end: u64) -> Result<Vec<Vec<u8>>>;
+    /// The stored hashes at `nodes`, in that order ([`CatalogError::NotFound`] for one
+    /// the log has not completed).
+    fn log_hashes(&self, nodes: &[crate::tlog::tree::Node])
+        -> Result<Vec<crate::tlog::tree::Hash>>;
+    /// The entries about `image`@`version` (its publication, its retirement): index and kind.
+    fn log_entries_of(&self, image: &str, version: &str) -> Result<Vec<(u64, String)>>;
+    /// Appends `entries` to a log that has none, in one transaction: the log of a
+    /// catalog written before there was one, filled from what it holds
+    /// ([`crate::tlog::backfill`]). `false` (and nothing written) when the log has
+    /// entries already.
+    fn backfill_log(&self, entries: &[crate::tlog::entry::Entry]) -> Result<bool>;
+    /// Stores a signed checkpoint of the first `size` entries; `false` when one of
+    /// that size is stored already (the first stays).
+    fn put_checkpoint(&self, size: u64, note: &str) -> Result<bool>;
+    /// The stored checkpoint of the largest size.
+    fn latest_checkpoint(&self) -> Result<Option<(u64, String)>>;
+    /// Every stored checkpoint, smallest first.
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>>;
+    /// The log's verifier key, once an instance recorded it.
+    fn log_vkey(&self) -> Result<Option<String>>;
+    /// Records `vkey` as the log's key unless one is recorded: the one recorded.
+    fn claim_log_vkey(&self, vkey: &str) -> Result<String>;
+}
+
+/// The log entries of the events a catalog records ([`crate::tlog::entry`]).
+pub(crate) mod log_entry {
+    use super::*;
+    use crate::tlog::entry::Entry;
+
+    pub fn published(v: &ImageVersion, r: &PublishRecord) -> Entry {
+        Entry::Publish {
+            image: v.image_name.clone(),
+            version: v.version.clone(),
+            manifest: r.manifest_digest,
+            signer: r.signer_key_id.clone(),
+            time: r.published_at.clone(),
+        }
+    }
+
+    pub fn retired(image: String, version: String, manifest: Digest, at: &str) -> Entry {
+        Entry::Retire {
+            image,
+            version,
+            manifest,
+            time: at.to_string(),
+        }
+    }
+
+    /// A key's addition (its retirement and revocation, if it carries them, are
+    /// entries of their own: [`key_state`]).
+    pub fn key_added(k: &KeyRecord) -> Entry {
+        // the key line of the minisign public key file, without its comment
+        let public_key = k
+            .public_key
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
+            .unwrap_or_default()
+            .to_string();
+        Entry::KeyAdd {
+            key: k.key_id.clone(),
+            name: k.name.clone(),
+            public_key,
+            time: k.added_at.clone(),
+        }
+    }
+
+    /// The entries of what a catalog written before it had a log holds, oldest first:
+    /// every publication (retired versions' too), retirement, and trusted key with
+    /// its states, ordered by their times.
+    pub fn existing(cat: &dyn Catalog) -> Result<Vec<Entry>> {
+        let mut out: Vec<(String, Entry)> = Vec::new();
+        let mut publication = |image: &str, version: &str| -> Result<PublishRecord> {
+            let v = cat.get_version(image, version)?;
+            let r = cat.publish_record(&v.id)?;
+            out.push((r.published_at.clone(), published(&v, &r)));
+            Ok(r)
+        };
+        for img in cat.list_images(true)? {
+            for v in cat.list_versions(&img.name, false)? {
+                publication(&img.name, &v.version)?;
+            }
+        }
+        let mut retirements = Vec::new();
+        for rv in cat.retirements()? {
+            let r = publication(&rv.image, &rv.version)?;
+            let at = rv.retirement.retired_at;
+            retirements.push((
+                at.clone(),
+                retired(rv.image, rv.version, r.manifest_digest, &at),
+            ));
+        }
+        out.extend(retirements);
+        for k in cat.trusted_keys()? {
+            out.push((k.added_at.clone(), key_added(&k)));
+            for (state, at) in [
+                (crate::sign::KeyState::Retired, &k.retired_at),
+                (crate::sign::KeyState::Revoked, &k.revoked_at),
+            ] {
+                if let Some(at) = at {
+                    out.push((at.clone(), key_state(&k.key_id, &k.name, state, at)));
+                }
+            }
+        }
+        // RFC 3339 UTC times of one format sort as text; a stable sort keeps a
+        // version's publication before its retirement
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// A retirement or revocation (never [`crate::sign::KeyState::Active`]: the
+    /// catalog refuses that before it gets here).
+    pub fn key_state(key_id: &str, name: &str, state: crate::sign::KeyState, at: &str) -> Entry {
+        let (key, name, time) = (key_id.to_string(), name.to_string(), at.to_string());
+        match state {
+            crate::sign::KeyState::Revoked => Entry::KeyRevoke { key, name, time },
+            _ => Entry::KeyRetire { key, name, time },
+        }
+    }
+}
+
+/// What an append writes: the entry's text and the hashes it completes.
+pub(crate) struct LogAppend {
+    pub index: u64,
+    pub text: Vec<u8>,
+    pub kind: &'static str,
+    pub image: Option<String>,
+    pub version: Option<String>,
+    pub key_id: Option<String>,
+    pub hashes: Vec<(crate::tlog::tree::Node, crate::tlog::tree::Hash)>,
+}
+
+/// [`LogAppend`] of `entry` as entry number `size`, reading the stored hashes it
+/// needs (at most log2(size)) through `read`.
+pub(crate) fn log_append(
+    size: u64,
+    entry: &crate::tlog::entry::Entry,
+    read: &dyn Fn(&[crate::tlog::tree::Node]) -> Result<Vec<crate::tlog::tree::Hash>>,
+) -> Result<LogAppend> {
+    struct Reader<'a>(
+        &'a dyn Fn(&[crate::tlog::tree::Node]) -> Result<Vec<crate::tlog::tree::Hash>>,
+    );
+    impl crate::tlog::tree::HashReader for Reader<'_> {
+        fn read_hashes(
+            &self,
+            nodes: &[crate::tlog::tree::Node],
+        ) -> anyhow::Result<Vec<crate::tlog::tree::Hash>> {
+            Ok((self.0)(nodes)?)
+        }
+    }
+    let text = entry
+        .text()
+        .map_err(|e| CatalogError::Invalid(e.to_string()))?
+        .into_bytes();
+    let leaf = crate::tlog::tree::leaf_hash(&text);
+    let hashes = crate::tlog::tree::hashes_to_store(size, leaf, &Reader(read))
+        .map_err(|e| CatalogError::Backend(format!("the log's stored hashes: {e:#}")))?;
+    let (image, version) = match entry.version() {
+        Some((i, v)) => (Some(i.to_string()), Some(v.to_string())),
+        None => (None, None),
+    };
+    Ok(LogAppend {
+        index: size,
+        text,
+        kind: entry.kind(),
+        image,
+        version,
+        key_id: entry.key().map(str::to_string),
+        hashes,
+    })
+}
+
 /// The append-only audit log.
 pub trait AuditCatalog: Send + Sync {
     /// Appends a row. A backend keeps room for these even when its storage
@@ -934,6 +1136,7 @@ pub trait Catalog:
     + MaintCatalog
     + TransferCatalog
     + KeyCatalog
+    + LogCatalog
 {
 }
 impl<T> Catalog for T where
@@ -945,6 +1148,7 @@ impl<T> Catalog for T where
         + MaintCatalog
         + TransferCatalog
         + KeyCatalog
+        + LogCatalog
 {
 }
 

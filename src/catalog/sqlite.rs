@@ -20,6 +20,7 @@ mod keys;
 mod lifecycle;
 mod maint;
 mod projection;
+mod tlog;
 mod transfer;
 
 use super::space;
@@ -798,6 +799,7 @@ impl ContentCatalog for SqliteCatalog {
                 params![v.id, now],
             )
             .ctx("version")?;
+            tlog::append(tx, &log_entry::published(&v, record))?;
             Self::load_version_by_id(tx, &v.id)
         })
     }

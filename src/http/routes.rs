@@ -18,9 +18,11 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 mod content;
+mod tlog;
 mod uploads;
 
 use content::*;
+use tlog::*;
 pub(crate) use uploads::download_allowed;
 use uploads::*;
 
@@ -407,6 +409,7 @@ fn top_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[
             "POST" => create_image(app, req, ctx),
         ),
         ["v1", "keys"] => methods!(req, "/v1/keys", m; "GET" => trusted_keys(app)),
+        ["log", rest @ ..] => log_routes(app, req, m, rest),
         ["v1", "mirrors"] => methods!(req, "/v1/mirrors", m; "GET" => mirrors(app, ctx)),
         ["v1", "audit"] => methods!(req, "/v1/audit", m; "GET" => audit_log(app, req, ctx)),
         _ => Err(no_route(m, req)),
@@ -539,6 +542,9 @@ fn version_routes(
         }
         ["manifest.minisig"] => {
             methods!(req, "/v1/images/{name}/versions/{version}/manifest.minisig", m; "GET" => signature(app, ctx, name, ver))
+        }
+        ["manifest.tlog-proof"] => {
+            methods!(req, "/v1/images/{name}/versions/{version}/manifest.tlog-proof", m; "GET" => tlog_proof(app, ctx, name, ver))
         }
         ["publish"] => {
             methods!(req, "/v1/images/{name}/versions/{version}/publish", m; "POST" => publish(app, req, ctx, name, ver))

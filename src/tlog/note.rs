@@ -179,6 +179,19 @@ impl Signer {
         Ok(s)
     }
 
+    /// Go's signer text form of the key named `name` with `seed` (what
+    /// [`Signer::parse_go`] reads back; `note.NewSigner` in Go takes it too).
+    pub fn go_text(name: &str, seed: &[u8; 32]) -> Result<String, NoteError> {
+        let s = Signer::from_seed(name, seed)?;
+        let mut key = vec![ED25519_TYPE];
+        key.extend_from_slice(seed);
+        Ok(format!(
+            "PRIVATE+KEY+{name}+{}+{}",
+            hex::encode(s.verifier.id),
+            B64.encode(key)
+        ))
+    }
+
     pub fn verifier(&self) -> &Verifier {
         &self.verifier
     }
@@ -368,6 +381,10 @@ mod tests {
     fn the_go_example_signs_and_verifies_byte_for_byte() {
         let s = Signer::parse_go(GO_SKEY).unwrap();
         assert_eq!(s.verifier().vkey(), GO_VKEY);
+        // and the signer text is written back as Go writes it
+        let key = B64.decode(GO_SKEY.rsplit('+').next().unwrap()).unwrap();
+        let seed: [u8; 32] = key[1..].try_into().unwrap();
+        assert_eq!(Signer::go_text("PeterNeumann", &seed).unwrap(), GO_SKEY);
         let note = s.sign(GO_TEXT).unwrap();
         assert_eq!(note, format!("{GO_TEXT}\n{GO_SIG}"));
         let v = Verifier::parse(GO_VKEY).unwrap();

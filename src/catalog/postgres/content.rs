@@ -293,6 +293,7 @@ impl ContentCatalog for PgCatalog {
                 &[&v.id, now],
             )
             .ctx("version")?;
+            super::tlog::append(tx, &log_entry::published(&v, record))?;
             Self::load_version_by_id(tx, &v.id)
         })
     }

@@ -28,21 +28,23 @@ fn insert_state(
     state: KeyState,
     at: &str,
 ) -> Result<bool> {
-    let state = match state {
-        KeyState::Active => {
-            return Err(CatalogError::Invalid(
-                "a key's state only moves forward: nothing makes it active again".into(),
-            ))
-        }
-        s => s.as_str(),
-    };
-    tx.execute(
-        "INSERT INTO key_states (key_id, state, name, at) SELECT $1::text, $2::text, $3::text, $4::text \
-         WHERE NOT EXISTS (SELECT 1 FROM key_states WHERE key_id = $1::text AND state = $2::text)",
-        &[&key_id, &state, &name, &at],
-    )
-    .ctx(&format!("key {key_id}"))
-    .map(|n| n > 0)
+    if state == KeyState::Active {
+        return Err(CatalogError::Invalid(
+            "a key's state only moves forward: nothing makes it active again".into(),
+        ));
+    }
+    let recorded = tx
+        .execute(
+            "INSERT INTO key_states (key_id, state, name, at) SELECT $1::text, $2::text, $3::text, $4::text \
+             WHERE NOT EXISTS (SELECT 1 FROM key_states WHERE key_id = $1::text AND state = $2::text)",
+            &[&key_id, &state.as_str(), &name, &at],
+        )
+        .ctx(&format!("key {key_id}"))?
+        > 0;
+    if recorded {
+        super::tlog::append(tx, &log_entry::key_state(key_id, name, state, at))?;
+    }
+    Ok(recorded)
 }
 
 impl KeyCatalog for PgCatalog {
@@ -68,6 +70,7 @@ impl KeyCatalog for PgCatalog {
                 &[&k.name, &k.key_id, &k.public_key, &scopes, &k.added_at],
             )
             .ctx(&format!("trusted key {} ({})", k.name, k.key_id))?;
+            super::tlog::append(tx, &log_entry::key_added(k))?;
             // (the key row first: the insert guard refuses a key id with states)
             if let Some(at) = &k.retired_at {
                 insert_state(tx, &k.key_id, &k.name, KeyState::Retired, at)?;

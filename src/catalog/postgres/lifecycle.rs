@@ -64,6 +64,17 @@ impl LifecycleCatalog for PgCatalog {
                 &[&version_id, &reason, &principal_id, &principal_name, &now],
             )
             .ctx("retirement")?;
+            let r = one(
+                tx.query_opt(
+                    "SELECT i.name, v.version, p.manifest_digest FROM image_versions v \
+                     JOIN images i ON i.id = v.image_id \
+                     JOIN publish_records p ON p.version_id = v.id WHERE v.id = $1",
+                    &[&version_id],
+                ),
+                "retired version",
+            )?;
+            let entry = log_entry::retired(get(&r, 0)?, get(&r, 1)?, digest_col(&r, 2)?, &now);
+            super::tlog::append(tx, &entry)?;
             Ok(Retirement {
                 version_id: version_id.to_string(),
                 reason: reason.to_string(),

@@ -35,11 +35,15 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0004-trusted-keys",
         include_str!("../../../migrations/postgres/0004-trusted-keys.sql"),
     ),
+    (
+        "0005-log",
+        include_str!("../../../migrations/postgres/0005-log.sql"),
+    ),
 ];
 
 /// The migrations (by index) that define guards idempotently and are run again to
 /// re-arm them (0004 creates its tables IF NOT EXISTS, so it can be run again whole).
-const GUARDS: &[usize] = &[1, 3];
+const GUARDS: &[usize] = &[1, 3, 4];
 
 /// Second key of the advisory lock migrations take (the first is
 /// [`maint::LOCK_NAMESPACE`]); job locks hash their names into other keys.

@@ -34,6 +34,7 @@ mod maint;
 mod migrate;
 mod pool;
 mod projection;
+mod tlog;
 mod transfer;
 
 use super::*;

@@ -58,6 +58,16 @@ impl LifecycleCatalog for SqliteCatalog {
                 params![version_id, reason, principal_id, principal_name, now],
             )
             .ctx("retirement")?;
+            let (image, version, manifest) = tx
+                .query_row(
+                    "SELECT i.name, v.version, p.manifest_digest FROM image_versions v \
+                     JOIN images i ON i.id = v.image_id \
+                     JOIN publish_records p ON p.version_id = v.id WHERE v.id = ?1",
+                    [version_id],
+                    |r| Ok((text(r, 0)?, text(r, 1)?, digest_col(r, 2)?)),
+                )
+                .ctx("retired version")?;
+            super::tlog::append(tx, &log_entry::retired(image, version, manifest, &now))?;
             Ok(Retirement {
                 version_id: version_id.to_string(),
                 reason: reason.to_string(),

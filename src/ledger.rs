@@ -1,0 +1,283 @@
+//! The server's transparency log (issue 11) over its catalog: the log's key under
+//! `DATA/log/`, signed checkpoints, inclusion and consistency proofs, tiles. The
+//! formats are [`crate::tlog`]'s (C2SP); the rows are the catalog's
+//! ([`crate::catalog::LogCatalog`], appended in the transaction of each event).
+//!
+//! # The key
+//! `DATA/log/log.key` holds the log's Ed25519 key in Go's signer text form
+//! (`PRIVATE+KEY+<origin>+<id>+<base64>`, mode 0600), `DATA/log/log.vkey` its verifier
+//! key (`<origin>+<id>+<base64>`), which consumers trust. The key signs checkpoints,
+//! never images, and is not in the catalog: whoever can write the database still
+//! cannot sign a history of their own. The catalog records which verifier key is the
+//! log's (the first instance to open it claims it): an instance holding another key
+//! refuses to start, and one holding none (a deployment's second instance before its
+//! operator copied `DATA/log/` to it) serves the log and the checkpoints the others
+//! signed, but signs none.
+//!
+//! # Checkpoints
+//! Signed when asked for and the newest stored one is behind the log (after a publish,
+//! the next request for the checkpoint or a proof): one signature covers any number
+//! of appends, and a crash between an append and its checkpoint loses nothing. Every
+//! signed checkpoint is stored (one per size), so that `imgsrv log verify` can check
+//! that each is consistent with the entries.
+//!
+//! # Origin
+//! `<host>/imgsrv/<8 random hex digits>`: the host the operator named for the
+//! certificate (`[tls] names`, `init --name`), else the machine's name, and a random
+//! part, so that two servers on one name (or one re-initialised) are two logs.
+
+use crate::catalog::{CatalogError, LogCatalog};
+use crate::tlog::note::{Checkpoint, Signer, Verifier};
+use crate::tlog::tiles::Tile;
+use crate::tlog::tree::{self, Hash, HashReader, Node};
+use anyhow::{bail, Context, Result};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+pub const LOG_DIR: &str = "log";
+pub const KEY_FILE: &str = "log.key";
+pub const VKEY_FILE: &str = "log.vkey";
+
+/// The catalog's stored hashes, as [`tree`] reads them.
+pub struct CatalogHashes<'a>(pub &'a dyn LogCatalog);
+
+impl HashReader for CatalogHashes<'_> {
+    fn read_hashes(&self, nodes: &[Node]) -> Result<Vec<Hash>> {
+        Ok(self.0.log_hashes(nodes)?)
+    }
+}
+
+/// The log as one server keeps it.
+pub struct Ledger {
+    verifier: Verifier,
+    signer: Option<Signer>,
+}
+
+/// Creates `DATA/log/` with a new key unless it has one, or the catalog's log has a
+/// key recorded already (an instance of a deployment: the key is copied from another
+/// instance, never made anew). The key file made, if one was.
+pub fn init(data_dir: &Path, cat: &dyn LogCatalog, host: &str) -> Result<Option<PathBuf>> {
+    let dir = data_dir.join(LOG_DIR);
+    let key = dir.join(KEY_FILE);
+    if key.exists() || cat.log_vkey()?.is_some() {
+        return Ok(None);
+    }
+    let mut rand = [0u8; 4];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rand)
+        .map_err(|_| anyhow::anyhow!("no randomness from the system"))?;
+    let origin = format!("{host}/imgsrv/{}", hex::encode(rand));
+    let (seed, signer) = Signer::generate(&origin)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let write = |path: &Path, text: String, mode: u32| -> Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    };
+    write(
+        &dir.join(VKEY_FILE),
+        format!("{}\n", signer.verifier().vkey()),
+        0o644,
+    )?;
+    write(
+        &key,
+        format!("{}\n", Signer::go_text(&origin, &seed)?),
+        0o600,
+    )?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    Ok(Some(key))
+}
+
+impl Ledger {
+    /// The log of the server at `data_dir` (see the module doc for the key's rules).
+    /// `None` when there is neither a key file nor a recorded key (a data directory
+    /// `imgsrv init` has not seen since the log came).
+    pub fn open(data_dir: &Path, cat: &dyn LogCatalog) -> Result<Option<Ledger>> {
+        let key = data_dir.join(LOG_DIR).join(KEY_FILE);
+        let signer = match std::fs::read_to_string(&key) {
+            Ok(text) => Some(Signer::parse_go(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not a log key ({e}): restore it from a backup of this data \
+                     directory (a new key would start another log)",
+                    key.display()
+                )
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", key.display())),
+        };
+        let recorded = match &signer {
+            Some(s) => Some(cat.claim_log_vkey(&s.verifier().vkey())?),
+            None => cat.log_vkey()?,
+        };
+        let Some(recorded) = recorded else {
+            return Ok(None);
+        };
+        let verifier = Verifier::parse(&recorded)
+            .map_err(|e| anyhow::anyhow!("the catalog's log key {recorded:?}: {e}"))?;
+        if let Some(s) = &signer {
+            if s.verifier().vkey() != recorded {
+                bail!(
+                    "{} is the key of log {}, but this catalog's log is {recorded}: copy \
+                     DATA/log/ from an instance of this deployment (or from the backup the \
+                     catalog came from) over it",
+                    key.display(),
+                    s.verifier().vkey()
+                );
+            }
+        } else {
+            log::warn!(
+                "no log key in {}: this instance serves the transparency log {recorded} and \
+                 the checkpoints other instances signed, but signs none; copy DATA/log/ from \
+                 an instance that has it",
+                key.display()
+            );
+        }
+        Ok(Some(Ledger { verifier, signer }))
+    }
+
+    pub fn vkey(&self) -> String {
+        self.verifier.vkey()
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.verifier.name
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// The newest checkpoint: the stored one, or, when that is behind the log and
+    /// this instance holds the key, a new one signed now (and stored). `(size, note)`.
+    pub fn checkpoint(&self, cat: &dyn LogCatalog) -> Result<(u64, String), CatalogError> {
+        let size = cat.log_size()?;
+        let stored = cat.latest_checkpoint()?;
+        if let Some(s) = stored.as_ref().filter(|(n, _)| *n >= size) {
+            return Ok(s.clone());
+        }
+        let Some(signer) = &self.signer else {
+            return stored.ok_or_else(|| {
+                CatalogError::Unavailable(
+                    "no checkpoint is signed yet: the instances holding the log's key sign one \
+                     at their next request"
+                        .into(),
+                )
+            });
+        };
+        let root = tree::tree_hash(size, &CatalogHashes(cat))
+            .map_err(|e| CatalogError::Backend(format!("the log's tree hash: {e:#}")))?;
+        let text = Checkpoint {
+            origin: self.origin().to_string(),
+            size,
+            root,
+        }
+        .text();
+        let note = signer
+            .sign(&text)
+            .map_err(|e| CatalogError::Backend(format!("signing the checkpoint: {e}")))?;
+        if size == 0 {
+            return Ok((0, note)); // nothing to store: the table holds sizes from 1
+        }
+        if !cat.put_checkpoint(size, &note)? {
+            // another instance signed this size first: the stored one is the one
+            if let Some(s) = cat.latest_checkpoint()?.filter(|(n, _)| *n >= size) {
+                return Ok(s);
+            }
+        }
+        Ok((size, note))
+    }
+
+    /// The C2SP tlog-proof that `image`@`version`'s publication is in the log, against
+    /// the newest checkpoint. `None` when the log has no entry of its publication.
+    pub fn proof(
+        &self,
+        cat: &dyn LogCatalog,
+        image: &str,
+        version: &str,
+    ) -> Result<Option<String>, CatalogError> {
+        let Some((index, _)) = cat
+            .log_entries_of(image, version)?
+            .into_iter()
+            .find(|(_, kind)| kind == "publish")
+        else {
+            return Ok(None);
+        };
+        let (size, note) = self.checkpoint(cat)?;
+        if index >= size {
+            return Err(CatalogError::Unavailable(format!(
+                "{image}@{version} is in the log but in no signed checkpoint yet: ask again in \
+                 a moment"
+            )));
+        }
+        let hashes = tree::inclusion_proof(index, size, &CatalogHashes(cat))
+            .map_err(|e| CatalogError::Backend(format!("the inclusion proof: {e:#}")))?;
+        Ok(Some(
+            crate::tlog::proof::TlogProof {
+                extra: None,
+                index,
+                hashes,
+                checkpoint: note,
+            }
+            .format(),
+        ))
+    }
+
+    /// The consistency proof from the tree of `old` entries to the one of `new`.
+    pub fn consistency(
+        cat: &dyn LogCatalog,
+        old: u64,
+        new: u64,
+    ) -> Result<Vec<Hash>, CatalogError> {
+        let size = cat.log_size()?;
+        if old > new || new > size {
+            return Err(CatalogError::Invalid(format!(
+                "a consistency proof goes from a smaller tree to a larger one the log has \
+                 (it has {size} entries): {old} to {new} is not one"
+            )));
+        }
+        tree::consistency_proof(old, new, &CatalogHashes(cat))
+            .map_err(|e| CatalogError::Backend(format!("the consistency proof: {e:#}")))
+    }
+
+    /// The bytes of the tile at `path` (under `/log/tile/`), for a log of `size`
+    /// entries: `None` when the path names no tile of it.
+    pub fn tile(
+        cat: &dyn LogCatalog,
+        path: &str,
+        size: u64,
+    ) -> Result<Option<(Tile, Vec<u8>)>, CatalogError> {
+        let Some(tile) = Tile::parse(path) else {
+            return Ok(None);
+        };
+        // a partial tile of any width the log covers, not only of the width its
+        // newest tree gives it: a client holding an older checkpoint asks for that
+        // one, and its bytes never change (they are a prefix of the full tile's)
+        let shift = u32::from(tile.level.unwrap_or(0)) * u32::from(crate::tlog::tiles::HEIGHT);
+        let count = size.checked_shr(shift).unwrap_or(0);
+        if tile.index * crate::tlog::tiles::WIDTH + u64::from(tile.width) > count {
+            return Ok(None);
+        }
+        let bytes = match tile.level {
+            Some(_) => crate::tlog::tiles::hash_tile(&tile, &CatalogHashes(cat))
+                .map_err(|e| CatalogError::Backend(format!("tile {path}: {e:#}")))?,
+            None => {
+                let start = tile.index * crate::tlog::tiles::WIDTH;
+                let entries = cat.log_entries(start, start + u64::from(tile.width))?;
+                crate::tlog::tiles::entry_bundle(entries.iter().map(Vec::as_slice))
+                    .map_err(|e| CatalogError::Backend(format!("tile {path}: {e:#}")))?
+            }
+        };
+        Ok(Some((tile, bytes)))
+    }
+}

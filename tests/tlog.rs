@@ -1,0 +1,189 @@
+//! Issue 11: the transparency log as a consumer meets it. A real `imgsrv serve`, real
+//! publishes signed with the `minisign` CLI, and an independent verifier written from
+//! the C2SP and RFC 6962/9162 specs in Python (tests/fixtures/tlog-verify, which calls
+//! no imgsrv code) that checks the checkpoint's signature, the tree from the tiles
+//! alone, every inclusion proof and a consistency proof across a publish.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use support::*;
+
+const VERIFIER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tlog-verify");
+
+fn verify(server: &TestServer, vkey: &str, proofs: &[&Path], old: Option<&Path>) -> Output {
+    let mut c = Command::new("/usr/bin/python3");
+    c.arg(VERIFIER).args([
+        "--url",
+        &server.url(),
+        "--ca",
+        s(&server.cert()),
+        "--vkey",
+        vkey,
+    ]);
+    for p in proofs {
+        c.arg("--proof").arg(p);
+    }
+    if let Some(o) = old {
+        c.arg("--old").arg(o);
+    }
+    run_any(&mut c)
+}
+
+fn verified(
+    server: &TestServer,
+    vkey: &str,
+    proofs: &[&Path],
+    old: Option<&Path>,
+) -> serde_json::Value {
+    let out = verify(server, vkey, proofs, old);
+    assert!(out.status.success(), "the verifier refused: {}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn save(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn an_independent_verifier_checks_checkpoint_tiles_inclusion_and_consistency() {
+    let work = temp_dir("tlog-verify");
+    let server = TestServer::start();
+    let data = server.data_dir().to_path_buf();
+
+    // the key made at init: its vkey in DATA/log/log.vkey, served, the private half 0600
+    let vkey = fs::read_to_string(data.join("log/log.vkey")).unwrap();
+    let vkey = vkey.trim().to_string();
+    assert_eq!(
+        String::from_utf8(server.get_ok("/log/vkey"))
+            .unwrap()
+            .trim(),
+        vkey
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(data.join("log/log.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(fs::read_to_string(data.join("log/log.key"))
+        .unwrap()
+        .starts_with("PRIVATE+KEY+"));
+
+    let (public, secret) = minisign_keypair(work.path().join("k"));
+    trust_key(&data, Some("release"), &public);
+    let first = make_test_image(work.path().join("a"), &["--serial", "20260101_0000"]);
+    let second = make_test_image(work.path().join("b"), &["--serial", "20260102_0000"]);
+    publish_image(
+        &server,
+        &secret,
+        &first,
+        &["--image", "debian", "--version", "1"],
+    );
+
+    // a consumer remembers this checkpoint and the first proof
+    let old = save(
+        work.path(),
+        "old.checkpoint",
+        &server.get_ok("/log/checkpoint"),
+    );
+    let proof1 = save(
+        work.path(),
+        "1.tlog-proof",
+        &server.get_ok("/v1/images/debian/versions/1/manifest.tlog-proof"),
+    );
+    let seen = verified(&server, &vkey, &[&proof1], None);
+    assert_eq!(seen["size"], 2, "{seen}");
+
+    publish_image(
+        &server,
+        &secret,
+        &second,
+        &["--image", "debian", "--version", "2"],
+    );
+    let proof2 = save(
+        work.path(),
+        "2.tlog-proof",
+        &server.get_ok("/v1/images/debian/versions/2/manifest.tlog-proof"),
+    );
+    let now = verified(&server, &vkey, &[&proof1, &proof2], Some(&old));
+    assert_eq!(now["size"], 3, "{now}");
+    assert_eq!(now["consistent_from"], 2, "{now}");
+    let entries: Vec<&str> = now["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        entries[0].starts_with("imgsrv-log/1\nkind key-add\nkey "),
+        "{entries:?}"
+    );
+    assert!(entries[0].contains("\nname release\n"), "{entries:?}");
+    let manifest1 = digest_of(&server.get_ok("/v1/images/debian/versions/1/manifest"));
+    assert!(
+        entries[1].starts_with("imgsrv-log/1\nkind publish\nimage debian\nversion 1\n")
+            && entries[1].contains(&format!("\nmanifest {manifest1}\n")),
+        "{entries:?}"
+    );
+    assert!(entries[2].contains("\nversion 2\n"), "{entries:?}");
+    assert_eq!(now["proofs"][0]["index"], 1);
+    assert_eq!(now["proofs"][1]["index"], 2);
+
+    // the verifier is not a rubber stamp: an altered proof, another log's key, and a
+    // checkpoint of a history the log does not have are each refused
+    let proof_text = fs::read_to_string(&proof2).unwrap();
+    let lines: Vec<&str> = proof_text.lines().collect();
+    let hash_line = lines.iter().position(|l| l.starts_with("index ")).unwrap() + 1;
+    let mut altered = lines.clone();
+    let flipped = if lines[hash_line].starts_with('A') {
+        format!("B{}", &lines[hash_line][1..])
+    } else {
+        format!("A{}", &lines[hash_line][1..])
+    };
+    altered[hash_line] = &flipped;
+    let bad = save(
+        work.path(),
+        "bad.tlog-proof",
+        format!("{}\n", altered.join("\n")).as_bytes(),
+    );
+    let out = verify(&server, &vkey, &[&bad], None);
+    assert!(
+        !out.status.success() && text(&out).contains("does not verify"),
+        "{}",
+        text(&out)
+    );
+    let origin = vkey.split('+').next().unwrap();
+    let (_, impostor) = imgsrv::tlog::note::Signer::generate(origin).unwrap();
+    let out = verify(&server, &impostor.verifier().vkey(), &[], None);
+    assert!(
+        !out.status.success() && text(&out).contains("no signature of the log key"),
+        "{}",
+        text(&out)
+    );
+
+    // every full or partial tile asked for is there; a tile beyond the log is not
+    assert_eq!(server.get("/log/tile/0/000.p/3").0, 200);
+    assert_eq!(
+        server.get("/log/tile/0/000.p/2").0,
+        200,
+        "an older width stays"
+    );
+    assert_eq!(server.get("/log/tile/0/000.p/4").0, 404);
+    assert_eq!(server.get("/log/tile/0/000").0, 404, "no full tile yet");
+    assert_eq!(
+        server.get("/log/tile/0/0000.p/3").0,
+        404,
+        "one spelling only"
+    );
+    assert_eq!(server.get("/log/consistency/3/2").0, 400);
+}
+
+fn digest_of(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
