@@ -127,11 +127,31 @@ pub enum Command {
     /// Exit 0 complete (or nothing to do), 1 refused or failed (the problems listed;
     /// run it again once they are repaired).
     Migrate(MigrateArgs),
+    /// The server's transparency log (every publication, retirement and publisher key
+    /// change, in a Merkle tree whose checkpoints the log's key signs).
+    #[command(subcommand)]
+    Log(LogCommand),
     /// Re-hash the blob store, check every version's blobs and every publication's
     /// manifest and signature; move damaged blobs to quarantine (never served again
     /// until the right bytes are put back). Exit 0 no problem, 1 problems (listed),
     /// 2 could not run.
     Scrub(ScrubArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogCommand {
+    /// Recompute the log from its entries and check it against the catalog: every
+    /// stored hash, every published version logged once with the manifest digest it
+    /// holds now, every stored checkpoint signed by the log's key over the tree the
+    /// entries make. Changes nothing. Exit 0 no problem, 1 problems (listed, naming the
+    /// versions), 2 could not run.
+    Verify {
+        #[command(flatten)]
+        data: DataArg,
+        /// Print the report as one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -827,7 +847,45 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Scrub(a) => scrub_command(a),
+        Command::Log(LogCommand::Verify { data, json }) => log_verify_command(&data.dir, json),
     }
+}
+
+/// `imgsrv log verify`: exit 0 no problem, 1 problems found, 2 could not run.
+fn log_verify_command(dir: &std::path::Path, json: bool) -> Result<()> {
+    use crate::replicate::cannot_run;
+    let app = (|| -> Result<crate::app::App> {
+        crate::admin_cli::open_catalog(dir)?;
+        crate::app::App::open(crate::config::Config::load(dir, None)?)
+    })()
+    .map_err(cannot_run)?;
+    let ledger = app.ledger.as_ref().ok_or_else(|| {
+        cannot_run(anyhow::anyhow!(
+            "{} has no transparency log key (DATA/log/log.key) and its catalog names none:              run `imgsrv init --data {}` to start the log",
+            dir.display(),
+            dir.display()
+        ))
+    })?;
+    let report = crate::maint::logcheck::verify(app.catalog.as_ref(), &ledger.vkey())
+        .map_err(|e| cannot_run(anyhow::Error::from(e).context("log verify")))?;
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut stdout, &report)?;
+        writeln!(stdout)?;
+    } else {
+        for p in &report.problems {
+            writeln!(stdout, "PROBLEM {p}")?;
+        }
+        writeln!(stdout, "{}", report.describe())?;
+    }
+    if !report.ok() {
+        anyhow::bail!(
+            "the transparency log of {} has {} problem(s) (listed above)",
+            dir.display(),
+            report.problems.len()
+        );
+    }
+    Ok(())
 }
 
 /// Prints to stdout; a closed pipe (`| head`) is not an error.
@@ -929,6 +987,17 @@ fn print_init(dir: &Path, report: &crate::app::InitReport) {
             "the admin API token is in {} (mode 0600); use it with --token-file",
             dir.join(crate::auth::ADMIN_TOKEN_FILE).display()
         );
+    }
+    let log = dir.join(crate::ledger::LOG_DIR);
+    if report.created.contains(&log.join(crate::ledger::KEY_FILE)) {
+        if let Ok(vkey) = std::fs::read_to_string(log.join(crate::ledger::VKEY_FILE)) {
+            println!(
+                "the transparency log's verifier key (give it to consumers; also in {} and at \
+                 /log/vkey):\n  {}",
+                log.join(crate::ledger::VKEY_FILE).display(),
+                vkey.trim()
+            );
+        }
     }
 }
 

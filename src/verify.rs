@@ -254,6 +254,8 @@ pub enum VerifyError {
     Failed {
         problem: Problem,
         out: Option<PathBuf>,
+        /// The version checked (`image@version`), once it was resolved.
+        of: Option<String>,
     },
     /// It could not run: bad arguments, unreadable keys, server unreachable,
     /// not found (exit 2).
@@ -272,8 +274,11 @@ impl VerifyError {
 impl fmt::Display for VerifyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            VerifyError::Failed { problem, out } => {
-                write!(f, "verification failed: {problem}")?;
+            VerifyError::Failed { problem, out, of } => {
+                match of {
+                    Some(v) => write!(f, "verification of {v} failed: {problem}")?,
+                    None => write!(f, "verification failed: {problem}")?,
+                }
                 if let Some(d) = out {
                     write!(f, " (nothing was written to {})", d.display())?;
                 }
@@ -420,6 +425,8 @@ struct Checks<'a> {
     out_dir: Option<PathBuf>,
     problems: Vec<Problem>,
     err: &'a mut dyn Write,
+    /// `image@version`, once resolved: every failure names it.
+    of: Option<String>,
 }
 
 impl Checks<'_> {
@@ -438,6 +445,7 @@ impl Checks<'_> {
         VerifyError::Failed {
             problem: p,
             out: self.out_dir.clone(),
+            of: self.of.clone(),
         }
     }
 }
@@ -915,11 +923,13 @@ pub fn run(
         out_dir: opts.out.clone(),
         problems: Vec::new(),
         err,
+        of: None,
     };
 
     let client = ApiClient::new(&opts.server, opts.ca.as_deref(), opts.token.clone())
         .map_err(|e| cannot_run(e, "connecting to the server"))?;
     let (view, version) = resolve(&client, &opts.target)?;
+    checks.of = Some(format!("{}@{version}", opts.target.image));
     let alias = match &opts.target.selector {
         Selector::Alias(a) => Some(a.clone()),
         _ => None,
@@ -1316,11 +1326,12 @@ mod tests {
         let e = VerifyError::Failed {
             problem: Problem::new("rootfs.squashfs (sha256:ab)", "sha256 mismatch"),
             out: Some(PathBuf::from("/tmp/out")),
+            of: Some("debian@1".into()),
         };
         assert_eq!(e.exit_code(), 1);
         assert_eq!(
             e.to_string(),
-            "verification failed: rootfs.squashfs (sha256:ab): sha256 mismatch (nothing was written to /tmp/out)"
+            "verification of debian@1 failed: rootfs.squashfs (sha256:ab): sha256 mismatch (nothing was written to /tmp/out)"
         );
         let e = cannot_run(io::Error::other("refused"), "fetching the manifest");
         assert_eq!(e.exit_code(), 2);

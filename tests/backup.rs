@@ -232,7 +232,7 @@ fn a_backup_during_a_publish_loop_restores_to_the_same_images() {
     assert_eq!((copied, copied_bytes), blob_rows(&dest), "{out}");
     assert_eq!(skipped, 0);
     assert_eq!(blob_files(&dest), copied);
-    for secret in ["admin.token", "tls/key.pem"] {
+    for secret in ["admin.token", "tls/key.pem", "log/log.key"] {
         assert_eq!(mode(&dest.join(secret)), 0o600, "{secret}");
     }
     // the trusted keys are in the catalog copy
@@ -254,7 +254,7 @@ fn a_backup_during_a_publish_loop_restores_to_the_same_images() {
         "{}",
         text(&r)
     );
-    for secret in ["admin.token", "tls/key.pem"] {
+    for secret in ["admin.token", "tls/key.pem", "log/log.key"] {
         assert_eq!(mode(&restored.join(secret)), 0o600, "{secret}");
     }
     let audit = imgsrv(&["audit", "--data", s(&restored), "--action", "restore"]);

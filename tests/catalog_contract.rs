@@ -77,6 +77,8 @@ contract!(
     loads_are_refused_where_the_guards_refuse,
     trusted_keys_and_their_states,
     failed_logins_are_counted_per_client_across_instances,
+    the_log_records_each_event_in_its_transaction,
+    checkpoints_are_stored_once_per_size_and_the_log_key_once,
 );
 
 // ------------------------------------------------------------------------ helpers
@@ -190,6 +192,8 @@ macro_rules! assert_err {
 mod content;
 #[path = "catalog_contract/keys.rs"]
 mod keys;
+#[path = "catalog_contract/log.rs"]
+mod log;
 #[path = "catalog_contract/maint.rs"]
 mod maint;
 #[cfg(feature = "postgres")]
@@ -201,6 +205,7 @@ mod records;
 mod transfer;
 use content::*;
 use keys::*;
+use log::*;
 use maint::*;
 use records::*;
 use transfer::*;

@@ -478,7 +478,18 @@ fn an_appliance_moves_onto_postgres_and_s3_and_serves_the_same_fingerprints() {
     // a running appliance is not copied
     let t = Target::new("migrate-journey");
     migrate_refused(&data, &t.config(), &[], &["stop `imgsrv serve`"]);
+    // what consumers of the appliance's transparency log have seen last
+    let appliance_checkpoint = app.get_ok("/log/checkpoint");
+    let appliance_vkey = app.get_ok("/log/vkey");
     app.kill();
+    // a setting the deployment's imgsrv.toml lacks is named, not written
+    let mut appliance_config = fs::read_to_string(data.join("imgsrv.toml")).unwrap();
+    appliance_config.push_str("\n[[retention]]\nimages = \"alpine*\"\nkeep_latest = 3\n");
+    fs::write(data.join("imgsrv.toml"), &appliance_config).unwrap();
+    let deployment_config = fs::read_to_string(t.config()).unwrap();
+    let cert = fs::read(data.join("tls/cert.pem")).unwrap();
+    use sha2::Digest as _;
+    let cert_sha256 = hex::encode(sha2::Sha256::digest(pem::parse(&cert).unwrap().contents()));
 
     // the dry run: the plan, and nothing in the database or the bucket
     let plan = migrate_ok(&data, &t.config(), &["--dry-run"]);
@@ -488,10 +499,17 @@ fn an_appliance_moves_onto_postgres_and_s3_and_serves_the_same_fingerprints() {
         "3 trusted keys (1 active, 1 retired, 1 revoked; 1 records of keys no longer listed)",
         "target: empty",
         "plan: copy ",
+        &format!("tls: copy the appliance's certificate (sha256 {cert_sha256}) and key"),
+        "sets `retention`, the deployment's",
         "dry run: nothing was written to the target",
     ] {
         assert!(plan.contains(says), "{says:?} not in: {plan}");
     }
+    assert!(
+        !plan.contains("`tls`"),
+        "an empty [tls] is no setting: {plan}"
+    );
+    assert!(!t.dir.join("tls").exists(), "the dry run copied nothing");
     for table in [
         "images",
         "principals",
@@ -521,6 +539,33 @@ fn an_appliance_moves_onto_postgres_and_s3_and_serves_the_same_fingerprints() {
         "{out}"
     );
     assert_same_rows(&data, &t);
+    // the certificate clients accepted goes along (the key readable by its owner only);
+    // the configuration is the operator's
+    assert!(
+        out.contains("tls: copied the appliance's certificate"),
+        "{out}"
+    );
+    assert_eq!(fs::read(t.dir.join("tls/cert.pem")).unwrap(), cert);
+    assert_eq!(
+        fs::read(t.dir.join("tls/key.pem")).unwrap(),
+        fs::read(data.join("tls/key.pem")).unwrap()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(t.dir.join("tls/key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(out.contains("note: settings: the appliance's"), "{out}");
+    assert!(out.contains("log: copied the appliance's log key"), "{out}");
+    let entries = sqlite_rows(&data, "SELECT count(*) FROM log_entries");
+    assert!(
+        out.contains(&format!(
+            "transparency log: {entries} entries ({entries} copied now)"
+        )),
+        "{out}"
+    );
+    assert_eq!(fs::read_to_string(t.config()).unwrap(), deployment_config);
     let digests = sqlite_rows(&data, "SELECT digest FROM cas_blobs ORDER BY digest");
     let want_keys: Vec<String> = digests
         .lines()
@@ -545,6 +590,12 @@ fn an_appliance_moves_onto_postgres_and_s3_and_serves_the_same_fingerprints() {
     assert!(
         !dep.admin_token_file().exists(),
         "init made no second admin"
+    );
+    // the deployment goes on with the appliance's log: same key, same checkpoint
+    assert_eq!(dep.get_ok("/log/vkey"), appliance_vkey);
+    assert_eq!(
+        String::from_utf8(dep.get_ok("/log/checkpoint")).unwrap(),
+        String::from_utf8(appliance_checkpoint).unwrap()
     );
     let dep_index = index_of(&dep);
     assert_eq!(stream_fingerprints(&dep_index), fingerprints);

@@ -74,6 +74,17 @@ fn an_independent_verifier_checks_checkpoint_tiles_inclusion_and_consistency() {
         .unwrap()
         .starts_with("PRIVATE+KEY+"));
 
+    // `imgsrv init` prints the verifier key it made, and makes none the second time
+    let fresh = work.path().join("fresh");
+    let init = run_ok(Command::new(IMGSRV).args(["init", "--data", s(&fresh)]));
+    let made = fs::read_to_string(fresh.join("log/log.vkey")).unwrap();
+    assert!(text(&init).contains(made.trim()), "{}", text(&init));
+    run_ok(Command::new(IMGSRV).args(["init", "--data", s(&fresh)]));
+    assert_eq!(
+        fs::read_to_string(fresh.join("log/log.vkey")).unwrap(),
+        made
+    );
+
     let (public, secret) = minisign_keypair(work.path().join("k"));
     trust_key(&data, Some("release"), &public);
     let first = make_test_image(work.path().join("a"), &["--serial", "20260101_0000"]);
@@ -186,4 +197,76 @@ fn an_independent_verifier_checks_checkpoint_tiles_inclusion_and_consistency() {
 fn digest_of(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// Acceptance: the guards dropped and a published manifest edited in the `sqlite3`
+/// shell, its digest fixed up to match (what an intruder with the database would do):
+/// `imgsrv log verify` and `imgsrv verify` both fail, and both name the version.
+#[test]
+fn a_manifest_edited_behind_imgsrvs_back_fails_log_verify_and_verify() {
+    let work = temp_dir("tlog-tamper");
+    let server = TestServer::start();
+    let data = server.data_dir().to_path_buf();
+    let (public, secret) = minisign_keypair(work.path().join("k"));
+    trust_key(&data, Some("release"), &public);
+    let img = make_test_image(work.path().join("a"), &["--serial", "20260101_0000"]);
+    publish_image(
+        &server,
+        &secret,
+        &img,
+        &["--image", "debian", "--version", "1"],
+    );
+    let clean = run_any(Command::new(IMGSRV).args(["log", "verify", "--data", s(&data)]));
+    assert!(clean.status.success(), "{}", text(&clean));
+    assert!(
+        text(&clean).contains("no problem found"),
+        "{}",
+        text(&clean)
+    );
+
+    let manifest = server.get_ok("/v1/images/debian/versions/1/manifest");
+    let mut edited = String::from_utf8(manifest.clone()).unwrap();
+    assert!(edited.contains("\"version\":\"1\""), "{edited}");
+    edited = edited.replacen("\"version\":\"1\"", "\"version\":\"1\",\"x\":1", 1);
+    let db = data.join("catalog.db");
+    let triggers = run_ok(Command::new("sqlite3").arg(&db).arg(
+        "SELECT group_concat('DROP TRIGGER ' || name, '; ') FROM sqlite_master \
+         WHERE type = 'trigger' AND tbl_name = 'publish_records'",
+    ));
+    let sql = format!(
+        "{}; UPDATE publish_records SET manifest = X'{}', manifest_digest = '{}' \
+         WHERE version_id = (SELECT v.id FROM image_versions v JOIN images i \
+         ON i.id = v.image_id WHERE i.name = 'debian' AND v.version = '1')",
+        String::from_utf8(triggers.stdout).unwrap().trim(),
+        hex::encode(edited.as_bytes()),
+        digest_of(edited.as_bytes())
+    );
+    run_ok(Command::new("sqlite3").arg(&db).arg(&sql));
+    assert_ne!(
+        server.get_ok("/v1/images/debian/versions/1/manifest"),
+        manifest
+    );
+
+    let logged = run_any(Command::new(IMGSRV).args(["log", "verify", "--data", s(&data)]));
+    assert_eq!(logged.status.code(), Some(1), "{}", text(&logged));
+    assert!(
+        text(&logged).contains("debian@1") && text(&logged).contains("altered"),
+        "{}",
+        text(&logged)
+    );
+    let verified = run_any(
+        Command::new(IMGSRV)
+            .args([
+                "verify",
+                "--server",
+                &server.url(),
+                "--ca",
+                s(&server.cert()),
+            ])
+            .arg("--trusted-keys")
+            .arg(&public)
+            .arg("debian@1"),
+    );
+    assert_eq!(verified.status.code(), Some(1), "{}", text(&verified));
+    assert!(text(&verified).contains("debian@1"), "{}", text(&verified));
 }

@@ -53,23 +53,27 @@ $$;
 CREATE OR REPLACE TRIGGER log_entries_append BEFORE INSERT ON log_entries
 FOR EACH ROW EXECUTE FUNCTION imgsrv_log_entries_append();
 
-CREATE OR REPLACE FUNCTION imgsrv_log_covered() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    n BIGINT := (SELECT coalesce(max(idx) + 1, 0) FROM log_entries);
+CREATE OR REPLACE FUNCTION imgsrv_log_hash_covered() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_TABLE_NAME = 'log_hashes' AND ((NEW.idx + 1) << NEW.level) > n THEN
+    IF ((NEW.idx + 1) << NEW.level) > (SELECT coalesce(max(idx) + 1, 0) FROM log_entries) THEN
         RAISE EXCEPTION 'precondition: a log hash covers entries the log has';
-    END IF;
-    IF TG_TABLE_NAME = 'log_checkpoints' AND NEW.size > n THEN
-        RAISE EXCEPTION 'precondition: a checkpoint covers entries the log has';
     END IF;
     RETURN NEW;
 END;
 $$;
 CREATE OR REPLACE TRIGGER log_hashes_covered BEFORE INSERT ON log_hashes
-FOR EACH ROW EXECUTE FUNCTION imgsrv_log_covered();
+FOR EACH ROW EXECUTE FUNCTION imgsrv_log_hash_covered();
+
+CREATE OR REPLACE FUNCTION imgsrv_log_checkpoint_covered() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.size > (SELECT coalesce(max(idx) + 1, 0) FROM log_entries) THEN
+        RAISE EXCEPTION 'precondition: a checkpoint covers entries the log has';
+    END IF;
+    RETURN NEW;
+END;
+$$;
 CREATE OR REPLACE TRIGGER log_checkpoints_covered BEFORE INSERT ON log_checkpoints
-FOR EACH ROW EXECUTE FUNCTION imgsrv_log_covered();
+FOR EACH ROW EXECUTE FUNCTION imgsrv_log_checkpoint_covered();
 
 CREATE OR REPLACE TRIGGER log_entries_no_change BEFORE UPDATE OR DELETE ON log_entries
 FOR EACH ROW EXECUTE FUNCTION imgsrv_refuse('immutable: log entries never change and are never deleted');

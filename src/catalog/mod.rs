@@ -46,14 +46,14 @@ pub fn open(
     Ok(cat)
 }
 
-/// Fills the log of a catalog written before imgsrv had one ([`LogCatalog::backfill_log`]),
+/// Fills the log of a catalog written before imgsrv had one ([`LogCatalog::append_log_at`]),
 /// once: a catalog whose log has entries, or that holds nothing to log, is left as it is.
 fn backfill_log(cat: &dyn Catalog) -> Result<()> {
     if cat.log_size()? > 0 {
         return Ok(());
     }
     let entries = log_entry::existing(cat)?;
-    if !entries.is_empty() && cat.backfill_log(&entries)? {
+    if !entries.is_empty() && cat.append_log_at(0, &entries)? {
         log::info!(
             "transparency log: wrote {} entries for what the catalog held",
             entries.len()
@@ -775,11 +775,12 @@ pub trait LogCatalog: Send + Sync {
         -> Result<Vec<crate::tlog::tree::Hash>>;
     /// The entries about `image`@`version` (its publication, its retirement): index and kind.
     fn log_entries_of(&self, image: &str, version: &str) -> Result<Vec<(u64, String)>>;
-    /// Appends `entries` to a log that has none, in one transaction: the log of a
-    /// catalog written before there was one, filled from what it holds
-    /// ([`crate::tlog::backfill`]). `false` (and nothing written) when the log has
-    /// entries already.
-    fn backfill_log(&self, entries: &[crate::tlog::entry::Entry]) -> Result<bool>;
+    /// Appends `entries` to a log that has exactly `at` entries, in one transaction;
+    /// `false` (and nothing written) when it has another number. For what is not an
+    /// event of this catalog: the log of a catalog written before there was one,
+    /// filled from what it holds (`at` 0), and a log copied entry by entry from
+    /// another catalog (`imgsrv migrate`), which makes the same tree.
+    fn append_log_at(&self, at: u64, entries: &[crate::tlog::entry::Entry]) -> Result<bool>;
     /// Stores a signed checkpoint of the first `size` entries; `false` when one of
     /// that size is stored already (the first stays).
     fn put_checkpoint(&self, size: u64, note: &str) -> Result<bool>;

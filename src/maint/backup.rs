@@ -223,6 +223,10 @@ fn data_files(config: &Config) -> Result<Vec<DataFile>> {
     }
     wanted.push((config.tls_cert.clone(), false));
     wanted.push((config.tls_key.clone(), true));
+    // the transparency log's key: without it a restored server cannot go on with its log
+    let log = data.join(crate::ledger::LOG_DIR);
+    wanted.push((log.join(crate::ledger::KEY_FILE), true));
+    wanted.push((log.join(crate::ledger::VKEY_FILE), false));
     let jobs = crate::schedule::parse_jobs(&config.mirrors, data)
         .context("reading the [[mirror]] jobs (their keys are backed up)")?;
     for j in jobs {

@@ -15,6 +15,7 @@
 
 pub mod backup;
 pub mod gc;
+pub mod logcheck;
 pub mod migrate;
 pub mod periodic;
 pub mod restore;

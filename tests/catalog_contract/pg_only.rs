@@ -173,7 +173,7 @@ fn instances_starting_at_once_migrate_once() {
     assert!(ok, "{out}");
     assert_eq!(
         out.trim(),
-        "1 0001-schema,2 0002-guards,3 0003-isolation,4 0004-trusted-keys"
+        "1 0001-schema,2 0002-guards,3 0003-isolation,4 0004-trusted-keys,5 0005-log"
     );
     let (ok, out) = psql(&url, "SHOW transaction_isolation");
     assert!(ok, "{out}");
@@ -208,6 +208,29 @@ fn concurrent_changes_from_two_instances_are_serialized() {
     assert_eq!(a.list_versions("debian", false).unwrap().len(), 20);
     assert_eq!(a.projection_entries().unwrap().len(), 20);
     assert_eq!(a.list_aliases("debian").unwrap().len(), 1);
+    // the log: appends that raced each other were retried, none lost or doubled, and
+    // the stored hashes make the tree of the entries
+    assert_eq!(a.log_size().unwrap(), 20);
+    for w in 0..4 {
+        for i in 0..5 {
+            assert_eq!(
+                a.log_entries_of("debian", &format!("{w}.{i}"))
+                    .unwrap()
+                    .len(),
+                1
+            );
+        }
+    }
+    let leaves: Vec<_> = a
+        .log_entries(0, 20)
+        .unwrap()
+        .iter()
+        .map(|t| imgsrv::tlog::tree::leaf_hash(t))
+        .collect();
+    assert_eq!(
+        imgsrv::tlog::tree::tree_hash(20, &super::log::Stored(&a)).unwrap(),
+        super::log::mth(&leaves)
+    );
 }
 
 /// A psql-like client adds an artifact to a draft inside an open transaction while

@@ -109,9 +109,9 @@ impl LogCatalog for PgCatalog {
             .collect()
     }
 
-    fn backfill_log(&self, entries: &[Entry]) -> Result<bool> {
+    fn append_log_at(&self, at: u64, entries: &[Entry]) -> Result<bool> {
         self.write(|tx| {
-            if size(tx)? > 0 {
+            if size(tx)? != at {
                 return Ok(false);
             }
             for e in entries {

@@ -92,9 +92,9 @@ impl LogCatalog for SqliteCatalog {
         rows.collect::<rusqlite::Result<_>>().map_err(backend)
     }
 
-    fn backfill_log(&self, entries: &[Entry]) -> Result<bool> {
+    fn append_log_at(&self, at: u64, entries: &[Entry]) -> Result<bool> {
         self.write(|tx| {
-            if size(tx)? > 0 {
+            if size(tx)? != at {
                 return Ok(false);
             }
             for e in entries {

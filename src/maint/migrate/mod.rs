@@ -64,7 +64,9 @@
 
 mod check;
 mod copy;
+mod files;
 mod plan;
+mod tlog;
 
 use super::backup::Counts;
 use crate::cas::BlobStore;
@@ -124,6 +126,8 @@ pub struct MigrateReport {
     pub keys: Tally,
     /// Retirements and revocations of keys no longer listed.
     pub key_states: Tally,
+    /// Entries of the transparency log.
+    pub log_entries: Tally,
     /// Published versions whose signature verified on the target.
     pub signatures_verified: u64,
     /// Upload sessions of the source, not copied.
@@ -194,6 +198,7 @@ pub fn refuse_unfinished(cat: &dyn Catalog) -> Result<()> {
 /// The appliance, opened for reading.
 pub(super) struct Source {
     pub dir: PathBuf,
+    pub config: Config,
     pub catalog: Arc<dyn Catalog>,
     pub blobs: Arc<dyn BlobStore>,
 }
@@ -260,6 +265,7 @@ fn open_source(dir: &Path) -> Result<(Source, crate::serve::ServeLock)> {
     Ok((
         Source {
             dir: dir.to_path_buf(),
+            config,
             catalog,
             blobs,
         },
@@ -274,6 +280,8 @@ struct TargetConfig {
     dir: PathBuf,
     config: PathBuf,
     storage: StorageConfig,
+    /// The whole of CONFIG, as `imgsrv serve` on it will read it.
+    parsed: Config,
 }
 
 impl TargetConfig {
@@ -349,7 +357,8 @@ impl TargetConfig {
         Ok(TargetConfig {
             dir,
             config: config.to_path_buf(),
-            storage: parsed.storage,
+            storage: parsed.storage.clone(),
+            parsed,
         })
     }
 
@@ -377,6 +386,7 @@ impl TargetConfig {
 /// copied.
 pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateReport> {
     let target = TargetConfig::read(&opts.to, &opts.from)?;
+    let target_config = target.parsed.clone();
     let (src, _src_lock) = open_source(&opts.from)?;
     let (dst, _dst_lock) = target.open()?;
     writeln!(
@@ -404,8 +414,11 @@ pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateRepo
     let marker = Marker::read(dst.catalog.as_ref())?;
     let plan = plan::Plan::make(&source, snapshot.as_ref(), &dst, marker.as_ref(), &src.dir)?;
     plan.print(&source, out)?;
+    let files = files::Files::plan(&src.config, &target_config, &dst.config)?;
+    files.print(out)?;
 
     let mut report = plan.report(&source);
+    report.notes.extend(files.notes.iter().cloned());
     if let Some(m) = marker.as_ref().filter(|m| m.complete()) {
         writeln!(
             out,
@@ -432,6 +445,7 @@ pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateRepo
         completed_at: None,
     };
     m.write(dst.catalog.as_ref())?;
+    files.apply(out)?;
     let dst_blobs_lock = blobs_lock(dst.catalog.as_ref(), "the deployment's", out)?;
     let mut run = copy::Run::new(
         &src,
@@ -446,6 +460,8 @@ pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateRepo
     drop(src_blobs_lock);
     run.rows()?;
     let not_copied = run.not_copied();
+    drop(run);
+    tlog::copy(snapshot.as_ref(), dst.catalog.as_ref(), &mut report, out)?;
     check::after(&dst, snapshot.as_ref(), &source, &not_copied, &mut report)?;
     drop(dst_blobs_lock);
 
