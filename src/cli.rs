@@ -952,7 +952,9 @@ fn verify_command(v: VerifyArgs, out: Option<PathBuf>) -> Result<()> {
     for w in &setting.warnings {
         eprintln!("WARNING: {w}");
     }
+    let log = verify::load_log_policy(verify::config_path(v.config.as_deref())).map_err(cannot)?;
     let opts = verify::Options {
+        log,
         token: v.server.token().map_err(cannot)?,
         server: v.server.server,
         ca: v.server.ca,

@@ -1244,6 +1244,46 @@ impl ApiClient {
         }
     }
 
+    /// `GET .../manifest.tlog-proof`: the version's C2SP tlog-proof; `None` when the
+    /// server has none (404).
+    pub fn get_tlog_proof(
+        &self,
+        image: &str,
+        version: &str,
+    ) -> Result<Option<String>, ClientError> {
+        let path = Self::path(&["images", image, "versions", version, "manifest.tlog-proof"]);
+        match self.call("GET", &path, Body::Empty, &[200]) {
+            Ok((_, bytes)) => String::from_utf8(bytes).map(Some).map_err(|_| {
+                self.protocol("GET", &path, "the tlog-proof is not UTF-8 text".into())
+            }),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /log/consistency/{old}/{new}`: the consistency proof between two sizes.
+    pub fn get_log_consistency(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> Result<Vec<crate::tlog::tree::Hash>, ClientError> {
+        use base64::Engine as _;
+        let path = format!("/log/consistency/{old}/{new}");
+        let (_, bytes) = self.call("GET", &path, Body::Empty, &[200])?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| self.protocol("GET", &path, "the proof is not UTF-8 text".into()))?;
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(l)
+                    .ok()
+                    .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                    .ok_or_else(|| self.protocol("GET", &path, format!("{l:?} is not a hash")))
+            })
+            .collect()
+    }
+
     /// `GET /v1/images/{name}/refs/{ref}`: a published version, else an alias.
     pub fn get_ref(&self, image: &str, reference: &str) -> Result<VersionView, ClientError> {
         self.get_json(&Self::path(&["images", image, "refs", reference]))

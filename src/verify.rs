@@ -171,6 +171,27 @@ fn config_path_from(
         .map(|h| (PathBuf::from(h).join(".config/imgsrv/client.toml"), false))
 }
 
+/// Reads `[transparency_log]` from the consumer config ([`crate::tlog::consumer`]):
+/// `None` when the file is absent or lists no log key. A setting that cannot be read
+/// is an error, never a silent skip of the log's checks.
+pub fn load_log_policy(
+    path: Option<(PathBuf, bool)>,
+) -> anyhow::Result<Option<crate::tlog::consumer::LogPolicy>> {
+    let Some((path, _)) = path else {
+        return Ok(None);
+    };
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow!("reading the client config {}: {e}", path.display())),
+    };
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        anyhow!("client config {}: {}", path.display(), e.message())
+    })?;
+    crate::tlog::consumer::policy_from(&doc)
+        .map_err(|e| anyhow!("client config {}: {e:#}", path.display()))
+}
+
 /// Reads `[image_verification] mode` from the consumer config. Never
 /// fails: a missing default file means enforce; a missing named file, an
 /// unreadable file, a file that is not TOML or an unreadable value mean
@@ -318,6 +339,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     /// Progress bars on stderr.
     pub progress: bool,
+    /// The logs the consumer trusts ([`load_log_policy`]); `None`: not checked.
+    pub log: Option<crate::tlog::consumer::LogPolicy>,
 }
 
 /// A downloaded file that matched the manifest (or, in warn mode, did not).
@@ -348,6 +371,10 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// `pull`: the files written, metadata tarball and root first.
     pub pulled: Vec<PathBuf>,
+    /// Where the transparency log holds the publication, when the consumer trusts a log.
+    pub logged: Option<crate::tlog::consumer::Logged>,
+    /// Whether a log was to be checked at all.
+    pub log_checked: bool,
 }
 
 impl Report {
@@ -389,6 +416,24 @@ pub fn print_report(r: &Report, out: &mut dyn Write) -> io::Result<()> {
     if let Some(s) = &r.signer {
         writeln!(out, "  signed by       {} ({})", s.key_name, s.key_id)?;
         writeln!(out, "  comment         {}", s.trusted_comment)?;
+    }
+    match &r.logged {
+        Some(l) => writeln!(
+            out,
+            "  logged          entry {} of {} (tree of {}{})",
+            l.index,
+            l.origin,
+            l.size,
+            match l.since {
+                Some(s) => format!(", consistent with the {s} you saw before"),
+                None => ", the first you saw of it".into(),
+            }
+        )?,
+        None if !r.log_checked => writeln!(
+            out,
+            "  logged          not checked (no [transparency_log] keys in your client config)"
+        )?,
+        None => {}
     }
     for f in &r.files {
         writeln!(out, "  {:<15} {} ({} bytes)", f.name, f.digest, f.size)?;
@@ -963,6 +1008,34 @@ pub fn run(
         }
     }
 
+    // 2b. The transparency log holds exactly this publication, consistently with what
+    // this consumer saw of the log before.
+    let mut logged = None;
+    let log_policy = opts
+        .log
+        .as_ref()
+        .filter(|_| opts.mode != VerificationMode::Off);
+    if let Some(policy) = log_policy {
+        let proof = client
+            .get_tlog_proof(image, &version)
+            .map_err(|e| cannot_run(e, "fetching the transparency-log proof"))?;
+        let publication = view.publication.as_ref();
+        let entry = crate::tlog::entry::Entry::Publish {
+            image: image.to_string(),
+            version: version.clone(),
+            manifest: manifest_digest,
+            signer: publication.and_then(|p| p.signer_key_id.clone()),
+            time: publication
+                .and_then(|p| p.published_at.clone())
+                .unwrap_or_default(),
+        };
+        let consistency = |old, new| client.get_log_consistency(old, new).map_err(Into::into);
+        match crate::tlog::consumer::check(policy, proof.as_deref(), &entry, &consistency) {
+            Ok(l) => logged = Some(l),
+            Err(why) => checks.fail(Problem::new("transparency log", why))?,
+        }
+    }
+
     // 3. The manifest names what was asked for, and is the one published.
     let manifest_subject = format!("manifest ({manifest_digest})");
     let manifest = crate::manifest::parse(&manifest_bytes).map_err(|e| {
@@ -1122,6 +1195,8 @@ pub fn run(
         fingerprint,
         problems: checks.problems,
         pulled,
+        logged,
+        log_checked: log_policy.is_some(),
     };
     print_report(&report, out).map_err(|e| cannot_run(e, "writing the report"))?;
     Ok(report)
@@ -1276,6 +1351,7 @@ mod tests {
             variant: variant.map(String::from),
             out: None,
             progress: false,
+            log: None,
         }
     }
 

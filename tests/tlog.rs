@@ -270,3 +270,137 @@ fn a_manifest_edited_behind_imgsrvs_back_fails_log_verify_and_verify() {
     assert_eq!(verified.status.code(), Some(1), "{}", text(&verified));
     assert!(text(&verified).contains("debian@1"), "{}", text(&verified));
 }
+
+/// `imgsrv verify` as a consumer that trusts the log's key ([transparency_log] in its
+/// client config, its state directory beside it), against `server`.
+fn consumer_verify(server: &TestServer, config: &Path, public: &Path, target: &str) -> Output {
+    run_any(
+        Command::new(IMGSRV)
+            .args([
+                "verify",
+                "--server",
+                &server.url(),
+                "--ca",
+                s(&server.cert()),
+            ])
+            .arg("--config")
+            .arg(config)
+            .arg("--trusted-keys")
+            .arg(public)
+            .arg(target),
+    )
+}
+
+/// Acceptance: a server whose data directory is restored from an older backup (its
+/// log key with it) shows an older tree, then publishes something else (a fork). A
+/// consumer that verified before refuses both; a publication whose entry the log does
+/// not hold is refused by a fresh consumer too.
+#[test]
+fn a_consumer_refuses_a_rolled_back_or_forked_log() {
+    let work = temp_dir("tlog-fork");
+    let mut server = TestServer::start();
+    let data = server.data_dir().to_path_buf();
+    let vkey = fs::read_to_string(data.join("log/log.vkey")).unwrap();
+    let (public, secret) = minisign_keypair(work.path().join("k"));
+    trust_key(&data, Some("release"), &public);
+    let img = |n: &str, serial: &str| make_test_image(work.path().join(n), &["--serial", serial]);
+    let (one, two, other) = (
+        img("1", "20260101_0000"),
+        img("2", "20260102_0000"),
+        img("x", "20260103_0000"),
+    );
+    publish_image(
+        &server,
+        &secret,
+        &one,
+        &["--image", "debian", "--version", "1"],
+    );
+    let backup = work.path().join("backup");
+    run_ok(Command::new(IMGSRV).args(["backup", "--data", s(&data), "--out", s(&backup)]));
+
+    let state = work.path().join("state");
+    let config = save(
+        work.path(),
+        "client.toml",
+        format!(
+            "[transparency_log]\nkeys = [\"{}\"]\nstate_dir = \"{}\"\n",
+            vkey.trim(),
+            state.display()
+        )
+        .as_bytes(),
+    );
+    let first = consumer_verify(&server, &config, &public, "debian@1");
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("logged          entry 1 of "),
+        "{}",
+        text(&first)
+    );
+    assert!(
+        text(&first).contains("the first you saw of it"),
+        "{}",
+        text(&first)
+    );
+    publish_image(
+        &server,
+        &secret,
+        &two,
+        &["--image", "debian", "--version", "2"],
+    );
+    let second = consumer_verify(&server, &config, &public, "debian@2");
+    assert!(second.status.success(), "{}", text(&second));
+    assert!(
+        text(&second).contains("consistent with the 2 you saw before"),
+        "{}",
+        text(&second)
+    );
+    // without the log's key trusted, the log is not checked, and verify says so
+    let plain = run_any(
+        Command::new(IMGSRV)
+            .args([
+                "verify",
+                "--server",
+                &server.url(),
+                "--ca",
+                s(&server.cert()),
+            ])
+            .arg("--config")
+            .arg(work.path().join("none.toml"))
+            .arg("--trusted-keys")
+            .arg(&public)
+            .arg("debian@2"),
+    );
+    assert!(
+        text(&plain).contains("logged          not checked"),
+        "{}",
+        text(&plain)
+    );
+    server.kill();
+
+    // the data directory restored from the older backup: the log is back at 2 entries
+    let root = temp_dir("tlog-restored");
+    let restored = root.path().join("data");
+    run_ok(Command::new(IMGSRV).args(["restore", "--from", s(&backup), "--data", s(&restored)]));
+    let server = TestServer::start_in(&restored);
+    let rolled = consumer_verify(&server, &config, &public, "debian@1");
+    assert_eq!(rolled.status.code(), Some(1), "{}", text(&rolled));
+    assert!(text(&rolled).contains("rolled back"), "{}", text(&rolled));
+
+    // and publishes something else as entry 2: a tree of 3 entries other than the one seen
+    publish_image(
+        &server,
+        &secret,
+        &other,
+        &["--image", "debian", "--version", "2"],
+    );
+    let forked = consumer_verify(&server, &config, &public, "debian@2");
+    assert_eq!(forked.status.code(), Some(1), "{}", text(&forked));
+    assert!(
+        text(&forked).contains("debian@2") && text(&forked).contains("a fork"),
+        "{}",
+        text(&forked)
+    );
+    // nothing the consumer remembered was replaced by what it refused
+    let kept = fs::read_dir(state.join("log")).unwrap().count();
+    assert_eq!(kept, 1);
+}

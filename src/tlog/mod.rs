@@ -13,6 +13,7 @@
 //! in the catalog, the log key under `DATA/log/`, tiles over HTTP, witnesses,
 //! the consumers' checks.
 
+pub mod consumer;
 pub mod entry;
 pub mod note;
 pub mod proof;

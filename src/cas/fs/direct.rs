@@ -133,6 +133,8 @@ mod tests {
         // beside the build (a disk filesystem, which takes direct writes) and in
         // the temporary directory, whichever writes that one allows
         let disk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        // (there is none when CARGO_TARGET_DIR puts the build elsewhere)
+        std::fs::create_dir_all(&disk).unwrap();
         for (dir, on_disk) in [(disk, true), (std::env::temp_dir(), false)] {
             let d = tempfile::tempdir_in(&dir).unwrap();
             let path = d.path().join("blob");

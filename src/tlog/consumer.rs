@@ -1,0 +1,267 @@
+//! What a consumer (`imgsrv verify`, `imgsrv pull`) checks of the log, and remembers.
+//!
+//! The policy is the consumer's, in its client config (never the server's word):
+//!
+//! ```toml
+//! [transparency_log]
+//! # the verifier keys of the logs you trust (a server's DATA/log/log.vkey, /log/vkey)
+//! keys = ["images.example.org/imgsrv/1a2b3c4d+0badc0de+AV..."]
+//! # where the newest checkpoint seen of each log is kept (default: the XDG state
+//! # directory, ~/.local/state/imgsrv)
+//! # state_dir = "/var/lib/imgsrv-client"
+//! ```
+//!
+//! With a key listed, every version verified must come with a tlog-proof whose
+//! checkpoint that key signed, proving that the log holds exactly the publication the
+//! consumer checked (image, version, manifest digest, signer, time); and that
+//! checkpoint must be consistent with the newest one this consumer saw of the log
+//! before: a smaller tree (a rollback) or one that does not extend it (a fork) is a
+//! problem, failed in enforce mode, printed in warn mode. Without keys listed the log
+//! is not checked, and `imgsrv verify` says so.
+
+use super::entry::Entry;
+use super::note::{Checkpoint, Note, Verifier};
+use super::proof::TlogProof;
+use super::tree::{self, Hash};
+use std::path::{Path, PathBuf};
+
+/// The consumer's log policy.
+#[derive(Clone, Debug)]
+pub struct LogPolicy {
+    pub keys: Vec<Verifier>,
+    pub state_dir: PathBuf,
+}
+
+/// `[transparency_log]` of a client config: `None` when it lists no key.
+pub fn policy_from(doc: &toml::Table) -> anyhow::Result<Option<LogPolicy>> {
+    let Some(section) = doc.get("transparency_log") else {
+        return Ok(None);
+    };
+    let section = section
+        .as_table()
+        .ok_or_else(|| anyhow::anyhow!("[transparency_log] is not a table"))?;
+    for k in section.keys() {
+        anyhow::ensure!(
+            k == "keys" || k == "state_dir",
+            "[transparency_log] has no setting {k:?} (it takes keys and state_dir)"
+        );
+    }
+    let keys = match section.get("keys") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("[transparency_log] keys is not a list of vkeys"))?
+            .iter()
+            .map(|k| {
+                let s = k
+                    .as_str()
+                    .ok_or_else(|| anyhow::anyhow!("[transparency_log] keys: {k} is not text"))?;
+                Verifier::parse(s).map_err(|e| {
+                    anyhow::anyhow!(
+                        "[transparency_log] keys: {s:?} is not a log's verifier key ({e}); \
+                         copy it from the server's DATA/log/log.vkey or /log/vkey"
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let state_dir = match section.get("state_dir") {
+        Some(v) => PathBuf::from(
+            v.as_str()
+                .ok_or_else(|| anyhow::anyhow!("[transparency_log] state_dir is not a path"))?,
+        ),
+        None => default_state_dir()?,
+    };
+    Ok(Some(LogPolicy { keys, state_dir }))
+}
+
+fn default_state_dir() -> anyhow::Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+    {
+        return Ok(x.join("imgsrv"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!("no HOME: set [transparency_log] state_dir in the client config")
+        })?;
+    Ok(PathBuf::from(home).join(".local/state/imgsrv"))
+}
+
+/// What a passing check established.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub origin: String,
+    pub index: u64,
+    pub size: u64,
+    /// The size of the checkpoint this consumer had seen before, if any.
+    pub since: Option<u64>,
+}
+
+/// The file keeping the newest checkpoint seen of `origin`.
+fn state_file(dir: &Path, origin: &str) -> PathBuf {
+    let name: String = origin
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join("log").join(format!("{name}.checkpoint"))
+}
+
+/// Checks that `proof` proves `entry` in a log of `policy`, consistent with what this
+/// consumer saw before (`consistency(old, new)` fetches a proof between two sizes),
+/// and remembers the newer checkpoint. `Err`: the problem, in words.
+pub fn check(
+    policy: &LogPolicy,
+    proof: Option<&str>,
+    entry: &Entry,
+    consistency: &dyn Fn(u64, u64) -> anyhow::Result<Vec<Hash>>,
+) -> Result<Logged, String> {
+    let proof = proof.ok_or_else(|| {
+        "the server gave no transparency-log proof (manifest.tlog-proof) for it: nothing \
+         shows it is in a log you trust"
+            .to_string()
+    })?;
+    let proof = TlogProof::parse(proof).map_err(|e| format!("the tlog-proof: {e:#}"))?;
+    let note =
+        Note::parse(&proof.checkpoint).map_err(|e| format!("the proof's checkpoint: {e}"))?;
+    let origin = note.text.lines().next().unwrap_or_default().to_string();
+    let keys: Vec<Verifier> = policy
+        .keys
+        .iter()
+        .filter(|k| k.name == origin)
+        .cloned()
+        .collect();
+    if keys.is_empty() {
+        return Err(format!(
+            "its proof is in the log {origin:?}, which you do not trust ([transparency_log] \
+             keys in your client config)"
+        ));
+    }
+    let text = entry.text().map_err(|e| format!("{e:#}"))?;
+    let proven = proof
+        .verify(&tree::leaf_hash(text.as_bytes()), &origin, &keys)
+        .map_err(|e| {
+            format!(
+                "its tlog-proof does not prove this publication in the log {origin}: {e:#} \
+                 (the log holds another history than the server shows you)"
+            )
+        })?;
+    let new = proven.checkpoint;
+    let file = state_file(&policy.state_dir, &origin);
+    let old = read_state(&file, &keys)?;
+    if let Some(old) = &old {
+        if old.size > new.size {
+            return Err(format!(
+                "the log {origin} is at {} entries, but you saw it at {} before: it was rolled \
+                 back (or the server shows you an old view)",
+                new.size, old.size
+            ));
+        }
+        if old.size == new.size && old.root != new.root {
+            return Err(format!(
+                "the log {origin} has two different trees of {} entries: the one you saw \
+                 before and this one (a fork)",
+                new.size
+            ));
+        }
+        if old.size < new.size {
+            let hashes = consistency(old.size, new.size)
+                .map_err(|e| format!("fetching the consistency proof: {e:#}"))?;
+            tree::verify_consistency(old.size, new.size, &old.root, &new.root, &hashes).map_err(
+                |e| {
+                    format!(
+                        "the log {origin} at {} entries does not extend the tree of {} you saw \
+                         before ({e}): its history was rewritten (a fork)",
+                        new.size, old.size
+                    )
+                },
+            )?;
+        }
+    }
+    if old.as_ref().is_none_or(|o| o.size < new.size) {
+        write_state(&file, &proof.checkpoint)
+            .map_err(|e| format!("remembering the checkpoint in {}: {e:#}", file.display()))?;
+    }
+    Ok(Logged {
+        origin,
+        index: proof.index,
+        size: new.size,
+        since: old.map(|o| o.size),
+    })
+}
+
+fn read_state(file: &Path, keys: &[Verifier]) -> Result<Option<Checkpoint>, String> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("reading {}: {e}", file.display())),
+    };
+    let bad = |e: String| {
+        format!(
+            "{} is not a checkpoint signed by the log's key ({e}): remove it only if you know \
+             why it changed",
+            file.display()
+        )
+    };
+    let note = Note::parse(&text).map_err(|e| bad(e.to_string()))?;
+    note.verify(keys).map_err(|e| bad(e.to_string()))?;
+    Checkpoint::parse(&note.text)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
+}
+
+fn write_state(file: &Path, note: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = file.parent().expect("a state file has a directory");
+    std::fs::create_dir_all(dir)?;
+    let tmp = file.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(note.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_is_read_strictly() {
+        let (_, s) = super::super::note::Signer::generate("log.example/imgsrv/1").unwrap();
+        let vkey = s.verifier().vkey();
+        let doc = |t: &str| -> toml::Table { t.parse().unwrap() };
+        assert!(policy_from(&doc("")).unwrap().is_none());
+        assert!(policy_from(&doc("[transparency_log]\nkeys = []")).unwrap().is_none());
+        let p = policy_from(&doc(&format!(
+            "[transparency_log]\nkeys = [\"{vkey}\"]\nstate_dir = \"/s\""
+        )))
+        .unwrap()
+        .unwrap();
+        assert_eq!(p.keys[0].vkey(), vkey);
+        assert_eq!(p.state_dir, Path::new("/s"));
+        for bad in [
+            "[transparency_log]\nkeys = [\"not a key\"]".to_string(),
+            "[transparency_log]\nkeys = \"x\"".to_string(),
+            format!("[transparency_log]\nkeys = [\"{vkey}\"]\nwitnesses = 2"),
+            "transparency_log = 1".to_string(),
+        ] {
+            assert!(policy_from(&doc(&bad)).is_err(), "{bad}");
+        }
+        assert_eq!(
+            state_file(Path::new("/s"), "a.example/imgsrv/1+x"),
+            Path::new("/s/log/a.example_imgsrv_1_x.checkpoint")
+        );
+    }
+}
