@@ -243,7 +243,9 @@ mod tests {
         let vkey = s.verifier().vkey();
         let doc = |t: &str| -> toml::Table { t.parse().unwrap() };
         assert!(policy_from(&doc("")).unwrap().is_none());
-        assert!(policy_from(&doc("[transparency_log]\nkeys = []")).unwrap().is_none());
+        assert!(policy_from(&doc("[transparency_log]\nkeys = []"))
+            .unwrap()
+            .is_none());
         let p = policy_from(&doc(&format!(
             "[transparency_log]\nkeys = [\"{vkey}\"]\nstate_dir = \"/s\""
         )))
