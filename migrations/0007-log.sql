@@ -36,7 +36,7 @@ CREATE TABLE log_hashes (
     idx    INTEGER NOT NULL CHECK (idx >= 0),
     hash   BLOB NOT NULL CHECK (length(hash) = 32),
     PRIMARY KEY (level, idx)
-) WITHOUT ROWID;
+);
 
 CREATE TABLE log_checkpoints (
     size        INTEGER PRIMARY KEY CHECK (size >= 1),
@@ -84,7 +84,7 @@ BEGIN
     SELECT RAISE(ABORT, 'immutable: a log hash is written once')
     WHERE EXISTS (SELECT 1 FROM log_hashes WHERE level = NEW.level AND idx = NEW.idx);
     SELECT RAISE(ABORT, 'precondition: a log hash covers entries the log has')
-    WHERE ((NEW.idx + 1) << NEW.level) > (SELECT coalesce(max(idx) + 1, 0) FROM log_entries);
+    WHERE NEW.idx >= ((SELECT coalesce(max(idx) + 1, 0) FROM log_entries) >> NEW.level);
 END;
 CREATE TRIGGER log_hashes_no_update BEFORE UPDATE ON log_hashes
 BEGIN

@@ -861,7 +861,7 @@ fn log_verify_command(dir: &std::path::Path, json: bool) -> Result<()> {
     .map_err(cannot_run)?;
     let ledger = app.ledger.as_ref().ok_or_else(|| {
         cannot_run(anyhow::anyhow!(
-            "{} has no transparency log key (DATA/log/log.key) and its catalog names none:              run `imgsrv init --data {}` to start the log",
+            "{} has no transparency log key (DATA/log/log.key) and its catalog names none: run `imgsrv init --data {}` to start the log",
             dir.display(),
             dir.display()
         ))

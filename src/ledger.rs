@@ -74,7 +74,12 @@ pub fn init(data_dir: &Path, cat: &dyn LogCatalog, host: &str) -> Result<Option<
         .with_context(|| format!("creating {}", dir.display()))?;
     let write = |path: &Path, text: String, mode: u32| -> Result<()> {
         use std::io::Write;
-        let tmp = path.with_extension("tmp");
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("log")
+        ));
+        // a crash left one behind: it was never in place, and is made again
+        let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -177,6 +182,11 @@ impl Ledger {
         };
         let root = tree::tree_hash(size, &CatalogHashes(cat))
             .map_err(|e| CatalogError::Backend(format!("the log's tree hash: {e:#}")))?;
+        // The key signs only a tree that extends what it signed before: whoever rewrote
+        // the log's rows (the guards dropped) gets no signature on that history.
+        if let Some((old, note)) = &stored {
+            self.extends(cat, *old, note)?;
+        }
         let text = Checkpoint {
             origin: self.origin().to_string(),
             size,
@@ -196,6 +206,34 @@ impl Ledger {
             }
         }
         Ok((size, note))
+    }
+
+    /// Ok when the log's tree still has, at `size` entries, the root of the checkpoint
+    /// `note` the log's key signed: the log grew only by appending since.
+    fn extends(&self, cat: &dyn LogCatalog, size: u64, note: &str) -> Result<(), CatalogError> {
+        let refuse = |why: String| {
+            log::error!("transparency log: {why}");
+            CatalogError::Conflict(format!(
+                "the transparency log's rows do not extend its last signed checkpoint ({why}): \
+                 no new checkpoint is signed; run `imgsrv log verify` on the data directory"
+            ))
+        };
+        let signed = crate::tlog::note::Note::parse(note)
+            .map_err(|e| e.to_string())
+            .and_then(|n| {
+                n.verify(std::slice::from_ref(&self.verifier))
+                    .map_err(|e| e.to_string())?;
+                Checkpoint::parse(&n.text).map_err(|e| e.to_string())
+            })
+            .map_err(|e| refuse(format!("the stored checkpoint of size {size}: {e}")))?;
+        let root = tree::tree_hash(size, &CatalogHashes(cat))
+            .map_err(|e| refuse(format!("the tree of {size} entries: {e:#}")))?;
+        if signed.size != size || signed.root != root {
+            return Err(refuse(format!(
+                "the tree of its first {size} entries is not the one signed"
+            )));
+        }
+        Ok(())
     }
 
     /// The C2SP tlog-proof that `image`@`version`'s publication is in the log, against
@@ -265,7 +303,11 @@ impl Ledger {
         // one, and its bytes never change (they are a prefix of the full tile's)
         let shift = u32::from(tile.level.unwrap_or(0)) * u32::from(crate::tlog::tiles::HEIGHT);
         let count = size.checked_shr(shift).unwrap_or(0);
-        if tile.index * crate::tlog::tiles::WIDTH + u64::from(tile.width) > count {
+        let end = tile
+            .index
+            .checked_mul(crate::tlog::tiles::WIDTH)
+            .and_then(|s| s.checked_add(u64::from(tile.width)));
+        if end.is_none_or(|end| end > count) {
             return Ok(None);
         }
         let bytes = match tile.level {

@@ -172,22 +172,24 @@ fn config_path_from(
 }
 
 /// Reads `[transparency_log]` from the consumer config ([`crate::tlog::consumer`]):
-/// `None` when the file is absent or lists no log key. A setting that cannot be read
-/// is an error, never a silent skip of the log's checks.
+/// `None` when the file is absent, unreadable, not TOML, or lists no log key. A
+/// `[transparency_log]` that cannot be understood is an error, never a silent skip.
 pub fn load_log_policy(
     path: Option<(PathBuf, bool)>,
 ) -> anyhow::Result<Option<crate::tlog::consumer::LogPolicy>> {
     let Some((path, _)) = path else {
         return Ok(None);
     };
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow!("reading the client config {}: {e}", path.display())),
+    // a file that cannot be read, or is not TOML at all, was warned about by
+    // [`load_mode`] (and means enforce); its log keys cannot be read, so no log is
+    // checked, which the report says. A [transparency_log] that is there but wrong is
+    // an error.
+    let Some(doc) = fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+    else {
+        return Ok(None);
     };
-    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        anyhow!("client config {}: {}", path.display(), e.message())
-    })?;
     crate::tlog::consumer::policy_from(&doc)
         .map_err(|e| anyhow!("client config {}: {e:#}", path.display()))
 }
@@ -1020,11 +1022,16 @@ pub fn run(
             .get_tlog_proof(image, &version)
             .map_err(|e| cannot_run(e, "fetching the transparency-log proof"))?;
         let publication = view.publication.as_ref();
+        // the signer is the key that verified the signature here, not what the server
+        // says: a log entry naming another key (or none) does not prove this one
         let entry = crate::tlog::entry::Entry::Publish {
             image: image.to_string(),
             version: version.clone(),
             manifest: manifest_digest,
-            signer: publication.and_then(|p| p.signer_key_id.clone()),
+            signer: match &signer {
+                Some(v) => Some(v.key_id.clone()),
+                None => publication.and_then(|p| p.signer_key_id.clone()),
+            },
             time: publication
                 .and_then(|p| p.published_at.clone())
                 .unwrap_or_default(),

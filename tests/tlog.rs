@@ -247,8 +247,35 @@ fn a_manifest_edited_behind_imgsrvs_back_fails_log_verify_and_verify() {
         manifest
     );
 
+    // the log's rows rewritten too (a subtree hash of the signed tree): the key signs
+    // no checkpoint over that history, even after a new publish
+    assert_eq!(server.get("/log/checkpoint").0, 200);
+    run_ok(Command::new("sqlite3").arg(&db).arg(
+        "DROP TRIGGER log_hashes_no_update; \
+         UPDATE log_hashes SET hash = zeroblob(32) WHERE level = 1 AND idx = 0",
+    ));
+    let more = make_test_image(work.path().join("b"), &["--serial", "20260102_0000"]);
+    publish_image(
+        &server,
+        &secret,
+        &more,
+        &["--image", "debian", "--version", "2"],
+    );
+    let (status, body) = server.get("/log/checkpoint");
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("do not extend its last signed checkpoint"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
     let logged = run_any(Command::new(IMGSRV).args(["log", "verify", "--data", s(&data)]));
     assert_eq!(logged.status.code(), Some(1), "{}", text(&logged));
+    assert!(
+        text(&logged).contains("level 1 index 0"),
+        "{}",
+        text(&logged)
+    );
     assert!(
         text(&logged).contains("debian@1") && text(&logged).contains("altered"),
         "{}",
@@ -400,7 +427,15 @@ fn a_consumer_refuses_a_rolled_back_or_forked_log() {
         "{}",
         text(&forked)
     );
-    // nothing the consumer remembered was replaced by what it refused
-    let kept = fs::read_dir(state.join("log")).unwrap().count();
-    assert_eq!(kept, 1);
+    // what the consumer remembered is the tree of 3 it saw, not what it refused
+    let kept: Vec<_> = fs::read_dir(state.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "checkpoint"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        fs::read_to_string(&kept[0]).unwrap().lines().nth(1),
+        Some("3")
+    );
 }

@@ -55,7 +55,7 @@ FOR EACH ROW EXECUTE FUNCTION imgsrv_log_entries_append();
 
 CREATE OR REPLACE FUNCTION imgsrv_log_hash_covered() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF ((NEW.idx + 1) << NEW.level) > (SELECT coalesce(max(idx) + 1, 0) FROM log_entries) THEN
+    IF NEW.idx >= ((SELECT coalesce(max(idx) + 1, 0) FROM log_entries) >> NEW.level) THEN
         RAISE EXCEPTION 'precondition: a log hash covers entries the log has';
     END IF;
     RETURN NEW;

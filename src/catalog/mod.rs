@@ -49,7 +49,11 @@ pub fn open(
 /// Fills the log of a catalog written before imgsrv had one ([`LogCatalog::append_log_at`]),
 /// once: a catalog whose log has entries, or that holds nothing to log, is left as it is.
 fn backfill_log(cat: &dyn Catalog) -> Result<()> {
-    if cat.log_size()? > 0 {
+    // a log that ever had a key or a checkpoint is not refilled: emptied behind
+    // imgsrv's back, it would be refilled from what the intruder left (`imgsrv log
+    // verify` reports it instead); and a deployment `imgsrv migrate` is filling gets
+    // the appliance's log, copied, which it claims before the first row
+    if cat.log_size()? > 0 || cat.log_vkey()?.is_some() || cat.latest_checkpoint()?.is_some() {
         return Ok(());
     }
     let entries = log_entry::existing(cat)?;

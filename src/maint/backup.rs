@@ -510,7 +510,7 @@ pub(crate) fn open_source(data_dir: &Path) -> Result<App> {
         // with their own tools, consistently with each other: pg_dump (or the
         // database's PITR) and the bucket's replication or versioning.
         bail!(
-            "{} keeps its catalog or blobs outside the directory ([storage] in {}): back up              the PostgreSQL database with pg_dump and the S3 bucket with its own replication;              `imgsrv backup` copies the embedded stores only",
+            "{} keeps its catalog or blobs outside the directory ([storage] in {}): back up the PostgreSQL database with pg_dump and the S3 bucket with its own replication; `imgsrv backup` copies the embedded stores only",
             data_dir.display(),
             Config::path(data_dir).display()
         );

@@ -159,6 +159,9 @@ pub fn check(
         })?;
     let new = proven.checkpoint;
     let file = state_file(&policy.state_dir, &origin);
+    // one consumer at a time per log: two runs at once (parallel pulls) must neither
+    // mix their writes nor let the one that saw less overwrite the one that saw more
+    let _held = lock_state(&file).map_err(|e| format!("locking {}: {e:#}", file.display()))?;
     let old = read_state(&file, &keys)?;
     if let Some(old) = &old {
         if old.size > new.size {
@@ -221,15 +224,37 @@ fn read_state(file: &Path, keys: &[Verifier]) -> Result<Option<Checkpoint>, Stri
         .map_err(|e| bad(e.to_string()))
 }
 
+/// An exclusive flock(2) on `<file>.lock`, held until dropped.
+fn lock_state(file: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = file.parent().expect("a state file has a directory");
+    std::fs::create_dir_all(dir)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(file.with_extension("lock"))?;
+    loop {
+        // SAFETY: flock(2) on a descriptor owned by `lock`, open here.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(lock);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e.into());
+        }
+    }
+}
+
 fn write_state(file: &Path, note: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let dir = file.parent().expect("a state file has a directory");
-    std::fs::create_dir_all(dir)?;
-    let tmp = file.with_extension("tmp");
+    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(note.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, file)?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 

@@ -50,7 +50,7 @@ impl Files {
             notes: Vec::new(),
         };
         files.plan_tls(src_config, dst_config)?;
-        files.plan_log(src_config, dst_config);
+        files.plan_log(src_config, dst_config)?;
         files
             .notes
             .extend(settings(&Config::path(&src_config.data_dir), dst_path)?);
@@ -100,28 +100,33 @@ impl Files {
 
     /// The log's key goes along (the deployment goes on with the appliance's log):
     /// copied when the deployment's directory has none, else it must be the same.
-    fn plan_log(&mut self, src: &Config, dst: &Config) {
+    fn plan_log(&mut self, src: &Config, dst: &Config) -> Result<()> {
         use crate::ledger::{KEY_FILE, LOG_DIR};
         let (from, to) = (src.data_dir.join(LOG_DIR), dst.data_dir.join(LOG_DIR));
         let Ok(theirs) = std::fs::read(from.join(KEY_FILE)) else {
-            return;
+            return Ok(());
         };
         match std::fs::read(to.join(KEY_FILE)) {
             Ok(ours) if ours == theirs => {}
-            Ok(_) => self.notes.push(format!(
-                "log: {} is not the appliance's log key: the deployment would refuse to                  start with it (the migrated log is the appliance's); replace it with {}",
+            Ok(_) => anyhow::bail!(
+                "{} is another transparency log's key than the appliance's {}: the \
+                 deployment goes on with the appliance's log, signed by its key. Move {} out \
+                 of the deployment's directory (migrate copies the appliance's), then run \
+                 migrate again (nothing was changed)",
                 to.join(KEY_FILE).display(),
-                from.join(KEY_FILE).display()
-            )),
+                from.join(KEY_FILE).display(),
+                to.display()
+            ),
             Err(_) => self.copy_log = Some((from, to)),
         }
+        Ok(())
     }
 
     pub(super) fn print(&self, out: &mut dyn Write) -> Result<()> {
         if let Some((from, to)) = &self.copy_log {
             writeln!(
                 out,
-                "log: copy the appliance's transparency log key ({}) to {}: the deployment                  goes on with the appliance's log; give every instance the same directory",
+                "log: copy the appliance's transparency log key ({}) to {}: the deployment goes on with the appliance's log; give every instance the same directory",
                 from.display(),
                 to.display()
             )?;

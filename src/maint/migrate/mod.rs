@@ -445,6 +445,7 @@ pub fn migrate(opts: &MigrateOptions, out: &mut dyn Write) -> Result<MigrateRepo
         completed_at: None,
     };
     m.write(dst.catalog.as_ref())?;
+    tlog::claim(snapshot.as_ref(), dst.catalog.as_ref())?;
     files.apply(out)?;
     let dst_blobs_lock = blobs_lock(dst.catalog.as_ref(), "the deployment's", out)?;
     let mut run = copy::Run::new(

@@ -14,6 +14,24 @@ use crate::tlog::entry::Entry;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 
+/// Records the appliance's log key as the deployment's, before any row is copied:
+/// instances without the key file then serve the log the others sign, none claims a
+/// key of its own, and no open of the half-filled catalog fills a log of its own from
+/// the rows copied so far. A deployment whose log has another key is refused.
+pub(super) fn claim(src: &dyn Catalog, dst: &dyn Catalog) -> Result<()> {
+    let Some(vkey) = src.log_vkey()? else {
+        return Ok(()); // an appliance never served since it had a log: nothing to claim
+    };
+    let claimed = dst.claim_log_vkey(&vkey)?;
+    if claimed != vkey {
+        bail!(
+            "the deployment's catalog belongs to the transparency log {claimed}, not the \
+             appliance's {vkey}: migrate into an empty database"
+        );
+    }
+    Ok(())
+}
+
 /// Entries read and appended per transaction.
 const BATCH: u64 = 1024;
 
