@@ -4,14 +4,15 @@
 //! formats of C2SP (signed-note, tlog-checkpoint, tlog-tiles, tlog-proof) so
 //! that tools other than imgsrv can read it.
 //!
-//! Built so far: the tree itself ([`tree`]): RFC 6962 hashing, O(log n)
-//! appends over stored complete subtrees, tree hashes, inclusion and
-//! consistency proofs and their verification; signed notes and checkpoints
-//! ([`note`]), Ed25519 keys in the signed-note `vkey` form; tile paths, hash
-//! tiles and entry bundles ([`tiles`]); offline proofs ([`proof`], C2SP
-//! tlog-proof). Not yet: entries
-//! in the catalog, the log key under `DATA/log/`, tiles over HTTP, witnesses,
-//! the consumers' checks.
+//! Here are the pure parts: the tree ([`tree`]: RFC 6962 hashing, O(log n)
+//! appends over stored complete subtrees, tree hashes, inclusion and consistency
+//! proofs and their verification); signed notes and checkpoints ([`note`]), Ed25519
+//! keys in the signed-note `vkey` form; tile paths, hash tiles and entry bundles
+//! ([`tiles`]); offline proofs ([`proof`], C2SP tlog-proof); the entries ([`entry`]);
+//! and what a consumer checks and remembers ([`consumer`]). The server's side (its
+//! key under `DATA/log/`, checkpoints, tiles over the catalog) is
+//! [`crate::ledger`]; the rows are the catalog's ([`crate::catalog::LogCatalog`]).
+//! Not yet: witnesses and cosignatures, proofs in bundles, `imgsrv log monitor`.
 
 pub mod consumer;
 pub mod entry;

@@ -14,9 +14,11 @@
 //! log (same ids and times), the last job runs, and the trusted publisher keys
 //! with their scopes, retirements and revocations (also those of keys no longer
 //! listed: a removed or revoked key is never trusted on the deployment either);
-//! every blob the catalog has a row for. Not copied: upload sessions (uploads in
-//! progress start again on the deployment), blob pins, and the failed-login
-//! throttle's counts.
+//! every blob the catalog has a row for; the transparency log, entry for entry, with
+//! its checkpoints ([`tlog`]). Beside the catalog: the TLS certificate and the log's
+//! key ([`files`]), and the settings the deployment's configuration lacks, named, not
+//! written. Not copied: upload sessions (uploads in progress start again on the
+//! deployment), blob pins, and the failed-login throttle's counts.
 //!
 //! # The source is stopped and only read
 //! The source's `serve.lock` is held for the whole run: `imgsrv serve` on it is
