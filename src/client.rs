@@ -1235,10 +1235,15 @@ impl ApiClient {
         version: &str,
     ) -> Result<Option<String>, ClientError> {
         let path = Self::path(&["images", image, "versions", version, "manifest.minisig"]);
-        match self.call("GET", &path, Body::Empty, &[200]) {
+        self.get_text_if_any(&path, "the signature")
+    }
+
+    /// A text document at `path`; `None` when the server has none (404).
+    fn get_text_if_any(&self, path: &str, what: &str) -> Result<Option<String>, ClientError> {
+        match self.call("GET", path, Body::Empty, &[200]) {
             Ok((_, bytes)) => String::from_utf8(bytes)
                 .map(Some)
-                .map_err(|_| self.protocol("GET", &path, "the signature is not UTF-8 text".into())),
+                .map_err(|_| self.protocol("GET", path, format!("{what} is not UTF-8 text"))),
             Err(e) if e.status() == Some(404) => Ok(None),
             Err(e) => Err(e),
         }
@@ -1252,13 +1257,7 @@ impl ApiClient {
         version: &str,
     ) -> Result<Option<String>, ClientError> {
         let path = Self::path(&["images", image, "versions", version, "manifest.tlog-proof"]);
-        match self.call("GET", &path, Body::Empty, &[200]) {
-            Ok((_, bytes)) => String::from_utf8(bytes).map(Some).map_err(|_| {
-                self.protocol("GET", &path, "the tlog-proof is not UTF-8 text".into())
-            }),
-            Err(e) if e.status() == Some(404) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.get_text_if_any(&path, "the tlog-proof")
     }
 
     /// `GET /log/consistency/{old}/{new}`: the consistency proof between two sizes.

@@ -31,7 +31,7 @@ use crate::tlog::note::{Checkpoint, Signer, Verifier};
 use crate::tlog::tiles::Tile;
 use crate::tlog::tree::{self, Hash, HashReader, Node};
 use anyhow::{bail, Context, Result};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 pub const LOG_DIR: &str = "log";
@@ -73,22 +73,8 @@ pub fn init(data_dir: &Path, cat: &dyn LogCatalog, host: &str) -> Result<Option<
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     let write = |path: &Path, text: String, mode: u32| -> Result<()> {
-        use std::io::Write;
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("log")
-        ));
-        // a crash left one behind: it was never in place, and is made again
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+        crate::tls::write_atomic(path, text.as_bytes(), mode)
+            .with_context(|| format!("writing {}", path.display()))
     };
     write(
         &dir.join(VKEY_FILE),
@@ -100,7 +86,6 @@ pub fn init(data_dir: &Path, cat: &dyn LogCatalog, host: &str) -> Result<Option<
         format!("{}\n", Signer::go_text(&origin, &seed)?),
         0o600,
     )?;
-    std::fs::File::open(&dir)?.sync_all()?;
     Ok(Some(key))
 }
 
@@ -121,9 +106,11 @@ impl Ledger {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e).with_context(|| format!("reading {}", key.display())),
         };
-        let recorded = match &signer {
-            Some(s) => Some(cat.claim_log_vkey(&s.verifier().vkey())?),
-            None => cat.log_vkey()?,
+        // a write only the first time: every later open reads what was recorded
+        let recorded = match (cat.log_vkey()?, &signer) {
+            (Some(v), _) => Some(v),
+            (None, Some(s)) => Some(cat.claim_log_vkey(&s.verifier().vkey())?),
+            (None, None) => None,
         };
         let Some(recorded) = recorded else {
             return Ok(None);
@@ -218,14 +205,9 @@ impl Ledger {
                  no new checkpoint is signed; run `imgsrv log verify` on the data directory"
             ))
         };
-        let signed = crate::tlog::note::Note::parse(note)
-            .map_err(|e| e.to_string())
-            .and_then(|n| {
-                n.verify(std::slice::from_ref(&self.verifier))
-                    .map_err(|e| e.to_string())?;
-                Checkpoint::parse(&n.text).map_err(|e| e.to_string())
-            })
-            .map_err(|e| refuse(format!("the stored checkpoint of size {size}: {e}")))?;
+        let signed =
+            crate::tlog::note::signed_checkpoint(note, std::slice::from_ref(&self.verifier))
+                .map_err(|e| refuse(format!("the stored checkpoint of size {size}: {e}")))?;
         let root = tree::tree_hash(size, &CatalogHashes(cat))
             .map_err(|e| refuse(format!("the tree of {size} entries: {e:#}")))?;
         if signed.size != size || signed.root != root {
@@ -298,16 +280,7 @@ impl Ledger {
         let Some(tile) = Tile::parse(path) else {
             return Ok(None);
         };
-        // a partial tile of any width the log covers, not only of the width its
-        // newest tree gives it: a client holding an older checkpoint asks for that
-        // one, and its bytes never change (they are a prefix of the full tile's)
-        let shift = u32::from(tile.level.unwrap_or(0)) * u32::from(crate::tlog::tiles::HEIGHT);
-        let count = size.checked_shr(shift).unwrap_or(0);
-        let end = tile
-            .index
-            .checked_mul(crate::tlog::tiles::WIDTH)
-            .and_then(|s| s.checked_add(u64::from(tile.width)));
-        if end.is_none_or(|end| end > count) {
+        if !tile.covered_by(size) {
             return Ok(None);
         }
         let bytes = match tile.level {

@@ -112,7 +112,7 @@ pub fn ensure_self_signed(
 
 /// Writes `data` to a temporary file next to `path` with `mode`, syncs it and renames it
 /// over `path`, then syncs the directory.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     // tempfile creates the file with mode 0600, so the key is never readable by others.
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;

@@ -19,7 +19,7 @@
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::tlog::entry::Entry;
-use crate::tlog::note::{Checkpoint, Note};
+use crate::tlog::note::signed_checkpoint;
 use crate::tlog::tree::{self, Hash, HashReader, Node};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -236,14 +236,7 @@ fn check_checkpoints(
     for (n, note) in cat.checkpoints()? {
         report.checkpoints_checked += 1;
         let what = format!("the stored checkpoint of size {n}");
-        let parsed = Note::parse(&note)
-            .map_err(|e| e.to_string())
-            .and_then(|note| {
-                note.verify(std::slice::from_ref(&verifier))
-                    .map_err(|e| e.to_string())?;
-                Checkpoint::parse(&note.text).map_err(|e| e.to_string())
-            });
-        let c = match parsed {
+        let c = match signed_checkpoint(&note, std::slice::from_ref(&verifier)) {
             Ok(c) => c,
             Err(e) => {
                 report.problems.push(format!("{what}: {e}"));

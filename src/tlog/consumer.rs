@@ -217,9 +217,7 @@ fn read_state(file: &Path, keys: &[Verifier]) -> Result<Option<Checkpoint>, Stri
             file.display()
         )
     };
-    let note = Note::parse(&text).map_err(|e| bad(e.to_string()))?;
-    note.verify(keys).map_err(|e| bad(e.to_string()))?;
-    Checkpoint::parse(&note.text)
+    super::note::signed_checkpoint(&text, keys)
         .map(Some)
         .map_err(|e| bad(e.to_string()))
 }
@@ -247,15 +245,7 @@ fn lock_state(file: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 fn write_state(file: &Path, note: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let dir = file.parent().expect("a state file has a directory");
-    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(note.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, file)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(crate::tls::write_atomic(file, note.as_bytes(), 0o644)?)
 }
 
 #[cfg(test)]

@@ -309,6 +309,14 @@ impl Note {
     }
 }
 
+/// The checkpoint a signed note holds, when a key of `known` signed it (the rules of
+/// [`Note::verify`]).
+pub fn signed_checkpoint(note: &str, known: &[Verifier]) -> Result<Checkpoint, NoteError> {
+    let n = Note::parse(note)?;
+    n.verify(known)?;
+    Checkpoint::parse(&n.text)
+}
+
 /// A checkpoint (C2SP tlog-checkpoint): the log's origin, a tree size and
 /// that tree's root hash.
 #[derive(Clone, Debug, PartialEq, Eq)]

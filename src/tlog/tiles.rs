@@ -110,18 +110,35 @@ impl Tile {
             .collect()
     }
 
+    /// How many hashes (or entries) the tile's level has in a tree of `size` leaves,
+    /// and where the tile ends in it (`None`: past any tree).
+    fn span(&self, size: u64) -> (u64, Option<u64>) {
+        let shift = u32::from(self.level.unwrap_or(0)) * u32::from(HEIGHT);
+        let count = size.checked_shr(shift).unwrap_or(0);
+        let end = self
+            .index
+            .checked_mul(WIDTH)
+            .and_then(|s| s.checked_add(u64::from(self.width)));
+        (count, end)
+    }
+
     /// Whether the tree of `size` leaves has this tile: a full one once it
     /// covers it, a partial one of exactly the width the tree gives it.
     pub fn exists_in(&self, size: u64) -> bool {
-        let shift = u32::from(self.level.unwrap_or(0)) * u32::from(HEIGHT);
-        let Some(count) = size.checked_shr(shift) else {
-            return false;
-        };
-        let end = self.index * WIDTH + u64::from(self.width);
+        let (count, end) = self.span(size);
         match self.is_full() {
-            true => end <= count,
+            true => end.is_some_and(|end| end <= count),
             false => count / WIDTH == self.index && count % WIDTH == u64::from(self.width),
         }
+    }
+
+    /// Whether a tree of `size` leaves holds everything this tile names: any partial
+    /// width up to the tree's, not only the newest one (a client holding an older
+    /// checkpoint asks for that, and its bytes never change: they are a prefix of the
+    /// full tile's). What a server may answer.
+    pub fn covered_by(&self, size: u64) -> bool {
+        let (count, end) = self.span(size);
+        end.is_some_and(|end| end <= count)
     }
 }
 
@@ -225,6 +242,10 @@ mod tests {
             width: 112,
         };
         assert!(bundle.exists_in(n));
+        // a server answers older partial widths too, never beyond the tree
+        assert!(part(0, 273, 111).covered_by(n) && part(0, 273, 112).covered_by(n));
+        assert!(!part(0, 273, 113).covered_by(n) && !full(0, 273).covered_by(n));
+        assert!(!full(0, u64::MAX).covered_by(u64::MAX));
         assert_eq!(
             full(1, 2).nodes()[..2],
             [

@@ -20,7 +20,7 @@
 use crate::config::Config;
 use anyhow::{Context, Result};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 /// The plan for the files: what to copy, what to tell the operator.
@@ -188,24 +188,7 @@ fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.migrate",
-        to.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, to)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().with_context(|| format!("writing {}", to.display()))
+    crate::tls::write_atomic(to, &bytes, mode).with_context(|| format!("writing {}", to.display()))
 }
 
 /// The top-level settings of the appliance's `imgsrv.toml` (other than `storage`)
