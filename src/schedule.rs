@@ -118,7 +118,8 @@ pub struct JobStatus {
     pub last_started: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_finished: Option<String>,
-    /// `ok`, `failed` (some versions failed) or `error` (the run could not run).
+    /// `ok`, `failed` (some versions failed), `error` (the run could not run) or
+    /// `skipped` (another instance held the job's lock: `last_error` says so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_outcome: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -233,7 +234,50 @@ impl Scheduler {
     }
 
     /// One run of a job, recorded in the status file and the log.
+    ///
+    /// Instances of a full deployment share their catalog, and each of them has the
+    /// same `[[mirror]]` jobs: a run holds the job lock `mirror-NAME`
+    /// ([`crate::catalog::MaintCatalog::job_lock`]), so that one instance at a time
+    /// runs a job; the others find it taken and skip their turn (`skipped`). The lock
+    /// is checked before each version is stored: one lost under the run (a database
+    /// restart ends the session that held it) stops the run, and the next run, here
+    /// or elsewhere, takes up what is left.
     pub fn run_once(&self, app: &Arc<App>, job: &MirrorJob) {
+        let lock_name = format!("mirror-{}", job.name);
+        let lock =
+            match app
+                .catalog
+                .job_lock(&lock_name, crate::catalog::LockMode::Exclusive, false)
+            {
+                Ok(Some(l)) => l,
+                taken => {
+                    let why = match taken {
+                        Err(e) => format!("could not take the job lock {lock_name}: {e}"),
+                        _ => format!(
+                            "another instance (or another server on this catalog) is running \
+                         it: the job lock {lock_name} is taken"
+                        ),
+                    };
+                    log::info!("mirror {}: skipped, {why}", job.name);
+                    let next = chrono::Utc::now()
+                        + chrono::Duration::from_std(job.interval).unwrap_or_default();
+                    self.update(&job.name, |s| {
+                        s.state = "idle".into();
+                        s.last_outcome = Some("skipped".into());
+                        s.last_error = Some(why);
+                        s.next_run = Some(next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                    });
+                    return;
+                }
+            };
+        let guard = || -> Result<()> {
+            lock.check().with_context(|| {
+                format!(
+                    "the job lock {lock_name} was lost (another instance may be running \
+                     this job now)"
+                )
+            })
+        };
         self.update(&job.name, |s| {
             s.state = "running".into();
             s.last_started = Some(now());
@@ -247,7 +291,7 @@ impl Scheduler {
         let target =
             crate::target::LocalTarget::with_app(app.clone(), &format!("mirror:{}", job.name));
         let mut out = Vec::new();
-        let result = crate::mirror::run(&job.options, &target, &mut out);
+        let result = crate::mirror::run_guarded(&job.options, &target, &mut out, &guard);
         for line in String::from_utf8_lossy(&out)
             .lines()
             .filter(|l| !l.trim().is_empty())

@@ -939,6 +939,41 @@ fn an_upload_cut_by_kill_9_of_one_instance_is_finished_through_the_other() {
     assert!(r.body == whole, "A served other bytes");
 }
 
+/// An App in-process on a fresh PostgreSQL database (blobs in its data directory,
+/// `WORK/data`): the database's URL, the work directory, the App.
+fn app_on_postgres(test: &str) -> (String, tempfile::TempDir, imgsrv::app::App) {
+    let url = pg::database(pg::shared());
+    let work = temp_dir(test);
+    let data = work.path().join("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(
+        data.join("imgsrv.toml"),
+        format!(
+            "metrics_listen = \"\"\n[storage]\ncatalog = \"postgres\"\npostgres_url = \"{url}\"\n"
+        ),
+    )
+    .unwrap();
+    imgsrv::app::init(&data, &[]).unwrap();
+    let app = imgsrv::app::App::open(imgsrv::config::Config::load(&data, None).unwrap()).unwrap();
+    (url, work, app)
+}
+
+/// Ends the database sessions of `url` that hold an advisory lock (of `mode`:
+/// `ExclusiveLock` or `ShareLock`), as a restart of the database does to every
+/// session: how many.
+fn end_lock_sessions(admin: &mut ::postgres::Client, mode: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted AND mode = $1 \
+             AND pid <> pg_backend_pid() \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&mode],
+        )
+        .unwrap()
+        .get(0)
+}
+
 /// A collection whose `blobs` lock is lost under it (its database session ended, as in a
 /// restart: writers may have come in between) says so: the run names what it deleted
 /// since it last knew it held the lock (for `imgsrv scrub` to confirm), takes the lock
@@ -950,20 +985,7 @@ fn a_gc_whose_lock_was_lost_mid_run_names_what_it_deleted_and_goes_on_under_a_ne
     use imgsrv::maint::gc;
     use std::sync::Mutex;
 
-    let url = pg::database(pg::shared());
-    let work = temp_dir("gc-lock-lost");
-    let data = work.path().join("data");
-    fs::create_dir_all(&data).unwrap();
-    fs::write(
-        data.join("imgsrv.toml"),
-        format!(
-            "metrics_listen = \"\"\n[storage]\ncatalog = \"postgres\"\npostgres_url = \"{url}\"\n"
-        ),
-    )
-    .unwrap();
-    imgsrv::app::init(&data, &[]).unwrap();
-    let mut app =
-        imgsrv::app::App::open(imgsrv::config::Config::load(&data, None).unwrap()).unwrap();
+    let (url, _work, mut app) = app_on_postgres("gc-lock-lost");
     // 600 blobs nothing cites: three batches of the collection
     let mut orphans = Vec::new();
     for i in 0..600u32 {
@@ -990,18 +1012,7 @@ fn a_gc_whose_lock_was_lost_mid_run_names_what_it_deleted_and_goes_on_under_a_ne
                 return;
             }
             *first = Some(*d);
-            let ended: i64 = admin
-                .lock()
-                .unwrap()
-                .query_one(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
-                     WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid() \
-                     AND database = (SELECT oid FROM pg_database \
-                                     WHERE datname = current_database())",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
+            let ended = end_lock_sessions(&mut admin.lock().unwrap(), "ExclusiveLock");
             assert!(ended >= 1, "the collection holds its locks: {ended}");
         },
     });
@@ -1030,4 +1041,222 @@ fn a_gc_whose_lock_was_lost_mid_run_names_what_it_deleted_and_goes_on_under_a_ne
         assert_eq!(app.blobs.stat(d).unwrap(), None, "{d}");
     }
     assert!(said.iter().any(|l| l.contains("1 failure(s)")), "{said:?}");
+}
+
+/// Issue 10, point 4: a scrub whose lock is lost under it (a database restart) takes
+/// it again and goes on; if another scrub took it meanwhile, it stops and says so, and
+/// does not go on beside the other one.
+#[test]
+fn a_scrub_whose_lock_was_lost_takes_it_again_or_stops_for_the_scrub_that_has_it() {
+    use imgsrv::cas::hooked::{Call, Hooked};
+    use imgsrv::maint::scrub::{self, NoteKind, ScrubOptions};
+    use std::sync::Mutex;
+
+    let (url, work, mut app) = app_on_postgres("scrub-lock-lost");
+    for i in 0..20u32 {
+        let bytes = format!("blob {i}");
+        let d = Digest::of(bytes.as_bytes());
+        app.blobs
+            .put(&d, bytes.len() as u64, &mut bytes.as_bytes())
+            .unwrap();
+        app.catalog
+            .insert_blob(&d, bytes.len() as u64, None)
+            .unwrap();
+    }
+    let other = imgsrv::admin_cli::open_catalog(&work.path().join("data")).unwrap();
+    let admin = Mutex::new(::postgres::Client::connect(&url, ::postgres::NoTls).unwrap());
+    // at the 5th blob read, the database ends the scrub's session; with `rival`, another
+    // scrub takes the lock at once
+    let rival = Arc::new(Mutex::new((false, None::<imgsrv::catalog::JobLock>)));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let (r, n) = (rival.clone(), reads.clone());
+    let inner = app.blobs.clone();
+    app.blobs = Arc::new(Hooked {
+        inner,
+        hook: move |call| {
+            let Call::Open(_) = call else { return };
+            if n.fetch_add(1, Ordering::SeqCst) != 4 {
+                return;
+            }
+            assert_eq!(
+                end_lock_sessions(&mut admin.lock().unwrap(), "ExclusiveLock"),
+                1,
+                "the scrub holds its lock"
+            );
+            let mut r = r.lock().unwrap();
+            if r.0 {
+                r.1 = Some(
+                    other
+                        .job_lock(scrub::LOCK, imgsrv::catalog::LockMode::Exclusive, false)
+                        .unwrap()
+                        .expect("the lost lock is free"),
+                );
+            }
+        },
+    });
+    let opts = ScrubOptions {
+        actor: "test".into(),
+        ..Default::default()
+    };
+    let lost = |r: &scrub::ScrubReport| -> Vec<String> {
+        r.notes
+            .iter()
+            .filter(|n| matches!(n.kind, NoteKind::LockLost))
+            .map(|n| n.detail.clone())
+            .collect()
+    };
+
+    // lost and free: taken again, every blob read, a clean run
+    let mut out = Vec::new();
+    let r = scrub::scrub(&app, &opts, &mut out).unwrap();
+    let said = String::from_utf8_lossy(&out).to_string();
+    assert_eq!(lost(&r).len(), 1, "{said}");
+    assert!(lost(&r)[0].contains("taken again"), "{said}");
+    assert!(!r.stopped, "{said}");
+    assert_eq!(r.counts.blobs_read, 20, "{said}");
+    assert!(r.ok(), "{said}");
+
+    // lost and taken by another scrub: this one stops, having read 5 of them
+    reads.store(0, Ordering::SeqCst);
+    rival.lock().unwrap().0 = true;
+    let mut out = Vec::new();
+    let r = scrub::scrub(&app, &opts, &mut out).unwrap();
+    let said = String::from_utf8_lossy(&out).to_string();
+    assert_eq!(lost(&r).len(), 1, "{said}");
+    assert!(lost(&r)[0].contains("another scrub holds it"), "{said}");
+    assert!(r.stopped, "{said}");
+    assert_eq!(r.counts.blobs_read, 5, "{said}");
+    assert!(said.contains("STOPPED before the end"), "{said}");
+    // while the other holds it, no scrub starts here
+    assert!(matches!(
+        scrub::scrub(&app, &opts, &mut Vec::new()),
+        Err(scrub::ScrubError::Busy)
+    ));
+    rival.lock().unwrap().1 = None;
+    assert!(scrub::scrub(&app, &opts, &mut Vec::new()).unwrap().ok());
+}
+
+/// Issue 10, point 4: the instances of a deployment share their catalog and each has
+/// the same `[[mirror]]` jobs, and a job runs on one of them at a time: an instance
+/// finds the job's lock taken and skips its turn (`skipped`, nothing fetched). A run
+/// whose lock is lost under it (a database restart) stores no version after that, and
+/// the next run takes up the rest.
+#[test]
+fn a_scheduled_mirror_runs_on_one_instance_at_a_time_and_stops_when_its_lock_is_lost() {
+    use imgsrv::cas::hooked::{Call, Hooked};
+    use imgsrv::schedule::{read_status, MirrorJob, Scheduler};
+    use std::sync::Mutex;
+
+    // the upstream: an embedded imgsrv with two versions
+    let upstream = TestServer::start();
+    let (url, work, mut app) = app_on_postgres("mirror-lock");
+    let (pubkey, secret) = minisign_keypair(work.path().join("publisher"));
+    trust_key(upstream.data_dir(), None, &pubkey);
+    let serials = ["20260601_0000", "20260602_0000"];
+    for s in serials {
+        let img = make_test_image(work.path().join(s), &["--serial", s]);
+        publish_image(&upstream, &secret, &img, &[]);
+    }
+    let data = work.path().join("data");
+    let (mirror_pub, mirror_secret) = minisign_keypair(work.path().join("mirror"));
+    trust_key(&data, Some("mirror"), &mirror_pub);
+    let mut options = imgsrv::mirror::MirrorOptions::new(&upstream.url(), &mirror_secret);
+    options.upstream_ca = Some(upstream.cert().to_path_buf());
+    options.staging_dir = Some(data.join("tmp").join("mirror-up.stream"));
+    let job = MirrorJob {
+        name: "up.stream".into(),
+        interval: Duration::from_secs(3600),
+        options,
+    };
+    let published = |app: &imgsrv::app::App| -> Vec<String> {
+        serials
+            .iter()
+            .filter(|s| {
+                app.catalog
+                    .get_version("debian-bookworm", s)
+                    .is_ok_and(|v| v.state == imgsrv::catalog::VersionState::Published)
+            })
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let status = || {
+        read_status(&data)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "up.stream")
+            .expect("the job's status")
+    };
+
+    // another instance holds the job's lock: this one's turn is skipped
+    let other = imgsrv::admin_cli::open_catalog(&data).unwrap();
+    let held = other
+        .job_lock(
+            "mirror-up.stream",
+            imgsrv::catalog::LockMode::Exclusive,
+            false,
+        )
+        .unwrap()
+        .unwrap();
+    let twin = imgsrv::app::App::open(imgsrv::config::Config::load(&data, None).unwrap()).unwrap();
+    let sched = Scheduler::start(Arc::new(twin), vec![job.clone()]);
+    let t = Instant::now();
+    while status().last_outcome.is_none() {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sched.stop();
+    let st = status();
+    assert_eq!(st.last_outcome.as_deref(), Some("skipped"), "{st:?}");
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("job lock mirror-up.stream is taken")),
+        "{st:?}"
+    );
+    assert_eq!(st.runs, 0, "{st:?}");
+    assert!(published(&app).is_empty());
+    drop(held);
+
+    // the lock lost at the run's first look at the store: nothing stored after it
+    let admin = Mutex::new(::postgres::Client::connect(&url, ::postgres::NoTls).unwrap());
+    let fired = Arc::new(AtomicUsize::new(0));
+    let f = fired.clone();
+    let inner = app.blobs.clone();
+    app.blobs = Arc::new(Hooked {
+        inner,
+        hook: move |call| {
+            if matches!(call, Call::Stat(_)) && f.fetch_add(1, Ordering::SeqCst) == 0 {
+                assert_eq!(
+                    end_lock_sessions(&mut admin.lock().unwrap(), "ExclusiveLock"),
+                    1,
+                    "the run holds the job's lock"
+                );
+            }
+        },
+    });
+    let app = Arc::new(app);
+    // (the stopped scheduler's thread is gone; its runs are the ones asked for here)
+    sched.run_once(&app, &job);
+    let st = status();
+    assert!(fired.load(Ordering::SeqCst) > 0);
+    assert_eq!(st.last_outcome.as_deref(), Some("error"), "{st:?}");
+    let err = st.last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains("the job lock mirror-up.stream was lost") && err.contains("stopped before"),
+        "{st:?}"
+    );
+    let first = published(&app);
+    assert!(first.len() < 2, "stored after the lock was lost: {first:?}");
+    assert!(
+        serials
+            .iter()
+            .filter(|s| !first.contains(&s.to_string()))
+            .any(|s| err.contains(s)),
+        "{err}"
+    );
+    // the next run takes up the rest
+    sched.run_once(&app, &job);
+    let st = status();
+    assert_eq!(st.last_outcome.as_deref(), Some("ok"), "{st:?}");
+    assert_eq!(published(&app), serials.to_vec());
 }

@@ -1,4 +1,4 @@
-//! [`Hooked`]: a blob store that tells a hook about each lookup and deletion before it
+//! [`Hooked`]: a blob store that tells a hook about each lookup, read and deletion before it
 //! hands the call to the store it wraps. For the tests of jobs that must behave when
 //! something happens between two of their steps (a shutdown while a scrub asks the
 //! store, a database restart while a collection deletes): the hook makes it happen at
@@ -12,6 +12,8 @@ use std::sync::Arc;
 pub enum Call<'a> {
     Stat(&'a Digest),
     Delete(&'a Digest),
+    /// [`BlobStore::open_range`] (reads, downloads, scrub's re-hashing).
+    Open(&'a Digest),
 }
 
 /// `inner`, with `hook` called before each [`Call`]. Every other method goes
@@ -60,6 +62,7 @@ impl<F: Fn(Call<'_>) + Send + Sync> BlobStore for Hooked<F> {
         self.inner.vouch(d)
     }
     fn open_range(&self, d: &Digest, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
+        (self.hook)(Call::Open(d));
         self.inner.open_range(d, offset, len)
     }
     fn put(&self, d: &Digest, size: u64, r: &mut dyn Read) -> Result<()> {

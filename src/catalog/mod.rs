@@ -963,6 +963,16 @@ pub trait AuditCatalog: Send + Sync {
 /// Held while a maintenance job runs; released when dropped.
 pub struct JobLock(Box<dyn HeldLock>);
 
+/// Whether `job` may name a [`MaintCatalog::job_lock`]: 1 to 100 of `[A-Za-z0-9._-]`,
+/// not starting with a dot (the SQLite backend makes it a file name).
+pub fn job_lock_name_ok(job: &str) -> bool {
+    (1..=100).contains(&job.len())
+        && !job.starts_with('.')
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 impl JobLock {
     pub fn new(held: impl HeldLock + 'static) -> JobLock {
         JobLock(Box::new(held))

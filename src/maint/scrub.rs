@@ -244,7 +244,7 @@ pub fn scrub(
     opts: &ScrubOptions,
     out: &mut dyn Write,
 ) -> Result<ScrubReport, ScrubError> {
-    let _lock = app
+    let lock = app
         .catalog
         .job_lock(LOCK, LockMode::Exclusive, false)
         .context("taking the scrub lock")?
@@ -273,6 +273,7 @@ pub fn scrub(
         inv,
         handled: BTreeSet::new(),
         read_ok: BTreeSet::new(),
+        lock: Some(lock),
         report: ScrubReport {
             plan,
             dry_run: opts.dry_run,
@@ -285,9 +286,11 @@ pub fn scrub(
         s.read_blobs(&selected)?;
         let secs = reading.elapsed().as_secs_f64().max(1e-9);
         s.report.read_mb_per_second = s.report.counts.bytes_read as f64 / secs / 1e6;
+        s.hold_lock()?;
         if !s.stopped() {
             s.check_catalog()?;
         }
+        s.hold_lock()?;
         if !s.stopped() {
             s.check_publications()?;
         }
@@ -316,16 +319,43 @@ struct Scrubber<'a> {
     handled: BTreeSet<Digest>,
     /// Blobs read back whole and right.
     read_ok: BTreeSet<Digest>,
+    /// The job lock; `None` once it was lost to another scrub (the run stops).
+    lock: Option<crate::catalog::JobLock>,
     report: ScrubReport,
     out: &'a mut dyn Write,
 }
 
 impl Scrubber<'_> {
     fn stopped(&self) -> bool {
-        self.opts
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed))
+        self.lock.is_none()
+            || self
+                .opts
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
+    /// Checks the job lock before the next step ([`crate::catalog::JobLock::check`]:
+    /// on PostgreSQL a restart of the database frees it under its holder). A lost lock
+    /// is taken again if it is free, and the run goes on: what it judged before holds,
+    /// since a second scrub at the same time only repeats the same checks. If another
+    /// scrub has it now, this one stops (that one does the work) and says why.
+    fn hold_lock(&mut self) -> Result<()> {
+        let Some(Err(e)) = self.lock.as_ref().map(|l| l.check()) else {
+            return Ok(());
+        };
+        self.lock = None;
+        let again = self
+            .app
+            .catalog
+            .job_lock(LOCK, LockMode::Exclusive, false)
+            .context("taking the scrub lock again")?;
+        let detail = match &again {
+            Some(_) => format!("{e}; taken again, the checks go on"),
+            None => format!("{e}; another scrub holds it now, so this one stops"),
+        };
+        self.lock = again;
+        self.note(NoteKind::LockLost, format!("job lock {LOCK}"), detail)
     }
 
     fn problem(
@@ -366,6 +396,7 @@ impl Scrubber<'_> {
             bytes: 0,
         };
         for b in selected {
+            self.hold_lock()?;
             if self.stopped() {
                 return Ok(());
             }

@@ -317,6 +317,19 @@ pub fn run(
     target: &(dyn Target + Sync),
     out: &mut dyn Write,
 ) -> Result<MirrorReport> {
+    run_guarded(opts, target, out, &|| Ok(()))
+}
+
+/// [`run`], asking `guard` before each version is stored on the target: an `Err` from
+/// it stops the run there (a scheduled job whose lock was lost: another instance may
+/// be running the same job now). What was stored before stays, and the error is the
+/// run's.
+pub fn run_guarded(
+    opts: &MirrorOptions,
+    target: &(dyn Target + Sync),
+    out: &mut dyn Write,
+    guard: &dyn Fn() -> Result<()>,
+) -> Result<MirrorReport> {
     let started = Instant::now();
     opts.check()?;
     let upstream = Upstream::new(&opts.upstream, opts.upstream_ca.as_deref())?;
@@ -448,6 +461,7 @@ pub fn run(
             (todo, &repair),
             &mut report,
             out,
+            guard,
         )?;
     }
 
@@ -520,6 +534,7 @@ fn mirror_versions(
     (todo, repair): (Vec<VersionPlan>, &[bool]),
     report: &mut MirrorReport,
     out: &mut dyn Write,
+    guard: &dyn Fn() -> Result<()>,
 ) -> Result<()> {
     // every distinct file, and which versions still need it
     let mut files: HashMap<Digest, FileState> = HashMap::new();
@@ -637,6 +652,7 @@ fn mirror_versions(
                     }
                     continue;
                 }
+                guard().with_context(|| format!("stopped before {}", v.label()))?;
                 if repair[next] {
                     let lost: Vec<String> = v
                         .files()

@@ -16,6 +16,10 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub app: App,
     pub token: String,
+    /// More instances on the same catalog and blob store ([`env_shared`]): every
+    /// request goes to the next instance in turn, `app` included.
+    pub others: Vec<(tempfile::TempDir, App)>,
+    turn: std::cell::Cell<usize>,
 }
 
 pub struct Resp {
@@ -67,7 +71,40 @@ pub fn env_with(config: &str) -> Env {
         .unwrap()
         .trim()
         .to_string();
-    Env { dir, app, token }
+    Env {
+        dir,
+        app,
+        token,
+        others: Vec::new(),
+        turn: Default::default(),
+    }
+}
+
+/// `instances` instances of the App, each with its own data directory holding
+/// `config` (written before `imgsrv init`, as an operator does for a deployment whose
+/// `[storage]` names a shared catalog and blob store). The first init makes the admin,
+/// the others find it; requests go to the instances in turn.
+pub fn env_shared(config: &str, instances: usize) -> Env {
+    let open = || {
+        let dir = scratch();
+        std::fs::write(dir.path().join("imgsrv.toml"), config).unwrap();
+        app::init(dir.path(), &[]).unwrap();
+        let app = App::open(Config::load(dir.path(), None).unwrap()).unwrap();
+        (dir, app)
+    };
+    let (dir, app) = open();
+    let token = std::fs::read_to_string(dir.path().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let others = (1..instances).map(|_| open()).collect();
+    Env {
+        dir,
+        app,
+        token,
+        others,
+        turn: Default::default(),
+    }
 }
 
 pub fn env() -> Env {
@@ -75,6 +112,16 @@ pub fn env() -> Env {
 }
 
 impl Env {
+    /// The instance that takes the next request.
+    fn next_app(&self) -> &App {
+        let n = self.turn.get();
+        self.turn.set(n.wrapping_add(1));
+        match n % (1 + self.others.len()) {
+            0 => &self.app,
+            i => &self.others[i - 1].1,
+        }
+    }
+
     pub fn call_full(
         &self,
         method: &str,
@@ -91,7 +138,7 @@ impl Env {
         }
         let mut req = Request::for_test(method, path, &headers, body.to_vec());
         req.secure = secure;
-        let r = handle(&self.app, &mut req);
+        let r = handle(self.next_app(), &mut req);
         let status = r.status;
         let headers = r.headers.clone();
         let body = if method == "HEAD" {

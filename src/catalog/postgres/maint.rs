@@ -360,7 +360,7 @@ impl MaintCatalog for PgCatalog {
     /// ([`JobLock::check`]): a job that must not overlap with another checks after each
     /// step it took under the lock.
     fn job_lock(&self, job: &str, mode: LockMode, wait: bool) -> Result<Option<JobLock>> {
-        if job.is_empty() || !job.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !crate::catalog::job_lock_name_ok(job) {
             return Err(CatalogError::Invalid(format!("job lock name {job:?}")));
         }
         let key = lock_key(job);

@@ -296,7 +296,7 @@ impl MaintCatalog for SqliteCatalog {
     /// opening this catalog (a `serve`, an `imgsrv gc` next to it) sees the
     /// same lock, and the kernel releases it however the holder ends.
     fn job_lock(&self, job: &str, mode: LockMode, wait: bool) -> Result<Option<JobLock>> {
-        if job.is_empty() || !job.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !crate::catalog::job_lock_name_ok(job) {
             return Err(CatalogError::Invalid(format!("job lock name {job:?}")));
         }
         let dir = self
@@ -519,6 +519,12 @@ mod tests {
             .unwrap()
             .is_some());
         assert!(a.job_lock("../x", LockMode::Shared, false).is_err());
+        assert!(a.job_lock(".x", LockMode::Shared, false).is_err());
+        assert!(a.job_lock("", LockMode::Shared, false).is_err());
+        assert!(a
+            .job_lock("mirror-a.b_c", LockMode::Exclusive, false)
+            .unwrap()
+            .is_some());
     }
 
     /// `n` blob rows in one transaction, named by `tag` and their index.

@@ -130,6 +130,9 @@ pub enum NoteKind {
     /// Read back right, but the store had not stamped it as its own (S3: no
     /// `x-amz-meta-sha256`, so not served): stamped now.
     Restamped,
+    /// The scrub's job lock was lost under it (its database session ended): taken
+    /// again, or the run stopped because another scrub has it now.
+    LockLost,
 }
 
 /// What the scrub found.
