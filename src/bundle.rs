@@ -11,6 +11,9 @@
 //!    minisign signature over those exact index bytes;
 //! 2. `manifests/<image>/<version>.json` and `.json.minisig`: the canonical
 //!    manifest and the publisher's signature, the exact published bytes;
+//!    `.json.tlog-proof`, `log/checkpoint` and `log/tile/0/...`: the source's
+//!    transparency log, when it has one (see [`log`]: an importer that trusts the
+//!    log checks them offline);
 //! 3. `blobs/sha256/<hex>`: each blob once;
 //! 4. `SHA256SUMS`: `sha256sum` lines for every member before it.
 //!
@@ -24,6 +27,8 @@
 //! publishes nothing unless the whole bundle passed (see [`import`]). In
 //! enforce mode an unsigned index still imports the (signed) versions, but
 //! sets no alias and creates new images private.
+
+mod log;
 
 use crate::digest::Digest;
 use crate::manifest::Manifest;
@@ -76,6 +81,9 @@ pub struct Index {
     /// Versions carried by the earlier bundle(s) (not in this one).
     #[serde(default)]
     pub base_versions: Vec<VersionRef>,
+    /// The source's transparency log, when it has one ([`log`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<log::IndexLog>,
 }
 
 /// The earlier bundle an incremental bundle continues.
@@ -113,6 +121,9 @@ pub struct IndexVersion {
     pub aliases: Vec<String>,
     /// Every blob the version needs (as its manifest says).
     pub blobs: Vec<IndexBlob>,
+    /// Member name of its C2SP tlog-proof, when the source's log has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tlog_proof: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +244,11 @@ pub struct ImportArgs {
     /// The bundle file made by `imgsrv export`.
     #[arg(value_name = "BUNDLE")]
     pub bundle: PathBuf,
+    /// The client config whose `[transparency_log]` keys the bundle's log proofs are
+    /// checked against, offline (default: $IMGSRV_CLIENT_CONFIG, else
+    /// ~/.config/imgsrv/client.toml, as for `imgsrv verify`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Parses `2026-11-01` (midnight UTC) or an RFC 3339 time.
@@ -286,7 +302,9 @@ pub fn export_command(a: ExportArgs) -> Result<()> {
 /// failed, 2 could not run.
 pub fn import_command(a: ImportArgs) -> Result<()> {
     let dest = a.target.destination().map_err(cannot_run)?;
-    match import(&dest, &a.bundle, &mut io::stdout().lock()) {
+    let log = crate::verify::load_log_policy(crate::verify::config_path(a.config.as_deref()))
+        .map_err(cannot_run)?;
+    match import(&dest, &a.bundle, log.as_ref(), &mut io::stdout().lock()) {
         Ok(_) => Ok(()),
         Err(ImportError::CannotRun(e)) => Err(cannot_run(e)),
         Err(e) => Err(anyhow::Error::new(e)),
@@ -418,6 +436,48 @@ impl Source {
             Source::Remote(c) => Ok(c.open_blob(digest)?),
         }
     }
+
+    /// A data directory's log (`None`: it has none).
+    fn ledger(
+        dir: &Path,
+        catalog: &dyn crate::catalog::Catalog,
+    ) -> Result<Option<crate::ledger::Ledger>> {
+        crate::ledger::Ledger::open(dir, catalog)
+    }
+
+    /// The version's C2SP tlog-proof; `None` when the source's log has none.
+    fn tlog_proof(&self, image: &str, version: &str) -> Result<Option<String>> {
+        match self {
+            Source::Local { dir, catalog, .. } => match Self::ledger(dir, catalog.as_ref())? {
+                Some(l) => Ok(l.proof(catalog.as_ref(), image, version)?),
+                None => Ok(None),
+            },
+            Source::Remote(c) => Ok(c.get_tlog_proof(image, version)?),
+        }
+    }
+
+    /// The log's newest signed checkpoint; `None` when the source has no log.
+    fn log_checkpoint(&self) -> Result<Option<String>> {
+        match self {
+            Source::Local { dir, catalog, .. } => match Self::ledger(dir, catalog.as_ref())? {
+                Some(l) => Ok(Some(l.checkpoint(catalog.as_ref())?.1)),
+                None => Ok(None),
+            },
+            Source::Remote(c) => Ok(c.get_log_checkpoint()?),
+        }
+    }
+
+    /// The bytes of the log's tile at `path` (`tile/0/000`) in its tree of `size`.
+    fn log_tile(&self, path: &str, size: u64) -> Result<Vec<u8>> {
+        match self {
+            Source::Local { catalog, .. } => {
+                crate::ledger::Ledger::tile(catalog.as_ref(), path, size)?
+                    .map(|(_, bytes)| bytes)
+                    .ok_or_else(|| anyhow::anyhow!("the log has no {path} at {size} entries"))
+            }
+            Source::Remote(c) => Ok(c.get_log_tile(path)?),
+        }
+    }
 }
 
 /// What to export.
@@ -523,14 +583,16 @@ pub fn export(source: &Source, opts: &ExportOptions, out: &mut dyn Write) -> Res
                 version: sv.version,
                 private,
                 published_at: sv.published_at,
+                tlog_proof: None,
             };
             chosen.push((v, (bytes, signature)));
         }
     }
     // in publication order across images (a stable sort: ties keep theirs)
     chosen.sort_by(|a, b| a.0.published_at.cmp(&b.0.published_at));
-    let (versions, manifests): (Vec<IndexVersion>, Vec<(Vec<u8>, String)>) =
+    let (mut versions, manifests): (Vec<IndexVersion>, Vec<(Vec<u8>, String)>) =
         chosen.into_iter().unzip();
+    let carried = log::carry(source, &mut versions, out)?;
 
     // 2. the blobs: each once, in the order the versions need them
     let (mut blobs, mut requires) = (Vec::<IndexBlob>::new(), Vec::<IndexBlob>::new());
@@ -557,6 +619,7 @@ pub fn export(source: &Source, opts: &ExportOptions, out: &mut dyn Write) -> Res
         blobs,
         requires_blobs: requires,
         base_versions: known_versions.into_iter().collect(),
+        log: carried.as_ref().map(|c| c.index.clone()),
     };
 
     // 3. write the tar next to the output, then move it into place
@@ -592,6 +655,9 @@ pub fn export(source: &Source, opts: &ExportOptions, out: &mut dyn Write) -> Res
         for (v, (bytes, sig)) in index.versions.iter().zip(&manifests) {
             w.small(&v.manifest, bytes)?;
             w.small(&v.signature, sig.as_bytes())?;
+        }
+        for (name, bytes) in carried.iter().flat_map(|c| &c.members) {
+            w.small(name, bytes)?;
         }
         let mut total = 0u64;
         for b in &index.blobs {
@@ -806,6 +872,7 @@ struct Pending {
 pub fn import(
     dest: &Destination,
     bundle: &Path,
+    log_policy: Option<&crate::tlog::consumer::LogPolicy>,
     out: &mut dyn Write,
 ) -> Result<ImportReport, ImportError> {
     let name = bundle.display().to_string();
@@ -841,16 +908,22 @@ pub fn import(
         read_small(&mut first, MAX_INDEX, INDEX_MEMBER).map_err(|e| refused(format!("{e:#}")))?;
     drop(first);
     let index = parse_index(&index_bytes).map_err(|e| refused(format!("{e:#}")))?;
-    check_index(&index).map_err(|e| refused(format!("{INDEX_MEMBER}: {e}")))?;
+    check_index(&index)
+        .and_then(|()| log::check_index(&index))
+        .map_err(|e| refused(format!("{INDEX_MEMBER}: {e}")))?;
     let mut computed: Vec<(String, Digest)> = vec![(INDEX_MEMBER.into(), Digest::of(&index_bytes))];
 
     // where each member belongs
     let mut by_manifest: HashMap<&str, usize> = HashMap::new();
     let mut by_signature: HashMap<&str, usize> = HashMap::new();
+    let mut proofs: BTreeSet<&str> = BTreeSet::new();
+    // the log's members (proofs, checkpoint, tiles), for the check before the blobs
+    let mut log_members: HashMap<String, Vec<u8>> = HashMap::new();
     let mut pending: Vec<Pending> = Vec::new();
     for (i, v) in index.versions.iter().enumerate() {
         by_manifest.insert(v.manifest.as_str(), i);
         by_signature.insert(v.signature.as_str(), i);
+        proofs.extend(v.tlog_proof.as_deref());
         let status = dest
             .target()
             .status(&v.image, &v.version)
@@ -884,8 +957,10 @@ pub fn import(
     let mut index_signature: Option<String> = None;
     // set by the preflight, once the manifests and signatures are in
     let mut index_trust: Option<IndexTrust> = None;
-    let mut run_preflight = |index_signature: Option<&str>, pending: &[Pending]| {
-        preflight(
+    let mut run_preflight = |index_signature: Option<&str>,
+                             pending: &[Pending],
+                             log_members: &HashMap<String, Vec<u8>>| {
+        let trust = preflight(
             dest,
             &sigs,
             &index,
@@ -894,7 +969,18 @@ pub fn import(
             pending,
             out,
         )
-        .map_err(&refused)
+        .map_err(&refused)?;
+        log::check(
+            log_policy,
+            sigs.mode,
+            &sigs,
+            &index,
+            pending,
+            log_members,
+            out,
+        )
+        .map_err(&refused)?;
+        Ok::<_, ImportError>(trust)
     };
 
     for entry in entries {
@@ -950,9 +1036,23 @@ pub fn import(
             let text = String::from_utf8(bytes)
                 .map_err(|_| refused(format!("{member}: not a minisign signature (not text)")))?;
             pending[i].signature = Some(text);
+        } else if proofs.contains(member.as_str()) || log::is_log_member(&index, &member) {
+            if index_trust.is_some() {
+                return Err(refused(format!(
+                    "{member}: after the blobs (the log's members come before them)"
+                )));
+            }
+            let bytes = read_small(&mut entry, MAX_INDEX, &member)
+                .map_err(|e| refused(format!("{e:#}")))?;
+            computed.push((member.clone(), Digest::of(&bytes)));
+            log_members.insert(member, bytes);
         } else if let Some(hex) = member.strip_prefix("blobs/sha256/") {
             if index_trust.is_none() {
-                index_trust = Some(run_preflight(index_signature.as_deref(), &pending)?);
+                index_trust = Some(run_preflight(
+                    index_signature.as_deref(),
+                    &pending,
+                    &log_members,
+                )?);
             }
             let digest =
                 Digest::from_hex(hex).map_err(|_| refused(format!("{member}: not a blob name")))?;
@@ -1006,7 +1106,7 @@ pub fn import(
     }
     let index_trust = match index_trust {
         Some(t) => t,
-        None => run_preflight(index_signature.as_deref(), &pending)?,
+        None => run_preflight(index_signature.as_deref(), &pending, &log_members)?,
     };
     let trusted_index = index_trust == IndexTrust::Trusted;
     for (digest, size) in &restored {
@@ -1475,10 +1575,12 @@ mod tests {
                 signature: signature_member("demo", "1"),
                 aliases: vec!["stable".into()],
                 blobs: version_blobs,
+                tlog_proof: None,
             }],
             blobs,
             requires_blobs: vec![],
             base_versions: vec![],
+            log: None,
         }
     }
 

@@ -1260,6 +1260,19 @@ impl ApiClient {
         self.get_text_if_any(&path, "the tlog-proof")
     }
 
+    /// `GET /log/checkpoint`: the log's newest signed checkpoint; `None` when the
+    /// server has no log (404).
+    pub fn get_log_checkpoint(&self) -> Result<Option<String>, ClientError> {
+        self.get_text_if_any("/log/checkpoint", "the checkpoint")
+    }
+
+    /// `GET /log/{path}` (`tile/0/x001/234`): a tile's bytes.
+    pub fn get_log_tile(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        Ok(self
+            .call("GET", &format!("/log/{path}"), Body::Empty, &[200])?
+            .1)
+    }
+
     /// `GET /log/consistency/{old}/{new}`: the consistency proof between two sizes.
     pub fn get_log_consistency(
         &self,

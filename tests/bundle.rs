@@ -729,3 +729,252 @@ fn visibility_and_aliases(data: &Path) -> String {
     .trim()
     .to_string()
 }
+
+/// `bundle` rebuilt with `edit` applied to each member (name, bytes) -> `None` to drop
+/// it, and SHA256SUMS made anew over what is left: what someone on the way across the
+/// gap who knows the format does.
+fn rewritten(
+    bundle: &Path,
+    out: &Path,
+    mut edit: impl FnMut(&str, Vec<u8>) -> Option<Vec<u8>>,
+) -> PathBuf {
+    use sha2::Digest as _;
+    let mut ar = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    let mut kept = Vec::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = String::from_utf8(e.path_bytes().to_vec()).unwrap();
+        let mut bytes = Vec::new();
+        e.read_to_end(&mut bytes).unwrap();
+        if name == "SHA256SUMS" {
+            continue;
+        }
+        if let Some(b) = edit(&name, bytes) {
+            kept.push((name, b));
+        }
+    }
+    let sums: String = kept
+        .iter()
+        .map(|(n, b)| format!("{}  {n}\n", hex::encode(sha2::Sha256::digest(b))))
+        .collect();
+    kept.push(("SHA256SUMS".into(), sums.into_bytes()));
+    let mut w = tar::Builder::new(std::fs::File::create(out).unwrap());
+    for (name, b) in kept {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(b.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        w.append_data(&mut h, &name, b.as_slice()).unwrap();
+    }
+    w.finish().unwrap();
+    out.to_path_buf()
+}
+
+/// Issue 11, point 5: a bundle carries each version's tlog-proof, the log's checkpoint
+/// and its level-0 tiles; an import whose client config trusts the source's log checks
+/// them with no network and refuses, in enforce mode, a bundle whose proof was removed
+/// or altered, one without the log, and an older bundle than one seen before (a smaller
+/// tree); warn mode imports and says why.
+#[test]
+fn an_import_checks_the_bundles_log_proofs_offline_and_refuses_them_removed_or_altered() {
+    let src = source();
+    let work = src.tmp.path();
+    let v1 = make_test_image(work.join("v1"), &["--serial", "20260301_0000"]);
+    publish_image(&src.server, &src.secret, &v1, &[]);
+    let old = work.join("old.tar");
+    src.export_signed(&[], &old);
+    let v2 = make_test_image(work.join("v2"), &["--serial", "20260302_0000"]);
+    publish_image(&src.server, &src.secret, &v2, &[]);
+    let bundle = work.join("release.tar");
+    // (unsigned index: so that the rewrites below need no key)
+    let out = export(&["--data", s(src.server.data_dir()), "-o", s(&bundle)]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // what it carries: a proof per version, the checkpoint, the tiles
+    let names: Vec<String> = members(&bundle).into_iter().map(|m| m.0).collect();
+    for want in [
+        "manifests/debian-bookworm/20260301_0000.json.tlog-proof",
+        "manifests/debian-bookworm/20260302_0000.json.tlog-proof",
+        "log/checkpoint",
+        "log/tile/0/000.p/3",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+    }
+    let index = bundle_index(&bundle);
+    let vkey = std::fs::read_to_string(src.server.data_dir().join("log/log.vkey")).unwrap();
+    let origin = vkey.trim().split('+').next().unwrap().to_string();
+    assert_eq!(index["log"]["origin"], origin.as_str(), "{index}");
+    // (the publisher key's addition, then two publishes)
+    assert_eq!(index["log"]["size"], 3, "{index}");
+    // the proofs are the source's own, against the bundle's checkpoint
+    let proof = read_member(
+        &bundle,
+        "manifests/debian-bookworm/20260302_0000.json.tlog-proof",
+    );
+    let checkpoint = read_member(&bundle, "log/checkpoint");
+    assert!(
+        String::from_utf8_lossy(&proof).ends_with(&*String::from_utf8_lossy(&checkpoint)),
+        "{}",
+        String::from_utf8_lossy(&proof)
+    );
+
+    // the importing site trusts the publisher and, in its client config, the log
+    let config = work.join("client.toml");
+    let state = work.join("state");
+    std::fs::write(
+        &config,
+        format!(
+            "[transparency_log]\nkeys = [\"{}\"]\nstate_dir = \"{}\"\n",
+            vkey.trim(),
+            state.display()
+        ),
+    )
+    .unwrap();
+    let site = |name: &str, mode: &str| {
+        let data = work.join(name);
+        imgsrv(&["init", "--data", s(&data)]);
+        if !mode.is_empty() {
+            std::fs::write(
+                data.join("imgsrv.toml"),
+                format!("[image_verification]\nmode = \"{mode}\"\n"),
+            )
+            .unwrap();
+        }
+        trust(&data, &src.public);
+        data
+    };
+    let import = |data: &Path, bundle: &Path| {
+        run_any(
+            Command::new(IMGSRV)
+                .args(["import", "--data", s(data), "--config", s(&config)])
+                .arg(bundle),
+        )
+    };
+    let refused = |data: &Path, bundle: &Path, why: &str| {
+        let out = import(data, bundle);
+        assert!(!out.status.success(), "imported: {}", text(&out));
+        assert!(
+            text(&out).contains("transparency log") && text(&out).contains(why),
+            "{why}: {}",
+            text(&out)
+        );
+        assert!(published(data).is_empty(), "{:?}", published(data));
+    };
+
+    // a proof removed (and the index and SHA256SUMS made to agree)
+    let site1 = site("site1", "");
+    let p2 = "manifests/debian-bookworm/20260302_0000.json.tlog-proof";
+    let no_proof = rewritten(&bundle, &work.join("no-proof.tar"), |name, b| match name {
+        n if n == p2 => None,
+        "imgsrv-bundle.json" => {
+            let mut i: Value = serde_json::from_slice(&b).unwrap();
+            i["versions"][1]
+                .as_object_mut()
+                .unwrap()
+                .remove("tlog_proof");
+            Some(serde_json::to_vec_pretty(&i).unwrap())
+        }
+        _ => Some(b),
+    });
+    refused(
+        &site1,
+        &no_proof,
+        "debian-bookworm@20260302_0000: the bundle carries no tlog-proof",
+    );
+    // a proof altered: it names another entry of the log (the first publish's)
+    let p1 = "manifests/debian-bookworm/20260301_0000.json.tlog-proof";
+    let other = read_member(&bundle, p1);
+    let altered = rewritten(&bundle, &work.join("altered.tar"), |name, b| {
+        (name == p2).then(|| other.clone()).or(Some(b))
+    });
+    refused(&site1, &altered, "does not prove this publication");
+    // the whole log left out
+    let no_log = rewritten(&bundle, &work.join("no-log.tar"), |name, b| match name {
+        n if n.ends_with(".tlog-proof") || n.starts_with("log/") => None,
+        "imgsrv-bundle.json" => {
+            let mut i: Value = serde_json::from_slice(&b).unwrap();
+            i.as_object_mut().unwrap().remove("log");
+            for v in i["versions"].as_array_mut().unwrap() {
+                v.as_object_mut().unwrap().remove("tlog_proof");
+            }
+            Some(serde_json::to_vec_pretty(&i).unwrap())
+        }
+        _ => Some(b),
+    });
+    refused(&site1, &no_log, "carries no transparency log");
+    // a tile altered: the tree is not the checkpoint's
+    let bad_tile = rewritten(&bundle, &work.join("bad-tile.tar"), |name, mut b| {
+        if name == "log/tile/0/000.p/3" {
+            b[0] ^= 1;
+        }
+        Some(b)
+    });
+    refused(&site1, &bad_tile, "do not make the tree");
+    // (a checkpoint signed by the log was seen all the same: it is remembered, and a
+    // smaller or forked tree shown later is caught against it)
+    let remembered: Vec<_> = std::fs::read_dir(state.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "checkpoint"))
+        .collect();
+    assert_eq!(remembered.len(), 1, "{remembered:?}");
+    assert_eq!(std::fs::read(&remembered[0]).unwrap(), checkpoint);
+
+    // the real bundle imports, proven, and its checkpoint is remembered
+    let out = import(&site1, &bundle);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("transparency log: 2 version(s) proven in")
+            && text(&out).contains("at 3 entries"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(published(&site1).len(), 2);
+    // then an older bundle (a tree of 2) into another site of the same consumer: rolled back
+    let site2 = site("site2", "");
+    refused(&site2, &old, "rolled back");
+
+    // warn mode: imported, saying why
+    let site3 = site("site3", "warn");
+    let out = import(&site3, &no_proof);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("WARNING: transparency log: debian-bookworm@20260302_0000"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(published(&site3).len(), 2);
+    // without log keys in the client config, no log is checked, and the import says so
+    let site4 = site("site4", "");
+    let out = run_any(
+        Command::new(IMGSRV)
+            .args([
+                "import",
+                "--data",
+                s(&site4),
+                "--config",
+                s(&work.join("none.toml")),
+            ])
+            .arg(&no_log),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("transparency log: not checked"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// One member's bytes.
+fn read_member(bundle: &Path, member: &str) -> Vec<u8> {
+    let mut ar = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path_bytes().as_ref() == member.as_bytes() {
+            let mut v = Vec::new();
+            e.read_to_end(&mut v).unwrap();
+            return v;
+        }
+    }
+    panic!("no member {member}")
+}

@@ -136,6 +136,33 @@ pub fn check(
     let note =
         Note::parse(&proof.checkpoint).map_err(|e| format!("the proof's checkpoint: {e}"))?;
     let origin = note.text.lines().next().unwrap_or_default().to_string();
+    let keys = keys_of(policy, &origin)?;
+    let text = entry.text().map_err(|e| format!("{e:#}"))?;
+    let proven = proof
+        .verify(&tree::leaf_hash(text.as_bytes()), &origin, &keys)
+        .map_err(|e| {
+            format!(
+                "its tlog-proof does not prove this publication in the log {origin}: {e:#} \
+                 (the log holds another history than the server shows you)"
+            )
+        })?;
+    let since = advance(
+        policy,
+        &keys,
+        &proof.checkpoint,
+        &proven.checkpoint,
+        consistency,
+    )?;
+    Ok(Logged {
+        origin,
+        index: proof.index,
+        size: proven.checkpoint.size,
+        since,
+    })
+}
+
+/// The keys of `policy` for the log `origin`; `Err` when it trusts none.
+fn keys_of(policy: &LogPolicy, origin: &str) -> Result<Vec<Verifier>, String> {
     let keys: Vec<Verifier> = policy
         .keys
         .iter()
@@ -148,26 +175,46 @@ pub fn check(
              keys in your client config)"
         ));
     }
-    let text = entry.text().map_err(|e| format!("{e:#}"))?;
-    let proven = proof
-        .verify(&tree::leaf_hash(text.as_bytes()), &origin, &keys)
-        .map_err(|e| {
-            format!(
-                "its tlog-proof does not prove this publication in the log {origin}: {e:#} \
-                 (the log holds another history than the server shows you)"
-            )
-        })?;
-    let new = proven.checkpoint;
-    let file = state_file(&policy.state_dir, &origin);
+    Ok(keys)
+}
+
+/// Checks the signed checkpoint `note` (a bundle's `log/checkpoint`) as [`check`]
+/// checks a proof's: signed by a key of `policy`, consistent with the newest one
+/// seen of its log before, which it then replaces if larger.
+pub fn check_checkpoint(
+    policy: &LogPolicy,
+    note: &str,
+    consistency: &dyn Fn(u64, u64) -> anyhow::Result<Vec<Hash>>,
+) -> Result<Checkpoint, String> {
+    let parsed = Note::parse(note).map_err(|e| format!("not a signed note: {e}"))?;
+    let origin = parsed.text.lines().next().unwrap_or_default().to_string();
+    let keys = keys_of(policy, &origin)?;
+    let new = super::note::signed_checkpoint(note, &keys)
+        .map_err(|e| format!("not a checkpoint signed by the log's key: {e}"))?;
+    advance(policy, &keys, note, &new, consistency)?;
+    Ok(new)
+}
+
+/// The consistency of the checkpoint `new` (signed: the note `note`) with the newest
+/// one this consumer saw of its log, remembered if it is larger: the size seen before.
+fn advance(
+    policy: &LogPolicy,
+    keys: &[Verifier],
+    note: &str,
+    new: &Checkpoint,
+    consistency: &dyn Fn(u64, u64) -> anyhow::Result<Vec<Hash>>,
+) -> Result<Option<u64>, String> {
+    let origin = &new.origin;
+    let file = state_file(&policy.state_dir, origin);
     // one consumer at a time per log: two runs at once (parallel pulls) must neither
     // mix their writes nor let the one that saw less overwrite the one that saw more
     let _held = lock_state(&file).map_err(|e| format!("locking {}: {e:#}", file.display()))?;
-    let old = read_state(&file, &keys)?;
+    let old = read_state(&file, keys)?;
     if let Some(old) = &old {
         if old.size > new.size {
             return Err(format!(
                 "the log {origin} is at {} entries, but you saw it at {} before: it was rolled \
-                 back (or the server shows you an old view)",
+                 back (or you are shown an old view)",
                 new.size, old.size
             ));
         }
@@ -193,15 +240,10 @@ pub fn check(
         }
     }
     if old.as_ref().is_none_or(|o| o.size < new.size) {
-        write_state(&file, &proof.checkpoint)
+        write_state(&file, note)
             .map_err(|e| format!("remembering the checkpoint in {}: {e:#}", file.display()))?;
     }
-    Ok(Logged {
-        origin,
-        index: proof.index,
-        size: new.size,
-        since: old.map(|o| o.size),
-    })
+    Ok(old.map(|o| o.size))
 }
 
 fn read_state(file: &Path, keys: &[Verifier]) -> Result<Option<Checkpoint>, String> {

@@ -9,12 +9,14 @@
 //! proofs and their verification); signed notes and checkpoints ([`note`]), Ed25519
 //! keys in the signed-note `vkey` form; tile paths, hash tiles and entry bundles
 //! ([`tiles`]); offline proofs ([`proof`], C2SP tlog-proof); the entries ([`entry`]);
-//! and what a consumer checks and remembers ([`consumer`]). The server's side (its
-//! key under `DATA/log/`, checkpoints, tiles over the catalog) is
-//! [`crate::ledger`]; the rows are the catalog's ([`crate::catalog::LogCatalog`]).
-//! Not yet: witnesses and cosignatures, proofs in bundles, `imgsrv log monitor`.
+//! what a consumer checks and remembers ([`consumer`]); witnesses' cosignatures
+//! ([`cosign`], C2SP tlog-cosignature). The server's side (its key under `DATA/log/`,
+//! checkpoints, tiles over the catalog) is [`crate::ledger`]; the rows are the
+//! catalog's ([`crate::catalog::LogCatalog`]); bundles carry the log as
+//! `crate::bundle`'s `log` module says.
 
 pub mod consumer;
+pub mod cosign;
 pub mod entry;
 pub mod note;
 pub mod proof;

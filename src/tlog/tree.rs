@@ -140,6 +140,50 @@ fn range_hash(lo: u64, hi: u64, r: &impl HashReader) -> anyhow::Result<Hash> {
     Ok(h)
 }
 
+/// Every complete subtree's hash, in memory, made from the leaf hashes: the tree as a
+/// reader of the log's level-0 tiles rebuilds it (an import checking a bundle's
+/// copy of the log offline).
+pub struct MemTree {
+    /// `levels[L][N]`: the subtree at level `L`, index `N`.
+    levels: Vec<Vec<Hash>>,
+}
+
+impl MemTree {
+    pub fn from_leaves(leaves: Vec<Hash>) -> MemTree {
+        let mut levels = vec![leaves];
+        while let Some(below) = levels.last().filter(|l| l.len() >= 2) {
+            let up = below
+                .chunks_exact(2)
+                .map(|p| node_hash(&p[0], &p[1]))
+                .collect();
+            levels.push(up);
+        }
+        MemTree { levels }
+    }
+
+    /// How many leaves it has.
+    pub fn size(&self) -> u64 {
+        self.levels[0].len() as u64
+    }
+}
+
+impl HashReader for MemTree {
+    fn read_hashes(&self, nodes: &[Node]) -> anyhow::Result<Vec<Hash>> {
+        nodes
+            .iter()
+            .map(|n| {
+                self.levels
+                    .get(usize::from(n.level))
+                    .and_then(|l| l.get(usize::try_from(n.index).ok()?))
+                    .copied()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("no hash at level {} index {}", n.level, n.index)
+                    })
+            })
+            .collect()
+    }
+}
+
 /// The root hash of the first `size` leaves.
 pub fn tree_hash(size: u64, r: &impl HashReader) -> anyhow::Result<Hash> {
     range_hash(0, size, r)
@@ -369,6 +413,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_tree_rebuilt_from_its_leaves_holds_the_stored_hashes() {
+        let mut m = Mem::default();
+        let mut leaves = Vec::new();
+        for i in 0..70u64 {
+            m.append(&i.to_be_bytes());
+            leaves.push(leaf_hash(&i.to_be_bytes()));
+            let t = MemTree::from_leaves(leaves.clone());
+            assert_eq!(t.size(), i + 1);
+            let n = i + 1;
+            assert_eq!(tree_hash(n, &t).unwrap(), mth(&leaves), "{n}");
+            for old in [0, 1, n / 2, n] {
+                assert_eq!(
+                    consistency_proof(old, n, &t).unwrap(),
+                    consistency_proof(old, n, &m).unwrap(),
+                    "{old} -> {n}"
+                );
+            }
+        }
+        let t = MemTree::from_leaves(leaves);
+        assert!(t
+            .read_hashes(&[Node {
+                level: 0,
+                index: 70
+            }])
+            .is_err());
+        assert!(t.read_hashes(&[Node { level: 9, index: 0 }]).is_err());
     }
 
     /// RFC 6962 MTH straight from its definition, over leaf hashes.
