@@ -27,6 +27,8 @@ pub struct App {
     /// The transparency log's key and checkpoints; `None` for a data directory
     /// `imgsrv init` has not seen since imgsrv had a log.
     pub ledger: Option<Arc<crate::ledger::Ledger>>,
+    /// `[witness]`: this server as a witness of other logs.
+    pub witness: Option<Arc<crate::tlog::witness::Witness>>,
 }
 
 /// What `init` made (for printing).
@@ -112,9 +114,18 @@ impl App {
             .map_err(|e| log::debug!("web catalog: no certificate to show: {e:#}"))
             .ok()
             .map(Arc::new);
-        let ledger = crate::ledger::Ledger::open(&config.data_dir, catalog.as_ref())?.map(Arc::new);
+        let ledger = crate::ledger::Ledger::open(&config.data_dir, catalog.as_ref())?
+            .map(|l| Arc::new(l.with_witnesses(config.log_witnesses.clone())));
+        let witness = match &config.witness {
+            Some(w) => Some(Arc::new(crate::tlog::witness::Witness::open(
+                &config.data_dir,
+                w.logs.clone(),
+            )?)),
+            None => None,
+        };
         Ok(App {
             ledger,
+            witness,
             served_cert,
             config,
             catalog,

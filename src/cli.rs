@@ -131,6 +131,10 @@ pub enum Command {
     /// change, in a Merkle tree whose checkpoints the log's key signs).
     #[command(subcommand)]
     Log(LogCommand),
+    /// This server as a witness of other imgsrv logs (C2SP tlog-witness): it cosigns a
+    /// log's checkpoint only when it extends every one of that log it cosigned before.
+    #[command(subcommand)]
+    Witness(WitnessCommand),
     /// Re-hash the blob store, check every version's blobs and every publication's
     /// manifest and signature; move damaged blobs to quarantine (never served again
     /// until the right bytes are put back). Exit 0 no problem, 1 problems (listed),
@@ -151,6 +155,22 @@ pub enum LogCommand {
         /// Print the report as one JSON document instead of text.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WitnessCommand {
+    /// Make the witness key (DATA/witness/witness.key, mode 0600) unless there is one,
+    /// and print its verifier key (also in DATA/witness/witness.vkey): give it to the
+    /// logs that ask this witness ([transparency_log] witnesses) and to the consumers
+    /// that count its cosignatures. Then list the logs to witness under [witness] logs
+    /// in imgsrv.toml and serve: it answers POST /witness/add-checkpoint.
+    Init {
+        #[command(flatten)]
+        data: DataArg,
+        /// The witness's name (default: HOST/imgsrv-witness).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -848,6 +868,27 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Scrub(a) => scrub_command(a),
         Command::Log(LogCommand::Verify { data, json }) => log_verify_command(&data.dir, json),
+        Command::Witness(WitnessCommand::Init { data, name }) => {
+            let name = name.unwrap_or_else(|| {
+                format!(
+                    "{}/imgsrv-witness",
+                    crate::tls::host_name().unwrap_or_else(|| "localhost".into())
+                )
+            });
+            let (vkey, made) = crate::tlog::witness::init(&data.dir, &name)
+                .map_err(crate::replicate::cannot_run)?;
+            if made {
+                eprintln!(
+                    "made {}",
+                    data.dir
+                        .join(crate::tlog::witness::DIR)
+                        .join(crate::tlog::witness::KEY_FILE)
+                        .display()
+                );
+            }
+            println!("{vkey}");
+            Ok(())
+        }
     }
 }
 

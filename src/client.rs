@@ -416,6 +416,43 @@ pub(crate) fn load_ca(path: &Path) -> Result<RootCerts, ClientError> {
 
 /// An agent with `config`, trusting `ca` (pinned: [`crate::tls::pinned`])
 /// when given, else the system store ([`system_roots`]).
+/// `POST {prefix}/add-checkpoint` to a witness (C2SP tlog-witness) with `body`: the
+/// status and the body, whatever the status (the caller reads 409's size from it).
+/// Short timeouts: a log asks its witnesses while it answers a request.
+pub fn witness_add_checkpoint(
+    prefix: &str,
+    ca: Option<&Path>,
+    body: &str,
+) -> Result<(u16, String), ClientError> {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .https_only(true)
+        .max_redirects(0)
+        .user_agent(concat!("imgsrv/", env!("CARGO_PKG_VERSION")))
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .timeout_global(Some(Duration::from_secs(10)));
+    let agent = https_agent(config, ca)?;
+    let url = format!("{prefix}/add-checkpoint");
+    let transport = |source| ClientError::Transport {
+        method: "POST".into(),
+        url: url.clone(),
+        source,
+    };
+    let mut resp = agent
+        .post(&url)
+        .content_type("text/plain")
+        .send(body.as_bytes())
+        .map_err(transport)?;
+    let status = resp.status().as_u16();
+    let text = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 10)
+        .read_to_string()
+        .map_err(transport)?;
+    Ok((status, text))
+}
+
 pub(crate) fn https_agent(
     config: ureq::config::ConfigBuilder<ureq::typestate::AgentScope>,
     ca: Option<&Path>,

@@ -15,10 +15,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 mod storage;
+mod witness;
 pub use storage::{
     redact_url, BlobBackend, CatalogBackend, S3Settings, StorageConfig, POSTGRES_URL_ENV,
     S3_SECRET_ENV,
 };
+pub use witness::{LogWitness, WitnessConfig};
 
 pub const CONFIG_FILE: &str = "imgsrv.toml";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
@@ -112,6 +114,9 @@ struct RawConfig {
     scrub: RawScrub,
     #[serde(default)]
     storage: storage::RawStorage,
+    #[serde(default)]
+    transparency_log: witness::RawTransparencyLog,
+    witness: Option<witness::RawWitness>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -321,6 +326,10 @@ pub struct Config {
     pub scrub: ScrubSchedule,
     /// `[storage]`: the catalog's and the blobs' backends.
     pub storage: StorageConfig,
+    /// `[transparency_log] witnesses`: asked to cosign the log's checkpoints.
+    pub log_witnesses: Vec<LogWitness>,
+    /// `[witness]`: the logs this server witnesses.
+    pub witness: Option<WitnessConfig>,
     /// Problems that did not stop loading (printed loudly at start).
     pub warnings: Vec<String>,
 }
@@ -393,6 +402,8 @@ impl Config {
             retention: retention_rules(raw.retention)?,
             scrub: ScrubSchedule::parse(raw.scrub)?,
             storage: StorageConfig::parse(raw.storage, data_dir)?,
+            log_witnesses: witness::log_witnesses(raw.transparency_log, data_dir)?,
+            witness: witness::witness(raw.witness)?,
             warnings: warning.into_iter().collect(),
         })
     }

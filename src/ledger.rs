@@ -51,7 +51,25 @@ impl HashReader for CatalogHashes<'_> {
 pub struct Ledger {
     verifier: Verifier,
     signer: Option<Signer>,
+    /// `DATA/log`.
+    dir: PathBuf,
+    /// `[transparency_log] witnesses`: asked to cosign each checkpoint served.
+    witnesses: Vec<crate::config::LogWitness>,
+    /// What was asked of each witness (by key ID): the size it was last known to
+    /// have, and the size and time of the last request (one every [`ASK_EVERY`]).
+    asked: std::sync::Mutex<std::collections::HashMap<[u8; 4], Asked>>,
 }
+
+#[derive(Default)]
+struct Asked {
+    size: u64,
+    last: Option<(u64, std::time::Instant)>,
+}
+
+/// A witness that did not cosign a checkpoint is asked again at most this often.
+const ASK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// Where the cosignatures of each size are kept: `DATA/log/cosigned/<size>/<key ID>`.
+const COSIGNED_DIR: &str = "cosigned";
 
 /// Creates `DATA/log/` with a new key unless it has one, or the catalog's log has a
 /// key recorded already (an instance of a deployment: the key is copied from another
@@ -135,7 +153,19 @@ impl Ledger {
                 key.display()
             );
         }
-        Ok(Some(Ledger { verifier, signer }))
+        Ok(Some(Ledger {
+            verifier,
+            signer,
+            dir: data_dir.join(LOG_DIR),
+            witnesses: Vec::new(),
+            asked: Default::default(),
+        }))
+    }
+
+    /// The log, asking `witnesses` to cosign what it serves.
+    pub fn with_witnesses(mut self, witnesses: Vec<crate::config::LogWitness>) -> Ledger {
+        self.witnesses = witnesses;
+        self
     }
 
     pub fn vkey(&self) -> String {
@@ -152,7 +182,17 @@ impl Ledger {
 
     /// The newest checkpoint: the stored one, or, when that is behind the log and
     /// this instance holds the key, a new one signed now (and stored). `(size, note)`.
+    ///
+    /// The note carries the cosignatures witnesses gave for that size (kept under
+    /// `DATA/log/cosigned/`), the configured witnesses that gave none yet asked first
+    /// (C2SP tlog-witness; a witness that is down or refuses costs a warning in the log,
+    /// and is asked again after a while).
     pub fn checkpoint(&self, cat: &dyn LogCatalog) -> Result<(u64, String), CatalogError> {
+        let (size, note) = self.signed_checkpoint(cat)?;
+        Ok((size, self.cosigned(cat, size, note)))
+    }
+
+    fn signed_checkpoint(&self, cat: &dyn LogCatalog) -> Result<(u64, String), CatalogError> {
         let size = cat.log_size()?;
         let stored = cat.latest_checkpoint()?;
         if let Some(s) = stored.as_ref().filter(|(n, _)| *n >= size) {
@@ -193,6 +233,131 @@ impl Ledger {
             }
         }
         Ok((size, note))
+    }
+
+    /// `note` (the log's signed checkpoint of `size`) with every cosignature kept for
+    /// that size, after asking the witnesses that gave none.
+    fn cosigned(&self, cat: &dyn LogCatalog, size: u64, note: String) -> String {
+        if size == 0 {
+            return note;
+        }
+        let dir = self.dir.join(COSIGNED_DIR).join(size.to_string());
+        for w in &self.witnesses {
+            let file = dir.join(hex::encode(w.key.id));
+            if file.exists() {
+                continue;
+            }
+            match self.ask(cat, w, size, &note) {
+                Ok(None) => {}
+                Ok(Some(line)) => {
+                    let stored = std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(&dir)
+                        .and_then(|()| crate::tls::write_atomic(&file, line.as_bytes(), 0o644));
+                    if let Err(e) = stored {
+                        log::warn!("transparency log: keeping {}: {e}", file.display());
+                    }
+                }
+                Err(e) => log::warn!(
+                    "transparency log: the witness {} ({}) did not cosign the checkpoint of \
+                     {size} entries: {e:#}",
+                    w.key.name,
+                    w.url
+                ),
+            }
+        }
+        let mut lines: Vec<(String, String)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let line = std::fs::read_to_string(e.path()).ok()?;
+                (name.len() == 8 && line.starts_with('\u{2014}') && line.ends_with('\n'))
+                    .then_some((name, line))
+            })
+            .collect();
+        lines.sort();
+        lines.into_iter().fold(note, |n, (_, l)| n + &l)
+    }
+
+    /// Asks witness `w` to cosign `note` (of `size` entries): its cosignature line, or
+    /// `None` when it was asked about this size a moment ago.
+    fn ask(
+        &self,
+        cat: &dyn LogCatalog,
+        w: &crate::config::LogWitness,
+        size: u64,
+        note: &str,
+    ) -> Result<Option<String>> {
+        let mut old = {
+            let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+            let a = asked.entry(w.key.id).or_default();
+            if a.last
+                .is_some_and(|(s, at)| s == size && at.elapsed() < ASK_EVERY)
+            {
+                return Ok(None);
+            }
+            a.last = Some((size, std::time::Instant::now()));
+            a.size.min(size)
+        };
+        // twice at most: the witness may know the log at another size than we thought
+        for _ in 0..2 {
+            let mut body = format!("old {old}\n");
+            for h in Self::consistency(cat, old, size)? {
+                use base64::Engine as _;
+                body.push_str(&base64::engine::general_purpose::STANDARD.encode(h));
+                body.push('\n');
+            }
+            body.push('\n');
+            body.push_str(note);
+            let (status, text) =
+                crate::client::witness_add_checkpoint(&w.url, w.ca.as_deref(), &body)?;
+            match status {
+                200 => {
+                    let line = text
+                        .lines()
+                        .map(|l| format!("{l}\n"))
+                        .find(|l| {
+                            crate::tlog::note::Note::parse(&format!("{note}{l}"))
+                                .ok()
+                                .and_then(|n| w.key.cosigned(&n).ok().flatten())
+                                .is_some()
+                        })
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("its answer holds no cosignature by its key")
+                        })?;
+                    let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+                    asked.entry(w.key.id).or_default().size = size;
+                    return Ok(Some(line));
+                }
+                409 => {
+                    let have: u64 = text
+                        .trim()
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("409 without its size: {text:?}"))?;
+                    if have > size {
+                        bail!(
+                            "it has seen this log at {have} entries, more than the {size} served \
+                             here: this log was rolled back"
+                        );
+                    }
+                    if have == old {
+                        bail!("409 at the size it gave");
+                    }
+                    self.asked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(w.key.id)
+                        .or_default()
+                        .size = have;
+                    old = have;
+                }
+                _ => bail!("HTTP {status}: {}", text.trim()),
+            }
+        }
+        bail!("the witness's size kept changing")
     }
 
     /// Ok when the log's tree still has, at `size` entries, the root of the checkpoint

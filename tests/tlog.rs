@@ -439,3 +439,127 @@ fn a_consumer_refuses_a_rolled_back_or_forked_log() {
         Some("3")
     );
 }
+
+/// Acceptance: a fresh consumer, who has seen nothing of the log before, refuses a
+/// fork all the same when it asks for a quorum of witnesses. The log asks a witness
+/// (another `imgsrv serve`, `[witness]`) to cosign every checkpoint it serves; the
+/// witness cosigns only trees that extend what it saw. The log's data directory is
+/// restored from an older backup and publishes something else: the witness refuses
+/// that tree, so its checkpoint carries no cosignature, and the consumer who wants one
+/// refuses it (one who asks for none still takes it: what witnesses are for).
+#[test]
+fn a_fresh_consumer_with_a_witness_quorum_refuses_a_fork() {
+    let work = temp_dir("tlog-witness");
+    let mut server = TestServer::start();
+    let data = server.data_dir().to_path_buf();
+    let vkey = fs::read_to_string(data.join("log/log.vkey"))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    // the witness: its key, the log it witnesses, served
+    let wdata = work.path().join("witness");
+    let out = imgsrv(&[
+        "witness",
+        "init",
+        "--data",
+        s(&wdata),
+        "--name",
+        "witness.test/w1",
+    ]);
+    let wkey = last_line(&out);
+    assert!(wkey.starts_with("witness.test/w1+"), "{wkey}");
+    assert_eq!(
+        fs::read_to_string(wdata.join("witness/witness.vkey"))
+            .unwrap()
+            .trim(),
+        wkey
+    );
+    let witness =
+        TestServer::start_configured_in(&wdata, &format!("[witness]\nlogs = [\"{vkey}\"]\n"));
+
+    // the log asks it
+    let config = data.join("imgsrv.toml");
+    let mut text_cfg = fs::read_to_string(&config).unwrap();
+    text_cfg.push_str(&format!(
+        "\n[transparency_log]\nwitnesses = [{{ url = \"{}/witness\", vkey = \"{wkey}\", ca = \"{}\" }}]\n",
+        witness.url(),
+        witness.cert().display()
+    ));
+    fs::write(&config, text_cfg).unwrap();
+    server.kill();
+    server.spawn();
+
+    let (public, secret) = minisign_keypair(work.path().join("k"));
+    trust_key(&data, Some("release"), &public);
+    let img = |n: &str, serial: &str| make_test_image(work.path().join(n), &["--serial", serial]);
+    let (one, two, other) = (
+        img("1", "20260101_0000"),
+        img("2", "20260102_0000"),
+        img("x", "20260103_0000"),
+    );
+    let publish = |server: &TestServer, img: &TestImage, v: &str| {
+        publish_image(server, &secret, img, &["--image", "debian", "--version", v])
+    };
+    publish(&server, &one, "1");
+    let backup = work.path().join("backup");
+    run_ok(Command::new(IMGSRV).args(["backup", "--data", s(&data), "--out", s(&backup)]));
+
+    let consumer = |name: &str, witnesses: bool| {
+        let extra = if witnesses {
+            format!("witnesses = [\"{wkey}\"]\nquorum = 1\n")
+        } else {
+            String::new()
+        };
+        save(
+            work.path(),
+            &format!("{name}.toml"),
+            format!(
+                "[transparency_log]\nkeys = [\"{vkey}\"]\nstate_dir = \"{}\"\n{extra}",
+                work.path().join(name).display()
+            )
+            .as_bytes(),
+        )
+    };
+    // the checkpoint carries the witness's cosignature (C2SP tlog-cosignature), and a
+    // consumer asking for it verifies
+    let checkpoint = String::from_utf8(server.get_ok("/log/checkpoint")).unwrap();
+    let note = imgsrv::tlog::note::Note::parse(&checkpoint).unwrap();
+    let wk = imgsrv::tlog::cosign::WitnessKey::parse(&wkey).unwrap();
+    assert!(
+        wk.cosigned(&note).unwrap().is_some(),
+        "no cosignature in:\n{checkpoint}\n{}",
+        server.log_text()
+    );
+    let first = consumer_verify(&server, &consumer("a", true), &public, "debian@1");
+    assert!(first.status.success(), "{}", text(&first));
+    publish(&server, &two, "2");
+    let second = consumer_verify(&server, &consumer("a", true), &public, "debian@2");
+    assert!(second.status.success(), "{}", text(&second));
+    server.kill();
+
+    // restored from the older backup, and something else published as entry 3
+    let root = temp_dir("tlog-witness-restored");
+    let restored = root.path().join("data");
+    run_ok(Command::new(IMGSRV).args(["restore", "--from", s(&backup), "--data", s(&restored)]));
+    let server = TestServer::start_in(&restored);
+    publish(&server, &other, "2");
+    let fresh = consumer_verify(&server, &consumer("b", true), &public, "debian@2");
+    assert_eq!(fresh.status.code(), Some(1), "{}", text(&fresh));
+    assert!(
+        text(&fresh).contains("cosigned by 0 of the witnesses you trust")
+            && text(&fresh).contains("debian@2"),
+        "{}",
+        text(&fresh)
+    );
+    assert!(
+        server
+            .log_text()
+            .contains("did not cosign the checkpoint of 3 entries"),
+        "{}",
+        server.log_text()
+    );
+    // without a witness asked for, a fresh consumer has nothing to tell the fork by
+    let blind = consumer_verify(&server, &consumer("c", false), &public, "debian@2");
+    assert!(blind.status.success(), "{}", text(&blind));
+}

@@ -410,6 +410,8 @@ fn top_routes(app: &App, req: &mut Request<'_>, ctx: &mut Ctx, m: &str, segs: &[
         ),
         ["v1", "keys"] => methods!(req, "/v1/keys", m; "GET" => trusted_keys(app)),
         ["log", rest @ ..] => log_routes(app, req, m, rest),
+        ["witness", "add-checkpoint"] => methods!(req, "/witness/add-checkpoint", m;
+            "POST" => witness_add_checkpoint(app, req)),
         ["v1", "mirrors"] => methods!(req, "/v1/mirrors", m; "GET" => mirrors(app, ctx)),
         ["v1", "audit"] => methods!(req, "/v1/audit", m; "GET" => audit_log(app, req, ctx)),
         _ => Err(no_route(m, req)),

@@ -9,7 +9,16 @@
 //! # where the newest checkpoint seen of each log is kept (default: the XDG state
 //! # directory, ~/.local/state/imgsrv)
 //! # state_dir = "/var/lib/imgsrv-client"
+//! # witnesses whose cosignatures (C2SP tlog-cosignature) a checkpoint must carry,
+//! # and how many of them (default: all listed)
+//! # witnesses = ["witness.example+1a2b3c4d+BA..."]
+//! # quorum = 1
 //! ```
+//!
+//! A consumer that saw the log before catches a fork or a rollback against what it
+//! remembers; a fresh one has nothing to compare with, and that is what witnesses are
+//! for: each cosigns only a checkpoint consistent with every one it saw of the log,
+//! so a tree shown to this consumer alone lacks their cosignatures.
 //!
 //! With a key listed, every version verified must come with a tlog-proof whose
 //! checkpoint that key signed, proving that the log holds exactly the publication the
@@ -19,6 +28,7 @@
 //! problem, failed in enforce mode, printed in warn mode. Without keys listed the log
 //! is not checked, and `imgsrv verify` says so.
 
+use super::cosign::WitnessKey;
 use super::entry::Entry;
 use super::note::{Checkpoint, Note, Verifier};
 use super::proof::TlogProof;
@@ -30,6 +40,9 @@ use std::path::{Path, PathBuf};
 pub struct LogPolicy {
     pub keys: Vec<Verifier>,
     pub state_dir: PathBuf,
+    pub witnesses: Vec<WitnessKey>,
+    /// How many of `witnesses` must have cosigned a checkpoint.
+    pub quorum: usize,
 }
 
 /// `[transparency_log]` of a client config: `None` when it lists no key.
@@ -42,8 +55,9 @@ pub fn policy_from(doc: &toml::Table) -> anyhow::Result<Option<LogPolicy>> {
         .ok_or_else(|| anyhow::anyhow!("[transparency_log] is not a table"))?;
     for k in section.keys() {
         anyhow::ensure!(
-            k == "keys" || k == "state_dir",
-            "[transparency_log] has no setting {k:?} (it takes keys and state_dir)"
+            ["keys", "state_dir", "witnesses", "quorum"].contains(&k.as_str()),
+            "[transparency_log] has no setting {k:?} (it takes keys, state_dir, witnesses \
+             and quorum)"
         );
     }
     let keys = match section.get("keys") {
@@ -75,7 +89,77 @@ pub fn policy_from(doc: &toml::Table) -> anyhow::Result<Option<LogPolicy>> {
         ),
         None => default_state_dir()?,
     };
-    Ok(Some(LogPolicy { keys, state_dir }))
+    let witnesses: Vec<WitnessKey> = match section.get("witnesses") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .ok_or_else(|| anyhow::anyhow!("[transparency_log] witnesses is not a list of vkeys"))?
+            .iter()
+            .map(|k| {
+                let s = k.as_str().ok_or_else(|| {
+                    anyhow::anyhow!("[transparency_log] witnesses: {k} is not text")
+                })?;
+                WitnessKey::parse(s).map_err(|e| {
+                    anyhow::anyhow!(
+                        "[transparency_log] witnesses: {s:?} is not a witness's cosignature key \
+                         ({e}); copy it from the witness's DATA/witness/witness.vkey"
+                    )
+                })
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let quorum = match section.get("quorum") {
+        None => witnesses.len(),
+        Some(v) => {
+            let q = v
+                .as_integer()
+                .and_then(|q| usize::try_from(q).ok())
+                .ok_or_else(|| anyhow::anyhow!("[transparency_log] quorum is not a number"))?;
+            anyhow::ensure!(
+                (1..=witnesses.len()).contains(&q),
+                "[transparency_log] quorum = {q}, but {} witness(es) are listed: it must be \
+                 between 1 and that",
+                witnesses.len()
+            );
+            q
+        }
+    };
+    Ok(Some(LogPolicy {
+        keys,
+        state_dir,
+        witnesses,
+        quorum,
+    }))
+}
+
+/// Checks that the signed note `note` carries cosignatures by at least `quorum` of the
+/// policy's witnesses (none asked for: Ok). A cosignature by a listed witness that
+/// does not verify refuses it.
+pub fn check_quorum(policy: &LogPolicy, note: &str) -> Result<(), String> {
+    if policy.quorum == 0 {
+        return Ok(());
+    }
+    let n = Note::parse(note).map_err(|e| format!("the checkpoint: {e}"))?;
+    let mut by = Vec::new();
+    for w in &policy.witnesses {
+        if w.cosigned(&n)
+            .map_err(|e| format!("the checkpoint: {e}"))?
+            .is_some()
+        {
+            by.push(w.name.as_str());
+        }
+    }
+    if by.len() < policy.quorum {
+        let names: Vec<&str> = policy.witnesses.iter().map(|w| w.name.as_str()).collect();
+        return Err(format!(
+            "its checkpoint is cosigned by {} of the witnesses you trust ({}), {} required: no \
+             quorum of witnesses has seen this tree (a history shown to you alone, a fork?)",
+            by.len(),
+            names.join(", "),
+            policy.quorum
+        ));
+    }
+    Ok(())
 }
 
 fn default_state_dir() -> anyhow::Result<PathBuf> {
@@ -104,7 +188,7 @@ pub struct Logged {
 }
 
 /// The file keeping the newest checkpoint seen of `origin`.
-fn state_file(dir: &Path, origin: &str) -> PathBuf {
+pub(crate) fn state_file(dir: &Path, origin: &str) -> PathBuf {
     let name: String = origin
         .chars()
         .map(|c| {
@@ -146,6 +230,7 @@ pub fn check(
                  (the log holds another history than the server shows you)"
             )
         })?;
+    check_quorum(policy, &proof.checkpoint)?;
     let since = advance(
         policy,
         &keys,
@@ -191,6 +276,7 @@ pub fn check_checkpoint(
     let keys = keys_of(policy, &origin)?;
     let new = super::note::signed_checkpoint(note, &keys)
         .map_err(|e| format!("not a checkpoint signed by the log's key: {e}"))?;
+    check_quorum(policy, note)?;
     advance(policy, &keys, note, &new, consistency)?;
     Ok(new)
 }
@@ -246,7 +332,7 @@ fn advance(
     Ok(old.map(|o| o.size))
 }
 
-fn read_state(file: &Path, keys: &[Verifier]) -> Result<Option<Checkpoint>, String> {
+pub(crate) fn read_state(file: &Path, keys: &[Verifier]) -> Result<Option<Checkpoint>, String> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -265,7 +351,7 @@ fn read_state(file: &Path, keys: &[Verifier]) -> Result<Option<Checkpoint>, Stri
 }
 
 /// An exclusive flock(2) on `<file>.lock`, held until dropped.
-fn lock_state(file: &Path) -> anyhow::Result<std::fs::File> {
+pub(crate) fn lock_state(file: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let dir = file.parent().expect("a state file has a directory");
     std::fs::create_dir_all(dir)?;
@@ -286,7 +372,7 @@ fn lock_state(file: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-fn write_state(file: &Path, note: &str) -> anyhow::Result<()> {
+pub(crate) fn write_state(file: &Path, note: &str) -> anyhow::Result<()> {
     Ok(crate::tls::write_atomic(file, note.as_bytes(), 0o644)?)
 }
 
@@ -310,10 +396,37 @@ mod tests {
         .unwrap();
         assert_eq!(p.keys[0].vkey(), vkey);
         assert_eq!(p.state_dir, Path::new("/s"));
+        assert_eq!((p.witnesses.len(), p.quorum), (0, 0));
+        let w1 = super::super::cosign::Cosigner::generate("w1.example").unwrap();
+        let w2 = super::super::cosign::Cosigner::generate("w2.example").unwrap();
+        let (k1, k2) = (w1.key().vkey(), w2.key().vkey());
+        let with = |extra: &str| {
+            policy_from(&doc(&format!(
+                "[transparency_log]\nkeys = [\"{vkey}\"]\nwitnesses = [\"{k1}\", \"{k2}\"]\n{extra}"
+            )))
+        };
+        // all of them unless told
+        assert_eq!(with("").unwrap().unwrap().quorum, 2);
+        assert_eq!(with("quorum = 1").unwrap().unwrap().quorum, 1);
+        for bad in ["quorum = 0", "quorum = 3", "quorum = \"1\""] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
+        // a checkpoint cosigned by one of the two: enough for 1, not for 2
+        let text = "log.example/imgsrv/1\n1\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n";
+        let note = format!("{}{}", s.sign(text).unwrap(), w1.cosign(text, 1));
+        assert!(check_quorum(&with("quorum = 1").unwrap().unwrap(), &note).is_ok());
+        let two = check_quorum(&with("").unwrap().unwrap(), &note).unwrap_err();
+        assert!(
+            two.contains("cosigned by 1 of the witnesses you trust"),
+            "{two}"
+        );
         for bad in [
             "[transparency_log]\nkeys = [\"not a key\"]".to_string(),
             "[transparency_log]\nkeys = \"x\"".to_string(),
             format!("[transparency_log]\nkeys = [\"{vkey}\"]\nwitnesses = 2"),
+            format!("[transparency_log]\nkeys = [\"{vkey}\"]\nwitnesses = [\"{vkey}\"]"),
+            format!("[transparency_log]\nkeys = [\"{vkey}\"]\nquorum = 1"),
+            format!("[transparency_log]\nkeys = [\"{vkey}\"]\nlogs = 1"),
             "transparency_log = 1".to_string(),
         ] {
             assert!(policy_from(&doc(&bad)).is_err(), "{bad}");

@@ -22,3 +22,4 @@ pub mod note;
 pub mod proof;
 pub mod tiles;
 pub mod tree;
+pub mod witness;

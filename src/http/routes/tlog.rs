@@ -13,6 +13,9 @@
 //! * `.../versions/{version}/manifest.tlog-proof` (in [`super::version_routes`]): the
 //!   C2SP tlog-proof of a version's publication.
 //!
+//! * `POST /witness/add-checkpoint`: this server as a witness of other logs
+//!   ([`crate::tlog::witness`], C2SP tlog-witness), when `[witness]` is configured.
+//!
 //! The log is public, private images' entries included: an entry names an image, a
 //! version, a manifest digest and a key id, never bytes; a consumer or monitor can
 //! only trust a history that everyone sees the same (docs/transparency-log.md).
@@ -97,4 +100,37 @@ pub(super) fn tlog_proof(app: &App, ctx: &mut Ctx, name: &str, ver: &str) -> Res
         .proof(app.catalog.as_ref(), name, ver)?
         .ok_or_else(|| ApiError::not_found(format!("{name}@{ver} has no entry in the log")))?;
     Ok(text(proof, NO_CACHE))
+}
+
+/// The largest `add-checkpoint` body read (63 proof lines and a checkpoint with its
+/// signatures fit in a few KiB).
+const MAX_WITNESS_BODY: u64 = 64 << 10;
+
+pub(super) fn witness_add_checkpoint(app: &App, req: &mut Request<'_>) -> Res {
+    let w = app.witness.as_deref().ok_or_else(|| {
+        ApiError::not_found("this server is no witness: it has no [witness] in its configuration")
+    })?;
+    let mut buf = Vec::new();
+    use std::io::Read as _;
+    (&mut req.body)
+        .take(MAX_WITNESS_BODY + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+    if buf.len() as u64 > MAX_WITNESS_BODY {
+        return Err(ApiError::new(
+            413,
+            "the body is larger than a checkpoint request",
+        ));
+    }
+    let body =
+        String::from_utf8(buf).map_err(|_| ApiError::bad_request("the body is not UTF-8"))?;
+    let now = chrono::Utc::now().timestamp().max(0) as u64;
+    match w.add_checkpoint(&body, now) {
+        Ok(line) => Ok(text(line, NO_CACHE)),
+        Err(crate::tlog::witness::Refusal::SizeMismatch(size)) => Ok(Response::new(409)
+            .with_header("Content-Type", "text/x.tlog.size")
+            .with_header("Cache-Control", NO_CACHE)
+            .with_body(Body::Bytes(format!("{size}\n").into_bytes()))),
+        Err(e) => Err(ApiError::new(e.status(), e.to_string())),
+    }
 }
