@@ -115,7 +115,17 @@ impl App {
             .ok()
             .map(Arc::new);
         let ledger = crate::ledger::Ledger::open(&config.data_dir, catalog.as_ref())?
-            .map(|l| Arc::new(l.with_witnesses(config.log_witnesses.clone())));
+            .map(|l| Arc::new(l.with_witnesses(config.log_witnesses.clone(), catalog.clone())));
+        if config.witness.is_some()
+            && config.storage.catalog != crate::config::CatalogBackend::Sqlite
+        {
+            anyhow::bail!(
+                "[witness]: a witness keeps what it saw of each log in its own data directory \
+                 (DATA/witness/seen/), so it must be one server: instances of a deployment \
+                 sharing its key could each cosign another fork. Serve [witness] from an \
+                 embedded imgsrv (the SQLite default) of its own"
+            );
+        }
         let witness = match &config.witness {
             Some(w) => Some(Arc::new(crate::tlog::witness::Witness::open(
                 &config.data_dir,

@@ -437,18 +437,21 @@ impl Source {
         }
     }
 
-    /// A data directory's log (`None`: it has none).
+    /// A data directory's log (`None`: it has none), asking the witnesses its
+    /// configuration names for the cosignatures of the checkpoint it exports.
     fn ledger(
         dir: &Path,
-        catalog: &dyn crate::catalog::Catalog,
+        catalog: &std::sync::Arc<dyn crate::catalog::Catalog>,
     ) -> Result<Option<crate::ledger::Ledger>> {
-        crate::ledger::Ledger::open(dir, catalog)
+        let witnesses = crate::config::Config::load(dir, None)?.log_witnesses;
+        Ok(crate::ledger::Ledger::open(dir, catalog.as_ref())?
+            .map(|l| l.with_witnesses(witnesses, catalog.clone())))
     }
 
     /// The version's C2SP tlog-proof; `None` when the source's log has none.
     fn tlog_proof(&self, image: &str, version: &str) -> Result<Option<String>> {
         match self {
-            Source::Local { dir, catalog, .. } => match Self::ledger(dir, catalog.as_ref())? {
+            Source::Local { dir, catalog, .. } => match Self::ledger(dir, catalog)? {
                 Some(l) => Ok(l.proof(catalog.as_ref(), image, version)?),
                 None => Ok(None),
             },
@@ -459,7 +462,7 @@ impl Source {
     /// The log's newest signed checkpoint; `None` when the source has no log.
     fn log_checkpoint(&self) -> Result<Option<String>> {
         match self {
-            Source::Local { dir, catalog, .. } => match Self::ledger(dir, catalog.as_ref())? {
+            Source::Local { dir, catalog, .. } => match Self::ledger(dir, catalog)? {
                 Some(l) => Ok(Some(l.checkpoint(catalog.as_ref())?.1)),
                 None => Ok(None),
             },
@@ -916,14 +919,12 @@ pub fn import(
     // where each member belongs
     let mut by_manifest: HashMap<&str, usize> = HashMap::new();
     let mut by_signature: HashMap<&str, usize> = HashMap::new();
-    let mut proofs: BTreeSet<&str> = BTreeSet::new();
     // the log's members (proofs, checkpoint, tiles), for the check before the blobs
     let mut log_members: HashMap<String, Vec<u8>> = HashMap::new();
     let mut pending: Vec<Pending> = Vec::new();
     for (i, v) in index.versions.iter().enumerate() {
         by_manifest.insert(v.manifest.as_str(), i);
         by_signature.insert(v.signature.as_str(), i);
-        proofs.extend(v.tlog_proof.as_deref());
         let status = dest
             .target()
             .status(&v.image, &v.version)
@@ -1036,14 +1037,14 @@ pub fn import(
             let text = String::from_utf8(bytes)
                 .map_err(|_| refused(format!("{member}: not a minisign signature (not text)")))?;
             pending[i].signature = Some(text);
-        } else if proofs.contains(member.as_str()) || log::is_log_member(&index, &member) {
+        } else if let Some(limit) = log::member_limit(&index, &member) {
             if index_trust.is_some() {
                 return Err(refused(format!(
                     "{member}: after the blobs (the log's members come before them)"
                 )));
             }
-            let bytes = read_small(&mut entry, MAX_INDEX, &member)
-                .map_err(|e| refused(format!("{e:#}")))?;
+            let bytes =
+                read_small(&mut entry, limit, &member).map_err(|e| refused(format!("{e:#}")))?;
             computed.push((member.clone(), Digest::of(&bytes)));
             log_members.insert(member, bytes);
         } else if let Some(hex) = member.strip_prefix("blobs/sha256/") {

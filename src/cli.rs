@@ -156,6 +156,36 @@ pub enum LogCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Follow another server's log (its /log/) and print its new entries about the
+    /// images or keys given (all of them without a filter): a publisher's early warning
+    /// of a publication signed by their key that they did not make. Checks every run
+    /// that the log only grew since the last (a fork or rollback is refused) and that
+    /// its entries make the tree its key signed. Exit 0 checked (the entries printed),
+    /// 1 the log is not what it must be, 2 could not run.
+    Monitor {
+        /// The server: https://HOST[:PORT].
+        url: String,
+        /// The log's verifier key (its DATA/log/log.vkey, /log/vkey), or a file holding it.
+        #[arg(long, value_name = "VKEY")]
+        vkey: String,
+        /// PEM certificate(s) to trust for the server instead of the system store.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Where the checkpoint and leaf hashes seen are kept (default: the XDG state
+        /// directory's imgsrv/monitor, ~/.local/state/imgsrv/monitor).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Report entries about images matching this glob (repeatable).
+        #[arg(long = "image", value_name = "GLOB")]
+        images: Vec<String>,
+        /// Report entries about this publisher key id, hex (repeatable): its additions,
+        /// retirements, revocations and the publications it signed.
+        #[arg(long = "key", value_name = "KEY_ID")]
+        keys: Vec<String>,
+        /// Print the report as one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -868,6 +898,15 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Scrub(a) => scrub_command(a),
         Command::Log(LogCommand::Verify { data, json }) => log_verify_command(&data.dir, json),
+        Command::Log(LogCommand::Monitor {
+            url,
+            vkey,
+            ca,
+            state_dir,
+            images,
+            keys,
+            json,
+        }) => log_monitor_command(&url, &vkey, ca, state_dir, images, keys, json),
         Command::Witness(WitnessCommand::Init { data, name }) => {
             let name = name.unwrap_or_else(|| {
                 format!(
@@ -893,6 +932,107 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// `imgsrv log verify`: exit 0 no problem, 1 problems found, 2 could not run.
+/// The log of a server, read through its API client.
+struct RemoteLog(crate::client::ApiClient);
+
+impl crate::tlog::monitor::LogReader for RemoteLog {
+    fn checkpoint(&self) -> Result<String> {
+        self.0.get_log_checkpoint()?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} keeps no transparency log (/log/checkpoint: 404)",
+                self.0.server()
+            )
+        })
+    }
+    fn tile(&self, path: &str) -> Result<Vec<u8>> {
+        Ok(self.0.get_log_tile(path)?)
+    }
+}
+
+fn log_monitor_command(
+    url: &str,
+    vkey: &str,
+    ca: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    images: Vec<String>,
+    keys: Vec<String>,
+    json: bool,
+) -> Result<()> {
+    use crate::replicate::cannot_run;
+    use crate::tlog::monitor::{self, MonitorError, MonitorOptions};
+    let setup = || -> Result<(RemoteLog, MonitorOptions)> {
+        let text = match std::fs::read_to_string(vkey) {
+            Ok(t) => t,
+            Err(_) if vkey.contains('+') => vkey.to_string(),
+            Err(e) => anyhow::bail!("--vkey {vkey:?}: neither a vkey nor a file with one ({e})"),
+        };
+        let log_key = crate::tlog::note::Verifier::parse(text.trim()).map_err(|e| {
+            anyhow::anyhow!("--vkey: {e}; copy it from the server's /log/vkey or DATA/log/log.vkey")
+        })?;
+        for g in &images {
+            anyhow::ensure!(
+                crate::names::scope(g),
+                "invalid --image glob {g:?}: an image-name glob such as debian-* or *"
+            );
+        }
+        for k in &keys {
+            anyhow::ensure!(
+                k.len() == 16 && k.bytes().all(|b| b.is_ascii_hexdigit()),
+                "invalid --key {k:?}: a minisign key id, 16 hex digits (imgsrv key list)"
+            );
+        }
+        let state_dir = match state_dir {
+            Some(d) => d,
+            None => crate::tlog::consumer::default_state_dir()?.join("monitor"),
+        };
+        let client = crate::client::ApiClient::new(url, ca.as_deref(), None)?;
+        Ok((
+            RemoteLog(client),
+            MonitorOptions {
+                log_key,
+                state_dir,
+                images,
+                keys,
+            },
+        ))
+    };
+    let (reader, opts) = setup().map_err(cannot_run)?;
+    let report = match monitor::run(&reader, &opts) {
+        Ok(r) => r,
+        Err(MonitorError::CannotRun(e)) => return Err(cannot_run(e.context("log monitor"))),
+        Err(MonitorError::Problem(p)) => {
+            eprintln!("PROBLEM {p}");
+            std::process::exit(1);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut stdout, &report)?;
+        writeln!(stdout)?;
+        return Ok(());
+    }
+    for (index, text) in &report.matched {
+        writeln!(stdout, "entry {index}: {text}")?;
+    }
+    let since = match report.since {
+        Some(n) => format!("{} new since the {n} seen before", report.size - n),
+        None => "the first run".to_string(),
+    };
+    writeln!(
+        stdout,
+        "log {}: {} entries ({since}), consistent; {} new entr{} matched",
+        report.origin,
+        report.size,
+        report.matched.len(),
+        if report.matched.len() == 1 {
+            "y"
+        } else {
+            "ies"
+        }
+    )?;
+    Ok(())
+}
+
 fn log_verify_command(dir: &std::path::Path, json: bool) -> Result<()> {
     use crate::replicate::cannot_run;
     let app = (|| -> Result<crate::app::App> {

@@ -57,7 +57,9 @@ pub struct Ledger {
     witnesses: Vec<crate::config::LogWitness>,
     /// What was asked of each witness (by key ID): the size it was last known to
     /// have, and the size and time of the last request (one every [`ASK_EVERY`]).
-    asked: std::sync::Mutex<std::collections::HashMap<[u8; 4], Asked>>,
+    asked: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 4], Asked>>>,
+    /// The catalog, for the consistency proofs sent to witnesses (from another thread).
+    catalog: Option<std::sync::Arc<dyn LogCatalog>>,
 }
 
 #[derive(Default)]
@@ -159,12 +161,19 @@ impl Ledger {
             dir: data_dir.join(LOG_DIR),
             witnesses: Vec::new(),
             asked: Default::default(),
+            catalog: None,
         }))
     }
 
-    /// The log, asking `witnesses` to cosign what it serves.
-    pub fn with_witnesses(mut self, witnesses: Vec<crate::config::LogWitness>) -> Ledger {
+    /// The log, asking `witnesses` to cosign what it serves (`catalog`: this log's,
+    /// for the consistency proofs it sends them).
+    pub fn with_witnesses(
+        mut self,
+        witnesses: Vec<crate::config::LogWitness>,
+        catalog: std::sync::Arc<dyn LogCatalog>,
+    ) -> Ledger {
         self.witnesses = witnesses;
+        self.catalog = Some(catalog);
         self
     }
 
@@ -189,7 +198,7 @@ impl Ledger {
     /// and is asked again after a while).
     pub fn checkpoint(&self, cat: &dyn LogCatalog) -> Result<(u64, String), CatalogError> {
         let (size, note) = self.signed_checkpoint(cat)?;
-        Ok((size, self.cosigned(cat, size, note)))
+        Ok((size, self.cosigned(size, note)))
     }
 
     fn signed_checkpoint(&self, cat: &dyn LogCatalog) -> Result<(u64, String), CatalogError> {
@@ -235,30 +244,65 @@ impl Ledger {
         Ok((size, note))
     }
 
-    /// `note` (the log's signed checkpoint of `size`) with every cosignature kept for
-    /// that size, after asking the witnesses that gave none.
-    fn cosigned(&self, cat: &dyn LogCatalog, size: u64, note: String) -> String {
-        if size == 0 {
+    /// `note` (the log's signed checkpoint of `size`) with the cosignature of each
+    /// configured witness that gave one for exactly this checkpoint (a kept line that
+    /// does not verify over it, left from another tree of that size, is asked anew).
+    /// Witnesses that gave none are asked, all at once, each on a thread of its own;
+    /// the answer waits for them at most [`WAIT_FOR_WITNESSES`] (a slow one's
+    /// cosignature is kept when it comes, for the next request).
+    fn cosigned(&self, size: u64, note: String) -> String {
+        if size == 0 || self.witnesses.is_empty() {
             return note;
         }
         let dir = self.dir.join(COSIGNED_DIR).join(size.to_string());
+        let mut lines = Vec::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut waiting = 0;
         for w in &self.witnesses {
             let file = dir.join(hex::encode(w.key.id));
-            if file.exists() {
+            match std::fs::read_to_string(&file) {
+                Ok(line) if cosigns(w, &note, &line) => {
+                    lines.push(line);
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(cat) = self.catalog.clone() else {
+                continue;
+            };
+            if !self.time_to_ask(w, size) {
                 continue;
             }
-            match self.ask(cat, w, size, &note) {
-                Ok(None) => {}
-                Ok(Some(line)) => {
-                    let stored = std::fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o755)
-                        .create(&dir)
-                        .and_then(|()| crate::tls::write_atomic(&file, line.as_bytes(), 0o644));
-                    if let Err(e) = stored {
-                        log::warn!("transparency log: keeping {}: {e}", file.display());
+            let (w, note, asked, tx, dir) = (
+                w.clone(),
+                note.clone(),
+                self.asked.clone(),
+                tx.clone(),
+                dir.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name("log-witness".into())
+                .spawn(move || {
+                    let got = ask(cat.as_ref(), &w, size, &note, &asked);
+                    if let Ok(line) = &got {
+                        keep(&dir, &file, line);
                     }
-                }
+                    let _ = tx.send((w, got));
+                });
+            match spawned {
+                Ok(_) => waiting += 1,
+                Err(e) => log::warn!("transparency log: cannot ask a witness: {e}"),
+            }
+        }
+        let deadline = std::time::Instant::now() + WAIT_FOR_WITNESSES;
+        while waiting > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok((w, got)) = rx.recv_timeout(left) else {
+                break;
+            };
+            waiting -= 1;
+            match got {
+                Ok(line) => lines.push(line),
                 Err(e) => log::warn!(
                     "transparency log: the witness {} ({}) did not cosign the checkpoint of \
                      {size} entries: {e:#}",
@@ -267,97 +311,22 @@ impl Ledger {
                 ),
             }
         }
-        let mut lines: Vec<(String, String)> = std::fs::read_dir(&dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let line = std::fs::read_to_string(e.path()).ok()?;
-                (name.len() == 8 && line.starts_with('\u{2014}') && line.ends_with('\n'))
-                    .then_some((name, line))
-            })
-            .collect();
         lines.sort();
-        lines.into_iter().fold(note, |n, (_, l)| n + &l)
+        lines.into_iter().fold(note, |n, l| n + &l)
     }
 
-    /// Asks witness `w` to cosign `note` (of `size` entries): its cosignature line, or
-    /// `None` when it was asked about this size a moment ago.
-    fn ask(
-        &self,
-        cat: &dyn LogCatalog,
-        w: &crate::config::LogWitness,
-        size: u64,
-        note: &str,
-    ) -> Result<Option<String>> {
-        let mut old = {
-            let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
-            let a = asked.entry(w.key.id).or_default();
-            if a.last
-                .is_some_and(|(s, at)| s == size && at.elapsed() < ASK_EVERY)
-            {
-                return Ok(None);
-            }
-            a.last = Some((size, std::time::Instant::now()));
-            a.size.min(size)
-        };
-        // twice at most: the witness may know the log at another size than we thought
-        for _ in 0..2 {
-            let mut body = format!("old {old}\n");
-            for h in Self::consistency(cat, old, size)? {
-                use base64::Engine as _;
-                body.push_str(&base64::engine::general_purpose::STANDARD.encode(h));
-                body.push('\n');
-            }
-            body.push('\n');
-            body.push_str(note);
-            let (status, text) =
-                crate::client::witness_add_checkpoint(&w.url, w.ca.as_deref(), &body)?;
-            match status {
-                200 => {
-                    let line = text
-                        .lines()
-                        .map(|l| format!("{l}\n"))
-                        .find(|l| {
-                            crate::tlog::note::Note::parse(&format!("{note}{l}"))
-                                .ok()
-                                .and_then(|n| w.key.cosigned(&n).ok().flatten())
-                                .is_some()
-                        })
-                        .ok_or_else(|| {
-                            anyhow::anyhow!("its answer holds no cosignature by its key")
-                        })?;
-                    let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
-                    asked.entry(w.key.id).or_default().size = size;
-                    return Ok(Some(line));
-                }
-                409 => {
-                    let have: u64 = text
-                        .trim()
-                        .parse()
-                        .map_err(|_| anyhow::anyhow!("409 without its size: {text:?}"))?;
-                    if have > size {
-                        bail!(
-                            "it has seen this log at {have} entries, more than the {size} served \
-                             here: this log was rolled back"
-                        );
-                    }
-                    if have == old {
-                        bail!("409 at the size it gave");
-                    }
-                    self.asked
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(w.key.id)
-                        .or_default()
-                        .size = have;
-                    old = have;
-                }
-                _ => bail!("HTTP {status}: {}", text.trim()),
-            }
+    /// Whether witness `w` may be asked about `size` now (once every [`ASK_EVERY`]);
+    /// if so, the time is noted.
+    fn time_to_ask(&self, w: &crate::config::LogWitness, size: u64) -> bool {
+        let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+        let a = asked.entry(w.key.id).or_default();
+        if a.last
+            .is_some_and(|(s, at)| s == size && at.elapsed() < ASK_EVERY)
+        {
+            return false;
         }
-        bail!("the witness's size kept changing")
+        a.last = Some((size, std::time::Instant::now()));
+        true
     }
 
     /// Ok when the log's tree still has, at `size` entries, the root of the checkpoint
@@ -460,4 +429,92 @@ impl Ledger {
         };
         Ok(Some((tile, bytes)))
     }
+}
+
+/// How long an answer waits for the witnesses it asked.
+const WAIT_FOR_WITNESSES: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `line` is witness `w`'s valid cosignature on `note`.
+fn cosigns(w: &crate::config::LogWitness, note: &str, line: &str) -> bool {
+    line.ends_with('\n')
+        && crate::tlog::note::Note::parse(&format!("{note}{line}"))
+            .ok()
+            .and_then(|n| w.key.cosigned(&n).ok().flatten())
+            .is_some()
+}
+
+/// Keeps a cosignature line (a failure only costs asking again).
+fn keep(dir: &Path, file: &Path, line: &str) {
+    let stored = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .and_then(|()| crate::tls::write_atomic(file, line.as_bytes(), 0o644));
+    if let Err(e) = stored {
+        log::warn!("transparency log: keeping {}: {e}", file.display());
+    }
+}
+
+/// Asks witness `w` to cosign `note` (the log's checkpoint of `size` entries), from
+/// the size it was last known to have (`asked`): its cosignature line.
+fn ask(
+    cat: &dyn LogCatalog,
+    w: &crate::config::LogWitness,
+    size: u64,
+    note: &str,
+    asked: &std::sync::Mutex<std::collections::HashMap<[u8; 4], Asked>>,
+) -> Result<String> {
+    let known = |set: Option<u64>| {
+        let mut m = asked.lock().unwrap_or_else(|p| p.into_inner());
+        let a = m.entry(w.key.id).or_default();
+        if let Some(n) = set {
+            a.size = n;
+        }
+        a.size
+    };
+    let mut old = known(None).min(size);
+    // twice at most: the witness may know the log at another size than we thought
+    for _ in 0..2 {
+        let mut body = format!("old {old}\n");
+        for h in Ledger::consistency(cat, old, size)? {
+            use base64::Engine as _;
+            body.push_str(&base64::engine::general_purpose::STANDARD.encode(h));
+            body.push('\n');
+        }
+        body.push('\n');
+        body.push_str(note);
+        let (status, text) = crate::client::witness_add_checkpoint(&w.url, w.ca.as_deref(), &body)?;
+        match status {
+            200 => {
+                let line = text
+                    .lines()
+                    .map(|l| format!("{l}\n"))
+                    .find(|l| cosigns(w, note, l))
+                    .ok_or_else(|| anyhow::anyhow!("its answer holds no cosignature by its key"))?;
+                known(Some(size));
+                return Ok(line);
+            }
+            409 => {
+                let have: u64 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("409 without its size: {text:?}"))?;
+                if have > size {
+                    bail!(
+                        "it has seen this log at {have} entries, more than the {size} served here: \
+                         this log was rolled back (restored from an older backup?)"
+                    );
+                }
+                if have == old {
+                    bail!(
+                        "it cosigned another tree of {have} entries than this log's: this log's \
+                         history forked (restored from an older backup, then written to?)"
+                    );
+                }
+                old = known(Some(have));
+            }
+            _ => bail!("HTTP {status}: {}", text.trim()),
+        }
+    }
+    bail!("the witness's size kept changing")
 }

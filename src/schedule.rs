@@ -251,19 +251,25 @@ impl Scheduler {
             {
                 Ok(Some(l)) => l,
                 taken => {
-                    let why = match taken {
-                        Err(e) => format!("could not take the job lock {lock_name}: {e}"),
-                        _ => format!(
-                            "another instance (or another server on this catalog) is running \
-                         it: the job lock {lock_name} is taken"
+                    let (outcome, why) = match taken {
+                        Err(e) => (
+                            "error",
+                            format!("could not take the job lock {lock_name}: {e}"),
+                        ),
+                        _ => (
+                            "skipped",
+                            format!(
+                                "another instance (or another server on this catalog) is \
+                                 running it: the job lock {lock_name} is taken"
+                            ),
                         ),
                     };
-                    log::info!("mirror {}: skipped, {why}", job.name);
+                    log::info!("mirror {}: {outcome}, {why}", job.name);
                     let next = chrono::Utc::now()
                         + chrono::Duration::from_std(job.interval).unwrap_or_default();
                     self.update(&job.name, |s| {
                         s.state = "idle".into();
-                        s.last_outcome = Some("skipped".into());
+                        s.last_outcome = Some(outcome.into());
                         s.last_error = Some(why);
                         s.next_run = Some(next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
                     });

@@ -563,3 +563,138 @@ fn a_fresh_consumer_with_a_witness_quorum_refuses_a_fork() {
     let blind = consumer_verify(&server, &consumer("c", false), &public, "debian@2");
     assert!(blind.status.success(), "{}", text(&blind));
 }
+
+/// Issue 11, point 6: `imgsrv log monitor URL` follows a remote log and reports the
+/// entries about a publisher's key (its addition, the publications it signed) or about
+/// images, reading only what is new at each run; a log restored from an older backup
+/// (a rollback), then grown with something else (a fork), is refused.
+#[test]
+fn a_monitor_reports_a_keys_entries_and_refuses_a_rewritten_log() {
+    let work = temp_dir("tlog-monitor");
+    let mut server = TestServer::start();
+    let data = server.data_dir().to_path_buf();
+    let vkey_file = data.join("log/log.vkey");
+    let (public, secret) = minisign_keypair(work.path().join("k"));
+    trust_key(&data, Some("release"), &public);
+    let key = minisign_key_id(&public);
+    let (other_pub, other_secret) = minisign_keypair(work.path().join("o"));
+    trust_key(&data, Some("other"), &other_pub);
+    let img = |n: &str, serial: &str| make_test_image(work.path().join(n), &["--serial", serial]);
+    publish_image(
+        &server,
+        &secret,
+        &img("1", "20260101_0000"),
+        &["--image", "debian", "--version", "1"],
+    );
+    publish_image(
+        &server,
+        &other_secret,
+        &img("u", "20260101_0000"),
+        &["--image", "ubuntu", "--version", "1"],
+    );
+    let backup = work.path().join("backup");
+    run_ok(Command::new(IMGSRV).args(["backup", "--data", s(&data), "--out", s(&backup)]));
+    let state = work.path().join("state");
+    let monitor = |server: &TestServer, filter: &[&str]| {
+        run_any(
+            Command::new(IMGSRV)
+                .args(["log", "monitor", &server.url(), "--ca", s(&server.cert())])
+                .arg("--vkey")
+                .arg(&vkey_file)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(filter),
+        )
+    };
+    let entries = |o: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("entry "))
+            .map(str::to_string)
+            .collect()
+    };
+
+    // the first run: the key's addition and the one publication it signed, not the other's
+    let first = monitor(&server, &["--key", &key]);
+    assert!(first.status.success(), "{}", text(&first));
+    let got = entries(&first);
+    assert_eq!(got.len(), 2, "{}", text(&first));
+    assert!(
+        got[0].starts_with("entry 0: ") && got[0].contains("kind key-add") && got[0].contains(&key),
+        "{got:?}"
+    );
+    assert!(
+        got[1].contains("kind publish image debian version 1"),
+        "{got:?}"
+    );
+    assert!(
+        text(&first).contains("4 entries (the first run)"),
+        "{}",
+        text(&first)
+    );
+    // nothing new: nothing reported
+    let again = monitor(&server, &["--key", &key]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(entries(&again).is_empty(), "{}", text(&again));
+    assert!(
+        text(&again).contains("0 new since the 4 seen before"),
+        "{}",
+        text(&again)
+    );
+    // a publication signed by the key that its owner did not make shows up; an image
+    // filter reports by image
+    publish_image(
+        &server,
+        &secret,
+        &img("2", "20260102_0000"),
+        &["--image", "debian", "--version", "2"],
+    );
+    let seen = monitor(&server, &["--key", &key]);
+    assert_eq!(entries(&seen).len(), 1, "{}", text(&seen));
+    assert!(entries(&seen)[0].starts_with("entry 4: ") && entries(&seen)[0].contains("version 2"));
+    publish_image(
+        &server,
+        &other_secret,
+        &img("u2", "20260102_0000"),
+        &["--image", "ubuntu", "--version", "2"],
+    );
+    let by_image = monitor(&server, &["--image", "ubu*"]);
+    assert_eq!(entries(&by_image).len(), 1, "{}", text(&by_image));
+    assert!(entries(&by_image)[0].contains("image ubuntu version 2"));
+    server.kill();
+
+    // restored from the older backup: rolled back; then grown past it: a fork
+    let root = temp_dir("tlog-monitor-restored");
+    let restored = root.path().join("data");
+    run_ok(Command::new(IMGSRV).args(["restore", "--from", s(&backup), "--data", s(&restored)]));
+    let server = TestServer::start_in(&restored);
+    let rolled = monitor(&server, &[]);
+    assert_eq!(rolled.status.code(), Some(1), "{}", text(&rolled));
+    assert!(text(&rolled).contains("rolled back"), "{}", text(&rolled));
+    for n in 3..6 {
+        publish_image(
+            &server,
+            &secret,
+            &img(&format!("f{n}"), &format!("2026010{n}_0000")),
+            &["--image", "debian", "--version", &n.to_string()],
+        );
+    }
+    let forked = monitor(&server, &[]);
+    assert_eq!(forked.status.code(), Some(1), "{}", text(&forked));
+    assert!(text(&forked).contains("a fork"), "{}", text(&forked));
+    // a wrong key is refused before anything is remembered
+    let stranger = imgsrv::tlog::note::Signer::generate("x.example/imgsrv/1").unwrap();
+    let wrong = run_any(
+        Command::new(IMGSRV)
+            .args(["log", "monitor", &server.url(), "--ca", s(&server.cert())])
+            .args(["--vkey", &stranger.1.verifier().vkey()])
+            .arg("--state-dir")
+            .arg(work.path().join("other-state")),
+    );
+    assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
+    assert!(
+        text(&wrong).contains("not signed by the key you gave"),
+        "{}",
+        text(&wrong)
+    );
+}

@@ -184,15 +184,6 @@ pub fn carry(
     }))
 }
 
-/// Whether `member` is one of the log's members the index names (read into
-/// `Pending`-independent storage by the import loop).
-pub fn is_log_member(index: &Index, member: &str) -> bool {
-    index
-        .log
-        .as_ref()
-        .is_some_and(|l| member == CHECKPOINT_MEMBER || l.tiles.iter().any(|t| t == member))
-}
-
 /// The index's log section is well formed: its tile members are exactly the level-0
 /// tiles of its size, and each version's proof member has the expected name.
 pub fn check_index(index: &Index) -> Result<(), String> {
@@ -209,17 +200,54 @@ pub fn check_index(index: &Index) -> Result<(), String> {
     let Some(log) = &index.log else {
         return Ok(());
     };
-    let want: Vec<String> = tiles_of(log.size)
-        .iter()
-        .map(|t| format!("log/{}", t.path()))
-        .collect();
-    if want != log.tiles {
+    // the size is the untrusted index's: the tile count first, then each name
+    if log.size > MAX_LOG_SIZE || log.tiles.len() as u64 != log.size.div_ceil(WIDTH) {
         return Err(format!(
-            "log: its tiles are not the level-0 tiles of a tree of {} entries",
+            "log: {} tile(s) listed for a tree of {} entries",
+            log.tiles.len(),
             log.size
         ));
     }
+    for (i, name) in log.tiles.iter().enumerate() {
+        let i = i as u64;
+        let t = Tile {
+            level: Some(0),
+            index: i,
+            width: (log.size - i * WIDTH).min(WIDTH) as u16,
+        };
+        if *name != format!("log/{}", t.path()) {
+            return Err(format!(
+                "log: {name:?} is not the level-0 tile {i} of a tree of {} entries",
+                log.size
+            ));
+        }
+    }
     Ok(())
+}
+
+/// The largest log a bundle may carry (2^32 entries: 128 GiB of tiles).
+const MAX_LOG_SIZE: u64 = 1 << 32;
+/// The largest member of the log's read: a full tile (256 hashes).
+pub const MAX_TILE: u64 = WIDTH * 32;
+/// The largest tlog-proof or checkpoint read (63 hashes and a few signatures fit in
+/// a few KiB).
+pub const MAX_NOTE: u64 = 64 << 10;
+
+/// How large a log member may be (`None`: not a log member of this index).
+pub fn member_limit(index: &Index, member: &str) -> Option<u64> {
+    if index
+        .versions
+        .iter()
+        .any(|v| v.tlog_proof.as_deref() == Some(member))
+        || (index.log.is_some() && member == CHECKPOINT_MEMBER)
+    {
+        return Some(MAX_NOTE);
+    }
+    index
+        .log
+        .as_ref()
+        .is_some_and(|l| l.tiles.iter().any(|t| t == member))
+        .then_some(MAX_TILE)
 }
 
 /// The offline check (see the module doc). `Ok` when it passed, was not asked for, or
@@ -304,7 +332,13 @@ fn problems(
     // the bundle's checkpoint: signed by a trusted key, the tiles' tree, and consistent
     // with what this consumer saw before
     let note = text(CHECKPOINT_MEMBER).unwrap_or_default();
-    match consumer::check_checkpoint(policy, &note, &consistency) {
+    // the tiles make the checkpoint's tree (before anything is compared with what this
+    // consumer saw: altered tiles are altered tiles, not a fork)
+    let claimed = crate::tlog::note::Note::parse(&note)
+        .and_then(|n| crate::tlog::note::Checkpoint::parse(&n.text))
+        .map_err(|e| format!("{CHECKPOINT_MEMBER}: {e}"));
+    match claimed {
+        Err(e) => return vec![e],
         Ok(cp) if cp.size != log.size || cp.origin != log.origin => {
             return vec![format!(
                 "{CHECKPOINT_MEMBER} is of {} at {} entries, the index says {} at {}",
@@ -320,7 +354,11 @@ fn problems(
                 )]
             }
         },
-        Err(why) => return vec![format!("{CHECKPOINT_MEMBER}: {why}")],
+    }
+    // signed by a trusted key (and cosigned, if asked), consistent with what this
+    // consumer saw before
+    if let Err(why) = consumer::check_checkpoint(policy, &note, &consistency) {
+        return vec![format!("{CHECKPOINT_MEMBER}: {why}")];
     }
     // each version's proof
     let mut out = Vec::new();
@@ -355,7 +393,7 @@ fn problems(
 
 /// The tree of the bundle's level-0 tiles.
 fn rebuild(log: &IndexLog, members: &HashMap<String, Vec<u8>>) -> Result<MemTree, String> {
-    let mut leaves = Vec::with_capacity(usize::try_from(log.size).unwrap_or(0));
+    let mut leaves = Vec::new();
     for name in &log.tiles {
         let bytes = members
             .get(name)
@@ -379,4 +417,49 @@ fn rebuild(log: &IndexLog, members: &HashMap<String, Vec<u8>>) -> Result<MemTree
         );
     }
     Ok(MemTree::from_leaves(leaves))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(size: u64, tiles: Vec<String>) -> Index {
+        let mut i: Index = serde_json::from_value(serde_json::json!({
+            "format": "imgsrv-bundle", "format_version": 1, "created_at": "t", "source": "s",
+            "versions": [], "blobs": []
+        }))
+        .unwrap();
+        i.log = Some(IndexLog {
+            origin: "o".into(),
+            size,
+            tiles,
+        });
+        i
+    }
+
+    #[test]
+    fn the_index_names_exactly_the_tiles_of_its_size() {
+        let names = |size: u64| -> Vec<String> {
+            tiles_of(size)
+                .iter()
+                .map(|t| format!("log/{}", t.path()))
+                .collect()
+        };
+        assert!(check_index(&index(300, names(300))).is_ok());
+        assert_eq!(names(300), ["log/tile/0/000", "log/tile/0/001.p/44"]);
+        for bad in [
+            index(301, names(300)),
+            index(300, vec![]),
+            index(u64::MAX, vec![]),
+            index(1 << 40, names(300)),
+            index(300, vec!["log/tile/0/000".into(), "log/tile/0/001".into()]),
+        ] {
+            // refused at once, whatever size the index claims
+            assert!(check_index(&bad).is_err());
+        }
+        let i = index(300, names(300));
+        assert_eq!(member_limit(&i, "log/tile/0/000"), Some(MAX_TILE));
+        assert_eq!(member_limit(&i, CHECKPOINT_MEMBER), Some(MAX_NOTE));
+        assert_eq!(member_limit(&i, "log/tile/0/002"), None);
+    }
 }

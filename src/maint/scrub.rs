@@ -424,6 +424,11 @@ impl Scrubber<'_> {
                 self.vouch(&b.digest)?;
                 continue;
             }
+            // (a quarantine only under the lock: another scrub may have it by now)
+            self.hold_lock()?;
+            if self.stopped() {
+                return Ok(());
+            }
             let reason = format!(
                 "its {len} bytes hash to {actual}, not to its name (the catalog gives {} bytes)",
                 self.inv

@@ -108,6 +108,16 @@ pub fn policy_from(doc: &toml::Table) -> anyhow::Result<Option<LogPolicy>> {
             })
             .collect::<anyhow::Result<_>>()?,
     };
+    for (i, w) in witnesses.iter().enumerate() {
+        anyhow::ensure!(
+            !witnesses[..i]
+                .iter()
+                .any(|o| o.id == w.id && o.name == w.name),
+            "[transparency_log] witnesses: {} is listed twice (each counts once toward the \
+             quorum)",
+            w.name
+        );
+    }
     let quorum = match section.get("quorum") {
         None => witnesses.len(),
         Some(v) => {
@@ -162,7 +172,7 @@ pub fn check_quorum(policy: &LogPolicy, note: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn default_state_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_state_dir() -> anyhow::Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
@@ -189,6 +199,8 @@ pub struct Logged {
 
 /// The file keeping the newest checkpoint seen of `origin`.
 pub(crate) fn state_file(dir: &Path, origin: &str) -> PathBuf {
+    // readable, and unique: two origins that read alike ("a/b", "a_b") differ in the hash
+    let hash = hex::encode(&crate::digest::Digest::of(origin.as_bytes()).as_bytes()[..4]);
     let name: String = origin
         .chars()
         .map(|c| {
@@ -199,7 +211,7 @@ pub(crate) fn state_file(dir: &Path, origin: &str) -> PathBuf {
             }
         })
         .collect();
-    dir.join("log").join(format!("{name}.checkpoint"))
+    dir.join("log").join(format!("{name}-{hash}.checkpoint"))
 }
 
 /// Checks that `proof` proves `entry` in a log of `policy`, consistent with what this
@@ -408,6 +420,10 @@ mod tests {
         // all of them unless told
         assert_eq!(with("").unwrap().unwrap().quorum, 2);
         assert_eq!(with("quorum = 1").unwrap().unwrap().quorum, 1);
+        assert!(policy_from(&doc(&format!(
+            "[transparency_log]\nkeys = [\"{vkey}\"]\nwitnesses = [\"{k1}\", \"{k1}\"]"
+        )))
+        .is_err());
         for bad in ["quorum = 0", "quorum = 3", "quorum = \"1\""] {
             assert!(with(bad).is_err(), "{bad}");
         }
@@ -431,9 +447,15 @@ mod tests {
         ] {
             assert!(policy_from(&doc(&bad)).is_err(), "{bad}");
         }
-        assert_eq!(
-            state_file(Path::new("/s"), "a.example/imgsrv/1+x"),
-            Path::new("/s/log/a.example_imgsrv_1_x.checkpoint")
+        let f = state_file(Path::new("/s"), "a.example/imgsrv/1+x");
+        assert!(f.starts_with("/s/log/"), "{f:?}");
+        assert!(
+            f.to_string_lossy().contains("a.example_imgsrv_1_x-"),
+            "{f:?}"
+        );
+        assert_ne!(
+            state_file(Path::new("/s"), "a/b"),
+            state_file(Path::new("/s"), "a_b")
         );
     }
 }

@@ -18,6 +18,7 @@
 pub mod consumer;
 pub mod cosign;
 pub mod entry;
+pub mod monitor;
 pub mod note;
 pub mod proof;
 pub mod tiles;

@@ -165,6 +165,11 @@ impl MemTree {
     pub fn size(&self) -> u64 {
         self.levels[0].len() as u64
     }
+
+    /// The leaf hashes.
+    pub fn leaves(&self) -> &[Hash] {
+        &self.levels[0]
+    }
 }
 
 impl HashReader for MemTree {

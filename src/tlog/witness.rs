@@ -47,6 +47,9 @@ pub enum Refusal {
     SizeMismatch(u64),
     #[error("{0}")]
     BadProof(String),
+    /// The witness could not keep or read its state.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Refusal {
@@ -57,6 +60,7 @@ impl Refusal {
             Refusal::UnknownLog(_) => 404,
             Refusal::SizeMismatch(_) => 409,
             Refusal::BadProof(_) => 422,
+            Refusal::Internal(_) => 500,
         }
     }
 }
@@ -125,7 +129,11 @@ impl Witness {
         let old: u64 = old_line
             .strip_prefix("old ")
             .and_then(|n| n.parse().ok())
-            .filter(|_| !old_line.starts_with("old 0") || old_line == "old 0")
+            .filter(|_| {
+                let digits = &old_line[4..];
+                digits.bytes().all(|b| b.is_ascii_digit())
+                    && (digits == "0" || !digits.starts_with('0'))
+            })
             .ok_or_else(|| bad("the first line is not `old SIZE`"))?;
         // proof lines up to the first empty line; the checkpoint after it (which has
         // an empty line of its own, before its signatures)
@@ -169,10 +177,23 @@ impl Witness {
         }
         let file = state_file(&self.state_dir, origin);
         let _held = lock_state(&file)
-            .map_err(|e| Refusal::Malformed(format!("the witness's state: {e:#}")))?;
-        let seen = read_state(&file, &keys).map_err(Refusal::Malformed)?;
+            .map_err(|e| Refusal::Internal(format!("the witness's state: {e:#}")))?;
+        let seen = read_state(&file, &keys).map_err(|e| {
+            Refusal::Internal(format!(
+                "{e} (the log's key changed? a witness of a new log under the same name \
+                 starts again once its operator removes that file)"
+            ))
+        })?;
         let have = seen.as_ref().map_or(0, |c| c.size);
         if old != have {
+            return Err(Refusal::SizeMismatch(have));
+        }
+        // the same size as seen, another tree: 409 too (C2SP tlog-witness); the log
+        // learns it forked
+        if seen
+            .as_ref()
+            .is_some_and(|s| s.size == new.size && s.root != new.root)
+        {
             return Err(Refusal::SizeMismatch(have));
         }
         match &seen {
@@ -193,7 +214,7 @@ impl Witness {
         }
         if seen.as_ref().is_none_or(|s| s.size < new.size) {
             write_state(&file, note_text)
-                .map_err(|e| Refusal::Malformed(format!("the witness's state: {e:#}")))?;
+                .map_err(|e| Refusal::Internal(format!("the witness's state: {e:#}")))?;
         }
         Ok(self.cosigner.cosign(&note.text, now))
     }
@@ -254,10 +275,8 @@ mod tests {
         assert!(w.add_checkpoint(&body(5, &[], &note_of(&t5)), 9).is_ok());
         let fork = tree_of(5, 1);
         assert_eq!(
-            w.add_checkpoint(&body(5, &[], &note_of(&fork)), 9)
-                .unwrap_err()
-                .status(),
-            422
+            w.add_checkpoint(&body(5, &[], &note_of(&fork)), 9),
+            Err(Refusal::SizeMismatch(5))
         );
         let fork6 = tree_of(6, 1);
         let p = consistency_proof(5, 6, &fork6).unwrap();
@@ -292,5 +311,9 @@ mod tests {
             403
         );
         assert_eq!(w.add_checkpoint("nonsense", 1).unwrap_err().status(), 400);
+        for old in ["old +5", "old 05", "old -1", "old 5x"] {
+            let b = body(5, &[], &note_of(&t5)).replacen("old 5", old, 1);
+            assert_eq!(w.add_checkpoint(&b, 1).unwrap_err().status(), 400, "{old}");
+        }
     }
 }
