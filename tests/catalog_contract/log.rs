@@ -43,6 +43,12 @@ fn kinds_and_tree(c: &dyn Catalog) -> Vec<String> {
             "tree of {size}"
         );
     }
+    // a run of one level (what a hash tile asks for) reads back in order, and a run
+    // reaching past the stored hashes is an error
+    let level0: Vec<Node> = (0..n).map(|index| Node { level: 0, index }).collect();
+    assert_eq!(c.log_hashes(&level0).unwrap(), leaves);
+    let past: Vec<Node> = (0..=n).map(|index| Node { level: 0, index }).collect();
+    assert!(c.log_hashes(&past).is_err(), "a hash past the log");
     texts
         .iter()
         .map(|t| Entry::parse(t).unwrap().kind().to_string())
@@ -102,6 +108,11 @@ pub fn the_log_records_each_event_in_its_transaction(f: &Fixture) {
     assert_eq!(other.log_size().unwrap(), 5);
     published(other.as_ref(), "alpine", "1");
     assert_eq!(kinds_and_tree(c).len(), 6);
+    // (enough entries for a run of hashes read as one range)
+    for v in 2..12 {
+        published(c, "alpine", &v.to_string());
+    }
+    assert_eq!(kinds_and_tree(c).len(), 16);
 }
 
 pub fn checkpoints_are_stored_once_per_size_and_the_log_key_once(f: &Fixture) {

@@ -18,21 +18,68 @@ fn size(c: &Connection) -> Result<u64> {
 }
 
 fn hashes(c: &Connection, nodes: &[Node]) -> Result<Vec<Hash>> {
-    let mut st = c
-        .prepare_cached("SELECT hash FROM log_hashes WHERE level = ?1 AND idx = ?2")
-        .map_err(backend)?;
-    nodes
-        .iter()
-        .map(|n| {
-            let h: Option<Vec<u8>> = st
-                .query_row(params![n.level, n.index as i64], |r| r.get(0))
-                .optional()
-                .ctx("log hash")?;
-            h.and_then(|h| h.try_into().ok()).ok_or_else(|| {
-                CatalogError::NotFound(format!("log hash at level {} index {}", n.level, n.index))
-            })
-        })
-        .collect()
+    let missing = |n: &Node| {
+        CatalogError::NotFound(format!("log hash at level {} index {}", n.level, n.index))
+    };
+    let mut out = Vec::with_capacity(nodes.len());
+    let mut rest = nodes;
+    while let Some(first) = rest.first() {
+        // a run of consecutive nodes of one level (a hash tile): one range scan
+        let run = rest
+            .iter()
+            .enumerate()
+            .take_while(|(i, n)| n.level == first.level && n.index == first.index + *i as u64)
+            .count();
+        if run >= 8 {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT idx, hash FROM log_hashes WHERE level = ?1 AND idx BETWEEN ?2 AND ?3 \
+                     ORDER BY idx",
+                )
+                .map_err(backend)?;
+            let last = first.index + run as u64 - 1;
+            let rows = st
+                .query_map(params![first.level, first.index as i64, last as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(backend)?;
+            let mut want = first.index;
+            for row in rows {
+                let (idx, h) = row.map_err(backend)?;
+                let n = Node {
+                    level: first.level,
+                    index: want,
+                };
+                if idx as u64 != want {
+                    return Err(missing(&n));
+                }
+                out.push(h.try_into().map_err(|_| missing(&n))?);
+                want += 1;
+            }
+            if want != last + 1 {
+                return Err(missing(&Node {
+                    level: first.level,
+                    index: want,
+                }));
+            }
+        } else {
+            let mut st = c
+                .prepare_cached("SELECT hash FROM log_hashes WHERE level = ?1 AND idx = ?2")
+                .map_err(backend)?;
+            for n in &rest[..run] {
+                let h: Option<Vec<u8>> = st
+                    .query_row(params![n.level, n.index as i64], |r| r.get(0))
+                    .optional()
+                    .ctx("log hash")?;
+                out.push(
+                    h.and_then(|h| h.try_into().ok())
+                        .ok_or_else(|| missing(n))?,
+                );
+            }
+        }
+        rest = &rest[run..];
+    }
+    Ok(out)
 }
 
 /// Appends `entry` in `tx`, the transaction of the event it records: its number.
