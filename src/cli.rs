@@ -169,7 +169,7 @@ pub enum LogCommand {
         #[arg(long, value_name = "VKEY")]
         vkey: String,
         /// PEM certificate(s) to trust for the server instead of the system store.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "IMGSRV_CA")]
         ca: Option<PathBuf>,
         /// Where the checkpoint and leaf hashes seen are kept (default: the XDG state
         /// directory's imgsrv/monitor, ~/.local/state/imgsrv/monitor).

@@ -60,7 +60,24 @@ pub struct Ledger {
     asked: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 4], Asked>>>,
     /// The catalog, for the consistency proofs sent to witnesses (from another thread).
     catalog: Option<std::sync::Arc<dyn LogCatalog>>,
+    /// Full tiles served before (a full tile never changes), by path, and their bytes
+    /// in all: at most [`FULL_TILES_BYTES`].
+    full_tiles: std::sync::Mutex<FullTiles>,
 }
+
+/// Full tiles by path, and their bytes in all.
+#[derive(Default)]
+struct FullTiles {
+    by_path: std::collections::HashMap<String, std::sync::Arc<[u8]>>,
+    bytes: usize,
+}
+
+/// A tile and its bytes.
+pub type TileBytes = (Tile, std::sync::Arc<[u8]>);
+
+/// What the full tiles kept in memory may take (a hash tile is 8 KiB: 4,096 of them, the
+/// level-0 tiles of a log of 1,000,000 entries and the levels above).
+const FULL_TILES_BYTES: usize = 32 << 20;
 
 #[derive(Default)]
 struct Asked {
@@ -162,6 +179,7 @@ impl Ledger {
             witnesses: Vec::new(),
             asked: Default::default(),
             catalog: None,
+            full_tiles: Default::default(),
         }))
     }
 
@@ -402,6 +420,42 @@ impl Ledger {
         }
         tree::consistency_proof(old, new, &CatalogHashes(cat))
             .map_err(|e| CatalogError::Backend(format!("the consistency proof: {e:#}")))
+    }
+
+    /// [`Ledger::tile`], a full tile from memory when it was served before: a full tile
+    /// never changes, and the log's tiles are read as static files are (a client
+    /// following the log, a monitor's first run, a verifier) without the catalog.
+    pub fn cached_tile(
+        &self,
+        cat: &dyn LogCatalog,
+        path: &str,
+        size: u64,
+    ) -> Result<Option<TileBytes>, CatalogError> {
+        let Some(tile) = Tile::parse(path).filter(|t| t.covered_by(size)) else {
+            return Ok(None);
+        };
+        let lock = || self.full_tiles.lock().unwrap_or_else(|p| p.into_inner());
+        if tile.is_full() {
+            if let Some(b) = lock().by_path.get(path) {
+                return Ok(Some((tile, b.clone())));
+            }
+        }
+        let Some((tile, bytes)) = Self::tile(cat, path, size)? else {
+            return Ok(None);
+        };
+        let bytes: std::sync::Arc<[u8]> = bytes.into();
+        if tile.is_full() {
+            let mut kept = lock();
+            if kept.bytes + bytes.len() <= FULL_TILES_BYTES
+                && kept
+                    .by_path
+                    .insert(path.to_string(), bytes.clone())
+                    .is_none()
+            {
+                kept.bytes += bytes.len();
+            }
+        }
+        Ok(Some((tile, bytes)))
     }
 
     /// The bytes of the tile at `path` (under `/log/tile/`), for a log of `size`

@@ -698,3 +698,60 @@ fn a_monitor_reports_a_keys_entries_and_refuses_a_rewritten_log() {
         text(&wrong)
     );
 }
+
+/// Issue 11, point 7: the tiles of a larger log. A full tile (256 hashes, 8 KiB) is the
+/// leaf hashes of the entries its entry bundle holds, served as immutable, and the same
+/// bytes again from memory at the next request; a partial one is served for the
+/// log's size.
+#[test]
+fn full_tiles_are_the_hashes_of_their_entries_and_never_change() {
+    use imgsrv::tlog::tiles::parse_entry_bundle;
+    use imgsrv::tlog::tree::leaf_hash;
+    let server = TestServer::start();
+    let cat = imgsrv::admin_cli::open_catalog(server.data_dir()).unwrap();
+    let at = cat.log_size().unwrap();
+    let entries: Vec<imgsrv::tlog::entry::Entry> = (at..300)
+        .map(|i| imgsrv::tlog::entry::Entry::Retire {
+            image: "seed".into(),
+            version: i.to_string(),
+            manifest: imgsrv::digest::Digest::of(&i.to_be_bytes()),
+            time: "2026-12-02T00:00:00Z".into(),
+        })
+        .collect();
+    assert!(cat.append_log_at(at, &entries).unwrap());
+    // a checkpoint of 300 first: tiles are served for the log's size
+    let note = String::from_utf8(server.get_ok("/log/checkpoint")).unwrap();
+    assert_eq!(note.lines().nth(1), Some("300"), "{note}");
+    let bundle = server.get_ok("/log/tile/entries/000");
+    let leaves: Vec<u8> = parse_entry_bundle(&bundle)
+        .unwrap()
+        .iter()
+        .flat_map(|e| leaf_hash(e))
+        .collect();
+    assert_eq!(leaves.len(), 256 * 32);
+    let first = server.get_ok("/log/tile/0/000");
+    assert_eq!(first, leaves);
+    assert_eq!(
+        server.get_ok("/log/tile/0/000"),
+        first,
+        "the same bytes from memory"
+    );
+    let (code, headers) = {
+        let resp = server
+            .agent()
+            .get(format!("{}/log/tile/0/000", server.url()))
+            .call()
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.headers()
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap().to_string()),
+        )
+    };
+    assert_eq!(code, 200);
+    assert!(headers.unwrap_or_default().contains("immutable"));
+    assert_eq!(server.get_ok("/log/tile/0/001.p/44").len(), 44 * 32);
+    let rest = server.get_ok("/log/tile/entries/001.p/44");
+    assert_eq!(parse_entry_bundle(&rest).unwrap().len(), 44);
+}

@@ -71,17 +71,17 @@ pub(super) fn log_routes(app: &App, req: &mut Request<'_>, m: &str, rest: &[&str
             Ok(text(body, FOREVER))
         }),
         ["tile", ..] => methods!(req, "/log/tile/{tile}", m; "GET" => {
-            ledger(app)?;
             let path = rest.join("/");
             let size = app.catalog.log_size()?;
-            let (tile, bytes) = Ledger::tile(app.catalog.as_ref(), &path, size)?
+            let (tile, bytes) = ledger(app)?
+                .cached_tile(app.catalog.as_ref(), &path, size)?
                 .ok_or_else(|| ApiError::not_found(format!(
                     "the log ({size} entries) has no tile {path}"
                 )))?;
             Ok(Response::new(200)
                 .with_header("Content-Type", "application/octet-stream")
                 .with_header("Cache-Control", if tile.is_full() { FOREVER } else { BRIEFLY })
-                .with_body(Body::Bytes(bytes)))
+                .with_body(Body::Shared(bytes)))
         }),
         _ => Err(no_route(m, req)),
     }
