@@ -108,6 +108,11 @@ pub struct MirrorImgsrvArgs {
     /// Only the newest N published versions of each image.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub latest: Option<u32>,
+    /// The client config whose `[transparency_log]` keys the upstream's log is checked
+    /// against, as `imgsrv verify` does (default: $IMGSRV_CLIENT_CONFIG, else
+    /// ~/.config/imgsrv/client.toml).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The upstream imgsrv, e.g. https://images.example.org:8443
     #[arg(value_name = "UPSTREAM_URL")]
     pub upstream: String,
@@ -143,6 +148,7 @@ pub fn mirror_command(a: MirrorImgsrvArgs) -> Result<()> {
             upstream_token: upstream_token.filter(|t| !t.is_empty()),
             image_glob: a.image.clone(),
             latest: a.latest.map(|n| n as usize),
+            log: crate::verify::load_log_policy(crate::verify::config_path(a.config.as_deref()))?,
         };
         Ok((a.target.destination()?, opts))
     };
@@ -486,6 +492,10 @@ pub struct MirrorOptions {
     pub image_glob: Option<String>,
     /// Only the newest N published versions of each image.
     pub latest: Option<usize>,
+    /// The logs the consumer trusts ([`crate::verify::load_log_policy`]): each version
+    /// must be in the upstream's log, consistently with what was seen of it before;
+    /// `None`: not checked.
+    pub log: Option<crate::tlog::consumer::LogPolicy>,
 }
 
 /// What a mirror run did.
@@ -548,7 +558,14 @@ pub fn mirror_imgsrv(
         let mut on_target = BTreeSet::new();
         for version in &versions {
             let label = format!("{name}@{version}");
-            match mirror_version(&up, target, &sigs, &name, version, private) {
+            match mirror_version(
+                &up,
+                target,
+                (&sigs, opts.log.as_ref()),
+                &name,
+                version,
+                private,
+            ) {
                 Ok(Outcome::Copied {
                     stored,
                     bytes,
@@ -678,7 +695,7 @@ fn restore_missing(
 fn mirror_version(
     up: &ApiClient,
     target: &Destination,
-    sigs: &SignatureCheck,
+    (sigs, log): (&SignatureCheck, Option<&crate::tlog::consumer::LogPolicy>),
     image: &str,
     version: &str,
     private: bool,
@@ -704,6 +721,16 @@ fn mirror_version(
         Ok(None) => {}
         Ok(Some(warning)) => log::warn!("{image}@{version}: {warning}"),
         Err(why) => bail!("the target would refuse its signature: {why}"),
+    }
+    if let Some(policy) = log.filter(|_| sigs.mode != crate::config::VerificationMode::Off) {
+        check_upstream_log(
+            up,
+            policy,
+            sigs,
+            (image, version),
+            &manifest_bytes,
+            &signature,
+        )?;
     }
     let (mut stored, mut bytes, mut present) = (0, 0, 0);
     for (digest, size, media_type) in manifest.blobs() {
@@ -733,6 +760,43 @@ fn mirror_version(
         bytes,
         present,
     })
+}
+
+/// The upstream's transparency log holds exactly this publication (its manifest, the
+/// key that signed it as the target's keys verify it, its time), consistently with
+/// what this consumer saw of that log before (the same check as `imgsrv verify`'s).
+/// Refused in enforce mode, a warning in warn mode.
+fn check_upstream_log(
+    up: &ApiClient,
+    policy: &crate::tlog::consumer::LogPolicy,
+    sigs: &SignatureCheck,
+    (image, version): (&str, &str),
+    manifest: &[u8],
+    signature: &str,
+) -> Result<()> {
+    let proof = up.get_tlog_proof(image, version)?;
+    let view = up.get_version(image, version)?;
+    let entry = crate::tlog::entry::Entry::Publish {
+        image: image.to_string(),
+        version: version.to_string(),
+        manifest: Digest::of(manifest),
+        signer: crate::sign::verify_signed_by(&sigs.keys, manifest, signature)
+            .ok()
+            .map(|(_, v)| v.key_id),
+        time: view
+            .publication
+            .and_then(|p| p.published_at)
+            .unwrap_or_default(),
+    };
+    let consistency = |old, new| up.get_log_consistency(old, new).map_err(Into::into);
+    match crate::tlog::consumer::check(policy, proof.as_deref(), &entry, &consistency) {
+        Ok(_) => Ok(()),
+        Err(why) if sigs.mode == crate::config::VerificationMode::Warn => {
+            log::warn!("{image}@{version}: transparency log: {why} (mode warn: mirrored anyway)");
+            Ok(())
+        }
+        Err(why) => bail!("transparency log: {why}"),
+    }
 }
 
 /// Parses canonical manifest bytes and checks they are canonical and name

@@ -379,3 +379,62 @@ fn imgsrv_mirror_recognises_an_imgsrv_upstream_and_keeps_its_signatures() {
         .get("/v1/images/debian-bookworm/versions/20260101_0000/manifest.minisig");
     assert_eq!(sig.trim(), String::from_utf8_lossy(&upstream_sig).trim());
 }
+
+/// Issue 11, point 4: `mirror-imgsrv` from another imgsrv checks the upstream's
+/// transparency log as `imgsrv verify` does, when the client config trusts a log key:
+/// each version must be proven in that log (consistently with what was seen of it
+/// before), else it is refused in enforce mode and nothing of it is stored.
+#[test]
+fn mirroring_checks_the_upstreams_log_when_the_client_trusts_one() {
+    let up = upstream();
+    let tmp = temp_dir("mirror-log");
+    let vkey = std::fs::read_to_string(up.server.data_dir().join("log/log.vkey")).unwrap();
+    let config = |name: &str, vkey: &str| {
+        let path = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[transparency_log]\nkeys = [\"{}\"]\nstate_dir = \"{}\"\n",
+                vkey.trim(),
+                tmp.path().join(format!("{name}-state")).display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let site = |name: &str| {
+        let dir = tmp.path().join(name);
+        imgsrv(&["init", "--data", s(&dir)]);
+        trust_key(&dir, Some("origin"), &up.public);
+        dir
+    };
+    // another key under the upstream log's name: every version is refused
+    let origin = vkey.trim().split('+').next().unwrap().to_string();
+    let impostor = imgsrv::tlog::note::Signer::generate(&origin).unwrap().1;
+    let wrong = config("wrong", &impostor.verifier().vkey());
+    let refused_dir = site("refused");
+    let refused = mirror(
+        &["--data", s(&refused_dir)],
+        &up.server,
+        &["--config", s(&wrong)],
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    let t = text(&refused);
+    assert!(
+        t.contains("3 version(s) not mirrored") && t.contains("transparency log"),
+        "{t}"
+    );
+    assert_eq!(published_count(&refused_dir), 0);
+    // the upstream's own key: mirrored, and the log's checkpoint remembered
+    let right = config("right", &vkey);
+    let dir = site("ok");
+    let ok = mirror(&["--data", s(&dir)], &up.server, &["--config", s(&right)]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert_eq!(published_count(&dir), 3);
+    let kept: Vec<_> = std::fs::read_dir(tmp.path().join("right-state/log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "checkpoint"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+}

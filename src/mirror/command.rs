@@ -187,6 +187,8 @@ fn imgsrv_upstream(a: &MirrorArgs) -> Result<()> {
             .filter(|t| !t.is_empty()),
         image_glob: a.image.clone(),
         latest: a.latest.map(|n| n as usize),
+        log: crate::verify::load_log_policy(crate::verify::config_path(None))
+            .map_err(cannot_run)?,
     };
     let report = crate::replicate::mirror_imgsrv(&opts, &dest, &mut out).map_err(cannot_run)?;
     if !report.failed.is_empty() {
