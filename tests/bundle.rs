@@ -784,13 +784,7 @@ fn an_import_checks_the_bundles_log_proofs_offline_and_refuses_them_removed_or_a
     let old = work.join("old.tar");
     src.export_signed(&[], &old);
     let backup = work.join("backup");
-    run_ok(Command::new(IMGSRV).args([
-        "backup",
-        "--data",
-        s(src.server.data_dir()),
-        "--out",
-        s(&backup),
-    ]));
+    backup_to(src.server.data_dir(), &backup);
     let v2 = make_test_image(work.join("v2"), &["--serial", "20260302_0000"]);
     publish_image(&src.server, &src.secret, &v2, &[]);
     let bundle = work.join("release.tar");
@@ -945,14 +939,11 @@ fn an_import_checks_the_bundles_log_proofs_offline_and_refuses_them_removed_or_a
     // a fork: the source restored from a backup taken before v2, then publishing
     // something else as v2; its bundle (a tree of 3 again, another one) is refused
     // against the tree of 3 this consumer saw
-    let root = temp_dir("bundle-fork");
-    let restored = root.path().join("data");
-    run_ok(Command::new(IMGSRV).args(["restore", "--from", s(&backup), "--data", s(&restored)]));
-    let forked_src = TestServer::start_in(&restored);
+    let (_root, forked_src) = serve_restored(&backup, "bundle-fork");
     let v2b = make_test_image(work.join("v2b"), &["--serial", "20260303_0000"]);
     publish_image(&forked_src, &src.secret, &v2b, &[]);
     let forked = work.join("forked.tar");
-    let out = export(&["--data", s(&restored), "-o", s(&forked)]);
+    let out = export(&["--data", s(forked_src.data_dir()), "-o", s(&forked)]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(bundle_index(&forked)["log"]["size"], 3);
     refused(&site2, &forked, "a fork");

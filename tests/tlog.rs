@@ -343,7 +343,7 @@ fn a_consumer_refuses_a_rolled_back_or_forked_log() {
         &["--image", "debian", "--version", "1"],
     );
     let backup = work.path().join("backup");
-    run_ok(Command::new(IMGSRV).args(["backup", "--data", s(&data), "--out", s(&backup)]));
+    backup_to(&data, &backup);
 
     let state = work.path().join("state");
     let config = save(
@@ -405,10 +405,7 @@ fn a_consumer_refuses_a_rolled_back_or_forked_log() {
     server.kill();
 
     // the data directory restored from the older backup: the log is back at 2 entries
-    let root = temp_dir("tlog-restored");
-    let restored = root.path().join("data");
-    run_ok(Command::new(IMGSRV).args(["restore", "--from", s(&backup), "--data", s(&restored)]));
-    let server = TestServer::start_in(&restored);
+    let (_root, server) = serve_restored(&backup, "tlog-restored");
     let rolled = consumer_verify(&server, &config, &public, "debian@1");
     assert_eq!(rolled.status.code(), Some(1), "{}", text(&rolled));
     assert!(text(&rolled).contains("rolled back"), "{}", text(&rolled));
@@ -503,7 +500,7 @@ fn a_fresh_consumer_with_a_witness_quorum_refuses_a_fork() {
     };
     publish(&server, &one, "1");
     let backup = work.path().join("backup");
-    run_ok(Command::new(IMGSRV).args(["backup", "--data", s(&data), "--out", s(&backup)]));
+    backup_to(&data, &backup);
 
     let consumer = |name: &str, witnesses: bool| {
         let extra = if witnesses {
@@ -539,10 +536,7 @@ fn a_fresh_consumer_with_a_witness_quorum_refuses_a_fork() {
     server.kill();
 
     // restored from the older backup, and something else published as entry 3
-    let root = temp_dir("tlog-witness-restored");
-    let restored = root.path().join("data");
-    run_ok(Command::new(IMGSRV).args(["restore", "--from", s(&backup), "--data", s(&restored)]));
-    let server = TestServer::start_in(&restored);
+    let (_root, server) = serve_restored(&backup, "tlog-witness-restored");
     publish(&server, &other, "2");
     let fresh = consumer_verify(&server, &consumer("b", true), &public, "debian@2");
     assert_eq!(fresh.status.code(), Some(1), "{}", text(&fresh));
@@ -593,7 +587,7 @@ fn a_monitor_reports_a_keys_entries_and_refuses_a_rewritten_log() {
         &["--image", "ubuntu", "--version", "1"],
     );
     let backup = work.path().join("backup");
-    run_ok(Command::new(IMGSRV).args(["backup", "--data", s(&data), "--out", s(&backup)]));
+    backup_to(&data, &backup);
     let state = work.path().join("state");
     let monitor = |server: &TestServer, filter: &[&str]| {
         run_any(
@@ -664,10 +658,7 @@ fn a_monitor_reports_a_keys_entries_and_refuses_a_rewritten_log() {
     server.kill();
 
     // restored from the older backup: rolled back; then grown past it: a fork
-    let root = temp_dir("tlog-monitor-restored");
-    let restored = root.path().join("data");
-    run_ok(Command::new(IMGSRV).args(["restore", "--from", s(&backup), "--data", s(&restored)]));
-    let server = TestServer::start_in(&restored);
+    let (_root, server) = serve_restored(&backup, "tlog-monitor-restored");
     let rolled = monitor(&server, &[]);
     assert_eq!(rolled.status.code(), Some(1), "{}", text(&rolled));
     assert!(text(&rolled).contains("rolled back"), "{}", text(&rolled));

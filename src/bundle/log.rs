@@ -22,7 +22,7 @@
 
 use super::{Index, IndexVersion, Pending, Source};
 use crate::tlog::consumer::{self, LogPolicy};
-use crate::tlog::tiles::{Tile, WIDTH};
+use crate::tlog::tiles::{bottom_tiles, tile_hashes, Tile, WIDTH};
 use crate::tlog::tree::{self, Hash, MemTree};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -54,14 +54,8 @@ pub struct Carried {
 }
 
 /// The level-0 tiles of a tree of `size` leaves.
-fn tiles_of(size: u64) -> Vec<Tile> {
-    (0..size.div_ceil(WIDTH))
-        .map(|i| Tile {
-            level: Some(0),
-            index: i,
-            width: (size - i * WIDTH).min(WIDTH) as u16,
-        })
-        .collect()
+fn tiles_of(size: u64) -> impl Iterator<Item = Tile> {
+    bottom_tiles(Some(0), 0, size)
 }
 
 /// Reads the source's log for `versions`: its checkpoint, the level-0 tiles of that
@@ -131,17 +125,7 @@ pub fn carry(
         let bytes = source
             .log_tile(&path, parsed.size)
             .with_context(|| format!("reading the log's {path}"))?;
-        anyhow::ensure!(
-            bytes.len() == usize::from(t.width) * 32,
-            "the log's {path} has {} bytes, not {}",
-            bytes.len(),
-            usize::from(t.width) * 32
-        );
-        leaves.extend(
-            bytes
-                .chunks_exact(32)
-                .map(|c| <[u8; 32]>::try_from(c).expect("32 bytes")),
-        );
+        leaves.extend(tile_hashes(&t, &bytes).context("the source's log")?);
         let name = format!("log/{path}");
         tiles.push(name.clone());
         members.push((name, bytes));
@@ -208,17 +192,11 @@ pub fn check_index(index: &Index) -> Result<(), String> {
             log.size
         ));
     }
-    for (i, name) in log.tiles.iter().enumerate() {
-        let i = i as u64;
-        let t = Tile {
-            level: Some(0),
-            index: i,
-            width: (log.size - i * WIDTH).min(WIDTH) as u16,
-        };
+    for (name, t) in log.tiles.iter().zip(tiles_of(log.size)) {
         if *name != format!("log/{}", t.path()) {
             return Err(format!(
-                "log: {name:?} is not the level-0 tile {i} of a tree of {} entries",
-                log.size
+                "log: {name:?} is not the level-0 tile {} of a tree of {} entries",
+                t.index, log.size
             ));
         }
     }
@@ -402,19 +380,7 @@ fn rebuild(log: &IndexLog, members: &HashMap<String, Vec<u8>>) -> Result<MemTree
             .strip_prefix("log/")
             .and_then(Tile::parse)
             .ok_or_else(|| format!("{name}: not a tile"))?;
-        if bytes.len() != usize::from(tile.width) * 32 {
-            return Err(format!(
-                "{name}: {} bytes, a tile of {} hashes has {}",
-                bytes.len(),
-                tile.width,
-                usize::from(tile.width) * 32
-            ));
-        }
-        leaves.extend(
-            bytes
-                .chunks_exact(32)
-                .map(|c| <[u8; 32]>::try_from(c).expect("32 bytes")),
-        );
+        leaves.extend(tile_hashes(&tile, bytes).map_err(|e| format!("{name}: {e}"))?);
     }
     Ok(MemTree::from_leaves(leaves))
 }
@@ -441,7 +407,6 @@ mod tests {
     fn the_index_names_exactly_the_tiles_of_its_size() {
         let names = |size: u64| -> Vec<String> {
             tiles_of(size)
-                .iter()
                 .map(|t| format!("log/{}", t.path()))
                 .collect()
         };

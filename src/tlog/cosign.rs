@@ -9,32 +9,16 @@
 //! carries `key ID || the time as a big-endian u64 || the 64-byte signature`. A log's
 //! own key (type 0x01) never verifies a cosignature, nor a witness key a log signature.
 
-use super::note::{Note, NoteError};
+use super::note::{
+    key_id_of, key_pair, parse_private, parse_vkey, private_text, random_seed, vkey_text, Note,
+    NoteError,
+};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
-use sha2::{Digest as _, Sha256};
+use ring::signature::{Ed25519KeyPair, UnparsedPublicKey, ED25519};
 
 /// The signature type of an Ed25519 cosignature key.
 const COSIGNATURE_TYPE: u8 = 0x04;
-const PRIVATE_PREFIX: &str = "PRIVATE+KEY+";
-
-fn key_id(name: &str, public: &[u8; 32]) -> [u8; 4] {
-    let mut h = Sha256::new();
-    h.update(name.as_bytes());
-    h.update(b"\n");
-    h.update([COSIGNATURE_TYPE]);
-    h.update(public);
-    let d = h.finalize();
-    [d[0], d[1], d[2], d[3]]
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| !c.is_whitespace() && !c.is_control() && c != '+')
-}
 
 /// What a witness signs for the checkpoint `text` at `time`.
 fn message(text: &str, time: u64) -> String {
@@ -51,36 +35,12 @@ pub struct WitnessKey {
 
 impl WitnessKey {
     pub fn parse(vkey: &str) -> Result<WitnessKey, NoteError> {
-        let bad = || NoteError::BadVerifierKey(vkey.to_string());
-        let mut parts = vkey.trim().splitn(3, '+');
-        let (Some(name), Some(hex), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad());
-        };
-        if !valid_name(name) || hex.len() != 8 {
-            return Err(bad());
-        }
-        let id = u32::from_str_radix(hex, 16)
-            .map_err(|_| bad())?
-            .to_be_bytes();
-        let key = B64.decode(b64).map_err(|_| bad())?;
-        let [COSIGNATURE_TYPE, public @ ..] = key.as_slice() else {
-            return Err(bad());
-        };
-        let public: [u8; 32] = public.try_into().map_err(|_| bad())?;
-        if key_id(name, &public) != id {
-            return Err(bad());
-        }
-        Ok(WitnessKey {
-            name: name.to_string(),
-            id,
-            public,
-        })
+        let (name, id, public) = parse_vkey(vkey, COSIGNATURE_TYPE)?;
+        Ok(WitnessKey { name, id, public })
     }
 
     pub fn vkey(&self) -> String {
-        let mut key = vec![COSIGNATURE_TYPE];
-        key.extend_from_slice(&self.public);
-        format!("{}+{}+{}", self.name, hex::encode(self.id), B64.encode(key))
+        vkey_text(&self.name, &self.id, COSIGNATURE_TYPE, &self.public)
     }
 
     /// The time of this witness's cosignature on `note`; `None` when it has none.
@@ -120,22 +80,13 @@ impl std::fmt::Debug for Cosigner {
 
 impl Cosigner {
     pub fn from_seed(name: &str, seed: &[u8; 32]) -> Result<Cosigner, NoteError> {
-        if !valid_name(name) {
-            return Err(NoteError::BadSignerKey(format!("invalid name {name:?}")));
-        }
-        let pair = Ed25519KeyPair::from_seed_unchecked(seed)
-            .map_err(|_| NoteError::BadSignerKey("not an Ed25519 seed".into()))?;
-        let public: [u8; 32] = pair
-            .public_key()
-            .as_ref()
-            .try_into()
-            .map_err(|_| NoteError::BadSignerKey("not an Ed25519 key".into()))?;
+        let (pair, public) = key_pair(name, seed)?;
         Ok(Cosigner {
             pair,
             seed: *seed,
             key: WitnessKey {
                 name: name.to_string(),
-                id: key_id(name, &public),
+                id: key_id_of(name, COSIGNATURE_TYPE, &public),
                 public,
             },
         })
@@ -143,42 +94,21 @@ impl Cosigner {
 
     /// A new key named `name`.
     pub fn generate(name: &str) -> Result<Cosigner, NoteError> {
-        let mut seed = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
-            .map_err(|_| NoteError::BadSignerKey("no randomness from the system".into()))?;
-        Cosigner::from_seed(name, &seed)
+        Cosigner::from_seed(name, &random_seed()?)
     }
 
     /// `PRIVATE+KEY+<name>+<hex key ID>+<base64(0x04 || seed)>`.
     pub fn text(&self) -> String {
-        let mut key = vec![COSIGNATURE_TYPE];
-        key.extend_from_slice(&self.seed);
-        format!(
-            "{PRIVATE_PREFIX}{}+{}+{}",
-            self.key.name,
-            hex::encode(self.key.id),
-            B64.encode(key)
-        )
+        private_text(&self.key.name, &self.key.id, COSIGNATURE_TYPE, &self.seed)
     }
 
     pub fn parse(text: &str) -> Result<Cosigner, NoteError> {
-        let bad = |why: &str| NoteError::BadSignerKey(why.to_string());
-        let rest = text
-            .trim()
-            .strip_prefix(PRIVATE_PREFIX)
-            .ok_or_else(|| bad("it does not start with PRIVATE+KEY+"))?;
-        let mut parts = rest.splitn(3, '+');
-        let (Some(name), Some(hex), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad("expected PRIVATE+KEY+NAME+HEX8+BASE64"));
-        };
-        let key = B64.decode(b64).map_err(|_| bad("the key is not base64"))?;
-        let [COSIGNATURE_TYPE, seed @ ..] = key.as_slice() else {
-            return Err(bad("not a cosignature (type 0x04) key"));
-        };
-        let seed: [u8; 32] = seed.try_into().map_err(|_| bad("not a 32-byte seed"))?;
-        let c = Cosigner::from_seed(name, &seed)?;
+        let (name, hex, seed) = parse_private(text, COSIGNATURE_TYPE)?;
+        let c = Cosigner::from_seed(&name, &seed)?;
         if hex::encode(c.key.id) != hex {
-            return Err(bad("the key ID does not match the key"));
+            return Err(NoteError::BadSignerKey(
+                "the key ID does not match the key".into(),
+            ));
         }
         Ok(c)
     }

@@ -16,8 +16,9 @@
 use super::consumer::{lock_state, read_state, state_file, write_state};
 use super::entry::Entry;
 use super::note::Verifier;
-use super::tiles::{parse_entry_bundle, Tile, WIDTH};
+use super::tiles::{bottom_tiles, hashes_of, parse_entry_bundle, tile_hashes, WIDTH};
 use super::tree::{self, Hash, MemTree};
+use anyhow::Context as _;
 use std::path::PathBuf;
 
 /// Where the monitor reads the log (a server's `/log/`).
@@ -107,39 +108,29 @@ pub fn run(reader: &dyn LogReader, opts: &MonitorOptions) -> Result<MonitorRepor
     }
     // the leaf hashes of the tree seen before: the cache, else the level-0 tiles
     let mut leaves: Vec<Hash> = match std::fs::read(&leaves_file) {
-        Ok(b) if b.len() as u64 == n * 32 => b
-            .chunks_exact(32)
-            .map(|c| <[u8; 32]>::try_from(c).expect("32 bytes"))
-            .collect(),
+        Ok(b) if b.len() as u64 == n * 32 => hashes_of(&b).expect("a multiple of 32"),
         _ => read_leaf_tiles(reader, n)?,
     };
     // the new entries, from the entry bundles
     let mut new = Vec::new();
-    let mut i = n / WIDTH;
-    while i * WIDTH < cp.size {
-        let width = (cp.size - i * WIDTH).min(WIDTH) as u16;
-        let path = Tile {
-            level: None,
-            index: i,
-            width,
-        }
-        .path();
+    for t in bottom_tiles(None, n / WIDTH, cp.size) {
+        let path = t.path();
         let bytes = reader.tile(&path)?;
         let entries =
             parse_entry_bundle(&bytes).map_err(|e| problem(format!("the log's {path}: {e:#}")))?;
-        if entries.len() != usize::from(width) {
+        if entries.len() != usize::from(t.width) {
             return Err(problem(format!(
-                "the log's {path} holds {} entries, not {width}",
-                entries.len()
+                "the log's {path} holds {} entries, not {}",
+                entries.len(),
+                t.width
             )));
         }
         for (j, e) in entries.into_iter().enumerate() {
-            let index = i * WIDTH + j as u64;
+            let index = t.index * WIDTH + j as u64;
             if index >= n {
                 new.push((index, e.to_vec()));
             }
         }
-        i += 1;
     }
     leaves.extend(new.iter().map(|(_, e)| tree::leaf_hash(e)));
     let t = MemTree::from_leaves(leaves);
@@ -199,28 +190,9 @@ pub fn run(reader: &dyn LogReader, opts: &MonitorOptions) -> Result<MonitorRepor
 /// The first `n` leaf hashes, from the level-0 tiles of a tree of `n` leaves.
 fn read_leaf_tiles(reader: &dyn LogReader, n: u64) -> anyhow::Result<Vec<Hash>> {
     let mut out = Vec::new();
-    let mut i = 0;
-    while i * WIDTH < n {
-        let width = (n - i * WIDTH).min(WIDTH) as u16;
-        let path = Tile {
-            level: Some(0),
-            index: i,
-            width,
-        }
-        .path();
-        let bytes = reader.tile(&path)?;
-        anyhow::ensure!(
-            bytes.len() == usize::from(width) * 32,
-            "the log's {path} has {} bytes, not {}",
-            bytes.len(),
-            usize::from(width) * 32
-        );
-        out.extend(
-            bytes
-                .chunks_exact(32)
-                .map(|c| <[u8; 32]>::try_from(c).expect("32 bytes")),
-        );
-        i += 1;
+    for t in bottom_tiles(Some(0), 0, n) {
+        let bytes = reader.tile(&t.path())?;
+        out.extend(tile_hashes(&t, &bytes).context("the log's tiles")?);
     }
     Ok(out)
 }
@@ -229,7 +201,7 @@ fn read_leaf_tiles(reader: &dyn LogReader, n: u64) -> anyhow::Result<Vec<Hash>> 
 mod tests {
     use super::*;
     use crate::tlog::note::{Checkpoint, Signer};
-    use crate::tlog::tiles::entry_bundle;
+    use crate::tlog::tiles::{entry_bundle, Tile};
     use std::collections::HashMap;
 
     /// A log served from memory: its entries, tiles and signed checkpoint.

@@ -42,21 +42,121 @@ pub enum NoteError {
 
 /// The 4-byte key ID of an Ed25519 key named `name`.
 pub fn key_id(name: &str, public: &[u8; 32]) -> [u8; 4] {
+    key_id_of(name, ED25519_TYPE, public)
+}
+
+/// The 4-byte key ID of a key of signature type `kind` (0x01 a log's key, 0x04 a
+/// witness's cosignature key) named `name`: `SHA-256(name || "\n" || kind || key)[:4]`.
+pub(crate) fn key_id_of(name: &str, kind: u8, public: &[u8; 32]) -> [u8; 4] {
     let mut h = Sha256::new();
     h.update(name.as_bytes());
     h.update(b"\n");
-    h.update([ED25519_TYPE]);
+    h.update([kind]);
     h.update(public);
     let d = h.finalize();
     [d[0], d[1], d[2], d[3]]
 }
 
 /// A key name: non-empty, no spaces, no `+`, printable (C2SP signed-note).
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
             .all(|c| !c.is_whitespace() && !c.is_control() && c != '+')
+}
+
+/// A `vkey` of signature type `kind` taken apart and checked: name, key ID (the one
+/// its key and name give), key.
+pub(crate) fn parse_vkey(vkey: &str, kind: u8) -> Result<(String, [u8; 4], [u8; 32]), NoteError> {
+    let bad = || NoteError::BadVerifierKey(vkey.to_string());
+    let mut parts = vkey.trim().splitn(3, '+');
+    let (Some(name), Some(hex), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    if !valid_name(name) || hex.len() != 8 {
+        return Err(bad());
+    }
+    let id = u32::from_str_radix(hex, 16)
+        .map_err(|_| bad())?
+        .to_be_bytes();
+    let key = B64.decode(b64).map_err(|_| bad())?;
+    let [k, public @ ..] = key.as_slice() else {
+        return Err(bad());
+    };
+    let public: [u8; 32] = public.try_into().map_err(|_| bad())?;
+    if *k != kind || key_id_of(name, kind, &public) != id {
+        return Err(bad());
+    }
+    Ok((name.to_string(), id, public))
+}
+
+/// `<name>+<hex key ID>+<base64(kind || key)>`.
+pub(crate) fn vkey_text(name: &str, id: &[u8; 4], kind: u8, public: &[u8; 32]) -> String {
+    let mut key = vec![kind];
+    key.extend_from_slice(public);
+    format!("{name}+{}+{}", hex::encode(id), B64.encode(key))
+}
+
+/// Go's signer text of a key of signature type `kind`,
+/// `PRIVATE+KEY+<name>+<hex key ID>+<base64(kind || seed)>`, taken apart: name, key ID
+/// as written (the caller checks it against the key), seed.
+pub(crate) fn parse_private(text: &str, kind: u8) -> Result<(String, String, [u8; 32]), NoteError> {
+    let bad = |why: &str| NoteError::BadSignerKey(why.to_string());
+    let rest = text
+        .trim()
+        .strip_prefix("PRIVATE+KEY+")
+        .ok_or_else(|| bad("it does not start with PRIVATE+KEY+"))?;
+    let mut parts = rest.splitn(3, '+');
+    let (Some(name), Some(hex), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad("expected PRIVATE+KEY+NAME+HEX8+BASE64"));
+    };
+    let key = B64.decode(b64).map_err(|_| bad("its key is not base64"))?;
+    let [k, seed @ ..] = key.as_slice() else {
+        return Err(bad("its key is empty"));
+    };
+    if *k != kind {
+        return Err(bad(match kind {
+            ED25519_TYPE => "not an Ed25519 key",
+            _ => "not a cosignature (type 0x04) key",
+        }));
+    }
+    let seed: [u8; 32] = seed.try_into().map_err(|_| bad("not a 32-byte seed"))?;
+    Ok((name.to_string(), hex.to_ascii_lowercase(), seed))
+}
+
+/// [`parse_private`]'s text of the key `name` (key ID `id`, type `kind`, `seed`).
+pub(crate) fn private_text(name: &str, id: &[u8; 4], kind: u8, seed: &[u8; 32]) -> String {
+    let mut key = vec![kind];
+    key.extend_from_slice(seed);
+    format!("PRIVATE+KEY+{name}+{}+{}", hex::encode(id), B64.encode(key))
+}
+
+/// The Ed25519 key pair of `seed`, and its public key (a key `name` must be valid).
+pub(crate) fn key_pair(
+    name: &str,
+    seed: &[u8; 32],
+) -> Result<(Ed25519KeyPair, [u8; 32]), NoteError> {
+    if !valid_name(name) {
+        return Err(NoteError::BadSignerKey(format!(
+            "invalid key name {name:?}"
+        )));
+    }
+    let pair = Ed25519KeyPair::from_seed_unchecked(seed)
+        .map_err(|e| NoteError::BadSignerKey(e.to_string()))?;
+    let public: [u8; 32] = pair
+        .public_key()
+        .as_ref()
+        .try_into()
+        .expect("an Ed25519 public key is 32 bytes");
+    Ok((pair, public))
+}
+
+/// 32 random bytes, a new key's seed.
+pub(crate) fn random_seed() -> Result<[u8; 32], NoteError> {
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| NoteError::BadSignerKey("no randomness from the system".into()))?;
+    Ok(seed)
 }
 
 /// A public key that checks signatures, from its `vkey` text.
@@ -69,37 +169,13 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn parse(vkey: &str) -> Result<Verifier, NoteError> {
-        let bad = || NoteError::BadVerifierKey(vkey.to_string());
-        let mut parts = vkey.trim().splitn(3, '+');
-        let (Some(name), Some(hex), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad());
-        };
-        if !valid_name(name) || hex.len() != 8 {
-            return Err(bad());
-        }
-        let id = u32::from_str_radix(hex, 16)
-            .map_err(|_| bad())?
-            .to_be_bytes();
-        let key = B64.decode(b64).map_err(|_| bad())?;
-        let [ED25519_TYPE, public @ ..] = key.as_slice() else {
-            return Err(bad());
-        };
-        let public: [u8; 32] = public.try_into().map_err(|_| bad())?;
-        if key_id(name, &public) != id {
-            return Err(bad());
-        }
-        Ok(Verifier {
-            name: name.to_string(),
-            id,
-            public,
-        })
+        let (name, id, public) = parse_vkey(vkey, ED25519_TYPE)?;
+        Ok(Verifier { name, id, public })
     }
 
     /// The `vkey` text: `<name>+<hex key ID>+<base64(0x01 || key)>`.
     pub fn vkey(&self) -> String {
-        let mut key = vec![ED25519_TYPE];
-        key.extend_from_slice(&self.public);
-        format!("{}+{}+{}", self.name, hex::encode(self.id), B64.encode(key))
+        vkey_text(&self.name, &self.id, ED25519_TYPE, &self.public)
     }
 
     fn verifies(&self, text: &[u8], sig: &[u8]) -> bool {
@@ -127,18 +203,7 @@ impl std::fmt::Debug for Signer {
 impl Signer {
     /// The key named `name` from its 32-byte Ed25519 seed.
     pub fn from_seed(name: &str, seed: &[u8; 32]) -> Result<Signer, NoteError> {
-        if !valid_name(name) {
-            return Err(NoteError::BadSignerKey(format!(
-                "invalid key name {name:?}"
-            )));
-        }
-        let pair = Ed25519KeyPair::from_seed_unchecked(seed)
-            .map_err(|e| NoteError::BadSignerKey(e.to_string()))?;
-        let public: [u8; 32] = pair
-            .public_key()
-            .as_ref()
-            .try_into()
-            .expect("an Ed25519 public key is 32 bytes");
+        let (pair, public) = key_pair(name, seed)?;
         let verifier = Verifier {
             name: name.to_string(),
             id: key_id(name, &public),
@@ -149,32 +214,19 @@ impl Signer {
 
     /// A new key named `name` (its seed, to keep, and the key).
     pub fn generate(name: &str) -> Result<([u8; 32], Signer), NoteError> {
-        let mut seed = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
-            .map_err(|_| NoteError::BadSignerKey("no randomness from the system".into()))?;
+        let seed = random_seed()?;
         let s = Signer::from_seed(name, &seed)?;
         Ok((seed, s))
     }
 
     /// The key in Go's signer text form, `PRIVATE+KEY+<name>+<hex ID>+<base64(0x01 || seed)>`.
     pub fn parse_go(skey: &str) -> Result<Signer, NoteError> {
-        let bad = |why: &str| NoteError::BadSignerKey(why.to_string());
-        let rest = skey
-            .trim()
-            .strip_prefix("PRIVATE+KEY+")
-            .ok_or_else(|| bad("it does not start with PRIVATE+KEY+"))?;
-        let mut parts = rest.splitn(3, '+');
-        let (Some(name), Some(hex), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad("expected PRIVATE+KEY+NAME+HEX8+BASE64"));
-        };
-        let key = B64.decode(b64).map_err(|_| bad("its key is not base64"))?;
-        let [ED25519_TYPE, seed @ ..] = key.as_slice() else {
-            return Err(bad("not an Ed25519 key"));
-        };
-        let seed: [u8; 32] = seed.try_into().map_err(|_| bad("not a 32-byte seed"))?;
-        let s = Signer::from_seed(name, &seed)?;
-        if hex::encode(s.verifier.id) != hex.to_ascii_lowercase() {
-            return Err(bad("its key ID does not match its key"));
+        let (name, hex, seed) = parse_private(skey, ED25519_TYPE)?;
+        let s = Signer::from_seed(&name, &seed)?;
+        if hex::encode(s.verifier.id) != hex {
+            return Err(NoteError::BadSignerKey(
+                "its key ID does not match its key".into(),
+            ));
         }
         Ok(s)
     }
@@ -183,13 +235,7 @@ impl Signer {
     /// [`Signer::parse_go`] reads back; `note.NewSigner` in Go takes it too).
     pub fn go_text(name: &str, seed: &[u8; 32]) -> Result<String, NoteError> {
         let s = Signer::from_seed(name, seed)?;
-        let mut key = vec![ED25519_TYPE];
-        key.extend_from_slice(seed);
-        Ok(format!(
-            "PRIVATE+KEY+{name}+{}+{}",
-            hex::encode(s.verifier.id),
-            B64.encode(key)
-        ))
+        Ok(private_text(name, &s.verifier.id, ED25519_TYPE, seed))
     }
 
     pub fn verifier(&self) -> &Verifier {

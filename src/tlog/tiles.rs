@@ -10,7 +10,7 @@
 //! a wider one as the tree grows. Entry bundles hold the entries themselves,
 //! each prefixed by its length as a big-endian u16.
 
-use super::tree::{HashReader, Node};
+use super::tree::{Hash, HashReader, Node};
 
 /// Hashes (or entries) per tile.
 pub const WIDTH: u64 = 256;
@@ -140,6 +140,41 @@ impl Tile {
         let (count, end) = self.span(size);
         end.is_some_and(|end| end <= count)
     }
+}
+
+/// The bottom tiles of a tree of `size` leaves, from tile `from` on: its level-0 hash
+/// tiles (`level` `Some(0)`) or its entry bundles (`None`), the full ones, then the
+/// partial one if the size is not a multiple of [`WIDTH`].
+pub fn bottom_tiles(level: Option<u8>, from: u64, size: u64) -> impl Iterator<Item = Tile> {
+    (from..size.div_ceil(WIDTH)).map(move |index| Tile {
+        level,
+        index,
+        width: (size - index * WIDTH).min(WIDTH) as u16,
+    })
+}
+
+/// The hashes in `bytes`, 32 each; `None` when its length is not a multiple of 32.
+pub fn hashes_of(bytes: &[u8]) -> Option<Vec<Hash>> {
+    bytes.len().is_multiple_of(32).then(|| {
+        bytes
+            .chunks_exact(32)
+            .map(|c| <[u8; 32]>::try_from(c).expect("32 bytes"))
+            .collect()
+    })
+}
+
+/// The hashes of the hash tile `tile` from its bytes; `Err` unless they are exactly
+/// its width of hashes.
+pub fn tile_hashes(tile: &Tile, bytes: &[u8]) -> anyhow::Result<Vec<Hash>> {
+    let want = usize::from(tile.width) * 32;
+    anyhow::ensure!(
+        bytes.len() == want,
+        "{} has {} bytes, a tile of {} hashes has {want}",
+        tile.path(),
+        bytes.len(),
+        tile.width
+    );
+    Ok(hashes_of(bytes).expect("a multiple of 32"))
 }
 
 /// The bytes of a hash tile: its hashes, 32 bytes each.

@@ -42,6 +42,21 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// A fresh temporary directory (kept on disk when `IMGSRV_TEST_KEEP=1`).
+/// `imgsrv backup --data DATA --out OUT`.
+pub fn backup_to(data: &Path, out: &Path) {
+    run_ok(Command::new(IMGSRV).args(["backup", "--data", s(data), "--out", s(out)]));
+}
+
+/// `imgsrv restore --from BACKUP` into a fresh data directory, served: the directory
+/// (removed when dropped) and the server on it.
+pub fn serve_restored(backup: &Path, prefix: &str) -> (TempDir, TestServer) {
+    let root = temp_dir(prefix);
+    let restored = root.path().join("data");
+    run_ok(Command::new(IMGSRV).args(["restore", "--from", s(backup), "--data", s(&restored)]));
+    let server = TestServer::start_in(&restored);
+    (root, server)
+}
+
 pub fn temp_dir(prefix: &str) -> TempDir {
     let mut dir = tempfile::Builder::new()
         .prefix(&format!("imgsrv-{prefix}-"))
